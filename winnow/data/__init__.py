@@ -1,0 +1,1 @@
+"""WebDataset shard index, ranged reads of image bytes, and the sample-data generator."""

@@ -1,0 +1,1 @@
+"""Runs a stage over the row groups of one partition with Ray Data; cluster connect."""

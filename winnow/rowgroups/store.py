@@ -1,0 +1,259 @@
+"""Commit store: one file per row group under ``<run_root>/<stage>/p<partition>/``.
+
+Storage is the source of truth: a row group is done when its final file exists. Local writes go
+to a temp name in the same folder and are renamed (atomic on POSIX); on object stores the single
+PUT of the final key is the commit. Works over any ``pyarrow.fs`` filesystem.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from winnow.rowgroups.errors import StageConfigMismatch, StorageError
+
+STAGE_FILE = "_stage.json"
+TEMP_MARK = ".tmp-"
+_ROW_GROUP_FILE = re.compile(r"^rg(\d{9})\.parquet$")
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI such as ``s3://bucket/prefix``."""
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Make ``path`` hold ``data`` all at once: readers see the old state or the whole file."""
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"could not write {path}: {exc.strerror or exc}") from exc
+        return
+    # Object stores: the object becomes visible only when the upload completes.
+    try:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    except OSError as exc:
+        raise StorageError(f"could not write {path}: {exc}") from exc
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def write_json(fs: pafs.FileSystem, path: str, payload: dict[str, Any]) -> None:
+    write_atomic(fs, path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj
+
+
+@dataclass(frozen=True)
+class StageFingerprint:
+    """What makes a stage's output what it is: change any of it and old output is stale."""
+
+    stage: str
+    config: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, str] = field(default_factory=dict)
+    num_records: int = 0
+    buffer_size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "config": json.loads(_canonical(self.config)),
+            "upstream": dict(sorted(self.upstream.items())),
+            "num_records": self.num_records,
+            "buffer_size": self.buffer_size,
+        }
+
+    @property
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(_canonical(self.to_dict()).encode()).hexdigest()[:16]
+
+    def changes_from(self, old: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(key, old value, new value) for every key that differs from a stored fingerprint."""
+        before: dict[str, Any] = {}
+        after: dict[str, Any] = {}
+        _flatten("", {k: v for k, v in old.items() if k != "digest"}, before)
+        _flatten("", self.to_dict(), after)
+        missing = object()
+        keys = sorted(set(before) | set(after))
+        return [
+            (k, before.get(k), after.get(k))
+            for k in keys
+            if before.get(k, missing) != after.get(k, missing)
+        ]
+
+
+class CommitStore:
+    """Row-group commits for one run root.
+
+    >>> import tempfile, pyarrow as pa
+    >>> store = CommitStore(tempfile.mkdtemp())
+    >>> store.commit_table("embed", 0, 3, pa.table({"x": [1]}))
+    >>> sorted(store.completed("embed", 0))
+    [3]
+    """
+
+    def __init__(self, run_root: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+        if filesystem is None:
+            self.fs, self.root = resolve_filesystem(run_root)
+        else:
+            self.fs, self.root = filesystem, run_root.rstrip("/")
+        self.run_root = run_root
+
+    # ---- paths -------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.root}/{stage}"
+
+    def partition_dir(self, stage: str, partition: int) -> str:
+        return f"{self.root}/{stage}/p{partition:05d}"
+
+    def row_group_path(self, stage: str, partition: int, row_group: int, suffix: str = ".parquet") -> str:
+        return f"{self.partition_dir(stage, partition)}/rg{row_group:09d}{suffix}"
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ---- commits -----------------------------------------------------------------------
+    def commit_bytes(self, stage: str, partition: int, row_group: int, data: bytes, suffix: str = ".parquet") -> str:
+        path = self.row_group_path(stage, partition, row_group, suffix)
+        write_atomic(self.fs, path, data)
+        return path
+
+    def commit_table(self, stage: str, partition: int, row_group: int, table: pa.Table) -> None:
+        """Commit one row group's output. Its ``.parquet`` file is the commit marker, so any
+        side files (``commit_bytes`` with another suffix) must be written before this."""
+        self.commit_bytes(stage, partition, row_group, table_to_parquet_bytes(table))
+
+    def read_table(self, stage: str, partition: int, row_group: int, columns: list[str] | None = None) -> pa.Table:
+        path = self.row_group_path(stage, partition, row_group)
+        try:
+            with self.fs.open_input_file(path) as f:
+                return pq.read_table(f, columns=columns)
+        except FileNotFoundError as exc:
+            raise StorageError(
+                f"row group {row_group} of stage {stage!r} (partition {partition}) is not committed: "
+                f"{path} is missing. Run stage {stage!r} for that partition first."
+            ) from exc
+
+    def read_bytes(self, stage: str, partition: int, row_group: int, suffix: str) -> bytes:
+        with self.fs.open_input_stream(self.row_group_path(stage, partition, row_group, suffix)) as f:
+            return f.read()
+
+    def _list(self, folder: str) -> list[pafs.FileInfo]:
+        try:
+            return self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except FileNotFoundError:
+            return []
+
+    def completed(self, stage: str, partition: int, *, clean_temp: bool = False) -> set[int]:
+        """Committed row-group ids of one partition. Lists only that partition's prefix.
+
+        Temp files of a crashed writer never count; with ``clean_temp`` they are removed (call
+        it once when a partition's work starts, before any writer of this run is active).
+        """
+        done: set[int] = set()
+        for info in self._list(self.partition_dir(stage, partition)):
+            name = info.base_name
+            if TEMP_MARK in name:
+                if clean_temp:
+                    try:
+                        self.fs.delete_file(info.path)
+                    except FileNotFoundError:
+                        pass
+                continue
+            m = _ROW_GROUP_FILE.match(name)
+            if m and info.type == pafs.FileType.File:
+                done.add(int(m.group(1)))
+        return done
+
+    # ---- stage fingerprints ------------------------------------------------------------
+    def read_fingerprint(self, stage: str) -> dict[str, Any] | None:
+        return read_json(self.fs, f"{self.stage_dir(stage)}/{STAGE_FILE}")
+
+    def ensure_stage(self, fingerprint: StageFingerprint, *, overwrite: bool = False) -> str | None:
+        """Check or record a stage's fingerprint before any of its row groups is computed.
+
+        Returns the path the old stage folder was moved to when ``overwrite`` replaced it.
+        Raises :class:`StageConfigMismatch` when the stored fingerprint differs and
+        ``overwrite`` is false; nothing is changed on disk then.
+        """
+        stage = fingerprint.stage
+        stored = self.read_fingerprint(stage)
+        moved_to = None
+        if stored is not None:
+            changes = fingerprint.changes_from(stored)
+            if not changes:
+                return None
+            if not overwrite:
+                raise StageConfigMismatch(stage, self.stage_dir(stage), changes)
+            moved_to = self.move_aside(stage)
+        elif self._list(self.stage_dir(stage)) and not overwrite:
+            # Output without a fingerprint: written by something else; refuse to mix.
+            raise StageConfigMismatch(
+                stage, self.stage_dir(stage), [("_stage.json", None, "missing while output exists")]
+            )
+        elif self._list(self.stage_dir(stage)):
+            moved_to = self.move_aside(stage)
+        payload = fingerprint.to_dict()
+        payload["digest"] = fingerprint.digest
+        write_json(self.fs, f"{self.stage_dir(stage)}/{STAGE_FILE}", payload)
+        return moved_to
+
+    def move_aside(self, stage: str) -> str:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        target = f"{self.stage_dir(stage)}.replaced-{stamp}"
+        self.fs.move(self.stage_dir(stage), target)
+        return target

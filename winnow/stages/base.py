@@ -1,0 +1,60 @@
+"""The contract every curation stage keeps: plain classes the runner drives row group by row group.
+
+A stage reads its inputs from the commit store (the index, upstream stages' row groups), returns
+one output table per row group, and never commits by itself: the runner does, so commit
+semantics live in one place. Side files (a write stage's tar) go through
+``store.commit_bytes`` *before* the table is returned, since the ``.parquet`` is the marker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from winnow.rowgroups import CommitStore, RowGroupPlan
+
+
+@dataclass(frozen=True)
+class RowGroupTask:
+    """One unit of work: a row group of a partition of a run."""
+
+    run_root: str
+    plan: RowGroupPlan
+    partition: int
+    row_group: int
+
+    @property
+    def record_range(self) -> tuple[int, int]:
+        return self.plan.row_group_range(self.row_group)
+
+    def store(self) -> CommitStore:
+        return CommitStore(self.run_root)
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What the runner needs of a stage.
+
+    ``name`` is the stage folder under the run root. ``uses_model`` picks an actor pool (a GPU
+    per actor where there are GPUs; models loaded once per actor in ``setup``) over plain tasks.
+    ``upstream`` names the stages whose output it reads (their fingerprints feed its own).
+    """
+
+    name: ClassVar[str]
+    uses_model: ClassVar[bool]
+    upstream: ClassVar[tuple[str, ...]]
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """The config that changes output (model, weights digest, thresholds, eps)."""
+        ...
+
+    def setup(self) -> None:
+        """Load models or other per-worker state; called once per worker before ``process``."""
+        ...
+
+    def process(self, task: RowGroupTask) -> pa.Table:
+        """Compute one row group's output table. Record-level problems are rows with an error,
+        not exceptions; an exception fails only this row group."""
+        ...
