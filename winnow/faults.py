@@ -1,0 +1,58 @@
+"""Test-only fault injection, so fault tests can break chosen row groups from outside.
+
+Set ``WINNOW_TEST_FAULTS`` to JSON like ``{"stage": "embed", "row_groups": [3, 7],
+"once_dir": "/tmp/x"}``: those row groups raise :class:`InjectedFault` on their first try only
+(a marker file in ``once_dir`` remembers the try). ``"mode": "kill"`` SIGKILLs the process
+instead, after the row group's output is computed and before it is committed. Never set it in
+production: it exists for the fault tests and the sparse-retry demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+
+ENV_VAR = "WINNOW_TEST_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a row group chosen through WINNOW_TEST_FAULTS (test-only)."""
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    stage: str
+    row_groups: frozenset[int]
+    once_dir: str | None = None
+    mode: str = "raise"
+
+    @classmethod
+    def from_env(cls) -> "FaultSpec | None":
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return None
+        spec = json.loads(raw)
+        return cls(
+            stage=spec["stage"],
+            row_groups=frozenset(int(r) for r in spec.get("row_groups", [])),
+            once_dir=spec.get("once_dir"),
+            mode=spec.get("mode", "raise"),
+        )
+
+    def fire(self, stage: str, row_group: int) -> None:
+        """Called by the runner just before a row group's output is committed."""
+        if stage != self.stage or row_group not in self.row_groups:
+            return
+        if self.once_dir is not None:
+            os.makedirs(self.once_dir, exist_ok=True)
+            marker = os.path.join(self.once_dir, f"{stage}-rg{row_group}")
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return  # already fired once
+            os.close(fd)
+        if self.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise InjectedFault(f"injected test fault in stage {stage!r}, row group {row_group}")

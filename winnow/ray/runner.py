@@ -1,0 +1,204 @@
+"""Run one stage over the row groups of one partition: skip what is committed, fan out the rest.
+
+One Ray Data block per remaining row group (never a whole partition in one block); model stages
+run in an actor pool (a GPU per actor where there are GPUs, the model loaded once per actor),
+light stages as tasks. Each row group commits as soon as it is done; one that raises does not
+stop the others. ``executor="local"`` runs the same loop in this process, without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from winnow.faults import FaultSpec
+from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.stages.base import RowGroupTask, Stage
+
+logger = logging.getLogger(__name__)
+
+MAX_FAILED_IN_SUMMARY = 50
+
+
+@dataclass
+class PartitionSummary:
+    """What one partition's run of one stage did; small enough for XCom."""
+
+    stage: str
+    partition: int
+    row_groups: int = 0
+    computed: int = 0
+    skipped: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    records_in: int = 0
+    records_out: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        failed = sorted(self.failed)
+        d["failed"] = failed[:MAX_FAILED_IN_SUMMARY]
+        d["failed_count"] = len(failed)
+        d["first_error"] = self.failed[failed[0]] if failed else None
+        d["seconds"] = round(self.seconds, 3)
+        return d
+
+
+class _RowGroupWorker:
+    """Computes and commits row groups; an actor (model stages) or a task body (light ones)."""
+
+    def __init__(self, stage: Stage, run_root: str, plan: dict, partition: int, faults: FaultSpec | None):
+        self.stage = stage
+        self.run_root = run_root
+        self.plan = RowGroupPlan(**plan)
+        self.partition = partition
+        self.faults = faults
+        self.store = CommitStore(run_root)
+        self.stage.setup()
+
+    def run_one(self, row_group: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        task = RowGroupTask(self.run_root, self.plan, self.partition, row_group)
+        records_in = self.plan.row_group_size(row_group)
+        try:
+            table = self.stage.process(task)
+            if self.faults is not None:
+                self.faults.fire(self.stage.name, row_group)
+            self.store.commit_table(self.stage.name, self.partition, row_group, table)
+            return {
+                "row_group": row_group,
+                "error": "",
+                "records_in": records_in,
+                "records_out": table.num_rows,
+                "seconds": time.perf_counter() - t0,
+            }
+        except Exception as exc:  # a row group's failure is isolated and reported
+            text = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "stage %s row group %d failed: %s\n%s",
+                self.stage.name, row_group, text, traceback.format_exc(limit=5),
+            )
+            return {
+                "row_group": row_group,
+                "error": text[:2000],
+                "records_in": records_in,
+                "records_out": 0,
+                "seconds": time.perf_counter() - t0,
+            }
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [self.run_one(int(rg)) for rg in batch["row_group"]]
+        return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+class _Progress:
+    def __init__(self, stage: str, partition: int, total: int, skipped: int, log: Callable[[str], None]):
+        self.stage, self.partition, self.total, self.skipped, self.log = stage, partition, total, skipped, log
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self.failed = 0
+        self.records = 0
+        self.last = 0.0
+
+    def update(self, result: dict[str, Any]) -> None:
+        if result["error"]:
+            self.failed += 1
+        else:
+            self.done += 1
+            self.records += int(result["records_in"])
+        now = time.perf_counter()
+        finished = self.done + self.failed + self.skipped
+        if now - self.last >= 2.0 or finished == self.total:
+            self.last = now
+            rate = self.records / max(now - self.t0, 1e-9)
+            self.log(
+                f"{self.stage} partition {self.partition}: {finished}/{self.total} row groups "
+                f"({self.done} computed, {self.skipped} skipped, {self.failed} failed), "
+                f"{rate:.1f} records/s"
+            )
+
+
+def run_stage_partition(
+    stage: Stage,
+    *,
+    run_root: str,
+    plan: RowGroupPlan,
+    partition: int,
+    ray_address: str | None = None,
+    executor: str = "ray",
+    log: Callable[[str], None] | None = None,
+) -> PartitionSummary:
+    """Run ``stage`` over the uncommitted row groups of ``partition`` and return a summary.
+
+    Row-group failures never raise: they are in ``summary.failed`` (the Airflow operator turns
+    them into a task failure after everything else committed).
+    """
+    log = log or logger.info
+    if executor not in ("ray", "local"):
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+    t0 = time.perf_counter()
+    store = CommitStore(run_root)
+    row_groups = plan.partition_row_groups(partition)
+    committed = store.completed(stage.name, partition, clean_temp=True)
+    todo = [rg for rg in row_groups if rg not in committed]
+    summary = PartitionSummary(
+        stage=stage.name, partition=partition, row_groups=len(row_groups), skipped=len(row_groups) - len(todo)
+    )
+    progress = _Progress(stage.name, partition, len(row_groups), summary.skipped, log)
+    if not todo:
+        log(f"{stage.name} partition {partition}: all {len(row_groups)} row groups already committed")
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    faults = FaultSpec.from_env()
+    args = (stage, run_root, plan.to_dict(), partition, faults)
+    if executor == "local":
+        worker = _RowGroupWorker(*args)
+        results = (worker.run_one(rg) for rg in todo)
+    else:
+        results = _ray_results(stage, args, todo, ray_address)
+    for result in results:
+        progress.update(result)
+        if result["error"]:
+            summary.failed[int(result["row_group"])] = result["error"]
+        else:
+            summary.computed += 1
+            summary.records_in += int(result["records_in"])
+            summary.records_out += int(result["records_out"])
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | None):
+    import ray.data
+
+    from winnow.ray.cluster import connect, gpu_count
+
+    connect(ray_address)
+    ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=len(todo))
+    if stage.uses_model:
+        gpus = gpu_count()
+        pool = max(1, min(gpus, len(todo))) if gpus else 1
+        ds = ds.map_batches(
+            _RowGroupWorker,
+            fn_constructor_args=args,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+            num_gpus=1 if gpus else 0,
+            # On CPU the one actor gets every core, so torch threads as wide as a direct call.
+            num_cpus=1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1))),
+        )  # Ray Data restarts a dead actor and retries its row groups (idempotent commits).
+    else:
+        ds = ds.map_batches(_run_light, fn_args=args, batch_size=1, num_cpus=1)
+    for row in ds.iter_rows():
+        yield row
+
+
+def _run_light(batch: dict, stage: Stage, run_root: str, plan: dict, partition: int, faults) -> dict:
+    return _RowGroupWorker(stage, run_root, plan, partition, faults)(batch)
