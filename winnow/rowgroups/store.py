@@ -42,10 +42,9 @@ def is_local(fs: pafs.FileSystem) -> bool:
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Make ``path`` hold ``data`` all at once: readers see the old state or the whole file."""
     if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
         tmp = f"{path}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
