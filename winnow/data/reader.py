@@ -1,0 +1,74 @@
+"""Ranged reads of record members (image, ``.txt``, ``.json``) straight out of the shards, by
+the offsets and sizes the index recorded: each shard is opened once per call, nothing is untarred.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from winnow.data.errors import ShardError
+from winnow.data.shards import open_shard_filesystem
+
+#: Member name -> (offset column, size column) of :data:`winnow.schemas.INDEX`.
+MEMBER_COLUMNS = {
+    "image": ("image_offset", "image_size"),
+    "txt": ("txt_offset", "txt_size"),
+    "json": ("json_offset", "json_size"),
+}
+
+
+def read_members(
+    index_table: pa.Table,
+    member: str = "image",
+    *,
+    filesystem: pafs.FileSystem | None = None,
+) -> list[bytes | None]:
+    """The bytes of one member (``"image"``, ``"txt"`` or ``"json"``) of every row of an index
+    table, in row order; ``None`` where a record has no such member.
+
+    Rows are grouped by shard so each shard is opened once and read in offset order. With
+    ``filesystem`` the ``shard`` column holds paths in it; without, each shard is resolved from
+    its path or URI. Raises :class:`ShardError` naming the shard and key when data is missing.
+    """
+    if member not in MEMBER_COLUMNS:
+        raise ValueError(f"member must be one of {sorted(MEMBER_COLUMNS)}, got {member!r}")
+    offset_col, size_col = MEMBER_COLUMNS[member]
+    shards = index_table.column("shard").to_pylist()
+    keys = index_table.column("key").to_pylist()
+    offsets = index_table.column(offset_col).to_pylist()
+    sizes = index_table.column(size_col).to_pylist()
+    out: list[bytes | None] = [None] * len(shards)
+    by_shard: dict[str, list[int]] = defaultdict(list)
+    for row, (shard, offset) in enumerate(zip(shards, offsets)):
+        if offset is not None:
+            by_shard[shard].append(row)
+    for shard, rows in by_shard.items():
+        rows.sort(key=lambda r: offsets[r])
+        fs, path = open_shard_filesystem(shard, filesystem)
+        try:
+            f = fs.open_input_file(path)
+        except (OSError, ValueError) as exc:
+            raise ShardError(
+                shard,
+                f"shard {shard} (needed for key {keys[rows[0]]!r}) cannot be opened: {exc}. The "
+                "input changed since the index was built; restore it or re-index with a new run key.",
+            ) from exc
+        with f:
+            for row in rows:
+                offset, size = offsets[row], sizes[row]
+                try:
+                    data = f.read_at(size, offset) if size else b""
+                except OSError as exc:
+                    raise ShardError(shard, f"shard {shard}: reading key {keys[row]!r} failed: {exc}") from exc
+                if len(data) != size:
+                    raise ShardError(
+                        shard,
+                        f"shard {shard} is shorter than its index says: key {keys[row]!r} needs "
+                        f"{size} bytes at offset {offset}, got {len(data)}. The shard changed "
+                        "since the index was built; restore it or re-index with a new run key.",
+                    )
+                out[row] = data
+    return out

@@ -1,0 +1,306 @@
+"""Sample WebDataset shards for demos and tests: real JPEG/PNG/WebP images with captions and
+metadata, planted near-duplicates and, on request, corrupt members and bad shards.
+
+Keys are 9 digits ``SSSSIIIII``: the shard number (4 digits) then the member position in that
+shard (5 digits), e.g. ``000200017``; unique across shards, like img2dataset's keys. Output is
+byte-identical for one seed (fixed tar mtimes, owners and member order).
+
+    python -m winnow.data.sample --out DIR --shards 4 --per-shard 100 --seed 0 [--corrupt] [--bad-shards]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+MANIFEST = "_sample_manifest.json"
+_MTIME = 1_700_000_000  # fixed so that tars are byte-identical per seed
+_WORDS = (
+    "red blue green amber violet teal small large bright dark soft sharp striped dotted round "
+    "square wave circle line field sky river stone glass cloud shadow pattern noise light grain"
+).split()
+# (container format, PIL mode) of normal records, cycled by a seeded choice.
+_KINDS = (
+    ("jpg", "RGB"), ("jpg", "RGB"), ("jpg", "L"), ("jpg", "CMYK"), ("jpeg", "RGB"),
+    ("png", "RGB"), ("png", "RGBA"), ("png", "P"), ("png", "LA"), ("png", "L"),
+    ("webp", "RGB"), ("webp", "RGBA"),
+)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def make_key(shard: int, position: int) -> str:
+    return f"{shard:04d}{position:05d}"
+
+
+# ---- pictures ------------------------------------------------------------------------------
+
+
+def _picture(seed: int) -> Image.Image:
+    """A visually distinct RGB picture: a gradient, shapes, a stripe field and noise, mixed
+    in seeded proportions so that different seeds look different even to a random CLIP."""
+    rng = np.random.default_rng(seed)
+    r = random.Random(seed)
+    w, h = r.randint(48, 512), r.randint(48, 512)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = r.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1.0) / 2.0
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
+    if r.random() < 0.6:  # a sinusoidal stripe field of random frequency and direction
+        fx, fy = rng.uniform(-0.3, 0.3, 2)
+        stripes = np.sin(xx * fx + yy * fy + r.uniform(0, 6.3))
+        img += stripes[..., None] * rng.uniform(-80, 80, 3)[None, None, :]
+    img += rng.normal(0, r.uniform(0, 40), img.shape)  # noise of random strength
+    pic = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(pic)
+    for _ in range(r.randint(1, 8)):
+        box = sorted((r.randint(0, w), r.randint(0, w))), sorted((r.randint(0, h), r.randint(0, h)))
+        xy = [box[0][0], box[1][0], box[0][1], box[1][1]]
+        colour = tuple(r.randint(0, 255) for _ in range(3))
+        shape = r.choice(("ellipse", "rectangle", "polygon", "line"))
+        if shape == "ellipse":
+            draw.ellipse(xy, fill=colour)
+        elif shape == "rectangle":
+            draw.rectangle(xy, fill=colour)
+        elif shape == "polygon":
+            draw.polygon([(r.randint(0, w), r.randint(0, h)) for _ in range(r.randint(3, 6))], fill=colour)
+        else:
+            draw.line(xy, fill=colour, width=r.randint(1, 12))
+    if r.random() < 0.3:
+        pic = pic.filter(ImageFilter.GaussianBlur(r.uniform(0.5, 3)))
+    return pic
+
+
+def _encode(pic: Image.Image, fmt: str, mode: str, quality: int) -> bytes:
+    out = io.BytesIO()
+    if mode == "P":
+        img = pic.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    elif mode == "LA":
+        img = Image.merge("LA", (pic.convert("L"), pic.convert("L").point(lambda v: 255 - v // 2)))
+    elif mode == "RGBA":
+        alpha = pic.convert("L").point(lambda v: 128 + v // 2)
+        img = pic.copy()
+        img.putalpha(alpha)
+    else:
+        img = pic.convert(mode)
+    if fmt in ("jpg", "jpeg"):
+        img.save(out, "JPEG", quality=quality)
+    elif fmt == "png":
+        img.save(out, "PNG", compress_level=6)
+    else:
+        img.save(out, "WEBP", quality=quality, method=0)
+    return out.getvalue()
+
+
+def decompression_bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid 1-bit greyscale PNG that declares ``width x height`` pixels in ~100 KB: decoders
+    that skip the pixel-count check would allocate about ``width*height`` bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte + packed zero bits
+    comp = zlib.compressobj(9)
+    rows = [comp.compress(row * 1000) for _ in range(height // 1000)]
+    rows.append(comp.compress(row * (height % 1000)))
+    rows.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(rows)) + chunk(b"IEND", b"")
+
+
+# ---- shards --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Shard:
+    members: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def add(self, name: str, data: bytes) -> None:
+        self.members.append((name, data))
+
+    def tar_bytes(self) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in self.members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+
+def _caption(r: random.Random) -> str:
+    return " ".join(r.choice(_WORDS) for _ in range(r.randint(3, 9)))
+
+
+def _write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def generate_sample(
+    out_dir: str,
+    *,
+    shards: int,
+    per_shard: int,
+    seed: int,
+    corrupt: bool = False,
+    bad_shards: bool = False,
+) -> dict[str, Any]:
+    """Write ``shards`` WebDataset shards of ``per_shard`` image records each into ``out_dir``
+    and return the manifest (also written to ``<out_dir>/_sample_manifest.json``).
+
+    The manifest lists shards, near-duplicate key pairs, corrupt members by kind, bad shards and
+    ``expected`` index counts (with bad shards skipped).
+    """
+    if shards < 1 or per_shard < 1:
+        raise ValueError(f"shards and per_shard must be >= 1, got shards={shards}, per_shard={per_shard}")
+    if shards > 9999 or per_shard > 99000:
+        raise ValueError("at most 9999 shards of 99000 records (keys are SSSSIIIII)")
+    os.makedirs(out_dir, exist_ok=True)
+    r = random.Random(seed)
+    total = shards * per_shard
+    # Near-duplicates: record `dup` shows the picture of record `src`, re-encoded or resized.
+    n_dups = min(total // 2, max(1, total // 40)) if total >= 2 else 0
+    picked = r.sample(range(total), 2 * n_dups)
+    dup_of = {picked[2 * i + 1]: picked[2 * i] for i in range(n_dups)}
+    formats: dict[str, int] = {}
+    near_duplicates = []
+    out_shards = [_Shard() for _ in range(shards)]
+    for g in range(total):
+        s, i = divmod(g, per_shard)
+        key = make_key(s, i)
+        rr = random.Random(f"{seed}/{g}")
+        if g in dup_of:
+            src = dup_of[g]
+            pic = _picture(hash_seed(seed, src))
+            if rr.random() < 0.5:
+                f = rr.choice((0.94, 0.96, 1.04, 1.06))
+                pic = pic.resize((max(8, round(pic.width * f)), max(8, round(pic.height * f))), Image.Resampling.BICUBIC)
+                how = f"resized x{f}"
+            else:
+                how = "re-encoded"
+            fmt, mode, quality = "jpg", "RGB", rr.choice((60, 70, 80))
+            near_duplicates.append({"keys": [make_key(*divmod(src, per_shard)), key], "how": how})
+        else:
+            pic = _picture(hash_seed(seed, g))
+            fmt, mode = rr.choice(_KINDS)
+            quality = rr.choice((85, 90, 95))
+        data = _encode(pic, fmt, mode, quality)
+        formats[f"{fmt}/{mode}"] = formats.get(f"{fmt}/{mode}", 0) + 1
+        meta = {"key": key, "width": pic.width, "height": pic.height, "format": fmt, "mode": mode}
+        out_shards[s].add(f"{key}.{fmt}", data)
+        out_shards[s].add(f"{key}.txt", _caption(rr).encode())
+        out_shards[s].add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+
+    corrupt_members: list[dict[str, str]] = []
+    expected = {"records": total, "members_without_image": 0, "duplicate_keys": 0}
+    if corrupt:
+        target = out_shards[0]
+        position = per_shard
+        good = _encode(_picture(hash_seed(seed, -1)), "jpg", "RGB", 90)
+
+        def plant(kind: str, name: str, data: bytes, key: str, *, record: bool = True, caption: bool = True) -> None:
+            target.add(name, data)
+            if caption:
+                target.add(f"{key}.txt", f"planted {kind}".encode())
+            corrupt_members.append({"kind": kind, "shard": shard_name(0), "key": key, "member": name})
+            if record:
+                expected["records"] += 1
+
+        def next_key() -> str:
+            nonlocal position
+            position += 1
+            return make_key(0, position - 1)
+
+        k = next_key(); plant("truncated_jpeg", f"{k}.jpg", good[: len(good) // 2], k)
+        k = next_key(); plant("zero_byte_image", f"{k}.jpg", b"", k)
+        k = next_key(); plant("not_an_image", f"{k}.jpg", b"this is plain text, not a JPEG\n" * 4, k)
+        k = next_key(); plant("decompression_bomb", f"{k}.png", decompression_bomb_png(), k)
+        k = next_key(); plant("orphan_txt", f"{k}.txt", b"a caption with no image", k, record=False, caption=False)
+        expected["members_without_image"] += 1
+        k = f"../../escape/{next_key()}"; plant("parent_traversal_name", f"{k}.jpg", good, k)
+        k = f"/absolute/{next_key()}"; plant("absolute_name", f"{k}.jpg", good, k)
+        # A key repeated later in the same shard: the index keeps the first one.
+        dup = make_key(0, 0)
+        plant("duplicate_key", f"{dup}.jpg", good, dup, record=False, caption=False)
+        expected["duplicate_keys"] += 1
+
+    names = [shard_name(s) for s in range(shards)]
+    for name, shard in zip(names, out_shards):
+        _write(os.path.join(out_dir, name), shard.tar_bytes())
+    bad: list[dict[str, str]] = []
+    if bad_shards:
+        whole = out_shards[0].tar_bytes()
+        truncated = shard_name(shards)
+        # Cut inside the second member's data so that a header promises bytes that are gone.
+        first_size = len(out_shards[0].members[0][1])
+        cut = 512 + (-(-first_size // 512) * 512) + 512 + max(1, len(out_shards[0].members[1][1]) // 2)
+        _write(os.path.join(out_dir, truncated), whole[: min(cut, len(whole) - 1)])
+        bad.append({"kind": "truncated_tar", "shard": truncated})
+        zero = shard_name(shards + 1)
+        _write(os.path.join(out_dir, zero), b"")
+        bad.append({"kind": "zero_byte_tar", "shard": zero})
+    expected.update(
+        {
+            "shards": len(names) + len(bad),
+            "zero_byte_shards": 1 if bad_shards else 0,
+            "bad_shards": 1 if bad_shards else 0,
+        }
+    )
+    manifest = {
+        "seed": seed,
+        "shards": names,
+        "per_shard": per_shard,
+        "key_format": "SSSSIIIII: 4-digit shard number, 5-digit position in the shard",
+        "near_duplicates": near_duplicates,
+        "corrupt": corrupt_members,
+        "bad_shards": bad,
+        "formats": dict(sorted(formats.items())),
+        "expected": expected,
+    }
+    _write(os.path.join(out_dir, MANIFEST), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def hash_seed(seed: int, index: int) -> int:
+    """A stable per-record seed (Python's ``hash`` is salted per process, so not that)."""
+    return zlib.crc32(f"{seed}:{index}".encode()) | (seed & 0xFFFF) << 32
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m winnow.data.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write shard-NNNNNN.tar into")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--per-shard", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corrupt", action="store_true", help="plant corrupt members (see the manifest)")
+    parser.add_argument("--bad-shards", action="store_true", help="add a truncated tar and a zero-byte tar")
+    args = parser.parse_args(argv)
+    manifest = generate_sample(
+        args.out, shards=args.shards, per_shard=args.per_shard, seed=args.seed,
+        corrupt=args.corrupt, bad_shards=args.bad_shards,
+    )
+    print(json.dumps({"out": args.out, "shards": len(manifest["shards"]), "expected": manifest["expected"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
