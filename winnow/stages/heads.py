@@ -1,0 +1,360 @@
+"""Score heads over CLIP image embeddings: the LAION aesthetic MLP and the LAION NSFW detector,
+their weight loading, and the one stage base both the aesthetic and the nsfw stage are built on.
+
+Weights come from local files only: ``.safetensors``, or a torch ``.pt``/``.pth`` state dict read
+with ``weights_only=True`` (no pickled code runs). Random weights are for tests and demos and are
+refused unless asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from winnow.rowgroups.errors import WinnowError
+from winnow.stages.base import RowGroupTask
+from winnow.stages.embedding_io import embedding_matrix
+
+log = logging.getLogger(__name__)
+
+HeadKind = Literal["aesthetic", "nsfw"]
+
+#: Embedding width of ViT-L/14, the model both published heads were trained on.
+VIT_L14_DIM = 768
+
+#: Seeds of the random stand-in weights (one per head, so the two heads differ).
+RANDOM_SEEDS: dict[str, int] = {"aesthetic": 0, "nsfw": 1}
+
+# Rows scored per forward pass: bounds the activations (rows x 1024 floats) of a big row group.
+_BATCH_ROWS = 65536
+
+
+class HeadError(WinnowError):
+    """A score head cannot be built: missing weights, wrong layout, wrong embedding width."""
+
+
+class AestheticMLP(nn.Module):
+    """LAION "improved aesthetic predictor" (christophschuhmann/improved-aesthetic-predictor).
+
+    Input: L2-normalised ViT-L/14 image embeddings (768-d). Output: one score per image on
+    roughly a 1-10 scale (the AVA mean-opinion scale it was trained on; ~5 is average, >= 6
+    is the usual "aesthetic" cut). The published model has no activations between its linear
+    layers, so neither has this one; dropout acts only in training (``eval()`` turns it off).
+    State-dict keys match the published ``sac+logos+ava1-l14-linearMSE.pth``:
+    ``layers.{0,2,4,6,7}.{weight,bias}``.
+    """
+
+    def __init__(self, embed_dim: int = VIT_L14_DIM) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.layers = nn.Sequential(
+            nn.Linear(embed_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).squeeze(-1)
+
+
+class KerasNormalization(nn.Module):
+    """Keras ``Normalization`` layer: ``(x - mean) / max(sqrt(variance), 1e-7)``, fixed stats."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("variance", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / torch.sqrt(self.variance).clamp_min(1e-7)
+
+
+class NsfwHead(nn.Module):
+    """LAION CLIP-based NSFW detector (LAION-AI/CLIP-based-NSFW-Detector, the ViT-L/14 model).
+
+    768-d L2-normalised embedding -> Keras-style normalization -> Dense 64 ReLU -> Dense 512 ReLU
+    -> Dense 256 ReLU -> Dense 1 sigmoid. Output: probability in [0, 1] that the image is NSFW.
+
+    Expected state-dict keys (torch layout, ``weight`` is ``(out, in)``)::
+
+        norm.mean, norm.variance                    (768,)
+        layers.0.weight (64, 768),   layers.0.bias (64,)
+        layers.2.weight (512, 64),   layers.2.bias (512,)
+        layers.4.weight (256, 512),  layers.4.bias (256,)
+        layers.6.weight (1, 256),    layers.6.bias (1,)
+
+    The published model is a Keras (autokeras) model; :func:`nsfw_state_dict_from_keras` turns
+    its ``model.get_weights()`` list into this state dict (save it with
+    ``safetensors.torch.save_file``).
+    """
+
+    def __init__(self, embed_dim: int = VIT_L14_DIM) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.norm = KerasNormalization(embed_dim)
+        self.layers = nn.Sequential(
+            nn.Linear(embed_dim, 64),
+            nn.ReLU(),
+            nn.Linear(64, 512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            nn.ReLU(),
+            nn.Linear(256, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.layers(self.norm(x))).squeeze(-1)
+
+
+_HEADS: dict[str, type[nn.Module]] = {"aesthetic": AestheticMLP, "nsfw": NsfwHead}
+
+
+def nsfw_state_dict_from_keras(weights: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Convert the Keras NSFW detector's ``model.get_weights()`` to :class:`NsfwHead` keys.
+
+    The list is, in layer order: normalization mean, variance (and, in newer Keras, a scalar
+    count, which is dropped), then kernel and bias of the four Dense layers. Keras kernels are
+    ``(in, out)``; torch ``Linear.weight`` is ``(out, in)``, hence the transposes.
+    """
+    arrays = [np.asarray(w) for w in weights]
+    if len(arrays) == 11 and arrays[2].size == 1:
+        arrays = arrays[:2] + arrays[3:]
+    if len(arrays) != 10:
+        raise HeadError(
+            f"expected 10 Keras weight arrays (mean, variance, 4 x kernel+bias), got {len(arrays)}; "
+            "pass the list from model.get_weights() of the ViT-L/14 NSFW detector"
+        )
+    state = {
+        "norm.mean": torch.from_numpy(arrays[0].reshape(-1).astype(np.float32)),
+        "norm.variance": torch.from_numpy(arrays[1].reshape(-1).astype(np.float32)),
+    }
+    for i, layer in enumerate((0, 2, 4, 6)):
+        kernel, bias = arrays[2 + 2 * i], arrays[3 + 2 * i]
+        state[f"layers.{layer}.weight"] = torch.from_numpy(np.ascontiguousarray(kernel.T, dtype=np.float32))
+        state[f"layers.{layer}.bias"] = torch.from_numpy(bias.reshape(-1).astype(np.float32))
+    return state
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is the first CUDA device where there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _HEADS:
+        raise HeadError(f"unknown head kind {kind!r}; choose one of {sorted(_HEADS)}")
+
+
+def weights_digest(kind: str, weights: str | None, *, allow_random_weights: bool) -> str:
+    """What identifies a head's weights in a stage fingerprint: ``sha256:<hex>`` of the file,
+    or ``random-seed<k>``. Raises :class:`HeadError` for a missing file or unasked-for random
+    weights, so a misconfigured run fails before any row group is touched."""
+    _check_kind(kind)
+    if weights is None:
+        if not allow_random_weights:
+            raise HeadError(
+                f"no weights given for the {kind} head (param '{kind}_weights'). Point it at a "
+                f"local .safetensors/.pt file of the published LAION {kind} head, or set "
+                "allow_random_weights=true for a test or demo run (scores are then meaningless)."
+            )
+        return f"random-seed{RANDOM_SEEDS[kind]}"
+    if not os.path.isfile(weights):
+        raise HeadError(
+            f"{kind} head weights not found: {weights} (param '{kind}_weights') is not a file. "
+            "Give the path of a local .safetensors, .pt or .pth file."
+        )
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _read_state_dict(kind: str, path: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state: Any = load_file(path, device="cpu")
+        elif path.endswith((".pt", ".pth", ".bin")):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise HeadError(
+                f"{kind} head weights {path} (param '{kind}_weights'): unknown file type; use "
+                ".safetensors, .pt or .pth"
+            )
+    except HeadError:
+        raise
+    except Exception as exc:  # a corrupt file surfaces as many different exception types
+        raise HeadError(f"could not read {kind} head weights {path}: {exc}") from exc
+    # Some checkpoints wrap the state dict, e.g. {"state_dict": {...}}.
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HeadError(f"{kind} head weights {path} hold no tensor state dict")
+    return state
+
+
+def _random_head(kind: str, embed_dim: int) -> nn.Module:
+    # A private RNG state, so the weights depend on the seed only, not on what ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEEDS[kind])
+        module = _HEADS[kind](embed_dim)
+    module.eval()
+    last = module.layers[-1]
+    # Put the untrained output in the head's usual range, so that a demo with the default
+    # thresholds shows both outcomes: aesthetic ~ 5 +- 1 on isotropic unit vectors (the MLP is
+    # affine, w.x + b, so scaling w to norm sqrt(d) gives std 1), nsfw ~ 0.12 (mostly kept).
+    with torch.no_grad():
+        if kind == "aesthetic":
+            w_eff = module(torch.eye(embed_dim)) - module(torch.zeros(1, embed_dim))
+            last.weight.mul_(embed_dim**0.5 / w_eff.norm().clamp_min(1e-12))
+            last.bias.zero_()
+            last.bias.add_(5.0 - module(torch.zeros(1, embed_dim)))
+        else:
+            last.bias.fill_(-2.0)
+    return module
+
+
+def load_head(
+    kind: str,
+    weights: str | None,
+    *,
+    embed_dim: int,
+    allow_random_weights: bool,
+    device: str | torch.device = "auto",
+) -> tuple[nn.Module, str]:
+    """Build a head in eval mode on ``device``; returns ``(module, weights_digest)``.
+
+    Raises :class:`HeadError` when the file is missing or unreadable, its tensors do not match
+    the head's layout, or it was trained on embeddings of another width than ``embed_dim``.
+    """
+    digest = weights_digest(kind, weights, allow_random_weights=allow_random_weights)
+    if weights is None:
+        log.warning(
+            "%s head: using RANDOM weights (seed %d) because allow_random_weights is set; its "
+            "scores mean nothing. Give real weights for a production run.",
+            kind, RANDOM_SEEDS[kind],
+        )
+        module = _random_head(kind, embed_dim)
+    else:
+        state = _read_state_dict(kind, weights)
+        first = state.get("layers.0.weight")
+        if first is not None and first.ndim == 2 and first.shape[1] != embed_dim:
+            raise HeadError(
+                f"{kind} head weights {weights} expect {first.shape[1]}-d embeddings but the "
+                f"embedding model gives {embed_dim}-d ones (param 'embed_dim'). Use the weights "
+                f"trained for this embedding model, or the embedding model they were trained on "
+                f"(ViT-L/14 for the published LAION heads, {VIT_L14_DIM}-d)."
+            )
+        module = _HEADS[kind](embed_dim)
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            raise HeadError(
+                f"{kind} head weights {weights} do not fit the {type(module).__name__} layout: "
+                f"missing keys {missing}, unexpected keys {unexpected}, wrong shapes "
+                f"{[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}. "
+                "See the docstring of winnow.stages.heads for the expected keys."
+            )
+        module.load_state_dict({k: v.float() for k, v in state.items()})
+    module.eval()
+    return module.to(resolve_device(device)), digest
+
+
+@torch.inference_mode()
+def score_embeddings(module: nn.Module, matrix: np.ndarray) -> np.ndarray:
+    """Scores (float32) of an ``(n, d)`` embedding matrix, re-normalised in float32 first
+    (stored embeddings are float16, so their norm is 1 only to ~1e-3)."""
+    device = next(module.parameters()).device
+    out = np.empty(len(matrix), dtype=np.float32)
+    for start in range(0, len(matrix), _BATCH_ROWS):
+        x = torch.from_numpy(np.asarray(matrix[start : start + _BATCH_ROWS], dtype=np.float32))
+        x = nn.functional.normalize(x.to(device), dim=-1)
+        out[start : start + len(x)] = module(x).float().cpu().numpy()
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """Knobs shared by both head stages; subclasses set the threshold's default."""
+
+    weights: str | None = None
+    threshold: float = 0.0
+    allow_random_weights: bool = False
+    device: str = "auto"
+    embed_dim: int = VIT_L14_DIM
+
+
+class HeadStage:
+    """A stage that scores each record's embedding with a head and keeps it by a threshold.
+
+    Subclasses set ``name`` (also the head kind), ``schema`` and :meth:`keep`. Records without an
+    embedding (undecodable) get a null score and ``keep`` false.
+    """
+
+    name: ClassVar[str]
+    uses_model: ClassVar[bool] = True
+    upstream: ClassVar[tuple[str, ...]] = ("embed",)
+    schema: ClassVar[pa.Schema]
+
+    def __init__(self, config: HeadConfig) -> None:
+        self.config = config
+        self._module: nn.Module | None = None
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "weights_digest": weights_digest(self.name, c.weights, allow_random_weights=c.allow_random_weights),
+            "threshold": c.threshold,
+        }
+
+    def setup(self) -> None:
+        c = self.config
+        self._module, _ = load_head(
+            self.name, c.weights, embed_dim=c.embed_dim,
+            allow_random_weights=c.allow_random_weights, device=c.device,
+        )
+
+    def keep(self, scores: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def process(self, task: RowGroupTask) -> pa.Table:
+        if self._module is None:
+            self.setup()
+        table = task.store().read_table("embed", task.partition, task.row_group, columns=["record_id", "embedding"])
+        valid, matrix = embedding_matrix(
+            table.column("embedding"), expected_dim=self.config.embed_dim,
+            where=f"stage 'embed' row group {task.row_group}",
+        )
+        scores = np.full(table.num_rows, np.nan, dtype=np.float32)
+        keep = np.zeros(table.num_rows, dtype=bool)
+        if len(matrix):
+            scores[valid] = score_embeddings(self._module, matrix)
+            keep[valid] = self.keep(scores[valid])
+        score_col, keep_col = self.schema.names[1], self.schema.names[2]
+        return pa.table(
+            {
+                "record_id": table.column("record_id").combine_chunks(),
+                score_col: pa.array(scores, type=pa.float32(), mask=~valid),
+                keep_col: pa.array(keep, type=pa.bool_()),
+            },
+            schema=self.schema,
+        )
