@@ -1,0 +1,73 @@
+"""A lease on a run root, so two runs never write the same run root at once.
+
+The lease is ``<run_root>/_lease.json`` with an owner (the DAG run id: every task of one run
+shares it) and an expiry. A task of another owner fails fast while the lease is live; an
+expired lease (its holder died) is taken over. Tasks renew it as they work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from winnow.rowgroups.errors import RunLocked
+from winnow.rowgroups.store import CommitStore, is_local, read_json, write_json
+
+LEASE_FILE = "_lease.json"
+DEFAULT_TTL_S = 30 * 60
+
+
+@dataclass(frozen=True)
+class Lease:
+    owner: str
+    expires_at: float
+
+    @property
+    def live(self) -> bool:
+        return self.expires_at > time.time()
+
+
+def read_lease(store: CommitStore) -> Lease | None:
+    data = read_json(store.fs, store.path(LEASE_FILE))
+    if not data:
+        return None
+    return Lease(owner=str(data.get("owner", "")), expires_at=float(data.get("expires_at", 0)))
+
+
+def acquire(store: CommitStore, owner: str, *, ttl_s: float = DEFAULT_TTL_S) -> Lease:
+    """Take or renew the lease for ``owner``; raise :class:`RunLocked` if another owner holds it."""
+    path = store.path(LEASE_FILE)
+    now = time.time()
+    lease = Lease(owner=owner, expires_at=now + ttl_s)
+    payload = {"owner": owner, "expires_at": lease.expires_at, "pid": os.getpid(), "host": os.uname().nodename}
+    if is_local(store.fs):
+        os.makedirs(store.root, exist_ok=True)
+        try:  # First taker wins atomically; everyone else reads what is there.
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f)
+            return lease
+        except FileExistsError:
+            pass
+    current = read_lease(store)
+    if current is not None and current.owner != owner and current.live:
+        left = int(current.expires_at - now)
+        raise RunLocked(
+            f"run root {store.run_root} is in use by run {current.owner!r} (lease expires in {left} s). "
+            "Two runs must not write one run root at once: wait for that run to finish, use another "
+            f"run_key, or, if that run is dead, delete {path} to take over now."
+        )
+    write_json(store.fs, path, payload)
+    return lease
+
+
+def release(store: CommitStore, owner: str) -> None:
+    """Drop the lease if ``owner`` holds it (at the end of a successful run)."""
+    current = read_lease(store)
+    if current is not None and current.owner == owner:
+        try:
+            store.fs.delete_file(store.path(LEASE_FILE))
+        except FileNotFoundError:
+            pass
