@@ -10,11 +10,13 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable, Mapping
 
 from winnow.ray.runner import PartitionSummary, run_stage_partition
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, WinnowError
+from winnow.rowgroups import lease
 from winnow.rowgroups.plan import MAX_MAP_LENGTH
 from winnow.rowgroups.store import write_json
 
@@ -224,12 +226,21 @@ def prepare_stages(cfg: CurationConfig, plan: RowGroupPlan, *, log: Callable[[st
 
 # ---- the run -------------------------------------------------------------------------------
 
-def run_index(cfg: CurationConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def _hold_lease(cfg: CurationConfig, owner: str | None) -> None:
+    """Take or renew the run root's lease (``owner`` = the DAG run id); None skips it."""
+    if owner:
+        lease.acquire(CommitStore(cfg.run_root), owner)
+
+
+def run_index(
+    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Validate, index the shards (resumable), fix the plan and check every stage's fingerprint."""
     from winnow.data.index import IndexConfig, build_index
 
     log = log or logger.info
     cfg.validate()
+    _hold_lease(cfg, owner)
     result = build_index(
         cfg.run_root,
         IndexConfig(
@@ -272,9 +283,11 @@ def run_partition(
     *,
     ray_address: str | None = None,
     executor: str = "ray",
+    owner: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PartitionSummary:
     """Run one row-group stage over one partition; failures are in ``summary.failed``."""
+    _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     stage_obj = make_stage(cfg, stage)
     store = CommitStore(cfg.run_root)
@@ -287,15 +300,20 @@ def run_partition(
     )
 
 
-def run_dedup(cfg: CurationConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_dedup(
+    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     from winnow.stages.dedup import run_dedup as dedup
 
+    _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     CommitStore(cfg.run_root).ensure_stage(stage_fingerprints(cfg, plan)["dedup"], overwrite=False)
     return dedup(cfg.run_root, plan, _dedup_config(cfg), log=log)
 
 
-def run_report(cfg: CurationConfig, summaries: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+def run_report(
+    cfg: CurationConfig, summaries: Iterable[Mapping[str, Any]] = (), *, owner: str | None = None
+) -> dict[str, Any]:
     """Count outcomes from storage, write ``<run_root>/_summary.json`` and return it.
 
     ``summaries`` are the partition summaries of this run (``PartitionSummary.to_dict()``);
@@ -333,6 +351,8 @@ def run_report(cfg: CurationConfig, summaries: Iterable[Mapping[str, Any]] = ())
         "config": cfg.to_dict(),
     }
     write_json(store.fs, store.path(SUMMARY_FILE), summary)
+    if owner:
+        lease.release(store, owner)  # the run is complete: the run root is free again
     return summary
 
 
@@ -350,27 +370,32 @@ def run_all(
     """
     log = log or logger.info
     t0 = time.perf_counter()
-    info = run_index(cfg, log=log)
-    summaries: list[dict[str, Any]] = []
-    failed: list[PartitionSummary] = []
-    for p in info["partitions"]:
-        for stage in ("embed", "aesthetic", "nsfw"):
-            s = run_partition(cfg, stage, p, ray_address=ray_address, executor=executor, log=log)
+    owner = f"run_all-{uuid.uuid4().hex[:12]}"
+    try:
+        info = run_index(cfg, owner=owner, log=log)
+        summaries: list[dict[str, Any]] = []
+        failed: list[PartitionSummary] = []
+        for p in info["partitions"]:
+            for stage in ("embed", "aesthetic", "nsfw"):
+                s = run_partition(cfg, stage, p, ray_address=ray_address, executor=executor, owner=owner, log=log)
+                summaries.append(s.to_dict())
+                if not s.ok:
+                    failed.append(s)
+                    break
+        if failed:
+            raise RowGroupsFailedError(failed)
+        run_dedup(cfg, owner=owner, log=log)
+        for p in info["partitions"]:
+            s = run_partition(cfg, "output", p, ray_address=ray_address, executor=executor, owner=owner, log=log)
             summaries.append(s.to_dict())
             if not s.ok:
                 failed.append(s)
-                break
-    if failed:
-        raise RowGroupsFailedError(failed)
-    run_dedup(cfg, log=log)
-    for p in info["partitions"]:
-        s = run_partition(cfg, "output", p, ray_address=ray_address, executor=executor, log=log)
-        summaries.append(s.to_dict())
-        if not s.ok:
-            failed.append(s)
-    if failed:
-        raise RowGroupsFailedError(failed)
-    summary = run_report(cfg, summaries)
+        if failed:
+            raise RowGroupsFailedError(failed)
+        summary = run_report(cfg, summaries, owner=owner)
+    finally:
+        # A failed run_all leaves no lease behind: rerunning it resumes at once.
+        lease.release(CommitStore(cfg.run_root), owner)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['output']}")
     return summary
