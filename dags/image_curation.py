@@ -1,0 +1,164 @@
+"""The production curation DAG: index -> per-partition embed/aesthetic/nsfw -> dedup -> write -> report.
+
+Parses fast and touches neither storage nor Ray: the engine is imported inside the operators.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Asset, Param, task_group
+
+from operators.base import PARTITION_LABEL
+from operators.stages import (
+    AestheticOperator,
+    DedupOperator,
+    EmbedOperator,
+    IndexOperator,
+    NsfwOperator,
+    ReportOperator,
+    WriteOperator,
+)
+
+CURATED_IMAGES = Asset(name="winnow_curated_images", uri="winnow://image_curation/output", group="winnow")
+CURATION_SUMMARY = Asset(name="winnow_curation_summary", uri="winnow://image_curation/summary", group="winnow")
+
+DOC_MD = """
+# Image curation
+
+Curates WebDataset shards: CLIP embeddings, LAION aesthetic and NSFW filters, semantic dedup,
+then writes the kept images (original bytes) as WebDataset tars plus Parquet, under
+`<output_root>/<run_key>/`. Work is done per **row group** (`buffer_size` records) and committed
+per row group; a **partition** (a range of row groups) is one mapped task instance, labelled
+with its row-group range. Committed row groups are never computed again.
+
+## Params
+| param | meaning |
+|---|---|
+| `input_uri` | shard folder, glob or URI; may hold `{{ ds }}` (e.g. `s3://bucket/shards/{{ ds }}/`) |
+| `output_root`, `run_key` | the run root is `<output_root>/<run_key>`; an empty run key is the logical date (`YYYYMMDD`), or the run id for a manual run without one |
+| `buffer_size`, `max_partitions` | records per row group; most mapped task instances per stage (<= 1024) |
+| `model`, `pretrained`, `model_dir` | open_clip model, its weights tag or file, where weight files live |
+| `aesthetic_weights`, `nsfw_weights` | head weight files (the LAION heads expect ViT-L/14 OpenAI embeddings) |
+| `aesthetic_threshold` | keep images scoring at least this (LAION scale 1-10; 5.0 is typical) |
+| `nsfw_threshold` | drop images whose NSFW probability is at least this (0-1) |
+| `dedup_eps`, `dedup_clusters` | near-duplicates have cosine similarity >= 1 - eps; k-means clusters (0: automatic) |
+| `allow_random_weights` | only for tests and demos: allow a model with random weights |
+| `overwrite` | a stage whose config changed is moved aside (`<stage>.replaced-<time>`) and recomputed with the stages after it |
+| `skip_bad_shards` | index what can be read and record unreadable shards instead of failing |
+| `ray_conn_id` | Airflow connection of type `ray`; none by that id means an embedded local Ray |
+
+Changing a threshold, model or eps on an existing run key fails fast with the changed keys named;
+pick a new run key or set `overwrite`.
+
+## A failed partition
+Row-group failures are isolated: the others in the partition commit, then the task fails naming
+the failed row groups and the first error. Retries (with exponential backoff) compute only those.
+After the retries, fix the cause and clear the failed mapped instance (Grid view -> the task ->
+the map index -> Clear, "only failed"), or:
+
+    airflow tasks clear image_curation --only-failed --dag-regex image_curation -s <date> -e <date> -y
+
+or `POST /api/v2/dags/image_curation/clearTaskInstances` with `only_failed: true`. Only the
+failed row groups run again; the run then continues to dedup, write and report.
+
+## Backfill
+    airflow backfill create --dag-id image_curation --from-date 2025-01-01 --to-date 2025-01-31 \\
+        --reprocess-behavior failed --dag-run-conf '{"output_root": "s3://bucket/curated"}'
+
+Each date is its own run key (`YYYYMMDD`); runs that succeeded are left alone and failed ones
+resume from what storage holds.
+"""
+
+
+def _nullable_string(title: str, description: str) -> Param:
+    return Param(None, type=["null", "string"], title=title, description=description)
+
+
+PARAMS = {
+    "input_uri": Param(
+        os.environ.get("WINNOW_INPUT_URI", "/data/webdataset/{{ ds }}"), type="string", minLength=1,
+        title="Input shards", description="WebDataset shard folder, glob or URI (may hold {{ ds }}).",
+    ),
+    "output_root": Param(
+        os.environ.get("WINNOW_OUTPUT_ROOT", "/data/curated"), type="string", minLength=1,
+        title="Output root", description="Run roots are created under it as <output_root>/<run_key>.",
+    ),
+    "run_key": Param(
+        None, type=["null", "string"], pattern=r"^[A-Za-z0-9._-]*$", title="Run key",
+        description="Names the run folder. Empty: the logical date as YYYYMMDD (or the run id).",
+    ),
+    "buffer_size": Param(256, type="integer", minimum=1, maximum=1_000_000, title="Buffer size",
+                         description="Records per row group: the unit of work, commit and retry."),
+    "max_partitions": Param(64, type="integer", minimum=1, maximum=1024, title="Max partitions",
+                            description="Most mapped task instances per stage (Airflow's max_map_length is 1024)."),
+    "model": Param("ViT-L-14-quickgelu", type="string", minLength=1, title="Embedding model",
+                   description="open_clip model name; the LAION heads expect ViT-L-14 embeddings."),
+    "pretrained": Param("openai", type="string", minLength=1, title="Pretrained weights",
+                        description="open_clip pretrained tag or a local weights file."),
+    "model_dir": _nullable_string("Model directory", "Folder with local weight files (no downloads)."),
+    "aesthetic_weights": _nullable_string("Aesthetic head weights", "LAION improved-aesthetic MLP weights file."),
+    "nsfw_weights": _nullable_string("NSFW head weights", "LAION CLIP-based NSFW detector weights file."),
+    "aesthetic_threshold": Param(5.0, type="number", minimum=0, maximum=10, title="Aesthetic threshold",
+                                 description="Keep images whose aesthetic score (1-10) is at least this."),
+    "nsfw_threshold": Param(0.5, type="number", minimum=0, maximum=1, title="NSFW threshold",
+                            description="Drop images whose NSFW probability is at least this."),
+    "dedup_eps": Param(0.05, type="number", exclusiveMinimum=0, maximum=1, title="Dedup epsilon",
+                       description="Near-duplicates have cosine similarity >= 1 - eps."),
+    "dedup_clusters": Param(0, type="integer", minimum=0, title="Dedup clusters",
+                            description="k-means clusters for dedup; 0 picks a number from the data size."),
+    "allow_random_weights": Param(False, type="boolean", title="Allow random weights",
+                                  description="Tests and demos only: run a model with random weights."),
+    "overwrite": Param(False, type="boolean", title="Overwrite changed stages",
+                       description="Move aside stages whose config changed and recompute them and later stages."),
+    "skip_bad_shards": Param(False, type="boolean", title="Skip unreadable shards",
+                             description="Index the readable shards and record the others instead of failing."),
+    "ray_conn_id": Param("ray_default", type="string", minLength=1, title="Ray connection",
+                         description="Airflow connection of type ray; if absent, an embedded local Ray is used."),
+}
+
+DEFAULT_ARGS = {
+    "owner": "data-curation",
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+with DAG(
+    dag_id="image_curation",
+    description="Curate WebDataset images: CLIP embed, aesthetic + NSFW filters, semantic dedup.",
+    schedule="@daily",
+    start_date=datetime(2025, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    default_args=DEFAULT_ARGS,
+    doc_md=DOC_MD,
+    tags=["winnow", "curation"],
+) as dag:
+    index = IndexOperator(task_id="index")
+
+    @task_group(group_id="partition")
+    def curate_partition(partition: int) -> None:
+        """Depth-first per partition: its row groups go embed -> aesthetic -> nsfw."""
+        embed = EmbedOperator(task_id="embed", partition=partition)
+        aesthetic = AestheticOperator(task_id="aesthetic", partition=partition)
+        nsfw = NsfwOperator(task_id="nsfw", partition=partition)
+        embed >> aesthetic >> nsfw
+
+    partitions = curate_partition.expand(partition=index.output)
+    dedup = DedupOperator(task_id="dedup")
+    write = WriteOperator.partial(
+        task_id="write", outlets=[CURATED_IMAGES], map_index_template=PARTITION_LABEL
+    ).expand(
+        partition=index.output
+    )
+    report = ReportOperator(
+        task_id="report",
+        outlets=[CURATION_SUMMARY],
+        partition_task_ids=["partition.embed", "partition.aesthetic", "partition.nsfw", "write"],
+    )
+
+    index >> partitions >> dedup >> write >> report

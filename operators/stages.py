@@ -1,0 +1,105 @@
+"""One operator per curation stage; each delegates to ``winnow.pipeline`` and stays small.
+
+index -> (embed -> aesthetic -> nsfw per partition) -> dedup -> write per partition -> report.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from operators.base import CurationOperator, RowGroupStageOperator, engine_errors
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: Index summary keys too big or too detailed for the index task's XCom.
+_INDEX_LOCAL_KEYS = ("partitions", "labels")
+
+
+class IndexOperator(CurationOperator):
+    """Validates the config, indexes the shards and fixes every stage's fingerprint.
+
+    Returns the partition list ``range(P)`` (what the mapped tasks expand over; Airflow maps
+    only over return values) and pushes the small index summary under XCom key ``summary``. With ``overwrite`` the stages whose
+    config changed are moved aside here, once, before any partition runs.
+    Takes the :class:`CurationOperator` params.
+    """
+
+    def execute(self, context: Context) -> list[int]:
+        from winnow import pipeline
+
+        cfg = self.curation_config(context)
+        with engine_errors():
+            result = pipeline.run_index(cfg, log=self.log.info)
+        summary = {k: v for k, v in result.items() if k not in _INDEX_LOCAL_KEYS}
+        summary["run_root"] = cfg.run_root
+        context["ti"].xcom_push(key="summary", value=summary)
+        self.log.info("index: %s", summary)
+        return list(result["partitions"])
+
+
+class EmbedOperator(RowGroupStageOperator):
+    """Decodes images and embeds them with the CLIP image tower, per row group of a partition."""
+
+    stage = "embed"
+
+
+class AestheticOperator(RowGroupStageOperator):
+    """Scores embeddings with the LAION aesthetic head and marks which pass the threshold."""
+
+    stage = "aesthetic"
+
+
+class NsfwOperator(RowGroupStageOperator):
+    """Scores embeddings with the LAION NSFW head and marks which pass the threshold."""
+
+    stage = "nsfw"
+
+
+class WriteOperator(RowGroupStageOperator):
+    """Writes the kept records of a partition as WebDataset tars plus Parquet (stage ``output``)."""
+
+    stage = "output"
+
+
+class DedupOperator(CurationOperator):
+    """Semantic dedup over every partition's kept embeddings (needs all partitions' nsfw done)."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from winnow import pipeline
+
+        cfg = self.curation_config(context)
+        with engine_errors():
+            result = pipeline.run_dedup(cfg, log=self.log.info)
+        self.log.info("dedup: %s", result)
+        return result
+
+
+class ReportOperator(CurationOperator):
+    """Writes ``<run_root>/_summary.json`` and returns it; attaches its counts to the outlet event.
+
+    :param partition_task_ids: the per-partition tasks whose XCom summaries say how many row
+        groups this run computed versus skipped (one small dict per map index).
+    """
+
+    def __init__(self, *, partition_task_ids: list[str] | tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.partition_task_ids = list(partition_task_ids)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from winnow import pipeline
+
+        cfg = self.curation_config(context)
+        pulled = context["ti"].xcom_pull(task_ids=self.partition_task_ids) if self.partition_task_ids else []
+        summaries = [s for s in pulled or [] if isinstance(s, dict) and "stage" in s]
+        with engine_errors():
+            summary = pipeline.run_report(cfg, summaries)
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = {"run_root": cfg.run_root, **_counts(summary)}
+        self.log.info("report: %s", summary)
+        return summary
+
+
+def _counts(summary: dict[str, Any]) -> dict[str, Any]:
+    """Flat numbers only: asset event extras should stay small."""
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
