@@ -1,0 +1,426 @@
+"""Semantic dedup (SemDeDup) over the whole run: spherical k-means on the embeddings of records
+that passed the filters, then within each cluster drop members too close to a higher-ranked one.
+
+Rule, per cluster: members are ranked by distance to the centroid, farthest first (ties by
+record_id); member j is a duplicate when its cosine similarity to some higher-ranked member is
+>= 1 - eps, and ``duplicate_of`` is the highest-ranked such member (which may itself be a
+duplicate of another). Nothing is ever n x n: k-means works in row chunks against the k
+centroids, and a cluster's pairwise similarities are computed in ``block_size`` square tiles.
+
+Clusters are the unit of parallel work: :func:`dedup_clusters` takes any subset of cluster ids,
+so a runner may farm them out (e.g. one Ray task per batch of clusters); :func:`run_dedup` runs
+them in-process.
+
+Memory: the candidate matrix is float16, ``2 * d`` bytes per record: 1.5 GiB per million
+ViT-L/14 (768-d) records, plus its record ids (8 MB per million) and O(chunk x max(k, d)) and
+O(block_size^2) float32 working sets (64 MiB each at the defaults). Reading the candidates
+briefly holds the per-row-group pieces and the joined matrix, so budget twice that at peak.
+
+Determinism: the same inputs, config and device type give the same duplicates bit for bit.
+CPU and CUDA may round similarities differently, so resume a partial run on the same kind
+of device as the run that started it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
+from winnow.rowgroups.errors import WinnowError
+from winnow.rowgroups.store import read_json, write_json
+from winnow.schemas import DEDUP
+from winnow.stages.embedding_io import embedding_matrix
+from winnow.stages.heads import resolve_device
+
+STAGE = "dedup"
+UPSTREAM = ("embed", "aesthetic", "nsfw")
+SUMMARY_FILE = "_summary.json"
+
+# Float32 elements of one k-means chunk's (rows x k) similarity and one-hot matrices: 64 MiB.
+_CHUNK_ELEMS = 1 << 24
+# k-means++ seeds on a sample of this many rows per cluster (all rows when there are fewer).
+_INIT_SAMPLE_PER_K = 32
+
+
+class DedupError(WinnowError):
+    """Dedup cannot run: upstream stages missing or inconsistent, or a bad config."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DedupConfig:
+    """:param eps: a member is a duplicate at cosine similarity >= 1 - eps to a higher-ranked
+        member of its cluster (0 <= eps < 2; 0 drops exact copies only).
+    :param n_clusters: k-means clusters; 0 picks round(sqrt(candidates)).
+    :param seed: seed of the k-means initialisation.
+    :param max_iter: k-means iterations at most (it stops earlier once assignments settle).
+    :param device: ``"auto"`` (CUDA where there is one), ``"cpu"``, ``"cuda:0"``...
+    :param block_size: side of the pairwise similarity tiles; memory only, not output.
+    """
+
+    eps: float = 0.05
+    n_clusters: int = 0
+    seed: int = 0
+    max_iter: int = 50
+    device: str = "auto"
+    block_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eps < 2.0:
+            raise DedupError(f"eps must be in [0, 2) (cosine similarity >= 1 - eps), got {self.eps}")
+        if self.n_clusters < 0:
+            raise DedupError(f"n_clusters must be >= 0 (0 = auto), got {self.n_clusters}")
+        if self.max_iter < 1:
+            raise DedupError(f"max_iter must be >= 1, got {self.max_iter}")
+        if self.block_size < 1:
+            raise DedupError(f"block_size must be >= 1, got {self.block_size}")
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        """The knobs that change which records are duplicates."""
+        return {"eps": self.eps, "n_clusters": self.n_clusters, "seed": self.seed, "max_iter": self.max_iter}
+
+
+def auto_clusters(n: int) -> int:
+    """round(sqrt(n)), at least 1: clusters of ~sqrt(n) members keep every pairwise tile small."""
+    return max(1, round(math.sqrt(n)))
+
+
+def _chunk_rows(k: int, d: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(k, d))
+
+
+def _assign(
+    x: torch.Tensor, centroids: torch.Tensor, *, with_sums: bool, chunk_rows: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Nearest centroid (max cosine) of every row, plus per-cluster sums and counts of rows."""
+    n, k = x.shape[0], centroids.shape[0]
+    assignment = torch.empty(n, dtype=torch.int64, device=x.device)
+    sums = torch.zeros_like(centroids) if with_sums else None
+    counts = torch.zeros(k, dtype=torch.float32, device=x.device) if with_sums else None
+    for start in range(0, n, chunk_rows):
+        xc = torch.nn.functional.normalize(x[start : start + chunk_rows].float(), dim=1)
+        a = (xc @ centroids.T).argmax(dim=1)
+        assignment[start : start + len(xc)] = a
+        if with_sums:
+            # A one-hot matmul, not index_add_: CUDA's index_add_ sums in a racy order, which
+            # would make the centroids (and so the duplicates) differ from run to run.
+            onehot = torch.zeros(len(xc), k, dtype=torch.float32, device=x.device)
+            onehot.scatter_(1, a[:, None], 1.0)
+            sums += onehot.T @ xc
+            counts += onehot.sum(dim=0)
+    return assignment, sums, counts
+
+
+def _kmeanspp_init(x: torch.Tensor, k: int, *, seed: int) -> torch.Tensor:
+    """k-means++ seeding (cosine distance) on a seeded sample of at most ``_INIT_SAMPLE_PER_K * k``
+    rows: it spreads the initial centroids over the data, so separated groups are not merged,
+    at a cost of ``k`` passes over the sample (not over all n rows)."""
+    n = x.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(n, generator=generator)[: min(n, _INIT_SAMPLE_PER_K * k)]
+    xs = torch.nn.functional.normalize(x[sample.to(x.device)].float(), dim=1)
+    chosen = [int(torch.randint(len(xs), (1,), generator=generator))]
+    # Squared chord distance to the nearest chosen centroid, up to a factor 2: 1 - cos.
+    dist = (1.0 - xs @ xs[chosen[0]]).clamp_min(0.0)
+    for _ in range(1, k):
+        weights = dist.double().cpu()
+        if float(weights.sum()) > 0.0:
+            nxt = int(torch.multinomial(weights, 1, generator=generator))
+        else:  # every sampled row sits on a chosen centroid: take the first unused row
+            used = set(chosen)
+            nxt = next(i for i in range(len(xs)) if i not in used)
+        chosen.append(nxt)
+        dist = torch.minimum(dist, (1.0 - xs @ xs[nxt]).clamp_min(0.0))
+    return xs[torch.tensor(chosen, device=xs.device)]
+
+
+def spherical_kmeans(
+    x: torch.Tensor, k: int, *, seed: int, max_iter: int, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means on the unit sphere (cosine similarity); returns ``(centroids (k, d) float32,
+    assignment (n,) int64)`` on ``x``'s device. Deterministic for a seed: the initial centroids
+    are ``k`` distinct rows drawn by a seeded CPU generator. An empty cluster keeps its previous
+    centroid. Memory beyond ``x``: ``chunk_rows x max(k, d)`` floats.
+
+    >>> x = torch.nn.functional.normalize(torch.tensor([[1., 0.], [.9, .1], [0., 1.], [.1, .9]]), dim=1)
+    >>> _, a = spherical_kmeans(x, 2, seed=0, max_iter=10)
+    >>> bool(a[0] == a[1]) and bool(a[2] == a[3]) and bool(a[0] != a[2])
+    True
+    """
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise DedupError(f"k-means needs 1 <= k <= n, got k={k} for n={n} rows")
+    chunk_rows = chunk_rows or _chunk_rows(k, d)
+    centroids = _kmeanspp_init(x, k, seed=seed)
+    assignment: torch.Tensor | None = None
+    settled = False
+    for _ in range(max_iter):
+        new_assignment, sums, counts = _assign(x, centroids, with_sums=True, chunk_rows=chunk_rows)
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            settled = True
+            break
+        assignment = new_assignment
+        centroids = torch.where((counts > 0)[:, None], torch.nn.functional.normalize(sums, dim=1), centroids)
+    if not settled:
+        # Centroids moved after the last assignment: assign once more so the two agree.
+        assignment, _, _ = _assign(x, centroids, with_sums=False, chunk_rows=chunk_rows)
+    return centroids, assignment
+
+
+@dataclass
+class DedupResult:
+    """Duplicates found in some clusters: ``record_id[i]`` duplicates ``duplicate_of[i]``."""
+
+    record_id: np.ndarray
+    duplicate_of: np.ndarray
+    clusters: int = 0  # non-empty clusters processed
+    largest_block: int = 0  # most similarity entries held at once (rows x cols of one tile)
+
+    @staticmethod
+    def merge(parts: Iterable["DedupResult"]) -> "DedupResult":
+        parts = list(parts)
+        return DedupResult(
+            record_id=np.concatenate([p.record_id for p in parts] or [np.empty(0, np.int64)]),
+            duplicate_of=np.concatenate([p.duplicate_of for p in parts] or [np.empty(0, np.int64)]),
+            clusters=sum(p.clusters for p in parts),
+            largest_block=max([p.largest_block for p in parts] or [0]),
+        )
+
+
+def dedup_cluster(
+    members: torch.Tensor, record_ids: np.ndarray, centroid: torch.Tensor, *, eps: float, block_size: int = 4096
+) -> DedupResult:
+    """Duplicates inside one cluster (see the module docstring for the rule).
+
+    ``members`` are the cluster's embeddings ``(m, d)``, ``record_ids`` their ids ``(m,)``.
+    Similarities are computed in ``block_size x block_size`` tiles, row block by row block; a
+    row block scans column blocks from the top rank down and stops once every row found its
+    first (highest-ranked) near member.
+    """
+    m = members.shape[0]
+    record_ids = np.asarray(record_ids, dtype=np.int64)
+    if m < 2:
+        return DedupResult(np.empty(0, np.int64), np.empty(0, np.int64), clusters=int(m > 0))
+    emb = torch.nn.functional.normalize(members.float(), dim=1)
+    to_centroid = (emb @ centroid.float()).cpu().numpy()
+    # Farthest from the centroid first (lowest similarity), ties broken by record_id.
+    rank = np.lexsort((record_ids, to_centroid))
+    emb = emb[torch.from_numpy(rank).to(emb.device)]
+    ranked_ids = record_ids[rank]
+    threshold = 1.0 - eps
+    first_near = np.full(m, -1, dtype=np.int64)
+    largest = 0
+    for r0 in range(0, m, block_size):
+        r1 = min(r0 + block_size, m)
+        rows = torch.arange(r0, r1, device=emb.device)[:, None]
+        found = torch.full((r1 - r0,), -1, dtype=torch.int64, device=emb.device)
+        # Only columns ranked above a row matter, so column blocks stop at the row block's end.
+        for c0 in range(0, r1, block_size):
+            c1 = min(c0 + block_size, r1)
+            sims = emb[r0:r1] @ emb[c0:c1].T
+            largest = max(largest, sims.numel())
+            cols = torch.arange(c0, c1, device=emb.device)[None, :]
+            near = (sims >= threshold) & (cols < rows)
+            hit = near.any(dim=1)
+            # argmax of 0/1 gives the first 1: the highest-ranked near member in this tile.
+            first = near.to(torch.uint8).argmax(dim=1) + c0
+            new = hit & (found < 0)
+            found = torch.where(new, first, found)
+            if bool((found >= 0).all()):
+                break
+        first_near[r0:r1] = found.cpu().numpy()
+    dup = first_near >= 0
+    return DedupResult(
+        record_id=ranked_ids[dup],
+        duplicate_of=ranked_ids[first_near[dup]],
+        clusters=1,
+        largest_block=largest,
+    )
+
+
+def dedup_clusters(
+    x: torch.Tensor | np.ndarray,
+    record_ids: np.ndarray,
+    centroids: torch.Tensor,
+    assignment: torch.Tensor,
+    *,
+    eps: float,
+    clusters: Iterable[int] | None = None,
+    block_size: int = 4096,
+) -> DedupResult:
+    """Run :func:`dedup_cluster` over the given cluster ids (all when None).
+
+    ``x`` (n, d) and ``record_ids`` (n,) are the candidates, ``assignment`` their cluster ids
+    from :func:`spherical_kmeans`. Results do not depend on how clusters are split between
+    calls, so callers may farm disjoint subsets out and :meth:`DedupResult.merge` them.
+    """
+    x = torch.as_tensor(x)
+    record_ids = np.asarray(record_ids, dtype=np.int64)
+    assignment_cpu = torch.as_tensor(assignment).cpu()
+    k = centroids.shape[0]
+    order = torch.argsort(assignment_cpu, stable=True)
+    offsets = np.concatenate([[0], np.cumsum(torch.bincount(assignment_cpu, minlength=k).numpy())])
+    parts = []
+    for c in range(k) if clusters is None else clusters:
+        idx = order[offsets[c] : offsets[c + 1]]
+        if len(idx) == 0:
+            continue
+        members = x[idx.to(x.device)]
+        parts.append(
+            dedup_cluster(members, record_ids[idx.numpy()], centroids[c].to(x.device), eps=eps, block_size=block_size)
+        )
+    return DedupResult.merge(parts)
+
+
+# ---- the whole run ----------------------------------------------------------------------
+
+
+def ensure_dedup_stage(store: CommitStore, plan: RowGroupPlan, config: DedupConfig, *, overwrite: bool = False) -> StageFingerprint:
+    """Check or record dedup's fingerprint (config + upstream digests + plan)."""
+    upstream = {}
+    for stage in UPSTREAM:
+        stored = store.read_fingerprint(stage)
+        if stored is None or "digest" not in stored:
+            raise DedupError(
+                f"stage {stage!r} has no {store.stage_dir(stage)}/_stage.json: run it over the whole "
+                "input before dedup"
+            )
+        upstream[stage] = stored["digest"]
+    fingerprint = StageFingerprint(
+        stage=STAGE,
+        config=config.fingerprint_config(),
+        upstream=upstream,
+        num_records=plan.num_records,
+        buffer_size=plan.buffer_size,
+    )
+    store.ensure_stage(fingerprint, overwrite=overwrite)
+    return fingerprint
+
+
+def _same_ids(where: str, a: pa.ChunkedArray, b: pa.ChunkedArray) -> None:
+    if not a.equals(b):
+        raise DedupError(
+            f"{where}: record ids differ between stages (embed vs a filter stage); the stages were "
+            "computed from different indexes. Recompute the filter stages with overwrite=true."
+        )
+
+
+def read_candidates(store: CommitStore, plan: RowGroupPlan) -> tuple[np.ndarray, np.ndarray]:
+    """``(record_ids int64 (c,), embeddings float16 (c, d))`` of records with an embedding that
+    passed both filters, in record-id order."""
+    ids, mats = [], []
+    for rg in range(plan.num_row_groups):
+        p = plan.partition_of(rg)
+        embed = store.read_table("embed", p, rg, columns=["record_id", "embedding"])
+        aesthetic = store.read_table("aesthetic", p, rg, columns=["record_id", "aesthetic_keep"])
+        nsfw = store.read_table("nsfw", p, rg, columns=["record_id", "nsfw_keep"])
+        _same_ids(f"row group {rg}", embed.column("record_id"), aesthetic.column("record_id"))
+        _same_ids(f"row group {rg}", embed.column("record_id"), nsfw.column("record_id"))
+        valid, matrix = embedding_matrix(embed.column("embedding"), where=f"stage 'embed' row group {rg}")
+        keep = (
+            aesthetic.column("aesthetic_keep").fill_null(False).to_numpy()
+            & nsfw.column("nsfw_keep").fill_null(False).to_numpy()
+        )
+        record_ids = embed.column("record_id").to_numpy()
+        ids.append(record_ids[valid & keep])
+        mats.append(matrix[keep[valid]])
+    if not ids:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float16)
+    return np.concatenate(ids).astype(np.int64), np.concatenate(mats)
+
+
+def find_duplicates(record_ids: np.ndarray, embeddings: np.ndarray, config: DedupConfig) -> DedupResult:
+    """Cluster the candidates and dedup every cluster in-process."""
+    n = len(record_ids)
+    if n == 0:
+        return DedupResult(np.empty(0, np.int64), np.empty(0, np.int64))
+    device = resolve_device(config.device)
+    x = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
+    k = min(config.n_clusters or auto_clusters(n), n)
+    centroids, assignment = spherical_kmeans(x, k, seed=config.seed, max_iter=config.max_iter)
+    return dedup_clusters(x, record_ids, centroids, assignment, eps=config.eps, block_size=config.block_size)
+
+
+def dedup_table(record_ids: np.ndarray, duplicates: DedupResult) -> pa.Table:
+    """One row group's ``DEDUP`` table: every record, duplicate false unless found."""
+    order = np.argsort(duplicates.record_id)
+    dup_sorted, of_sorted = duplicates.record_id[order], duplicates.duplicate_of[order]
+    is_dup = np.zeros(len(record_ids), dtype=bool)
+    of = np.zeros(len(record_ids), dtype=np.int64)
+    if len(dup_sorted):
+        pos = np.minimum(np.searchsorted(dup_sorted, record_ids), len(dup_sorted) - 1)
+        is_dup = dup_sorted[pos] == record_ids
+        of = of_sorted[pos]
+    return pa.table(
+        {
+            "record_id": pa.array(record_ids, pa.int64()),
+            "duplicate": pa.array(is_dup, pa.bool_()),
+            "duplicate_of": pa.array(of, pa.int64(), mask=~is_dup),
+        },
+        schema=DEDUP,
+    )
+
+
+def _missing_row_groups(store: CommitStore, plan: RowGroupPlan) -> list[tuple[int, int]]:
+    missing = []
+    for p in range(plan.num_partitions):
+        done = store.completed(STAGE, p, clean_temp=True)
+        missing.extend((p, rg) for rg in plan.partition_row_groups(p) if rg not in done)
+    return missing
+
+
+def _count_committed(store: CommitStore, plan: RowGroupPlan) -> dict[str, Any]:
+    duplicates = candidates = 0
+    for rg in range(plan.num_row_groups):
+        p = plan.partition_of(rg)
+        duplicates += store.read_table(STAGE, p, rg, columns=["duplicate"]).column("duplicate").to_numpy().sum()
+        a = store.read_table("aesthetic", p, rg, columns=["aesthetic_keep"]).column("aesthetic_keep")
+        n = store.read_table("nsfw", p, rg, columns=["nsfw_keep"]).column("nsfw_keep")
+        candidates += (a.fill_null(False).to_numpy() & n.fill_null(False).to_numpy()).sum()
+    return {"candidates": int(candidates), "duplicates": int(duplicates), "clusters": None}
+
+
+def run_dedup(
+    run_root: str,
+    plan: RowGroupPlan,
+    config: DedupConfig,
+    *,
+    log: Callable[[str], Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Dedup a whole run and commit one ``DEDUP`` table per row group to stage ``dedup``.
+
+    Resumable: when every row group is committed it computes nothing and returns the stored
+    counts; otherwise it recomputes (deterministically) and commits only the missing row groups.
+    Returns ``{"candidates", "duplicates", "clusters", "seconds", "committed"}``.
+    """
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    store = CommitStore(run_root)
+    fingerprint = ensure_dedup_stage(store, plan, config, overwrite=overwrite)
+    missing = _missing_row_groups(store, plan)
+    summary_path = store.path(STAGE, SUMMARY_FILE)
+    if not missing:
+        stored = read_json(store.fs, summary_path)
+        if stored is None or stored.get("digest") != fingerprint.digest:
+            stored = _count_committed(store, plan)
+        counts = {k: stored[k] for k in ("candidates", "duplicates", "clusters")}
+        say(f"dedup: all {plan.num_row_groups} row groups already committed; nothing to do")
+        return {**counts, "seconds": time.perf_counter() - t0, "committed": 0}
+
+    record_ids, embeddings = read_candidates(store, plan)
+    say(f"dedup: {len(record_ids)} candidates read in {time.perf_counter() - t0:.1f}s; clustering")
+    found = find_duplicates(record_ids, embeddings, config)
+    say(f"dedup: {len(found.record_id)} duplicates in {found.clusters} clusters; committing {len(missing)} row groups")
+    for p, rg in missing:
+        ids = store.read_table("embed", p, rg, columns=["record_id"]).column("record_id").to_numpy()
+        store.commit_table(STAGE, p, rg, dedup_table(ids.astype(np.int64), found))
+    counts = {"candidates": int(len(record_ids)), "duplicates": int(len(found.record_id)), "clusters": found.clusters}
+    write_json(store.fs, summary_path, {**counts, "digest": fingerprint.digest})
+    return {**counts, "seconds": time.perf_counter() - t0, "committed": len(missing)}
