@@ -11,6 +11,7 @@ byte-identical for one seed (fixed tar mtimes, owners and member order).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -55,16 +56,16 @@ def _picture(seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     r = random.Random(seed)
     w, h = r.randint(48, 512), r.randint(48, 512)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)  # float32 throughout: 2x faster than float64
     angle = r.uniform(0, 2 * np.pi)
     t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1.0) / 2.0
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
     img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
     if r.random() < 0.6:  # a sinusoidal stripe field of random frequency and direction
         fx, fy = rng.uniform(-0.3, 0.3, 2)
         stripes = np.sin(xx * fx + yy * fy + r.uniform(0, 6.3))
-        img += stripes[..., None] * rng.uniform(-80, 80, 3)[None, None, :]
-    img += rng.normal(0, r.uniform(0, 40), img.shape)  # noise of random strength
+        img += stripes[..., None] * rng.uniform(-80, 80, 3).astype(np.float32)[None, None, :]
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(r.uniform(0, 40))  # noise
     pic = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(pic)
     for _ in range(r.randint(1, 8)):
@@ -100,12 +101,13 @@ def _encode(pic: Image.Image, fmt: str, mode: str, quality: int) -> bytes:
     if fmt in ("jpg", "jpeg"):
         img.save(out, "JPEG", quality=quality)
     elif fmt == "png":
-        img.save(out, "PNG", compress_level=6)
+        img.save(out, "PNG", compress_level=1)
     else:
         img.save(out, "WEBP", quality=quality, method=0)
     return out.getvalue()
 
 
+@functools.lru_cache(maxsize=4)
 def decompression_bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     """A valid 1-bit greyscale PNG that declares ``width x height`` pixels in ~100 KB: decoders
     that skip the pixel-count check would allocate about ``width*height`` bytes."""
