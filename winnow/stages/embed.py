@@ -1,0 +1,234 @@
+"""The embed stage: decode each record's image and embed it with an open_clip image tower.
+
+Output per row group: record_id, key, an L2-normalised float16 embedding (null when the image
+could not be decoded) and the decode error. An undecodable image is data, never a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from winnow.schemas import embed_schema, embedding_type
+from winnow.stages.base import RowGroupTask
+from winnow.stages.decode import DECODE_BACKENDS, DEFAULT_MAX_PIXELS, BatchDecoder, make_batch_decoder, normalize_batch
+from winnow.stages.models import LoadedModel, ModelSpec, load_image_model, validate_model_spec
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+#: What ``precision="auto"`` means, as recorded in the stage fingerprint.
+AUTO_PRECISION = "auto: bf16 autocast on CUDA, fp32 on CPU"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """Knobs of the embed stage.
+
+    :param model: open_clip model name (``ViT-L-14-quickgelu``: the LAION heads expect it).
+    :param pretrained: weights file path, a tag looked up in ``model_dir``, or ``random``.
+    :param model_dir: folder holding ``<model>/<tag>.pt`` (else env ``WINNOW_MODEL_DIR``).
+    :param allow_random_weights: permit ``pretrained="random"`` (tests only).
+    :param batch_size: images per model call.
+    :param decode_backend: ``auto``, ``dali-gpu``, ``dali-cpu`` or ``pillow``.
+    :param device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+    :param precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+    :param max_pixels: images declaring more pixels are refused as decompression bombs.
+    :param decode_threads: CPU threads for decoding.
+    """
+
+    model: str = "ViT-L-14-quickgelu"
+    pretrained: str = "openai"
+    model_dir: str | None = None
+    allow_random_weights: bool = False
+    batch_size: int = 64
+    decode_backend: str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise ValueError(f"decode_backend must be one of {', '.join(DECODE_BACKENDS)}, got {self.decode_backend!r}")
+        if not _DEVICE.match(str(self.device)):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
+        if not isinstance(self.decode_threads, int) or self.decode_threads < 1:
+            raise ValueError(f"decode_threads must be a positive integer, got {self.decode_threads!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for but CUDA is not available here; use device='auto' or 'cpu'")
+    return torch.device(device)
+
+
+class EmbedStage:
+    """Decode + open_clip image embeddings, one row group at a time.
+
+    The model name and weights are checked when the stage is made (cheap, no model built), so a
+    bad parameter fails before any worker starts; ``setup`` loads the model once per worker.
+    """
+
+    name: ClassVar[str] = "embed"
+    uses_model: ClassVar[bool] = True
+    upstream: ClassVar[tuple[str, ...]] = ("index",)
+
+    def __init__(self, config: EmbedConfig) -> None:
+        self.config = config
+        self.spec: ModelSpec = validate_model_spec(
+            config.model, config.pretrained, config.model_dir, config.allow_random_weights
+        )
+        self._loaded: LoadedModel | None = None
+        self._decoder: BatchDecoder | None = None
+        self._device: torch.device | None = None
+
+    # Workers receive the stage pickled; models and DALI pipelines are rebuilt by setup().
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "spec": self.spec}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._loaded, self._decoder, self._device = None, None, None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def output_schema(self) -> pa.Schema:
+        return embed_schema(self.embed_dim)
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        # Device, batch size and decode threads do not change output; precision can.
+        return {
+            "model": self.spec.model_name,
+            "weights_digest": self.spec.weights_digest(),
+            "embed_dim": self.spec.embed_dim,
+            "preprocess": self.spec.preprocess.to_dict(),
+            "precision": AUTO_PRECISION if self.config.precision == "auto" else self.config.precision,
+            "max_pixels": self.config.max_pixels,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = resolve_device(self.config.device)
+        return self._device
+
+    @property
+    def decode_backend(self) -> str:
+        """The backend actually in use (``auto`` resolved); loads the model if needed."""
+        self.setup()
+        assert self._decoder is not None
+        return self._decoder.backend
+
+    def setup(self) -> None:
+        if self._loaded is not None:
+            return
+        cfg = self.config
+        device = self.device
+        self._loaded = load_image_model(
+            cfg.model,
+            cfg.pretrained,
+            device=str(device),
+            model_dir=cfg.model_dir,
+            allow_random_weights=cfg.allow_random_weights,
+        )
+        self._decoder = make_batch_decoder(
+            cfg.decode_backend,
+            self._loaded.preprocess,
+            max_batch_size=cfg.batch_size,
+            num_threads=cfg.decode_threads,
+            max_pixels=cfg.max_pixels,
+            device_id=(device.index or 0) if device.type == "cuda" else None,
+            # auto never decodes on a GPU the model is not on.
+            allow_gpu_decode=device.type == "cuda",
+        )
+        logger.info(
+            "embed: %s (%s, %d-d) on %s, precision %s, decode %s",
+            cfg.model, self._loaded.weights_digest, self._loaded.embed_dim, device,
+            self._autocast_dtype() or torch.float32, self._decoder.backend,
+        )
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        precision = self.config.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def embed_images(self, images: list[bytes | None]) -> tuple[np.ndarray, list[str | None]]:
+        """Embeddings ``(n, D)`` float16, L2-normalised, NaN rows where ``errors[i]`` is set.
+
+        ``errors[i]`` is ``"undecodable: <reason>"`` for an image that could not be decoded.
+        """
+        self.setup()
+        assert self._loaded is not None and self._decoder is not None
+        model, preprocess = self._loaded.model, self._loaded.preprocess
+        device, amp_dtype = self.device, self._autocast_dtype()
+        out = np.full((len(images), self.embed_dim), np.nan, dtype=np.float16)
+        errors: list[str | None] = [None] * len(images)
+        pending: list[tuple[list[int], torch.Tensor]] = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.config.batch_size):
+                chunk = images[start : start + self.config.batch_size]
+                batch = self._decoder.decode(chunk)
+                for j, err in enumerate(batch.errors):
+                    if err is not None:
+                        errors[start + j] = f"undecodable: {err}"
+                if not batch.index:
+                    continue
+                pixels = batch.pixels
+                if pixels.device != device:
+                    # Pinned memory lets the copy overlap the previous batch's compute.
+                    if device.type == "cuda":
+                        pixels = pixels.pin_memory()
+                    pixels = pixels.to(device, non_blocking=True)
+                x = normalize_batch(pixels, preprocess)
+                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                with autocast:
+                    features = model.encode_image(x)
+                features = torch.nn.functional.normalize(features.float(), dim=-1).to(torch.float16)
+                # Kept on device until the end so the next batch decodes while this one computes.
+                pending.append(([start + i for i in batch.index], features))
+        for rows, features in pending:
+            out[rows] = features.cpu().numpy()
+        return out, errors
+
+    def embed_table(self, record_ids: pa.Array, keys: pa.Array, images: list[bytes | None]) -> pa.Table:
+        """The stage's output table for these records."""
+        embeddings, errors = self.embed_images(images)
+        undecodable = np.array([e is not None for e in errors], dtype=bool)
+        values = pa.array(embeddings.reshape(-1), type=pa.float16())
+        column = pa.FixedSizeListArray.from_arrays(values, self.embed_dim, mask=pa.array(undecodable))
+        assert column.type == embedding_type(self.embed_dim)
+        return pa.Table.from_arrays(
+            [record_ids, keys, column, pa.array(errors, type=pa.string())], schema=self.output_schema()
+        )
+
+    def process(self, task: RowGroupTask) -> pa.Table:
+        from winnow.data.reader import read_members
+
+        index = task.store().read_table("index", task.partition, task.row_group)
+        images = read_members(index, "image")
+        table = self.embed_table(index.column("record_id").combine_chunks(), index.column("key").combine_chunks(), images)
+        undecodable = table.num_rows - table.column("error").null_count
+        if undecodable:
+            logger.info("embed row group %d: %d of %d images undecodable", task.row_group, undecodable, table.num_rows)
+        return table
+

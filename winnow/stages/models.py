@@ -1,0 +1,348 @@
+"""open_clip image towers for the embed stage: model-name and weights resolution, loading, digests.
+
+Weights come only from local files (a path, or a tag looked up in a model directory); nothing is
+downloaded. Random weights exist for tests and are refused in a real run unless asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from winnow.rowgroups.errors import WinnowError
+
+logger = logging.getLogger(__name__)
+
+#: Folder of the model configs shipped with winnow (registered with open_clip on first use).
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+#: The tiny test config: a 2-layer ViT on 32x32 inputs with the 768-d output the LAION heads take.
+TINY_MODEL = "winnow-tiny-vit"
+#: Environment variable naming the model directory when no ``model_dir`` is given.
+MODEL_DIR_ENV = "WINNOW_MODEL_DIR"
+#: Weight file extensions, in lookup order.
+WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".bin", ".pth")
+#: File names open_clip / the HF hub use inside a per-tag folder, in lookup order.
+HUB_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+_RANDOM = re.compile(r"^random(?::(\d+))?$")
+_registered = False
+_register_lock = threading.Lock()
+
+
+class ModelError(WinnowError):
+    """The model name, weights or model directory given for the embed stage cannot be used."""
+
+
+def register_model_configs() -> None:
+    """Add winnow's shipped configs (``winnow-tiny-vit``) to open_clip's registry; idempotent."""
+    global _registered
+    if _registered:
+        return
+    with _register_lock:
+        if _registered:
+            return
+        import open_clip
+
+        if TINY_MODEL not in open_clip.list_models():
+            open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes the model's input, as open_clip's eval transform does it."""
+
+    size: int | tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    @classmethod
+    def from_open_clip(cls, cfg: dict[str, Any]) -> PreprocessConfig:
+        size = cfg["size"]
+        size = int(size) if isinstance(size, int) else tuple(int(s) for s in size)
+        if isinstance(size, tuple) and size[0] == size[1]:
+            size = size[0]
+        return cls(
+            size=size,
+            mean=tuple(float(m) for m in cfg["mean"]),
+            std=tuple(float(s) for s in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+            fill_color=int(cfg.get("fill_color", 0)),
+        )
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["size"] = list(self.height_width)
+        out["mean"] = list(self.mean)
+        out["std"] = list(self.std)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model name and weights that were checked to be loadable, without building the model."""
+
+    model_name: str
+    pretrained: str
+    weights_path: str | None  # None only for random weights
+    random_seed: int | None
+    embed_dim: int
+    preprocess: PreprocessConfig
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights_path is None
+
+    def weights_digest(self) -> str:
+        """sha256 of the weights file (cached per path, size and mtime), or ``random-seed<k>``."""
+        if self.weights_path is None:
+            return f"random-seed{self.random_seed}"
+        return file_sha256(self.weights_path)
+
+
+class ImageTower(nn.Module):
+    """The image half of a CLIP model; the text tower is dropped to save memory."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(images)
+
+
+@dataclass
+class LoadedModel:
+    """An image tower ready for ``encode_image``, with what produced it."""
+
+    model: ImageTower
+    preprocess: PreprocessConfig
+    embed_dim: int
+    weights_digest: str
+    spec: ModelSpec = field(repr=False)
+
+
+_digest_cache: dict[tuple[str, int, int], str] = {}
+_digest_lock = threading.Lock()
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex of a file; cached per (path, size, mtime) so a model is hashed once per process."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    with _digest_lock:
+        cached = _digest_cache.get(key)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = f"sha256:{h.hexdigest()}"
+    with _digest_lock:
+        _digest_cache[key] = digest
+    return digest
+
+
+def _model_config(model_name: str) -> dict[str, Any]:
+    import open_clip
+
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name) if "/" not in model_name else None
+    if cfg is None:
+        known = open_clip.list_models()
+        close = difflib.get_close_matches(model_name, known, n=5, cutoff=0.5)
+        examples = close or ["ViT-L-14-quickgelu", "ViT-B-32", TINY_MODEL]
+        raise ModelError(
+            f"unknown model {model_name!r} (param 'model'): open_clip has no config by that name. "
+            f"Close or common names: {', '.join(examples)}. open_clip lists {len(known)} models "
+            "(open_clip.list_models())."
+        )
+    return cfg
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return (
+        os.sep in pretrained
+        or "/" in pretrained
+        or pretrained.startswith("~")
+        or pretrained.lower().endswith(WEIGHT_EXTENSIONS)
+    )
+
+
+def tag_candidates(model_dir: str, model_name: str, tag: str) -> list[str]:
+    """Where a weights tag is looked up inside a model directory, in order."""
+    base = Path(model_dir).expanduser()
+    out = [str(base / model_name / f"{tag}{ext}") for ext in WEIGHT_EXTENSIONS]
+    out += [str(base / model_name / tag / name) for name in HUB_FILE_NAMES]
+    out += [str(base / f"{model_name}-{tag}{ext}") for ext in WEIGHT_EXTENSIONS]
+    return out
+
+
+def _tag_source_hint(tag_cfg: dict[str, Any]) -> str:
+    sources = [s for s in (tag_cfg.get("url"), tag_cfg.get("hf_hub")) if s]
+    if not sources:
+        return ""
+    return " The published weights for this tag are at: " + " or HF hub ".join(sources) + "."
+
+
+def _resolve_weights(
+    model_name: str, model_cfg: dict[str, Any], pretrained: str, model_dir: str | None
+) -> tuple[str, dict[str, Any]]:
+    """(weights file, open_clip pretrained cfg of the tag or {}) for a path or a tag."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if _looks_like_path(pretrained):
+        path = os.path.expanduser(pretrained)
+        if not os.path.isfile(path):
+            raise ModelError(
+                f"weights file {path!r} (param 'pretrained') does not exist. Give the path of a "
+                f"local open_clip checkpoint for {model_name} ({', '.join(WEIGHT_EXTENSIONS)}), or a "
+                f"tag such as 'openai' together with a model directory ({MODEL_DIR_ENV})."
+            )
+        return path, {}
+
+    tag_cfg = get_pretrained_cfg(model_name, pretrained)
+    # open_clip only warns on this mismatch; the embeddings would be silently wrong, so refuse.
+    if tag_cfg and bool(tag_cfg.get("quick_gelu", False)) != bool(model_cfg.get("quick_gelu", False)):
+        suggestion = f"{model_name}-quickgelu" if tag_cfg.get("quick_gelu") else model_name.removesuffix("-quickgelu")
+        raise ModelError(
+            f"weights tag {pretrained!r} was trained with quick_gelu={bool(tag_cfg.get('quick_gelu'))} "
+            f"but model {model_name!r} uses quick_gelu={bool(model_cfg.get('quick_gelu', False))}: the "
+            f"embeddings would be silently off. Use model {suggestion!r}."
+        )
+    folder = model_dir or os.environ.get(MODEL_DIR_ENV)
+    if not folder:
+        raise ModelError(
+            f"pretrained={pretrained!r} is a weights tag for {model_name}, but no model directory "
+            f"is set: pass model_dir (param 'model_dir') or set {MODEL_DIR_ENV} to a folder that "
+            f"holds {model_name}/{pretrained}.pt (or .safetensors/.bin), or give a file path as "
+            f"'pretrained'. Weights are never downloaded.{_tag_source_hint(tag_cfg)}"
+        )
+    candidates = tag_candidates(folder, model_name, pretrained)
+    for path in candidates:
+        if os.path.isfile(path):
+            return path, tag_cfg
+    import open_clip
+
+    known = open_clip.list_pretrained_tags_by_model(model_name)
+    known_note = f" Tags open_clip knows for {model_name}: {', '.join(known)}." if known else ""
+    raise ModelError(
+        f"no weights for model {model_name!r} tag {pretrained!r} in model directory {folder!r}. "
+        f"Looked at: {', '.join(candidates)}. Put the checkpoint at {candidates[1]} (or any of "
+        f"those names).{_tag_source_hint(tag_cfg)}{known_note}"
+    )
+
+
+def validate_model_spec(
+    model_name: str,
+    pretrained: str,
+    model_dir: str | None = None,
+    allow_random_weights: bool = False,
+) -> ModelSpec:
+    """Check a model name and weights without building the model (cheap; no hashing, no GPU).
+
+    >>> validate_model_spec("winnow-tiny-vit", "random", allow_random_weights=True).embed_dim
+    768
+    """
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = _model_config(model_name)
+    embed_dim = int(cfg["embed_dim"])
+    preprocess = merge_preprocess_dict(PreprocessCfg(), {})
+    preprocess["size"] = cfg["vision_cfg"].get("image_size", preprocess["size"])
+
+    random_match = _RANDOM.match(pretrained or "")
+    if random_match:
+        if not allow_random_weights:
+            raise ModelError(
+                f"pretrained={pretrained!r} asks for random weights for {model_name}: the embeddings "
+                "would be meaningless and every filter after them arbitrary. Give a weights file or "
+                "tag, or set allow_random_weights=true (param 'allow_random_weights') for a test run."
+            )
+        seed = int(random_match.group(1) or 0)
+        return ModelSpec(model_name, pretrained, None, seed, embed_dim, PreprocessConfig.from_open_clip(preprocess))
+
+    if not pretrained:
+        raise ModelError(
+            f"no weights given for {model_name} (param 'pretrained'): give a weights file path or a "
+            "tag such as 'openai' found in the model directory."
+        )
+    weights_path, tag_cfg = _resolve_weights(model_name, cfg, pretrained, model_dir)
+    preprocess = merge_preprocess_dict(preprocess, tag_cfg)
+    return ModelSpec(model_name, pretrained, weights_path, None, embed_dim, PreprocessConfig.from_open_clip(preprocess))
+
+
+def load_image_model(
+    model_name: str,
+    pretrained: str,
+    *,
+    device: str = "cpu",
+    model_dir: str | None = None,
+    allow_random_weights: bool = False,
+) -> LoadedModel:
+    """Build an open_clip model, load its weights from a local file, keep the image tower.
+
+    The model is in eval mode, fp32, on ``device``; bf16 is applied by the caller as autocast.
+    """
+    import open_clip
+
+    spec = validate_model_spec(model_name, pretrained, model_dir, allow_random_weights)
+    if spec.is_random:
+        logger.warning(
+            "embed model %s uses RANDOM weights (seed %d, allow_random_weights=true): embeddings "
+            "and every score computed from them are meaningless outside tests",
+            model_name,
+            spec.random_seed,
+        )
+        # Seeded on a forked RNG so loads are reproducible and the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.random_seed or 0)
+            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
+    else:
+        try:
+            clip = open_clip.create_model(
+                model_name,
+                pretrained=spec.weights_path,
+                device="cpu",
+                force_preprocess_cfg=spec.preprocess.to_dict() | {"size": spec.preprocess.size},
+            )
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file
+            raise ModelError(
+                f"could not load weights {spec.weights_path!r} into {model_name}: {exc}. Check that "
+                "the file is an open_clip/OpenAI checkpoint of this architecture."
+            ) from exc
+    preprocess = PreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(clip))
+    tower = ImageTower(clip.visual)
+    del clip  # drop the text tower
+    tower = tower.to(device).eval().requires_grad_(False)
+    return LoadedModel(
+        model=tower,
+        preprocess=preprocess,
+        embed_dim=spec.embed_dim,
+        weights_digest=spec.weights_digest(),
+        spec=spec,
+    )
+
