@@ -1,0 +1,208 @@
+"""Write stage: one WebDataset tar per row group holding the kept records' original bytes (image,
+``.txt``, ``.json``, copied, never re-encoded), plus the curated Parquet beside it; and the
+outcome counts of a run (records = undecodable + aesthetic_dropped + nsfw_dropped + duplicates + kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from winnow.data.reader import read_members
+from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups.errors import WinnowError
+from winnow.schemas import output_schema
+from winnow.stages.base import RowGroupTask
+
+STAGE = "output"
+#: Bumped when the tar layout changes, so old output is not mixed with new (fingerprint).
+TAR_FORMAT = "webdataset-v1"
+#: Fixed member mtime (2000-01-01T00:00:00Z): the tar's bytes depend on its records only.
+TAR_MTIME = 946684800
+
+
+class WriteError(WinnowError):
+    """A row group cannot be written: upstream row groups disagree on their records."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WriteConfig:
+    """:param mtime: modification time stamped on every tar member (bytes stay reproducible)."""
+
+    mtime: int = TAR_MTIME
+
+
+def member_key(key: str) -> str:
+    """The tar member key of a record: its ``__key__``, made safe to extract.
+
+    Rule (the only place it lives): split the key on ``/``, drop empty, ``.`` and ``..``
+    components (so no leading ``/`` and no way out of the extraction folder); if that changed
+    anything, append ``_`` and the first 12 hex digits of the key's sha256, so two unsafe keys
+    never collide with each other or with a safe key. A safe key is used unchanged. The original
+    key is always kept in the Parquet's ``key`` column.
+
+    >>> member_key("shard0/000123")
+    'shard0/000123'
+    >>> member_key("../../etc/passwd")
+    'etc/passwd_3754d6cb3a38'
+    """
+    parts = [c for c in key.split("/") if c not in ("", ".", "..")]
+    safe = "/".join(parts)
+    if safe == key and safe:
+        return key
+    return f"{safe}_{hashlib.sha256(key.encode('utf-8')).hexdigest()[:12]}"
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], mtime: int) -> bytes:
+    """A tar of ``(name, data)`` in the given order, with nothing that varies between runs."""
+    sink = io.BytesIO()
+    with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = mtime
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return sink.getvalue()
+
+
+def _decode(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def _aligned(index_ids: np.ndarray, table: pa.Table, stage: str, rg: int) -> pa.Table:
+    """``table``'s rows in the index's record order; fails when the record sets differ."""
+    ids = table.column("record_id").to_numpy()
+    if np.array_equal(ids, index_ids):
+        return table
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids[order], index_ids)
+    if len(ids) != len(index_ids) or not np.array_equal(ids[order][np.minimum(pos, len(ids) - 1)], index_ids):
+        raise WriteError(
+            f"row group {rg}: stage {stage!r} holds other records than the index ({len(ids)} rows "
+            f"vs {len(index_ids)}); it was computed from another index. Recompute stage {stage!r} "
+            "with overwrite=true."
+        )
+    return table.take(pa.array(order[pos]))
+
+
+class WriteStage:
+    """Row group -> ``output/p*/rg*.tar`` (committed here) and its ``output_schema`` table.
+
+    Kept = decoded, ``aesthetic_keep``, ``nsfw_keep`` and not ``duplicate``. Members are sorted
+    by record_id and named ``<member_key>.<image_ext>``, ``<member_key>.txt``,
+    ``<member_key>.json`` (see :func:`member_key`); a key repeated inside one row group (same
+    key in two shards) gets ``_r<record_id>`` appended from its second occurrence on.
+    """
+
+    name: ClassVar[str] = STAGE
+    uses_model: ClassVar[bool] = False
+    upstream: ClassVar[tuple[str, ...]] = ("embed", "aesthetic", "nsfw", "dedup")
+
+    def __init__(self, config: WriteConfig | None = None) -> None:
+        self.config = config or WriteConfig()
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        return {"format": TAR_FORMAT, "mtime": self.config.mtime}
+
+    def setup(self) -> None:
+        pass
+
+    def _joined(self, store: CommitStore, p: int, rg: int) -> pa.Table:
+        index = store.read_table("index", p, rg).sort_by("record_id")
+        ids = index.column("record_id").to_numpy()
+        embed = _aligned(ids, store.read_table("embed", p, rg, columns=["record_id", "embedding", "error"]), "embed", rg)
+        aesthetic = _aligned(ids, store.read_table("aesthetic", p, rg), "aesthetic", rg)
+        nsfw = _aligned(ids, store.read_table("nsfw", p, rg), "nsfw", rg)
+        dedup = _aligned(ids, store.read_table("dedup", p, rg, columns=["record_id", "duplicate"]), "dedup", rg)
+        for name, table in (("embedding", embed), ("error", embed), ("aesthetic_score", aesthetic),
+                            ("aesthetic_keep", aesthetic), ("nsfw_score", nsfw), ("nsfw_keep", nsfw),
+                            ("duplicate", dedup)):
+            index = index.append_column(name, table.column(name))
+        return index
+
+    def process(self, task: RowGroupTask) -> pa.Table:
+        store = task.store()
+        joined = self._joined(store, task.partition, task.row_group)
+        kept_mask = (
+            joined.column("error").is_null().to_numpy(zero_copy_only=False)
+            & joined.column("aesthetic_keep").fill_null(False).to_numpy()
+            & joined.column("nsfw_keep").fill_null(False).to_numpy()
+            & ~joined.column("duplicate").fill_null(False).to_numpy()
+        )
+        kept = joined.filter(pa.array(kept_mask))
+        images = read_members(kept, "image")
+        texts = read_members(kept, "txt")
+        jsons = read_members(kept, "json")
+
+        members: list[tuple[str, bytes]] = []
+        used: set[str] = set()
+        keys = kept.column("key").to_pylist()
+        for i, (key, rid, ext) in enumerate(
+            zip(keys, kept.column("record_id").to_pylist(), kept.column("image_ext").to_pylist())
+        ):
+            name = member_key(key)
+            if name in used:
+                name = f"{name}_r{rid}"
+            used.add(name)
+            members.append((f"{name}.{ext}", images[i]))
+            if texts[i] is not None:
+                members.append((f"{name}.txt", texts[i]))
+            if jsons[i] is not None:
+                members.append((f"{name}.json", jsons[i]))
+        store.commit_bytes(STAGE, task.partition, task.row_group, _tar_bytes(members, self.config.mtime), suffix=".tar")
+
+        embedding = kept.column("embedding")
+        dim = embedding.type.list_size
+        return pa.table(
+            {
+                "record_id": kept.column("record_id"),
+                "key": kept.column("key"),
+                "shard": kept.column("shard"),
+                "caption": pa.array([_decode(t) for t in texts], pa.string()),
+                "json": pa.array([_decode(j) for j in jsons], pa.string()),
+                "aesthetic_score": kept.column("aesthetic_score"),
+                "nsfw_score": kept.column("nsfw_score"),
+                "embedding": embedding,
+            },
+            schema=output_schema(dim),
+        )
+
+
+def count_outcomes(run_root: str, plan: RowGroupPlan) -> dict[str, int]:
+    """Outcome counts of a run from its committed stage files (embed, aesthetic, nsfw, dedup).
+
+    Each record lands in exactly one bucket, first match wins: ``undecodable`` (embed error),
+    ``aesthetic_dropped``, ``nsfw_dropped``, ``duplicates``, else ``kept``; so ``records`` is
+    their sum. ``written`` counts the rows of the output Parquet files committed so far.
+    """
+    store = CommitStore(run_root)
+    counts = dict.fromkeys(("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept"), 0)
+    written = 0
+    for p in range(plan.num_partitions):
+        done_output = store.completed(STAGE, p)
+        for rg in plan.partition_row_groups(p):
+            ok = store.read_table("embed", p, rg, columns=["error"]).column("error").is_null().to_numpy(zero_copy_only=False)
+            a = store.read_table("aesthetic", p, rg, columns=["aesthetic_keep"]).column("aesthetic_keep").fill_null(False).to_numpy()
+            n = store.read_table("nsfw", p, rg, columns=["nsfw_keep"]).column("nsfw_keep").fill_null(False).to_numpy()
+            d = store.read_table("dedup", p, rg, columns=["duplicate"]).column("duplicate").fill_null(False).to_numpy()
+            counts["records"] += len(ok)
+            counts["undecodable"] += int((~ok).sum())
+            counts["aesthetic_dropped"] += int((ok & ~a).sum())
+            counts["nsfw_dropped"] += int((ok & a & ~n).sum())
+            counts["duplicates"] += int((ok & a & n & d).sum())
+            counts["kept"] += int((ok & a & n & ~d).sum())
+            if rg in done_output:
+                with store.fs.open_input_file(store.row_group_path(STAGE, p, rg)) as f:
+                    written += pq.ParquetFile(f).metadata.num_rows
+    counts["written"] = written
+    return counts
