@@ -34,6 +34,7 @@ AIRFLOW_SERVICES = (
     "airflow-triggerer",
 )
 RAY_SERVICES = ("ray-head", "ray-gpu-worker")
+BOTH_SIDES = AIRFLOW_SERVICES + RAY_SERVICES
 # Folders other work streams are filling while this test is written; checked once they exist.
 IN_PROGRESS = ("dags", "plugins", "operators", "winnow")
 DATA_PATH = "/data"
@@ -43,7 +44,7 @@ _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
 
 def interpolate(value: object) -> str:
-    """Compose interpolation with an empty environment: defaults apply, required ones read <NAME>."""
+    """Compose interpolation, empty environment: defaults apply, required ones become <NAME>."""
 
     def substitute(match: re.Match[str]) -> str:
         if match["op"] in (":-", "-"):
@@ -92,7 +93,10 @@ def container_ports(service: dict) -> set[int]:
     """Container-side ports of `ports:` entries such as "${ADDR:-127.0.0.1}:${P:-8080}:8080"."""
     ports = set()
     for entry in service.get("ports", []):
-        target = entry["target"] if isinstance(entry, dict) else interpolate(entry).rsplit(":", 1)[-1]
+        if isinstance(entry, dict):
+            target = entry["target"]
+        else:
+            target = interpolate(entry).rsplit(":", 1)[-1]
         ports.add(int(str(target).split("/")[0]))
     return ports
 
@@ -185,7 +189,7 @@ def test_services_run_the_image_built_from_their_dockerfile(
         assert isinstance(build, dict), f"service {name}: needs build.context and build.dockerfile"
         context = (COMPOSE_FILE.parent / build["context"]).resolve()
         assert context == REPO, f"service {name}: build context {context} is not the repo root"
-        assert build["dockerfile"] == dockerfile, f"service {name}: built from {build['dockerfile']}"
+        assert build["dockerfile"] == dockerfile, f"service {name}: built from another Dockerfile"
         images.add(interpolate(services[name]["image"]))
     assert len(images) == 1, f"services {names} should share one image tag, found {sorted(images)}"
 
@@ -230,7 +234,12 @@ def test_airflow_services_share_one_configuration(services: dict) -> None:
 
 def test_secrets_are_variables_not_literals(services: dict) -> None:
     env = env_of(services["airflow-scheduler"])
-    for key in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"):
+    secrets = (
+        "AIRFLOW__CORE__FERNET_KEY",
+        "AIRFLOW__API_AUTH__JWT_SECRET",
+        "AIRFLOW__API__SECRET_KEY",
+    )
+    for key in secrets:
         assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", env[key]), f"{key} should be a required variable"
     conn = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     assert re.search(r"://\w+:\$\{\w+:\?[^}]*\}@", conn), "the database password must be a variable"
@@ -244,7 +253,7 @@ def test_sql_alchemy_conn_reaches_postgres_with_its_credentials(services: dict) 
     assert conn.scheme.startswith("postgresql")
     assert conn.hostname == "postgres" and (conn.port or 5432) == 5432
     assert conn.username == postgres["POSTGRES_USER"]
-    assert conn.password == postgres["POSTGRES_PASSWORD"], "Airflow and postgres read other passwords"
+    assert conn.password == postgres["POSTGRES_PASSWORD"], "Airflow and postgres differ on password"
     assert conn.path.lstrip("/") == postgres["POSTGRES_DB"]
     assert services["postgres"].get("healthcheck", {}).get("test"), "postgres needs a healthcheck"
 
@@ -308,17 +317,17 @@ def test_data_and_models_are_mounted_at_the_same_paths_in_airflow_and_ray(
     compose: dict, services: dict
 ) -> None:
     for path in (DATA_PATH, MODEL_PATH):
-        sources = {name: mounts(services[name]).get(path) for name in AIRFLOW_SERVICES + RAY_SERVICES}
+        sources = {name: mounts(services[name]).get(path) for name in BOTH_SIDES}
         assert None not in sources.values(), f"{path} is not mounted in {sources}"
         assert len(set(sources.values())) == 1, f"{path} comes from different sources: {sources}"
         source = next(iter(sources.values()))
         assert "/" in source or source in compose.get("volumes", {}), f"undeclared volume {source}"
-    for name in AIRFLOW_SERVICES + RAY_SERVICES:
+    for name in BOTH_SIDES:
         assert env_of(services[name]).get("WINNOW_MODEL_DIR") == MODEL_PATH, name
 
 
 def test_airflow_and_ray_containers_run_as_one_user(services: dict) -> None:
-    users = {name: services[name].get("user") for name in AIRFLOW_SERVICES + RAY_SERVICES}
+    users = {name: services[name].get("user") for name in BOTH_SIDES}
     assert len(set(users.values())) == 1 and None not in users.values(), (
         f"both sides write the run root under {DATA_PATH}; give them one uid:gid, not {users}"
     )
@@ -334,17 +343,17 @@ def test_every_copied_path_exists_in_the_build_context() -> None:
             assert top in allowed, f"{dockerfile}: COPY {source} is excluded by its .dockerignore"
             if top in IN_PROGRESS and not (REPO / top).exists():
                 continue
-            assert (REPO / source).exists(), f"{dockerfile}: COPY source {source} is not in the repo"
+            assert (REPO / source).exists(), f"{dockerfile}: COPY {source}: not in the repo"
         assert "pyproject.toml" in copy_sources(dockerfile)
 
 
 def test_both_images_pin_the_same_ray_python_and_library_versions() -> None:
-    """Ray Client refuses a driver with another Ray or Python minor; pickled tensors want one torch."""
+    """Ray Client refuses a driver of another Ray or Python minor; tensors want one torch."""
     airflow_args, ray_args = build_args(AIRFLOW_DOCKERFILE), build_args(RAY_DOCKERFILE)
     shared = sorted(name for name in set(airflow_args) & set(ray_args) if name.endswith("_VERSION"))
     assert "RAY_VERSION" in shared and "TORCH_VERSION" in shared
     for name in shared:
-        assert airflow_args[name] == ray_args[name], f"{name}: {airflow_args[name]} != {ray_args[name]}"
+        assert airflow_args[name] == ray_args[name], f"ARG {name} differs between the images"
 
     (airflow_base,) = from_images(AIRFLOW_DOCKERFILE)
     (ray_base,) = from_images(RAY_DOCKERFILE)
