@@ -3,7 +3,6 @@ stage fingerprint, on real tar files."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from winnow.data.errors import ShardError
-from winnow.data.shards import list_shards, open_shard_filesystem
+from winnow.data.shards import list_shard_infos
 from winnow.data.tarscan import SCAN_SCHEMA, ShardScan, scan_shard
 from winnow.rowgroups.errors import StageConfigMismatch, StorageError
 from winnow.rowgroups.plan import RowGroupPlan
@@ -95,14 +94,6 @@ def _fingerprint(config: IndexConfig, digest: str, num_records: int) -> StageFin
     )
 
 
-def _shard_size(shard: str) -> int:
-    fs, path = open_shard_filesystem(shard)
-    try:
-        return fs.get_file_info(path).size or 0
-    except OSError as exc:
-        raise ShardError(shard, f"shard {shard} cannot be listed: {exc}") from exc
-
-
 def build_index(
     run_root: str,
     config: IndexConfig,
@@ -120,8 +111,9 @@ def build_index(
     say = log or _log.info
     RowGroupPlan(0, config.buffer_size, config.max_partitions)  # validate knobs before any I/O
     store = CommitStore(run_root)
-    shards = list_shards(config.input_uri)
-    sizes = [_shard_size(s) for s in shards]
+    listing = list_shard_infos(config.input_uri)
+    shards = [name for name, _ in listing]
+    sizes = [size for _, size in listing]
     digest = _listing_digest(shards, sizes)
 
     # Fail before scanning when the stored fingerprint already disagrees on anything but N.

@@ -37,6 +37,11 @@ def open_shard_filesystem(shard: str, filesystem: pafs.FileSystem | None = None)
 def list_shards(input_uri: str) -> list[str]:
     """All ``*.tar`` files under ``input_uri`` (a folder, searched recursively, or one tar),
     sorted by path. Raises :class:`InputError` when the input is missing or holds no tar."""
+    return [name for name, _ in list_shard_infos(input_uri)]
+
+
+def list_shard_infos(input_uri: str) -> list[tuple[str, int]]:
+    """(shard, size in bytes) of every shard :func:`list_shards` lists, from one listing."""
     try:
         fs, root = resolve_filesystem(input_uri)
         info = fs.get_file_info(root)
@@ -54,18 +59,18 @@ def list_shards(input_uri: str) -> list[str]:
             "writes a sample one.",
         )
     if info.type == pafs.FileType.File:
-        paths = [root] if root.endswith(SHARD_SUFFIX) else []
+        found = [info] if root.endswith(SHARD_SUFFIX) else []
     else:
         selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-        paths = [
-            f.path
+        found = [
+            f
             for f in fs.get_file_info(selector)
             if f.type == pafs.FileType.File and f.base_name.endswith(SHARD_SUFFIX)
         ]
-    if not paths:
+    if not found:
         raise InputError(
             input_uri,
             f"input {input_uri!r} holds no {SHARD_SUFFIX} files (searched recursively). "
             "WebDataset shards must be named *.tar; check the path or the date partition.",
         )
-    return [shard_uri(input_uri, p) for p in sorted(paths)]
+    return [(shard_uri(input_uri, f.path), f.size or 0) for f in sorted(found, key=lambda f: f.path)]
