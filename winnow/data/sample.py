@@ -157,6 +157,47 @@ def _write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _plant_corrupt(
+    target: _Shard, *, seed: int, per_shard: int, expected: dict[str, int], listed: list[dict[str, str]]
+) -> None:
+    """Append the corrupt members (one of each kind) to shard 0, after its normal records."""
+    position = per_shard
+    good = _encode(_picture(hash_seed(seed, -1)), "jpg", "RGB", 90)
+
+    def plant(kind: str, name: str, data: bytes, key: str, *, record: bool = True, caption: bool = True) -> None:
+        target.add(name, data)
+        if caption:
+            target.add(f"{key}.txt", f"planted {kind}".encode())
+        listed.append({"kind": kind, "shard": shard_name(0), "key": key, "member": name})
+        if record:
+            expected["records"] += 1
+
+    def next_key() -> str:
+        nonlocal position
+        position += 1
+        return make_key(0, position - 1)
+
+    k = next_key()
+    plant("truncated_jpeg", f"{k}.jpg", good[: len(good) // 2], k)
+    k = next_key()
+    plant("zero_byte_image", f"{k}.jpg", b"", k)
+    k = next_key()
+    plant("not_an_image", f"{k}.jpg", b"this is plain text, not a JPEG\n" * 4, k)
+    k = next_key()
+    plant("decompression_bomb", f"{k}.png", decompression_bomb_png(), k)
+    k = next_key()
+    plant("orphan_txt", f"{k}.txt", b"a caption with no image", k, record=False, caption=False)
+    expected["members_without_image"] += 1
+    k = f"../../escape/{next_key()}"
+    plant("parent_traversal_name", f"{k}.jpg", good, k)
+    k = f"/absolute/{next_key()}"
+    plant("absolute_name", f"{k}.jpg", good, k)
+    # A key repeated later in the same shard: the index keeps the first one.
+    dup = make_key(0, 0)
+    plant("duplicate_key", f"{dup}.jpg", good, dup, record=False, caption=False)
+    expected["duplicate_keys"] += 1
+
+
 def generate_sample(
     out_dir: str,
     *,
@@ -184,78 +225,52 @@ def generate_sample(
     picked = r.sample(range(total), 2 * n_dups)
     dup_of = {picked[2 * i + 1]: picked[2 * i] for i in range(n_dups)}
     formats: dict[str, int] = {}
-    near_duplicates = []
-    out_shards = [_Shard() for _ in range(shards)]
-    for g in range(total):
-        s, i = divmod(g, per_shard)
-        key = make_key(s, i)
-        rr = random.Random(f"{seed}/{g}")
-        if g in dup_of:
-            src = dup_of[g]
-            pic = _picture(hash_seed(seed, src))
-            if rr.random() < 0.5:
-                f = rr.choice((0.94, 0.96, 1.04, 1.06))
-                pic = pic.resize((max(8, round(pic.width * f)), max(8, round(pic.height * f))), Image.Resampling.BICUBIC)
-                how = f"resized x{f}"
-            else:
-                how = "re-encoded"
-            fmt, mode, quality = "jpg", "RGB", rr.choice((60, 70, 80))
-            near_duplicates.append({"keys": [make_key(*divmod(src, per_shard)), key], "how": how})
-        else:
-            pic = _picture(hash_seed(seed, g))
-            fmt, mode = rr.choice(_KINDS)
-            quality = rr.choice((85, 90, 95))
-        data = _encode(pic, fmt, mode, quality)
-        formats[f"{fmt}/{mode}"] = formats.get(f"{fmt}/{mode}", 0) + 1
-        meta = {"key": key, "width": pic.width, "height": pic.height, "format": fmt, "mode": mode}
-        out_shards[s].add(f"{key}.{fmt}", data)
-        out_shards[s].add(f"{key}.txt", _caption(rr).encode())
-        out_shards[s].add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-
+    near_duplicates: list[dict[str, Any]] = []
     corrupt_members: list[dict[str, str]] = []
     expected = {"records": total, "members_without_image": 0, "duplicate_keys": 0}
-    if corrupt:
-        target = out_shards[0]
-        position = per_shard
-        good = _encode(_picture(hash_seed(seed, -1)), "jpg", "RGB", 90)
-
-        def plant(kind: str, name: str, data: bytes, key: str, *, record: bool = True, caption: bool = True) -> None:
-            target.add(name, data)
-            if caption:
-                target.add(f"{key}.txt", f"planted {kind}".encode())
-            corrupt_members.append({"kind": kind, "shard": shard_name(0), "key": key, "member": name})
-            if record:
-                expected["records"] += 1
-
-        def next_key() -> str:
-            nonlocal position
-            position += 1
-            return make_key(0, position - 1)
-
-        k = next_key(); plant("truncated_jpeg", f"{k}.jpg", good[: len(good) // 2], k)
-        k = next_key(); plant("zero_byte_image", f"{k}.jpg", b"", k)
-        k = next_key(); plant("not_an_image", f"{k}.jpg", b"this is plain text, not a JPEG\n" * 4, k)
-        k = next_key(); plant("decompression_bomb", f"{k}.png", decompression_bomb_png(), k)
-        k = next_key(); plant("orphan_txt", f"{k}.txt", b"a caption with no image", k, record=False, caption=False)
-        expected["members_without_image"] += 1
-        k = f"../../escape/{next_key()}"; plant("parent_traversal_name", f"{k}.jpg", good, k)
-        k = f"/absolute/{next_key()}"; plant("absolute_name", f"{k}.jpg", good, k)
-        # A key repeated later in the same shard: the index keeps the first one.
-        dup = make_key(0, 0)
-        plant("duplicate_key", f"{dup}.jpg", good, dup, record=False, caption=False)
-        expected["duplicate_keys"] += 1
-
     names = [shard_name(s) for s in range(shards)]
-    for name, shard in zip(names, out_shards):
-        _write(os.path.join(out_dir, name), shard.tar_bytes())
+    first_shard, first_members = b"", [0, 0]
+    # One shard in memory at a time: a 10k-image sample stays small.
+    for s in range(shards):
+        shard = _Shard()
+        for g in range(s * per_shard, (s + 1) * per_shard):
+            key = make_key(s, g - s * per_shard)
+            rr = random.Random(f"{seed}/{g}")
+            if g in dup_of:
+                src = dup_of[g]
+                pic = _picture(hash_seed(seed, src))
+                if rr.random() < 0.5:
+                    f = rr.choice((0.94, 0.96, 1.04, 1.06))
+                    size = (max(8, round(pic.width * f)), max(8, round(pic.height * f)))
+                    pic = pic.resize(size, Image.Resampling.BICUBIC)
+                    how = f"resized x{f}"
+                else:
+                    how = "re-encoded"
+                fmt, mode, quality = "jpg", "RGB", rr.choice((60, 70, 80))
+                near_duplicates.append({"keys": [make_key(*divmod(src, per_shard)), key], "how": how})
+            else:
+                pic = _picture(hash_seed(seed, g))
+                fmt, mode = rr.choice(_KINDS)
+                quality = rr.choice((85, 90, 95))
+            data = _encode(pic, fmt, mode, quality)
+            formats[f"{fmt}/{mode}"] = formats.get(f"{fmt}/{mode}", 0) + 1
+            meta = {"key": key, "width": pic.width, "height": pic.height, "format": fmt, "mode": mode}
+            shard.add(f"{key}.{fmt}", data)
+            shard.add(f"{key}.txt", _caption(rr).encode())
+            shard.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        if s == 0 and corrupt:
+            _plant_corrupt(shard, seed=seed, per_shard=per_shard, expected=expected, listed=corrupt_members)
+        tar = shard.tar_bytes()
+        if s == 0:
+            first_shard = tar
+            first_members = [len(data) for _, data in shard.members[:2]]
+        _write(os.path.join(out_dir, names[s]), tar)
     bad: list[dict[str, str]] = []
     if bad_shards:
-        whole = out_shards[0].tar_bytes()
         truncated = shard_name(shards)
         # Cut inside the second member's data so that a header promises bytes that are gone.
-        first_size = len(out_shards[0].members[0][1])
-        cut = 512 + (-(-first_size // 512) * 512) + 512 + max(1, len(out_shards[0].members[1][1]) // 2)
-        _write(os.path.join(out_dir, truncated), whole[: min(cut, len(whole) - 1)])
+        cut = 512 + (-(-first_members[0] // 512) * 512) + 512 + max(1, first_members[1] // 2)
+        _write(os.path.join(out_dir, truncated), first_shard[: min(cut, len(first_shard) - 1)])
         bad.append({"kind": "truncated_tar", "shard": truncated})
         zero = shard_name(shards + 1)
         _write(os.path.join(out_dir, zero), b"")
