@@ -62,7 +62,10 @@ def _open(data: bytes | None, max_pixels: int) -> tuple[Image.Image | None, str 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        return None, f"too large: {_reason(exc)}"
+        # Pillow's own hard stop (2x Image.MAX_IMAGE_PIXELS) fired before ours could.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = found.group(1) if found else "too many"
+        return None, f"too large: {pixels} pixels > max_pixels {max_pixels} (decompression-bomb guard)"
     except UnidentifiedImageError:
         return None, f"not an image: unrecognised format (first bytes {data[:8].hex()})"
     except Exception as exc:  # noqa: BLE001 - any parser failure is a record-level error
@@ -104,7 +107,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
         grey = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return Image.fromarray(grey).convert("RGB")
     return img.convert("RGB")
 
 

@@ -1,0 +1,237 @@
+"""Image decoding (never raises), open_clip-exact preprocessing, and the DALI path against Pillow."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from winnow.data.sample import decompression_bomb_png
+from winnow.stages.decode import (
+    DaliBatchDecoder,
+    PillowBatchDecoder,
+    PillowPreprocessor,
+    dali_available,
+    decode_image,
+    make_batch_decoder,
+    read_header,
+)
+from winnow.stages.models import TINY_MODEL, PreprocessConfig, register_model_configs
+
+needs_dali_cpu = pytest.mark.skipif(not dali_available("cpu"), reason="nvidia-dali not importable")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+OPENAI_224 = PreprocessConfig(size=224, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: gradients, edges and mild noise (resize filters matter on it)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([x * 255 / width, y * 255 / height, ((x // 7 + y // 5) % 2) * 200.0], -1)
+    arr += rng.normal(0, 12, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+# ---- decode_image ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt,mode",
+    [("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "P"), ("PNG", "RGBA"), ("PNG", "LA"),
+     ("PNG", "1"), ("GIF", "P"), ("WEBP", "RGB"), ("WEBP", "RGBA"), ("TIFF", "RGB"), ("BMP", "RGB")],
+)
+def test_decode_gives_rgb_for_every_common_mode(fmt, mode):
+    data = encode(picture(40, 30).convert(mode), fmt)
+    img, error = decode_image(data)
+    assert error is None
+    assert img.mode == "RGB" and img.size == (40, 30)
+
+
+def test_transparent_pixels_are_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    img, _ = decode_image(encode(rgba, "PNG"))
+    assert img.getpixel((1, 1)) == (255, 255, 255)
+    assert img.getpixel((0, 0)) == (10, 20, 30)
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    img, _ = decode_image(encode(pal, "PNG", transparency=0))
+    assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 0)) == (200, 0, 0)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    data = encode(Image.fromarray(arr), "PNG")
+    img, error = decode_image(data)
+    assert error is None
+    assert [img.getpixel((i, 0))[0] for i in range(3)] == [0, 128, 255]
+
+
+@pytest.mark.parametrize(
+    "data,prefix",
+    [
+        (None, "missing"),
+        (b"", "empty"),
+        (b"this is a caption, not a picture", "not an image"),
+        (encode(picture(64, 64))[:40], "truncated header"),
+    ],
+)
+def test_unusable_bytes_are_reported_not_raised(data, prefix):
+    img, error = decode_image(data)
+    assert img is None and error.startswith(prefix), error
+
+
+def test_truncated_jpeg_body_is_an_error_even_with_load_truncated_images_on(monkeypatch):
+    data = encode(picture(200, 150), quality=95)
+    cut = data[: len(data) // 2]
+    img, error = decode_image(cut)
+    assert img is None and error.startswith("truncated JPEG"), error
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    img, error = decode_image(cut)
+    assert img is None and error.startswith("truncated JPEG"), error
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    img, error = decode_image(decompression_bomb_png(30000, 30000))
+    assert img is None and error.startswith("too large: 900000000 pixels > max_pixels"), error
+    header, error = read_header(encode(picture(20, 10)), max_pixels=199)
+    assert header is None and "max_pixels 199" in error
+    header, error = read_header(encode(picture(20, 10)), max_pixels=200)
+    assert error is None and (header.width, header.height, header.format) == (20, 10, "JPEG")
+
+
+def test_errors_are_the_same_text_for_the_same_bytes():
+    data = b"\x89PNG\r\n\x1a\n garbage after a png signature"
+    assert decode_image(data)[1] == decode_image(data)[1]
+    assert "0x" not in decode_image(data)[1]
+
+
+def test_mutated_images_never_raise():
+    rnd = random.Random(7)
+    good = [encode(picture(48, 32)), encode(picture(48, 32), "PNG"), encode(picture(48, 32), "WEBP")]
+    for _ in range(150):
+        data = bytearray(rnd.choice(good))
+        for _ in range(rnd.randint(1, 8)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        data = bytes(data[: rnd.randint(1, len(data))])
+        img, error = decode_image(data)
+        assert (img is None) != (error is None)
+
+
+# ---- preprocessing parity with open_clip ---------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 500), (33, 32), (20, 10), (224, 224)])
+def test_preprocess_equals_open_clips_own_transform_for_the_tiny_model(size):
+    register_model_configs()
+    model, _, reference = open_clip.create_model_and_transforms(TINY_MODEL)
+    ours = PillowPreprocessor(PreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(model)))
+    for data in (encode(picture(*size), quality=90), encode(picture(*size, seed=3), "PNG")):
+        img, _ = decode_image(data)
+        expected = reference(Image.open(io.BytesIO(data)))
+        assert (ours(img) - expected).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_preprocess_equals_open_clip_image_transform_at_224(resize_mode, interpolation):
+    cfg = PreprocessConfig(
+        size=224, mean=OPENAI_224.mean, std=OPENAI_224.std, interpolation=interpolation, resize_mode=resize_mode
+    )
+    reference = open_clip.image_transform(
+        224, is_train=False, mean=cfg.mean, std=cfg.std, resize_mode=resize_mode, interpolation=interpolation
+    )
+    ours = PillowPreprocessor(cfg)
+    for w, h in [(640, 480), (250, 600)]:
+        data = encode(picture(w, h))
+        img, _ = decode_image(data)
+        assert (ours(img) - reference(Image.open(io.BytesIO(data)))).abs().max().item() < 1e-6
+
+
+def test_pillow_batch_decoder_keeps_positions_of_good_records():
+    dec = PillowBatchDecoder(OPENAI_224, num_threads=2)
+    batch = dec.decode([encode(picture(300, 200)), b"", None, encode(picture(200, 300), "PNG")])
+    assert batch.index == [0, 3]
+    assert batch.pixels.shape == (2, 224, 224, 3) and batch.pixels.dtype == torch.uint8
+    assert batch.errors[0] is None and batch.errors[3] is None
+    assert batch.errors[1].startswith("empty") and batch.errors[2].startswith("missing")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="decode_backend"):
+        make_batch_decoder("opencv", OPENAI_224)
+
+
+# ---- DALI -----------------------------------------------------------------------------------
+
+
+@needs_dali_cpu
+def test_auto_backend_on_cpu_is_dali_cpu():
+    assert make_batch_decoder("auto", OPENAI_224, allow_gpu_decode=False).backend == "dali-cpu"
+
+
+@needs_dali_cpu
+def test_dali_cpu_pixels_match_pillow_within_resampling_noise():
+    images = [encode(picture(w, h, seed=w), quality=90) for w, h in [(640, 480), (480, 640), (301, 300), (1000, 333)]]
+    images.append(encode(picture(100, 60).convert("L")))
+    pil = PillowBatchDecoder(OPENAI_224).decode(images)
+    dali = DaliBatchDecoder(OPENAI_224, max_batch_size=8).decode(images)
+    assert dali.index == pil.index == list(range(5))
+    diff = (dali.pixels.int() - pil.pixels.int()).abs()
+    assert diff.float().mean().item() < 0.5
+    assert diff.max().item() <= 8
+
+
+@needs_dali_cpu
+def test_dali_routes_unusual_modes_to_pillow_and_keeps_order():
+    images = [
+        encode(picture(64, 48).convert("RGBA"), "PNG"),
+        encode(picture(64, 48), quality=90),
+        encode(picture(64, 48).convert("CMYK")),
+        b"junk",
+    ]
+    pil = PillowBatchDecoder(OPENAI_224).decode(images)
+    dali = DaliBatchDecoder(OPENAI_224, max_batch_size=4).decode(images)
+    assert dali.index == pil.index == [0, 1, 2]
+    assert dali.errors[3].startswith("not an image")
+    # Alpha and CMYK images took the Pillow path: bit-identical.
+    assert torch.equal(dali.pixels[0], pil.pixels[0]) and torch.equal(dali.pixels[2], pil.pixels[2])
+
+
+@needs_dali_cpu
+def test_dali_batch_failure_falls_back_to_pillow_for_that_batch():
+    good = [encode(picture(120, 90, seed=i), quality=90) for i in range(5)]
+    truncated = good[0][: len(good[0]) * 2 // 3]  # header intact: passes screening, fails decoding
+    dec = DaliBatchDecoder(OPENAI_224, max_batch_size=3)
+    batch = dec.decode(good[:2] + [truncated] + good[2:])
+    assert dec.failed_batches == 1
+    assert batch.index == [0, 1, 3, 4, 5]
+    assert batch.errors[2].startswith("truncated JPEG"), batch.errors[2]
+    # The pipeline was rebuilt and keeps working after the failure.
+    again = dec.decode(good)
+    assert again.index == list(range(5)) and dec.failed_batches == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dali_mixed_decode_on_gpu_matches_pillow():
+    images = [encode(picture(w, h, seed=w), quality=90) for w, h in [(640, 480), (480, 640), (1000, 333)]]
+    pil = PillowBatchDecoder(OPENAI_224).decode(images + [b"x"])
+    gpu = make_batch_decoder("dali-gpu", OPENAI_224, max_batch_size=4).decode(images + [b"x"])
+    assert gpu.pixels.is_cuda and gpu.index == pil.index == [0, 1, 2]
+    diff = (gpu.pixels.cpu().int() - pil.pixels.int()).abs()
+    assert diff.float().mean().item() < 1.0  # nvJPEG's IDCT differs slightly from libjpeg-turbo
