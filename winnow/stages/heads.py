@@ -32,6 +32,8 @@ VIT_L14_DIM = 768
 
 #: Seeds of the random stand-in weights (one per head, so the two heads differ).
 RANDOM_SEEDS: dict[str, int] = {"aesthetic": 0, "nsfw": 1}
+#: Mean pre-activation output of the random stand-ins on isotropic unit vectors.
+RANDOM_TARGETS: dict[str, float] = {"aesthetic": 5.0, "nsfw": -1.5}
 
 # Rows scored per forward pass: bounds the activations (rows x 1024 floats) of a big row group.
 _BATCH_ROWS = 65536
@@ -210,24 +212,29 @@ def _read_state_dict(kind: str, path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _pre_activation(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last linear layer's output: the score itself, or the NSFW logit before the sigmoid."""
+    return module.layers(module.norm(x) if isinstance(module, NsfwHead) else x).squeeze(-1)
+
+
 def _random_head(kind: str, embed_dim: int) -> nn.Module:
     # A private RNG state, so the weights depend on the seed only, not on what ran before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEEDS[kind])
         module = _HEADS[kind](embed_dim)
     module.eval()
+    # Put the untrained output in the head's usual range, so a demo with thresholds near the
+    # targets shows both outcomes: on seeded isotropic unit vectors the pre-activation output
+    # gets mean RANDOM_TARGETS[kind] and std 1 (aesthetic ~ 5 +- 1; nsfw logit -1.5, p ~ 0.18).
+    # Only the last linear layer is rescaled, so the head's layout stays the published one.
+    probe = torch.randn(4096, embed_dim, generator=torch.Generator().manual_seed(RANDOM_SEEDS[kind]))
+    probe = nn.functional.normalize(probe, dim=1)
     last = module.layers[-1]
-    # Put the untrained output in the head's usual range, so that a demo with the default
-    # thresholds shows both outcomes: aesthetic ~ 5 +- 1 on isotropic unit vectors (the MLP is
-    # affine, w.x + b, so scaling w to norm sqrt(d) gives std 1), nsfw ~ 0.12 (mostly kept).
     with torch.no_grad():
-        if kind == "aesthetic":
-            w_eff = module(torch.eye(embed_dim)) - module(torch.zeros(1, embed_dim))
-            last.weight.mul_(embed_dim**0.5 / w_eff.norm().clamp_min(1e-12))
-            last.bias.zero_()
-            last.bias.add_(5.0 - module(torch.zeros(1, embed_dim)))
-        else:
-            last.bias.fill_(-2.0)
+        raw = _pre_activation(module, probe)
+        last.weight.div_(raw.std().clamp_min(1e-12))
+        last.bias.zero_()
+        last.bias.add_(RANDOM_TARGETS[kind] - _pre_activation(module, probe).mean())
     return module
 
 
