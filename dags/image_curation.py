@@ -124,6 +124,9 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10),
+    # Downstream tasks outrank upstream ones, so a free slot goes to nsfw of partition 0 before
+    # embed of partition 9: partitions finish depth-first instead of stage by stage.
+    "weight_rule": "upstream",
 }
 
 with DAG(

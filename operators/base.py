@@ -101,6 +101,11 @@ class CurationOperator(BaseOperator):
         self.log.info("run root %s", cfg.run_root)
         return cfg
 
+    @staticmethod
+    def lease_owner(context: Context) -> str:
+        """Every task of one DAG run shares the run root's lease; another run is refused."""
+        return f"{context['dag'].dag_id}/{context['run_id']}"
+
     def ray_address(self, context: Context) -> str | None:
         conn_id = self.ray_conn_id or (context.get("params") or {}).get("ray_conn_id")
         hook = RayHook(ray_conn_id=conn_id or RayHook.default_conn_name)
@@ -154,7 +159,8 @@ class RowGroupStageOperator(CurationOperator):
 
         address = self.ray_address(context)
         with engine_errors():
-            summary = pipeline.run_partition(cfg, self.stage, partition, ray_address=address, log=self.log.info)
+            summary = pipeline.run_partition(cfg, self.stage, partition, ray_address=address,
+                                             owner=self.lease_owner(context), log=self.log.info)
         committed = len(store.completed(self.stage, partition))
         progress.save(committed=committed, row_groups=row_groups, failed=summary.failed,
                       state="failed" if summary.failed else "done", try_number=try_number)

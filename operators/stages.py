@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk.exceptions import AirflowFailException
+
 from operators.base import CurationOperator, RowGroupStageOperator, engine_errors
 
 if TYPE_CHECKING:
@@ -29,8 +31,16 @@ class IndexOperator(CurationOperator):
         from winnow import pipeline
 
         cfg = self.curation_config(context)
-        with engine_errors():
-            result = pipeline.run_index(cfg, log=self.log.info)
+        try:
+            with engine_errors():
+                result = pipeline.run_index(cfg, owner=self.lease_owner(context), log=self.log.info)
+        except AirflowFailException:
+            # This run stops here for good: give the run root back, so a corrected run (new
+            # params, overwrite) need not wait for the lease to expire.
+            from winnow.rowgroups import CommitStore, lease
+
+            lease.release(CommitStore(cfg.run_root), self.lease_owner(context))
+            raise
         summary = {k: v for k, v in result.items() if k not in _INDEX_LOCAL_KEYS}
         summary["run_root"] = cfg.run_root
         context["ti"].xcom_push(key="summary", value=summary)
@@ -70,7 +80,7 @@ class DedupOperator(CurationOperator):
 
         cfg = self.curation_config(context)
         with engine_errors():
-            result = pipeline.run_dedup(cfg, log=self.log.info)
+            result = pipeline.run_dedup(cfg, owner=self.lease_owner(context), log=self.log.info)
         self.log.info("dedup: %s", result)
         return result
 
@@ -93,7 +103,7 @@ class ReportOperator(CurationOperator):
         pulled = context["ti"].xcom_pull(task_ids=self.partition_task_ids) if self.partition_task_ids else []
         summaries = [s for s in pulled or [] if isinstance(s, dict) and "stage" in s]
         with engine_errors():
-            summary = pipeline.run_report(cfg, summaries)
+            summary = pipeline.run_report(cfg, summaries, owner=self.lease_owner(context))
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {"run_root": cfg.run_root, **_counts(summary)}
         self.log.info("report: %s", summary)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-AIRFLOW_HOME = tempfile.mkdtemp(prefix="winnow-airflow-")
+# Tests import this module by name too; the env var keeps one AIRFLOW_HOME per session.
+AIRFLOW_HOME = os.environ.setdefault("WINNOW_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="winnow-airflow-"))
 AIRFLOW_ENV = {
     "AIRFLOW_HOME": AIRFLOW_HOME,
     "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
