@@ -73,7 +73,7 @@ def test_webdataset_iterates_generated_shards_with_images_and_sidecars(corrupt_s
 
 
 def test_sample_mixes_formats_and_modes(tmp_path):
-    manifest = generate_sample(str(tmp_path), shards=2, per_shard=40, seed=0)
+    manifest = generate_sample(str(tmp_path), shards=2, per_shard=20, seed=0)
     formats = {k.split("/")[0] for k in manifest["formats"]}
     modes = {k.split("/")[1] for k in manifest["formats"]}
     assert {"jpg", "png", "webp"} <= formats
