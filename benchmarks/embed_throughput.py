@@ -1,0 +1,202 @@
+"""Embed throughput: the embed stage through the row-group runner vs the bare open_clip model.
+
+    python benchmarks/embed_throughput.py [--model ViT-L-14-quickgelu] [--pretrained random]
+        [--images 512] [--batch-size 64] [--device auto] [--decode-backend auto]
+        [--buffer-size 256] [--max-partitions 1] [--executor ray] [--repeats 3]
+
+In one process and on the same images it times, each ``--repeats`` times (median reported):
+  pipeline   run_stage_partition over every partition: shard reads, decode, model, Parquet
+             commits, Ray actor start and model load included (what a task pays);
+  embed      EmbedStage.embed_images on the image bytes in memory (decode + model, no runner);
+  model      the same open_clip image tower called directly on already decoded, resized
+             uint8 images (normalise, encode, L2-normalise, float16 to host): the compute floor.
+Prints a Markdown table row for BENCHMARKS.md with pipeline/model and embed/model ratios. The
+pipeline pays a fixed start per partition (Ray actor, open_clip import, model load: ~10 s on a
+2-core machine), so use enough images for a task's worth of work before reading the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from winnow.data.index import IndexConfig, build_index  # noqa: E402
+from winnow.stages.decode import PillowPreprocessor, decode_image, normalize_batch  # noqa: E402
+from winnow.stages.embed import EmbedConfig, EmbedStage  # noqa: E402
+
+HEADER = (
+    "| model | device | decode | images | batch | pipeline img/s | embed img/s | model img/s "
+    "| pipeline/model | embed/model |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def photo(seed: int, width: int, height: int) -> bytes:
+    """A 640x480-style JPEG with gradients and noise (compresses and decodes like a photo)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([x * 255 / width, y * 255 / height, ((x // 9 + y // 7) % 2) * (seed % 200 + 40.0)], -1)
+    arr += rng.normal(0, 10, arr.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_shards(folder: str, images: list[bytes], per_shard: int = 1000) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for s in range(0, len(images), per_shard):
+        with tarfile.open(os.path.join(folder, f"bench-{s // per_shard:05d}.tar"), "w") as tar:
+            for i in range(s, min(s + per_shard, len(images))):
+                info = tarfile.TarInfo(f"{i:08d}.jpg")
+                info.size = len(images[i])
+                tar.addfile(info, io.BytesIO(images[i]))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_pipeline(stage: EmbedStage, run_root: str, plan, executor: str, ray_address: str | None) -> float:
+    from winnow.ray.runner import run_stage_partition
+
+    shutil.rmtree(os.path.join(run_root, stage.name), ignore_errors=True)
+    t0 = time.perf_counter()
+    records = 0
+    for p in range(plan.num_partitions):
+        summary = run_stage_partition(
+            stage, run_root=run_root, plan=plan, partition=p, ray_address=ray_address,
+            executor=executor, log=lambda _line: None,
+        )
+        if summary.failed:
+            raise RuntimeError(f"partition {p} failed row groups: {summary.failed}")
+        records += summary.records_in
+    seconds = time.perf_counter() - t0
+    if records != plan.num_records:
+        raise RuntimeError(f"pipeline embedded {records} records, expected {plan.num_records}")
+    return seconds
+
+
+def time_embed(stage: EmbedStage, images: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    stage.embed_images(images)
+    return time.perf_counter() - t0
+
+
+def time_model(stage: EmbedStage, decoded: torch.Tensor, batch_size: int) -> float:
+    """The image tower alone on decoded uint8 images, as embed_images calls it."""
+    loaded, device = stage._loaded, stage.device
+    assert loaded is not None
+    amp = stage._autocast_dtype()
+    _sync(device)
+    t0 = time.perf_counter()
+    outs = []
+    with torch.inference_mode():
+        for s in range(0, len(decoded), batch_size):
+            x = normalize_batch(decoded[s : s + batch_size].to(device, non_blocking=True), loaded.preprocess)
+            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                feats = loaded.model.encode_image(x)
+            outs.append(torch.nn.functional.normalize(feats.float(), dim=-1).to(torch.float16))
+        for o in outs:
+            o.cpu()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="ViT-L-14-quickgelu")
+    ap.add_argument("--pretrained", default="random", help="weights file, tag (with --model-dir) or 'random'")
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--image-size", default="640x480", help="WxH of the generated JPEGs")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--buffer-size", type=int, default=256, help="records per row group")
+    ap.add_argument("--max-partitions", type=int, default=1, help="1: one task's worth, one actor pool")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--decode-backend", default="auto")
+    ap.add_argument("--executor", default="ray", choices=("ray", "local"))
+    ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="where shards and the run root go (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the measurements to this file")
+    args = ap.parse_args(argv)
+    if args.repeats < 3:
+        ap.error("--repeats must be at least 3 (the median of fewer runs is noise)")
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+
+    config = EmbedConfig(
+        model=args.model, pretrained=args.pretrained, model_dir=args.model_dir,
+        allow_random_weights=args.pretrained.startswith("random"), batch_size=args.batch_size,
+        decode_backend=args.decode_backend, device=args.device,
+    )
+    stage = EmbedStage(config)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="winnow-embed-bench-")
+    images = [photo(i, width, height) for i in range(args.images)]
+    write_shards(os.path.join(workdir, "shards"), images)
+    run_root = os.path.join(workdir, "run")
+    plan = build_index(run_root, IndexConfig(
+            input_uri=os.path.join(workdir, "shards"), buffer_size=args.buffer_size, max_partitions=args.max_partitions
+        )).plan
+
+    stage.setup()  # for the in-process baselines; pipeline actors load their own copy
+    pre = PillowPreprocessor(stage._loaded.preprocess)
+    decoded = torch.from_numpy(np.stack([pre.to_uint8(decode_image(b)[0]) for b in images]))
+    if stage.device.type == "cuda":
+        decoded = decoded.pin_memory()
+    if args.executor == "ray":
+        from winnow.ray.cluster import connect
+
+        connect(args.ray_address)  # Ray start is a per-process cost, not a per-stage one
+
+    # Warm-up: first CUDA kernels, Ray worker processes, page cache.
+    time_model(stage, decoded[: args.batch_size], args.batch_size)
+    time_embed(stage, images[: args.batch_size])
+    time_pipeline(stage, run_root, plan, args.executor, args.ray_address)
+
+    runs: dict[str, list[float]] = {"pipeline": [], "embed": [], "model": []}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits all three alike
+        runs["model"].append(len(images) / time_model(stage, decoded, args.batch_size))
+        runs["embed"].append(len(images) / time_embed(stage, images))
+        runs["pipeline"].append(len(images) / time_pipeline(stage, run_root, plan, args.executor, args.ray_address))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+
+    device = str(stage.device)
+    if stage.device.type == "cuda":
+        device = torch.cuda.get_device_name(stage.device)
+    else:
+        device = f"cpu ({os.cpu_count()} cores, {platform.machine()})"
+    row = (
+        f"| {args.model} ({'random' if stage.spec.is_random else 'weights'}) | {device} | {stage.decode_backend} "
+        f"| {len(images)} x {width}x{height} JPEG | {args.batch_size} | {med['pipeline']:.1f} | {med['embed']:.1f} "
+        f"| {med['model']:.1f} | {med['pipeline'] / med['model']:.2f} | {med['embed'] / med['model']:.2f} |"
+    )
+    print(f"runs (img/s): {json.dumps({k: [round(x, 1) for x in v] for k, v in runs.items()})}")
+    print(f"executor={args.executor}, row groups={plan.num_row_groups}, partitions={plan.num_partitions}")
+    print(HEADER)
+    print(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": runs, "median": med, "device": device, "row": row}, f, indent=2)
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
