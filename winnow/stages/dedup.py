@@ -347,7 +347,8 @@ def find_duplicates(record_ids: np.ndarray, embeddings: np.ndarray, config: Dedu
     if n == 0:
         return DedupResult(np.empty(0, np.int64), np.empty(0, np.int64))
     device = resolve_device(config.device)
-    x = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device)
+    # A private, writable copy only when needed (arrays from Arrow are often read-only).
+    x = torch.from_numpy(np.require(embeddings, requirements=["C", "W"])).to(device)
     k = min(config.n_clusters or auto_clusters(n), n)
     centroids, assignment = spherical_kmeans(x, k, seed=config.seed, max_iter=config.max_iter)
     return dedup_clusters(x, record_ids, centroids, assignment, eps=config.eps, block_size=config.block_size)

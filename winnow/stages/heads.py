@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +24,6 @@ from winnow.stages.base import RowGroupTask
 from winnow.stages.embedding_io import embedding_matrix
 
 log = logging.getLogger(__name__)
-
-HeadKind = Literal["aesthetic", "nsfw"]
 
 #: Embedding width of ViT-L/14, the model both published heads were trained on.
 VIT_L14_DIM = 768
@@ -293,7 +291,7 @@ def score_embeddings(module: nn.Module, matrix: np.ndarray) -> np.ndarray:
     device = next(module.parameters()).device
     out = np.empty(len(matrix), dtype=np.float32)
     for start in range(0, len(matrix), _BATCH_ROWS):
-        x = torch.from_numpy(np.asarray(matrix[start : start + _BATCH_ROWS], dtype=np.float32))
+        x = torch.from_numpy(np.array(matrix[start : start + _BATCH_ROWS], dtype=np.float32))
         x = nn.functional.normalize(x.to(device), dim=-1)
         out[start : start + len(x)] = module(x).float().cpu().numpy()
     return out
