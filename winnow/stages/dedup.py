@@ -11,7 +11,7 @@ Clusters are the unit of parallel work: :func:`dedup_clusters` takes any subset 
 so a runner may farm them out (e.g. one Ray task per batch of clusters); :func:`run_dedup` runs
 them in-process.
 
-Memory: the candidate matrix is float16, ``2 * d`` bytes per record: 1.5 GiB per million
+Memory: the candidate matrix is float16, ``2 * d`` bytes per record: 1.54 GB (1.43 GiB) per million
 ViT-L/14 (768-d) records, plus its record ids (8 MB per million) and O(chunk x max(k, d)) and
 O(block_size^2) float32 working sets (64 MiB each at the defaults). Reading the candidates
 briefly holds the per-row-group pieces and the joined matrix, so budget twice that at peak.
