@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         "pretrained": "random",
         "allow_random_weights": True,
         # Random-weight heads: thresholds set so that each filter drops some records.
-        "aesthetic_threshold": 0.0,
-        "nsfw_threshold": 0.5,
-        "dedup_eps": 0.02,
+        "aesthetic_threshold": 7.4,
+        "nsfw_threshold": 0.45,
+        "dedup_eps": 0.0002,
     }
     dr = dag.test(run_conf=conf)
     state = str(getattr(dr, "state", "unknown"))

@@ -176,13 +176,11 @@ def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan) -> dict[str, Sta
     store = CommitStore(cfg.run_root)
     index_fp = store.read_fingerprint("index") or {}
     digests = {"index": index_fp.get("digest", "")}
-    from winnow.stages.dedup import dedup_fingerprint_config
-
     configs = {
         "embed": make_stage(cfg, "embed").fingerprint_config(),
         "aesthetic": make_stage(cfg, "aesthetic").fingerprint_config(),
         "nsfw": make_stage(cfg, "nsfw").fingerprint_config(),
-        "dedup": dedup_fingerprint_config(_dedup_config(cfg)),
+        "dedup": _dedup_config(cfg).fingerprint_config(),
         "output": make_stage(cfg, "output").fingerprint_config(),
     }
     upstreams = {
@@ -236,11 +234,22 @@ def run_index(
     cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Validate, index the shards (resumable), fix the plan and check every stage's fingerprint."""
-    from winnow.data.index import IndexConfig, build_index
-
     log = log or logger.info
     cfg.validate()
     _hold_lease(cfg, owner)
+    try:
+        return _index_and_prepare(cfg, log)
+    except WinnowError:
+        # Failing fast (changed config, bad shard) must not lock the run root against the
+        # corrected rerun, which comes under a new run id.
+        if owner:
+            lease.release(CommitStore(cfg.run_root), owner)
+        raise
+
+
+def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    from winnow.data.index import IndexConfig, build_index
+
     result = build_index(
         cfg.run_root,
         IndexConfig(
@@ -306,9 +315,8 @@ def run_dedup(
     from winnow.stages.dedup import run_dedup as dedup
 
     _hold_lease(cfg, owner)
-    plan = load_plan(cfg)
-    CommitStore(cfg.run_root).ensure_stage(stage_fingerprints(cfg, plan)["dedup"], overwrite=False)
-    return dedup(cfg.run_root, plan, _dedup_config(cfg), log=log)
+    # run_dedup checks the fingerprint itself (never overwriting: prepare_stages did that).
+    return dedup(cfg.run_root, load_plan(cfg), _dedup_config(cfg), log=log)
 
 
 def run_report(

@@ -61,20 +61,22 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("stage_cls", [RecordRangeStage, ModelRangeStage])
-def test_runner_computes_only_uncommitted_row_groups_on_ray(tmp_path, ray_local, stage_cls):
+@pytest.mark.parametrize(
+    "stage_cls, pool", [(RecordRangeStage, "tasks"), (ModelRangeStage, "tasks"), (ModelRangeStage, "actors")]
+)
+def test_runner_computes_only_uncommitted_row_groups_on_ray(tmp_path, ray_local, stage_cls, pool):
     plan = RowGroupPlan(100, 10, max_partitions=2)  # partition 1 = row groups 5..9
     store = CommitStore(str(tmp_path))
     stage = stage_cls()
     store.commit_table(stage.name, 1, 6, pa.table({"record_id": [-1]}))  # pre-committed: must be skipped
-    summary = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1)
+    summary = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, pool=pool)
     assert summary.ok, summary.failed
     assert (summary.row_groups, summary.computed, summary.skipped) == (5, 4, 1)
     assert store.completed(stage.name, 1) == {5, 6, 7, 8, 9}
     assert store.read_table(stage.name, 1, 6).column("record_id").to_pylist() == [-1]  # untouched
     assert store.read_table(stage.name, 1, 9).column("record_id").to_pylist() == list(range(90, 100))
     assert summary.records_in == 40
-    again = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1)
+    again = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, pool=pool)
     assert (again.computed, again.skipped) == (0, 5)
 
 
@@ -101,3 +103,27 @@ def test_local_executor_matches_ray_output(tmp_path, ray_local):
         ta = CommitStore(str(tmp_path / "a")).read_table("ranges", 0, rg, columns=["record_id"])
         tb = CommitStore(str(tmp_path / "b")).read_table("ranges", 0, rg, columns=["record_id"])
         assert ta.equals(tb)
+
+
+class CountingSetupStage(ModelRangeStage):
+    """Writes the pid of each setup() call, to see how often a model would be loaded."""
+
+    name = "counting"
+
+    def __init__(self, log_path):
+        self.log_path = log_path
+
+    def setup(self):
+        with open(self.log_path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        super().setup()
+
+
+def test_task_pool_sets_a_model_stage_up_once_per_worker_across_partitions(tmp_path, ray_local):
+    plan = RowGroupPlan(80, 10, max_partitions=4)
+    log_path = tmp_path / "setups.log"
+    for p in range(plan.num_partitions):
+        s = run_stage_partition(CountingSetupStage(str(log_path)), run_root=str(tmp_path / "run"), plan=plan, partition=p)
+        assert s.ok and s.computed == 2
+    pids = log_path.read_text().split()
+    assert len(pids) == len(set(pids)) <= 2  # once per worker process, not once per partition

@@ -1,0 +1,138 @@
+"""The whole engine without Airflow: index -> embed -> aesthetic -> nsfw -> dedup -> write.
+
+Real tar shards with corrupt members and planted near-duplicates, the tiny open_clip config
+with random weights, a real local Ray. Counts must add up, planted near-duplicates must be
+found, and a second run of the same thing computes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from winnow.data.sample import generate_sample
+from winnow.pipeline import CurationConfig, ConfigError, run_all
+from winnow.rowgroups import CommitStore
+
+pytestmark = pytest.mark.timeout(600)
+
+CORRUPT_IMAGE_KINDS = {"truncated_jpeg", "zero_byte_image", "not_an_image", "decompression_bomb"}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    manifest = generate_sample(str(root / "input"), shards=3, per_shard=30, seed=3, corrupt=True)
+    return root, manifest
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from winnow.ray.cluster import connect
+
+    connect(None)
+    yield
+
+
+def config(root, run_key, **overrides):
+    base = dict(
+        input_uri=str(root / "input"),
+        output_root=str(root / "out"),
+        run_key=run_key,
+        buffer_size=16,
+        max_partitions=3,
+        model="winnow-tiny-vit",
+        pretrained="random",
+        allow_random_weights=True,
+        aesthetic_threshold=-1e9,  # keep everything: phase one looks at dedup alone
+        nsfw_threshold=1.0,
+        dedup_eps=0.0002,  # the random tiny model puts distinct images at cosine ~0.97-0.9995
+        batch_size=16,
+    )
+    base.update(overrides)
+    return CurationConfig(**base)
+
+
+def column(run_root, stage, name):
+    store = CommitStore(run_root)
+    values = []
+    for dirpath, _, files in sorted(os.walk(store.stage_dir(stage))):
+        for f in sorted(files):
+            if f.startswith("rg") and f.endswith(".parquet"):
+                values.extend(pq.read_table(os.path.join(dirpath, f), columns=[name]).column(name).to_pylist())
+    return values
+
+
+def keys_by_record(run_root):
+    return dict(zip(column(run_root, "index", "record_id"), column(run_root, "index", "key")))
+
+
+def test_planted_near_duplicates_are_found_and_counts_add_up(sample, ray_local):
+    root, manifest = sample
+    cfg = config(root, "permissive")
+    summary = run_all(cfg)
+    assert summary["records"] == manifest["expected"]["records"]
+    assert summary["undecodable"] == len([c for c in manifest["corrupt"] if c["kind"] in CORRUPT_IMAGE_KINDS])
+    assert summary["members_without_image"] == manifest["expected"]["members_without_image"]
+    assert summary["records"] == (
+        summary["undecodable"] + summary["aesthetic_dropped"] + summary["nsfw_dropped"]
+        + summary["duplicates"] + summary["kept"]
+    )
+    keys = keys_by_record(cfg.run_root)
+    dup_flags = dict(zip(column(cfg.run_root, "dedup", "record_id"), column(cfg.run_root, "dedup", "duplicate_of")))
+    duplicate_pairs = {frozenset((keys[r], keys[o])) for r, o in dup_flags.items() if o is not None}
+    for pair in manifest["near_duplicates"]:
+        assert frozenset(pair["keys"]) in duplicate_pairs, f"planted near-duplicate {pair} not found"
+    assert summary["duplicates"] < summary["records"] - summary["undecodable"]  # not everything
+
+
+def test_thresholds_drop_records_and_output_matches_summary(sample, ray_local):
+    root, _ = sample
+    first = config(root, "probe")
+    run_all(first)
+    aesthetic = [s for s in column(first.run_root, "aesthetic", "aesthetic_score") if s is not None]
+    nsfw = [s for s in column(first.run_root, "nsfw", "nsfw_score") if s is not None]
+    # Thresholds at the data's own quantiles, so each filter surely drops some and keeps some.
+    cfg = config(
+        root, "filtered",
+        aesthetic_threshold=float(np.quantile(aesthetic, 0.25)),
+        nsfw_threshold=float(np.quantile(nsfw, 0.75)),
+    )
+    summary = run_all(cfg)
+    assert summary["aesthetic_dropped"] > 0 and summary["nsfw_dropped"] > 0 and summary["kept"] > 0
+    assert summary["records"] == (
+        summary["undecodable"] + summary["aesthetic_dropped"] + summary["nsfw_dropped"]
+        + summary["duplicates"] + summary["kept"]
+    )
+    with open(os.path.join(cfg.run_root, "_summary.json")) as f:
+        assert json.load(f)["kept"] == summary["kept"]
+    out_keys = column(cfg.run_root, "output", "key")
+    assert len(out_keys) == summary["kept"]
+    import webdataset as wds
+
+    tars = sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(os.path.join(cfg.run_root, "output")) for f in fs if f.endswith(".tar")
+    )
+    samples = [s for t in tars for s in wds.WebDataset(t, shardshuffle=False)]
+    assert len(samples) == summary["kept"]
+    # Nothing was written outside the run roots.
+    assert sorted(os.listdir(root)) == ["input", "out"]
+
+    again = run_all(cfg)
+    assert again["row_groups_computed"] == 0
+    assert again["row_groups_skipped"] == summary["row_groups_computed"] + summary["row_groups_skipped"]
+    assert {k: again[k] for k in ("records", "kept", "duplicates")} == {k: summary[k] for k in ("records", "kept", "duplicates")}
+
+
+def test_bad_params_fail_fast_with_named_parameters(sample):
+    root, _ = sample
+    with pytest.raises(ConfigError) as err:
+        config(root, "bad", buffer_size=0, input_uri=str(root / "nope"), model="no-such-model").validate()
+    msg = str(err.value)
+    assert "buffer_size" in msg and "input_uri" in msg and "no-such-model" in msg
+    with pytest.raises(ConfigError, match="aesthetic_weights"):
+        config(root, "bad", allow_random_weights=False, pretrained=str(root / "missing.pt")).validate()
