@@ -2,9 +2,11 @@
 
 Set ``WINNOW_TEST_FAULTS`` to JSON like ``{"stage": "embed", "row_groups": [3, 7],
 "once_dir": "/tmp/x"}``: those row groups raise :class:`InjectedFault` on their first try only
-(a marker file in ``once_dir`` remembers the try). ``"mode": "kill"`` SIGKILLs the process
-instead, after the row group's output is computed and before it is committed. Never set it in
-production: it exists for the fault tests and the sparse-retry demo.
+(a marker file in ``once_dir`` remembers the try). ``"mode": "kill"`` SIGKILLs the worker
+process instead, after the row group's output is computed and before it is committed;
+``"mode": "kill_task"`` SIGKILLs the driver (the Airflow task process) right after that row
+group committed, i.e. mid-partition. Never set it in production: it exists for the fault tests
+and the sparse-retry demo.
 """
 
 from __future__ import annotations
@@ -43,8 +45,17 @@ class FaultSpec:
 
     def fire(self, stage: str, row_group: int) -> None:
         """Called by the runner just before a row group's output is committed."""
-        if stage != self.stage or row_group not in self.row_groups:
+        if self.mode == "kill_task" or stage != self.stage or row_group not in self.row_groups:
             return
+        self._fire(stage, row_group)
+
+    def fire_driver(self, stage: str, row_group: int) -> None:
+        """Called by the runner's driver after a row group committed (mode ``kill_task``)."""
+        if self.mode != "kill_task" or stage != self.stage or row_group not in self.row_groups:
+            return
+        self._fire(stage, row_group)
+
+    def _fire(self, stage: str, row_group: int) -> None:
         if self.once_dir is not None:
             os.makedirs(self.once_dir, exist_ok=True)
             marker = os.path.join(self.once_dir, f"{stage}-rg{row_group}")
@@ -53,6 +64,6 @@ class FaultSpec:
             except FileExistsError:
                 return  # already fired once
             os.close(fd)
-        if self.mode == "kill":
+        if self.mode in ("kill", "kill_task"):
             os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"injected test fault in stage {stage!r}, row group {row_group}")

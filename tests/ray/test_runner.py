@@ -127,3 +127,26 @@ def test_task_pool_sets_a_model_stage_up_once_per_worker_across_partitions(tmp_p
         assert s.ok and s.computed == 2
     pids = log_path.read_text().split()
     assert len(pids) == len(set(pids)) <= 2  # once per worker process, not once per partition
+
+
+KILL_CHILD = """
+import json, os, sys
+from winnow.ray.runner import run_stage_partition
+from winnow.rowgroups import RowGroupPlan
+sys.path.insert(0, sys.argv[2])
+from test_runner import RecordRangeStage
+run_stage_partition(RecordRangeStage(), run_root=sys.argv[1], plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, executor="local")
+"""
+
+
+def test_task_process_killed_mid_partition_resumes_with_only_the_rest(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "run"
+    env = dict(os.environ, **{ENV_VAR: json.dumps({"stage": "ranges", "row_groups": [1], "mode": "kill_task", "once_dir": str(tmp_path / "once")})})
+    child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(root), os.path.dirname(__file__)], env=env)
+    assert child.returncode == -9
+    assert CommitStore(str(root)).completed("ranges", 0) == {0, 1}
+    again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, executor="local")
+    assert (again.computed, again.skipped) == (3, 2)

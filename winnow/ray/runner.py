@@ -208,6 +208,8 @@ def run_stage_partition(
         if result["error"]:
             summary.failed[int(result["row_group"])] = result["error"]
         else:
+            if faults is not None:
+                faults.fire_driver(stage.name, int(result["row_group"]))
             summary.computed += 1
             summary.records_in += int(result["records_in"])
             summary.records_out += int(result["records_out"])
