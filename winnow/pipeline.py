@@ -369,16 +369,19 @@ def run_all(
     *,
     ray_address: str | None = None,
     executor: str = "ray",
+    owner: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The whole curation without Airflow, in the DAG's order (depth-first per partition).
 
     Raises :class:`RowGroupsFailedError` after every stage that could run has run, when any
-    row group failed.
+    row group failed. ``owner`` names the run-root lease (default: a fresh id per call); a
+    run_all that was SIGKILLed leaves its lease behind, and a rerun with the same owner resumes
+    at once where another owner gets RunLocked until the lease expires.
     """
     log = log or logger.info
     t0 = time.perf_counter()
-    owner = f"run_all-{uuid.uuid4().hex[:12]}"
+    owner = owner or f"run_all-{uuid.uuid4().hex[:12]}"
     try:
         info = run_index(cfg, owner=owner, log=log)
         summaries: list[dict[str, Any]] = []
