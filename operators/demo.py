@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
 
-    from airflow.models.dagbag import DagBag
+    from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(dag_folder=str(REPO / "dags" / "image_curation.py"), include_examples=False)
+    bag = DagBag(dag_folder=str(REPO / "dags" / "image_curation.py"))
     if bag.import_errors:
         print(json.dumps(bag.import_errors, indent=2), file=sys.stderr)
         return 1

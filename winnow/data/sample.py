@@ -37,6 +37,9 @@ _KINDS = (
     ("png", "RGB"), ("png", "RGBA"), ("png", "P"), ("png", "LA"), ("png", "L"),
     ("webp", "RGB"), ("webp", "RGBA"),
 )
+# The source of a planted near-duplicate stays in colour: a grey or palette original and its
+# RGB re-encode are different pictures, not near-duplicates.
+_COLOUR_KINDS = tuple(k for k in _KINDS if k[1] == "RGB")
 
 
 def shard_name(index: int) -> str:
@@ -224,6 +227,7 @@ def generate_sample(
     n_dups = min(total // 2, max(1, total // 40)) if total >= 2 else 0
     picked = r.sample(range(total), 2 * n_dups)
     dup_of = {picked[2 * i + 1]: picked[2 * i] for i in range(n_dups)}
+    dup_sources = set(dup_of.values())
     formats: dict[str, int] = {}
     near_duplicates: list[dict[str, Any]] = []
     corrupt_members: list[dict[str, str]] = []
@@ -250,7 +254,7 @@ def generate_sample(
                 near_duplicates.append({"keys": [make_key(*divmod(src, per_shard)), key], "how": how})
             else:
                 pic = _picture(hash_seed(seed, g))
-                fmt, mode = rr.choice(_KINDS)
+                fmt, mode = rr.choice(_COLOUR_KINDS if g in dup_sources else _KINDS)
                 quality = rr.choice((85, 90, 95))
             data = _encode(pic, fmt, mode, quality)
             formats[f"{fmt}/{mode}"] = formats.get(f"{fmt}/{mode}", 0) + 1
