@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -67,10 +68,26 @@ def list_shard_infos(input_uri: str) -> list[tuple[str, int]]:
             for f in fs.get_file_info(selector)
             if f.type == pafs.FileType.File and f.base_name.endswith(SHARD_SUFFIX)
         ]
-    if not found:
+    listed = [(shard_uri(input_uri, f.path), f.size or 0) for f in sorted(found, key=lambda f: f.path)]
+    if isinstance(fs, pafs.LocalFileSystem) and info.type == pafs.FileType.Directory:
+        # pyarrow's listing leaves out broken symlinks; a shard that is listed as missing
+        # beats one that silently vanishes (the index then names it as unreadable).
+        listed += [(shard_uri(input_uri, p), 0) for p in _broken_links(root)]
+        listed.sort()
+    if not listed:
         raise InputError(
             input_uri,
             f"input {input_uri!r} holds no {SHARD_SUFFIX} files (searched recursively). "
             "WebDataset shards must be named *.tar; check the path or the date partition.",
         )
-    return [(shard_uri(input_uri, f.path), f.size or 0) for f in sorted(found, key=lambda f: f.path)]
+    return listed
+
+
+def _broken_links(root: str) -> list[str]:
+    """``*.tar`` symlinks under a local ``root`` whose target does not exist."""
+    return [
+        os.path.join(dirpath, name)
+        for dirpath, _, names in os.walk(root)
+        for name in names
+        if name.endswith(SHARD_SUFFIX) and not os.path.exists(os.path.join(dirpath, name))
+    ]
