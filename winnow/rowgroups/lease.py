@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from winnow.rowgroups.errors import RunLocked
+from winnow.rowgroups.errors import RunLocked, StorageError
 from winnow.rowgroups.store import CommitStore, is_local, read_json, write_json
 
 LEASE_FILE = "_lease.json"
@@ -43,14 +43,19 @@ def acquire(store: CommitStore, owner: str, *, ttl_s: float = DEFAULT_TTL_S) -> 
     lease = Lease(owner=owner, expires_at=now + ttl_s)
     payload = {"owner": owner, "expires_at": lease.expires_at, "pid": os.getpid(), "host": os.uname().nodename}
     if is_local(store.fs):
-        os.makedirs(store.root, exist_ok=True)
         try:  # First taker wins atomically; everyone else reads what is there.
+            os.makedirs(store.root, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             with os.fdopen(fd, "w") as f:
                 json.dump(payload, f)
             return lease
         except FileExistsError:
             pass
+        except OSError as exc:  # read-only or full storage: say so, naming the path
+            raise StorageError(
+                f"could not take the run lease {path}: {exc.strerror or exc}. The output root must "
+                "be writable (check the mount, permissions and free space)."
+            ) from exc
     current = read_lease(store)
     if current is not None and current.owner != owner and current.live:
         left = int(current.expires_at - now)
