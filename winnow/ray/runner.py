@@ -82,6 +82,17 @@ class _RowGroupWorker:
         task = RowGroupTask(self.run_root, self.plan, self.partition, row_group)
         records_in = self.plan.row_group_size(row_group)
         try:
+            committed_rows = self._committed_rows(row_group)
+            if committed_rows is not None:
+                # A retried Ray task whose first try committed and then died before replying.
+                return {
+                    "row_group": row_group,
+                    "error": "",
+                    "records_in": records_in,
+                    "records_out": committed_rows,
+                    "seconds": time.perf_counter() - t0,
+                    "skipped": True,
+                }
             table = self.stage.process(task)
             if self.faults is not None:
                 self.faults.fire(self.stage.name, row_group)
@@ -92,6 +103,7 @@ class _RowGroupWorker:
                 "records_in": records_in,
                 "records_out": table.num_rows,
                 "seconds": time.perf_counter() - t0,
+                "skipped": False,
             }
         except Exception as exc:  # a row group's failure is isolated and reported
             text = f"{type(exc).__name__}: {exc}"
@@ -105,7 +117,19 @@ class _RowGroupWorker:
                 "records_in": records_in,
                 "records_out": 0,
                 "seconds": time.perf_counter() - t0,
+                "skipped": False,
             }
+
+    def _committed_rows(self, row_group: int) -> int | None:
+        """Rows of the row group's committed file, or None when it is not committed."""
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        path = self.store.row_group_path(self.stage.name, self.partition, row_group)
+        if self.store.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.store.fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
 
     def __call__(self, batch: dict) -> dict:
         rows = [self.run_one(int(rg)) for rg in batch["row_group"]]
@@ -207,6 +231,8 @@ def run_stage_partition(
         progress.update(result)
         if result["error"]:
             summary.failed[int(result["row_group"])] = result["error"]
+        elif result.get("skipped"):
+            summary.skipped += 1  # committed by an earlier try of the same Ray task
         else:
             if faults is not None:
                 faults.fire_driver(stage.name, int(result["row_group"]))
