@@ -18,7 +18,7 @@ from winnow.ray.runner import PartitionSummary, run_stage_partition
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, WinnowError
 from winnow.rowgroups import lease
 from winnow.rowgroups.plan import MAX_MAP_LENGTH
-from winnow.rowgroups.store import write_json
+from winnow.rowgroups.store import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +410,35 @@ def run_all(
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['output']}")
     return summary
+
+
+def run_progress(run_root: str) -> dict[str, Any]:
+    """Row groups committed per stage of a run, from storage (one listing per partition).
+
+    What the Airflow plugin shows; cheap enough to poll: O(partitions) listings, no reads.
+    """
+    from winnow.data.index import load_index
+
+    store = CommitStore(run_root)
+    plan = load_index(run_root).plan
+    stages: dict[str, dict[str, Any]] = {}
+    for name in STAGE_ORDER:
+        committed = sum(len(store.completed(name, p)) for p in range(plan.num_partitions))
+        stages[name] = {
+            "committed": committed,
+            "row_groups": plan.num_row_groups,
+            "fingerprint": (store.read_fingerprint(name) or {}).get("digest"),
+        }
+    summary = read_json(store.fs, store.path(SUMMARY_FILE))
+    return {
+        "run_root": run_root,
+        "records": plan.num_records,
+        "row_groups": plan.num_row_groups,
+        "partitions": plan.num_partitions,
+        "stages": stages,
+        "complete": summary is not None and stages["output"]["committed"] == plan.num_row_groups,
+        "summary": summary,
+    }
 
 
 class RowGroupsFailedError(WinnowError):
