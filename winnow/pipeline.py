@@ -138,23 +138,18 @@ def make_stage(cfg: CurationConfig, name: str):
                 decode_backend=cfg.decode_backend,
             )
         )
-    if name == "aesthetic":
+    if name in ("aesthetic", "nsfw"):
         from winnow.stages.aesthetic import AestheticConfig, AestheticStage
-
-        return AestheticStage(
-            AestheticConfig(
-                weights=cfg.aesthetic_weights,
-                threshold=cfg.aesthetic_threshold,
-                allow_random_weights=cfg.allow_random_weights,
-            )
-        )
-    if name == "nsfw":
         from winnow.stages.nsfw import NsfwConfig, NsfwStage
 
-        return NsfwStage(
-            NsfwConfig(
-                weights=cfg.nsfw_weights,
-                threshold=cfg.nsfw_threshold,
+        config_cls, stage_cls = {
+            "aesthetic": (AestheticConfig, AestheticStage),
+            "nsfw": (NsfwConfig, NsfwStage),
+        }[name]
+        return stage_cls(
+            config_cls(
+                weights=getattr(cfg, f"{name}_weights"),
+                threshold=getattr(cfg, f"{name}_threshold"),
                 allow_random_weights=cfg.allow_random_weights,
             )
         )
