@@ -1,0 +1,112 @@
+"""Shared helpers of the benchmark harnesses: machine description, cached sample shards, medians.
+
+Benchmarks are scripts, not tests: nothing here is collected by pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+#: The curation every benchmark runs: tiny model, random weights, fixed thresholds and eps
+#: (the demo's values: each filter drops some records, dedup finds the planted copies).
+TINY_CURATION = {
+    "model": "winnow-tiny-vit",
+    "pretrained": "random",
+    "allow_random_weights": True,
+    "aesthetic_threshold": 7.4,
+    "nsfw_threshold": 0.45,
+    "dedup_eps": 0.0002,
+}
+
+
+def machine() -> dict:
+    """What the numbers were measured on, load included (this machine is shared)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
+        mem_gib = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": mem_gib,
+        "gpu": gpu,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+    }
+
+
+def describe(m: dict) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return (f"{m['nproc']} cores {m['cpu']}, {m['ram_gib']} GiB RAM{gpu}; "
+            f"load average {m['loadavg'][0]:.2f} / {m['loadavg'][1]:.2f} / {m['loadavg'][2]:.2f} (1/5/15 min)")
+
+
+def ensure_sample(folder: str, *, shards: int, per_shard: int, seed: int = 0) -> dict:
+    """Generate sample shards once (cached by a manifest with the same size and seed)."""
+    from winnow.data.sample import MANIFEST, generate_sample
+
+    manifest_path = Path(folder) / MANIFEST
+    stamp = Path(folder) / "_bench_params.json"
+    params = {"shards": shards, "per_shard": per_shard, "seed": seed}
+    if manifest_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return json.loads(manifest_path.read_text())
+    manifest = generate_sample(folder, shards=shards, per_shard=per_shard, seed=seed)
+    stamp.write_text(json.dumps(params))
+    return manifest
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run_json_child(argv: list[str], *, env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run a child Python process that prints one JSON line starting with ``RESULT `` last."""
+    proc = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=str(REPO),
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(
+        f"child {' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    )
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``"""
+
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
