@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"machine at start: {describe(start_machine)}")
     print(f"runs (img/s): {json.dumps({k: [round(x, 1) for x in v] for k, v in runs.items()})}")
+    per_round = [round(p / r, 2) for p, r in zip(runs["pipeline"], runs["raw"])]
+    print(f"pipeline/raw per round: {per_round}; images/s are per GPU when --device cuda (one model worker per GPU)")
     print(f"executor={args.executor}, row groups={plan.num_row_groups}, partitions={plan.num_partitions}")
     print(HEADER)
     print(row)
