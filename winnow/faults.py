@@ -2,10 +2,13 @@
 
 Set ``WINNOW_TEST_FAULTS`` to JSON like ``{"stage": "embed", "row_groups": [3, 7],
 "once_dir": "/tmp/x"}``: those row groups raise :class:`InjectedFault` on their first try only
-(a marker file in ``once_dir`` remembers the try). ``"mode": "kill"`` SIGKILLs the worker
+(a marker file in ``once_dir`` remembers the try; ``"times": n`` fires on the first n tries,
+so a run can exhaust its retries). ``"mode": "kill"`` SIGKILLs the worker
 process instead, after the row group's output is computed and before it is committed;
 ``"mode": "kill_task"`` SIGKILLs the driver (the Airflow task process) right after that row
-group committed, i.e. mid-partition. Never set it in production: it exists for the fault tests
+group committed, i.e. mid-partition. A value ``@/path/spec.json`` reads the spec from that file
+each time a partition starts (a missing file: no faults), so tests against long-running Airflow
+services can change it between DAG runs. Never set it in production: it exists for the fault tests
 and the sparse-retry demo.
 """
 
@@ -29,11 +32,18 @@ class FaultSpec:
     row_groups: frozenset[int]
     once_dir: str | None = None
     mode: str = "raise"
+    times: int = 1
 
     @classmethod
     def from_env(cls) -> "FaultSpec | None":
         raw = os.environ.get(ENV_VAR)
-        if not raw:
+        if raw and raw.startswith("@"):
+            try:
+                with open(raw[1:]) as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                return None
+        if not raw or not raw.strip():
             return None
         spec = json.loads(raw)
         return cls(
@@ -41,6 +51,7 @@ class FaultSpec:
             row_groups=frozenset(int(r) for r in spec.get("row_groups", [])),
             once_dir=spec.get("once_dir"),
             mode=spec.get("mode", "raise"),
+            times=int(spec.get("times", 1)),
         )
 
     def fire(self, stage: str, row_group: int) -> None:
@@ -58,12 +69,16 @@ class FaultSpec:
     def _fire(self, stage: str, row_group: int) -> None:
         if self.once_dir is not None:
             os.makedirs(self.once_dir, exist_ok=True)
-            marker = os.path.join(self.once_dir, f"{stage}-rg{row_group}")
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return  # already fired once
-            os.close(fd)
+            base = os.path.join(self.once_dir, f"{stage}-rg{row_group}")
+            for k in range(self.times):
+                try:
+                    fd = os.open(base if k == 0 else f"{base}.{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    continue  # this try already fired
+                os.close(fd)
+                break
+            else:
+                return  # already fired `times` times
         if self.mode in ("kill", "kill_task"):
             os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"injected test fault in stage {stage!r}, row group {row_group}")
