@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable, Mapping
 
@@ -370,13 +369,14 @@ def run_all(
     """The whole curation without Airflow, in the DAG's order (depth-first per partition).
 
     Raises :class:`RowGroupsFailedError` after every stage that could run has run, when any
-    row group failed. ``owner`` names the run-root lease (default: a fresh id per call); a
-    run_all that was SIGKILLed leaves its lease behind, and a rerun with the same owner resumes
-    at once where another owner gets RunLocked until the lease expires.
+    row group failed. ``owner`` names the run-root lease. By default it is this process: if it
+    dies (SIGKILL, power loss of a laptop run), the next run_all on this host takes the run
+    root over at once and resumes. An explicit owner (e.g. a DAG run id) is only freed by its
+    owner or by expiry; a rerun with the same owner resumes at once.
     """
     log = log or logger.info
     t0 = time.perf_counter()
-    owner = owner or f"run_all-{uuid.uuid4().hex[:12]}"
+    owner = owner or lease.process_owner()
     try:
         info = run_index(cfg, owner=owner, log=log)
         summaries: list[dict[str, Any]] = []

@@ -35,3 +35,30 @@ def test_release_only_by_owner(tmp_path):
     release(store, "run-a")
     assert read_lease(store) is None
     acquire(store, "run-b")
+
+
+def test_lease_of_a_dead_single_process_run_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    store = CommitStore(str(tmp_path / "run"))
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from winnow.rowgroups import CommitStore; from winnow.rowgroups.lease import acquire, process_owner; "
+         "acquire(CommitStore(sys.argv[1]), process_owner())", str(tmp_path / "run")],
+        check=True,
+    )
+    assert child.returncode == 0
+    held = read_lease(store)
+    assert held.owner.startswith("process:") and not held.live  # its process has exited
+    acquire(store, "run-b")
+    assert read_lease(store).owner == "run-b"
+
+
+def test_lease_of_a_live_single_process_run_is_respected(tmp_path):
+    from winnow.rowgroups.lease import process_owner
+
+    store = CommitStore(str(tmp_path / "run"))
+    acquire(store, process_owner())  # this very process: alive
+    with pytest.raises(RunLocked):
+        acquire(store, "run-b")

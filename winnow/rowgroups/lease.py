@@ -19,28 +19,55 @@ LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 30 * 60
 
 
+#: Owners that are one process (``run_all`` without Airflow) start with this; their lease is
+#: stale as soon as that process is gone, so a crashed ``run_all`` can be rerun at once. A DAG
+#: run's owner spans many task processes and is only freed by expiry.
+PROCESS_OWNER_PREFIX = "process:"
+
+
+def process_owner() -> str:
+    """A lease owner for a run held by this one process."""
+    return f"{PROCESS_OWNER_PREFIX}{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
+
+
 @dataclass(frozen=True)
 class Lease:
     owner: str
     expires_at: float
+    pid: int = 0
+    host: str = ""
 
     @property
     def live(self) -> bool:
-        return self.expires_at > time.time()
+        if self.expires_at <= time.time():
+            return False
+        if self.owner.startswith(PROCESS_OWNER_PREFIX) and self.host == os.uname().nodename and self.pid:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False  # its one process died: nobody is using the run root
+            except PermissionError:
+                pass
+        return True
 
 
 def read_lease(store: CommitStore) -> Lease | None:
     data = read_json(store.fs, store.path(LEASE_FILE))
     if not data:
         return None
-    return Lease(owner=str(data.get("owner", "")), expires_at=float(data.get("expires_at", 0)))
+    return Lease(
+        owner=str(data.get("owner", "")),
+        expires_at=float(data.get("expires_at", 0)),
+        pid=int(data.get("pid", 0) or 0),
+        host=str(data.get("host", "")),
+    )
 
 
 def acquire(store: CommitStore, owner: str, *, ttl_s: float = DEFAULT_TTL_S) -> Lease:
     """Take or renew the lease for ``owner``; raise :class:`RunLocked` if another owner holds it."""
     path = store.path(LEASE_FILE)
     now = time.time()
-    lease = Lease(owner=owner, expires_at=now + ttl_s)
+    lease = Lease(owner=owner, expires_at=now + ttl_s, pid=os.getpid(), host=os.uname().nodename)
     payload = {"owner": owner, "expires_at": lease.expires_at, "pid": os.getpid(), "host": os.uname().nodename}
     if is_local(store.fs):
         try:  # First taker wins atomically; everyone else reads what is there.
