@@ -18,16 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-#: The curation every benchmark runs: tiny model, random weights, fixed thresholds and eps
-#: (the demo's values: each filter drops some records, dedup finds the planted copies).
-TINY_CURATION = {
-    "model": "winnow-tiny-vit",
-    "pretrained": "random",
-    "allow_random_weights": True,
-    "aesthetic_threshold": 7.4,
-    "nsfw_threshold": 0.45,
-    "dedup_eps": 0.0002,
-}
+from winnow.data.sample import TINY_MODEL_PARAMS  # noqa: E402
+
+#: The curation every benchmark runs: the demo's tiny-model params (each filter drops some
+#: records, dedup finds the planted copies).
+TINY_CURATION = dict(TINY_MODEL_PARAMS)
 
 
 def machine() -> dict:

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t0 = time.perf_counter()
 
-    from winnow.data.sample import generate_sample
+    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
 
     input_dir = out / "input"
     if not (input_dir / "_sample_manifest.json").exists():
@@ -61,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_key": args.run_key,
         "buffer_size": args.buffer_size,
         "max_partitions": 4,
-        "model": "winnow-tiny-vit",
-        "pretrained": "random",
-        "allow_random_weights": True,
-        # Random-weight heads: thresholds set so that each filter drops some records.
-        "aesthetic_threshold": 7.4,
-        "nsfw_threshold": 0.45,
-        "dedup_eps": 0.0002,
+        **TINY_MODEL_PARAMS,
     }
     dr = dag.test(run_conf=conf)
     state = str(getattr(dr, "state", "unknown"))

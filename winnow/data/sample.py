@@ -42,6 +42,20 @@ _KINDS = (
 _COLOUR_KINDS = tuple(k for k in _KINDS if k[1] == "RGB")
 
 
+#: Curation params that suit this sample data with the tiny random-weight model
+#: (``winnow-tiny-vit``): each filter drops some records and dedup finds the planted copies
+#: (the random model puts distinct images at cosine ~0.97-0.9995, the planted copies above).
+#: Used by the demo and the benchmarks; meaningless for real data.
+TINY_MODEL_PARAMS = {
+    "model": "winnow-tiny-vit",
+    "pretrained": "random",
+    "allow_random_weights": True,
+    "aesthetic_threshold": 7.4,
+    "nsfw_threshold": 0.45,
+    "dedup_eps": 0.0002,
+}
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
