@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
 from operators.base import CurationOperator, RowGroupStageOperator, engine_errors
 
 if TYPE_CHECKING:
@@ -31,16 +29,10 @@ class IndexOperator(CurationOperator):
         from winnow import pipeline
 
         cfg = self.curation_config(context)
-        try:
-            with engine_errors():
-                result = pipeline.run_index(cfg, owner=self.lease_owner(context), log=self.log.info)
-        except AirflowFailException:
-            # This run stops here for good: give the run root back, so a corrected run (new
-            # params, overwrite) need not wait for the lease to expire.
-            from winnow.rowgroups import CommitStore, lease
-
-            lease.release(CommitStore(cfg.run_root), self.lease_owner(context))
-            raise
+        # A run that fails fast here (changed config, bad shard) gives the run root's lease
+        # back in the engine, so a corrected run need not wait for it to expire.
+        with engine_errors():
+            result = pipeline.run_index(cfg, owner=self.lease_owner(context), log=self.log.info)
         summary = {k: v for k, v in result.items() if k not in _INDEX_LOCAL_KEYS}
         summary["run_root"] = cfg.run_root
         context["ti"].xcom_push(key="summary", value=summary)
