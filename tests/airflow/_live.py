@@ -77,6 +77,8 @@ class LiveAirflow:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home}/airflow.db",
+            # Wait for SQLite's write lock instead of failing with "database is locked".
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "tests.airflow.sqlite_busy.CONNECT_ARGS",
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
             # A non-default API port: task processes must be told where the execution API is.
@@ -245,7 +247,12 @@ class LiveAirflow:
         return r.json()["task_instances"]
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        proc = subprocess.run([AIRFLOW_BIN, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        for attempt in range(3):
+            proc = subprocess.run([AIRFLOW_BIN, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+            # SQLite rolls a failed write back: a command that lost the lock can simply run again.
+            if proc.returncode == 0 or "database is locked" not in proc.stderr:
+                break
+            time.sleep(2 * (attempt + 1))
         if proc.returncode != 0:
             raise LiveAirflowError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
