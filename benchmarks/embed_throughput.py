@@ -95,17 +95,19 @@ def time_pipeline(stage: EmbedStage, run_root: str, plan, executor: str, ray_add
     return seconds
 
 
-def time_raw(stage: EmbedStage, images: list[bytes], batch_size: int) -> float:
-    """Decode with the stage's decoder and run the model, in a plain loop: the fair baseline."""
-    loaded, decoder, device = stage._loaded, stage._decoder, stage.device
-    assert loaded is not None and decoder is not None
+def _timed_forward(stage: EmbedStage, pixel_batches) -> float:
+    """Seconds to run the model over uint8 pixel batches exactly as ``embed_images`` does.
+
+    ``pixel_batches`` is lazy, so whatever produces a batch (decoding) is inside the clock.
+    """
+    loaded, device = stage._loaded, stage.device
+    assert loaded is not None
     amp = stage._autocast_dtype()
     _sync(device)
     t0 = time.perf_counter()
     outs = []
     with torch.inference_mode():
-        for s in range(0, len(images), batch_size):
-            pixels = decoder.decode(images[s : s + batch_size]).pixels
+        for pixels in pixel_batches:
             x = normalize_batch(pixels.to(device, non_blocking=True), loaded.preprocess)
             with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
                 feats = loaded.model.encode_image(x)
@@ -116,24 +118,17 @@ def time_raw(stage: EmbedStage, images: list[bytes], batch_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def time_raw(stage: EmbedStage, images: list[bytes], batch_size: int) -> float:
+    """Decode with the stage's decoder and run the model, in a plain loop: the fair baseline."""
+    decoder = stage._decoder
+    assert decoder is not None
+    batches = (decoder.decode(images[s : s + batch_size]).pixels for s in range(0, len(images), batch_size))
+    return _timed_forward(stage, batches)
+
+
 def time_model(stage: EmbedStage, decoded: torch.Tensor, batch_size: int) -> float:
     """The image tower alone on decoded uint8 images, as embed_images calls it."""
-    loaded, device = stage._loaded, stage.device
-    assert loaded is not None
-    amp = stage._autocast_dtype()
-    _sync(device)
-    t0 = time.perf_counter()
-    outs = []
-    with torch.inference_mode():
-        for s in range(0, len(decoded), batch_size):
-            x = normalize_batch(decoded[s : s + batch_size].to(device, non_blocking=True), loaded.preprocess)
-            with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                feats = loaded.model.encode_image(x)
-            outs.append(torch.nn.functional.normalize(feats.float(), dim=-1).to(torch.float16))
-        for o in outs:
-            o.cpu()
-    _sync(device)
-    return time.perf_counter() - t0
+    return _timed_forward(stage, (decoded[s : s + batch_size] for s in range(0, len(decoded), batch_size)))
 
 
 def main(argv: list[str] | None = None) -> int:
