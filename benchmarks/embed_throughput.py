@@ -6,7 +6,7 @@
 
 In one process and on the same images it times, each ``--repeats`` times, interleaved (median
 reported):
-  pipeline   run_stage_partition (executor ray) over every partition: ranged shard reads,
+  pipeline   run_stage_partition (backend ray) over every partition: ranged shard reads,
              decode, model, Parquet commits, Ray scheduling. The model is loaded once per Ray
              worker process and cached there (a warm-up pass pays it), as in a real run;
   raw        the fair baseline: the same image bytes in memory, decoded by the same decoder
@@ -75,7 +75,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_pipeline(stage: EmbedStage, run_root: str, plan, executor: str, ray_address: str | None) -> float:
+def time_pipeline(stage: EmbedStage, run_root: str, plan, backend: str, ray_address: str | None) -> float:
     from winnow.ray.runner import run_stage_partition
 
     shutil.rmtree(os.path.join(run_root, stage.name), ignore_errors=True)
@@ -84,7 +84,7 @@ def time_pipeline(stage: EmbedStage, run_root: str, plan, executor: str, ray_add
     for p in range(plan.num_partitions):
         summary = run_stage_partition(
             stage, run_root=run_root, plan=plan, partition=p, ray_address=ray_address,
-            executor=executor, log=lambda _line: None,
+            backend=backend, log=lambda _line: None,
         )
         if summary.failed:
             raise RuntimeError(f"partition {p} failed row groups: {summary.failed}")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-partitions", type=int, default=1, help="1: one task's worth of row groups")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--decode-backend", default="auto")
-    ap.add_argument("--executor", default="ray", choices=("ray", "local"))
+    ap.add_argument("--backend", default="ray", choices=("ray", "local"))
     ap.add_argument("--ray-address", default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="where shards and the run root go (default: a temp dir)")
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     decoded = torch.from_numpy(np.stack([pre.to_uint8(decode_image(b)[0]) for b in images]))
     if stage.device.type == "cuda":
         decoded = decoded.pin_memory()
-    if args.executor == "ray":
+    if args.backend == "ray":
         from winnow.ray.cluster import connect
 
         connect(args.ray_address)  # Ray start is a per-process cost, not a per-stage one
@@ -186,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up: first CUDA kernels, Ray worker processes, page cache.
     time_model(stage, decoded[: args.batch_size], args.batch_size)
     time_raw(stage, images[: args.batch_size], args.batch_size)
-    time_pipeline(stage, run_root, plan, args.executor, args.ray_address)
+    time_pipeline(stage, run_root, plan, args.backend, args.ray_address)
 
     runs: dict[str, list[float]] = {"pipeline": [], "raw": [], "model": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits all three alike
         runs["model"].append(len(images) / time_model(stage, decoded, args.batch_size))
         runs["raw"].append(len(images) / time_raw(stage, images, args.batch_size))
-        runs["pipeline"].append(len(images) / time_pipeline(stage, run_root, plan, args.executor, args.ray_address))
+        runs["pipeline"].append(len(images) / time_pipeline(stage, run_root, plan, args.backend, args.ray_address))
     med = {k: statistics.median(v) for k, v in runs.items()}
 
     device = str(stage.device)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"runs (img/s): {json.dumps({k: [round(x, 1) for x in v] for k, v in runs.items()})}")
     per_round = [round(p / r, 2) for p, r in zip(runs["pipeline"], runs["raw"])]
     print(f"pipeline/raw per round: {per_round}; images/s are per GPU when --device cuda (one model worker per GPU)")
-    print(f"executor={args.executor}, row groups={plan.num_row_groups}, partitions={plan.num_partitions}")
+    print(f"backend={args.backend}, row groups={plan.num_row_groups}, partitions={plan.num_partitions}")
     print(HEADER)
     print(row)
     if args.json:

@@ -238,7 +238,7 @@ def child_ray(params: dict) -> dict:
 
     cfg = CurationConfig.from_params(params)
     embed_config = make_stage(cfg, "embed").config
-    out_dir = os.path.join(cfg.run_root, "output")
+    out_dir = os.path.join(cfg.run_root, "write")
     os.makedirs(out_dir, exist_ok=True)
     phases: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -3,7 +3,7 @@
     python benchmarks/resume_cost.py [--images 2000] [--shards 8] [--buffer-size 125]
         [--max-partitions 1] [--kill-at 0.5] [--runs 3] [--workdir /tmp/winnow-bench]
 
-Each round: (1) a clean ``run_all(executor="ray")`` in a fresh process; (2) the same on a fresh
+Each round: (1) a clean ``run_all(backend="ray")`` in a fresh process; (2) the same on a fresh
 run root in a process group that is SIGKILLed (the whole group: driver, local Ray, workers)
 once ``kill-at`` of the embed row groups are committed, as the commit store shows them; (3)
 a fresh process resuming that run root. Compute is the wall time of the stage work, from the
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import TINY_CURATION, describe, ensure_sample, machine, median, run_json_child  # noqa: E402
 
-STAGES = ("embed", "aesthetic", "nsfw", "dedup", "output")
+STAGES = ("embed", "aesthetic", "nsfw", "dedup", "write")
 
 
 def child(params: dict, marker: str) -> dict:
@@ -44,7 +44,7 @@ def child(params: dict, marker: str) -> dict:
     connect(None)
     start = time.time()
     Path(marker).write_text(json.dumps({"work_start": start, "pid": os.getpid()}))
-    summary = run_all(cfg, executor="ray", log=lambda _line: None)
+    summary = run_all(cfg, backend="ray", log=lambda _line: None)
     return {
         "compute_seconds": time.time() - start,
         "row_groups_by_stage": summary["row_groups_by_stage"],
@@ -60,7 +60,7 @@ def committed(run_root: str, stage: str) -> int:
 def output_digest(run_root: str) -> str:
     """sha256 over the output tars, in path order: equal output means equal digests."""
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(run_root, "output", "p*", "rg*.tar"))):
+    for path in sorted(glob.glob(os.path.join(run_root, "write", "p*", "rg*.tar"))):
         h.update(os.path.relpath(path, run_root).encode())
         h.update(Path(path).read_bytes())
     return h.hexdigest()

@@ -8,20 +8,13 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, Param, task_group
+from airflow.sdk import DAG, Asset, Param, chain, task_group
 
 from operators.base import PARTITION_LABEL
-from operators.stages import (
-    AestheticOperator,
-    DedupOperator,
-    EmbedOperator,
-    IndexOperator,
-    NsfwOperator,
-    ReportOperator,
-    WriteOperator,
-)
+from operators.stages import OPERATORS, ReportOperator
+from winnow.stages.registry import run_phases
 
-CURATED_IMAGES = Asset(name="winnow_curated_images", uri="winnow://image_curation/output", group="winnow")
+CURATED_IMAGES = Asset(name="winnow_curated_images", uri="winnow://image_curation/write", group="winnow")
 CURATION_SUMMARY = Asset(name="winnow_curation_summary", uri="winnow://image_curation/summary", group="winnow")
 
 DOC_MD = """
@@ -104,6 +97,7 @@ PARAMS = {
                                  description="Keep images whose aesthetic score (1-10) is at least this."),
     "nsfw_threshold": Param(0.5, type="number", minimum=0, maximum=1, title="NSFW threshold",
                             description="Drop images whose NSFW probability is at least this."),
+    # Ranges are those of the stage configs that own the knobs (a test keeps them equal).
     "dedup_eps": Param(0.05, type="number", exclusiveMinimum=0, maximum=1, title="Dedup epsilon",
                        description="Near-duplicates have cosine similarity >= 1 - eps."),
     "dedup_clusters": Param(0, type="integer", minimum=0, title="Dedup clusters",
@@ -129,6 +123,17 @@ DEFAULT_ARGS = {
     "weight_rule": "upstream",
 }
 
+def _partition_group(specs, partitions):
+    """A mapped task group running ``specs`` (partition stages) depth-first for each partition."""
+
+    @task_group(group_id=specs[0].group)
+    def curate_partition(partition: int) -> None:
+        chain(*[OPERATORS[spec.name](task_id=spec.name, partition=partition) for spec in specs])
+
+    curate_partition.__doc__ = f"Depth-first per partition: its row groups go {' -> '.join(s.name for s in specs)}."
+    return curate_partition.expand(partition=partitions)
+
+
 with DAG(
     dag_id="image_curation",
     description="Curate WebDataset images: CLIP embed, aesthetic + NSFW filters, semantic dedup.",
@@ -141,27 +146,22 @@ with DAG(
     doc_md=DOC_MD,
     tags=["winnow", "curation"],
 ) as dag:
-    index = IndexOperator(task_id="index")
-
-    @task_group(group_id="partition")
-    def curate_partition(partition: int) -> None:
-        """Depth-first per partition: its row groups go embed -> aesthetic -> nsfw."""
-        embed = EmbedOperator(task_id="embed", partition=partition)
-        aesthetic = AestheticOperator(task_id="aesthetic", partition=partition)
-        nsfw = NsfwOperator(task_id="nsfw", partition=partition)
-        embed >> aesthetic >> nsfw
-
-    partitions = curate_partition.expand(partition=index.output)
-    dedup = DedupOperator(task_id="dedup")
-    write = WriteOperator.partial(
-        task_id="write", outlets=[CURATED_IMAGES], map_index_template=PARTITION_LABEL
-    ).expand(
-        partition=index.output
-    )
-    report = ReportOperator(
-        task_id="report",
-        outlets=[CURATION_SUMMARY],
-        partition_task_ids=["partition.embed", "partition.aesthetic", "partition.nsfw", "write"],
-    )
-
-    index >> partitions >> dedup >> write >> report
+    # The stage graph is the engine's registry; this wires its phases in order: a global stage
+    # is one task, partition stages are mapped over the index task's partition list.
+    steps = []
+    index = None
+    for scope, specs in run_phases():
+        if scope == "global":
+            steps.append(OPERATORS[specs[0].name](task_id=specs[0].task_id))
+            index = index or steps[-1]
+        elif specs[0].group:
+            steps.append(_partition_group(specs, index.output))
+        else:
+            (spec,) = specs
+            steps.append(
+                OPERATORS[spec.name]
+                .partial(task_id=spec.task_id, outlets=[CURATED_IMAGES], map_index_template=PARTITION_LABEL)
+                .expand(partition=index.output)
+            )
+    steps.append(ReportOperator(task_id="report", outlets=[CURATION_SUMMARY]))
+    chain(*steps)

@@ -1,47 +1,12 @@
 """Airflow operators and the Ray hook for winnow: thin orchestration over ``winnow.pipeline``.
 
-Also the provider entry point (``get_provider_info``) that registers the ``ray`` connection type.
+Import operators from their modules (``operators.stages``, ``operators.hooks``). This package
+module stays import-free: Airflow's providers manager imports it for ``get_provider_info``.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-__all__ = [
-    "AestheticOperator",
-    "CurationOperator",
-    "DedupOperator",
-    "EmbedOperator",
-    "IndexOperator",
-    "NsfwOperator",
-    "RayHook",
-    "ReportOperator",
-    "RowGroupStageOperator",
-    "RowGroupsFailed",
-    "WriteOperator",
-    "get_provider_info",
-]
-
-_LAZY = {
-    "RayHook": "operators.hooks",
-    "CurationOperator": "operators.base",
-    "RowGroupStageOperator": "operators.base",
-    "RowGroupsFailed": "operators.base",
-    **{
-        name: "operators.stages"
-        for name in ("IndexOperator", "EmbedOperator", "AestheticOperator", "NsfwOperator",
-                     "DedupOperator", "WriteOperator", "ReportOperator")
-    },
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy so that the provider manager can call get_provider_info without importing Airflow's SDK.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'operators' has no attribute {name!r}")
 
 
 def get_provider_info() -> dict[str, Any]:

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = ("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept",
                 "members_without_image", "row_groups", "row_groups_computed", "row_groups_skipped")
         print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
-        print(f"output:  {run_root / 'output'}")
+        print(f"output:  {run_root / 'write'}")
         print(f"summary: {summary_path}")
     return 0 if state.endswith("success") else 1
 

@@ -96,10 +96,9 @@ class RayHook(BaseHook):
 
     def describe(self) -> str:
         """A log-safe description: never the password, the extras or userinfo in a URI."""
+        from winnow.ray.cluster import redact
+
         address, mode = self._resolve()
         if address is None:
             return "embedded local Ray"
-        if "@" in address and "://" in address:
-            scheme, rest = address.split("://", 1)
-            address = f"{scheme}://***@{rest.split('@', 1)[1]}"
-        return f"Ray at {address} ({mode} mode, connection {self.ray_conn_id!r})"
+        return f"Ray at {redact(address)} ({mode} mode, connection {self.ray_conn_id!r})"

@@ -1,6 +1,7 @@
 """One operator per curation stage; each delegates to ``winnow.pipeline`` and stays small.
 
-index -> (embed -> aesthetic -> nsfw per partition) -> dedup -> write per partition -> report.
+The stage graph is the engine's registry (``winnow.stages.registry``): ``OPERATORS`` gives the
+operator of each registered stage, and the DAG wires them in the registry's order.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ class NsfwOperator(RowGroupStageOperator):
 
 
 class WriteOperator(RowGroupStageOperator):
-    """Writes the kept records of a partition as WebDataset tars plus Parquet (stage ``output``)."""
+    """Writes the kept records of a partition as WebDataset tars plus Parquet (stage ``write``)."""
 
-    stage = "output"
+    stage = "write"
 
 
 class DedupOperator(CurationOperator):
@@ -81,11 +82,16 @@ class ReportOperator(CurationOperator):
     """Writes ``<run_root>/_summary.json`` and returns it; attaches its counts to the outlet event.
 
     :param partition_task_ids: the per-partition tasks whose XCom summaries say how many row
-        groups this run computed versus skipped (one small dict per map index).
+        groups this run computed versus skipped (one small dict per map index); by default the
+        task ids of the registry's partition stages, as the ``image_curation`` DAG names them.
     """
 
-    def __init__(self, *, partition_task_ids: list[str] | tuple[str, ...] = (), **kwargs: Any) -> None:
+    def __init__(self, *, partition_task_ids: list[str] | tuple[str, ...] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if partition_task_ids is None:
+            from winnow.stages.registry import partition_stages
+
+            partition_task_ids = [spec.task_id for spec in partition_stages()]
         self.partition_task_ids = list(partition_task_ids)
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -100,6 +106,17 @@ class ReportOperator(CurationOperator):
             context["outlet_events"][outlet].extra = {"run_root": cfg.run_root, **_counts(summary)}
         self.log.info("report: %s", summary)
         return summary
+
+
+#: The operator of every stage of the engine's registry (a test checks they match).
+OPERATORS: dict[str, type[CurationOperator]] = {
+    "index": IndexOperator,
+    "embed": EmbedOperator,
+    "aesthetic": AestheticOperator,
+    "nsfw": NsfwOperator,
+    "dedup": DedupOperator,
+    "write": WriteOperator,
+}
 
 
 def _counts(summary: dict[str, Any]) -> dict[str, Any]:

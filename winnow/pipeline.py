@@ -10,21 +10,26 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterable, Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
 
 from winnow.ray.runner import PartitionSummary, run_stage_partition
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, WinnowError
-from winnow.rowgroups import lease
-from winnow.rowgroups.plan import MAX_MAP_LENGTH
+from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, WinnowError, lease
 from winnow.rowgroups.store import read_json, write_json
+from winnow.stages.registry import STAGES, partition_stages, run_phases, stage_order, stage_spec
+
+if TYPE_CHECKING:
+    from winnow.stages.base import Stage
+    from winnow.stages.decode import DecodeBackend
+    from winnow.stages.models import ModelSpec
 
 logger = logging.getLogger(__name__)
 
-PARTITION_STAGES = ("embed", "aesthetic", "nsfw", "output")
-#: Stage order; a stage's fingerprint includes those of the stages it reads.
-STAGE_ORDER = ("index", "embed", "aesthetic", "nsfw", "dedup", "output")
 SUMMARY_FILE = "_summary.json"
+#: Where the engine runs a partition's row groups: a Ray Data job, or a loop in this process.
+Backend = Literal["ray", "local"]
 
 
 class ConfigError(WinnowError):
@@ -33,7 +38,12 @@ class ConfigError(WinnowError):
 
 @dataclass(frozen=True, kw_only=True)
 class CurationConfig:
-    """Everything a curation run needs; the DAG's params map onto these fields one to one."""
+    """Everything a curation run needs; the DAG's params map onto these fields one to one.
+
+    Each knob is checked by the config of the stage that owns it (``EmbedConfig``,
+    ``AestheticConfig``, ``DedupConfig``...); :meth:`validate` builds them all and reports every
+    problem at once.
+    """
 
     input_uri: str
     output_root: str
@@ -52,7 +62,7 @@ class CurationConfig:
     allow_random_weights: bool = False
     overwrite: bool = False
     skip_bad_shards: bool = False
-    decode_backend: str = "auto"
+    decode_backend: DecodeBackend = "auto"
     batch_size: int = 64
 
     @property
@@ -60,7 +70,7 @@ class CurationConfig:
         return f"{self.output_root.rstrip('/')}/{self.run_key}"
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "CurationConfig":
+    def from_params(cls, params: Mapping[str, Any]) -> CurationConfig:
         """Build from DAG params / run conf; unknown keys (``ray_conn_id``) are ignored and
         empty strings mean "not set" for optional paths."""
         known = {f.name for f in fields(cls)}
@@ -76,93 +86,97 @@ class CurationConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @cached_property
+    def model_spec(self) -> ModelSpec:
+        """The embedding model, checked to be loadable (no model is built)."""
+        from winnow.stages.models import validate_model_spec
+
+        return validate_model_spec(self.model, self.pretrained, self.model_dir, self.allow_random_weights)
+
+    def stage_config(self, name: str) -> Any:
+        """The config object of stage ``name``, built (and so checked) by the stage that owns it."""
+        if name == "index":
+            from winnow.data.index import IndexConfig
+
+            return IndexConfig(input_uri=self.input_uri, buffer_size=self.buffer_size,
+                               max_partitions=self.max_partitions, skip_bad_shards=self.skip_bad_shards)
+        if name == "embed":
+            from winnow.stages.embed import EmbedConfig
+
+            return EmbedConfig(model=self.model, pretrained=self.pretrained, model_dir=self.model_dir,
+                               allow_random_weights=self.allow_random_weights, batch_size=self.batch_size,
+                               decode_backend=self.decode_backend)
+        if name in ("aesthetic", "nsfw"):
+            from winnow.stages.aesthetic import AestheticConfig
+            from winnow.stages.nsfw import NsfwConfig
+
+            config_cls = AestheticConfig if name == "aesthetic" else NsfwConfig
+            return config_cls(weights=getattr(self, f"{name}_weights"), threshold=getattr(self, f"{name}_threshold"),
+                              allow_random_weights=self.allow_random_weights, embed_dim=self.model_spec.embed_dim)
+        if name == "dedup":
+            from winnow.stages.dedup import DedupConfig
+
+            return DedupConfig(eps=self.dedup_eps, n_clusters=self.dedup_clusters)
+        if name == "write":
+            from winnow.stages.write import WriteConfig
+
+            return WriteConfig()
+        stage_spec(name)  # raises for an unknown name
+        raise AssertionError(f"stage {name!r} is registered but CurationConfig cannot configure it")
+
     def validate(self) -> None:
-        """Fail fast, before any GPU work, with messages a user understands."""
+        """Fail fast, before any GPU work, with every problem a user must fix listed at once."""
         problems: list[str] = []
-        for name in ("buffer_size", "max_partitions", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.max_partitions, int) and self.max_partitions > MAX_MAP_LENGTH:
-            problems.append(f"max_partitions must be <= {MAX_MAP_LENGTH} (Airflow's max_map_length), got {self.max_partitions}")
-        if not 0.0 <= float(self.nsfw_threshold) <= 1.0:
-            problems.append(f"nsfw_threshold is a probability in [0, 1], got {self.nsfw_threshold}")
-        if not 0.0 < float(self.dedup_eps) < 1.0:
-            problems.append(f"dedup_eps must be in (0, 1) (duplicates have cosine >= 1 - eps), got {self.dedup_eps}")
-        if self.dedup_clusters < 0:
-            problems.append(f"dedup_clusters must be >= 0 (0 picks a size from the data), got {self.dedup_clusters}")
-        if self.decode_backend not in ("auto", "pillow", "dali-cpu", "dali-gpu"):
-            problems.append(f"decode_backend must be auto, pillow, dali-cpu or dali-gpu, got {self.decode_backend!r}")
-        if "/" in self.run_key.strip("/") or self.run_key in (".", ".."):
+        if not isinstance(self.run_key, str) or "/" in self.run_key.strip("/") or self.run_key in (".", ".."):
             problems.append(f"run_key must be a single folder name, got {self.run_key!r}")
+        model_ok = True
+        try:
+            self.model_spec
+        except WinnowError as exc:
+            model_ok = False
+            problems.append(f"model/pretrained: {exc}")
+        for spec in STAGES:
+            if spec.name in ("aesthetic", "nsfw") and not model_ok:
+                continue  # their embedding width comes from the model
+            try:
+                self.stage_config(spec.name)
+            except (ValueError, TypeError, WinnowError) as exc:
+                problems.append(f"{spec.name}: {exc}")
         try:
             from winnow.data.shards import list_shards
 
             list_shards(self.input_uri)
         except WinnowError as exc:
             problems.append(f"input_uri: {exc}")
-        from winnow.stages.models import validate_model_spec
-
-        try:
-            validate_model_spec(self.model, self.pretrained, self.model_dir, self.allow_random_weights)
-        except WinnowError as exc:
-            problems.append(f"model/pretrained: {exc}")
-        for name in ("aesthetic_weights", "nsfw_weights"):
-            path = getattr(self, name)
+        for name in ("aesthetic", "nsfw"):
+            path = getattr(self, f"{name}_weights")
             if path is None and not self.allow_random_weights:
                 problems.append(
-                    f"{name} is not set: give the path of the head's weights file, or set "
+                    f"{name}_weights is not set: give the path of the head's weights file, or set "
                     "allow_random_weights=true for a test run (scores are then meaningless)"
                 )
             elif path is not None and "://" not in path and not os.path.isfile(path):
-                problems.append(f"{name}: no such file {path!r}")
+                problems.append(f"{name}_weights: no such file {path!r}")
+            elif path is not None and model_ok:
+                from winnow.stages.heads import check_head_width
+
+                try:
+                    check_head_width(name, path, model=self.model, embed_dim=self.model_spec.embed_dim)
+                except WinnowError as exc:
+                    problems.append(f"{name}_weights: {exc}")
         if problems:
             raise ConfigError("invalid curation parameters:\n  - " + "\n  - ".join(problems))
 
 
 # ---- stages ------------------------------------------------------------------------------
 
-def make_stage(cfg: CurationConfig, name: str):
-    """The stage object for one of the row-group stages of a run."""
-    if name == "embed":
-        from winnow.stages.embed import EmbedConfig, EmbedStage
-
-        return EmbedStage(
-            EmbedConfig(
-                model=cfg.model,
-                pretrained=cfg.pretrained,
-                model_dir=cfg.model_dir,
-                allow_random_weights=cfg.allow_random_weights,
-                batch_size=cfg.batch_size,
-                decode_backend=cfg.decode_backend,
-            )
-        )
-    if name in ("aesthetic", "nsfw"):
-        from winnow.stages.aesthetic import AestheticConfig, AestheticStage
-        from winnow.stages.nsfw import NsfwConfig, NsfwStage
-
-        config_cls, stage_cls = {
-            "aesthetic": (AestheticConfig, AestheticStage),
-            "nsfw": (NsfwConfig, NsfwStage),
-        }[name]
-        return stage_cls(
-            config_cls(
-                weights=getattr(cfg, f"{name}_weights"),
-                threshold=getattr(cfg, f"{name}_threshold"),
-                allow_random_weights=cfg.allow_random_weights,
-            )
-        )
-    if name == "output":
-        from winnow.stages.write import WriteConfig, WriteStage
-
-        return WriteStage(WriteConfig())
-    raise ConfigError(f"unknown stage {name!r}; row-group stages are {', '.join(PARTITION_STAGES)}")
-
-
-def _dedup_config(cfg: CurationConfig):
-    from winnow.stages.dedup import DedupConfig
-
-    return DedupConfig(eps=cfg.dedup_eps, n_clusters=cfg.dedup_clusters)
+def make_stage(cfg: CurationConfig, name: str) -> Stage:
+    """The stage object of one of the row-group (partition) stages of a run."""
+    spec = stage_spec(name)
+    if spec.scope != "partition":
+        partition = ", ".join(s.name for s in partition_stages())
+        raise ConfigError(f"stage {name!r} runs over the whole run, not per partition; row-group stages are {partition}")
+    return spec.load()(cfg.stage_config(name))
 
 
 def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan) -> dict[str, StageFingerprint]:
@@ -170,31 +184,18 @@ def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan) -> dict[str, Sta
     store = CommitStore(cfg.run_root)
     index_fp = store.read_fingerprint("index") or {}
     digests = {"index": index_fp.get("digest", "")}
-    configs = {
-        "embed": make_stage(cfg, "embed").fingerprint_config(),
-        "aesthetic": make_stage(cfg, "aesthetic").fingerprint_config(),
-        "nsfw": make_stage(cfg, "nsfw").fingerprint_config(),
-        "dedup": _dedup_config(cfg).fingerprint_config(),
-        "output": make_stage(cfg, "output").fingerprint_config(),
-    }
-    upstreams = {
-        "embed": ("index",),
-        "aesthetic": ("embed",),
-        "nsfw": ("embed",),
-        "dedup": ("embed", "aesthetic", "nsfw"),
-        "output": ("index", "embed", "aesthetic", "nsfw", "dedup"),
-    }
     out: dict[str, StageFingerprint] = {}
-    for name in STAGE_ORDER[1:]:
+    for spec in STAGES[1:]:
+        owner = make_stage(cfg, spec.name) if spec.scope == "partition" else cfg.stage_config(spec.name)
         f = StageFingerprint(
-            stage=name,
-            config=configs[name],
-            upstream={u: digests[u] for u in upstreams[name]},
+            stage=spec.name,
+            config=owner.fingerprint_config(),
+            upstream={u: digests[u] for u in spec.upstream},
             num_records=plan.num_records,
             buffer_size=plan.buffer_size,
         )
-        digests[name] = f.digest
-        out[name] = f
+        digests[spec.name] = f.digest
+        out[spec.name] = f
     return out
 
 
@@ -242,19 +243,9 @@ def run_index(
 
 
 def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    from winnow.data.index import IndexConfig, build_index
+    from winnow.data.index import build_index
 
-    result = build_index(
-        cfg.run_root,
-        IndexConfig(
-            input_uri=cfg.input_uri,
-            buffer_size=cfg.buffer_size,
-            max_partitions=cfg.max_partitions,
-            skip_bad_shards=cfg.skip_bad_shards,
-        ),
-        overwrite=cfg.overwrite,
-        log=log,
-    )
+    result = build_index(cfg.run_root, cfg.stage_config("index"), overwrite=cfg.overwrite, log=log)
     plan = result.plan
     moved = prepare_stages(cfg, plan, log=log)
     partitions = list(range(plan.num_partitions))
@@ -285,7 +276,7 @@ def run_partition(
     partition: int,
     *,
     ray_address: str | None = None,
-    executor: str = "ray",
+    backend: Backend = "ray",
     owner: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PartitionSummary:
@@ -299,7 +290,7 @@ def run_partition(
     store.ensure_stage(stage_fingerprints(cfg, plan)[stage], overwrite=False)
     return run_stage_partition(
         stage_obj, run_root=cfg.run_root, plan=plan, partition=partition,
-        ray_address=ray_address, executor=executor, log=log,
+        uses_model=stage_spec(stage).uses_model, ray_address=ray_address, backend=backend, log=log,
     )
 
 
@@ -310,7 +301,7 @@ def run_dedup(
 
     _hold_lease(cfg, owner)
     # run_dedup checks the fingerprint itself (never overwriting: prepare_stages did that).
-    return dedup(cfg.run_root, load_plan(cfg), _dedup_config(cfg), log=log)
+    return dedup(cfg.run_root, load_plan(cfg), cfg.stage_config("dedup"), log=log)
 
 
 def run_report(
@@ -349,7 +340,7 @@ def run_report(
         "row_groups_skipped": skipped,
         "row_groups_by_stage": per_stage,
         "run_root": cfg.run_root,
-        "output": store.path("output"),
+        "write_dir": store.stage_dir("write"),
         "config": cfg.to_dict(),
     }
     write_json(store.fs, store.path(SUMMARY_FILE), summary)
@@ -358,15 +349,20 @@ def run_report(
     return summary
 
 
+#: The engine call of each global stage: ``(cfg, owner=, log=) -> summary dict``.
+GLOBAL_STAGE_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"index": run_index, "dedup": run_dedup}
+
+
 def run_all(
     cfg: CurationConfig,
     *,
     ray_address: str | None = None,
-    executor: str = "ray",
+    backend: Backend = "ray",
     owner: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """The whole curation without Airflow, in the DAG's order (depth-first per partition).
+    """The whole curation without Airflow, in the DAG's order (the registry's phases; the
+    stages of a partition phase run depth-first per partition).
 
     Raises :class:`RowGroupsFailedError` after every stage that could run has run, when any
     row group failed. ``owner`` names the run-root lease. By default it is this process: if it
@@ -377,33 +373,31 @@ def run_all(
     log = log or logger.info
     t0 = time.perf_counter()
     owner = owner or lease.process_owner()
+    partitions: list[int] = []
+    summaries: list[dict[str, Any]] = []
     try:
-        info = run_index(cfg, owner=owner, log=log)
-        summaries: list[dict[str, Any]] = []
-        failed: list[PartitionSummary] = []
-        for p in info["partitions"]:
-            for stage in ("embed", "aesthetic", "nsfw"):
-                s = run_partition(cfg, stage, p, ray_address=ray_address, executor=executor, owner=owner, log=log)
-                summaries.append(s.to_dict())
-                if not s.ok:
-                    failed.append(s)
-                    break
-        if failed:
-            raise RowGroupsFailedError(failed)
-        run_dedup(cfg, owner=owner, log=log)
-        for p in info["partitions"]:
-            s = run_partition(cfg, "output", p, ray_address=ray_address, executor=executor, owner=owner, log=log)
-            summaries.append(s.to_dict())
-            if not s.ok:
-                failed.append(s)
-        if failed:
-            raise RowGroupsFailedError(failed)
+        for scope, specs in run_phases():
+            if scope == "global":
+                result = GLOBAL_STAGE_RUNNERS[specs[0].name](cfg, owner=owner, log=log)
+                if specs[0].name == "index":
+                    partitions = list(result["partitions"])
+                continue
+            failed: list[PartitionSummary] = []
+            for p in partitions:
+                for spec in specs:
+                    s = run_partition(cfg, spec.name, p, ray_address=ray_address, backend=backend, owner=owner, log=log)
+                    summaries.append(s.to_dict())
+                    if not s.ok:
+                        failed.append(s)
+                        break  # the later stages of this partition read what failed
+            if failed:
+                raise RowGroupsFailedError(failed)
         summary = run_report(cfg, summaries, owner=owner)
     finally:
         # A failed run_all leaves no lease behind: rerunning it resumes at once.
         lease.release(CommitStore(cfg.run_root), owner)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['output']}")
+    log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['write_dir']}")
     return summary
 
 
@@ -417,7 +411,7 @@ def run_progress(run_root: str) -> dict[str, Any]:
     store = CommitStore(run_root)
     plan = load_index(run_root).plan
     stages: dict[str, dict[str, Any]] = {}
-    for name in STAGE_ORDER:
+    for name in stage_order():
         committed = sum(len(store.completed(name, p)) for p in range(plan.num_partitions))
         stages[name] = {
             "committed": committed,
@@ -425,13 +419,14 @@ def run_progress(run_root: str) -> dict[str, Any]:
             "fingerprint": (store.read_fingerprint(name) or {}).get("digest"),
         }
     summary = read_json(store.fs, store.path(SUMMARY_FILE))
+    last = stage_order()[-1]
     return {
         "run_root": run_root,
         "records": plan.num_records,
         "row_groups": plan.num_row_groups,
         "partitions": plan.num_partitions,
         "stages": stages,
-        "complete": summary is not None and stages["output"]["committed"] == plan.num_row_groups,
+        "complete": summary is not None and stages[last]["committed"] == plan.num_row_groups,
         "summary": summary,
     }
 

@@ -68,7 +68,7 @@ DEDUP = pa.schema(
 )
 
 
-def output_schema(dim: int) -> pa.Schema:
+def write_schema(dim: int) -> pa.Schema:
     """The curated Parquet written beside each output tar (kept records only)."""
     return pa.schema(
         [

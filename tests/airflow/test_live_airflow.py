@@ -237,7 +237,7 @@ def test_cleared_run_output_equals_a_fault_free_run(live, cleared, backfill):
 def test_backfill_reprocess_failed_leaves_completed_dates_alone(live, backfill):
     af = live["af"]
     roots = [str(live["root"] / "out" / d.replace("-", "")) for d in BACKFILL_DATES]
-    before = {r: {s: _files(r, s) for s in ("embed", "nsfw", "output")} for r in roots}
+    before = {r: {s: _files(r, s) for s in ("embed", "nsfw", "write")} for r in roots}
     runs_before = {r["dag_run_id"]: r for r in af.dag_runs()}
     args = ("backfill", "create", "--dag-id", "image_curation", "--from-date", BACKFILL_DATES[0],
             "--to-date", BACKFILL_DATES[-1], "--reprocess-behavior", "failed",
@@ -256,4 +256,4 @@ def test_backfill_reprocess_failed_leaves_completed_dates_alone(live, backfill):
     # Observed on 3.3.2: a backfill is created, but every date is "already exists": no new run.
     assert set(runs_after) == set(runs_before), out.stdout
     assert all(runs_after[k]["state"] == v["state"] for k, v in runs_before.items())
-    assert {r: {s: _files(r, s) for s in ("embed", "nsfw", "output")} for r in roots} == before
+    assert {r: {s: _files(r, s) for s in ("embed", "nsfw", "write")} for r in roots} == before

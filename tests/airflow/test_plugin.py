@@ -19,7 +19,7 @@ def finished_run(tmp_path_factory):
         max_partitions=2, model="winnow-tiny-vit", pretrained="random", allow_random_weights=True,
         aesthetic_threshold=0.0,
     )
-    summary = run_all(cfg, executor="local")
+    summary = run_all(cfg, backend="local")
     return root / "out", summary
 
 

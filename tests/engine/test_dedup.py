@@ -182,7 +182,7 @@ def test_clusters_farmed_out_in_subsets_merge_to_the_same_result():
 def test_config_is_validated():
     with pytest.raises(DedupError, match="eps"):
         DedupConfig(eps=-0.1)
-    with pytest.raises(DedupError, match="n_clusters"):
+    with pytest.raises(DedupError, match="dedup_clusters"):
         DedupConfig(n_clusters=-1)
 
 

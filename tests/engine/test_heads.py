@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from _stage_rows import commit_embed, unit_rows
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import AESTHETIC, NSFW
-from winnow.stages import RowGroupTask, Stage
+from winnow.stages.base import RowGroupTask, Stage
 from winnow.stages.aesthetic import AestheticConfig, AestheticStage
 from winnow.stages.heads import (
     AestheticMLP,
@@ -153,7 +153,7 @@ def test_aesthetic_and_nsfw_stages_score_committed_embed_row_groups(tmp_path):
     commit_embed(run_root, plan, emb, undecodable=bad)
     aesthetic = AestheticStage(AestheticConfig(allow_random_weights=True, device="cpu"))
     nsfw = NsfwStage(NsfwConfig(allow_random_weights=True, device="cpu", threshold=0.2))
-    assert isinstance(aesthetic, Stage) and aesthetic.upstream == ("embed",) and aesthetic.uses_model
+    assert isinstance(aesthetic, Stage) and aesthetic.name == "aesthetic"
     assert aesthetic.fingerprint_config() == {"weights_digest": "random-seed0", "threshold": 5.0}
 
     a = pa.concat_tables(_run_stage(aesthetic, run_root, plan))

@@ -48,7 +48,7 @@ def config(root, run_key, **overrides):
         model="winnow-tiny-vit",
         pretrained="random",
         allow_random_weights=True,
-        aesthetic_threshold=-1e9,  # keep everything: phase one looks at dedup alone
+        aesthetic_threshold=0.0,  # keep everything (random-weight scores are ~5 +- 1): phase one looks at dedup alone
         nsfw_threshold=1.0,
         dedup_eps=0.0002,  # the random tiny model puts distinct images at cosine ~0.97-0.9995
         batch_size=16,
@@ -110,12 +110,12 @@ def test_thresholds_drop_records_and_output_matches_summary(sample, ray_local):
     )
     with open(os.path.join(cfg.run_root, "_summary.json")) as f:
         assert json.load(f)["kept"] == summary["kept"]
-    out_keys = column(cfg.run_root, "output", "key")
+    out_keys = column(cfg.run_root, "write", "key")
     assert len(out_keys) == summary["kept"]
     import webdataset as wds
 
     tars = sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(os.path.join(cfg.run_root, "output")) for f in fs if f.endswith(".tar")
+        os.path.join(d, f) for d, _, fs in os.walk(os.path.join(cfg.run_root, "write")) for f in fs if f.endswith(".tar")
     )
     samples = [s for t in tars for s in wds.WebDataset(t, shardshuffle=False)]
     assert len(samples) == summary["kept"]

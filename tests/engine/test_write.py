@@ -17,8 +17,8 @@ from PIL import Image
 from _stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.data.index import IndexConfig, build_index
 from winnow.rowgroups import CommitStore, RowGroupPlan
-from winnow.schemas import output_schema
-from winnow.stages import RowGroupTask, Stage
+from winnow.schemas import write_schema
+from winnow.stages.base import RowGroupTask, Stage
 from winnow.stages.dedup import DedupResult, dedup_table
 from winnow.stages.write import WriteConfig, WriteStage, count_outcomes, member_key
 
@@ -86,7 +86,7 @@ def _write_all(stage: WriteStage, run_root: str, plan: RowGroupPlan) -> pa.Table
     for rg in range(plan.num_row_groups):
         p = plan.partition_of(rg)
         table = stage.process(RowGroupTask(run_root, plan, p, rg))
-        store.commit_table("output", p, rg, table)  # what the runner does
+        store.commit_table("write", p, rg, table)  # what the runner does
         tables.append(table)
     return pa.concat_tables(tables)
 
@@ -94,15 +94,15 @@ def _write_all(stage: WriteStage, run_root: str, plan: RowGroupPlan) -> pa.Table
 def test_output_tars_hold_kept_records_with_source_bytes_and_webdataset_reads_them(tmp_path):
     run_root, plan, records, index, kept = _run(tmp_path)
     stage = WriteStage(WriteConfig())
-    assert isinstance(stage, Stage) and stage.upstream == ("embed", "aesthetic", "nsfw", "dedup")
+    assert isinstance(stage, Stage) and stage.name == "write"
     out = _write_all(stage, run_root, plan)
-    assert out.schema == output_schema(DIM)
+    assert out.schema == write_schema(DIM)
     assert out.column("record_id").to_pylist() == kept
     keys = index.column("key").to_pylist()
     assert out.column("key").to_pylist() == [keys[i] for i in kept]  # original keys, unsafe ones too
 
     store = CommitStore(run_root)
-    tars = [store.row_group_path("output", plan.partition_of(rg), rg, ".tar") for rg in range(plan.num_row_groups)]
+    tars = [store.row_group_path("write", plan.partition_of(rg), rg, ".tar") for rg in range(plan.num_row_groups)]
     samples = list(wds.WebDataset(tars, shardshuffle=False))
     assert [s["__key__"] for s in samples] == [member_key(keys[i]) for i in kept]
     for sample, i in zip(samples, kept):
@@ -126,7 +126,7 @@ def test_unsafe_keys_are_made_safe_and_nothing_lands_outside_the_run_root(tmp_pa
     store = CommitStore(run_root)
     names = []
     for rg in range(plan.num_row_groups):
-        with tarfile.open(store.row_group_path("output", plan.partition_of(rg), rg, ".tar")) as tar:
+        with tarfile.open(store.row_group_path("write", plan.partition_of(rg), rg, ".tar")) as tar:
             names += tar.getnames()
     for name in names:
         assert not name.startswith("/") and ".." not in name.split("/") and "." not in name.split("/")[:-1]
@@ -139,7 +139,7 @@ def test_unsafe_keys_are_made_safe_and_nothing_lands_outside_the_run_root(tmp_pa
 
     extract = tmp_path / "extract"
     for rg in range(plan.num_row_groups):
-        with tarfile.open(store.row_group_path("output", plan.partition_of(rg), rg, ".tar")) as tar:
+        with tarfile.open(store.row_group_path("write", plan.partition_of(rg), rg, ".tar")) as tar:
             tar.extractall(extract, filter="data")  # "data" refuses members that escape: none do
 
 
@@ -148,9 +148,9 @@ def test_tar_bytes_are_reproducible_and_headers_are_neutral(tmp_path):
     store = CommitStore(run_root)
     task = RowGroupTask(run_root, plan, 0, 0)
     WriteStage().process(task)
-    first = store.read_bytes("output", 0, 0, ".tar")
+    first = store.read_bytes("write", 0, 0, ".tar")
     WriteStage().process(task)
-    assert store.read_bytes("output", 0, 0, ".tar") == first
+    assert store.read_bytes("write", 0, 0, ".tar") == first
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         infos = tar.getmembers()
     assert infos and all(

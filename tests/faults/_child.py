@@ -42,10 +42,10 @@ def main() -> int:
     cfg = CurationConfig(**spec["cfg"])
     try:
         if spec["call"] == "run_all":
-            result = run_all(cfg, executor="local", owner=spec.get("owner"))
+            result = run_all(cfg, backend="local", owner=spec.get("owner"))
         else:
             result = run_partition(
-                cfg, spec["stage"], int(spec["partition"]), executor="local", owner=spec.get("owner")
+                cfg, spec["stage"], int(spec["partition"]), backend="local", owner=spec.get("owner")
             ).to_dict()
     except WinnowError as exc:
         print(json.dumps({"ok": False, "error_type": type(exc).__name__, "error": str(exc)}), flush=True)

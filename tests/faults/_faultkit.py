@@ -25,7 +25,7 @@ from winnow.data.sample import _picture
 from winnow.pipeline import CurationConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNNER_STAGES = ("embed", "aesthetic", "nsfw", "output")  # the stages the runner commits
+RUNNER_STAGES = ("embed", "aesthetic", "nsfw", "write")  # the stages the runner commits
 #: Summary fields a recovered run must share with the reference.
 COUNTS = (
     "records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept", "written",
@@ -93,7 +93,7 @@ class Sample:
             model="winnow-tiny-vit",
             pretrained="random",
             allow_random_weights=True,
-            aesthetic_threshold=-1e9,  # keep all: dedup is the filter whose output we compare
+            aesthetic_threshold=0.0,  # keep all (random-weight scores are ~5 +- 1): dedup is the filter whose output we compare
             nsfw_threshold=1.0,
             dedup_eps=0.0002,  # the random tiny model puts distinct images at cosine ~0.97-0.9995
             batch_size=8,
@@ -120,7 +120,7 @@ class RunOutput:
     def of(cls, run_root: str) -> "RunOutput":
         keys: list[str] = []
         tars: dict[str, str] = {}
-        out = os.path.join(run_root, "output")
+        out = os.path.join(run_root, "write")
         for dirpath, _, files in sorted(os.walk(out)):
             for name in sorted(files):
                 path = os.path.join(dirpath, name)

@@ -24,9 +24,9 @@ def sample(tmp_path_factory) -> Sample:
 
 @pytest.fixture(scope="session")
 def reference(sample) -> Reference:
-    """The fault-free run every recoverable case must reproduce (local executor)."""
+    """The fault-free run every recoverable case must reproduce (local backend)."""
     cfg = sample.config("reference")
     before = tree_state(sample.base)
-    summary = run_all(cfg, executor="local")
+    summary = run_all(cfg, backend="local")
     after = tree_state(sample.base, skip=cfg.run_root)
     return Reference(cfg=cfg, summary=summary, output=RunOutput.of(cfg.run_root), tree_before=before, tree_after=after)

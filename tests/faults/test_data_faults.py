@@ -119,7 +119,7 @@ def test_bad_shards_are_skipped_and_counted_and_the_rest_matches_the_reference(s
         os.link(good, folder / os.path.basename(good))
     bad = _bad_shards(str(folder), os.path.join(sample.input, "shard-000001.tar"))
     cfg = sample.config("skip-bad", input_uri=str(folder), skip_bad_shards=True)
-    summary = run_all(cfg, executor="local")
+    summary = run_all(cfg, backend="local")
     assert summary["bad_shards"] == 3 and summary["zero_byte_shards"] == 1
     assert summary["shards"] == reference.summary["shards"] + 4
     counts = load_index(cfg.run_root).counts
@@ -141,7 +141,7 @@ def test_member_names_with_dotdot_or_leading_slash_stay_keys_and_nothing_lands_o
     kept = [k for k in unsafe if k in reference.output.kept_keys]
     assert kept == [unsafe[0]]
     names = []
-    for tar_path in glob.glob(os.path.join(reference.cfg.run_root, "output", "p*", "rg*.tar")):
+    for tar_path in glob.glob(os.path.join(reference.cfg.run_root, "write", "p*", "rg*.tar")):
         with tarfile.open(tar_path) as tar:
             names.extend(tar.getnames())
     assert all(not n.startswith("/") and ".." not in n.split("/") for n in names)

@@ -1,6 +1,6 @@
-"""Fault matrix on a real local Ray: a worker process SIGKILLed mid-row-group (pool="tasks") and
-the actor of an actor pool SIGKILLed mid-partition (pool="actors"). Ray retries what the dead
-process held; nothing is lost and nothing committed is computed again.
+"""Fault matrix on a real local Ray: a worker process SIGKILLed mid-row-group (kill hook) and a
+model worker SIGKILLed mid-partition after its first commit. Ray retries what the dead process
+held; nothing is lost and nothing committed is computed again.
 
 Every commit (the rename of a row group's ``.parquet`` into place) in Ray's worker processes is
 recorded by an audit hook installed through ``worker_process_setup_hook``: the proof that each
@@ -87,7 +87,7 @@ def _commits(log: str, run_root: str) -> list[tuple[int, str]]:
 
 
 def _finish_and_compare(cfg, reference, before) -> None:
-    summary = run_all(cfg, executor="local")
+    summary = run_all(cfg, backend="local")
     assert summary["row_groups_by_stage"]["embed"] == {"computed": 5, "skipped": 3}  # partitions 0 and 1
     assert_untouched(before, cfg.run_root)
     assert_same_as_reference(cfg.run_root, summary, reference)
@@ -99,7 +99,7 @@ def test_ray_worker_sigkilled_by_kill_hook_mid_row_group_is_retried_none_lost(sa
     once = tmp_path / "once"
     monkeypatch.setenv(ENV_VAR, json.dumps({"stage": "embed", "row_groups": [6], "mode": "kill", "once_dir": str(once)}))
     summary = run_stage_partition(
-        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, pool="tasks"
+        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, uses_model=True
     )
     assert os.listdir(once) == ["embed-rg6"]  # the worker computing rg 6 was SIGKILLed before its commit
     assert summary.ok and (summary.computed, summary.skipped) == (3, 0)
@@ -110,13 +110,13 @@ def test_ray_worker_sigkilled_by_kill_hook_mid_row_group_is_retried_none_lost(sa
     _finish_and_compare(cfg, reference, committed_files(cfg.run_root))
 
 
-def test_ray_actor_sigkilled_mid_partition_its_row_groups_are_retried_none_lost(sample, reference, commit_log):
+def test_ray_model_worker_sigkilled_mid_partition_its_row_groups_are_retried_none_lost(sample, reference, commit_log):
     cfg = sample.config(DELAYED_RUN)
     run_index(cfg)
     part = os.path.join(cfg.run_root, "embed", "p00002")
     seen: dict = {}
 
-    def kill_the_actor_after_its_first_commit():
+    def kill_the_worker_after_its_first_commit():
         deadline = time.time() + 240
         while time.time() < deadline:
             done = sorted(n for n in os.listdir(part) if _COMMIT.search("/" + n)) if os.path.isdir(part) else []
@@ -127,14 +127,14 @@ def test_ray_actor_sigkilled_mid_partition_its_row_groups_are_retried_none_lost(
                 pids = {pid for pid, path in _commits(commit_log, cfg.run_root) if path.endswith(done[0])}
                 seen["pid"] = pids.pop()
                 seen["committed_at_kill"] = len(done)
-                os.kill(seen["pid"], signal.SIGKILL)  # the actor process dies mid-partition
+                os.kill(seen["pid"], signal.SIGKILL)  # the model worker process dies mid-partition
                 return
             time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_the_actor_after_its_first_commit)
+    killer = threading.Thread(target=kill_the_worker_after_its_first_commit)
     killer.start()
     summary = run_stage_partition(
-        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, pool="actors"
+        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, uses_model=True
     )
     killer.join()
     assert seen.get("committed_at_kill") == 1, seen  # killed with two row groups still to do
@@ -148,5 +148,5 @@ def test_ray_actor_sigkilled_mid_partition_its_row_groups_are_retried_none_lost(
     renamed = Counter(path for _, path in commits)
     assert renamed[f"embed/p00002/{seen['first']}"] == 1
     redone = [pid for pid, path in commits if not path.endswith(seen["first"])]
-    assert redone and seen["pid"] not in redone[-2:]  # the rest committed by the restarted actor
+    assert redone and seen["pid"] not in redone[-2:]  # the rest committed by a restarted worker
     _finish_and_compare(cfg, reference, committed_files(cfg.run_root))

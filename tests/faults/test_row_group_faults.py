@@ -1,4 +1,4 @@
-"""Fault matrix, failing row groups and killed task processes (no Ray: the local executor).
+"""Fault matrix, failing row groups and killed task processes (no Ray: the local backend).
 
 Every case ends the same way: the recovered run's output equals the fault-free reference and no
 row group committed before the recovery was written again ((inode, mtime_ns) unchanged, and the
@@ -59,7 +59,7 @@ def test_injected_exception_in_k_row_groups_reruns_only_those(sample, reference,
     once = tmp_path / "once"
     monkeypatch.setenv(ENV_VAR, json.dumps({"stage": "embed", "row_groups": [1, 6], "once_dir": str(once)}))
     with pytest.raises(RowGroupsFailedError) as err:
-        run_all(cfg, executor="local")
+        run_all(cfg, backend="local")
     msg = str(err.value)
     assert "embed p0: row groups [1]" in msg and "embed p2: row groups [6]" in msg
     assert "injected test fault" in msg and "Rerun to retry only those" in msg
@@ -68,7 +68,7 @@ def test_injected_exception_in_k_row_groups_reruns_only_those(sample, reference,
     first_try = count_committed(cfg.run_root)
     before = committed_files(cfg.run_root)
 
-    summary = run_all(cfg, executor="local")  # the retry; the faults fired once and stay quiet
+    summary = run_all(cfg, backend="local")  # the retry; the faults fired once and stay quiet
     assert sorted(os.listdir(once)) == ["embed-rg1", "embed-rg6"]
     assert summary["row_groups_by_stage"]["embed"] == {"computed": 2, "skipped": 6}
     assert summary["row_groups_computed"] == _all_runner_row_groups(reference) - first_try
@@ -89,9 +89,9 @@ def test_task_process_sigkilled_right_after_a_commit_by_kill_task_hook_resumes(s
     before = committed_files(cfg.run_root)
     # The dead run's lease is still live: another owner is refused, naming the way out ...
     with pytest.raises(RunLocked, match="nightly-1.*_lease.json"):
-        run_all(cfg, executor="local", owner="someone-else")
+        run_all(cfg, backend="local", owner="someone-else")
     # ... and the same owner (an Airflow retry of the same DAG run) resumes at once.
-    summary = run_all(cfg, executor="local", owner="nightly-1")
+    summary = run_all(cfg, backend="local", owner="nightly-1")
     assert summary["row_groups_computed"] == _all_runner_row_groups(reference) - first_try
     # aesthetic: rg 0-1 (partition 0) and rg 2 were committed before the kill; 3-7 remain.
     assert summary["row_groups_by_stage"]["aesthetic"] == {"computed": 5, "skipped": 3}
@@ -100,11 +100,11 @@ def test_task_process_sigkilled_right_after_a_commit_by_kill_task_hook_resumes(s
 
 
 def test_task_process_sigkilled_while_hanging_inside_a_commit_leaves_no_partial_file(sample, reference, tmp_path):
-    cfg = clone_run(reference, "hang-in-commit", drop=("output",))
+    cfg = clone_run(reference, "hang-in-commit", drop=("write",))
     marker = tmp_path / "inside-commit"
     target = "output/p00001/rg000000003.parquet"
     spec = {
-        "cfg": cfg.to_dict(), "call": "run_partition", "stage": "output", "partition": 1,
+        "cfg": cfg.to_dict(), "call": "run_partition", "stage": "write", "partition": 1,
         "owner": "dag-run-7", "hang_on": target, "hang_marker": str(marker),
     }
     child = subprocess.Popen([sys.executable, CHILD, json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -117,21 +117,21 @@ def test_task_process_sigkilled_while_hanging_inside_a_commit_leaves_no_partial_
     finally:
         child.kill()
         child.communicate()
-    part = os.path.join(cfg.run_root, "output", "p00001")
+    part = os.path.join(cfg.run_root, "write", "p00001")
     temps = [n for n in os.listdir(part) if ".tmp-" in n]
     assert temps and all(n.startswith("rg000000003.parquet.tmp-") for n in temps)  # caught inside the commit
     store = CommitStore(cfg.run_root)
-    assert store.completed("output", 1) == {2}  # the temp file never counts as a commit
+    assert store.completed("write", 1) == {2}  # the temp file never counts as a commit
     assert not os.path.exists(os.path.join(cfg.run_root, target))
     _assert_every_visible_file_is_whole(cfg.run_root)
     # rg 3's tar (side file, written before its .parquet marker) is not a commit: it is redone.
     before = {k: v for k, v in committed_files(cfg.run_root).items() if "rg000000003.tar" not in k}
 
-    retry = run_partition(cfg, "output", 1, executor="local", owner="dag-run-7")
+    retry = run_partition(cfg, "write", 1, backend="local", owner="dag-run-7")
     assert (retry.computed, retry.skipped, retry.failed) == (2, 1, {})
     assert not [n for n in os.listdir(part) if ".tmp-" in n]  # stray temp removed at task start
-    summary = run_all(cfg, executor="local", owner="dag-run-7")
-    assert summary["row_groups_by_stage"]["output"] == {"computed": 5, "skipped": 3}
+    summary = run_all(cfg, backend="local", owner="dag-run-7")
+    assert summary["row_groups_by_stage"]["write"] == {"computed": 5, "skipped": 3}
     assert summary["row_groups_computed"] == 5
     assert_untouched(before, cfg.run_root)
     assert_same_as_reference(cfg.run_root, summary, reference)

@@ -39,7 +39,7 @@ def test_changed_threshold_on_rerun_is_a_stage_config_mismatch_and_touches_no_fi
     before = _contents(cfg.run_root)
     changed = type(cfg)(**{**cfg.to_dict(), "aesthetic_threshold": 0.0})
     with pytest.raises(StageConfigMismatch) as err:
-        run_all(changed, executor="local")
+        run_all(changed, backend="local")
     assert err.value.stage == "aesthetic"
     assert [c[0] for c in err.value.changes] == ["config.threshold"]
     msg = str(err.value)
@@ -53,7 +53,7 @@ def test_second_run_on_the_same_run_root_fails_fast_with_run_locked_and_the_firs
 
     def run_a():
         try:
-            result["summary"] = run_all(cfg, executor="local", owner="run-A")
+            result["summary"] = run_all(cfg, backend="local", owner="run-A")
         except BaseException as exc:  # surfaced by the assertion below
             result["error"] = exc
 
@@ -67,7 +67,7 @@ def test_second_run_on_the_same_run_root_fails_fast_with_run_locked_and_the_firs
     assert a.is_alive(), f"run A ended before run B could try: {result}"
     t0 = time.perf_counter()
     with pytest.raises(RunLocked) as err:
-        run_all(cfg, executor="local", owner="run-B")
+        run_all(cfg, backend="local", owner="run-B")
     seconds = time.perf_counter() - t0
     running = a.is_alive()
     assert "in use by run 'run-A'" in str(err.value) and lease_path in str(err.value)
@@ -82,12 +82,12 @@ def test_second_run_on_the_same_run_root_fails_fast_with_run_locked_and_the_firs
 
 
 def test_disk_full_via_rlimit_fsize_is_a_storage_error_naming_the_path_and_resume_completes(reference):
-    cfg = clone_run(reference, "disk-full", drop=("output",))
-    tar_sizes = sorted(os.path.getsize(p) for p in glob.glob(os.path.join(reference.cfg.run_root, "output", "p*", "rg*.tar")))
+    cfg = clone_run(reference, "disk-full", drop=("write",))
+    tar_sizes = sorted(os.path.getsize(p) for p in glob.glob(os.path.join(reference.cfg.run_root, "write", "p*", "rg*.tar")))
     limit = tar_sizes[len(tar_sizes) // 2 - 1]  # about half the row groups' tars fit, the others hit EFBIG
     fits = {
         os.path.relpath(p, reference.cfg.run_root)
-        for p in glob.glob(os.path.join(reference.cfg.run_root, "output", "p*", "rg*.tar"))
+        for p in glob.glob(os.path.join(reference.cfg.run_root, "write", "p*", "rg*.tar"))
         if os.path.getsize(p) <= limit
     }
     assert 0 < len(fits) < len(tar_sizes)
@@ -95,7 +95,7 @@ def test_disk_full_via_rlimit_fsize_is_a_storage_error_naming_the_path_and_resum
     out = child_result(proc)
     assert proc.returncode == 3 and out["error_type"] == "RowGroupsFailedError", out
     assert "StorageError: could not write " in out["error"] and "File too large" in out["error"]
-    assert os.path.join(cfg.run_root, "output") in out["error"]
+    assert os.path.join(cfg.run_root, "write") in out["error"]
     # What committed is whole and equal to the reference; what failed left nothing behind.
     committed = {rel for rel in committed_files(cfg.run_root) if rel.startswith("output/")}
     assert {rel for rel in committed if rel.endswith(".tar")} == fits
@@ -106,8 +106,8 @@ def test_disk_full_via_rlimit_fsize_is_a_storage_error_naming_the_path_and_resum
     assert not os.path.exists(os.path.join(cfg.run_root, "_summary.json"))
     before = committed_files(cfg.run_root)
 
-    summary = run_all(cfg, executor="local", owner="disk-full")  # space is back
-    assert summary["row_groups_by_stage"]["output"] == {"computed": len(tar_sizes) - len(fits), "skipped": len(fits)}
+    summary = run_all(cfg, backend="local", owner="disk-full")  # space is back
+    assert summary["row_groups_by_stage"]["write"] == {"computed": len(tar_sizes) - len(fits), "skipped": len(fits)}
     assert_untouched(before, cfg.run_root)
     assert_same_as_reference(cfg.run_root, summary, reference)
 
@@ -124,7 +124,7 @@ def _can_bind_mount() -> bool:
 
 @pytest.mark.skipif(not _can_bind_mount(), reason="needs mount namespaces and bind mounts (root in a privileged container)")
 def test_read_only_run_root_via_ro_bind_mount_is_a_storage_error_naming_the_path(reference):
-    cfg = clone_run(reference, "read-only", drop=("output",))
+    cfg = clone_run(reference, "read-only", drop=("write",))
     before = _contents(cfg.run_root)
     # The run root is remounted read-only in the child's own mount namespace only.
     ro = ["unshare", "-m", "--propagation", "private", "sh", "-c",
@@ -133,6 +133,6 @@ def test_read_only_run_root_via_ro_bind_mount_is_a_storage_error_naming_the_path
     assert out["ok"] is False and out["error_type"] == "StorageError", out
     assert "Read-only file system" in out["error"] and cfg.run_root in out["error"]
     assert _contents(cfg.run_root) == before
-    summary = run_all(cfg, executor="local", owner="ro")  # writable again: the run completes
-    assert summary["row_groups_by_stage"]["output"]["skipped"] == 0
+    summary = run_all(cfg, backend="local", owner="ro")  # writable again: the run completes
+    assert summary["row_groups_by_stage"]["write"]["skipped"] == 0
     assert_same_as_reference(cfg.run_root, summary, reference)

@@ -20,8 +20,6 @@ class RecordRangeStage:
     """A light stage whose output is its row group's record ids and the worker's pid."""
 
     name = "ranges"
-    uses_model = False
-    upstream = ()
 
     def fingerprint_config(self):
         return {}
@@ -36,7 +34,6 @@ class RecordRangeStage:
 
 class ModelRangeStage(RecordRangeStage):
     name = "model_ranges"
-    uses_model = True
 
     def setup(self):
         self.loaded = True  # stands for a model load; must happen before process
@@ -62,21 +59,21 @@ def ray_local():
 
 
 @pytest.mark.parametrize(
-    "stage_cls, pool", [(RecordRangeStage, "tasks"), (ModelRangeStage, "tasks"), (ModelRangeStage, "actors")]
+    "stage_cls, uses_model", [(RecordRangeStage, False), (ModelRangeStage, True)]
 )
-def test_runner_computes_only_uncommitted_row_groups_on_ray(tmp_path, ray_local, stage_cls, pool):
+def test_runner_computes_only_uncommitted_row_groups_on_ray(tmp_path, ray_local, stage_cls, uses_model):
     plan = RowGroupPlan(100, 10, max_partitions=2)  # partition 1 = row groups 5..9
     store = CommitStore(str(tmp_path))
     stage = stage_cls()
     store.commit_table(stage.name, 1, 6, pa.table({"record_id": [-1]}))  # pre-committed: must be skipped
-    summary = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, pool=pool)
+    summary = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, uses_model=uses_model)
     assert summary.ok, summary.failed
     assert (summary.row_groups, summary.computed, summary.skipped) == (5, 4, 1)
     assert store.completed(stage.name, 1) == {5, 6, 7, 8, 9}
     assert store.read_table(stage.name, 1, 6).column("record_id").to_pylist() == [-1]  # untouched
     assert store.read_table(stage.name, 1, 9).column("record_id").to_pylist() == list(range(90, 100))
     assert summary.records_in == 40
-    again = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, pool=pool)
+    again = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, uses_model=uses_model)
     assert (again.computed, again.skipped) == (0, 5)
 
 
@@ -94,9 +91,9 @@ def test_runner_isolates_failing_row_groups_with_injected_fault(tmp_path, ray_lo
     assert second.to_dict()["failed_count"] == 0
 
 
-def test_local_executor_matches_ray_output(tmp_path, ray_local):
+def test_local_backend_matches_ray_output(tmp_path, ray_local):
     plan = RowGroupPlan(35, 10, max_partitions=1)
-    a = run_stage_partition(RecordRangeStage(), run_root=str(tmp_path / "a"), plan=plan, partition=0, executor="local")
+    a = run_stage_partition(RecordRangeStage(), run_root=str(tmp_path / "a"), plan=plan, partition=0, backend="local")
     b = run_stage_partition(RecordRangeStage(), run_root=str(tmp_path / "b"), plan=plan, partition=0)
     assert a.computed == b.computed == 4
     for rg in range(4):
@@ -123,7 +120,9 @@ def test_task_pool_sets_a_model_stage_up_once_per_worker_across_partitions(tmp_p
     plan = RowGroupPlan(80, 10, max_partitions=4)
     log_path = tmp_path / "setups.log"
     for p in range(plan.num_partitions):
-        s = run_stage_partition(CountingSetupStage(str(log_path)), run_root=str(tmp_path / "run"), plan=plan, partition=p)
+        s = run_stage_partition(
+            CountingSetupStage(str(log_path)), run_root=str(tmp_path / "run"), plan=plan, partition=p, uses_model=True
+        )
         assert s.ok and s.computed == 2
     pids = log_path.read_text().split()
     assert len(pids) == len(set(pids)) <= 2  # once per worker process, not once per partition
@@ -135,7 +134,7 @@ from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import RowGroupPlan
 sys.path.insert(0, sys.argv[2])
 from test_runner import RecordRangeStage
-run_stage_partition(RecordRangeStage(), run_root=sys.argv[1], plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, executor="local")
+run_stage_partition(RecordRangeStage(), run_root=sys.argv[1], plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, backend="local")
 """
 
 
@@ -148,5 +147,5 @@ def test_task_process_killed_mid_partition_resumes_with_only_the_rest(tmp_path):
     child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(root), os.path.dirname(__file__)], env=env)
     assert child.returncode == -9
     assert CommitStore(str(root)).completed("ranges", 0) == {0, 1}
-    again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, executor="local")
+    again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, backend="local")
     assert (again.computed, again.skipped) == (3, 2)

@@ -21,7 +21,7 @@ from winnow.data.errors import ShardError
 from winnow.data.shards import list_shard_infos
 from winnow.data.tarscan import SCAN_SCHEMA, ShardScan, scan_shard
 from winnow.rowgroups.errors import StageConfigMismatch, StorageError
-from winnow.rowgroups.plan import RowGroupPlan
+from winnow.rowgroups.plan import MAX_MAP_LENGTH, RowGroupPlan
 from winnow.rowgroups.store import (
     CommitStore,
     StageFingerprint,
@@ -56,6 +56,16 @@ class IndexConfig:
     buffer_size: int
     max_partitions: int = 256
     skip_bad_shards: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("buffer_size", "max_partitions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_partitions > MAX_MAP_LENGTH:
+            raise ValueError(
+                f"max_partitions must be <= {MAX_MAP_LENGTH} (Airflow's max_map_length), got {self.max_partitions}"
+            )
 
 
 @dataclass
@@ -135,10 +145,7 @@ def build_index(
 
     committed = 0
     for partition in range(plan.num_partitions):
-        done = store.completed(STAGE, partition, clean_temp=True)
-        for rg in plan.partition_row_groups(partition):
-            if rg in done:
-                continue
+        for rg in store.missing(STAGE, plan, partition):
             start, stop = plan.row_group_range(rg)
             store.commit_table(STAGE, partition, rg, table.slice(start, stop - start))
             committed += 1

@@ -2,15 +2,13 @@
 
 One Ray Data block per remaining row group (never a whole partition in one block). Model stages
 use a GPU per worker where there are GPUs; light stages run as plain tasks. Each row group
-commits as soon as it is done; one that raises does not stop the others. ``executor="local"``
+commits as soon as it is done; one that raises does not stop the others. ``backend="local"``
 runs the same loop in this process, without Ray.
 
-Model stages have two pools. ``pool="tasks"`` (default): Ray Data tasks on Ray's reused worker
-processes, each process keeping its set-up stage (the loaded model) in a small cache, so the
-model loads once per worker for the whole run. ``pool="actors"``: a Ray Data actor pool per
-call. Measured here, an actor pool pays process start + torch import + model load (9-19 s on 2
-loaded cores) again for every partition of every stage, because each new actor is a new process;
-with one partition per Airflow task that cost lands on every mapped task.
+Model stages run as Ray Data tasks on Ray's reused worker processes, each process keeping its
+set-up stage (the loaded model) in a small cache, so the model loads once per worker for the
+whole run rather than once per partition (an actor pool would start new processes, and load the
+model again, for every partition of every stage; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 import traceback
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Literal
 
 from winnow.faults import FaultSpec
 from winnow.rowgroups import CommitStore, RowGroupPlan
@@ -64,7 +63,7 @@ class PartitionSummary:
 
 
 class _RowGroupWorker:
-    """Computes and commits row groups; an actor (model stages) or a task body (light ones)."""
+    """Computes and commits row groups: the body of one Ray Data task, or of the local loop."""
 
     def __init__(
         self, stage: Stage, run_root: str, plan: dict, partition: int, faults: FaultSpec | None,
@@ -192,26 +191,25 @@ def run_stage_partition(
     run_root: str,
     plan: RowGroupPlan,
     partition: int,
+    uses_model: bool = False,
     ray_address: str | None = None,
-    executor: str = "ray",
-    pool: str = "tasks",
+    backend: Literal["ray", "local"] = "ray",
     log: Callable[[str], None] | None = None,
 ) -> PartitionSummary:
     """Run ``stage`` over the uncommitted row groups of ``partition`` and return a summary.
 
-    Row-group failures never raise: they are in ``summary.failed`` (the Airflow operator turns
-    them into a task failure after everything else committed).
+    ``uses_model`` (the registry's flag) gives each Ray worker a GPU where there are GPUs, or
+    every CPU core on a CPU-only cluster. Row-group failures never raise: they are in
+    ``summary.failed`` (the Airflow operator turns them into a task failure after everything
+    else committed).
     """
     log = log or logger.info
-    if executor not in ("ray", "local"):
-        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
-    if pool not in ("tasks", "actors"):
-        raise ValueError(f"pool must be 'tasks' or 'actors', got {pool!r}")
+    if backend not in ("ray", "local"):
+        raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
     t0 = time.perf_counter()
     store = CommitStore(run_root)
     row_groups = plan.partition_row_groups(partition)
-    committed = store.completed(stage.name, partition, clean_temp=True)
-    todo = [rg for rg in row_groups if rg not in committed]
+    todo = store.missing(stage.name, plan, partition)
     summary = PartitionSummary(
         stage=stage.name, partition=partition, row_groups=len(row_groups), skipped=len(row_groups) - len(todo)
     )
@@ -222,11 +220,11 @@ def run_stage_partition(
         return summary
     faults = FaultSpec.from_env()
     args = (stage, run_root, plan.to_dict(), partition, faults)
-    if executor == "local":
+    if backend == "local":
         worker = _RowGroupWorker(*args, stage_cache_key(stage))
         results = (worker.run_one(rg) for rg in todo)
     else:
-        results = _ray_results(stage, args, todo, ray_address, pool)
+        results = _ray_results(stage, args, todo, ray_address, uses_model)
     for result in results:
         progress.update(result)
         if result["error"]:
@@ -243,37 +241,28 @@ def run_stage_partition(
     return summary
 
 
-def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | None, pool: str):
+def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | None, uses_model: bool):
     import ray.data
 
     from winnow.ray.cluster import connect, gpu_count
 
     connect(ray_address)
     ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=len(todo))
-    if not stage.uses_model:
+    if not uses_model:
         ds = ds.map_batches(_run_cached, fn_args=(*args, None), batch_size=1, num_cpus=1)
     else:
         gpus = gpu_count()
         width = max(1, min(gpus, len(todo))) if gpus else 1
-        resources = {
-            "num_gpus": 1 if gpus else 0,
+        ds = ds.map_batches(
+            _run_cached,
+            fn_args=(*args, stage_cache_key(stage)),
+            batch_size=1,
+            compute=ray.data.TaskPoolStrategy(size=width),
+            num_gpus=1 if gpus else 0,
             # On CPU the one model worker gets every core: torch threads as wide as a direct call.
-            "num_cpus": 1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1))),
-        }
-        if pool == "actors":
-            ds = ds.map_batches(
-                _RowGroupWorker,
-                fn_constructor_args=(*args, None),
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=width),
-                **resources,
-            )  # Ray Data restarts a dead actor and retries its row groups (commits are idempotent).
-        else:
-            ds = ds.map_batches(
-                _run_cached, fn_args=(*args, stage_cache_key(stage)), batch_size=1, concurrency=width, **resources
-            )  # a task whose worker dies is retried by Ray (commits are idempotent).
-    for row in ds.iter_rows():
-        yield row
+            num_cpus=1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1))),
+        )  # a task whose worker dies is retried by Ray (commits are idempotent).
+    yield from ds.iter_rows()
 
 
 def _run_cached(batch: dict, stage: Stage, run_root: str, plan: dict, partition: int, faults, cache_key) -> dict:

@@ -25,6 +25,9 @@ from winnow.rowgroups.errors import StageConfigMismatch, StorageError
 STAGE_FILE = "_stage.json"
 TEMP_MARK = ".tmp-"
 _ROW_GROUP_FILE = re.compile(r"^rg(\d{9})\.parquet$")
+#: Folders a stage had in earlier versions; a run root that still has one is read (and
+#: resumed) in place. The write stage's folder was ``output`` before it was named ``write``.
+LEGACY_FOLDERS = {"write": "output"}
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -124,7 +127,10 @@ class StageFingerprint:
         """(key, old value, new value) for every key that differs from a stored fingerprint."""
         before: dict[str, Any] = {}
         after: dict[str, Any] = {}
-        _flatten("", {k: v for k, v in old.items() if k != "digest"}, before)
+        old = {k: v for k, v in old.items() if k != "digest"}
+        if LEGACY_FOLDERS.get(self.stage) == old.get("stage"):
+            old["stage"] = self.stage  # the same stage, recorded under its earlier name
+        _flatten("", old, before)
         _flatten("", self.to_dict(), after)
         missing = object()
         keys = sorted(set(before) | set(after))
@@ -151,13 +157,24 @@ class CommitStore:
         else:
             self.fs, self.root = filesystem, run_root.rstrip("/")
         self.run_root = run_root
+        self._folders: dict[str, str] = {}
 
     # ---- paths -------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> str:
-        return f"{self.root}/{stage}"
+        return f"{self.root}/{self._folder(stage)}"
+
+    def _folder(self, stage: str) -> str:
+        legacy = LEGACY_FOLDERS.get(stage)
+        if legacy is None:
+            return stage
+        if stage not in self._folders:
+            new = self.fs.get_file_info(f"{self.root}/{stage}").type != pafs.FileType.NotFound
+            old = self.fs.get_file_info(f"{self.root}/{legacy}/{STAGE_FILE}").type == pafs.FileType.File
+            self._folders[stage] = legacy if old and not new else stage
+        return self._folders[stage]
 
     def partition_dir(self, stage: str, partition: int) -> str:
-        return f"{self.root}/{stage}/p{partition:05d}"
+        return f"{self.stage_dir(stage)}/p{partition:05d}"
 
     def row_group_path(self, stage: str, partition: int, row_group: int, suffix: str = ".parquet") -> str:
         return f"{self.partition_dir(stage, partition)}/rg{row_group:09d}{suffix}"
@@ -218,6 +235,13 @@ class CommitStore:
                 done.add(int(m.group(1)))
         return done
 
+    def missing(self, stage: str, plan: Any, partition: int, *, clean_temp: bool = True) -> list[int]:
+        """The row groups of ``partition`` (a :class:`RowGroupPlan`'s) that ``stage`` has not
+        committed, in order: what a run, a retry or a resume still has to compute. One listing.
+        """
+        done = self.completed(stage, partition, clean_temp=clean_temp)
+        return [rg for rg in plan.partition_row_groups(partition) if rg not in done]
+
     # ---- stage fingerprints ------------------------------------------------------------
     def read_fingerprint(self, stage: str) -> dict[str, Any] | None:
         return read_json(self.fs, f"{self.stage_dir(stage)}/{STAGE_FILE}")
@@ -255,4 +279,5 @@ class CommitStore:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         target = f"{self.stage_dir(stage)}.replaced-{stamp}"
         self.fs.move(self.stage_dir(stage), target)
+        self._folders.pop(stage, None)  # what comes next is written under the current name
         return target

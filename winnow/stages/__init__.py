@@ -1,5 +1,5 @@
-"""Pure compute stages: decode+embed, aesthetic, nsfw, dedup, write. No Airflow import."""
+"""Pure compute stages: decode+embed, aesthetic, nsfw, dedup, write; and the stage registry.
 
-from winnow.stages.base import RowGroupTask, Stage
-
-__all__ = ["RowGroupTask", "Stage"]
+No Airflow import. Kept import-free so that the registry (``winnow.stages.registry``) is cheap
+to read from a DAG file; the stage contract is in ``winnow.stages.base``.
+"""

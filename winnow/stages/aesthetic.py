@@ -4,6 +4,7 @@ and keeps records scoring at least the threshold."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -15,11 +16,13 @@ from winnow.stages.heads import HeadConfig, HeadStage
 class AestheticConfig(HeadConfig):
     """:param weights: local .safetensors/.pt file of the LAION improved aesthetic predictor
         (``sac+logos+ava1-l14-linearMSE.pth``); None only with ``allow_random_weights``.
-    :param threshold: keep records with score >= threshold, on the head's ~1-10 scale.
+    :param threshold: keep records with score >= threshold, on the head's ~1-10 scale; in [0, 10].
     :param allow_random_weights: accept ``weights=None`` (seeded random weights, tests/demos).
     :param device: ``"auto"`` (CUDA where there is one), ``"cpu"``, ``"cuda:0"``...
-    :param embed_dim: width of the embeddings the embed stage wrote (768 for ViT-L/14).
+    :param embed_dim: width of the embedding model's embeddings (768 for ViT-L/14).
     """
+
+    THRESHOLD: ClassVar[tuple[str, float, float]] = ("aesthetic_threshold", 0.0, 10.0)
 
     threshold: float = 5.0
 

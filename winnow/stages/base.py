@@ -37,14 +37,11 @@ class RowGroupTask:
 class Stage(Protocol):
     """What the runner needs of a stage.
 
-    ``name`` is the stage folder under the run root. ``uses_model`` picks an actor pool (a GPU
-    per actor where there are GPUs; models loaded once per actor in ``setup``) over plain tasks.
-    ``upstream`` names the stages whose output it reads (their fingerprints feed its own).
+    ``name`` is the stage's name in the registry (``winnow.stages.registry``), which also
+    holds what it reads and whether it uses a model.
     """
 
     name: ClassVar[str]
-    uses_model: ClassVar[bool]
-    upstream: ClassVar[tuple[str, ...]]
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The config that changes output (model, weights digest, thresholds, eps)."""

@@ -12,7 +12,7 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 #: Pillow's own decompression-bomb limit, used as ours by default.
 DEFAULT_MAX_PIXELS = 89_478_485
 DecodeBackend = Literal["auto", "dali-gpu", "dali-cpu", "pillow"]
-DECODE_BACKENDS: tuple[str, ...] = ("auto", "dali-gpu", "dali-cpu", "pillow")
+#: The decode backends; this module owns the list and its check (``check_decode_backend``).
+DecodeBackend = Literal["auto", "dali-gpu", "dali-cpu", "pillow"]
+DECODE_BACKENDS: tuple[str, ...] = get_args(DecodeBackend)
 
 # Images DALI gets: plain 8-bit colour or grey in its well-trodden formats. Palette, alpha,
 # CMYK and 16-bit images go to Pillow so both backends agree on how they become RGB.

@@ -37,12 +37,15 @@ from winnow.rowgroups.errors import WinnowError
 from winnow.rowgroups.store import read_json, write_json
 from winnow.schemas import DEDUP
 from winnow.stages.embedding_io import embedding_matrix
-from winnow.stages.heads import resolve_device
+from winnow.stages.device import resolve_device
+from winnow.stages.kept import passed_filters
+from winnow.stages.registry import stage_spec
 
 STAGE = "dedup"
-UPSTREAM = ("embed", "aesthetic", "nsfw")
 SUMMARY_FILE = "_summary.json"
 
+#: Bounds of ``eps``: (low, high], the one range every layer (DAG form, config) uses.
+EPS_RANGE = (0.0, 1.0)
 # Float32 elements of one k-means chunk's (rows x k) similarity and one-hot matrices: 64 MiB.
 _CHUNK_ELEMS = 1 << 24
 # k-means++ seeds on a sample of this many rows per cluster (all rows when there are fewer).
@@ -56,7 +59,7 @@ class DedupError(WinnowError):
 @dataclass(frozen=True, kw_only=True)
 class DedupConfig:
     """:param eps: a member is a duplicate at cosine similarity >= 1 - eps to a higher-ranked
-        member of its cluster (0 <= eps < 2; 0 drops exact copies only).
+        member of its cluster; in (0, 1] (param ``dedup_eps``).
     :param n_clusters: k-means clusters; 0 picks round(sqrt(candidates)).
     :param seed: seed of the k-means initialisation.
     :param max_iter: k-means iterations at most (it stops earlier once at most 1 in 10^4
@@ -73,10 +76,13 @@ class DedupConfig:
     block_size: int = 4096
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.eps < 2.0:
-            raise DedupError(f"eps must be in [0, 2) (cosine similarity >= 1 - eps), got {self.eps}")
-        if self.n_clusters < 0:
-            raise DedupError(f"n_clusters must be >= 0 (0 = auto), got {self.n_clusters}")
+        low, high = EPS_RANGE
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not low < self.eps <= high:
+            raise DedupError(
+                f"dedup_eps must be in ({low:g}, {high:g}] (duplicates have cosine similarity >= 1 - eps), got {self.eps!r}"
+            )
+        if isinstance(self.n_clusters, bool) or not isinstance(self.n_clusters, int) or self.n_clusters < 0:
+            raise DedupError(f"dedup_clusters must be an integer >= 0 (0 = automatic), got {self.n_clusters!r}")
         if self.max_iter < 1:
             raise DedupError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.block_size < 1:
@@ -290,7 +296,7 @@ def dedup_clusters(
 def ensure_dedup_stage(store: CommitStore, plan: RowGroupPlan, config: DedupConfig, *, overwrite: bool = False) -> StageFingerprint:
     """Check or record dedup's fingerprint (config + upstream digests + plan)."""
     upstream = {}
-    for stage in UPSTREAM:
+    for stage in stage_spec(STAGE).upstream:
         stored = store.read_fingerprint(stage)
         if stored is None or "digest" not in stored:
             raise DedupError(
@@ -329,10 +335,7 @@ def read_candidates(store: CommitStore, plan: RowGroupPlan) -> tuple[np.ndarray,
         _same_ids(f"row group {rg}", embed.column("record_id"), aesthetic.column("record_id"))
         _same_ids(f"row group {rg}", embed.column("record_id"), nsfw.column("record_id"))
         valid, matrix = embedding_matrix(embed.column("embedding"), where=f"stage 'embed' row group {rg}")
-        keep = (
-            aesthetic.column("aesthetic_keep").fill_null(False).to_numpy()
-            & nsfw.column("nsfw_keep").fill_null(False).to_numpy()
-        )
+        keep = passed_filters(aesthetic.column("aesthetic_keep"), nsfw.column("nsfw_keep"))
         record_ids = embed.column("record_id").to_numpy()
         ids.append(record_ids[valid & keep])
         mats.append(matrix[keep[valid]])
@@ -375,11 +378,7 @@ def dedup_table(record_ids: np.ndarray, duplicates: DedupResult) -> pa.Table:
 
 
 def _missing_row_groups(store: CommitStore, plan: RowGroupPlan) -> list[tuple[int, int]]:
-    missing = []
-    for p in range(plan.num_partitions):
-        done = store.completed(STAGE, p, clean_temp=True)
-        missing.extend((p, rg) for rg in plan.partition_row_groups(p) if rg not in done)
-    return missing
+    return [(p, rg) for p in range(plan.num_partitions) for rg in store.missing(STAGE, plan, p)]
 
 
 def _count_committed(store: CommitStore, plan: RowGroupPlan) -> dict[str, Any]:
@@ -389,7 +388,7 @@ def _count_committed(store: CommitStore, plan: RowGroupPlan) -> dict[str, Any]:
         duplicates += store.read_table(STAGE, p, rg, columns=["duplicate"]).column("duplicate").to_numpy().sum()
         a = store.read_table("aesthetic", p, rg, columns=["aesthetic_keep"]).column("aesthetic_keep")
         n = store.read_table("nsfw", p, rg, columns=["nsfw_keep"]).column("nsfw_keep")
-        candidates += (a.fill_null(False).to_numpy() & n.fill_null(False).to_numpy()).sum()
+        candidates += passed_filters(a, n).sum()
     return {"candidates": int(candidates), "duplicates": int(duplicates), "clusters": None}
 
 

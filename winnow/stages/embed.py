@@ -18,7 +18,8 @@ import torch
 
 from winnow.schemas import embed_schema, embedding_type
 from winnow.stages.base import RowGroupTask
-from winnow.stages.decode import DECODE_BACKENDS, DEFAULT_MAX_PIXELS, BatchDecoder, make_batch_decoder, normalize_batch
+from winnow.stages.device import resolve_device
+from winnow.stages.decode import DECODE_BACKENDS, DecodeBackend, DEFAULT_MAX_PIXELS, BatchDecoder, make_batch_decoder, normalize_batch
 from winnow.stages.models import LoadedModel, ModelSpec, load_image_model, validate_model_spec
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class EmbedConfig:
     model_dir: str | None = None
     allow_random_weights: bool = False
     batch_size: int = 64
-    decode_backend: str = "auto"
+    decode_backend: DecodeBackend = "auto"
     device: str = "auto"
     precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -71,14 +72,6 @@ class EmbedConfig:
             raise ValueError(f"decode_threads must be a positive integer, got {self.decode_threads!r}")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for but CUDA is not available here; use device='auto' or 'cpu'")
-    return torch.device(device)
-
-
 class EmbedStage:
     """Decode + open_clip image embeddings, one row group at a time.
 
@@ -87,8 +80,6 @@ class EmbedStage:
     """
 
     name: ClassVar[str] = "embed"
-    uses_model: ClassVar[bool] = True
-    upstream: ClassVar[tuple[str, ...]] = ("index",)
 
     def __init__(self, config: EmbedConfig) -> None:
         self.config = config

@@ -21,8 +21,9 @@ def embedding_matrix(
     dim = arr.type.list_size
     if expected_dim is not None and dim != expected_dim:
         raise WinnowError(
-            f"{where} holds {dim}-d embeddings but {expected_dim}-d ones are expected (param "
-            "'embed_dim'): set embed_dim to the embedding model's width, or use weights made for it"
+            f"{where} holds {dim}-d embeddings but {expected_dim}-d ones are expected: the embed "
+            "stage was computed with another model than this run's; recompute it (overwrite=true) "
+            "or use the model it was computed with"
         )
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     # flatten() drops null rows and honours slicing offsets, unlike .values.

@@ -21,6 +21,7 @@ from torch import nn
 
 from winnow.rowgroups.errors import WinnowError
 from winnow.stages.base import RowGroupTask
+from winnow.stages.device import resolve_device
 from winnow.stages.embedding_io import embedding_matrix
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,6 @@ def nsfw_state_dict_from_keras(weights: list[np.ndarray]) -> dict[str, torch.Ten
     return state
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is the first CUDA device where there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _check_kind(kind: str) -> None:
     if kind not in _HEADS:
         raise HeadError(f"unknown head kind {kind!r}; choose one of {sorted(_HEADS)}")
@@ -236,6 +230,24 @@ def _random_head(kind: str, embed_dim: int) -> nn.Module:
     return module
 
 
+def _check_width(kind: str, weights: str, state: dict[str, torch.Tensor], *, model: str, embed_dim: int) -> None:
+    first = state.get("layers.0.weight")
+    if first is not None and first.ndim == 2 and first.shape[1] != embed_dim:
+        raise HeadError(
+            f"{kind} head weights {weights} expect {first.shape[1]}-d embeddings but {model} "
+            f"gives {embed_dim}-d ones. Use head weights trained on this model's embeddings, or "
+            f"the model they were trained on (ViT-L-14-quickgelu for the published LAION heads, "
+            f"{VIT_L14_DIM}-d)."
+        )
+
+
+def check_head_width(kind: str, weights: str, *, model: str, embed_dim: int) -> None:
+    """Raise :class:`HeadError` naming the model, its width and the head file when the head's
+    weights were trained on embeddings of another width: checked before any row group runs."""
+    _check_kind(kind)
+    _check_width(kind, weights, _read_state_dict(kind, weights), model=f"model {model!r}", embed_dim=embed_dim)
+
+
 def load_head(
     kind: str,
     weights: str | None,
@@ -259,14 +271,7 @@ def load_head(
         module = _random_head(kind, embed_dim)
     else:
         state = _read_state_dict(kind, weights)
-        first = state.get("layers.0.weight")
-        if first is not None and first.ndim == 2 and first.shape[1] != embed_dim:
-            raise HeadError(
-                f"{kind} head weights {weights} expect {first.shape[1]}-d embeddings but the "
-                f"embedding model gives {embed_dim}-d ones (param 'embed_dim'). Use the weights "
-                f"trained for this embedding model, or the embedding model they were trained on "
-                f"(ViT-L/14 for the published LAION heads, {VIT_L14_DIM}-d)."
-            )
+        _check_width(kind, weights, state, model="the embedding model", embed_dim=embed_dim)
         module = _HEADS[kind](embed_dim)
         expected = module.state_dict()
         missing = sorted(set(expected) - set(state))
@@ -299,13 +304,27 @@ def score_embeddings(module: nn.Module, matrix: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, kw_only=True)
 class HeadConfig:
-    """Knobs shared by both head stages; subclasses set the threshold's default."""
+    """Knobs shared by both head stages; subclasses set the threshold's default and range.
+
+    ``embed_dim`` is the embedding model's width (the pipeline passes the model's own).
+    """
+
+    #: (param name, low, high) of ``threshold``: the one range the DAG form also uses.
+    THRESHOLD: ClassVar[tuple[str, float, float]] = ("threshold", float("-inf"), float("inf"))
 
     weights: str | None = None
     threshold: float = 0.0
     allow_random_weights: bool = False
     device: str = "auto"
     embed_dim: int = VIT_L14_DIM
+
+    def __post_init__(self) -> None:
+        param, low, high = self.THRESHOLD
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not low <= t <= high:
+            raise HeadError(f"{param} must be a number in [{low:g}, {high:g}], got {t!r}")
+        if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:
+            raise HeadError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
 
 
 class HeadStage:
@@ -316,8 +335,6 @@ class HeadStage:
     """
 
     name: ClassVar[str]
-    uses_model: ClassVar[bool] = True
-    upstream: ClassVar[tuple[str, ...]] = ("embed",)
     schema: ClassVar[pa.Schema]
 
     def __init__(self, config: HeadConfig) -> None:

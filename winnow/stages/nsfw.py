@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -16,11 +17,13 @@ class NsfwConfig(HeadConfig):
     """:param weights: local .safetensors/.pt file in :class:`~winnow.stages.heads.NsfwHead`
         layout (convert the published Keras model with ``nsfw_state_dict_from_keras``); None
         only with ``allow_random_weights``.
-    :param threshold: keep records with probability < threshold.
+    :param threshold: keep records with probability < threshold; in [0, 1].
     :param allow_random_weights: accept ``weights=None`` (seeded random weights, tests/demos).
     :param device: ``"auto"`` (CUDA where there is one), ``"cpu"``, ``"cuda:0"``...
-    :param embed_dim: width of the embeddings the embed stage wrote (768 for ViT-L/14).
+    :param embed_dim: width of the embedding model's embeddings (768 for ViT-L/14).
     """
+
+    THRESHOLD: ClassVar[tuple[str, float, float]] = ("nsfw_threshold", 0.0, 1.0)
 
     threshold: float = 0.5
 

@@ -18,10 +18,12 @@ import pyarrow.parquet as pq
 from winnow.data.reader import read_members
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.rowgroups.errors import WinnowError
-from winnow.schemas import output_schema
+from winnow.schemas import write_schema
 from winnow.stages.base import RowGroupTask
+from winnow.stages.kept import flag, passed_filters
+from winnow.stages.kept import kept as kept_records
 
-STAGE = "output"
+STAGE = "write"
 #: Bumped when the tar layout changes, so old output is not mixed with new (fingerprint).
 TAR_FORMAT = "webdataset-v1"
 #: Fixed member mtime (2000-01-01T00:00:00Z): the tar's bytes depend on its records only.
@@ -96,7 +98,7 @@ def _aligned(index_ids: np.ndarray, table: pa.Table, stage: str, rg: int) -> pa.
 
 
 class WriteStage:
-    """Row group -> ``output/p*/rg*.tar`` (committed here) and its ``output_schema`` table.
+    """Row group -> ``write/p*/rg*.tar`` (committed here) and its ``write_schema`` table.
 
     Kept = decoded, ``aesthetic_keep``, ``nsfw_keep`` and not ``duplicate``. Members are sorted
     by record_id and named ``<member_key>.<image_ext>``, ``<member_key>.txt``,
@@ -105,8 +107,6 @@ class WriteStage:
     """
 
     name: ClassVar[str] = STAGE
-    uses_model: ClassVar[bool] = False
-    upstream: ClassVar[tuple[str, ...]] = ("embed", "aesthetic", "nsfw", "dedup")
 
     def __init__(self, config: WriteConfig | None = None) -> None:
         self.config = config or WriteConfig()
@@ -133,12 +133,7 @@ class WriteStage:
     def process(self, task: RowGroupTask) -> pa.Table:
         store = task.store()
         joined = self._joined(store, task.partition, task.row_group)
-        kept_mask = (
-            joined.column("error").is_null().to_numpy(zero_copy_only=False)
-            & joined.column("aesthetic_keep").fill_null(False).to_numpy()
-            & joined.column("nsfw_keep").fill_null(False).to_numpy()
-            & ~joined.column("duplicate").fill_null(False).to_numpy()
-        )
+        kept_mask = kept_records(joined.column("aesthetic_keep"), joined.column("nsfw_keep"), joined.column("duplicate"))
         kept = joined.filter(pa.array(kept_mask))
         images = read_members(kept, "image")
         texts = read_members(kept, "txt")
@@ -174,7 +169,7 @@ class WriteStage:
                 "nsfw_score": kept.column("nsfw_score"),
                 "embedding": embedding,
             },
-            schema=output_schema(dim),
+            schema=write_schema(dim),
         )
 
 
@@ -183,25 +178,27 @@ def count_outcomes(run_root: str, plan: RowGroupPlan) -> dict[str, int]:
 
     Each record lands in exactly one bucket, first match wins: ``undecodable`` (embed error),
     ``aesthetic_dropped``, ``nsfw_dropped``, ``duplicates``, else ``kept``; so ``records`` is
-    their sum. ``written`` counts the rows of the output Parquet files committed so far.
+    their sum. ``written`` counts the rows of the write stage's Parquet files committed so far.
     """
     store = CommitStore(run_root)
     counts = dict.fromkeys(("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept"), 0)
     written = 0
     for p in range(plan.num_partitions):
-        done_output = store.completed(STAGE, p)
+        done_write = store.completed(STAGE, p)
         for rg in plan.partition_row_groups(p):
             ok = store.read_table("embed", p, rg, columns=["error"]).column("error").is_null().to_numpy(zero_copy_only=False)
-            a = store.read_table("aesthetic", p, rg, columns=["aesthetic_keep"]).column("aesthetic_keep").fill_null(False).to_numpy()
-            n = store.read_table("nsfw", p, rg, columns=["nsfw_keep"]).column("nsfw_keep").fill_null(False).to_numpy()
-            d = store.read_table("dedup", p, rg, columns=["duplicate"]).column("duplicate").fill_null(False).to_numpy()
+            a = store.read_table("aesthetic", p, rg, columns=["aesthetic_keep"]).column("aesthetic_keep")
+            n = store.read_table("nsfw", p, rg, columns=["nsfw_keep"]).column("nsfw_keep")
+            d = store.read_table("dedup", p, rg, columns=["duplicate"]).column("duplicate")
+            passed, kept = passed_filters(a, n), kept_records(a, n, d)
+            a_ok = flag(a)
             counts["records"] += len(ok)
             counts["undecodable"] += int((~ok).sum())
-            counts["aesthetic_dropped"] += int((ok & ~a).sum())
-            counts["nsfw_dropped"] += int((ok & a & ~n).sum())
-            counts["duplicates"] += int((ok & a & n & d).sum())
-            counts["kept"] += int((ok & a & n & ~d).sum())
-            if rg in done_output:
+            counts["aesthetic_dropped"] += int((ok & ~a_ok).sum())
+            counts["nsfw_dropped"] += int((ok & a_ok & ~passed).sum())
+            counts["duplicates"] += int((ok & passed & ~kept).sum())
+            counts["kept"] += int((ok & kept).sum())
+            if rg in done_write:
                 with store.fs.open_input_file(store.row_group_path(STAGE, p, rg)) as f:
                     written += pq.ParquetFile(f).metadata.num_rows
     counts["written"] = written

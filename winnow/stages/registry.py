@@ -1,0 +1,116 @@
+"""The stage graph, declared once: every stage's name, class, upstream, scope and model use.
+
+Everything that needs the graph derives it from here: :func:`winnow.pipeline.make_stage`, the
+fingerprint chain, the run order of ``run_all``, the report, and the DAG's task ids. Importing
+this module is cheap (no torch, Ray or Airflow), so a DAG file may read it at parse time.
+
+>>> [s.name for s in STAGES]
+['index', 'embed', 'aesthetic', 'nsfw', 'dedup', 'write']
+>>> [s.name for s in partition_stages()]
+['embed', 'aesthetic', 'nsfw', 'write']
+>>> task_id("nsfw"), task_id("write")
+('partition.nsfw', 'write')
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Scope = Literal["partition", "global"]
+
+#: The mapped task group that runs a partition's filter stages depth-first in the DAG.
+PARTITION_GROUP = "partition"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One node of the stage graph.
+
+    :param name: the one word for the stage: its folder under the run root, its task id (inside
+        ``group`` when set), its name in logs, fingerprints and the summary.
+    :param compute: ``module:attribute`` of its compute, imported on demand: the stage class
+        of a partition stage (``process`` per row group), the entry function of a global one.
+    :param upstream: stages whose output it reads; their fingerprints feed its own.
+    :param scope: ``partition`` (a row-group stage mapped over partitions) or ``global`` (one
+        task over the whole run).
+    :param uses_model: loads a model (a GPU per worker where there are GPUs).
+    :param group: the DAG task group it runs in (partition stages run depth-first there).
+    """
+
+    name: str
+    compute: str
+    upstream: tuple[str, ...]
+    scope: Scope
+    uses_model: bool = False
+    group: str | None = None
+
+    @property
+    def task_id(self) -> str:
+        return f"{self.group}.{self.name}" if self.group else self.name
+
+    def load(self) -> Any:
+        module, _, attribute = self.compute.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+#: Topological order: every stage comes after the stages it reads.
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("index", "winnow.data.index:build_index", (), "global"),
+    StageSpec("embed", "winnow.stages.embed:EmbedStage", ("index",), "partition", True, PARTITION_GROUP),
+    StageSpec("aesthetic", "winnow.stages.aesthetic:AestheticStage", ("embed",), "partition", True, PARTITION_GROUP),
+    StageSpec("nsfw", "winnow.stages.nsfw:NsfwStage", ("embed",), "partition", True, PARTITION_GROUP),
+    StageSpec("dedup", "winnow.stages.dedup:run_dedup", ("embed", "aesthetic", "nsfw"), "global"),
+    StageSpec("write", "winnow.stages.write:WriteStage", ("index", "embed", "aesthetic", "nsfw", "dedup"), "partition"),
+)
+
+_BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage_spec(name: str) -> StageSpec:
+    """The spec of stage ``name``; an unknown name is a ValueError listing the known ones."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(_BY_NAME)}") from None
+
+
+def stage_order() -> tuple[str, ...]:
+    return tuple(s.name for s in STAGES)
+
+
+def partition_stages() -> tuple[StageSpec, ...]:
+    return tuple(s for s in STAGES if s.scope == "partition")
+
+
+def task_id(name: str) -> str:
+    return stage_spec(name).task_id
+
+
+def run_phases() -> list[tuple[Scope, tuple[StageSpec, ...]]]:
+    """The graph cut into the phases a run goes through, in order: each global stage alone,
+    and each run of consecutive partition stages together (run depth-first per partition).
+
+    >>> [(scope, [s.name for s in specs]) for scope, specs in run_phases()]
+    [('global', ['index']), ('partition', ['embed', 'aesthetic', 'nsfw']), ('global', ['dedup']), ('partition', ['write'])]
+    """
+    phases: list[tuple[Scope, tuple[StageSpec, ...]]] = []
+    for spec in STAGES:
+        if spec.scope == "partition" and phases and phases[-1][0] == "partition":
+            phases[-1] = ("partition", (*phases[-1][1], spec))
+        else:
+            phases.append((spec.scope, (spec,)))
+    return phases
+
+
+def _check_graph() -> None:
+    seen: set[str] = set()
+    for spec in STAGES:
+        unknown = [u for u in spec.upstream if u not in seen]
+        if unknown:
+            raise AssertionError(f"stage {spec.name!r} reads {unknown} which come later or do not exist")
+        seen.add(spec.name)
+
+
+_check_graph()
