@@ -72,6 +72,41 @@ def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_write_report(
         assert "partition_label" in dag.get_task(task_id).map_index_template
 
 
+def test_dag_task_ids_and_order_are_the_registry_s(curation_dag):
+    from operators.stages import OPERATORS, ReportOperator
+    from winnow.stages.registry import STAGES, partition_stages, run_phases
+
+    dag = curation_dag
+    assert {t.task_id for t in dag.tasks} == {s.task_id for s in STAGES} | {"report"}
+    for spec in STAGES:
+        task = dag.get_task(spec.task_id)
+        assert type(task).__name__ in (OPERATORS[spec.name].__name__, "MappedOperator")
+        assert (spec.scope == "partition") == (task.get_needs_expansion() or bool(spec.group))
+    # Each phase's first task waits for the previous phase's last one.
+    phases = [specs for _, specs in run_phases()]
+    for before, after in zip(phases, phases[1:]):
+        assert before[-1].task_id in dag.get_task(after[0].task_id).upstream_task_ids
+    assert ReportOperator(task_id="r").partition_task_ids == [s.task_id for s in partition_stages()]
+    for name, op in OPERATORS.items():
+        if hasattr(op, "stage"):
+            assert op.stage == name
+
+
+def test_param_ranges_are_those_of_the_configs_that_own_them(curation_dag):
+    from winnow.stages.aesthetic import AestheticConfig
+    from winnow.stages.decode import DECODE_BACKENDS
+    from winnow.stages.dedup import EPS_RANGE
+    from winnow.stages.nsfw import NsfwConfig
+
+    params = curation_dag.params
+    eps = params.get_param("dedup_eps").schema
+    assert (eps["exclusiveMinimum"], eps["maximum"]) == EPS_RANGE
+    for name, config_cls in (("aesthetic_threshold", AestheticConfig), ("nsfw_threshold", NsfwConfig)):
+        schema = params.get_param(name).schema
+        assert (name, schema["minimum"], schema["maximum"]) == config_cls.THRESHOLD
+    assert tuple(params.get_param("decode_backend").schema["enum"]) == DECODE_BACKENDS
+
+
 def test_dag_declares_assets_retries_and_docs(curation_dag):
     dag = curation_dag
     outlets = {t.task_id: [a.name for a in t.outlets] for t in dag.tasks if t.outlets}
@@ -86,7 +121,8 @@ def test_every_param_has_a_title_and_description(curation_dag):
     expected = {"input_uri", "output_root", "run_key", "buffer_size", "max_partitions", "model",
                 "pretrained", "model_dir", "aesthetic_weights", "nsfw_weights",
                 "aesthetic_threshold", "nsfw_threshold", "dedup_eps", "dedup_clusters",
-                "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id"}
+                "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id", "decode_backend",
+                "batch_size"}
     params = curation_dag.params
     assert set(params.keys()) == expected
     for name in expected:

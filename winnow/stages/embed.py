@@ -58,18 +58,21 @@ class EmbedConfig:
     decode_threads: int = 2
 
     def __post_init__(self) -> None:
+        problems: list[str] = []
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.decode_backend not in DECODE_BACKENDS:
-            raise ValueError(f"decode_backend must be one of {', '.join(DECODE_BACKENDS)}, got {self.decode_backend!r}")
+            problems.append(f"decode_backend must be one of {', '.join(DECODE_BACKENDS)}, got {self.decode_backend!r}")
         if not _DEVICE.match(str(self.device)):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
+            problems.append(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
         if not isinstance(self.decode_threads, int) or self.decode_threads < 1:
-            raise ValueError(f"decode_threads must be a positive integer, got {self.decode_threads!r}")
+            problems.append(f"decode_threads must be a positive integer, got {self.decode_threads!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 class EmbedStage:

@@ -1,0 +1,89 @@
+"""CurationConfig: each knob is checked by the stage config that owns it, with one range, and
+``validate`` reports every problem at once, before any row group runs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from safetensors.torch import save_file
+
+from winnow.data.sample import TINY_MODEL_PARAMS
+from winnow.pipeline import ConfigError, CurationConfig
+from winnow.stages.aesthetic import AestheticConfig
+from winnow.stages.decode import DECODE_BACKENDS
+from winnow.stages.dedup import EPS_RANGE, DedupConfig, DedupError
+from winnow.stages.heads import AestheticMLP, HeadError
+from winnow.stages.nsfw import NsfwConfig
+from tests.engine._shards import write_tar
+
+
+def _cfg(tmp_path, **overrides) -> CurationConfig:
+    shards = tmp_path / "shards"
+    if not shards.exists():
+        write_tar(str(shards / "shard-000000.tar"), [("a.jpg", b"not decoded by validate"), ("a.txt", b"x")])
+    params = {"input_uri": str(shards), "output_root": str(tmp_path / "out"), "run_key": "r",
+              **TINY_MODEL_PARAMS, **overrides}
+    return CurationConfig(**params)
+
+
+@pytest.mark.parametrize("eps, ok", [(0.0, False), (1e-6, True), (1.0, True), (1.0001, False), (-0.1, False)])
+def test_dedup_eps_range_is_open_at_zero_closed_at_one(eps, ok):
+    assert EPS_RANGE == (0.0, 1.0)
+    if ok:
+        DedupConfig(eps=eps)
+    else:
+        with pytest.raises(DedupError, match=r"dedup_eps must be in \(0, 1\]"):
+            DedupConfig(eps=eps)
+
+
+@pytest.mark.parametrize("config_cls, param, low, high", [(AestheticConfig, "aesthetic_threshold", 0, 10),
+                                                          (NsfwConfig, "nsfw_threshold", 0, 1)])
+def test_thresholds_have_one_range_owned_by_their_head_config(config_cls, param, low, high):
+    assert config_cls.THRESHOLD == (param, low, high)
+    config_cls(threshold=low, allow_random_weights=True)
+    config_cls(threshold=high, allow_random_weights=True)
+    for bad in (low - 0.01, high + 0.01, "5", True):
+        with pytest.raises(HeadError, match=param):
+            config_cls(threshold=bad, allow_random_weights=True)
+
+
+def test_validate_reports_every_problem_at_once(tmp_path):
+    cfg = _cfg(tmp_path, dedup_eps=1.5, nsfw_threshold=2.0, decode_backend="gpu-magic", batch_size=0,
+               max_partitions=5000, run_key="a/b")
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    text = str(err.value)
+    for needle in ("dedup_eps", "nsfw_threshold", "decode_backend", "batch_size", "max_partitions", "run_key"):
+        assert needle in text, (needle, text)
+    # one line per owner: run_key, index, embed (two problems), nsfw, dedup
+    assert len(re.findall(r"^\s+- ", text, flags=re.M)) == 5, text
+
+
+def test_decode_backend_is_checked_by_its_owner_only(tmp_path):
+    assert set(DECODE_BACKENDS) >= {"auto", "pillow", "dali-cpu", "dali-gpu"}
+    with pytest.raises(ConfigError, match="embed: decode_backend must be one of"):
+        _cfg(tmp_path, decode_backend="nope").validate()
+
+
+def test_a_valid_config_passes(tmp_path):
+    _cfg(tmp_path).validate()
+
+
+def test_head_weights_for_another_width_fail_at_validation_naming_model_width_and_file(tmp_path):
+    # RN50's open_clip config gives 1024-d embeddings; the published heads take 768-d ones.
+    head = tmp_path / "aesthetic-768.safetensors"
+    save_file(AestheticMLP(embed_dim=768).state_dict(), str(head))
+    cfg = _cfg(tmp_path, model="RN50", aesthetic_weights=str(head))
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    text = str(err.value)
+    assert "aesthetic_weights" in text and str(head) in text
+    assert "'RN50'" in text and "1024-d" in text and "768-d" in text
+    assert "param 'embed_dim'" not in text  # no such param exists
+
+
+def test_the_heads_take_their_width_from_the_model(tmp_path):
+    cfg = _cfg(tmp_path, model="RN50")
+    assert cfg.stage_config("aesthetic").embed_dim == 1024
+    assert cfg.stage_config("nsfw").embed_dim == 1024
