@@ -85,7 +85,7 @@ def test_every_param_has_a_title_and_description(curation_dag):
     expected = {"input_uri", "output_root", "run_key", "buffer_size", "max_partitions", "model",
                 "pretrained", "model_dir", "aesthetic_weights", "nsfw_weights",
                 "aesthetic_threshold", "nsfw_threshold", "dedup_eps", "dedup_clusters",
-                "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id"}
+                "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id", "storage_conn_id"}
     params = curation_dag.params
     assert set(params.keys()) == expected
     for name in expected:
