@@ -172,7 +172,7 @@ def display_uri(fs: pafs.FileSystem, path: str) -> str:
 _CREDENTIAL_MARKS = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
                      "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "EXPIRED_TOKEN", "ExpiredToken",
                      "InvalidToken", "UNRECOGNIZED_CLIENT", "HTTP response code: 403", "Forbidden",
-                     "No response body")
+                     "No response body", "NoCredentialsError", "Unable to locate credentials")
 _BUCKET_MARKS = ("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist")
 _NETWORK_MARKS = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't connect",
                   "Connection refused", "timed out", "Timeout", "resolve host")
@@ -284,51 +284,92 @@ class ConditionalWrites:
         bucket, _, key = path.partition("/")
         return bucket, key
 
-    def _put(self, path: str, data: bytes, **condition: str) -> str | None:
-        """PUT with a condition; the new ETag, or None when the condition did not hold."""
-        from botocore.exceptions import ClientError, EndpointConnectionError
+    def _call(self, path: str, method: str, ok_codes: tuple[str, ...] = (), **kwargs):
+        """One botocore call on ``path``; the error code when it is in ``ok_codes``, else
+        storage errors explained like pyarrow's (URI and setting named)."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = self._split(path)
+        uri = display_uri(self.fs, path)
         try:
-            return self._s3().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+            return getattr(self._s3(), method)(Bucket=bucket, Key=key, **kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return None
-            if status in (400, 501) and code in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
-                logger.warning("%s does not support conditional writes (%s); falling back to "
-                               "read-then-write", display_uri(self.fs, path), code)
+            if code in ok_codes or str(status) in ok_codes:
+                return ConditionFailed(code or str(status))
+            if "If" in "".join(kwargs) and status in (400, 501) and code in (
+                    "NotImplemented", "InvalidArgument", "InvalidRequest"):
+                logger.warning("%s: the store does not support conditional writes (%s); falling back "
+                               "to read-then-write", uri, code)
                 self.supported = False
                 raise ConditionalWritesUnsupported() from exc
-            raise storage_error(display_uri(self.fs, path), OSError(f"{code}: {exc}")) from exc
-        except EndpointConnectionError as exc:
-            raise storage_error(display_uri(self.fs, path), OSError(f"Could not connect: {exc}")) from exc
+            raise storage_error(uri, OSError(f"{code} ({status}): {error.get('Message', '')}")) from exc
+        except BotoCoreError as exc:
+            raise storage_error(uri, OSError(f"{type(exc).__name__}: {exc}")) from exc
 
     def create(self, path: str, data: bytes) -> bool:
         """Create ``path`` holding ``data`` unless it exists; True when this call created it."""
-        return self._put(path, data, IfNoneMatch="*") is not None
-
-    def read(self, path: str) -> tuple[bytes, str] | None:
-        """(body, ETag) of ``path``, or None when it does not exist."""
-        from botocore.exceptions import ClientError
-
-        bucket, key = self._split(path)
-        try:
-            got = self._s3().get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise storage_error(display_uri(self.fs, path), OSError(str(exc))) from exc
-        return got["Body"].read(), got["ETag"]
+        got = self._call(path, "put_object", _PRECONDITION, Body=data, IfNoneMatch="*")
+        return not isinstance(got, ConditionFailed)
 
     def replace(self, path: str, data: bytes, etag: str) -> bool:
         """Overwrite ``path`` only if it still has ``etag``; True when this call replaced it."""
-        return self._put(path, data, IfMatch=etag) is not None
+        got = self._call(path, "put_object", _PRECONDITION, Body=data, IfMatch=etag)
+        return not isinstance(got, ConditionFailed)
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        """(body, ETag) of ``path``, or None when it does not exist: one GET."""
+        got = self._call(path, "get_object", ("NoSuchKey", "404"))
+        if isinstance(got, ConditionFailed):
+            return None
+        return got["Body"].read(), got["ETag"]
+
+    def delete(self, path: str) -> None:
+        """Delete one object. (pyarrow's delete_file also PUTs an empty "folder" marker for
+        the parent prefix; nothing here wants one.)"""
+        self._call(path, "delete_object")
+
+
+_PRECONDITION = ("PreconditionFailed", "ConditionalRequestConflict", "412")
+
+
+@dataclass(frozen=True)
+class ConditionFailed:
+    """A conditional request whose condition did not hold (or a key that is not there)."""
+
+    code: str
 
 
 class ConditionalWritesUnsupported(Exception):
     """The store rejected a conditional header; the caller falls back."""
+
+
+def read_small(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """A small object's bytes, or None when it does not exist: one GET on S3 (pyarrow's
+    stream costs a HEAD and a GET)."""
+    cond = conditional_writes(fs)
+    if cond.supported:
+        got = cond.read(path)
+        return None if got is None else got[0]
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def delete_file(fs: pafs.FileSystem, path: str) -> None:
+    """Delete ``path`` if it exists."""
+    cond = conditional_writes(fs)
+    if cond.supported:
+        cond.delete(path)
+        return
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def create_if_absent(fs: pafs.FileSystem, path: str, data: bytes) -> bool:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from winnow.rowgroups.errors import RunLocked, StorageError
-from winnow.rowgroups.fs import ConditionalWritesUnsupported, conditional_writes
+from winnow.rowgroups.fs import ConditionalWritesUnsupported, conditional_writes, delete_file
 from winnow.rowgroups.store import CommitStore, is_local, read_json, write_json
 
 LEASE_FILE = "_lease.json"
@@ -96,7 +96,7 @@ def acquire(store: CommitStore, owner: str, *, ttl_s: float = DEFAULT_TTL_S) -> 
         cond = conditional_writes(store.fs)
         if cond.supported:
             try:
-                return _acquire_conditional(store, cond, owner, lease, payload)
+                return _acquire_conditional(store, cond, owner, lease, payload, ttl_s)
             except ConditionalWritesUnsupported:
                 pass  # the store rejected the headers: read-then-write below
     current = read_lease(store)
@@ -115,7 +115,7 @@ def _locked(store: CommitStore, current: Lease, now: float) -> RunLocked:
     )
 
 
-def _acquire_conditional(store: CommitStore, cond, owner: str, lease: Lease, payload: dict) -> Lease:
+def _acquire_conditional(store: CommitStore, cond, owner: str, lease: Lease, payload: dict, ttl_s: float) -> Lease:
     """The lease on an object store with conditional PUTs: create, or replace what we read."""
     path = store.path(LEASE_FILE)
     body = json.dumps(payload).encode()
@@ -132,6 +132,8 @@ def _acquire_conditional(store: CommitStore, cond, owner: str, lease: Lease, pay
             current = None  # unreadable lease: take it over like an expired one
         if current is not None and current.owner != owner and current.live:
             raise _locked(store, current, time.time())
+        if current is not None and current.owner == owner and 0 < ttl_s / 2 < current.expires_at - time.time():
+            return current  # ours for a while yet: a renewal PUT per task would only cost requests
         if cond.replace(path, body, etag):
             return lease
     raise RunLocked(f"run root {store.run_root}: the lease {path} kept changing while taking it; "
@@ -142,7 +144,4 @@ def release(store: CommitStore, owner: str) -> None:
     """Drop the lease if ``owner`` holds it (at the end of a successful run)."""
     current = read_lease(store)
     if current is not None and current.owner == owner:
-        try:
-            store.fs.delete_file(store.path(LEASE_FILE))
-        except FileNotFoundError:
-            pass
+        delete_file(store.fs, store.path(LEASE_FILE))

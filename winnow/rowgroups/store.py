@@ -22,7 +22,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from winnow.rowgroups.errors import StageConfigMismatch, StorageError
-from winnow.rowgroups.fs import create_if_absent, display_uri, is_local, resolve_filesystem, storage_error
+from winnow.rowgroups.fs import (
+    create_if_absent,
+    delete_file,
+    display_uri,
+    is_local,
+    read_small,
+    resolve_filesystem,
+    storage_error,
+)
 
 STAGE_FILE = "_stage.json"
 TEMP_MARK = ".tmp-"
@@ -70,10 +78,8 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
 
 def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return None
+        data = read_small(fs, path)
+        return None if data is None else json.loads(data.decode("utf-8"))
     except OSError as exc:
         if is_local(fs):
             raise
@@ -283,7 +289,7 @@ class CommitStore:
                     self.fs.copy_file(info.path, target + info.path[len(source):])
             for info in infos:
                 if info.type == pafs.FileType.File:
-                    self.fs.delete_file(info.path)
+                    delete_file(self.fs, info.path)
         except OSError as exc:
             raise storage_error(display_uri(self.fs, source), exc) from exc
         return target
