@@ -42,6 +42,7 @@ with its row-group range. Committed row groups are never computed again.
 | `overwrite` | a stage whose config changed is moved aside (`<stage>.replaced-<time>`) and recomputed with the stages after it |
 | `skip_bad_shards` | index what can be read and record unreadable shards instead of failing |
 | `ray_conn_id` | Airflow connection of type `ray`; none by that id means an embedded local Ray |
+| `storage_conn_id` | Airflow connection of type `aws` for `s3://` input and output (login/password = key id/secret, extras `endpoint_url`, `region_name`); empty: the `AWS_*` environment variables |
 
 Changing a threshold, model or eps on an existing run key fails fast with the changed keys named;
 pick a new run key or set `overwrite`.
@@ -116,6 +117,8 @@ PARAMS = {
                              description="Index the readable shards and record the others instead of failing."),
     "ray_conn_id": Param("ray_default", type="string", minLength=1, title="Ray connection",
                          description="Airflow connection of type ray; if absent, an embedded local Ray is used."),
+    "storage_conn_id": _nullable_string("Storage connection", "Airflow connection of type aws for s3:// input and "
+                                        "output; empty: the AWS_* environment variables."),
 }
 
 DEFAULT_ARGS = {

@@ -54,6 +54,40 @@ def engine_errors() -> Iterator[None]:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
+def use_storage_connection(conn_id: str | None, log) -> None:
+    """Object-store settings for this task's engine calls and its Ray workers: the Airflow
+    connection ``conn_id`` (type ``aws``: login = access key id, password = secret access key,
+    extras ``endpoint_url`` and ``region_name``), or with none the AWS_* environment variables.
+    The settings never enter the run's config, so no fingerprint, summary or XCom holds them."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from winnow.rowgroups.fs import StorageOptions, use_storage
+
+    if not conn_id:
+        use_storage(None)
+        return
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException as exc:
+        raise AirflowFailException(
+            f"storage_conn_id {conn_id!r}: no such Airflow connection. Create a connection of type "
+            "'aws' (login: access key id, password: secret access key, extra endpoint_url and "
+            "region_name), or leave storage_conn_id empty to use the AWS_* environment variables."
+        ) from exc
+    extra = conn.extra_dejson or {}
+    options = StorageOptions(
+        endpoint_url=extra.get("endpoint_url") or None,
+        region=extra.get("region_name") or None,
+        access_key_id=conn.login or extra.get("aws_access_key_id") or None,
+        secret_access_key=conn.password or extra.get("aws_secret_access_key") or None,
+        session_token=extra.get("aws_session_token") or None,
+        source=f"the Airflow connection {conn_id!r} (storage_conn_id)",
+    )
+    use_storage(options)
+    log.info("object storage: connection %r, endpoint %s", conn_id, options.endpoint)
+
+
 class CurationOperator(BaseOperator):
     """Base of every curation operator: builds the run's ``CurationConfig``.
 
@@ -99,6 +133,7 @@ class CurationOperator(BaseOperator):
         with engine_errors():
             cfg = CurationConfig.from_params(merged)
         self.log.info("run root %s", cfg.run_root)
+        use_storage_connection(merged.get("storage_conn_id"), self.log)
         return cfg
 
     @staticmethod

@@ -122,7 +122,7 @@ def test_every_param_has_a_title_and_description(curation_dag):
                 "pretrained", "model_dir", "aesthetic_weights", "nsfw_weights",
                 "aesthetic_threshold", "nsfw_threshold", "dedup_eps", "dedup_clusters",
                 "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id", "decode_backend",
-                "batch_size"}
+                "batch_size", "storage_conn_id"}
     params = curation_dag.params
     assert set(params.keys()) == expected
     for name in expected:

@@ -67,8 +67,12 @@ class _RowGroupWorker:
 
     def __init__(
         self, stage: Stage, run_root: str, plan: dict, partition: int, faults: FaultSpec | None,
-        cache_key: str | None = None,
+        cache_key: str | None = None, storage=None,
     ):
+        if storage is not None:  # a Ray worker: use the driver's object-store settings
+            from winnow.rowgroups.fs import use_storage
+
+            use_storage(storage)
         self.stage = _set_up(stage, cache_key)
         self.run_root = run_root
         self.plan = RowGroupPlan(**plan)
@@ -247,15 +251,21 @@ def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | 
     from winnow.ray.cluster import connect, gpu_count
 
     connect(ray_address)
+    from winnow.rowgroups.fs import current_storage
+
+    # Object-store settings go to the workers as a task argument, not in the runtime env:
+    # secrets stay out of Ray's job metadata and logs.
+    storage = {"storage": current_storage()}
     ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=len(todo))
     if not uses_model:
-        ds = ds.map_batches(_run_cached, fn_args=(*args, None), batch_size=1, num_cpus=1)
+        ds = ds.map_batches(_run_cached, fn_args=(*args, None), fn_kwargs=storage, batch_size=1, num_cpus=1)
     else:
         gpus = gpu_count()
         width = max(1, min(gpus, len(todo))) if gpus else 1
         ds = ds.map_batches(
             _run_cached,
             fn_args=(*args, stage_cache_key(stage)),
+            fn_kwargs=storage,
             batch_size=1,
             compute=ray.data.TaskPoolStrategy(size=width),
             num_gpus=1 if gpus else 0,
@@ -265,5 +275,6 @@ def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | 
     yield from ds.iter_rows()
 
 
-def _run_cached(batch: dict, stage: Stage, run_root: str, plan: dict, partition: int, faults, cache_key) -> dict:
-    return _RowGroupWorker(stage, run_root, plan, partition, faults, cache_key)(batch)
+def _run_cached(batch: dict, stage: Stage, run_root: str, plan: dict, partition: int, faults, cache_key,
+                storage=None) -> dict:
+    return _RowGroupWorker(stage, run_root, plan, partition, faults, cache_key, storage)(batch)

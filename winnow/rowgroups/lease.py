@@ -3,6 +3,11 @@
 The lease is ``<run_root>/_lease.json`` with an owner (the DAG run id: every task of one run
 shares it) and an expiry. A task of another owner fails fast while the lease is live; an
 expired lease (its holder died) is taken over. Tasks renew it as they work.
+
+Without rename or file locks on object stores, the lease is taken by a create-if-absent PUT
+(``If-None-Match: *``) and an expired one is taken over by a replace-if-unchanged PUT
+(``If-Match: <ETag>``), so of two racing runs exactly one wins. A store without conditional
+writes falls back to read-then-write: two runs starting within the same second could both pass.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from winnow.rowgroups.errors import RunLocked, StorageError
+from winnow.rowgroups.fs import ConditionalWritesUnsupported, conditional_writes, delete_file
 from winnow.rowgroups.store import CommitStore, is_local, read_json, write_json
 
 LEASE_FILE = "_lease.json"
@@ -52,7 +58,10 @@ class Lease:
 
 
 def read_lease(store: CommitStore) -> Lease | None:
-    data = read_json(store.fs, store.path(LEASE_FILE))
+    return _lease_from(read_json(store.fs, store.path(LEASE_FILE)))
+
+
+def _lease_from(data: dict | None) -> Lease | None:
     if not data:
         return None
     return Lease(
@@ -83,23 +92,56 @@ def acquire(store: CommitStore, owner: str, *, ttl_s: float = DEFAULT_TTL_S) -> 
                 f"could not take the run lease {path}: {exc.strerror or exc}. The output root must "
                 "be writable (check the mount, permissions and free space)."
             ) from exc
+    else:
+        cond = conditional_writes(store.fs)
+        if cond.supported:
+            try:
+                return _acquire_conditional(store, cond, owner, lease, payload, ttl_s)
+            except ConditionalWritesUnsupported:
+                pass  # the store rejected the headers: read-then-write below
     current = read_lease(store)
     if current is not None and current.owner != owner and current.live:
-        left = int(current.expires_at - now)
-        raise RunLocked(
-            f"run root {store.run_root} is in use by run {current.owner!r} (lease expires in {left} s). "
-            "Two runs must not write one run root at once: wait for that run to finish, use another "
-            f"run_key, or, if that run is dead, delete {path} to take over now."
-        )
+        raise _locked(store, current, now)
     write_json(store.fs, path, payload)
     return lease
+
+
+def _locked(store: CommitStore, current: Lease, now: float) -> RunLocked:
+    left = int(current.expires_at - now)
+    return RunLocked(
+        f"run root {store.run_root} is in use by run {current.owner!r} (lease expires in {left} s). "
+        "Two runs must not write one run root at once: wait for that run to finish, use another "
+        f"run_key, or, if that run is dead, delete {store.run_root}/{LEASE_FILE} to take over now."
+    )
+
+
+def _acquire_conditional(store: CommitStore, cond, owner: str, lease: Lease, payload: dict, ttl_s: float) -> Lease:
+    """The lease on an object store with conditional PUTs: create, or replace what we read."""
+    path = store.path(LEASE_FILE)
+    body = json.dumps(payload).encode()
+    for _ in range(3):  # each lost race re-reads; a live other owner ends it at once
+        if cond.create(path, body):
+            return lease
+        got = cond.read(path)
+        if got is None:
+            continue  # released between our create and our read
+        data, etag = got
+        try:
+            current = _lease_from(json.loads(data))
+        except ValueError:
+            current = None  # unreadable lease: take it over like an expired one
+        if current is not None and current.owner != owner and current.live:
+            raise _locked(store, current, time.time())
+        if current is not None and current.owner == owner and 0 < ttl_s / 2 < current.expires_at - time.time():
+            return current  # ours for a while yet: a renewal PUT per task would only cost requests
+        if cond.replace(path, body, etag):
+            return lease
+    raise RunLocked(f"run root {store.run_root}: the lease {path} kept changing while taking it; "
+                    "another run is starting on the same run root. Retry, or use another run_key.")
 
 
 def release(store: CommitStore, owner: str) -> None:
     """Drop the lease if ``owner`` holds it (at the end of a successful run)."""
     current = read_lease(store)
     if current is not None and current.owner == owner:
-        try:
-            store.fs.delete_file(store.path(LEASE_FILE))
-        except FileNotFoundError:
-            pass
+        delete_file(store.fs, store.path(LEASE_FILE))

@@ -1,8 +1,9 @@
 """Commit store: one file per row group under ``<run_root>/<stage>/p<partition>/``.
 
 Storage is the source of truth: a row group is done when its final file exists. Local writes go
-to a temp name in the same folder and are renamed (atomic on POSIX); on object stores the single
-PUT of the final key is the commit. Works over any ``pyarrow.fs`` filesystem.
+to a temp name in the same folder and are renamed (atomic on POSIX); on object stores the one
+whole-object upload of the final key is the commit (no temp object, no rename: an upload that
+dies before it completes leaves no object). Works over any ``pyarrow.fs`` filesystem.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from winnow.rowgroups.errors import StageConfigMismatch, StorageError
+from winnow.rowgroups.fs import (
+    create_if_absent,
+    delete_file,
+    display_uri,
+    is_local,
+    read_small,
+    resolve_filesystem,
+    storage_error,
+)
 
 STAGE_FILE = "_stage.json"
 TEMP_MARK = ".tmp-"
@@ -30,16 +40,7 @@ _ROW_GROUP_FILE = re.compile(r"^rg(\d{9})\.parquet$")
 LEGACY_FOLDERS = {"write": "output"}
 
 
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI such as ``s3://bucket/prefix``."""
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def is_local(fs: pafs.FileSystem) -> bool:
-    return isinstance(fs, pafs.LocalFileSystem)
+__all__ = ["CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "write_atomic", "write_json"]
 
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -60,12 +61,16 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
                 pass
             raise StorageError(f"could not write {path}: {exc.strerror or exc}") from exc
         return
-    # Object stores: the object becomes visible only when the upload completes.
+    # Object stores: the object becomes visible only when the upload completes. The whole
+    # payload is handed over in one write, so the stream is either closed (one PutObject below
+    # the part size, else CompleteMultipartUpload) or, when a part fails, closing fails and the
+    # upload is never completed. A killed process leaves at most an incomplete multipart upload,
+    # which is not an object (a bucket lifecycle rule AbortIncompleteMultipartUpload reclaims it).
     try:
         with fs.open_output_stream(path) as out:
             out.write(data)
     except OSError as exc:
-        raise StorageError(f"could not write {path}: {exc}") from exc
+        raise storage_error(display_uri(fs, path), exc) from exc
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -76,14 +81,20 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
 
 def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return None
+        data = read_small(fs, path)
+        return None if data is None else json.loads(data.decode("utf-8"))
+    except OSError as exc:
+        if is_local(fs):
+            raise
+        raise storage_error(display_uri(fs, path), exc) from exc
+
+
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def write_json(fs: pafs.FileSystem, path: str, payload: dict[str, Any]) -> None:
-    write_atomic(fs, path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomic(fs, path, _json_bytes(payload))
 
 
 def _canonical(obj: Any) -> str:
@@ -209,10 +220,15 @@ class CommitStore:
             return f.read()
 
     def _list(self, folder: str) -> list[pafs.FileInfo]:
+        """One listing of ``folder`` (on an object store: one LIST of its prefix)."""
         try:
             return self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            if is_local(self.fs):
+                raise
+            raise storage_error(display_uri(self.fs, folder), exc) from exc
 
     def completed(self, stage: str, partition: int, *, clean_temp: bool = False) -> set[int]:
         """Committed row-group ids of one partition. Lists only that partition's prefix.
@@ -272,12 +288,34 @@ class CommitStore:
             moved_to = self.move_aside(stage)
         payload = fingerprint.to_dict()
         payload["digest"] = fingerprint.digest
-        write_json(self.fs, f"{self.stage_dir(stage)}/{STAGE_FILE}", payload)
+        path = f"{self.stage_dir(stage)}/{STAGE_FILE}"
+        # Create-if-absent (no rename on object stores): of two tasks racing to record the
+        # stage, one writes it and the other checks against what the first wrote.
+        if not create_if_absent(self.fs, path, _json_bytes(payload)):
+            stored = self.read_fingerprint(stage) or {}
+            changes = fingerprint.changes_from(stored)
+            if changes:
+                raise StageConfigMismatch(stage, self.stage_dir(stage), changes)
         return moved_to
 
     def move_aside(self, stage: str) -> str:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         target = f"{self.stage_dir(stage)}.replaced-{stamp}"
-        self.fs.move(self.stage_dir(stage), target)
-        self._folders.pop(stage, None)  # what comes next is written under the current name
+        if is_local(self.fs):
+            self.fs.move(self.stage_dir(stage), target)
+            self._folders.pop(stage, None)  # what comes next is written under the current name
+            return target
+        # Object stores have no folder rename: copy every object (server side), then delete.
+        source = self.stage_dir(stage)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(source, recursive=True, allow_not_found=True))
+            for info in infos:
+                if info.type == pafs.FileType.File:
+                    self.fs.copy_file(info.path, target + info.path[len(source):])
+            for info in infos:
+                if info.type == pafs.FileType.File:
+                    delete_file(self.fs, info.path)
+        except OSError as exc:
+            raise storage_error(display_uri(self.fs, source), exc) from exc
+        self._folders.pop(stage, None)
         return target

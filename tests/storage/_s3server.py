@@ -1,0 +1,132 @@
+"""A real S3-compatible server on 127.0.0.1 for the storage tests (moto's standalone server),
+and its request log read back as LIST/GET/HEAD/PUT/POST/DELETE counts.
+
+Nothing in winnow knows about this server: tests point the standard AWS environment at it.
+The log is the server's own (one line per request, whichever process sent it: the test, a
+child process or a Ray worker), so the counts include every request of a run.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+_LINE = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP/[0-9.]+(?:\x1b\[[0-9;]*m)*" (\d{3})')
+
+ACCESS_KEY = "winnowtestkey"
+SECRET_KEY = "winnow-test-secret-Zq7x9"  # distinctive, so tests can prove it is never printed
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    bucket: str
+    key: str
+    query: dict
+    status: int
+
+    @property
+    def kind(self) -> str:
+        """LIST, GET (an object's bytes), HEAD, PUT, POST (multipart create/complete), DELETE."""
+        if self.method == "GET" and not self.key:
+            return "LIST"
+        return self.method
+
+
+class S3Server:
+    """``python -m moto.server`` on a free loopback port; ``stop()`` ends only that process."""
+
+    def __init__(self, log_path: str, *, auth: bool = False) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = dict(os.environ)
+        if auth:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # check signatures: unknown keys are refused
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start; see {log_path}")
+                time.sleep(0.1)
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment pointing at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def create_bucket(self, name: str) -> None:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{self.port}", scheme="http", access_key=ACCESS_KEY,
+                               secret_key=SECRET_KEY, region=REGION, allow_bucket_creation=True)
+        fs.create_dir(name)
+
+    def mark(self) -> int:
+        """A point in the request log; :meth:`requests` returns what came after it."""
+        self._settle()
+        return os.path.getsize(self.log_path)
+
+    def _settle(self) -> None:
+        # The server writes a request's line right after answering it: wait until the log
+        # stops growing so the last requests of a step are in.
+        size = -1
+        while size != os.path.getsize(self.log_path):
+            size = os.path.getsize(self.log_path)
+            time.sleep(0.15)
+
+    def requests(self, since: int = 0) -> list[Request]:
+        self._settle()
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode("utf-8", "replace")
+        out = []
+        for m in _LINE.finditer(text):
+            method, target, status = m.group(1), m.group(2), int(m.group(3))
+            url = urlsplit(target)
+            if url.path.startswith("/moto-api"):
+                continue
+            bucket, _, key = url.path.lstrip("/").partition("/")
+            out.append(Request(method, bucket, key, parse_qs(url.query, keep_blank_values=True), status))
+        return out
+
+    def counts(self, since: int = 0) -> collections.Counter:
+        return collections.Counter(r.kind for r in self.requests(since))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()

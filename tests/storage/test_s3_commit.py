@@ -1,0 +1,175 @@
+"""The commit protocol on a real S3 endpoint: one PUT of the final key per row group, listing
+per partition prefix, ``_stage.json`` and the run lease by conditional PUTs, a killed upload
+that leaves no object, and clear errors for a missing bucket or an unreachable endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+
+from tests.storage._s3server import SECRET_KEY, free_port
+from tests.storage.conftest import BUCKET, _reset_storage
+from winnow.data.errors import InputError
+from winnow.data.shards import list_shards
+from winnow.rowgroups import CommitStore, RunLocked, StageFingerprint, StageConfigMismatch, StorageError
+from winnow.rowgroups import lease
+from winnow.rowgroups.fs import conditional_writes, create_if_absent
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _store(name: str) -> CommitStore:
+    return CommitStore(f"s3://{BUCKET}/{name}")
+
+
+def test_a_row_group_commit_is_one_put_of_its_final_key(s3):
+    store = _store("commit-one-put")
+    mark = s3.mark()
+    store.commit_table("embed", 0, 3, pa.table({"x": [1, 2]}))
+    reqs = s3.requests(mark)
+    assert [(r.kind, r.key) for r in reqs] == [("PUT", "commit-one-put/embed/p00000/rg000000003.parquet")]
+    assert store.completed("embed", 0) == {3}
+    assert store.read_table("embed", 0, 3).column("x").to_pylist() == [1, 2]
+
+
+def test_listing_is_one_request_per_partition_prefix_not_per_row_group(s3):
+    store = _store("listing")
+    for rg in range(25):
+        store.commit_table("embed", 1, rg, pa.table({"x": [rg]}))
+    store.commit_table("embed", 2, 99, pa.table({"x": [0]}))
+    mark = s3.mark()
+    assert store.completed("embed", 1, clean_temp=True) == set(range(25))
+    reqs = s3.requests(mark)
+    assert [r.kind for r in reqs] == ["LIST"]
+    assert reqs[0].query["prefix"] == ["listing/embed/p00001/"]
+
+
+def test_stage_fingerprint_is_created_only_if_absent(s3):
+    store = _store("fingerprint")
+    fp = StageFingerprint("embed", {"model": "a"}, num_records=4, buffer_size=2)
+    assert store.ensure_stage(fp) is None
+    store.ensure_stage(fp)  # same config: checked, not rewritten
+    with pytest.raises(StageConfigMismatch, match="model"):
+        store.ensure_stage(StageFingerprint("embed", {"model": "b"}, num_records=4, buffer_size=2))
+    # Two writers racing to record a stage: the conditional PUT lets only the first one in.
+    path = f"{BUCKET}/fingerprint/other/_stage.json"
+    mark = s3.mark()
+    assert create_if_absent(store.fs, path, b'{"first": true}')
+    assert not create_if_absent(store.fs, path, b'{"second": true}')
+    assert [(r.kind, r.status) for r in s3.requests(mark)] == [("PUT", 200), ("PUT", 412)]
+    with store.fs.open_input_stream(path) as f:
+        assert json.loads(f.read()) == {"first": True}
+
+
+def test_overwrite_moves_the_stage_aside_without_a_rename(s3):
+    store = _store("overwrite")
+    store.ensure_stage(StageFingerprint("embed", {"model": "a"}))
+    store.commit_table("embed", 0, 0, pa.table({"x": [1]}))
+    moved = store.ensure_stage(StageFingerprint("embed", {"model": "b"}), overwrite=True)
+    assert moved and ".replaced-" in moved
+    assert store.completed("embed", 0) == set()
+    assert store.read_fingerprint("embed")["config"] == {"model": "b"}
+    kept = store.fs.get_file_info(pafs.FileSelector(moved, recursive=True))
+    assert sorted(i.base_name for i in kept if i.type == pafs.FileType.File) == ["_stage.json", "rg000000000.parquet"]
+
+
+def test_the_lease_is_taken_by_one_run_and_taken_over_only_when_expired(s3):
+    store = _store("lease")
+    lease.acquire(store, "dag/run-a")
+    lease.acquire(store, "dag/run-a")  # renewal by the holder
+    with pytest.raises(RunLocked, match="run-a"):
+        lease.acquire(store, "dag/run-b")
+    lease.acquire(store, "dag/run-a", ttl_s=-1)  # the holder "died": its lease has expired
+    lease.acquire(store, "dag/run-b")
+    assert lease.read_lease(store).owner == "dag/run-b"
+    # A takeover races with another: the If-Match of the loser no longer holds.
+    cond = conditional_writes(store.fs)
+    body, etag = cond.read(store.path(lease.LEASE_FILE))
+    assert cond.replace(store.path(lease.LEASE_FILE), body + b"\n", etag)  # the winner (new ETag)
+    assert not cond.replace(store.path(lease.LEASE_FILE), b"{}", etag)
+    lease.release(store, "dag/run-b")
+    assert lease.read_lease(store) is None
+
+
+_UPLOADER = """
+import sys
+from winnow.rowgroups import CommitStore
+CommitStore(sys.argv[1]).commit_bytes("write", 0, 7, b"x" * (48 << 20), suffix=".tar")
+print("completed", flush=True)
+"""
+
+
+def test_an_upload_killed_mid_way_leaves_no_object(s3, tmp_path):
+    """SIGKILL a process inside a big row-group commit (a multipart upload): nothing appears."""
+    root = f"s3://{BUCKET}/killed"
+    mark = s3.mark()
+    child = subprocess.Popen([sys.executable, "-c", _UPLOADER, root], cwd=REPO, stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": REPO})
+    deadline = time.monotonic() + 60
+    while not any(r.kind == "PUT" and "partNumber" in r.query for r in s3.requests(mark)):
+        assert child.poll() is None and time.monotonic() < deadline, "the upload never started"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    reqs = s3.requests(mark)
+    assert not any(r.method == "POST" and "uploadId" in r.query for r in reqs), "upload completed before the kill"
+    store = CommitStore(root)
+    path = store.row_group_path("write", 0, 7, ".tar")
+    assert store.fs.get_file_info(path).type == pafs.FileType.NotFound
+    assert store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True, allow_not_found=True)) == []
+    store.commit_bytes("write", 0, 7, b"y" * 10, suffix=".tar")  # the retry commits normally
+    assert store.read_bytes("write", 0, 7, ".tar") == b"y" * 10
+
+
+def test_a_glob_on_s3_is_one_listing(s3):
+    store = _store("glob")
+    for name in ("part-000.tar", "part-001.tar", "part-002.tar", "other.tar", "sub/part-003.tar"):
+        with store.fs.open_output_stream(store.path("shards", name)) as f:
+            f.write(b"t")
+    mark = s3.mark()
+    assert list_shards(f"s3://{BUCKET}/glob/shards/part-*.tar") == [
+        f"s3://{BUCKET}/glob/shards/part-00{i}.tar" for i in range(3)]
+    assert s3.counts(mark) == {"LIST": 1}
+    assert list_shards(f"s3://{BUCKET}/glob/shards/part-{{001..002}}.tar") == [
+        f"s3://{BUCKET}/glob/shards/part-00{i}.tar" for i in (1, 2)]
+    with pytest.raises(InputError, match=r"matched nothing.*part-9\*"):
+        list_shards(f"s3://{BUCKET}/glob/shards/part-9*.tar")
+
+
+def test_a_missing_bucket_is_named_for_input_and_output(s3):
+    with pytest.raises(InputError) as err:
+        list_shards("s3://no-such-bucket/shards/")
+    assert "bucket 'no-such-bucket' does not exist" in str(err.value) and s3.endpoint in str(err.value)
+    with pytest.raises(InputError, match="bucket 'no-such-bucket' does not exist"):
+        list_shards("s3://no-such-bucket/shards/*.tar")
+    with pytest.raises(StorageError) as err:
+        lease.acquire(CommitStore("s3://no-such-bucket/out/run"), "dag/run")
+    text = str(err.value)
+    assert "s3://no-such-bucket/out/run/_lease.json" in text and "Create the bucket" in text
+    assert SECRET_KEY not in text
+
+
+def test_an_unreachable_endpoint_names_the_setting(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    _reset_storage()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(InputError) as err:
+            list_shards(f"s3://{BUCKET}/shards/")
+        assert "cannot reach the object store" in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
+        with pytest.raises(StorageError) as err:
+            _store("unreachable").ensure_stage(StageFingerprint("embed"))
+        assert f"s3://{BUCKET}/unreachable" in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
+        assert SECRET_KEY not in str(err.value)
+        assert time.monotonic() - t0 < 30
+    finally:
+        monkeypatch.undo()
+        _reset_storage()

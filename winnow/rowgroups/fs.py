@@ -1,0 +1,428 @@
+"""Where storage lives and how to reach it: local paths and ``s3://``/``gs://`` URIs as
+``pyarrow.fs`` filesystems, the object store's settings, conditional writes, and errors that
+name the URI and the setting to fix.
+
+Settings come from the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``) unless a caller installs
+explicit :class:`StorageOptions` for the process with :func:`use_storage` (the Airflow operators
+do, from the connection named by ``storage_conn_id``). The Ray runner ships
+:func:`current_storage` to its workers as a task argument, so a remote cluster uses the same
+settings; nothing here logs a secret, and the options never enter a fingerprint or summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from winnow.rowgroups.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+#: StorageOptions field -> the standard environment variable it is read from.
+ENV_VARS = {
+    "endpoint_url": "AWS_ENDPOINT_URL",
+    "region": "AWS_REGION",
+    "access_key_id": "AWS_ACCESS_KEY_ID",
+    "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "session_token": "AWS_SESSION_TOKEN",
+}
+#: An unreachable endpoint fails in seconds, not after the SDK's minutes of default retries.
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach an S3-compatible object store. Secrets never show in ``repr``.
+
+    >>> StorageOptions(endpoint_url="http://127.0.0.1:9000", secret_access_key="s3cr3t")
+    StorageOptions(endpoint_url='http://127.0.0.1:9000', region=None, access_key_id=None, source='the AWS environment variables')
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    #: Where the settings came from, for error messages ("the Airflow connection 's3_prod'").
+    source: str = "the AWS environment variables"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "StorageOptions":
+        env = os.environ if environ is None else environ
+        values = {name: (env.get(var) or None) for name, var in ENV_VARS.items()}
+        values["region"] = values["region"] or env.get("AWS_DEFAULT_REGION") or None
+        return cls(**values)
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint in words, for messages."""
+        return self.endpoint_url or "the default AWS S3 endpoint"
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.secret_access_key, self.session_token) if s]
+
+    def setting_hint(self, what: str) -> str:
+        """Which setting to fix, in the words of where the settings came from."""
+        env = self.source == StorageOptions.source
+        names = {
+            "credentials": ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN for temporary "
+                            "credentials), or an Airflow 'aws' connection named by the storage_conn_id param",
+                            f"the login (access key id) and password (secret access key) of {self.source}"),
+            "endpoint": ("AWS_ENDPOINT_URL (unset for AWS itself), or the endpoint_url extra of the "
+                         "Airflow connection named by storage_conn_id",
+                         f"the endpoint_url extra of {self.source}"),
+        }[what]
+        return names[0] if env else names[1]
+
+
+_local = threading.local()
+_process_options: StorageOptions | None = None
+
+
+def use_storage(options: StorageOptions | None) -> None:
+    """Install ``options`` for every filesystem this process resolves from now on; ``None``
+    goes back to the environment. Resolved filesystems are cached per options."""
+    global _process_options
+    _process_options = options
+
+
+def current_storage() -> StorageOptions:
+    """The options in force: those installed by :func:`use_storage`, else the environment's."""
+    return _process_options if _process_options is not None else StorageOptions.from_env()
+
+
+_FS_CACHE: dict[StorageOptions, pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _s3_filesystem(options: StorageOptions) -> pafs.FileSystem:
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(options)
+        if fs is not None:
+            return fs
+        kwargs: dict = {
+            # One PutObject for objects below the part size instead of create/part/complete:
+            # a small commit is one request, and a big one a multipart upload that only
+            # becomes an object when it completes.
+            "allow_delayed_open": True,
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "request_timeout": REQUEST_TIMEOUT_S,
+        }
+        if options.endpoint_url:
+            parts = urlsplit(options.endpoint_url if "://" in options.endpoint_url else f"https://{options.endpoint_url}")
+            kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
+            kwargs["scheme"] = parts.scheme
+        if options.region:
+            kwargs["region"] = options.region
+        if options.access_key_id and options.secret_access_key:
+            kwargs.update(access_key=options.access_key_id, secret_key=options.secret_access_key,
+                          session_token=options.session_token)
+        fs = pafs.S3FileSystem(**kwargs)
+        _FS_CACHE[options] = fs
+        return fs
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI such as ``s3://bucket/prefix``.
+
+    ``s3://`` URIs without a query use :func:`current_storage`; a URI with query options
+    (``s3://bucket/x?endpoint_override=...``) is taken as the caller wrote it. Other schemes
+    (``gs://``, ``file://``, ``hdfs://``) go to ``pyarrow.fs.FileSystem.from_uri``.
+    """
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    parts = urlsplit(uri)
+    if parts.scheme == "s3" and not parts.query:
+        options = current_storage()
+        try:
+            fs = _s3_filesystem(options)
+        except (OSError, ValueError) as exc:
+            raise storage_error(uri, exc, options) from exc
+        return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as exc:
+        raise storage_error(uri, exc) from exc
+    return fs, path.rstrip("/")
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def display_uri(fs: pafs.FileSystem, path: str) -> str:
+    """``path`` as the user would write it (``s3://bucket/key`` on S3)."""
+    if isinstance(fs, pafs.S3FileSystem):
+        return f"s3://{path}"
+    if type(fs).__name__ == "GcsFileSystem":
+        return f"gs://{path}"
+    return path
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+_CREDENTIAL_MARKS = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
+                     "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "EXPIRED_TOKEN", "ExpiredToken",
+                     "InvalidToken", "UNRECOGNIZED_CLIENT", "HTTP response code: 403", "Forbidden",
+                     "No response body", "NoCredentialsError", "Unable to locate credentials")
+_BUCKET_MARKS = ("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist")
+_NETWORK_MARKS = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't connect",
+                  "Connection refused", "timed out", "Timeout", "resolve host")
+
+
+def classify(exc: BaseException) -> str | None:
+    """``"credentials"``, ``"bucket"``, ``"endpoint"`` or None for an object-store error."""
+    text = str(exc)
+    if any(m in text for m in _NETWORK_MARKS):
+        return "endpoint"
+    if any(m in text for m in _BUCKET_MARKS):
+        return "bucket"
+    if any(m in text for m in _CREDENTIAL_MARKS):
+        return "credentials"
+    return None
+
+
+def _scrub(text: str, options: StorageOptions) -> str:
+    for secret in options.secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
+def explain(uri: str, exc: BaseException, options: StorageOptions | None = None) -> str:
+    """What went wrong reaching ``uri``, and which setting fixes it; never a secret."""
+    options = options or current_storage()
+    kind = classify(exc)
+    cause = _scrub(str(exc), options).split(" (Request ID")[0]
+    if kind == "credentials":
+        return (f"{uri}: the object store at {options.endpoint} refused the credentials ({cause}). "
+                f"Check {options.setting_hint('credentials')}; the key also needs read/write "
+                "access to that bucket.")
+    if kind == "bucket":
+        bucket = urlsplit(uri).netloc if "://" in uri else uri.split("/", 1)[0]
+        return (f"{uri}: bucket {bucket!r} does not exist at {options.endpoint}. Create the bucket, "
+                f"or fix the bucket name in the URI (input_uri / output_root); if the bucket lives on "
+                f"another server check {options.setting_hint('endpoint')}.")
+    if kind == "endpoint":
+        return (f"{uri}: cannot reach the object store at {options.endpoint} ({cause}). Check "
+                f"{options.setting_hint('endpoint')}, and that the server is up and reachable.")
+    return f"{uri}: {cause}"
+
+
+def storage_error(uri: str, exc: BaseException, options: StorageOptions | None = None) -> StorageError:
+    return StorageError(explain(uri, exc, options))
+
+
+def check_bucket(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    """On an object store, raise a clear error when ``path``'s bucket does not exist (a
+    missing prefix and a missing bucket both look like "not found" to a key lookup)."""
+    if is_local(fs) or not path:
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as exc:
+        raise storage_error(uri, exc) from exc
+    if info.type == pafs.FileType.NotFound:
+        raise storage_error(uri, OSError(f"NoSuchBucket: {bucket}"))
+
+
+# ---- conditional writes ------------------------------------------------------------------------
+
+class ConditionalWrites:
+    """Create-if-absent (``If-None-Match: *``) and replace-if-unchanged (``If-Match: <etag>``)
+    PUTs of small bookkeeping objects (``_stage.json``, the run lease) on S3.
+
+    pyarrow's S3 filesystem cannot send these headers, so they go through botocore with the
+    same endpoint, region and credentials as the filesystem. Where botocore is missing, the
+    filesystem is not S3, or the store rejects the headers (501/400), :attr:`supported` is false
+    and callers fall back to read-then-write, which can race (documented in the README).
+    """
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+        self._client = None
+        self.supported = isinstance(fs, pafs.S3FileSystem)
+        if self.supported:
+            try:
+                import botocore.session  # noqa: F401
+            except ImportError:
+                self.supported = False
+
+    def _s3(self):
+        if self._client is None:
+            import botocore.config
+            import botocore.session
+
+            opts = self.fs.__reduce__()[1][0]  # the filesystem's own settings, secrets included
+            endpoint = opts.get("endpoint_override") or None
+            if endpoint and "://" not in endpoint:
+                endpoint = f"{opts.get('scheme') or 'https'}://{endpoint}"
+            kwargs = {
+                "region_name": opts.get("region") or None,
+                "endpoint_url": endpoint,
+                "config": botocore.config.Config(
+                    connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
+                    retries={"max_attempts": 3, "mode": "standard"},
+                ),
+            }
+            if opts.get("access_key"):
+                kwargs.update(aws_access_key_id=opts["access_key"], aws_secret_access_key=opts["secret_key"],
+                              aws_session_token=opts.get("session_token") or None)
+            self._client = botocore.session.get_session().create_client("s3", **kwargs)
+        return self._client
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        bucket, _, key = path.partition("/")
+        return bucket, key
+
+    def _call(self, path: str, method: str, ok_codes: tuple[str, ...] = (), **kwargs):
+        """One botocore call on ``path``; the error code when it is in ``ok_codes``, else
+        storage errors explained like pyarrow's (URI and setting named)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = self._split(path)
+        uri = display_uri(self.fs, path)
+        try:
+            return getattr(self._s3(), method)(Bucket=bucket, Key=key, **kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ok_codes or str(status) in ok_codes:
+                return ConditionFailed(code or str(status))
+            if "If" in "".join(kwargs) and status in (400, 501) and code in (
+                    "NotImplemented", "InvalidArgument", "InvalidRequest"):
+                logger.warning("%s: the store does not support conditional writes (%s); falling back "
+                               "to read-then-write", uri, code)
+                self.supported = False
+                raise ConditionalWritesUnsupported() from exc
+            raise storage_error(uri, OSError(f"{code} ({status}): {error.get('Message', '')}")) from exc
+        except BotoCoreError as exc:
+            raise storage_error(uri, OSError(f"{type(exc).__name__}: {exc}")) from exc
+
+    def create(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` unless it exists; True when this call created it."""
+        got = self._call(path, "put_object", _PRECONDITION, Body=data, IfNoneMatch="*")
+        return not isinstance(got, ConditionFailed)
+
+    def replace(self, path: str, data: bytes, etag: str) -> bool:
+        """Overwrite ``path`` only if it still has ``etag``; True when this call replaced it."""
+        got = self._call(path, "put_object", _PRECONDITION, Body=data, IfMatch=etag)
+        return not isinstance(got, ConditionFailed)
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        """(body, ETag) of ``path``, or None when it does not exist: one GET."""
+        got = self._call(path, "get_object", ("NoSuchKey", "404"))
+        if isinstance(got, ConditionFailed):
+            return None
+        return got["Body"].read(), got["ETag"]
+
+    def delete(self, path: str) -> None:
+        """Delete one object. (pyarrow's delete_file also PUTs an empty "folder" marker for
+        the parent prefix; nothing here wants one.)"""
+        self._call(path, "delete_object")
+
+
+_PRECONDITION = ("PreconditionFailed", "ConditionalRequestConflict", "412")
+
+
+@dataclass(frozen=True)
+class ConditionFailed:
+    """A conditional request whose condition did not hold (or a key that is not there)."""
+
+    code: str
+
+
+class ConditionalWritesUnsupported(Exception):
+    """The store rejected a conditional header; the caller falls back."""
+
+
+def read_small(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """A small object's bytes, or None when it does not exist: one GET on S3 (pyarrow's
+    stream costs a HEAD and a GET)."""
+    cond = conditional_writes(fs)
+    if cond.supported:
+        got = cond.read(path)
+        return None if got is None else got[0]
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def delete_file(fs: pafs.FileSystem, path: str) -> None:
+    """Delete ``path`` if it exists."""
+    cond = conditional_writes(fs)
+    if cond.supported:
+        cond.delete(path)
+        return
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def create_if_absent(fs: pafs.FileSystem, path: str, data: bytes) -> bool:
+    """Write ``path`` only if it does not exist yet; True when this call created it.
+
+    Local disk: ``link(2)`` of a fully written temp file (atomic, fails if the name exists).
+    S3: ``If-None-Match: *``. Elsewhere (or a store without conditional writes): look, then
+    write, which two racing writers can both pass.
+    """
+    if is_local(fs):
+        import uuid
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"could not write {path}: {exc.strerror or exc}. The output root must be "
+                               "writable (check the mount, permissions and free space).") from exc
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    cond = conditional_writes(fs)
+    if cond.supported:
+        try:
+            return cond.create(path, data)
+        except ConditionalWritesUnsupported:
+            pass
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return False
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    except OSError as exc:
+        raise storage_error(display_uri(fs, path), exc) from exc
+    return True
+
+
+_COND_CACHE: dict[int, ConditionalWrites] = {}
+
+
+def conditional_writes(fs: pafs.FileSystem) -> ConditionalWrites:
+    """One :class:`ConditionalWrites` (one botocore client) per filesystem object."""
+    cond = _COND_CACHE.get(id(fs))
+    if cond is None or cond.fs is not fs:
+        cond = _COND_CACHE[id(fs)] = ConditionalWrites(fs)
+    return cond
