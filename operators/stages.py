@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from operators.base import CurationOperator, RowGroupStageOperator, engine_errors
+from operators.links import CurationViewLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -83,6 +84,8 @@ class ReportOperator(CurationOperator):
     :param partition_task_ids: the per-partition tasks whose XCom summaries say how many row
         groups this run computed versus skipped (one small dict per map index).
     """
+
+    operator_extra_links = (CurationViewLink(),)
 
     def __init__(self, *, partition_task_ids: list[str] | tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
