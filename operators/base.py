@@ -15,6 +15,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from operators.hooks import RayHook
+from operators.links import CurationViewLink
 from operators.progress import PartitionProgress
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ class RowGroupStageOperator(CurationOperator):
 
     stage: ClassVar[str]
     template_fields = (*CurationOperator.template_fields, "partition")
+    operator_extra_links = (CurationViewLink(),)
 
     def __init__(self, *, partition: int, **kwargs: Any) -> None:
         kwargs.setdefault("map_index_template", PARTITION_LABEL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from operators.base import CurationOperator, RowGroupStageOperator, engine_errors
+from operators.links import CurationViewLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -85,6 +86,8 @@ class ReportOperator(CurationOperator):
         groups this run computed versus skipped (one small dict per map index); by default the
         task ids of the registry's partition stages, as the ``image_curation`` DAG names them.
     """
+
+    operator_extra_links = (CurationViewLink(),)
 
     def __init__(self, *, partition_task_ids: list[str] | tuple[str, ...] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -1,60 +1,179 @@
-"""The winnow plugin: progress of a real run from storage, behind Airflow's auth."""
+"""The winnow plugin's views and data endpoints over a real run, behind Airflow's real auth.
+
+Tokens come from the real SimpleAuthManager (an admin and a user without a role); nothing is
+overridden. The DAG runs are rows in the test metadata DB whose conf points at a run made by
+the engine (the live browser test covers runs made by a real scheduler).
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+from datetime import datetime, timezone
 
 import pytest
 
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    from winnow.data.sample import generate_sample
-    from winnow.pipeline import CurationConfig, run_all
+def curated(tmp_path_factory):
+    """A run whose write stage failed on row group 1 (test-only fault hook)."""
+    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
+    from winnow.pipeline import CurationConfig, RowGroupsFailedError, run_all
+    from winnow.stages.write import STAGE
 
     root = tmp_path_factory.mktemp("plugin")
-    generate_sample(str(root / "in"), shards=1, per_shard=10, seed=5)
-    cfg = CurationConfig(
-        input_uri=str(root / "in"), output_root=str(root / "out"), run_key="r1", buffer_size=4,
-        max_partitions=2, model="winnow-tiny-vit", pretrained="random", allow_random_weights=True,
-        aesthetic_threshold=0.0,
-    )
-    summary = run_all(cfg, backend="local")
-    return root / "out", summary
+    generate_sample(str(root / "in"), shards=1, per_shard=14, seed=5, corrupt=True)
+    cfg = CurationConfig(input_uri=str(root / "in"), output_root=str(root / "out"), run_key="r1", buffer_size=5,
+                         max_partitions=2, **{**TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6})
+    os.environ["WINNOW_TEST_FAULTS"] = json.dumps({"stage": STAGE, "row_groups": [1]})
+    try:
+        with pytest.raises(RowGroupsFailedError):
+            run_all(cfg, backend="local")
+    finally:
+        del os.environ["WINNOW_TEST_FAULTS"]
+    return {"out": str(root / "out"), "run_root": cfg.run_root, "stage": STAGE}
 
 
-@pytest.fixture()
-def client(airflow_db, finished_run, monkeypatch):
+@pytest.fixture(scope="module")
+def dag_runs(airflow_db, curated):
+    """DAG runs in the metadata DB: one whose conf names the run, one with a bad run key."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    when = datetime(2025, 4, 1, tzinfo=timezone.utc)
+    runs = {"ok": ("plugin-ok", {"output_root": curated["out"], "run_key": "r1"}),
+            "escape": ("plugin-escape", {"output_root": curated["out"], "run_key": ".."}),
+            "noroot": ("plugin-noroot", {})}
+    with create_session() as session:
+        for i, (run_id, conf) in enumerate(runs.values()):
+            if session.query(DagRun).filter_by(dag_id="image_curation", run_id=run_id).first() is None:
+                session.add(DagRun(dag_id="image_curation", run_id=run_id, run_type="manual", conf=conf,
+                                   state=DagRunState.FAILED, logical_date=when.replace(day=1 + i), run_after=when))
+    return {k: v[0] for k, v in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def http(airflow_db):
+    """The plugin's app with the real auth manager, and tokens for an admin and a roleless user."""
+    from airflow.api_fastapi.app import create_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from fastapi.testclient import TestClient
 
-    monkeypatch.setenv("WINNOW_OUTPUT_ROOT", str(finished_run[0]))
+    manager = create_auth_manager()
+    manager.init()
     plugin = importlib.import_module("winnow_plugin")
-    return plugin, TestClient(plugin.app)
+    admin = manager.generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
+    nobody = manager.generate_jwt(SimpleAuthManagerUser(username="outsider", role=None))
+    return plugin, TestClient(plugin.app), {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {nobody}"}
 
 
-def test_plugin_loads_from_the_plugins_folder_and_mounts_its_app(airflow_db):
+def _paths(run_id: str) -> list[str]:
+    return [f"/ui/run?dag_id=image_curation&run_id={run_id}", "/static/winnow.js", f"/api/runs/{run_id}/progress",
+            f"/api/runs/{run_id}/gallery", f"/api/runs/{run_id}/scores", f"/api/runs/{run_id}/thumbs/0/0/100"]
+
+
+def test_plugin_loads_and_declares_its_tabs(airflow_db):
     from airflow import plugins_manager
 
     assert not plugins_manager.get_import_errors()
     apps, _ = plugins_manager.get_fastapi_plugins()
     assert any(a.get("url_prefix") == "/winnow" for a in apps), apps
+    views = {v["url_route"]: v for v in plugins_manager._get_ui_plugins()[0]}
+    assert views["winnow-run"]["destination"] == "dag_run" and "{RUN_ID}" in views["winnow-run"]["href"]
+    assert views["winnow-partition"]["destination"] == "task_instance" and "{MAP_INDEX}" in views["winnow-partition"]["href"]
 
 
-def test_progress_needs_authentication(client):
-    _, http = client
-    assert http.get("/runs/r1/progress").status_code in (401, 403)
+def test_every_endpoint_needs_a_session_and_read_access_to_the_dag(http, dag_runs):
+    _, client, _, nobody = http
+    for path in _paths(dag_runs["ok"]):
+        assert client.get(path).status_code == 401, path
+        r = client.get(path, headers=nobody)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert "default-src 'none'" in r.headers["Content-Security-Policy"]
 
 
-def test_progress_reports_committed_row_groups_per_stage(client, finished_run):
-    plugin, http = client
-    http.app.dependency_overrides = {}
-    # Authentication is Airflow's job (tested above); here the route itself, as an allowed user.
-    route_deps = [r for r in plugin.app.routes if getattr(r, "path", "") == "/runs/{run_key}/progress"][0].dependencies
-    for dep in route_deps:
-        http.app.dependency_overrides[dep.dependency] = lambda: None
-    body = http.get("/runs/r1/progress").json()
-    assert body["row_groups"] == 3 and body["complete"] is True
-    assert {s: v["committed"] for s, v in body["stages"].items()} == {s: 3 for s in body["stages"]}
-    assert body["summary"]["kept"] == finished_run[1]["kept"]
-    assert http.get("/runs/..%2Fetc/progress").status_code in (400, 404)
-    assert http.get("/runs/nope/progress").status_code == 404
+def test_run_page_is_plain_html_with_a_strict_csp_and_no_inline_script(http, dag_runs):
+    _, client, admin, _ = http
+    r = client.get(f"/ui/run?dag_id=image_curation&run_id={dag_runs['ok']}", headers=admin)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'self'" in csp
+    import re
+
+    scripts = re.findall(r"<script[^>]*>(.*?)</script>", r.text, flags=re.S)
+    assert scripts and all(s.strip() == "" for s in scripts)  # only <script src=...>
+    assert "http://" not in r.text and "https://" not in r.text  # nothing from a CDN
+    assert client.get("/static/winnow.js", headers=admin).headers["content-type"].startswith("text/javascript")
+    for bad in ("/static/run.html", "/static/..%2Fwinnow_plugin.py", "/static/winnow_plugin.py"):
+        assert client.get(bad, headers=admin).status_code == 404, bad
+
+
+def test_progress_finds_the_run_root_from_the_dag_run_and_shows_the_failed_row_group(http, dag_runs, curated):
+    _, client, admin, _ = http
+    r = client.get(f"/api/runs/{dag_runs['ok']}/progress", headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["run_root"] == curated["run_root"] and body["dag_run"]["state"] == "failed"
+    write = next(s for s in body["stages"] if s["stage"] == curated["stage"])
+    assert write["failed"] == 1 and write["map"].startswith("1c1f")
+    assert "injected test fault" in write["errors"][0]["error"]
+    again = client.get(f"/api/runs/{dag_runs['ok']}/progress", headers={**admin, "If-None-Match": r.headers["ETag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+def test_unknown_runs_bad_run_keys_and_runs_without_a_root_are_refused(http, dag_runs):
+    _, client, admin, _ = http
+    assert client.get("/api/runs/no-such-run/progress", headers=admin).status_code == 404
+    assert client.get("/api/runs/..%2F..%2Fetc/progress", headers=admin).status_code == 404
+    r = client.get(f"/api/runs/{dag_runs['escape']}/progress", headers=admin)
+    assert r.status_code == 400 and "run key" in r.json()["detail"]
+    r = client.get(f"/api/runs/{dag_runs['noroot']}/gallery", headers=admin)
+    assert r.status_code == 404 and "no run root" in r.json()["detail"]
+
+
+def test_gallery_pages_filter_and_thumbnails_come_as_jpeg_by_offset(http, dag_runs):
+    _, client, admin, _ = http
+    base = f"/api/runs/{dag_runs['ok']}"
+    page = client.get(f"{base}/gallery?limit=200", headers=admin).json()
+    items = page["items"]
+    assert items and page["next"] is None and 1 not in {i["row_group"] for i in items}
+    with_thumb = next(i for i in items if i["thumb_size"])
+    r = client.get(f"{base}/thumbs/{with_thumb['row_group']}/{with_thumb['thumb_offset']}/{with_thumb['thumb_size']}",
+                   headers=admin)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    undecodable = client.get(f"{base}/gallery?outcome=undecodable", headers=admin).json()["items"]
+    assert undecodable and all(i["outcome"] == "undecodable" for i in undecodable)
+    assert client.get(f"{base}/gallery?outcome=../x", headers=admin).status_code == 400
+    assert client.get(f"{base}/thumbs/1/0/100", headers=admin).status_code == 404  # failed row group
+    assert client.get(f"{base}/thumbs/999/0/100", headers=admin).status_code == 404
+    assert client.get(f"{base}/thumbs/0/-1/100", headers=admin).status_code in (404, 422)
+
+
+def test_scores_give_a_joint_histogram_that_adds_up(http, dag_runs):
+    _, client, admin, _ = http
+    s = client.get(f"/api/runs/{dag_runs['ok']}/scores", headers=admin).json()
+    assert sum(map(sum, s["joint"])) == s["scored"] > 0
+    assert s["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6}
+
+
+def test_run_root_comes_from_the_index_tasks_xcom_before_the_conf():
+    plugin = importlib.import_module("winnow_plugin")
+    run = {"index_summary": {"run_root": "s3://bucket/curated/20250101"}, "conf": {"output_root": "/elsewhere"},
+           "logical_date": None, "run_id": "r"}
+    assert plugin.run_root_of(run) == "s3://bucket/curated/20250101"
+    run = {"index_summary": None, "conf": {"output_root": "s3://b/c/"}, "run_id": "manual__x",
+           "logical_date": datetime(2025, 1, 2, tzinfo=timezone.utc)}
+    assert plugin.run_root_of(run) == "s3://b/c/20250102"  # the DAG's default run key rule
+
+
+def test_extra_link_points_at_the_tab_of_the_task_instance():
+    from operators.links import view_url
+
+    assert view_url("image_curation", "r 1", "write", 2) == \
+        "/dags/image_curation/runs/r%201/tasks/write/mapped/2/plugin/winnow-partition"
+    assert view_url("image_curation", "r1", "report", -1) == "/dags/image_curation/runs/r1/plugin/winnow-run"

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from winnow.faults import FaultSpec
 from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups.failures import record_failure
 from winnow.stages.base import RowGroupTask, Stage
 
 logger = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def run_stage_partition(
         progress.update(result)
         if result["error"]:
             summary.failed[int(result["row_group"])] = result["error"]
+            record_failure(store, stage.name, partition, int(result["row_group"]), result["error"])
         elif result.get("skipped"):
             summary.skipped += 1  # committed by an earlier try of the same Ray task
         else:

@@ -36,9 +36,14 @@ class WriteError(WinnowError):
 
 @dataclass(frozen=True, kw_only=True)
 class WriteConfig:
-    """:param mtime: modification time stamped on every tar member (bytes stay reproducible)."""
+    """:param mtime: modification time stamped on every tar member (bytes stay reproducible).
+    :param thumbnail_px: gallery thumbnails fit this many pixels on their longer side.
+    :param thumbnails_per_outcome: gallery sample per row group and outcome (0: no gallery).
+    """
 
     mtime: int = TAR_MTIME
+    thumbnail_px: int = 256
+    thumbnails_per_outcome: int = 4
 
 
 def member_key(key: str) -> str:
@@ -112,7 +117,9 @@ class WriteStage:
         self.config = config or WriteConfig()
 
     def fingerprint_config(self) -> dict[str, Any]:
-        return {"format": TAR_FORMAT, "mtime": self.config.mtime}
+        c = self.config
+        return {"format": TAR_FORMAT, "mtime": c.mtime,
+                "thumbnails": {"px": c.thumbnail_px, "per_outcome": c.thumbnails_per_outcome}}
 
     def setup(self) -> None:
         pass
@@ -134,6 +141,9 @@ class WriteStage:
         store = task.store()
         joined = self._joined(store, task.partition, task.row_group)
         kept_mask = kept_records(joined.column("aesthetic_keep"), joined.column("nsfw_keep"), joined.column("duplicate"))
+        if self.config.thumbnails_per_outcome > 0:
+            # Side files go first: the row group's .parquet (returned below) is the commit marker.
+            write_gallery(store, task, joined, self.config)
         kept = joined.filter(pa.array(kept_mask))
         images = read_members(kept, "image")
         texts = read_members(kept, "txt")
@@ -171,6 +181,78 @@ class WriteStage:
             },
             schema=write_schema(dim),
         )
+
+
+def outcomes(joined: pa.Table) -> list[str]:
+    """Each record's outcome, first match wins (the order :func:`count_outcomes` counts in)."""
+    ok = joined.column("error").is_null().to_numpy(zero_copy_only=False)
+    a = joined.column("aesthetic_keep").fill_null(False).to_numpy()
+    n = joined.column("nsfw_keep").fill_null(False).to_numpy()
+    d = joined.column("duplicate").fill_null(False).to_numpy()
+    return ["undecodable" if not ok[i] else "aesthetic" if not a[i] else "nsfw" if not n[i]
+            else "duplicate" if d[i] else "kept" for i in range(len(ok))]
+
+
+def write_gallery(store: CommitStore, task: RowGroupTask, joined: pa.Table, config: WriteConfig) -> None:
+    """Commit ``rg<id>.thumbs`` and ``rg<id>.gallery.parquet`` (see winnow.stages.thumbnails)."""
+    from winnow.stages.thumbnails import GALLERY_SCHEMA, GALLERY_SUFFIX, THUMBS_SUFFIX, make_thumbnail, sample_rows
+
+    ids = joined.column("record_id").to_numpy()
+    dedup = _aligned(ids, store.read_table("dedup", task.partition, task.row_group,
+                                           columns=["record_id", "duplicate_of"]), "dedup", task.row_group)
+    dup_of = dedup.column("duplicate_of").to_pylist()
+    kinds = outcomes(joined)
+    rows = sample_rows(kinds, ids, config.thumbnails_per_outcome)
+    sample = joined.take(pa.array(rows, pa.int64()))
+    images = read_members(sample, "image") if rows else []
+    originals = _originals(store, task, sorted({dup_of[r] for r in rows if kinds[r] == "duplicate" and dup_of[r] is not None}))
+    blob = io.BytesIO()
+
+    def put(data: bytes | None) -> tuple[int | None, int | None]:
+        thumb = make_thumbnail(data, px=config.thumbnail_px) if data is not None else None
+        if thumb is None:
+            return None, None
+        offset = blob.tell()
+        blob.write(thumb)
+        return offset, len(thumb)
+
+    orig_thumbs = {rid: (put(data), key) for rid, (data, key) in originals.items()}
+    cols: dict[str, list] = {f.name: [] for f in GALLERY_SCHEMA}
+    keys = joined.column("key").to_pylist()
+    errors = joined.column("error").to_pylist()
+    a_scores = joined.column("aesthetic_score").to_pylist()
+    n_scores = joined.column("nsfw_score").to_pylist()
+    for j, r in enumerate(rows):
+        off, size = put(images[j]) if kinds[r] != "undecodable" else (None, None)
+        of = dup_of[r] if kinds[r] == "duplicate" else None
+        (o_off, o_size), o_key = orig_thumbs.get(of, ((None, None), None)) if of is not None else ((None, None), None)
+        for name, value in (("record_id", int(ids[r])), ("key", keys[r]), ("outcome", kinds[r]), ("error", errors[r]),
+                            ("aesthetic_score", a_scores[r]), ("nsfw_score", n_scores[r]), ("duplicate_of", of),
+                            ("duplicate_of_key", o_key), ("thumb_offset", off), ("thumb_size", size),
+                            ("original_thumb_offset", o_off), ("original_thumb_size", o_size)):
+            cols[name].append(value)
+    store.commit_bytes(STAGE, task.partition, task.row_group, blob.getvalue(), suffix=THUMBS_SUFFIX)
+    table = pa.table(cols, schema=GALLERY_SCHEMA)
+    from winnow.rowgroups.store import table_to_parquet_bytes
+
+    store.commit_bytes(STAGE, task.partition, task.row_group, table_to_parquet_bytes(table), suffix=GALLERY_SUFFIX)
+
+
+def _originals(store: CommitStore, task: RowGroupTask, record_ids: list[int]) -> dict[int, tuple[bytes | None, str]]:
+    """Image bytes and key of the records that sampled duplicates duplicate (any row group)."""
+    plan = task.plan
+    by_rg: dict[int, list[int]] = {}
+    for rid in record_ids:
+        by_rg.setdefault(rid // plan.buffer_size, []).append(rid)
+    out: dict[int, tuple[bytes | None, str]] = {}
+    for rg, rids in by_rg.items():
+        index = store.read_table("index", plan.partition_of(rg), rg)
+        mask = np.isin(index.column("record_id").to_numpy(), np.array(rids, dtype=np.int64))
+        rows = index.filter(pa.array(mask))
+        for rid, key, data in zip(rows.column("record_id").to_pylist(), rows.column("key").to_pylist(),
+                                  read_members(rows, "image")):
+            out[int(rid)] = (data, key)
+    return out
 
 
 def count_outcomes(run_root: str, plan: RowGroupPlan) -> dict[str, int]:

@@ -1,0 +1,388 @@
+// winnow run view: row-group map, gallery and score histograms of one image_curation DAG run.
+// Plain JS, no dependencies; the page's CSP allows scripts from this origin only.
+"use strict";
+
+(function () {
+  const params = new URLSearchParams(window.location.search);
+  const dagId = params.get("dag_id") || "image_curation";
+  const runId = params.get("run_id") || "";
+  const mapIndex = params.has("map_index") && params.get("map_index") !== "" ? Number(params.get("map_index")) : null;
+  const api = "../api/runs/" + encodeURIComponent(runId);
+  const POLL_MS = 3000;
+  const COLORS = { c: "#2e7d32", f: "#c62828", ".": "#d9d9d9", run: "#64b5f6", bg: "#ffffff", mark: "#111111" };
+  const $ = (id) => document.getElementById(id);
+
+  const state = { progress: null, etag: null, timer: null, finished: false, maps: {}, scores: null,
+                  galleryNext: 0, galleryLoaded: false, scoresLoaded: false, firstPaint: null };
+
+  function text(el, value) { el.textContent = value; return el; }
+  function el(tag, cls, content) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (content !== undefined) e.textContent = content;
+    return e;
+  }
+  function message(msg) { const m = $("message"); m.hidden = !msg; text(m, msg || ""); }
+  function fmt(n) { return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"); }
+
+  // ---- tabs -----------------------------------------------------------------------------
+  for (const b of document.querySelectorAll("#tabs button")) {
+    b.addEventListener("click", () => showTab(b.dataset.tab));
+  }
+  function showTab(name) {
+    for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
+    for (const t of ["map", "gallery", "scores"]) $("tab-" + t).hidden = t !== name;
+    if (name === "gallery" && !state.galleryLoaded) { state.galleryLoaded = true; loadGallery(true); }
+    if (name === "scores" && !state.scoresLoaded) { state.scoresLoaded = true; loadScores(); }
+    if (name === "map") drawMap();
+  }
+
+  // ---- progress polling (ETag; stops when the run ends; pauses while hidden) --------------
+  async function poll() {
+    state.timer = null;
+    const headers = {};
+    if (state.etag) headers["If-None-Match"] = state.etag;
+    let r;
+    try {
+      r = await fetch(api + "/progress", { headers, credentials: "same-origin", cache: "no-store" });
+    } catch (e) {
+      text($("status"), "connection lost, retrying");
+      return schedule();
+    }
+    if (r.status === 304) return schedule();
+    if (r.status === 401 || r.status === 403) {
+      message(r.status === 401 ? "Not signed in to Airflow." : "You may not read the image_curation DAG.");
+      text($("status"), "no access");
+      return;
+    }
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      message(body.detail || ("HTTP " + r.status));
+      text($("status"), "waiting");
+      return schedule();
+    }
+    state.etag = r.headers.get("ETag");
+    state.progress = body;
+    state.maps = {};
+    for (const s of body.stages || []) state.maps[s.stage] = decodeRuns(s.map, body.row_groups);
+    message(body.waiting || "");
+    render();
+    const runState = body.dag_run && body.dag_run.state;
+    state.finished = runState === "success" || runState === "failed";
+    if (!state.finished) schedule();
+  }
+  function schedule() {
+    if (state.finished || state.timer || document.hidden) return;
+    state.timer = setTimeout(poll, POLL_MS);
+  }
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) { if (state.timer) { clearTimeout(state.timer); state.timer = null; } }
+    else if (!state.finished) poll();
+  });
+
+  function decodeRuns(rle, n) {
+    const out = new Uint8Array(n || 0);
+    const re = /(\d+)([cf.])/g;
+    let m, i = 0;
+    while ((m = re.exec(rle || "")) !== null) {
+      const code = m[2] === "c" ? 1 : m[2] === "f" ? 2 : 0;
+      out.fill(code, i, i + Number(m[1]));
+      i += Number(m[1]);
+    }
+    return out;
+  }
+
+  // ---- run view ---------------------------------------------------------------------------
+  function partitionRange(p, g, parts) { return [Math.floor(p * g / parts), Math.floor((p + 1) * g / parts)]; }
+  function partitionOf(rg, g, parts) {
+    let q = Math.floor(rg * parts / g);
+    while (q + 1 < parts && Math.floor((q + 1) * g / parts) <= rg) q++;
+    while (q > 0 && Math.floor(q * g / parts) > rg) q--;
+    return q;
+  }
+
+  function render() {
+    const p = state.progress;
+    const run = p.dag_run || {};
+    let title = "winnow · " + (run.run_id || runId);
+    if (mapIndex !== null && p.partitions) {
+      const [a, b] = partitionRange(mapIndex, p.row_groups, p.partitions);
+      title += " · p" + mapIndex + ": row groups " + a + "-" + (b - 1);
+    }
+    text($("title"), title);
+    text($("status"), (run.state || "?") + " · " + fmt(p.records) + " records · " + fmt(p.row_groups) +
+      " row groups · " + fmt(p.partitions) + " partitions · " + p.run_root);
+    const body = $("stages").tBodies[0];
+    body.replaceChildren();
+    for (const s of p.stages) {
+      const tr = el("tr");
+      tr.append(el("td", "", s.stage), el("td", "num", fmt(s.committed)), el("td", s.failed ? "num bad" : "num", fmt(s.failed)),
+        el("td", "num", fmt(s.pending)), el("td", "num", s.records_per_s === null ? "–" : fmt(Math.round(s.records_per_s))));
+      const bar = el("td", "bar-col"), outer = el("div", "bar"), done = el("div", "done"), bad = el("div", "failed");
+      done.style.width = (100 * s.committed / Math.max(1, p.row_groups)) + "%";
+      bad.style.width = (100 * s.failed / Math.max(1, p.row_groups)) + "%";
+      outer.append(done, bad); bar.append(outer); tr.append(bar);
+      body.append(tr);
+    }
+    renderSummary(p.summary);
+    drawMap();
+  }
+
+  function renderSummary(summary) {
+    const t = $("summary");
+    $("summary-title").hidden = t.hidden = !summary;
+    if (!summary) return;
+    const keys = ["records", "kept", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "written",
+      "members_without_image", "row_groups", "partitions", "row_groups_computed", "row_groups_skipped", "output"];
+    const body = t.tBodies[0];
+    body.replaceChildren();
+    for (const k of keys) {
+      if (!(k in summary)) continue;
+      const tr = el("tr");
+      tr.append(el("th", "", k), el("td", typeof summary[k] === "number" ? "num" : "", typeof summary[k] === "number" ? fmt(summary[k]) : String(summary[k])));
+      body.append(tr);
+    }
+  }
+
+  const ROW_H = 24, LABEL_W = 90, TOP = 18;
+  function geometry() {
+    const p = state.progress;
+    const canvas = $("map");
+    const width = Math.max(300, Math.floor($("map-wrap").clientWidth || 1000));
+    const plotW = width - LABEL_W - 4;
+    const g = p.row_groups;
+    // One cell per row group while they fit; otherwise each pixel column aggregates a range.
+    const perPx = g > plotW ? Math.ceil(g / plotW) : 0;
+    const cellW = perPx ? 1 : Math.max(1, Math.floor(plotW / Math.max(1, g)));
+    const columns = perPx ? Math.ceil(g / perPx) : g;
+    return { canvas, width, plotW, g, perPx, cellW, columns, height: TOP + ROW_H * p.stages.length + 4 };
+  }
+
+  function runningRows(stage) {
+    // Pending row groups of partitions whose task instance is running now.
+    const p = state.progress;
+    const tis = (p.tasks || {})[stage] || {};
+    const rows = [];
+    for (const [mi, st] of Object.entries(tis)) {
+      if (st === "running" || st === "queued" || st === "up_for_retry" || st === "scheduled") rows.push(partitionRange(Number(mi), p.row_groups, p.partitions));
+      if (Number(mi) === -1 && st === "running") rows.push([0, p.row_groups]);
+    }
+    return rows;
+  }
+
+  function drawMap() {
+    const p = state.progress;
+    if (!p || $("tab-map").hidden) return;
+    const geo = geometry();
+    const c = geo.canvas;
+    const dpr = window.devicePixelRatio || 1;
+    c.width = geo.width * dpr; c.height = geo.height * dpr;
+    c.style.width = geo.width + "px"; c.style.height = geo.height + "px";
+    const ctx = c.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.fillStyle = COLORS.bg; ctx.fillRect(0, 0, geo.width, geo.height);
+    ctx.font = "12px system-ui, sans-serif";
+    ctx.textBaseline = "middle";
+    text($("map-scale"), geo.perPx ? "1 pixel column = " + fmt(geo.perPx) + " row groups" : "1 cell = 1 row group");
+    // partition ticks
+    if (p.partitions <= 256) {
+      ctx.fillStyle = "#888";
+      for (let q = 0; q <= p.partitions; q++) {
+        const x = LABEL_W + xOf(Math.floor(q * p.row_groups / Math.max(1, p.partitions)), geo);
+        ctx.fillRect(x, TOP - 6, 1, 5);
+      }
+    }
+    if (mapIndex !== null && p.partitions) {
+      const [a, b] = partitionRange(mapIndex, p.row_groups, p.partitions);
+      ctx.fillStyle = "#fff3c4";
+      ctx.fillRect(LABEL_W + xOf(a, geo), TOP - 2, Math.max(2, xOf(b, geo) - xOf(a, geo)), ROW_H * p.stages.length + 2);
+    }
+    p.stages.forEach((s, row) => {
+      const y = TOP + row * ROW_H;
+      ctx.fillStyle = "#222"; ctx.fillText(s.stage, 4, y + ROW_H / 2);
+      const states = state.maps[s.stage];
+      const running = runningRows(s.stage);
+      for (let col = 0; col < geo.columns; col++) {
+        const lo = geo.perPx ? col * geo.perPx : col, hi = geo.perPx ? Math.min(geo.g, lo + geo.perPx) : col + 1;
+        let done = 0, failed = 0;
+        for (let i = lo; i < hi; i++) { if (states[i] === 1) done++; else if (states[i] === 2) failed++; }
+        let color;
+        if (failed) color = COLORS.f;
+        else if (done === hi - lo) color = COLORS.c;
+        else if (running.some(([a, b]) => lo < b && hi > a)) color = COLORS.run;
+        else if (done) color = mix(COLORS["."], COLORS.c, done / (hi - lo));
+        else color = COLORS["."];
+        ctx.fillStyle = color;
+        const x = LABEL_W + (geo.perPx ? col : col * geo.cellW);
+        const w = geo.perPx ? 1 : Math.max(1, geo.cellW - (geo.cellW > 3 ? 1 : 0));
+        ctx.fillRect(x, y + 3, w, ROW_H - 6);
+      }
+    });
+    if (state.firstPaint === null) {
+      state.firstPaint = performance.now();
+      document.body.dataset.firstPaintMs = String(Math.round(state.firstPaint));
+    }
+    document.body.dataset.mapDrawn = "1";
+  }
+  function xOf(rg, geo) { return geo.perPx ? Math.floor(rg / geo.perPx) : rg * geo.cellW; }
+  function mix(a, b, t) {
+    const pa = [1, 3, 5].map((i) => parseInt(a.substr(i, 2), 16)), pb = [1, 3, 5].map((i) => parseInt(b.substr(i, 2), 16));
+    return "rgb(" + pa.map((v, i) => Math.round(v + (pb[i] - v) * t)).join(",") + ")";
+  }
+
+  $("map").addEventListener("mousemove", (ev) => {
+    const p = state.progress, tip = $("tooltip");
+    if (!p) return;
+    const geo = geometry();
+    const rect = $("map").getBoundingClientRect();
+    const x = ev.clientX - rect.left - LABEL_W, y = ev.clientY - rect.top - TOP;
+    const row = Math.floor(y / ROW_H);
+    if (x < 0 || row < 0 || row >= p.stages.length) { tip.hidden = true; return; }
+    const col = geo.perPx ? Math.floor(x) : Math.floor(x / geo.cellW);
+    const lo = geo.perPx ? col * geo.perPx : col, hi = Math.min(geo.g, geo.perPx ? lo + geo.perPx : col + 1);
+    if (lo >= geo.g) { tip.hidden = true; return; }
+    const s = p.stages[row], states = state.maps[s.stage];
+    let done = 0, failed = 0;
+    for (let i = lo; i < hi; i++) { if (states[i] === 1) done++; else if (states[i] === 2) failed++; }
+    const part = partitionOf(lo, p.row_groups, p.partitions);
+    const lines = [s.stage + " · row group" + (hi - lo > 1 ? "s " + lo + "-" + (hi - 1) : " " + lo) + " · partition p" + part,
+      done + " committed, " + failed + " failed, " + (hi - lo - done - failed) + " pending"];
+    for (const e of s.errors.filter((e) => e.row_group >= lo && e.row_group < hi).slice(0, 3)) {
+      lines.push("row group " + e.row_group + ": " + e.error);
+    }
+    if (failed && !s.errors.some((e) => e.row_group >= lo && e.row_group < hi)) lines.push("(error text not sent: more than " + s.errors.length + " failures in this stage)");
+    tip.replaceChildren(...lines.map((l) => el("div", "", l)));
+    tip.hidden = false;
+    tip.style.left = Math.min(ev.clientX - rect.left + 12, rect.width - 320) + "px";
+    tip.style.top = (ev.clientY - rect.top + 14) + "px";
+  });
+  $("map").addEventListener("mouseleave", () => { $("tooltip").hidden = true; });
+  window.addEventListener("resize", () => drawMap());
+
+  // ---- gallery ----------------------------------------------------------------------------
+  function thumbUrl(rg, offset, size) { return api + "/thumbs/" + rg + "/" + offset + "/" + size; }
+
+  async function loadGallery(reset) {
+    const outcome = $("outcome").value;
+    if (reset) { $("gallery").replaceChildren(); state.galleryNext = 0; }
+    if (state.galleryNext === null) return;
+    const q = new URLSearchParams({ cursor: String(state.galleryNext), limit: "24" });
+    if (outcome) q.set("outcome", outcome);
+    const r = await fetch(api + "/gallery?" + q, { credentials: "same-origin" });
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) { text($("gallery-count"), body.detail || ("HTTP " + r.status)); return; }
+    for (const item of body.items) $("gallery").append(card(item));
+    state.galleryNext = body.next;
+    $("more").hidden = body.next === null;
+    text($("gallery-count"), $("gallery").children.length + " shown" + (body.next === null ? " (all)" : ""));
+  }
+  function thumb(rg, offset, size, alt) {
+    if (offset === null || offset === undefined) return el("div", "nothumb", "no thumbnail");
+    const img = el("img");
+    img.loading = "lazy"; img.alt = alt; img.src = thumbUrl(rg, offset, size);
+    return img;
+  }
+  function card(item) {
+    const c = el("figure", "card " + item.outcome);
+    const pics = el("div", "pics");
+    pics.append(thumb(item.row_group, item.thumb_offset, item.thumb_size, item.key));
+    if (item.outcome === "duplicate") pics.append(thumb(item.row_group, item.original_thumb_offset, item.original_thumb_size, "original " + (item.duplicate_of_key || "")));
+    c.append(pics);
+    const cap = el("figcaption");
+    cap.append(el("div", "key", item.key), el("div", "reason", item.reason));
+    const scores = [];
+    if (item.aesthetic_score !== null) scores.push("aesthetic " + item.aesthetic_score.toFixed(3));
+    if (item.nsfw_score !== null) scores.push("nsfw " + item.nsfw_score.toFixed(3));
+    cap.append(el("div", "muted", scores.join(" · ") + " · row group " + item.row_group));
+    c.append(cap);
+    return c;
+  }
+  $("outcome").addEventListener("change", () => loadGallery(true));
+  $("more").addEventListener("click", () => loadGallery(false));
+
+  // ---- score histograms and what-if thresholds --------------------------------------------
+  async function loadScores() {
+    const r = await fetch(api + "/scores", { credentials: "same-origin" });
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) { text($("scores-note"), body.detail || ("HTTP " + r.status)); return; }
+    state.scores = body;
+    const s = body;
+    text($("scores-note"), fmt(s.scored) + " decoded, non-duplicate records scored in " + fmt(s.row_groups) + " row groups" +
+      (s.sampled ? " (estimated from an even sample of the run's " + fmt(s.row_groups_total) + " row groups)" : "") +
+      "; " + fmt(s.undecodable) + " undecodable and " + fmt(s.duplicates) + " duplicates not shown. Duplicate flags are as the run's dedup found them.");
+    setupSlider("ta", s.aesthetic_edges, s.thresholds.aesthetic);
+    setupSlider("tn", s.nsfw_edges, s.thresholds.nsfw);
+    drawScores();
+  }
+  function setupSlider(id, edges, value) {
+    const input = $(id);
+    input.min = "0"; input.max = String(edges.length - 1); input.step = "1";
+    let best = 0;
+    if (value !== null && value !== undefined) edges.forEach((e, i) => { if (Math.abs(e - value) < Math.abs(edges[best] - value)) best = i; });
+    input.value = String(best);
+    input.addEventListener("input", drawScores);
+  }
+  function drawScores() {
+    const s = state.scores;
+    if (!s) return;
+    const ia = Number($("ta").value), inn = Number($("tn").value);
+    const ta = s.aesthetic_edges[ia], tn = s.nsfw_edges[inn];
+    text($("ta-value"), ta.toFixed(3)); text($("tn-value"), tn.toFixed(3));
+    const aHist = s.joint.map((row) => row.reduce((x, y) => x + y, 0));
+    const nHist = s.nsfw_edges.slice(1).map((_, j) => s.joint.reduce((x, row) => x + row[j], 0));
+    drawHist($("hist-aesthetic"), s.aesthetic_edges, aHist, ta, (i) => s.aesthetic_edges[i] >= ta - 1e-12, s.thresholds.aesthetic);
+    drawHist($("hist-nsfw"), s.nsfw_edges, nHist, tn, (j) => s.nsfw_edges[j + 1] <= tn + 1e-12, s.thresholds.nsfw);
+    let kept = 0;
+    s.joint.forEach((row, i) => row.forEach((n, j) => {
+      if (s.aesthetic_edges[i] >= ta - 1e-12 && s.nsfw_edges[j + 1] <= tn + 1e-12) kept += n;
+    }));
+    const share = s.scored ? (100 * kept / s.scored).toFixed(1) : "0";
+    text($("whatif"), "With aesthetic ≥ " + ta.toFixed(3) + " and nsfw < " + tn.toFixed(3) + ": " + fmt(kept) + " of " + fmt(s.scored) +
+      " kept (" + share + "%); the run's thresholds keep " + fmt(s.kept_at_thresholds) + ".");
+    document.body.dataset.histDrawn = "1";
+  }
+  function drawHist(canvas, edges, counts, threshold, isKept, runThreshold) {
+    const ctx = canvas.getContext("2d");
+    const W = canvas.width, H = canvas.height, pad = 28;
+    ctx.clearRect(0, 0, W, H);
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, W, H);
+    const max = Math.max(1, ...counts), n = counts.length, bw = (W - 2 * pad) / n;
+    const total = counts.reduce((x, y) => x + y, 0);
+    let keptN = 0;
+    counts.forEach((c, i) => {
+      const h = (H - 2 * pad) * c / max;
+      const k = isKept(i);
+      if (k) keptN += c;
+      ctx.fillStyle = k ? COLORS.c : "#9e9e9e";
+      ctx.fillRect(pad + i * bw, H - pad - h, Math.max(1, bw - 1), h);
+    });
+    const xOfVal = (v) => pad + (W - 2 * pad) * (v - edges[0]) / (edges[edges.length - 1] - edges[0]);
+    if (runThreshold !== null && runThreshold !== undefined) {
+      ctx.strokeStyle = "#555"; ctx.setLineDash([4, 3]);
+      ctx.beginPath(); ctx.moveTo(xOfVal(runThreshold), pad - 8); ctx.lineTo(xOfVal(runThreshold), H - pad); ctx.stroke();
+      ctx.setLineDash([]);
+    }
+    const x = xOfVal(threshold);
+    ctx.strokeStyle = COLORS.f; ctx.lineWidth = 2;
+    ctx.beginPath(); ctx.moveTo(x, pad - 8); ctx.lineTo(x, H - pad); ctx.stroke(); ctx.lineWidth = 1;
+    ctx.fillStyle = "#222"; ctx.font = "12px system-ui, sans-serif"; ctx.textBaseline = "alphabetic";
+    ctx.fillText(edges[0].toFixed(2), pad, H - 8);
+    const last = edges[edges.length - 1].toFixed(2);
+    ctx.fillText(last, W - pad - ctx.measureText(last).width, H - 8);
+    const pct = (v) => total ? (100 * v / total).toFixed(1) + "%" : "–";
+    const leftLabel = canvas.id === "hist-aesthetic" ? "dropped " + pct(total - keptN) : "kept " + pct(keptN);
+    const rightLabel = canvas.id === "hist-aesthetic" ? "kept " + pct(keptN) : "dropped " + pct(total - keptN);
+    ctx.fillText(leftLabel, Math.max(pad, x - 8 - ctx.measureText(leftLabel).width), 14);
+    ctx.fillText(rightLabel, Math.min(W - pad - ctx.measureText(rightLabel).width, x + 8), 14);
+  }
+
+  // ---- start ------------------------------------------------------------------------------
+  if (dagId !== "image_curation") {
+    message("This view shows image_curation runs only; this run belongs to " + dagId + ".");
+    text($("status"), "");
+  } else if (!runId) {
+    message("No run_id in the address.");
+  } else {
+    poll();
+  }
+})();

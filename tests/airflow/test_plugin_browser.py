@@ -1,0 +1,195 @@
+"""The curation view in a real browser: headless Chromium (Debian's package, driven by selenium
+through the system chromedriver; `.ci/browser` installs both) against a real ``airflow
+standalone`` that ran image_curation on generated data with one partition's write failing.
+
+Logs in through Airflow's own login form, opens the run's "Curation" tab, and checks what a user
+would see: the failed row groups on the map, thumbnails that load, histograms that draw. A
+screenshot of each view is saved under ``$WINNOW_TEST_ARTIFACTS`` (default ``test-artifacts/``).
+A user without access to the DAG gets 403. Slow: one standalone for the module (~3 min).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from tests.airflow._live import REPO, LiveAirflow
+from winnow.rowgroups.plan import RowGroupPlan
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+ARTIFACTS = Path(os.environ.get("WINNOW_TEST_ARTIFACTS", str(REPO / "test-artifacts")))
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+OUTSIDER = "outsider"  # a user with no role: no access to any DAG
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory):
+    """A standalone, and a run whose write task of partition 1 fails on every try."""
+    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
+    from winnow.stages.write import STAGE
+
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.fail("chromium and chromedriver are needed: run `bash .ci/browser` (Debian packages)")
+    root = tmp_path_factory.mktemp("browser")
+    manifest = generate_sample(str(root / "shards"), shards=2, per_shard=12, seed=2, corrupt=True)
+    plan = RowGroupPlan(num_records=manifest["expected"]["records"], buffer_size=6, max_partitions=2)
+    fault_file = root / "faults.json"
+    # All 3 tries (the DAG's 2 retries + 1) of partition 1's write fail: the run ends failed.
+    fault_file.write_text(json.dumps({"stage": STAGE, "row_groups": list(plan.partition_row_groups(1)), "times": 3,
+                                      "once_dir": str(root / "once")}))
+    af = LiveAirflow(root / "home", extra_env={
+        "WINNOW_TEST_FAULTS": f"@{fault_file}",
+        "AIRFLOW__CORE__MAX_TASK_RETRY_DELAY": "1",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        # The DAG's default output root, which the plugin must NOT rely on: the run's conf below
+        # names no output root, so the view finds the run only through the index task's XCom.
+        "WINNOW_OUTPUT_ROOT": str(root / "out"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"admin:admin,{OUTSIDER}:",
+    })
+    t0 = time.perf_counter()
+    try:
+        af.start()
+        conf = {"input_uri": str(root / "shards"), "run_key": "browser", "buffer_size": 6, "max_partitions": 2,
+                **TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6}
+        run_id = af.trigger(conf, run_id="browser")
+        state = af.wait_run(run_id, timeout=1500)
+        yield {"af": af, "run_id": run_id, "state": state, "run_root": str(root / "out" / "browser")}
+    finally:
+        af.stop()
+        print(f"\nbrowser test module: {time.perf_counter() - t0:.0f} s of live Airflow")
+
+
+@pytest.fixture(scope="module")
+def browser(live_run):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch a browser or driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = Path(live_run["run_root"]).parent.parent / "chromium-profile"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1400,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _password(af: LiveAirflow, user: str) -> str:
+    return json.loads(af._password_file().read_text())[user]
+
+
+def _wait(driver, predicate, what: str, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.3).until(lambda d: predicate(d))
+    except Exception as exc:  # noqa: BLE001 - rethrown with what we waited for and a screenshot
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "browser-failure.png"))
+        raise AssertionError(f"timed out waiting for {what}; screenshot in {ARTIFACTS}") from exc
+
+
+def _shot(driver, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    return path
+
+
+def test_the_run_ended_failed_with_partition_1s_write_failed(live_run):
+    states = live_run["af"].task_states(live_run["run_id"])
+    assert live_run["state"] == "failed", states
+    assert states[("write", 1)][0] == "failed" and states[("write", 0)][0] == "success", states
+
+
+def test_login_open_the_run_tab_and_see_failed_row_groups_thumbnails_and_histograms(live_run, browser):
+    from selenium.webdriver.common.by import By
+
+    af, run_id = live_run["af"], live_run["run_id"]
+    browser.get(f"{af.base}/")
+    _wait(browser, lambda d: d.find_elements(By.NAME, "username"), "the login form")
+    browser.find_element(By.NAME, "username").send_keys("admin")
+    browser.find_element(By.NAME, "password").send_keys(_password(af, "admin"))
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _wait(browser, lambda d: "login" not in d.current_url, "the login to finish")
+
+    browser.get(f"{af.base}/dags/image_curation/runs/{quote(run_id, safe='')}/plugin/winnow-run")
+    frame = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "iframe[title=Curation]"), "the Curation tab")
+    browser.switch_to.frame(frame)
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-map-drawn") == "1",
+          "the row-group map to draw")
+    rows = {r.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#stages tbody tr")}
+    from winnow.stages.write import STAGE
+
+    assert int(rows[STAGE][2]) > 0 and rows["embed"][2] == "0" and rows["embed"][3] == "0", rows
+    red = browser.execute_script(
+        "const c=document.getElementById('map'),x=c.getContext('2d'),d=x.getImageData(0,0,c.width,c.height).data;"
+        "let n=0;for(let i=0;i<d.length;i+=4){if(d[i]===198&&d[i+1]===40&&d[i+2]===40)n++;}return n;")
+    assert red > 0, "no failed (red) cells on the map"
+    browser.switch_to.default_content()
+    _shot(browser, "run-map.png")
+
+    browser.switch_to.frame(frame)
+    browser.find_element(By.CSS_SELECTOR, "button[data-tab=gallery]").click()
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) > 0, "gallery thumbnails")
+    _wait(browser, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#gallery img')].every(i => i.complete)"), "thumbnails to load")
+    widths = browser.execute_script("return [...document.querySelectorAll('#gallery img')].map(i => i.naturalWidth)")
+    assert widths and all(w > 0 for w in widths), widths
+    reasons = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .reason")]
+    assert any(r == "kept" for r in reasons) and any(r.startswith("undecodable") for r in reasons), reasons
+    browser.switch_to.default_content()
+    _shot(browser, "gallery.png")
+
+    browser.switch_to.frame(frame)
+    browser.find_element(By.CSS_SELECTOR, "button[data-tab=scores]").click()
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-hist-drawn") == "1",
+          "the histograms to draw")
+    green = browser.execute_script(
+        "const c=document.getElementById('hist-aesthetic'),d=c.getContext('2d').getImageData(0,0,c.width,c.height).data;"
+        "let n=0;for(let i=0;i<d.length;i+=4){if(d[i]===46&&d[i+1]===125&&d[i+2]===50)n++;}return n;")
+    assert green > 0, "the aesthetic histogram drew no kept bars"
+    assert "kept" in browser.find_element(By.ID, "whatif").text
+    browser.switch_to.default_content()
+    _shot(browser, "scores.png")
+
+    # The task-instance tab of the failed partition highlights its row groups.
+    browser.get(f"{af.base}/dags/image_curation/runs/{quote(run_id, safe='')}/tasks/write/mapped/1/plugin/winnow-partition")
+    frame = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "iframe[title=Curation]"), "the task tab")
+    browser.switch_to.frame(frame)
+    _wait(browser, lambda d: "p1: row groups" in d.find_element(By.ID, "title").text, "the partition title")
+    browser.switch_to.default_content()
+
+
+def test_extra_links_of_partition_tasks_and_report_lead_to_the_view(live_run):
+    af, run_id = live_run["af"], live_run["run_id"]
+    links = af.api("GET", f"/api/v2/dags/image_curation/dagRuns/{run_id}/taskInstances/write/links",
+                   params={"map_index": 1}).json()
+    assert links.get("Curation view") == f"/dags/image_curation/runs/{run_id}/tasks/write/mapped/1/plugin/winnow-partition"
+
+
+def test_a_user_without_dag_access_gets_403_and_no_session_401(live_run):
+    af, run_id = live_run["af"], live_run["run_id"]
+    r = requests.post(f"{af.base}/auth/token", json={"username": OUTSIDER, "password": _password(af, OUTSIDER)},
+                      timeout=30)
+    assert r.status_code in (200, 201), r.text
+    token = r.json()["access_token"]
+    for path in (f"/winnow/api/runs/{run_id}/progress", f"/winnow/ui/run?run_id={run_id}", "/winnow/static/winnow.js"):
+        assert requests.get(f"{af.base}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 403
+        assert requests.get(f"{af.base}{path}", timeout=30).status_code == 401

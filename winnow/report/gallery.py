@@ -1,0 +1,114 @@
+"""The gallery sample of a run: kept and dropped records with scores and the reason, paged.
+
+Reads the ``rg<id>.gallery.parquet`` files the write stage committed (see
+winnow.stages.thumbnails) in row-group order; a page is a cursor (the next row group to read)
+plus a bounded number of files read per call, so a page of a run with 10^5 row groups costs
+the same as one of ten. Thumbnail bytes are read by offset from the committed ``rg<id>.thumbs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups.errors import WinnowError
+from winnow.stages.thumbnails import GALLERY_SUFFIX, OUTCOMES, THUMBS_SUFFIX
+
+#: Most gallery files one page request opens (a rare reason may need many pages).
+MAX_FILES_PER_PAGE = 64
+#: No thumbnail is larger than this; a bigger request is refused.
+MAX_THUMB_BYTES = 2_000_000
+
+
+class GalleryError(WinnowError):
+    """A gallery request names something that is not in the run (row group, offset, outcome)."""
+
+
+def thresholds(store: CommitStore) -> dict[str, float | None]:
+    """The thresholds the run's aesthetic and nsfw stages were computed with (their fingerprints)."""
+    out: dict[str, float | None] = {}
+    for stage in ("aesthetic", "nsfw"):
+        cfg = (store.read_fingerprint(stage) or {}).get("config") or {}
+        value = cfg.get("threshold")
+        out[stage] = float(value) if isinstance(value, (int, float)) else None
+    return out
+
+
+def reason(row: dict[str, Any], limits: dict[str, float | None]) -> str:
+    """Why a record was dropped (or "kept"), in the words of the run's config."""
+    outcome = row["outcome"]
+    if outcome == "undecodable":
+        error = row.get("error") or "no reason recorded"
+        return error if error.startswith("undecodable") else f"undecodable: {error}"
+    if outcome == "aesthetic":
+        return f"aesthetic {row['aesthetic_score']:.3f} below threshold {limits.get('aesthetic')}"
+    if outcome == "nsfw":
+        return f"nsfw {row['nsfw_score']:.3f} at or above threshold {limits.get('nsfw')}"
+    if outcome == "duplicate":
+        return f"duplicate of {row.get('duplicate_of_key') or row.get('duplicate_of')}"
+    return "kept"
+
+
+def _write_stage() -> str:
+    from winnow.stages.write import STAGE
+
+    return STAGE
+
+
+def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = None, cursor: int = 0,
+                 limit: int = 24) -> dict[str, Any]:
+    """Up to ``limit`` gallery items from row group ``cursor`` on, and the cursor of the next page
+    (None at the end). ``outcome`` filters: kept, undecodable, aesthetic, nsfw or duplicate."""
+    if outcome is not None and outcome not in OUTCOMES:
+        raise GalleryError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    if not 0 <= cursor <= plan.num_row_groups:
+        raise GalleryError(f"cursor {cursor} is outside the run's {plan.num_row_groups} row groups")
+    store = CommitStore(run_root)
+    stage = _write_stage()
+    limits = thresholds(store)
+    items: list[dict[str, Any]] = []
+    rg, opened = cursor, 0
+    while rg < plan.num_row_groups and len(items) < limit and opened < MAX_FILES_PER_PAGE:
+        p = plan.partition_of(rg)
+        # Only committed row groups: the .parquet marker is written after the gallery files.
+        if store.fs.get_file_info(store.row_group_path(stage, p, rg)).type == pafs.FileType.File:
+            opened += 1
+            try:
+                with store.fs.open_input_file(store.row_group_path(stage, p, rg, GALLERY_SUFFIX)) as f:
+                    table = pq.read_table(f)
+            except FileNotFoundError:
+                table = None  # written before galleries existed
+            if table is not None:
+                for row in table.to_pylist():
+                    if outcome is None or row["outcome"] == outcome:
+                        row["row_group"] = rg
+                        row["reason"] = reason(row, limits)
+                        items.append(row)
+        rg += 1
+    # Pages end at row-group boundaries (a page may hold up to one gallery file more than
+    # ``limit``), so the cursor is just a row-group id.
+    return {"items": items, "next": rg if rg < plan.num_row_groups else None, "thresholds": limits}
+
+
+def read_thumbnail(run_root: str, plan: RowGroupPlan, row_group: int, offset: int, size: int) -> bytes:
+    """The JPEG at ``offset`` in a committed row group's thumbnails file."""
+    if not 0 <= row_group < plan.num_row_groups:
+        raise GalleryError(f"row group {row_group} is not in this run (it has {plan.num_row_groups})")
+    if offset < 0 or not 0 < size <= MAX_THUMB_BYTES:
+        raise GalleryError(f"offset {offset} / size {size} is not a thumbnail range")
+    store = CommitStore(run_root)
+    stage = _write_stage()
+    p = plan.partition_of(row_group)
+    if store.fs.get_file_info(store.row_group_path(stage, p, row_group)).type != pafs.FileType.File:
+        raise GalleryError(f"row group {row_group} of stage {stage!r} is not committed")
+    try:
+        with store.fs.open_input_file(store.row_group_path(stage, p, row_group, THUMBS_SUFFIX)) as f:
+            data = f.read_at(size, offset)
+    except FileNotFoundError as exc:
+        raise GalleryError(f"row group {row_group} has no thumbnails file") from exc
+    if len(data) != size or not data.startswith(b"\xff\xd8"):
+        raise GalleryError(f"row group {row_group}: no thumbnail at offset {offset} (size {size})")
+    return data

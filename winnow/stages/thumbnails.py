@@ -1,0 +1,78 @@
+"""Gallery thumbnails made by the write stage: a bounded sample per row group and outcome.
+
+Per row group the write stage keeps up to ``per_outcome`` records of each outcome (kept,
+undecodable, aesthetic, nsfw, duplicate), plus the record each sampled duplicate duplicates, as
+~256 px JPEGs concatenated in ``rg<id>.thumbs`` and described (offset, size, scores, reason) by
+``rg<id>.gallery.parquet``. Both are committed before the row group's ``.parquet`` marker, so a
+committed row group always has its gallery; the api-server serves the bytes by offset and never
+decodes an image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pyarrow as pa
+
+GALLERY_SUFFIX = ".gallery.parquet"
+THUMBS_SUFFIX = ".thumbs"
+OUTCOMES = ("kept", "undecodable", "aesthetic", "nsfw", "duplicate")
+#: Larger inputs are not decoded for a thumbnail (the embed stage's own bomb limit is higher).
+MAX_THUMB_SOURCE_PIXELS = 40_000_000
+
+GALLERY_SCHEMA = pa.schema([
+    ("record_id", pa.int64()),
+    ("key", pa.string()),
+    ("outcome", pa.string()),
+    ("error", pa.string()),
+    ("aesthetic_score", pa.float32()),
+    ("nsfw_score", pa.float32()),
+    ("duplicate_of", pa.int64()),
+    ("duplicate_of_key", pa.string()),
+    ("thumb_offset", pa.int64()),
+    ("thumb_size", pa.int32()),
+    ("original_thumb_offset", pa.int64()),
+    ("original_thumb_size", pa.int32()),
+])
+
+
+def make_thumbnail(data: bytes | None, *, px: int = 256, quality: int = 80) -> bytes | None:
+    """JPEG bytes of ``data`` scaled to fit ``px`` x ``px``; None when it cannot be decoded."""
+    if not data:
+        return None
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_THUMB_SOURCE_PIXELS:
+                return None
+            img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale, much cheaper
+            img = img.convert("RGBA") if img.mode in ("P", "PA", "LA") else img
+            if img.mode == "RGBA":
+                bg = Image.new("RGB", img.size, (255, 255, 255))
+                bg.paste(img, mask=img.split()[-1])
+                img = bg
+            img = img.convert("RGB")
+            img.thumbnail((px, px))
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=quality, optimize=True)
+            return out.getvalue()
+    except Exception:  # noqa: BLE001 - any decoder error means "no thumbnail", never a failure
+        return None
+
+
+def sample_rows(outcomes: list[str], record_ids: np.ndarray, per_outcome: int) -> list[int]:
+    """Row positions of up to ``per_outcome`` records per outcome, chosen by a hash of the
+    record id: spread over the row group, and the same on every run (output stays reproducible).
+    """
+    spread = (record_ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+    chosen: list[int] = []
+    for outcome in OUTCOMES:
+        rows = [i for i, o in enumerate(outcomes) if o == outcome]
+        rows.sort(key=lambda i: int(spread[i]))
+        chosen.extend(rows[:per_outcome])
+    return sorted(chosen)
