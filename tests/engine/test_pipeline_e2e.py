@@ -136,3 +136,24 @@ def test_bad_params_fail_fast_with_named_parameters(sample):
     assert "buffer_size" in msg and "input_uri" in msg and "no-such-model" in msg
     with pytest.raises(ConfigError, match="aesthetic_weights"):
         config(root, "bad", allow_random_weights=False, pretrained=str(root / "missing.pt")).validate()
+
+
+def test_a_run_root_from_before_the_write_rename_resumes_in_place(tmp_path):
+    """Run roots written when the write stage's folder was ``output/`` are read and resumed
+    where they are: nothing is recomputed and the summary points at ``output/``."""
+    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
+
+    generate_sample(str(tmp_path / "in"), shards=1, per_shard=8, seed=3)
+    cfg = CurationConfig(input_uri=str(tmp_path / "in"), output_root=str(tmp_path / "out"), run_key="old",
+                         buffer_size=4, max_partitions=2, **TINY_MODEL_PARAMS)
+    first = run_all(cfg, backend="local")
+    root = tmp_path / "out" / "old"
+    os.rename(root / "write", root / "output")  # the layout of earlier versions
+    stage_file = root / "output" / "_stage.json"
+    stage_file.write_text(stage_file.read_text().replace('"stage": "write"', '"stage": "output"'))
+    assert '"stage": "output"' in stage_file.read_text()
+    again = run_all(cfg, backend="local")
+    assert again["row_groups_computed"] == 0
+    assert again["write_dir"] == str(root / "output")
+    assert {k: again[k] for k in ("records", "kept", "duplicates")} == {k: first[k] for k in ("records", "kept", "duplicates")}
+    assert not (root / "write").exists()

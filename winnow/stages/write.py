@@ -117,9 +117,9 @@ class WriteStage:
         self.config = config or WriteConfig()
 
     def fingerprint_config(self) -> dict[str, Any]:
-        c = self.config
-        return {"format": TAR_FORMAT, "mtime": c.mtime,
-                "thumbnails": {"px": c.thumbnail_px, "per_outcome": c.thumbnails_per_outcome}}
+        # Thumbnails are the gallery's side product: they change neither the tars nor the
+        # Parquet, so they stay out (a run root written before them resumes as it is).
+        return {"format": TAR_FORMAT, "mtime": self.config.mtime}
 
     def setup(self) -> None:
         pass
