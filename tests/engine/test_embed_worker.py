@@ -173,3 +173,25 @@ def test_closing_the_results_early_stops_the_worker_threads(indexed, stage):
     results.close()
     left = {t.name for t in threading.enumerate() if t.name.startswith("winnow-embed")} - before
     assert not left, left
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_worker_on_gpu_is_close_to_the_cpu_stage_with_the_same_errors(indexed, stage):
+    from winnow.stages.decode import nvimgcodec_available
+
+    base, run_root, plan = indexed
+    fresh_stage_dir(run_root)
+    gpu = tiny(device="cuda", decode_backend="nvimgcodec" if nvimgcodec_available() else "pillow")
+    summary = run_stage_partition(gpu, run_root=run_root, plan=plan, partition=0, executor="local")
+    assert summary.ok, summary.to_dict()
+    stats = gpu.row_group_pipeline().stats
+    assert stats.padded_slots > 0 and stats.gpu_busy is not None and 0 < stats.gpu_busy <= 1.0
+    for rg, expected in reference_tables(stage, run_root, plan, 0).items():
+        got = committed(run_root, 0, rg)
+        for col in ("record_id", "key", "error"):
+            assert got.column(col).equals(expected.column(col)), (rg, col)
+        a, b = embeddings(got), embeddings(expected)
+        ok = ~np.isnan(b[:, 0])
+        assert np.array_equal(ok, ~np.isnan(a[:, 0]))
+        assert ((a[ok] * b[ok]).sum(axis=1)).min() > 0.98  # bf16 on GPU vs fp32 on CPU

@@ -443,7 +443,7 @@ def resize_center_crop(images: list[torch.Tensor], preprocess: PreprocessConfig)
     """(H, W, 3) uint8 tensors of any sizes -> (N, h, w, 3) uint8 model input, on their device.
 
     Antialiased bicubic (or bilinear) resize as PIL does it (torch's antialias kernels use PIL's
-    filter), then the center crop. Images of one size are resized in one call, so a batch of
+    filter; one axis at a time with 8-bit rounding between, like PIL), then the center crop. Images of one size are resized in one call, so a batch of
     same-size photos costs one kernel chain, not one per image.
     """
     th, tw = preprocess.height_width
@@ -457,9 +457,13 @@ def resize_center_crop(images: list[torch.Tensor], preprocess: PreprocessConfig)
     for (h, w), rows in by_size.items():
         nh, nw, top, left = resize_geometry(h, w, preprocess)
         x = torch.stack([images[i] for i in rows]).permute(0, 3, 1, 2).to(torch.float32)
-        if (nh, nw) != (h, w):
-            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=mode, antialias=True, align_corners=False)
-        x = x[:, :, top : top + th, left : left + tw].round_().clamp_(0, 255).to(torch.uint8)
+        # Horizontal pass, then vertical, each rounded and clipped to 8 bits as PIL does between
+        # passes (one 2-D pass keeps bicubic overshoot and lands up to ~14 levels off at edges).
+        for size in ((h, nw), (nh, nw)):
+            if tuple(x.shape[2:]) != size:
+                x = torch.nn.functional.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+                x = x.round_().clamp_(0, 255)
+        x = x[:, :, top : top + th, left : left + tw].to(torch.uint8)
         out[torch.tensor(rows, device=out.device)] = x.permute(0, 2, 3, 1)
     return out
 
