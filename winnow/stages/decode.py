@@ -555,7 +555,11 @@ class NvImageCodecBatchDecoder:
             if img is None:
                 out.append(None)
                 continue
-            t = torch.as_tensor(img, device=self.device)  # zero-copy view (__cuda_array_interface__)
+            try:
+                t = torch.as_tensor(img, device=self.device)  # zero-copy (__cuda_array_interface__)
+            except (AttributeError, RuntimeError, TypeError, ValueError):
+                # An image a CPU codec produced in host memory: copy it over.
+                t = torch.from_numpy(np.asarray(img.cpu())).to(self.device)
             if t.ndim == 2:
                 t = t[:, :, None]
             if t.shape[2] == 1:
