@@ -9,10 +9,13 @@ On the same generated 512x384 JPEG shards it measures, in this order:
                timed with CUDA events: the ceiling;
   gpu_decode   the nvImageCodec decoder alone (decode + GPU resize/crop), batch 256;
   pipeline     the embed stage through the runner (local backend, fused worker): shard reads,
-               decode, model, Parquet commits; once with nvImageCodec, once with Pillow on all
-               CPU cores. Ratio = pipeline / model-only at the same batch size and compile mode;
-  dedup        k-means + pairwise duplicate search on synthetic 768-d embeddings (1M on a GPU).
-Prints one JSON line (``GPU_CHECK {...}``) and writes ``$OUT/gpu_check.json`` when ``OUT`` is set.
+               decode, model, Parquet commits, with nvImageCodec. Ratio = pipeline / model-only
+               at the same batch size and compile mode (compiled where that was faster);
+  dedup        k-means + pairwise duplicate search on synthetic 768-d embeddings (1M on a GPU);
+  cpu decode   the pipeline again with Pillow decoding on all CPU cores, for comparison.
+One copy of the model weights serves every variant. Prints one JSON line (``GPU_CHECK {...}``)
+and writes ``$OUT/gpu_check.json`` when ``OUT`` is set, after every step (a run cut short keeps
+what it measured; ``complete`` says whether it finished).
 Imports neither Ray nor DALI (the GPU check machine has neither); the JSON says so.
 A variant that fails is recorded with its error; the others still run.
 """
@@ -139,7 +142,8 @@ class Stages:
         if key not in self.stages:
             # decode 'auto': the pipeline swaps decoders per variant; auto shows what a run would pick.
             stage = EmbedStage(embed_config(self.mode, str(self.device), batch, compile=compiled, decode_backend="auto"))
-            stage.setup()
+            shared = next(iter(self.stages.values()), None)  # one copy of the weights for all variants
+            stage.setup(model=shared._loaded if shared is not None else None)
             self.auto_decode_backend = stage.decode_backend
             self.stages[key] = stage
         return self.stages[key]
@@ -151,13 +155,18 @@ class Stages:
             torch.cuda.empty_cache()
 
 
-def model_only(stages: Stages, pixels: torch.Tensor, compile_modes: list[bool], iters: int) -> dict:
-    """img/s of EmbedStage.forward (normalise, tower, L2, fp16) on device-resident uint8 images."""
+def model_only(stages: Stages, pixels: torch.Tensor, compile_modes: list[bool], iters: int, deadline: float) -> dict:
+    """img/s of EmbedStage.forward (normalise, tower, L2, fp16) on device-resident uint8 images.
+    A variant that would start after ``deadline`` (perf_counter) is skipped."""
     out = {}
     device = stages.device
     for batch in stages.mode["batch_sizes"]:
         for compiled in compile_modes:
             name = f"{'compiled' if compiled else 'eager'}_b{batch}"
+            if time.perf_counter() > deadline:
+                out[name] = {"img_s": None, "error": "skipped: the model-only time budget is spent"}
+                log(f"model-only {name}: skipped (time budget)")
+                continue
             try:
                 t0 = time.perf_counter()
                 stage = stages.get(batch, compiled)
@@ -277,6 +286,19 @@ def dedup_figure(n: int, d: int, device: torch.device, *, planted: int = 1000, s
     }
 
 
+def save(report: dict) -> str:
+    """The report as one JSON line, also written to $OUT/gpu_check.json when OUT is set: after
+    every step, so a run cut short by a time limit still leaves what it measured."""
+    line = json.dumps(report, sort_keys=True, default=str)
+    if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
+        tmp = os.path.join(os.environ["OUT"], ".gpu_check.json.tmp")
+        with open(tmp, "w") as f:
+            f.write(line + "\n")
+        os.replace(tmp, os.path.join(os.environ["OUT"], "gpu_check.json"))
+    return line
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 
@@ -308,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()], "model": f"{mode['model']} (random weights)",
         "images": mode["images"], "image_size": f"{WIDTH}x{HEIGHT} JPEG q90", "gpu_tests_rc": args.tests_rc,
-        "errors": {},
+        "errors": {}, "complete": False,
     }
 
     def attempt(name: str, fn):
@@ -341,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         sample = cpu_decoder.decode(images[: max(mode["batch_sizes"])]).pixels
         stages = Stages(mode, device)
         iters = 5 if args.dry_run else 20
-        report["model_only"] = attempt("model_only", lambda: model_only(stages, sample, compile_modes, iters)) or {}
+        deadline = t_start + args.budget_s * 0.5  # the pipeline and dedup need the other half
+        report["model_only"] = attempt("model_only", lambda: model_only(stages, sample, compile_modes, iters, deadline)) or {}
+        save(report)
         report["auto_decode_backend"] = getattr(stages, "auto_decode_backend", None)
         report["gpu_decode"] = attempt("gpu_decode", lambda: gpu_decode(images, preprocess, device, mode["batch_sizes"][0], args.dry_run))
 
@@ -356,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats = 0 if args.dry_run else 2
         report["pipeline_gpu_decode"] = attempt("pipeline_gpu_decode", lambda: pipeline(
             stages.get(batch, compiled), gpu_decoder(preprocess, device, args.dry_run), run_root, plan, repeats))
-        report["pipeline_cpu_decode"] = attempt("pipeline_cpu_decode", lambda: pipeline(
-            stages.get(batch, compiled), cpu_decoder, run_root, plan, 0 if args.dry_run else 1))
+        save(report)
         best = report["pipeline_gpu_decode"] or {}
         report["model_only_ceiling_img_s"] = ceiling
         report["pipeline_img_s"] = best.get("img_s")
@@ -366,8 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         report["peak_gpu_mem_gib"] = (
             round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
         )
-        stages.keep_only((-1, False))
+        save(report)
         report["dedup"] = attempt("dedup", lambda: dedup_figure(mode["dedup_n"], 768, device))
+        save(report)
+        # Last: the least important figure, the first to go when time runs short.
+        report["pipeline_cpu_decode"] = attempt("pipeline_cpu_decode", lambda: pipeline(
+            stages.get(batch, compiled), cpu_decoder, run_root, plan, 0 if args.dry_run else 1))
+        stages.keep_only((-1, False))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["ray_imported"] = any(m == "ray" or m.startswith("ray.") for m in sys.modules)
@@ -376,12 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     report["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)  # wall time on a loaded box misleads
-    line = json.dumps(report, sort_keys=True)
+    report["complete"] = True
+    line = save(report)
     print(f"GPU_CHECK {line}", flush=True)
-    if os.environ.get("OUT"):
-        os.makedirs(os.environ["OUT"], exist_ok=True)
-        with open(os.path.join(os.environ["OUT"], "gpu_check.json"), "w") as f:
-            f.write(line + "\n")
     # Ray: never on the local backend. DALI: only where auto chose it (installed here).
     dali_chosen = str(report.get("auto_decode_backend") or "").startswith("dali")
     ok = not report["errors"] and not report["ray_imported"] and (dali_chosen or not report["dali_imported"])

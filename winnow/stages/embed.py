@@ -158,18 +158,28 @@ class EmbedStage:
         assert self._decoder is not None
         return self._decoder.backend
 
-    def setup(self) -> None:
-        if self._loaded is not None:
+    def setup(self, *, model: LoadedModel | None = None) -> None:
+        """Load the model and build the decoder, once.
+
+        :param model: an already loaded model of this stage's spec on its device, used instead
+            of loading another copy (the GPU check shares one ViT-L across batch sizes).
+        """
+        if self._decoder is not None:
             return
         cfg = self.config
         device = self.device
-        self._loaded = load_image_model(
-            cfg.model,
-            cfg.pretrained,
-            device=str(device),
-            model_dir=cfg.model_dir,
-            allow_random_weights=cfg.allow_random_weights,
-        )
+        if model is not None:
+            if model.spec != self.spec:
+                raise ValueError(f"model {model.spec.model_name} ({model.weights_digest}) is not this stage's {self.spec}")
+            self._loaded = model
+        else:
+            self._loaded = load_image_model(
+                cfg.model,
+                cfg.pretrained,
+                device=str(device),
+                model_dir=cfg.model_dir,
+                allow_random_weights=cfg.allow_random_weights,
+            )
         self._decoder = make_batch_decoder(
             cfg.decode_backend,
             self._loaded.preprocess,
