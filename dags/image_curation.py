@@ -37,7 +37,7 @@ with its row-group range. Committed row groups are never computed again.
 | `aesthetic_threshold` | keep images scoring at least this (LAION scale 1-10; 5.0 is typical) |
 | `nsfw_threshold` | drop images whose NSFW probability is at least this (0-1) |
 | `dedup_eps`, `dedup_clusters` | near-duplicates have cosine similarity >= 1 - eps, eps in (0, 1]; k-means clusters (0: automatic) |
-| `decode_backend`, `batch_size` | image decoder (`auto`, `dali-gpu`, `dali-cpu`, `pillow`); images per embed model call |
+| `decode_backend`, `batch_size` | image decoder (`auto`, `nvimgcodec`, `dali-gpu`, `dali-cpu`, `pillow`); images per embed model call |
 | `allow_random_weights` | only for tests and demos: allow a model with random weights |
 | `overwrite` | a stage whose config changed is moved aside (`<stage>.replaced-<time>`) and recomputed with the stages after it |
 | `skip_bad_shards` | index what can be read and record unreadable shards instead of failing |
@@ -104,9 +104,9 @@ PARAMS = {
                        description="Near-duplicates have cosine similarity >= 1 - eps."),
     "dedup_clusters": Param(0, type="integer", minimum=0, title="Dedup clusters",
                             description="k-means clusters for dedup; 0 picks a number from the data size."),
-    "decode_backend": Param("auto", type="string", enum=["auto", "dali-gpu", "dali-cpu", "pillow"],
+    "decode_backend": Param("auto", type="string", enum=["auto", "nvimgcodec", "dali-gpu", "dali-cpu", "pillow"],
                             title="Decode backend",
-                            description="auto picks the fastest installed decoder (DALI on a GPU, else Pillow)."),
+                            description="auto picks the fastest installed decoder (nvImageCodec or DALI on a GPU, else DALI-CPU or Pillow)."),
     "batch_size": Param(64, type="integer", minimum=1, maximum=4096, title="Embed batch size",
                         description="Images per model call in the embed stage."),
     "allow_random_weights": Param(False, type="boolean", title="Allow random weights",

@@ -235,3 +235,169 @@ def test_dali_mixed_decode_on_gpu_matches_pillow():
     assert gpu.pixels.is_cuda and gpu.index == pil.index == [0, 1, 2]
     diff = (gpu.pixels.cpu().int() - pil.pixels.int()).abs()
     assert diff.float().mean().item() < 1.0  # nvJPEG's IDCT differs slightly from libjpeg-turbo
+
+
+# ---- the backend set, owned here ---------------------------------------------------------------
+
+
+def test_decode_backends_are_the_literal_type_and_validation_names_the_choices():
+    from typing import get_args
+
+    from winnow.stages.decode import DECODE_BACKENDS, DecodeBackend, validate_decode_backend
+
+    assert DECODE_BACKENDS == get_args(DecodeBackend)
+    assert set(DECODE_BACKENDS) == {"auto", "nvimgcodec", "dali-gpu", "dali-cpu", "pillow"}
+    assert validate_decode_backend("nvimgcodec") == "nvimgcodec"
+    with pytest.raises(ValueError, match=r"decode_backend must be one of auto, nvimgcodec.*'opencv'"):
+        validate_decode_backend("opencv")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_nvimgcodec_without_a_gpu_is_refused_with_the_fix():
+    with pytest.raises(RuntimeError, match="nvimgcodec.*CUDA GPU.*'auto' or 'pillow'"):
+        make_batch_decoder("nvimgcodec", OPENAI_224)
+
+
+def test_auto_never_picks_a_gpu_decoder_for_a_cpu_model():
+    assert make_batch_decoder("auto", OPENAI_224, allow_gpu_decode=False).backend in ("dali-cpu", "pillow")
+
+
+# ---- GPU resize + crop and the nvImageCodec decoder's routing, on CPU ----------------------------
+
+
+def torchvision_jpeg(datas: list[bytes]) -> list[torch.Tensor | None]:
+    """A real JPEG decoder (libjpeg-turbo via torchvision) standing in for nvImageCodec on CPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out = []
+    for d in datas:
+        try:
+            out.append(decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 333), (100, 60), (224, 224), (20, 10)])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_tensor_resize_and_crop_match_open_clips_preprocess(size, interpolation):
+    from winnow.stages.decode import normalize_batch, resize_center_crop
+
+    pre = PreprocessConfig(size=224, mean=OPENAI_224.mean, std=OPENAI_224.std, interpolation=interpolation)
+    img = picture(*size, seed=size[0])
+    reference = torch.from_numpy(PillowPreprocessor(pre).to_uint8(img))  # = open_clip's (tested above)
+    ours = resize_center_crop([torch.from_numpy(np.array(img))], pre)[0]
+    diff = (ours.int() - reference.int()).abs()
+    # PIL resamples in fixed point, torch in float (both one axis at a time): a level apart at most
+    # but for rare rounding ties.
+    assert diff.float().mean().item() < 0.02 and diff.max().item() <= 2, (diff.float().mean().item(), diff.max().item())
+    assert torch.allclose(normalize_batch(ours[None], pre), normalize_batch(reference[None], pre), atol=0.04)
+
+
+def test_nvimgcodec_decoder_keeps_pillow_accounting_for_every_record_kind_cpu_stand_in():
+    """The nvImageCodec decoder class with torchvision's CPU JPEG decoder in nvImageCodec's place:
+    JPEGs take the tensor path; PNG, WebP, CMYK, alpha, a cut-off JPEG and junk take Pillow's."""
+    from winnow.stages.decode import NvImageCodecBatchDecoder
+
+    good = encode(picture(640, 480, seed=1), quality=90)
+    images = [
+        good,
+        encode(picture(64, 48).convert("RGBA"), "PNG"),
+        encode(picture(300, 200, seed=2), "WEBP"),
+        encode(picture(64, 48).convert("CMYK")),
+        good[: len(good) * 2 // 3],  # header intact, body cut off
+        b"junk",
+        None,
+        encode(picture(100, 60).convert("L"), quality=90),
+        encode(picture(480, 640, seed=3), quality=90),
+    ]
+    calls: list[int] = []
+
+    def stand_in(datas):
+        calls.append(len(datas))
+        return torchvision_jpeg(datas)
+
+    dec = NvImageCodecBatchDecoder(OPENAI_224, jpeg_decoder=stand_in)
+    got = dec.decode(images)
+    want = PillowBatchDecoder(OPENAI_224).decode(images)
+    assert calls == [3]  # only the complete RGB/grey JPEGs went to the tensor path
+    assert got.index == want.index and got.errors == want.errors
+    assert got.errors[4].startswith("truncated") and got.errors[5].startswith("not an image")
+    for k, i in enumerate(got.index):
+        diff = (got.pixels[k].int() - want.pixels[k].int()).abs()
+        if i in (1, 2, 3):  # Pillow path: bit-identical
+            assert diff.max().item() == 0, i
+        else:
+            assert diff.float().mean().item() < 0.5 and diff.max().item() <= 8, i
+
+
+def test_nvimgcodec_decoder_redoes_records_the_gpu_decoder_could_not_with_pillow_injected():
+    """A stand-in decoder that returns nothing for one record (fault injection): Pillow decodes it."""
+    from winnow.stages.decode import NvImageCodecBatchDecoder
+
+    images = [encode(picture(120, 90, seed=i), quality=90) for i in range(4)]
+
+    def fails_second(datas):
+        out = torchvision_jpeg(datas)
+        out[1] = None
+        return out
+
+    dec = NvImageCodecBatchDecoder(OPENAI_224, jpeg_decoder=fails_second)
+    got = dec.decode(images)
+    assert got.index == [0, 1, 2, 3] and got.errors == [None] * 4 and dec.gpu_failed == 1
+    want = PillowBatchDecoder(OPENAI_224).decode(images[1:2])
+    assert torch.equal(got.pixels[1], want.pixels[0])
+
+
+# ---- on the GPU ---------------------------------------------------------------------------------
+
+needs_nvimgcodec = pytest.mark.skipif(
+    not (torch.cuda.is_available() and __import__("winnow.stages.decode", fromlist=["x"]).nvimgcodec_available()),
+    reason="needs a CUDA GPU and nvidia-nvimgcodec",
+)
+
+
+@pytest.mark.gpu
+@needs_nvimgcodec
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 333), (512, 384), (100, 60)])
+def test_nvimgcodec_on_gpu_matches_open_clips_preprocess(size):
+    from winnow.stages.decode import normalize_batch
+
+    img = picture(*size, seed=size[1])
+    data = encode(img, quality=90)
+    batch = make_batch_decoder("nvimgcodec", OPENAI_224).decode([data, b"x"])
+    assert batch.pixels.is_cuda and batch.index == [0] and batch.errors[1].startswith("not an image")
+    ours = normalize_batch(batch.pixels, OPENAI_224)[0].cpu()
+    reference = open_clip_preprocess(Image.open(io.BytesIO(data)))
+    diff = (ours - reference).abs()
+    # nvJPEG's IDCT and chroma upsampling differ slightly from libjpeg-turbo's; the resize too.
+    assert diff.mean().item() < 0.03 and diff.max().item() < 0.5, (diff.mean().item(), diff.max().item())
+
+
+def open_clip_preprocess(img: Image.Image) -> torch.Tensor:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = PreprocessCfg(size=224, mean=OPENAI_224.mean, std=OPENAI_224.std)
+    return image_transform_v2(cfg, is_train=False)(img)
+
+
+@pytest.mark.gpu
+@needs_nvimgcodec
+def test_nvimgcodec_on_gpu_keeps_pillow_accounting_for_every_record_kind():
+    good = encode(picture(640, 480, seed=1), quality=90)
+    images = [
+        good, encode(picture(64, 48).convert("RGBA"), "PNG"), encode(picture(300, 200, seed=2), "WEBP"),
+        encode(picture(64, 48).convert("CMYK")), good[: len(good) * 2 // 3], b"junk", None,
+        encode(picture(100, 60).convert("L"), quality=90),
+    ]
+    got = make_batch_decoder("nvimgcodec", OPENAI_224).decode(images)
+    want = PillowBatchDecoder(OPENAI_224).decode(images)
+    assert got.index == want.index and got.errors == want.errors
+    diff = (got.pixels.cpu().int() - want.pixels.int()).abs()
+    assert diff.float().mean().item() < 1.0
+
+
+@pytest.mark.gpu
+@needs_nvimgcodec
+def test_auto_prefers_nvimgcodec_for_a_gpu_model():
+    assert make_batch_decoder("auto", OPENAI_224, allow_gpu_decode=True).backend == "nvimgcodec"

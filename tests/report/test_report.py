@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     os.environ["WINNOW_TEST_FAULTS"] = json.dumps(spec)
     try:
         with pytest.raises(RowGroupsFailedError):
-            run_all(cfg, executor="local")
+            run_all(cfg, backend="local")
     finally:
         del os.environ["WINNOW_TEST_FAULTS"]
     return {"root": cfg.run_root, "plan": load_index(cfg.run_root).plan, "stage": STAGE}

@@ -14,6 +14,7 @@ import pytest
 from tests.storage._runs import SMALL, counts_of, output_files, parquet_rows, run_local, upload_folder
 from tests.storage.conftest import BUCKET
 from winnow import pipeline
+from winnow.stages.registry import partition_stages, run_phases, stage_order
 from winnow.data.sample import generate_sample
 from winnow.pipeline import CurationConfig
 
@@ -73,14 +74,16 @@ def test_a_rerun_lists_per_partition_and_reads_no_data(runs, s3):
     plan = pipeline.load_plan(cfg)
     mark = s3.mark()
     owner = "dag/rerun"
-    info = pipeline.run_index(cfg, owner=owner)
+    info = None
     summaries = []
-    for p in info["partitions"]:
-        for stage in pipeline.PARTITION_STAGES[:-1]:
-            summaries.append(pipeline.run_partition(cfg, stage, p, executor="local", owner=owner))
-    pipeline.run_dedup(cfg, owner=owner)
-    for p in info["partitions"]:
-        summaries.append(pipeline.run_partition(cfg, pipeline.PARTITION_STAGES[-1], p, executor="local", owner=owner))
+    for scope, specs in run_phases():  # the DAG's tasks, in its order
+        if scope == "global":
+            result = pipeline.GLOBAL_STAGE_RUNNERS[specs[0].name](cfg, owner=owner)
+            info = info or result
+            continue
+        for p in info["partitions"]:
+            for spec in specs:
+                summaries.append(pipeline.run_partition(cfg, spec.name, p, backend="local", owner=owner))
     assert sum(s.computed for s in summaries) == 0
     reqs = s3.requests(mark)
     run_prefix = cfg.run_root[len(f"s3://{BUCKET}/"):]
@@ -88,10 +91,10 @@ def test_a_rerun_lists_per_partition_and_reads_no_data(runs, s3):
     data_reads = [r for r in reqs if r.kind == "GET" and "/p0" in r.key and r.key.startswith(run_prefix)]
     assert shard_reads == [] and data_reads == [], (shard_reads, data_reads)
     lists = [r for r in reqs if r.kind == "LIST"]
-    partition_stages = len(pipeline.PARTITION_STAGES) + 1  # + the index's own row groups
+    per_partition = len(partition_stages()) + 1  # + the index's own row groups
     # One LIST per (stage, partition) a task looks at, plus the shard listing and the
     # stage-folder checks of the index task: no term grows with the number of row groups.
-    assert len(lists) <= partition_stages * plan.num_partitions * 2 + 2 * len(pipeline.STAGE_ORDER) + 2, \
+    assert len(lists) <= per_partition * plan.num_partitions * 2 + 2 * len(stage_order()) + 2, \
         [r.query.get("prefix") for r in lists]
     assert not [r for r in lists if "rg" in (r.query.get("prefix") or [""])[0]]
     pipeline.run_report(cfg, [s.to_dict() for s in summaries], owner=owner)

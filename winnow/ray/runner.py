@@ -1,6 +1,8 @@
 """Run one stage over the row groups of one partition: skip what is committed, fan out the rest.
 
-One Ray Data block per remaining row group (never a whole partition in one block). Model stages
+One Ray Data block per remaining row group (never a whole partition in one block); a stage with a
+fused worker (embed: reads, decode, model and commits overlapped) gets a few row groups per block,
+each still committed alone. Model stages
 use a GPU per worker where there are GPUs; light stages run as plain tasks. Each row group
 commits as soon as it is done; one that raises does not stop the others. ``backend="local"``
 runs the same loop in this process, without Ray.
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from winnow.faults import FaultSpec
@@ -135,8 +139,53 @@ class _RowGroupWorker:
         with self.store.fs.open_input_file(path) as f:
             return pq.ParquetFile(f).metadata.num_rows
 
+    def run_many(self, row_groups: list[int]) -> Iterator[dict[str, Any]]:
+        """Results of ``row_groups`` in the order they finish. A stage with a fused worker
+        (``row_group_pipeline``: the embed stage) overlaps reads, decode, model and commits over
+        all of them; others run one row group at a time."""
+        pipeline_of = getattr(self.stage, "row_group_pipeline", None)
+        if pipeline_of is None or len(row_groups) < 2:
+            for rg in row_groups:
+                yield self.run_one(rg)
+            return
+        tasks = []
+        for rg in row_groups:
+            try:
+                committed_rows = self._committed_rows(rg)
+            except Exception:  # noqa: BLE001 - run_one reports the storage error for this row group
+                committed_rows = None
+            if committed_rows is not None:
+                yield self.run_one(rg)  # reports it as skipped
+            else:
+                tasks.append(RowGroupTask(self.run_root, self.plan, self.partition, rg))
+        for outcome in pipeline_of().run(tasks, self._commit):
+            rg = outcome.task.row_group
+            if outcome.error is not None:
+                yield self._failed(rg, outcome.error, outcome.seconds)
+            else:
+                yield {
+                    "row_group": rg, "error": "", "records_in": self.plan.row_group_size(rg),
+                    "records_out": outcome.records_out, "seconds": outcome.seconds, "skipped": False,
+                }
+
+    def _commit(self, task: RowGroupTask, table) -> None:
+        if self.faults is not None:
+            self.faults.fire(self.stage.name, task.row_group)
+        self.store.commit_table(self.stage.name, self.partition, task.row_group, table)
+
+    def _failed(self, row_group: int, exc: BaseException, seconds: float) -> dict[str, Any]:
+        text = f"{type(exc).__name__}: {exc}"
+        logger.warning(
+            "stage %s row group %d failed: %s\n%s", self.stage.name, row_group, text,
+            "".join(traceback.format_exception(exc, limit=5)),
+        )
+        return {
+            "row_group": row_group, "error": text[:2000], "records_in": self.plan.row_group_size(row_group),
+            "records_out": 0, "seconds": seconds, "skipped": False,
+        }
+
     def __call__(self, batch: dict) -> dict:
-        rows = [self.run_one(int(rg)) for rg in batch["row_group"]]
+        rows = list(self.run_many([int(rg) for rg in batch["row_group"]]))
         return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
@@ -158,9 +207,14 @@ def _set_up(stage: Stage, cache_key: str | None) -> Stage:
 
 def stage_cache_key(stage: Stage) -> str:
     """Same class and same config (before setup) -> same key: safe to share a set-up stage."""
-    import ray.cloudpickle
+    try:
+        # Plain pickle first: the local backend must not import Ray (a GPU box may have none).
+        data = pickle.dumps(stage, protocol=5)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        import ray.cloudpickle
 
-    return hashlib.sha256(ray.cloudpickle.dumps(stage)).hexdigest()
+        data = ray.cloudpickle.dumps(stage)
+    return hashlib.sha256(data).hexdigest()
 
 
 class _Progress:
@@ -227,7 +281,7 @@ def run_stage_partition(
     args = (stage, run_root, plan.to_dict(), partition, faults)
     if backend == "local":
         worker = _RowGroupWorker(*args, stage_cache_key(stage))
-        results = (worker.run_one(rg) for rg in todo)
+        results = worker.run_many(todo)
     else:
         results = _ray_results(stage, args, todo, ray_address, uses_model)
     for result in results:
@@ -258,7 +312,9 @@ def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | 
     # Object-store settings go to the workers as a task argument, not in the runtime env:
     # secrets stay out of Ray's job metadata and logs.
     storage = {"storage": current_storage()}
-    ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=len(todo))
+    per_block = row_groups_per_block(stage, len(todo), gpu_count() or 1)
+    blocks = -(-len(todo) // per_block)
+    ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=blocks)
     if not uses_model:
         ds = ds.map_batches(_run_cached, fn_args=(*args, None), fn_kwargs=storage, batch_size=1, num_cpus=1)
     else:
@@ -268,13 +324,26 @@ def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | 
             _run_cached,
             fn_args=(*args, stage_cache_key(stage)),
             fn_kwargs=storage,
-            batch_size=1,
+            batch_size=per_block,
             compute=ray.data.TaskPoolStrategy(size=width),
             num_gpus=1 if gpus else 0,
             # On CPU the one model worker gets every core: torch threads as wide as a direct call.
             num_cpus=1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1))),
         )  # a task whose worker dies is retried by Ray (commits are idempotent).
     yield from ds.iter_rows()
+
+
+#: Row groups one Ray Data block carries at most, for a stage with a fused worker.
+MAX_ROW_GROUPS_PER_BLOCK = 8
+
+
+def row_groups_per_block(stage: Stage, row_groups: int, workers: int) -> int:
+    """1 for most stages (one block per row group). A stage with a fused worker
+    (``row_group_pipeline``) gets several per block so its model does not idle between row groups,
+    while every worker still gets at least two blocks to balance."""
+    if not hasattr(stage, "row_group_pipeline"):
+        return 1
+    return max(1, min(MAX_ROW_GROUPS_PER_BLOCK, row_groups // (2 * max(1, workers))))
 
 
 def _run_cached(batch: dict, stage: Stage, run_root: str, plan: dict, partition: int, faults, cache_key,

@@ -90,12 +90,13 @@ def row_group_map(run_root: str, stages: tuple[str, ...] | None = None) -> dict[
     last commit (None until two commits exist): the stage's own pace, not the run's.
     """
     from winnow.data.index import load_index
-    from winnow.pipeline import STAGE_ORDER, SUMMARY_FILE
+    from winnow.pipeline import SUMMARY_FILE
+    from winnow.stages.registry import stage_order
 
     store = CommitStore(run_root)
     plan = load_index(run_root).plan
     out_stages = []
-    for name in stages or STAGE_ORDER:
+    for name in stages or stage_order():
         scan = _scan(store, name, plan)
         committed = scan.states.count(ord(COMMITTED))
         errors = []

@@ -1,18 +1,20 @@
-"""Image bytes to model input: safe decoding, open_clip-exact preprocessing, and a DALI fast path.
+"""Image bytes to model input: safe decoding, open_clip-exact preprocessing, and GPU fast paths.
 
 Undecodable images are reported as strings, never raised. Pillow is the reference path (it
-reproduces open_clip's eval transform exactly); DALI decodes the plain 8-bit images in bulk.
+reproduces open_clip's eval transform exactly); DALI and nvImageCodec decode the plain 8-bit
+images in bulk and hand anything unusual to Pillow, record by record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Callable, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -24,10 +26,23 @@ logger = logging.getLogger(__name__)
 
 #: Pillow's own decompression-bomb limit, used as ours by default.
 DEFAULT_MAX_PIXELS = 89_478_485
-DecodeBackend = Literal["auto", "dali-gpu", "dali-cpu", "pillow"]
-#: The decode backends; this module owns the list and its check (``check_decode_backend``).
-DecodeBackend = Literal["auto", "dali-gpu", "dali-cpu", "pillow"]
+#: The decode backends; this module owns the set and its validation (:func:`validate_decode_backend`).
+DecodeBackend = Literal["auto", "nvimgcodec", "dali-gpu", "dali-cpu", "pillow"]
 DECODE_BACKENDS: tuple[str, ...] = get_args(DecodeBackend)
+#: What ``auto`` tries, fastest first; GPU backends only when the model is on a GPU.
+AUTO_ORDER: tuple[str, ...] = ("nvimgcodec", "dali-gpu", "dali-cpu", "pillow")
+_GPU_BACKENDS = frozenset({"nvimgcodec", "dali-gpu"})
+
+
+def validate_decode_backend(value: object, *, param: str = "decode_backend") -> DecodeBackend:
+    """``value`` as a :data:`DecodeBackend`, or a ValueError naming the param and the choices."""
+    if value not in DECODE_BACKENDS:
+        raise ValueError(
+            f"{param} must be one of {', '.join(DECODE_BACKENDS)}, got {value!r}; 'auto' picks the "
+            "fastest one installed here"
+        )
+    return value  # type: ignore[return-value]
+
 
 # Images DALI gets: plain 8-bit colour or grey in its well-trodden formats. Palette, alpha,
 # CMYK and 16-bit images go to Pillow so both backends agree on how they become RGB.
@@ -396,6 +411,222 @@ class DaliBatchDecoder:
         return DecodedBatch(pixels, index, errors)
 
 
+def check_tensor_preprocess(preprocess: PreprocessConfig, backend: str) -> None:
+    """Refuse a preprocess the tensor (GPU) resize path does not reproduce, naming the fix."""
+    h, w = preprocess.height_width
+    if not (preprocess.resize_mode == "squash" or (preprocess.resize_mode == "shortest" and h == w)):
+        raise ValueError(
+            f"decode_backend {backend!r} supports resize_mode 'squash' or 'shortest' to a square, not "
+            f"{preprocess.resize_mode!r} to {h}x{w}; use decode_backend='pillow'"
+        )
+    if preprocess.interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(
+            f"decode_backend {backend!r} supports bicubic/bilinear, not {preprocess.interpolation!r}; "
+            "use decode_backend='pillow'"
+        )
+
+
+def resize_geometry(height: int, width: int, preprocess: PreprocessConfig) -> tuple[int, int, int, int]:
+    """(resized h, resized w, crop top, crop left) exactly as torchvision's Resize + CenterCrop
+    compute them in open_clip's eval transform (``shortest`` or ``squash``)."""
+    th, tw = preprocess.height_width
+    if preprocess.resize_mode == "squash":
+        return th, tw, 0, 0
+    if width <= height:  # the short side gets the size; the long one is truncated, not rounded
+        nw, nh = th, int(th * height / width)
+    else:
+        nh, nw = th, int(th * width / height)
+    return nh, nw, int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+
+
+def resize_center_crop(images: list[torch.Tensor], preprocess: PreprocessConfig) -> torch.Tensor:
+    """(H, W, 3) uint8 tensors of any sizes -> (N, h, w, 3) uint8 model input, on their device.
+
+    Antialiased bicubic (or bilinear) resize as PIL does it (torch's antialias kernels use PIL's
+    filter; one axis at a time with 8-bit rounding between, like PIL), then the center crop. Images of one size are resized in one call, so a batch of
+    same-size photos costs one kernel chain, not one per image.
+    """
+    th, tw = preprocess.height_width
+    if not images:
+        return torch.empty((0, th, tw, 3), dtype=torch.uint8)
+    out = torch.empty((len(images), th, tw, 3), dtype=torch.uint8, device=images[0].device)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        by_size.setdefault((int(img.shape[0]), int(img.shape[1])), []).append(i)
+    mode = "bicubic" if preprocess.interpolation == "bicubic" else "bilinear"
+    for (h, w), rows in by_size.items():
+        nh, nw, top, left = resize_geometry(h, w, preprocess)
+        x = torch.stack([images[i] for i in rows]).permute(0, 3, 1, 2).to(torch.float32)
+        # Horizontal pass, then vertical, each rounded and clipped to 8 bits as PIL does between
+        # passes (one 2-D pass keeps bicubic overshoot and lands up to ~14 levels off at edges).
+        for size in ((h, nw), (nh, nw)):
+            if tuple(x.shape[2:]) != size:
+                x = torch.nn.functional.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+                x = x.round_().clamp_(0, 255)
+        x = x[:, :, top : top + th, left : left + tw].to(torch.uint8)
+        out[torch.tensor(rows, device=out.device)] = x.permute(0, 2, 3, 1)
+    return out
+
+
+def _complete_jpeg(data: bytes) -> bool:
+    """True when the JPEG ends with its end-of-image marker. A cut-off file goes to Pillow, which
+    calls it truncated, so a GPU decoder that tolerates missing scans cannot hide it."""
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def nvimgcodec_available() -> bool:
+    """True when nvImageCodec imports and a CUDA GPU is present (it needs a driver even on CPU)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is the same as none
+        return False
+    return True
+
+
+#: Decodes a list of complete JPEGs to (H, W, 3) uint8 tensors; None where one failed.
+JpegDecodeFn = Callable[[list[bytes]], list["torch.Tensor | None"]]
+
+
+class NvImageCodecBatchDecoder:
+    """JPEG decode on the GPU with nvImageCodec (nvJPEG, the A100/H100 hardware decoder where
+    there is one), then resize and center crop on the GPU to the model's own preprocess.
+
+    Records are screened with a Pillow header parse (format, mode, pixel limit), as for DALI:
+    complete 8-bit RGB or grey JPEGs go to the GPU; PNG, WebP, CMYK, palette, alpha, cut-off files
+    and any image the GPU decoder returns nothing for are decoded by Pillow one by one, so every
+    record keeps the accounting (pixels or error text) the Pillow path gives it.
+
+    ``jpeg_decoder`` replaces nvImageCodec by another JPEG decoder (tests run this class on CPU
+    with torchvision's); ``device`` is where the pixels come out.
+    """
+
+    backend = "nvimgcodec"
+
+    def __init__(
+        self,
+        preprocess: PreprocessConfig,
+        *,
+        device_id: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        num_threads: int = 2,
+        jpeg_decoder: JpegDecodeFn | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        check_tensor_preprocess(preprocess, self.backend)
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.fallback = PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads)
+        self.gpu_failed = 0  # records the GPU decoder returned nothing for (redone by Pillow)
+        if jpeg_decoder is not None:
+            self.device = torch.device(device or "cpu")
+            self._decode_jpegs = jpeg_decoder
+            self._stream = None
+            return
+        from nvidia import nvimgcodec
+
+        self.device = torch.device("cuda", 0 if device_id is None else device_id)
+        self._nv = nvimgcodec
+        # Pillow/open_clip ignore EXIF rotation, so the GPU path must too.
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB)
+        self._decoder = self._make_decoder(num_threads)
+        self._stream = torch.cuda.Stream(self.device)
+        self._decode_jpegs = self._nvimgcodec_decode
+
+    def _make_decoder(self, num_threads: int) -> Any:
+        nv = self._nv
+        # Fancy (interpolated) chroma upsampling is what libjpeg-turbo, hence Pillow, does.
+        for options in (":fancy_upsampling=1", ""):
+            try:
+                return nv.Decoder(device_id=self.device.index, max_num_cpu_threads=num_threads, options=options)
+            except Exception as exc:  # noqa: BLE001 - an older nvImageCodec without that option
+                if not options:
+                    raise
+                logger.info("nvImageCodec refused options %r (%s); using its defaults", options, exc)
+        raise AssertionError("unreachable")
+
+    def _nvimgcodec_decode(self, encoded: list[bytes]) -> list[torch.Tensor | None]:
+        assert self._stream is not None
+        streams = [self._nv.CodeStream(b) for b in encoded]
+        decoded = self._decoder.decode(streams, params=self._params, cuda_stream=self._stream.cuda_stream)
+        out: list[torch.Tensor | None] = []
+        for img in decoded:
+            if img is None:
+                out.append(None)
+                continue
+            try:
+                t = torch.as_tensor(img, device=self.device)  # zero-copy (__cuda_array_interface__)
+            except (AttributeError, RuntimeError, TypeError, ValueError):
+                # An image a CPU codec produced in host memory: copy it over.
+                t = torch.from_numpy(np.asarray(img.cpu())).to(self.device)
+            if t.ndim == 2:
+                t = t[:, :, None]
+            if t.shape[2] == 1:
+                t = t.expand(-1, -1, 3)
+            out.append(t[:, :, :3] if t.shape[2] > 3 else t)
+        self._keepalive = decoded  # nvImageCodec owns those buffers until the resize has read them
+        return out
+
+    def decode(self, images: list[bytes | None]) -> DecodedBatch:
+        errors: list[str | None] = [None] * len(images)
+        to_gpu: list[int] = []
+        to_pillow: list[int] = []
+        for i, data in enumerate(images):
+            header, error = read_header(data, max_pixels=self.max_pixels)
+            if header is None:
+                errors[i] = error
+            elif header.format == "JPEG" and header.mode in _DALI_MODES and _complete_jpeg(data):  # type: ignore[arg-type]
+                to_gpu.append(i)
+            else:
+                to_pillow.append(i)
+        index: list[int] = []
+        pixels = torch.empty((0, *self.preprocess.height_width, 3), dtype=torch.uint8, device=self.device)
+        if to_gpu:
+            stream_ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+            with stream_ctx:
+                try:
+                    tensors = self._decode_jpegs([images[i] for i in to_gpu])  # type: ignore[misc]
+                except Exception as exc:  # noqa: BLE001 - a batch-level failure: Pillow redoes it
+                    logger.info("nvImageCodec failed a batch of %d (%s); decoding it with Pillow", len(to_gpu), exc)
+                    tensors = [None] * len(to_gpu)
+                ok = [(i, t) for i, t in zip(to_gpu, tensors) if t is not None]
+                if ok:
+                    pixels = resize_center_crop([t for _, t in ok], self.preprocess)
+                    index = [i for i, _ in ok]
+            if self._stream is not None:
+                # The decoded images are released next: their buffers must have been read.
+                self._stream.synchronize()
+                self._keepalive = None
+            failed = [i for i, t in zip(to_gpu, tensors) if t is None]
+            self.gpu_failed += len(failed)
+            to_pillow.extend(failed)
+        if to_pillow:
+            to_pillow.sort()
+            fallback = self.fallback.decode([images[i] for i in to_pillow])
+            for j, err in enumerate(fallback.errors):
+                errors[to_pillow[j]] = err
+            if fallback.index:
+                index += [to_pillow[j] for j in fallback.index]
+                pixels = torch.cat([pixels, fallback.pixels.to(self.device)])
+        order = sorted(range(len(index)), key=index.__getitem__)
+        if order != list(range(len(index))):
+            pixels = pixels[torch.tensor(order, device=pixels.device)]
+            index = [index[k] for k in order]
+        return DecodedBatch(pixels, index, errors)
+
+
+def backend_available(backend: str, *, gpu: bool) -> bool:
+    """Whether ``backend`` can run here (``gpu``: the model is on a CUDA device)."""
+    if backend == "pillow":
+        return True
+    if backend in _GPU_BACKENDS and not gpu:
+        return False
+    if backend == "nvimgcodec":
+        return nvimgcodec_available()
+    return dali_available(backend.removeprefix("dali-"))
+
+
 def make_batch_decoder(
     backend: str,
     preprocess: PreprocessConfig,
@@ -406,27 +637,42 @@ def make_batch_decoder(
     device_id: int | None = None,
     allow_gpu_decode: bool = True,
 ) -> BatchDecoder:
-    """The decoder for ``backend``; ``auto`` prefers DALI on GPU (when ``allow_gpu_decode``),
-    then DALI on CPU, then Pillow."""
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"decode_backend {backend!r} is not one of {', '.join(DECODE_BACKENDS)}")
-    kwargs = dict(max_batch_size=max_batch_size, num_threads=num_threads, max_pixels=max_pixels)
+    """The decoder for ``backend``; ``auto`` takes the first of :data:`AUTO_ORDER` that is
+    installed and works here (GPU decoders only when ``allow_gpu_decode``), Pillow at worst.
+
+    Only the backend asked for is imported: ``pillow`` (or ``auto`` where neither nvImageCodec nor
+    DALI is installed) never imports DALI.
+    """
+    backend = validate_decode_backend(backend)
+    if backend == "auto":
+        for candidate in AUTO_ORDER:
+            if not backend_available(candidate, gpu=allow_gpu_decode):
+                continue
+            try:
+                return _make(candidate, preprocess, max_batch_size, num_threads, max_pixels, device_id)
+            except Exception as exc:  # noqa: BLE001 - auto falls through to the next backend
+                logger.warning("decode backend %s unavailable (%s); trying the next one", candidate, exc)
+        raise AssertionError("unreachable: pillow always works")
+    if not backend_available(backend, gpu=True):
+        needs = {
+            "nvimgcodec": "nvidia-nvimgcodec-cu13 (or -cu12) with nvidia-nvjpeg, and a CUDA GPU",
+            "dali-gpu": "nvidia-dali (pip install nvidia-dali-cuda120) and a CUDA GPU",
+            "dali-cpu": "nvidia-dali (pip install nvidia-dali-cuda120)",
+        }[backend]
+        raise RuntimeError(f"decode_backend {backend!r} needs {needs}; use decode_backend='auto' or 'pillow'")
+    return _make(backend, preprocess, max_batch_size, num_threads, max_pixels, device_id)
+
+
+def _make(
+    backend: str, preprocess: PreprocessConfig, max_batch_size: int, num_threads: int, max_pixels: int,
+    device_id: int | None,
+) -> BatchDecoder:
     if backend == "pillow":
         return PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads)
-    if backend in ("dali-gpu", "dali-cpu"):
-        device = backend.removeprefix("dali-")
-        if not dali_available(device):
-            raise RuntimeError(
-                f"decode_backend {backend!r} needs nvidia-dali (pip install nvidia-dali-cuda120)"
-                + (" and a CUDA GPU" if device == "gpu" else "")
-                + "; use decode_backend='auto' or 'pillow'"
-            )
-        return DaliBatchDecoder(preprocess, device=device, device_id=device_id, **kwargs)  # type: ignore[arg-type]
-    # auto: the fastest path that works here, never an error.
-    for device in ("gpu", "cpu") if allow_gpu_decode else ("cpu",):
-        if dali_available(device):
-            try:
-                return DaliBatchDecoder(preprocess, device=device, device_id=device_id, **kwargs)  # type: ignore[arg-type]
-            except Exception as exc:  # noqa: BLE001 - fall through to the next backend
-                logger.warning("DALI %s decoding unavailable (%s); trying the next backend", device, exc)
-    return PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads)
+    if backend == "nvimgcodec":
+        return NvImageCodecBatchDecoder(preprocess, device_id=device_id, max_pixels=max_pixels, num_threads=num_threads)
+    device = backend.removeprefix("dali-")
+    return DaliBatchDecoder(
+        preprocess, device=device, device_id=device_id,  # type: ignore[arg-type]
+        max_batch_size=max_batch_size, num_threads=num_threads, max_pixels=max_pixels,
+    )

@@ -18,8 +18,15 @@ import torch
 
 from winnow.schemas import embed_schema, embedding_type
 from winnow.stages.base import RowGroupTask
+from winnow.stages.decode import (
+    DEFAULT_MAX_PIXELS,
+    BatchDecoder,
+    DecodeBackend,
+    make_batch_decoder,
+    normalize_batch,
+    validate_decode_backend,
+)
 from winnow.stages.device import resolve_device
-from winnow.stages.decode import DECODE_BACKENDS, DecodeBackend, DEFAULT_MAX_PIXELS, BatchDecoder, make_batch_decoder, normalize_batch
 from winnow.stages.models import LoadedModel, ModelSpec, load_image_model, validate_model_spec
 
 logger = logging.getLogger(__name__)
@@ -39,11 +46,15 @@ class EmbedConfig:
     :param model_dir: folder holding ``<model>/<tag>.pt`` (else env ``WINNOW_MODEL_DIR``).
     :param allow_random_weights: permit ``pretrained="random"`` (tests only).
     :param batch_size: images per model call.
-    :param decode_backend: ``auto``, ``dali-gpu``, ``dali-cpu`` or ``pillow``.
+    :param decode_backend: ``auto``, ``nvimgcodec``, ``dali-gpu``, ``dali-cpu`` or ``pillow``.
     :param device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     :param precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
     :param max_pixels: images declaring more pixels are refused as decompression bombs.
     :param decode_threads: CPU threads for decoding.
+    :param compile: run the model through ``torch.compile`` (fixed batch shape; pays off on a GPU
+        for large models, costs a compile of tens of seconds per worker).
+    :param read_ahead: row groups whose bytes are read ahead of the model (the bounded queue of
+        the pipelined worker); as many reads run at once.
     """
 
     model: str = "ViT-L-14-quickgelu"
@@ -56,13 +67,17 @@ class EmbedConfig:
     precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = 2
+    compile: bool = False
+    read_ahead: int = 4
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.decode_backend not in DECODE_BACKENDS:
-            problems.append(f"decode_backend must be one of {', '.join(DECODE_BACKENDS)}, got {self.decode_backend!r}")
+        try:
+            validate_decode_backend(self.decode_backend)
+        except ValueError as exc:
+            problems.append(str(exc))
         if not _DEVICE.match(str(self.device)):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -71,6 +86,10 @@ class EmbedConfig:
             problems.append(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
         if not isinstance(self.decode_threads, int) or self.decode_threads < 1:
             problems.append(f"decode_threads must be a positive integer, got {self.decode_threads!r}")
+        if not isinstance(self.compile, bool):
+            problems.append(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.read_ahead, int) or self.read_ahead < 1:
+            problems.append(f"read_ahead must be a positive integer, got {self.read_ahead!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -92,6 +111,8 @@ class EmbedStage:
         self._loaded: LoadedModel | None = None
         self._decoder: BatchDecoder | None = None
         self._device: torch.device | None = None
+        self._compiled: Any = None
+        self._pipeline: Any = None
 
     # Workers receive the stage pickled; models and DALI pipelines are rebuilt by setup().
     def __getstate__(self) -> dict[str, Any]:
@@ -100,6 +121,7 @@ class EmbedStage:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._loaded, self._decoder, self._device = None, None, None
+        self._compiled, self._pipeline = None, None
 
     @property
     def embed_dim(self) -> int:
@@ -109,7 +131,8 @@ class EmbedStage:
         return embed_schema(self.embed_dim)
 
     def fingerprint_config(self) -> dict[str, Any]:
-        # Device, batch size and decode threads do not change output; precision can.
+        # Device, batch size, decode threads, compile and read-ahead do not change output
+        # (beyond float rounding); precision can.
         return {
             "model": self.spec.model_name,
             "weights_digest": self.spec.weights_digest(),
@@ -132,18 +155,28 @@ class EmbedStage:
         assert self._decoder is not None
         return self._decoder.backend
 
-    def setup(self) -> None:
-        if self._loaded is not None:
+    def setup(self, *, model: LoadedModel | None = None) -> None:
+        """Load the model and build the decoder, once.
+
+        :param model: an already loaded model of this stage's spec on its device, used instead
+            of loading another copy (the GPU check shares one ViT-L across batch sizes).
+        """
+        if self._decoder is not None:
             return
         cfg = self.config
         device = self.device
-        self._loaded = load_image_model(
-            cfg.model,
-            cfg.pretrained,
-            device=str(device),
-            model_dir=cfg.model_dir,
-            allow_random_weights=cfg.allow_random_weights,
-        )
+        if model is not None:
+            if model.spec != self.spec:
+                raise ValueError(f"model {model.spec.model_name} ({model.weights_digest}) is not this stage's {self.spec}")
+            self._loaded = model
+        else:
+            self._loaded = load_image_model(
+                cfg.model,
+                cfg.pretrained,
+                device=str(device),
+                model_dir=cfg.model_dir,
+                allow_random_weights=cfg.allow_random_weights,
+            )
         self._decoder = make_batch_decoder(
             cfg.decode_backend,
             self._loaded.preprocess,
@@ -154,10 +187,14 @@ class EmbedStage:
             # auto never decodes on a GPU the model is not on.
             allow_gpu_decode=device.type == "cuda",
         )
+        if cfg.compile:
+            # One static shape (fixed_batches), so one graph; inference only.
+            self._compiled = torch.compile(self._forward_eager, dynamic=False)
         logger.info(
-            "embed: %s (%s, %d-d) on %s, precision %s, decode %s",
+            "embed: %s (%s, %d-d) on %s, precision %s, decode %s, batch %d%s%s",
             cfg.model, self._loaded.weights_digest, self._loaded.embed_dim, device,
-            self._autocast_dtype() or torch.float32, self._decoder.backend,
+            self._autocast_dtype() or torch.float32, self._decoder.backend, cfg.batch_size,
+            " (fixed, last padded)" if self.fixed_batches else "", ", compiled" if cfg.compile else "",
         )
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -166,6 +203,49 @@ class EmbedStage:
             return torch.bfloat16
         return None
 
+    @property
+    def fixed_batches(self) -> bool:
+        """Whether the model always sees ``batch_size`` images (the last batch padded).
+
+        On a GPU, and whenever compiled, one static shape keeps kernels and compiled graphs
+        reused; on a CPU in eager mode padding would only waste compute, so batches there are
+        exactly the per-row-group batches of :meth:`embed_images`.
+        """
+        return self.device.type == "cuda" or self.config.compile
+
+    def forward(self, pixels: torch.Tensor, *, fixed: bool | None = None) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (n, D) float16 L2-normalised embeddings, on the model's device.
+
+        Normalisation, the image tower (bf16 autocast where configured) and the L2 norm run as
+        one function, compiled when ``compile`` is set. With ``fixed`` (default
+        :attr:`fixed_batches`) the batch is padded to ``batch_size`` (zeros, sliced off after) so
+        the shape never changes.
+        """
+        self.setup()
+        device = self.device
+        if pixels.device != device:
+            # Pinned memory lets the copy overlap the previous batch's compute.
+            if device.type == "cuda" and not pixels.is_pinned():
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(device, non_blocking=True)
+        n = int(pixels.shape[0])
+        if (self.fixed_batches if fixed is None else fixed) and n != self.config.batch_size:
+            if n > self.config.batch_size:
+                raise ValueError(f"a batch of {n} images exceeds batch_size {self.config.batch_size}")
+            pad = pixels.new_zeros((self.config.batch_size - n, *pixels.shape[1:]))
+            pixels = torch.cat([pixels, pad])
+        fn = self._compiled if self._compiled is not None else self._forward_eager
+        return fn(pixels)[:n]
+
+    def _forward_eager(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert self._loaded is not None
+        x = normalize_batch(pixels, self._loaded.preprocess)
+        amp_dtype = self._autocast_dtype()
+        autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with autocast:
+            features = self._loaded.model.encode_image(x)
+        return torch.nn.functional.normalize(features.float(), dim=-1).to(torch.float16)
+
     def embed_images(self, images: list[bytes | None]) -> tuple[np.ndarray, list[str | None]]:
         """Embeddings ``(n, D)`` float16, L2-normalised, NaN rows where ``errors[i]`` is set.
 
@@ -173,8 +253,6 @@ class EmbedStage:
         """
         self.setup()
         assert self._loaded is not None and self._decoder is not None
-        model, preprocess = self._loaded.model, self._loaded.preprocess
-        device, amp_dtype = self.device, self._autocast_dtype()
         out = np.full((len(images), self.embed_dim), np.nan, dtype=np.float16)
         errors: list[str | None] = [None] * len(images)
         pending: list[tuple[list[int], torch.Tensor]] = []
@@ -187,26 +265,16 @@ class EmbedStage:
                         errors[start + j] = f"undecodable: {err}"
                 if not batch.index:
                     continue
-                pixels = batch.pixels
-                if pixels.device != device:
-                    # Pinned memory lets the copy overlap the previous batch's compute.
-                    if device.type == "cuda":
-                        pixels = pixels.pin_memory()
-                    pixels = pixels.to(device, non_blocking=True)
-                x = normalize_batch(pixels, preprocess)
-                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with autocast:
-                    features = model.encode_image(x)
-                features = torch.nn.functional.normalize(features.float(), dim=-1).to(torch.float16)
                 # Kept on device until the end so the next batch decodes while this one computes.
-                pending.append(([start + i for i in batch.index], features))
+                pending.append(([start + i for i in batch.index], self.forward(batch.pixels)))
         for rows, features in pending:
             out[rows] = features.cpu().numpy()
         return out, errors
 
-    def embed_table(self, record_ids: pa.Array, keys: pa.Array, images: list[bytes | None]) -> pa.Table:
-        """The stage's output table for these records."""
-        embeddings, errors = self.embed_images(images)
+    def build_table(
+        self, record_ids: pa.Array, keys: pa.Array, embeddings: np.ndarray, errors: list[str | None]
+    ) -> pa.Table:
+        """The stage's output table from embeddings (NaN rows where ``errors`` is set)."""
         undecodable = np.array([e is not None for e in errors], dtype=bool)
         values = pa.array(embeddings.reshape(-1), type=pa.float16())
         column = pa.FixedSizeListArray.from_arrays(values, self.embed_dim, mask=pa.array(undecodable))
@@ -214,6 +282,20 @@ class EmbedStage:
         return pa.Table.from_arrays(
             [record_ids, keys, column, pa.array(errors, type=pa.string())], schema=self.output_schema()
         )
+
+    def row_group_pipeline(self) -> Any:
+        """The fused, pipelined worker over many row groups (one per set-up stage)."""
+        from winnow.stages.embed_worker import EmbedPipeline
+
+        self.setup()
+        if self._pipeline is None:
+            self._pipeline = EmbedPipeline(self)
+        return self._pipeline
+
+    def embed_table(self, record_ids: pa.Array, keys: pa.Array, images: list[bytes | None]) -> pa.Table:
+        """The stage's output table for these records."""
+        embeddings, errors = self.embed_images(images)
+        return self.build_table(record_ids, keys, embeddings, errors)
 
     def process(self, task: RowGroupTask) -> pa.Table:
         from winnow.data.reader import read_members

@@ -1,0 +1,467 @@
+"""The fused embed worker: inside the one worker that holds the model, shard reads, decode, the
+model and Parquet commits overlap over many row groups, so the GPU does not wait between them.
+
+Four threads, joined by bounded queues (a slow step holds the others back, memory stays bounded):
+
+    read pool (``read_ahead`` row groups at once)  ranged reads of the next row groups' image bytes
+    decode thread                                  cuts the record stream into batches and decodes
+    model loop (the caller's thread)               model on batch k while batch k+1 decodes
+    writer thread                                  embeddings from pinned host memory into each row
+                                                   group's table; commits it when it is complete
+
+On a GPU (or compiled) every model call sees exactly ``batch_size`` images: batches run across
+row-group boundaries and only the very last one is padded. On a CPU in eager mode batches stop
+at row-group boundaries and are not padded, exactly as :meth:`EmbedStage.embed_images` cuts them,
+so the output is bit-identical to the per-row-group stage. Either way a row group commits as one
+file, and one that fails (a read, a decode or model error on its rows, its commit) fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from winnow.stages.base import RowGroupTask
+from winnow.stages.decode import DecodedBatch
+
+if TYPE_CHECKING:
+    from winnow.stages.embed import EmbedStage
+
+logger = logging.getLogger(__name__)
+
+#: Decoded batches waiting for the model (each is batch_size x H x W x 3 uint8).
+DECODE_AHEAD = 2
+#: Pinned host buffers for embeddings in flight between the model and the writer.
+HOST_BUFFERS = 4
+
+
+@dataclass
+class RowGroupOutcome:
+    """What happened to one row group: committed (``records_out``) or ``error``."""
+
+    task: RowGroupTask
+    records_out: int = 0
+    error: BaseException | None = None
+    seconds: float = 0.0
+    undecodable: int = 0
+
+
+@dataclass
+class PipelineStats:
+    """Where the worker's time went, summed over every :meth:`EmbedPipeline.run` call.
+
+    ``model_gpu_seconds`` is CUDA-event time of the model calls (0 on CPU); ``model_seconds`` is
+    the host time of the model loop's calls (on CPU: the compute). ``model_wait_seconds`` is time
+    the model loop waited for a decoded batch (the model starved); ``read_wait_seconds`` is time
+    the decode thread waited for reads.
+    """
+
+    runs: int = 0
+    row_groups: int = 0
+    images: int = 0
+    batches: int = 0
+    padded_slots: int = 0
+    wall_seconds: float = 0.0
+    read_wait_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    model_wait_seconds: float = 0.0
+    model_seconds: float = 0.0
+    model_gpu_seconds: float = 0.0
+    commit_seconds: float = 0.0
+
+    @property
+    def gpu_busy(self) -> float | None:
+        """Fraction of wall time the GPU spent in model calls (None on CPU)."""
+        if self.model_gpu_seconds <= 0 or self.wall_seconds <= 0:
+            return None
+        return self.model_gpu_seconds / self.wall_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gpu_busy"] = self.gpu_busy
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+@dataclass(eq=False)
+class _RowGroup:
+    task: RowGroupTask
+    t0: float
+    record_ids: pa.Array | None = None
+    keys: pa.Array | None = None
+    embeddings: np.ndarray | None = None
+    errors: list[str | None] = field(default_factory=list)
+    failed: bool = False
+
+
+@dataclass(eq=False)
+class _Batch:
+    segments: list[tuple[_RowGroup, int, int]]  # (row group, its first row here, rows)
+    decoded: DecodedBatch
+
+
+@dataclass(eq=False)
+class _Features:
+    batch: _Batch
+    host: torch.Tensor | np.ndarray | None  # (len(decoded.index), D) float16
+    buffer: torch.Tensor | None = None  # pinned buffer to hand back once read
+    ready: Any = None  # CUDA event after the device-to-host copy
+    span: tuple[Any, Any] | None = None  # CUDA events around the model call
+
+
+_DONE = object()
+
+
+class EmbedPipeline:
+    """Runs an :class:`EmbedStage` over many row groups with reads, decode, model and commits
+    overlapped. One per set-up stage (``stage.row_group_pipeline()``); not re-entrant.
+
+    :param stage: the embed stage (set up here if it is not yet).
+    :param read_ahead: row groups read ahead of the decoder, all at once (default: the stage's
+        ``read_ahead``).
+    :param fixed_batches: batches of exactly ``batch_size`` across row groups, the last padded
+        (default: the stage's :attr:`~EmbedStage.fixed_batches`: on a GPU or compiled).
+    """
+
+    def __init__(
+        self, stage: EmbedStage, *, read_ahead: int | None = None, fixed_batches: bool | None = None
+    ) -> None:
+        stage.setup()
+        self.stage = stage
+        self.read_ahead = read_ahead or stage.config.read_ahead
+        self.batch_size = stage.config.batch_size
+        self.device = stage.device
+        self.fixed_batches = stage.fixed_batches if fixed_batches is None else fixed_batches
+        self.stats = PipelineStats()
+        self._buffers: queue.Queue[torch.Tensor] | None = None
+        if self.device.type == "cuda":
+            self._buffers = queue.Queue()
+            for _ in range(HOST_BUFFERS):
+                self._buffers.put(torch.empty((self.batch_size, stage.embed_dim), dtype=torch.float16, pin_memory=True))
+
+    # ---- public ---------------------------------------------------------------------------
+
+    def run(
+        self, tasks: Sequence[RowGroupTask], commit: Callable[[RowGroupTask, pa.Table], None]
+    ) -> Iterator[RowGroupOutcome]:
+        """Embed and commit every row group of ``tasks``; yields one outcome per row group in the
+        order they finish. ``commit(task, table)`` runs on the writer thread (it may raise: that
+        row group fails, the others go on). Never raises for a row group's failure."""
+        if not tasks:
+            return
+        t0 = time.perf_counter()
+        self.stats.runs += 1
+        decoded_q: queue.Queue = queue.Queue(maxsize=DECODE_AHEAD)
+        write_q: queue.Queue = queue.Queue(maxsize=DECODE_AHEAD + HOST_BUFFERS)
+        outcomes: queue.Queue[RowGroupOutcome] = queue.Queue()
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce, args=(list(tasks), decoded_q, stop), name="winnow-embed-decode", daemon=True
+        )
+        writer = threading.Thread(
+            target=self._write, args=(write_q, outcomes, commit), name="winnow-embed-writer", daemon=True
+        )
+        producer.start()
+        writer.start()
+        reported: set[int] = set()
+        writer_done = False
+        try:
+            while True:
+                t_wait = time.perf_counter()
+                msg = decoded_q.get()
+                self.stats.model_wait_seconds += time.perf_counter() - t_wait
+                if msg is _DONE:
+                    break
+                if isinstance(msg, _Batch):
+                    for item in self._model(msg):
+                        write_q.put(item)
+                else:
+                    write_q.put(msg)
+                yield from self._drain(outcomes, reported)
+            write_q.put(_DONE)
+            writer_done = True
+            while writer.is_alive() or not outcomes.empty():
+                try:
+                    outcome = outcomes.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                reported.add(outcome.task.row_group)
+                yield outcome
+        except Exception as exc:  # noqa: BLE001 - the loop itself broke: fail what is left, alone
+            logger.exception("embed pipeline stopped")
+            stop.set()
+            self._stop_threads(decoded_q, write_q, producer, writer, writer_done)
+            yield from self._drain(outcomes, reported)
+            for task in tasks:
+                if task.row_group not in reported:
+                    yield RowGroupOutcome(task, error=exc, seconds=time.perf_counter() - t0)
+            return
+        finally:
+            if producer.is_alive() or writer.is_alive():  # closed early (GeneratorExit) or failed
+                stop.set()
+                self._stop_threads(decoded_q, write_q, producer, writer, writer_done)
+            self.stats.wall_seconds += time.perf_counter() - t0
+
+    # ---- threads --------------------------------------------------------------------------
+
+    @staticmethod
+    def _drain(outcomes: queue.Queue, reported: set[int]) -> Iterator[RowGroupOutcome]:
+        while True:
+            try:
+                outcome = outcomes.get_nowait()
+            except queue.Empty:
+                return
+            reported.add(outcome.task.row_group)
+            yield outcome
+
+    @staticmethod
+    def _stop_threads(decoded_q: queue.Queue, write_q: queue.Queue, producer, writer, writer_done: bool) -> None:
+        while producer.is_alive():  # unblock a producer stuck on a full queue
+            try:
+                decoded_q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        if not writer_done:
+            write_q.put(_DONE)
+        writer.join(timeout=60)
+
+    def _read(self, task: RowGroupTask) -> tuple[pa.Table, list[bytes | None]]:
+        from winnow.data.reader import read_members
+
+        index = task.store().read_table("index", task.partition, task.row_group)
+        return index, read_members(index, "image")
+
+    def _produce(self, tasks: list[RowGroupTask], out: queue.Queue, stop: threading.Event) -> None:
+        """Decode thread: reads run ahead on a pool; records are cut into batches and decoded."""
+
+        def put(msg: Any) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(msg, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        pending: deque[tuple[RowGroupTask, float, Future]] = deque()
+        todo = iter(tasks)
+        segments: list[tuple[_RowGroup, int, int]] = []
+        images: list[bytes | None] = []
+        ending: list[_RowGroup] = []  # row groups whose last rows sit in the open batch
+
+        def submit_next(pool: ThreadPoolExecutor) -> None:
+            task = next(todo, None)
+            if task is not None:
+                pending.append((task, time.perf_counter(), pool.submit(self._read, task)))
+
+        def emit() -> None:
+            if images:
+                for msg in self._decode(segments, images):
+                    put(msg)
+            for rg in ending:
+                put(("end", rg))
+            segments.clear()
+            images.clear()
+            ending.clear()
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="winnow-embed-read") as pool:
+                for _ in range(self.read_ahead):
+                    submit_next(pool)
+                while pending and not stop.is_set():
+                    task, t0, future = pending.popleft()
+                    t_wait = time.perf_counter()
+                    try:
+                        index, data = future.result()
+                    except Exception as exc:  # noqa: BLE001 - this row group fails, alone
+                        put(("fail", _RowGroup(task, t0), exc))
+                        submit_next(pool)
+                        continue
+                    finally:
+                        self.stats.read_wait_seconds += time.perf_counter() - t_wait
+                    submit_next(pool)
+                    n = len(data)
+                    rg = _RowGroup(
+                        task, t0,
+                        record_ids=index.column("record_id").combine_chunks(),
+                        keys=index.column("key").combine_chunks(),
+                        embeddings=np.full((n, self.stage.embed_dim), np.nan, dtype=np.float16),
+                        errors=[None] * n,
+                    )
+                    pos = 0
+                    while pos < n:
+                        take = min(self.batch_size - len(images), n - pos)
+                        segments.append((rg, pos, take))
+                        images.extend(data[pos : pos + take])
+                        pos += take
+                        if len(images) == self.batch_size:
+                            emit()
+                    ending.append(rg)
+                    if not self.fixed_batches or not images:
+                        emit()
+                emit()  # the last, partial batch (padded by the model on a GPU)
+                put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - never leave the model loop waiting
+            logger.exception("embed decode thread failed")
+            for rg in {id(s[0]): s[0] for s in segments}.values():
+                put(("fail", rg, exc))
+            put(_DONE)
+
+    def _decode(self, segments: list[tuple[_RowGroup, int, int]], images: list[bytes | None]) -> list[Any]:
+        """A decoded batch; on a batch-level error, each row group's part is retried alone so
+        only the row group whose rows break the decoder fails."""
+        decoder = self.stage._decoder
+        assert decoder is not None
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                return [_Batch(list(segments), decoder.decode(list(images)))]
+        except Exception as exc:  # noqa: BLE001
+            if len(segments) == 1:
+                return [("fail", segments[0][0], exc)]
+            out: list[Any] = []
+            offset = 0
+            for seg in segments:
+                out += self._decode([seg], images[offset : offset + seg[2]])
+                offset += seg[2]
+            return out
+        finally:
+            self.stats.decode_seconds += time.perf_counter() - t0
+
+    def _model(self, batch: _Batch) -> list[Any]:
+        """Model loop: one forward per batch; results go to host memory without blocking."""
+        decoded = batch.decoded
+        n = len(decoded.index)
+        self.stats.batches += 1
+        self.stats.images += sum(s[2] for s in batch.segments)
+        if n == 0:
+            return [_Features(batch, None)]
+        t0 = time.perf_counter()
+        try:
+            pixels = decoded.pixels
+            if pixels.is_cuda:
+                # Made on the decode thread's stream; tell the allocator this stream uses it too.
+                pixels.record_stream(torch.cuda.current_stream(pixels.device))
+            span = None
+            if self.device.type == "cuda":
+                span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                span[0].record()
+            with torch.inference_mode():
+                features = self.stage.forward(pixels, fixed=self.fixed_batches)
+            if self.fixed_batches:
+                self.stats.padded_slots += self.batch_size - n
+            if self._buffers is None:
+                return [_Features(batch, features.numpy())]
+            buffer = self._buffers.get()  # back-pressure: the writer hands buffers back
+            try:
+                buffer[:n].copy_(features, non_blocking=True)
+            except BaseException:
+                self._buffers.put(buffer)
+                raise
+            assert span is not None
+            span[1].record()
+            ready = torch.cuda.Event()
+            ready.record()
+            return [_Features(batch, buffer[:n], buffer=buffer, ready=ready, span=span)]
+        except Exception as exc:  # noqa: BLE001
+            if len(batch.segments) == 1:
+                return [("fail", batch.segments[0][0], exc)]
+            logger.warning("embed model failed a batch of %d row groups (%s); retrying each alone", len(batch.segments), exc)
+            return [item for part in _split(batch) for item in self._model(part)]
+        finally:
+            self.stats.model_seconds += time.perf_counter() - t0
+
+    def _write(self, inbox: queue.Queue, outcomes: queue.Queue, commit: Callable[[RowGroupTask, pa.Table], None]) -> None:
+        """Writer thread: scatter embeddings into row groups; commit each one when complete."""
+        while True:
+            msg = inbox.get()
+            if msg is _DONE:
+                return
+            try:
+                if isinstance(msg, _Features):
+                    self._scatter(msg)
+                elif msg[0] == "fail":
+                    _, rg, exc = msg
+                    if not rg.failed:
+                        rg.failed = True
+                        outcomes.put(RowGroupOutcome(rg.task, error=exc, seconds=time.perf_counter() - rg.t0))
+                else:
+                    self._finish(msg[1], outcomes, commit)
+            except Exception as exc:  # noqa: BLE001 - fail the row groups this message was about
+                logger.exception("embed writer failed on a message")
+                groups = [s[0] for s in msg.batch.segments] if isinstance(msg, _Features) else [msg[1]]
+                for rg in groups:
+                    if not rg.failed:
+                        rg.failed = True
+                        outcomes.put(RowGroupOutcome(rg.task, error=exc, seconds=time.perf_counter() - rg.t0))
+
+    def _scatter(self, item: _Features) -> None:
+        decoded = item.batch.decoded
+        try:
+            if item.ready is not None:
+                item.ready.synchronize()
+                start, end = item.span
+                self.stats.model_gpu_seconds += start.elapsed_time(end) / 1000.0
+            host = item.host.numpy() if isinstance(item.host, torch.Tensor) else item.host
+            positions = np.asarray(decoded.index, dtype=np.int64)
+            offset = 0
+            for rg, first, count in item.batch.segments:
+                for j in range(count):
+                    err = decoded.errors[offset + j]
+                    if err is not None:
+                        rg.errors[first + j] = f"undecodable: {err}"
+                if host is not None and len(positions):
+                    mine = (positions >= offset) & (positions < offset + count)
+                    rg.embeddings[positions[mine] - offset + first] = host[mine]
+                offset += count
+        finally:
+            if item.buffer is not None:
+                assert self._buffers is not None
+                self._buffers.put(item.buffer)
+
+    def _finish(self, rg: _RowGroup, outcomes: queue.Queue, commit: Callable[[RowGroupTask, pa.Table], None]) -> None:
+        if rg.failed:
+            return
+        t0 = time.perf_counter()
+        try:
+            table = self.stage.build_table(rg.record_ids, rg.keys, rg.embeddings, rg.errors)
+            commit(rg.task, table)
+        except Exception as exc:  # noqa: BLE001 - this row group fails, alone
+            rg.failed = True
+            outcomes.put(RowGroupOutcome(rg.task, error=exc, seconds=time.perf_counter() - rg.t0))
+            return
+        finally:
+            self.stats.commit_seconds += time.perf_counter() - t0
+        undecodable = sum(e is not None for e in rg.errors)
+        if undecodable:
+            logger.info("embed row group %d: %d of %d images undecodable", rg.task.row_group, undecodable, len(rg.errors))
+        self.stats.row_groups += 1
+        outcomes.put(RowGroupOutcome(
+            rg.task, records_out=table.num_rows, seconds=time.perf_counter() - rg.t0, undecodable=undecodable,
+        ))
+        rg.embeddings = None  # the table holds the data now
+
+
+def _split(batch: _Batch) -> list[_Batch]:
+    """One batch per row group of ``batch``, with that row group's decoded rows."""
+    decoded = batch.decoded
+    positions = np.asarray(decoded.index, dtype=np.int64)
+    parts = []
+    offset = 0
+    for rg, first, count in batch.segments:
+        mine = np.nonzero((positions >= offset) & (positions < offset + count))[0]
+        rows = torch.as_tensor(mine, device=decoded.pixels.device)
+        parts.append(_Batch(
+            [(rg, first, count)],
+            DecodedBatch(decoded.pixels[rows], [int(p) - offset for p in positions[mine]], decoded.errors[offset : offset + count]),
+        ))
+        offset += count
+    return parts
