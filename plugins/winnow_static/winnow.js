@@ -6,7 +6,8 @@
   const params = new URLSearchParams(window.location.search);
   const dagId = params.get("dag_id") || "image_curation";
   const runId = params.get("run_id") || "";
-  const mapIndex = params.has("map_index") && params.get("map_index") !== "" ? Number(params.get("map_index")) : null;
+  // A task-instance tab of an unmapped task gets "-1" or the bare placeholder: no partition then.
+  const mapIndex = /^\d+$/.test(params.get("map_index") || "") ? Number(params.get("map_index")) : null;
   const api = "../api/runs/" + encodeURIComponent(runId);
   const POLL_MS = 3000;
   const COLORS = { c: "#2e7d32", f: "#c62828", ".": "#d9d9d9", run: "#64b5f6", bg: "#ffffff", mark: "#111111" };
@@ -372,8 +373,9 @@
     const pct = (v) => total ? (100 * v / total).toFixed(1) + "%" : "–";
     const leftLabel = canvas.id === "hist-aesthetic" ? "dropped " + pct(total - keptN) : "kept " + pct(keptN);
     const rightLabel = canvas.id === "hist-aesthetic" ? "kept " + pct(keptN) : "dropped " + pct(total - keptN);
-    ctx.fillText(leftLabel, Math.max(pad, x - 8 - ctx.measureText(leftLabel).width), 14);
-    ctx.fillText(rightLabel, Math.min(W - pad - ctx.measureText(rightLabel).width, x + 8), 14);
+    // Left of the threshold at the top left, right of it at the top right: never overlapping.
+    ctx.fillText("← " + leftLabel, pad, 12);
+    ctx.fillText(rightLabel + " →", W - pad - ctx.measureText(rightLabel + " →").width, 12);
   }
 
   // ---- start ------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ def live_run(tmp_path_factory):
         # names no output root, so the view finds the run only through the index task's XCom.
         "WINNOW_OUTPUT_ROOT": str(root / "out"),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"admin:admin,{OUTSIDER}:",
+        # A loaded shared machine: give the Ray head's raylet longer to register than 10 s.
+        "RAY_raylet_start_wait_time_s": "100",
     })
     t0 = time.perf_counter()
     try:
