@@ -174,7 +174,7 @@ def model_only(stages: Stages, pixels: torch.Tensor, compile_modes: list[bool], 
                 if x.shape[0] < batch:
                     x = x.repeat((batch + x.shape[0] - 1) // x.shape[0], 1, 1, 1)
                 x = x[:batch]
-                seconds = timed_calls(lambda t: stage.forward(t, fixed=True), x, iters, device)
+                seconds = timed_calls(lambda t, s=stage: s.forward(t, fixed=True), x, iters, device)
                 out[name] = {"img_s": round(batch / seconds, 1), "setup_and_compile_s": round(time.perf_counter() - t0, 1)}
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory at 512: keep the others
                 out[name] = {"img_s": None, "error": f"{type(exc).__name__}: {exc}"[:500]}

@@ -243,7 +243,11 @@ def test_dali_mixed_decode_on_gpu_matches_pillow():
 def test_decode_backends_are_the_literal_type_and_validation_names_the_choices():
     from typing import get_args
 
-    from winnow.stages.decode import DECODE_BACKENDS, DecodeBackend, validate_decode_backend
+    from winnow.stages.decode import (
+        DECODE_BACKENDS,
+        DecodeBackend,
+        validate_decode_backend,
+    )
 
     assert DECODE_BACKENDS == get_args(DecodeBackend)
     assert set(DECODE_BACKENDS) == {"auto", "nvimgcodec", "dali-gpu", "dali-cpu", "pillow"}

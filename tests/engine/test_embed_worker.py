@@ -11,7 +11,6 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -73,7 +72,7 @@ def fresh_stage_dir(run_root: str) -> None:
 
 
 def test_local_backend_output_equals_the_per_row_group_stage_bit_for_bit(indexed, stage):
-    base, run_root, plan = indexed
+    _, run_root, plan = indexed
     fresh_stage_dir(run_root)
     for p in range(plan.num_partitions):
         summary = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, backend="local")
@@ -88,7 +87,7 @@ def test_local_backend_output_equals_the_per_row_group_stage_bit_for_bit(indexed
 def test_fixed_batches_across_row_groups_keep_rows_errors_and_order(indexed, stage):
     """GPU mode (fixed, padded batches spanning row groups), run on CPU: same rows and errors;
     embeddings equal to float16 rounding (fp32 results depend slightly on batch composition)."""
-    base, run_root, plan = indexed
+    _, run_root, plan = indexed
     fresh_stage_dir(run_root)
     pipeline = EmbedPipeline(stage, fixed_batches=True, read_ahead=3)
     store = CommitStore(run_root)
@@ -125,7 +124,7 @@ def test_a_row_group_whose_shard_is_gone_fails_alone_while_its_batch_neighbours_
 
 
 def test_injected_commit_fault_fails_only_that_row_group_through_the_runner(indexed, stage, tmp_path, monkeypatch):
-    base, run_root, plan = indexed
+    _, run_root, plan = indexed
     fresh_stage_dir(run_root)
     rgs = plan.partition_row_groups(0)
     monkeypatch.setenv(ENV_VAR, json.dumps({"stage": "embed", "row_groups": [rgs[1]], "once_dir": str(tmp_path)}))
@@ -163,7 +162,7 @@ def test_injected_model_error_on_a_shared_batch_fails_only_the_row_group_that_tr
 
 
 def test_closing_the_results_early_stops_the_worker_threads(indexed, stage):
-    base, run_root, plan = indexed
+    _, run_root, plan = indexed
     import threading
 
     before = {t.name for t in threading.enumerate()}
@@ -180,7 +179,7 @@ def test_closing_the_results_early_stops_the_worker_threads(indexed, stage):
 def test_fused_worker_on_gpu_is_close_to_the_cpu_stage_with_the_same_errors(indexed, stage):
     from winnow.stages.decode import nvimgcodec_available
 
-    base, run_root, plan = indexed
+    _, run_root, plan = indexed
     fresh_stage_dir(run_root)
     gpu = tiny(device="cuda", decode_backend="nvimgcodec" if nvimgcodec_available() else "pillow")
     summary = run_stage_partition(gpu, run_root=run_root, plan=plan, partition=0, backend="local")
