@@ -328,19 +328,21 @@ class RayJobRunner:
             raise AirflowFailException(str(exc)) from exc
         submission_id = self.submission_id(base, generation)
         status = job["status"] if job else None
-        if status == "SUCCEEDED":
-            self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
-            return self.complete(context, run, {"status": status, "submission_id": submission_id,
-                                                "message": job.get("message") or ""})
         if status in ACTIVE_STATES:
             self.log.info("Ray job %s is %s: attaching to it (no new job)", submission_id, status)
+            self._record(context, base, generation, run)
         else:
             missing = run.store.missing(self.op.stage, run.plan, run.partition)
+            if status == "SUCCEEDED" and not missing:
+                self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
+                return self.complete(context, run, {"status": status, "submission_id": submission_id,
+                                                    "message": job.get("message") or ""})
             if not missing:
                 self.log.info("every row group of %s is committed: no Ray job needed", run.label)
                 previous = read_summary(summary_uri(run.cfg.run_root, self.op.stage, run.partition, submission_id)) if job else None
                 return self.op.finish(context, run, self._skipped_summary(run, previous), {})
             if job is not None:
+                # Only an ended job gets a successor: two generations never run at once.
                 self.log.info("Ray job %s ended %s: submitting generation %d for the %d uncommitted row groups",
                               submission_id, status, generation + 1, len(missing))
                 generation += 1
@@ -415,7 +417,7 @@ class RayJobRunner:
         return self.op.finish(context, run, result, failed)
 
     def _skipped_summary(self, run: PartitionRun, previous: dict[str, Any] | None) -> dict[str, Any]:
-        if previous:
+        if previous and not previous.get("failed"):
             return {k: v for k, v in previous.items() if k != "errors"}
         return {"stage": self.op.stage, "partition": run.partition, "row_groups": run.row_groups, "computed": 0,
                 "skipped": run.row_groups, "failed": [], "failed_count": 0, "first_error": None,
