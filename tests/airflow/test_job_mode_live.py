@@ -62,7 +62,7 @@ def live(tmp_path_factory):
         "RAY_AUTH_TOKEN": "unused-by-job-mode",
     })
     try:
-        af.start(ray_head=False)
+        af.start(timeout=600, ray_head=False)  # a loaded 2-core machine: minutes
         conf = {"input_uri": str(root / "shards"), "output_root": str(root / "out"), "run_key": "jobs",
                 "buffer_size": 10, "max_partitions": 1, "model": "winnow-tiny-vit", "pretrained": "random",
                 "allow_random_weights": True, "aesthetic_threshold": 0.0}

@@ -246,19 +246,36 @@ def start_head(
         cmd += ["--include-dashboard=false"]
     cmd += list(extra_args)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # With ray[default] the raylet waits for its dashboard agent and aborts after Ray's default
+    # timeout; on a loaded machine the agent takes longer than that to come up.
+    full_env = {"RAY_raylet_start_wait_time_s": "300", "RAY_agent_register_timeout_ms": "300000",
+                **os.environ, **(env or {})}
+    offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
     head = LocalHead(pid=proc.pid, address=f"127.0.0.1:{port}", port=port,
                      dashboard_url=f"http://127.0.0.1:{dash_port}" if dash_port else None)
     deadline = time.monotonic() + timeout_s
-    while not (_port_open(port) and (dash_port is None or _dashboard_up(dash_port))):
+    # `ray start` prints this once the node registered (the ports may answer earlier, and the
+    # start can still fail after that).
+    while not (_started(log_path, offset, proc) and _port_open(port) and (dash_port is None or _dashboard_up(dash_port))):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_head(head)
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the local Ray head did not start (see {log_path}):\n{tail}")
         time.sleep(0.5)
     return head
+
+
+def _started(log_path: Path, offset: int, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        return False
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            return b"Ray runtime started" in f.read()
+    except OSError:
+        return False
 
 
 def _dashboard_up(port: int) -> bool:
