@@ -159,12 +159,13 @@ def test_a_wrong_token_fails_fast_naming_the_connection_and_never_shows_the_toke
     assert "ray_badtok" in text and "wrong token" in text
     assert bad not in text
     # Driver mode: one GCS call instead of Ray's ~20 s of retries and a bare "Failed to connect".
-    probe = (f"from winnow.ray.cluster import connect\nconnect({ray_jobs['address']!r}, token={bad!r})")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+    probe = ("import sys, time\nimport ray\nfrom winnow.ray.cluster import connect\nt0 = time.perf_counter()\n"
+             f"try:\n    connect({ray_jobs['address']!r}, token={bad!r})\n"
+             "finally:\n    print(f'connect took {time.perf_counter() - t0:.1f} s', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "RAY_AUTH_MODE": "token"})
-    driver_seconds = time.perf_counter() - t0
     assert proc.returncode != 0 and "RayAuthFailed" in proc.stderr and "wrong token" in proc.stderr
     assert bad not in proc.stdout + proc.stderr
-    assert driver_seconds < 15, driver_seconds
+    driver_seconds = float(proc.stderr.rsplit("connect took ", 1)[1].split()[0])
+    assert driver_seconds < 10, driver_seconds  # Ray alone retries ~20 s, then says only "Failed to connect"
     print(f"\nbad token: DAG run failed in {seconds:.0f} s, driver connect refused in {driver_seconds:.1f} s")
