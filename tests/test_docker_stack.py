@@ -284,14 +284,10 @@ def test_ray_default_connection_points_at_ports_the_head_exposes(services: dict)
     head = services[conn["host"]]  # KeyError: the connection names no compose service
     command = command_of(head)
     assert "--head" in command, f"connection host {conn['host']} is not the Ray head"
-    client_port = int(flag(command, "--ray-client-server-port", "10001"))
-    assert conn["port"] == client_port, "connection port is not the head's Ray Client port"
-    assert client_port in container_ports(head)
-    assert conn["extra"]["mode"] in ("driver", "job")
-    dashboard = urlsplit(conn["extra"]["dashboard_url"])
-    assert dashboard.hostname == conn["host"]
-    assert dashboard.port == int(flag(command, "--dashboard-port", "8265"))
-    assert dashboard.port in container_ports(head)
+    assert conn["extra"]["mode"] == "job", "the stack's default is job mode (Ray Jobs API on the dashboard)"
+    dashboard_port = int(flag(command, "--dashboard-port", "8265"))
+    assert conn["port"] == dashboard_port, "connection port is not the head's dashboard port"
+    assert dashboard_port in container_ports(head)
     assert flag(command, "--dashboard-host") == "0.0.0.0", "dashboard unreachable from Airflow"
 
 

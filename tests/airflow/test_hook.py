@@ -24,29 +24,56 @@ def test_no_connection_means_an_embedded_local_ray(airflow_db):
     assert hook.describe() == "embedded local Ray"
 
 
-def test_host_and_port_give_a_ray_client_address_and_secrets_stay_out_of_the_log(airflow_db, monkeypatch, caplog):
-    _conn_env(monkeypatch, "ray_t1", host="ray-head.svc", port=10001, password="s3cret-pw",
-              extra={"mode": "driver", "token": "tok-123"})
+def test_driver_mode_attaches_by_gcs_address_and_secrets_stay_out_of_the_log(airflow_db, monkeypatch, caplog):
+    _conn_env(monkeypatch, "ray_t1", host="ray-head.svc", password="s3cret-tok", extra={"mode": "driver"})
     hook = RayHook("ray_t1")
     with caplog.at_level(logging.DEBUG):
-        assert hook.get_address() == "ray://ray-head.svc:10001"
+        assert hook.get_address() == "ray-head.svc:6379"
         text = hook.describe()
         hook.log.info(text)
-    assert "ray-head.svc" in text
-    assert "s3cret-pw" not in caplog.text + text and "tok-123" not in caplog.text + text
+        hook.log.info("%r", hook.resolve())
+    assert "ray-head.svc" in text and "token auth" in text
+    assert hook.driver_env() == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "s3cret-tok"}
+    assert "s3cret-tok" not in caplog.text + text
 
 
-def test_extra_address_is_used_verbatim_and_userinfo_is_redacted(airflow_db, monkeypatch):
-    _conn_env(monkeypatch, "ray_t2", extra={"address": "ray://admin:pw123@head:10001"})
-    hook = RayHook("ray_t2")
-    assert hook.get_address() == "ray://admin:pw123@head:10001"
-    assert "pw123" not in hook.describe() and "***@head:10001" in hook.describe()
+def test_extra_address_is_used_verbatim(airflow_db, monkeypatch):
+    _conn_env(monkeypatch, "ray_t2", extra={"address": "auto"})
+    assert RayHook("ray_t2").get_address() == "auto"
 
 
-def test_job_mode_is_refused_with_a_clear_error(airflow_db, monkeypatch):
-    _conn_env(monkeypatch, "ray_t3", host="head", extra={"mode": "job"})
-    with pytest.raises(NotImplementedError, match="mode='job'"):
+def test_ray_client_address_is_refused_pointing_to_job_mode(airflow_db, monkeypatch):
+    _conn_env(monkeypatch, "ray_t3", extra={"address": "ray://admin:pw123@head:10001"})
+    with pytest.raises(ValueError) as err:
         RayHook("ray_t3").get_address()
+    message = str(err.value)
+    assert "ray_t3" in message and "streaming executor does not run over Ray Client" in message
+    assert '"mode": "job"' in message and "pw123" not in message
+
+
+@pytest.mark.parametrize("host, port, url", [
+    ("http://ray-head:8265", None, "http://ray-head:8265"),
+    ("ray-head", None, "http://ray-head:8265"),
+    ("ray-head", 9000, "http://ray-head:9000"),
+    ("https://ray.example.org/", None, "https://ray.example.org"),
+])
+def test_job_mode_resolves_the_dashboard_url(airflow_db, monkeypatch, host, port, url):
+    _conn_env(monkeypatch, "ray_t5", host=host, port=port, password="tok-1",
+              extra={"mode": "job", "runtime_env": {"working_dir": "s3://b/w.zip"}})
+    hook = RayHook("ray_t5")
+    resolved = hook.resolve()
+    assert hook.mode == "job" and resolved.dashboard_url == url
+    assert resolved.runtime_env == {"working_dir": "s3://b/w.zip"}
+    assert hook.job_url("winnow-x-g0") == f"{url}/#/jobs/winnow-x-g0"
+    assert "tok-1" not in repr(resolved) + hook.describe()
+    with pytest.raises(ValueError, match="job mode"):
+        hook.get_address()
+
+
+def test_the_password_field_is_the_ray_auth_token_in_the_connection_form():
+    behaviour = RayHook.get_ui_field_behaviour()
+    assert "password" not in behaviour["hidden_fields"]
+    assert behaviour["relabeling"]["password"] == "Ray auth token"
 
 
 def test_a_connection_without_host_or_address_is_an_error_naming_it(airflow_db, monkeypatch):

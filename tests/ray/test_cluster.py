@@ -55,3 +55,13 @@ def test_unknown_embedded_mode_is_a_clear_error(monkeypatch):
 def test_addresses_with_credentials_are_redacted():
     assert cluster.redact("ray://user:secret@head:10001") == "ray://***@head:10001"
     assert cluster.redact("head:6379") == "head:6379"
+
+
+def test_ray_client_addresses_are_refused_because_ray_data_does_not_run_over_them():
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("this process is already attached to Ray")
+    with pytest.raises(ValueError, match="streaming executor does not run over it") as err:
+        cluster.connect("ray://user:secret@head:10001")
+    assert "secret" not in str(err.value)

@@ -23,7 +23,10 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from winnow.rowgroups.errors import WinnowError
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +35,32 @@ STATE_DIR_ENV = "WINNOW_RAY_DIR"
 HEAD_START_TIMEOUT_S = 120
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+class RayAuthFailed(WinnowError):
+    """The cluster refused this process's Ray auth token (or wanted one it did not have)."""
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, token: str | None = None) -> None:
     """Make sure this process is attached to Ray.
 
-    ``address=None`` uses an embedded local Ray (see the module docstring); ``"auto"``,
-    ``"ray://host:10001"`` or ``"host:6379"`` attach to that cluster.
+    ``address=None`` uses an embedded local Ray (see the module docstring); ``"auto"`` or
+    ``"host:6379"`` (a GCS address) attach to that cluster, presenting ``token`` when given
+    (Ray's token auth). A refused token fails at once with :class:`RayAuthFailed` instead of
+    Ray's ~20 s of retries ending in a bare "Failed to connect".
     """
     import ray
 
     if ray.is_initialized():
         return
+    if address and address.startswith("ray://"):
+        raise ValueError(
+            f"Ray address {redact(address)!r} is Ray Client: Ray Data's streaming executor does not run "
+            "over it; give the cluster's GCS address (host:6379 or 'auto'), or submit a Ray Job instead"
+        )
+    if token:
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        _reload_auth()
+    if address and address != "auto":
+        check_auth(address)
     kwargs: dict = {
         "include_dashboard": False,
         "log_to_driver": True,
@@ -58,12 +77,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     elif mode == "shared":
         head = ensure_local_head(num_cpus=num_cpus)
         os.environ.update(_auth_env(state_dir()))
-        # Ray read its auth mode and token at import: make it look again (private API,
-        # pinned by tests/ray/test_cluster.py).
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+        _reload_auth()
         log.info("attaching to the shared local Ray at %s", head)
         kwargs.pop("include_dashboard")
         ray.init(address=head, **kwargs)
@@ -72,6 +86,30 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         log.info("starting an embedded local Ray with %d CPUs", cpus)
         ray.init(num_cpus=cpus, **kwargs)
     _quiet_ray_data()
+
+
+def _reload_auth() -> None:
+    """Ray read its auth mode and token at import: make it look again (private API, pinned by
+    tests/ray/test_cluster.py)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def check_auth(address: str) -> None:
+    """One GCS call with this process's token: a refused token is an error now, not a timeout."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=address)
+    except AuthenticationError as exc:
+        raise RayAuthFailed(
+            f"the Ray cluster at {redact(address)} refused this process's auth token "
+            f"({'none was given' if not os.environ.get('RAY_AUTH_TOKEN') else 'wrong token'}): give the "
+            "cluster's token (`ray get-auth-token` on its head)"
+        ) from exc
 
 
 def _quiet_ray_data() -> None:
@@ -167,6 +205,112 @@ def head_status() -> dict | None:
     return None
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    """A ``ray start --head --block`` this process started, in its own session (end it by pid)."""
+
+    pid: int
+    address: str
+    port: int
+    dashboard_url: str | None = None
+
+
+def start_head(
+    temp_dir: str, log_path: Path, *, num_cpus: int | None = None, env: dict[str, str] | None = None,
+    dashboard: bool = False, extra_args: tuple[str, ...] = (), timeout_s: float = HEAD_START_TIMEOUT_S,
+) -> LocalHead:
+    """Start a local Ray head on free loopback ports and wait until it answers.
+
+    ``dashboard=True`` also serves the dashboard and its job server (the Ray Jobs API, what job
+    mode submits to) on a free port. Token auth is on when ``env`` says so (``RAY_AUTH_MODE=token``
+    with ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``). Stop it with :func:`stop_head`, never
+    ``ray stop`` (that ends every Ray on the machine).
+    """
+    port = free_port()
+    dash_port = free_port() if dashboard else None
+    cmd = [
+        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+        "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+    ]
+    if dashboard:
+        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
+    else:
+        cmd += ["--include-dashboard=false"]
+    cmd += list(extra_args)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # With ray[default] the raylet waits for its dashboard agent and aborts after Ray's default
+    # timeout; on a loaded machine the agent takes longer than that to come up.
+    full_env = {"RAY_raylet_start_wait_time_s": "300", "RAY_agent_register_timeout_ms": "300000",
+                **os.environ, **(env or {})}
+    offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
+    head = LocalHead(pid=proc.pid, address=f"127.0.0.1:{port}", port=port,
+                     dashboard_url=f"http://127.0.0.1:{dash_port}" if dash_port else None)
+    deadline = time.monotonic() + timeout_s
+    # `ray start` prints this once the node registered (the ports may answer earlier, and the
+    # start can still fail after that).
+    while not (_started(log_path, offset, proc) and _port_open(port) and (dash_port is None or _dashboard_up(dash_port))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_head(head)
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the local Ray head did not start (see {log_path}):\n{tail}")
+        time.sleep(0.5)
+    return head
+
+
+def _started(log_path: Path, offset: int, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        return False
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            return b"Ray runtime started" in f.read()
+    except OSError:
+        return False
+
+
+def _dashboard_up(port: int) -> bool:
+    """The job server answers once the dashboard's modules are loaded (401 with auth on)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs/", timeout=2):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code in (401, 403)
+    except OSError:
+        return False
+
+
+def stop_head(head: LocalHead | int, timeout_s: float = 30) -> bool:
+    """End a head started by :func:`start_head` (its whole session); True if it was running."""
+    pid = head if isinstance(head, int) else head.pid
+    if not _alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)  # `ray start --block` takes its daemons down too
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    return True
+
+
 def ensure_local_head(*, num_cpus: int | None = None) -> str:
     """Start the shared local Ray head unless one is running; return its address."""
     folder = state_dir()
@@ -174,28 +318,11 @@ def ensure_local_head(*, num_cpus: int | None = None) -> str:
         head = head_status()
         if head:
             return head["address"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        cmd = [
-            ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={num_cpus or os.cpu_count() or 1}", "--include-dashboard=false",
-            "--disable-usage-stats", f"--temp-dir={_ray_temp_dir(folder)}",
-        ]
-        env = {**os.environ, **_auth_env(folder)}
-        with open(folder / "head.log", "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-        while not _port_open(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (folder / "head.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the shared local Ray head did not start (see {folder / 'head.log'}):\n{tail}")
-            time.sleep(0.5)
-        head = {"address": f"127.0.0.1:{port}", "pid": proc.pid, "port": port}
-        (folder / "head.json").write_text(json.dumps(head))
-        log.info("started the shared local Ray head at %s (pid %d)", head["address"], proc.pid)
-        return head["address"]
+        started = start_head(_ray_temp_dir(folder), folder / "head.log", num_cpus=num_cpus, env=_auth_env(folder))
+        info = {"address": started.address, "pid": started.pid, "port": started.port}
+        (folder / "head.json").write_text(json.dumps(info))
+        log.info("started the shared local Ray head at %s (pid %d)", started.address, started.pid)
+        return started.address
 
 
 def stop_local_head(timeout_s: float = 30) -> bool:
@@ -207,17 +334,7 @@ def stop_local_head(timeout_s: float = 30) -> bool:
             head = json.loads(path.read_text())
         except (FileNotFoundError, ValueError):
             return False
-        pid = int(head["pid"])
-        stopped = False
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)  # `ray start --block` takes its daemons down too
-            deadline = time.monotonic() + timeout_s
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            stopped = True
+        stopped = stop_head(int(head["pid"]), timeout_s)
         path.unlink(missing_ok=True)
         return stopped
 

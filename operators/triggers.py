@@ -1,0 +1,161 @@
+"""The trigger a job-mode task defers to: polls its Ray Job and streams the job's log into the task log.
+
+Async end to end (aiohttp, a timeout on every call; storage writes in a thread), no default
+timeout (the operator's ``job_timeout`` sets one), and it carries only plain values: the token
+is read from the connection inside the triggerer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from operators.hooks import ENDED_STATES, HTTP_TIMEOUT_S, RayAuthError, RayHook, RayJobsApiError
+
+#: Prefix of every job log line in the task log (tests and readers find them by it).
+LOG_PREFIX = "[ray job] "
+#: Most seconds between tries while the Jobs API is unreachable (the cluster restarting).
+MAX_BACKOFF_S = 60.0
+
+
+class RayJobTrigger(BaseTrigger):
+    """Wait for one Ray Job to end, copying its new log lines into the task log as they come.
+
+    Log lines are counted: ``log_offset`` lines were shown before this trigger started. When
+    ``checkpoint_uri`` is given the count is saved there (in the run root's storage) around
+    every batch of lines, so a restarted triggerer (this or another host) goes on from the last
+    line shown; a batch that may have been half shown when the triggerer died is shown again
+    under a ``replaying`` marker, never silently twice.
+
+    :param conn_id: the ``ray`` connection (job mode); its password is the cluster's token.
+    :param submission_id: the job's submission id.
+    :param poll_interval: seconds between status polls.
+    :param log_offset: job log lines already in this task try's log.
+    :param checkpoint_uri: where the shown-lines count is kept (``None``: not kept).
+    :param cancel_on_kill: stop the job when a person marks or clears the deferred task.
+    """
+
+    def __init__(self, *, conn_id: str, submission_id: str, poll_interval: float = 5.0, log_offset: int = 0,
+                 checkpoint_uri: str | None = None, cancel_on_kill: bool = False) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self.submission_id = submission_id
+        self.poll_interval = float(poll_interval)
+        self.log_offset = int(log_offset)
+        self.checkpoint_uri = checkpoint_uri
+        self.cancel_on_kill = bool(cancel_on_kill)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("operators.triggers.RayJobTrigger", {
+            "conn_id": self.conn_id, "submission_id": self.submission_id,
+            "poll_interval": self.poll_interval, "log_offset": self.log_offset,
+            "checkpoint_uri": self.checkpoint_uri, "cancel_on_kill": self.cancel_on_kill,
+        })
+
+    def _session(self):
+        import aiohttp
+
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        import aiohttp
+
+        hook = RayHook(self.conn_id)
+        shown = await self._resume_offset()
+        delay = self.poll_interval
+        async with self._session() as session:
+            while True:
+                try:
+                    job = await hook.aget_job(session, self.submission_id)
+                    if job is None:
+                        yield self._event("LOST", shown, f"Ray has no job {self.submission_id} (cluster "
+                                          "restarted or job deleted)")
+                        return
+                    ended = job.get("status") in ENDED_STATES
+                    # The log read after an ended status holds every line the job wrote.
+                    logs = await hook.aget_job_logs(session, self.submission_id)
+                except (RayAuthError, ValueError) as exc:
+                    yield self._event("ERROR", shown, str(exc))
+                    return
+                except (aiohttp.ClientError, asyncio.TimeoutError, RayJobsApiError) as exc:
+                    # No give-up time of our own: a cluster restart is survivable, and a
+                    # timeout, when wanted, is the deferral's (job_timeout).
+                    self.log.warning("Ray Jobs API unreachable for job %s (%s); retrying in %.0f s",
+                                     self.submission_id, exc or type(exc).__name__, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_BACKOFF_S)
+                    continue
+                delay = self.poll_interval
+                shown = await self._show(logs, shown, final=ended)
+                if ended:
+                    yield self._event(job["status"], shown, job.get("message") or "")
+                    return
+                await asyncio.sleep(self.poll_interval)
+
+    def _event(self, status: str, shown: int, message: str) -> TriggerEvent:
+        return TriggerEvent({"status": status, "submission_id": self.submission_id,
+                             "message": message[-4000:], "log_offset": shown})
+
+    async def _show(self, logs: str, shown: int, *, final: bool) -> int:
+        lines = logs.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        elif not final:
+            lines.pop()  # a line still being written: shown once it ends
+        new = lines[shown:]
+        if not new:
+            return shown
+        await self._checkpoint(shown, shown + len(new))
+        for line in new:
+            self.log.info("%s%s", LOG_PREFIX, line)
+        await self._checkpoint(shown + len(new), shown + len(new))
+        return shown + len(new)
+
+    async def _resume_offset(self) -> int:
+        saved = await asyncio.to_thread(_read_checkpoint, self.checkpoint_uri) if self.checkpoint_uri else None
+        if not saved or int(saved.get("shown", 0)) < self.log_offset:
+            return self.log_offset
+        shown, through = int(saved["shown"]), int(saved.get("through", saved["shown"]))
+        if through > shown:
+            self.log.info("%sreplaying job log lines %d-%d: a previous triggerer stopped while showing "
+                          "them, so they may appear twice", LOG_PREFIX, shown + 1, through)
+        else:
+            self.log.info("resuming job %s's log after line %d (shown by a previous triggerer)",
+                          self.submission_id, shown)
+        return shown
+
+    async def _checkpoint(self, shown: int, through: int) -> None:
+        if self.checkpoint_uri:
+            await asyncio.to_thread(_write_checkpoint, self.checkpoint_uri, {"shown": shown, "through": through})
+
+    async def on_kill(self) -> None:
+        """A person marked or cleared the deferred task: stop the job only when asked to."""
+        if not self.cancel_on_kill:
+            self.log.info("keeping Ray job %s running (cancel_on_kill is off): the next try reattaches",
+                          self.submission_id)
+            return
+        hook = RayHook(self.conn_id)
+        async with self._session() as session:
+            await hook.astop_job(session, self.submission_id)
+        self.log.info("asked Ray to stop job %s (cancel_on_kill)", self.submission_id)
+
+
+def _read_checkpoint(uri: str) -> dict[str, Any] | None:
+    from winnow.rowgroups.store import read_json, resolve_filesystem
+
+    fs, path = resolve_filesystem(uri)
+    try:
+        return read_json(fs, path)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_checkpoint(uri: str, value: dict[str, Any]) -> None:
+    from winnow.rowgroups.store import resolve_filesystem, write_atomic
+
+    fs, path = resolve_filesystem(uri)
+    write_atomic(fs, path, json.dumps(value).encode())

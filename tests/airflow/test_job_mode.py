@@ -1,0 +1,171 @@
+"""Job mode under ``dag.test()`` (Airflow runs the trigger inline) against a real local Ray head with
+the dashboard, its job server and token auth: the same output and counts as driver mode, job ids
+that a later try finds again, and a wrong token that fails fast without showing the token.
+
+One Ray head serves the module. Slow: each Ray Job pays a driver and worker start on the head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from unittest import mock
+
+import pytest
+
+from tests.airflow._ray_jobs import driver_conn, job_conn, jobs_of, output, start_job_head
+from winnow.ray import cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+JOB_DATE = datetime(2025, 4, 1, tzinfo=timezone.utc)
+DRIVER_DATE = datetime(2025, 4, 2, tzinfo=timezone.utc)
+BAD_TOKEN_DATE = datetime(2025, 4, 3, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def ray_jobs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobmode")
+    t0 = time.perf_counter()
+    started = start_job_head(root)
+    try:
+        yield {**started, "root": root, "startup_s": time.perf_counter() - t0}
+    finally:
+        cluster.stop_head(started["head"], timeout_s=15)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_jobs, curation_dag):
+    """The same input curated twice: job mode, then driver mode (attached by GCS address + token)."""
+    import ray
+
+    from winnow.data.sample import generate_sample
+
+    root = ray_jobs["root"]
+    manifest = generate_sample(str(root / "shards"), shards=1, per_shard=12, seed=0, corrupt=True)
+    conf = {"input_uri": str(root / "shards"), "output_root": str(root / "out"), "buffer_size": 10,
+            "max_partitions": 1, "model": "winnow-tiny-vit", "pretrained": "random",
+            "allow_random_weights": True, "aesthetic_threshold": 0.0}
+    for task in curation_dag.tasks:
+        task.retries = 0
+    env = {"AIRFLOW_CONN_RAY_JOBTEST": job_conn(ray_jobs["url"], ray_jobs["token"]),
+           "AIRFLOW_CONN_RAY_DRIVERTEST": driver_conn(ray_jobs["address"], ray_jobs["token"])}
+    out: dict = {"manifest": manifest}
+    with mock.patch.dict(os.environ, env):
+        t0 = time.perf_counter()
+        out["job"] = curation_dag.test(logical_date=JOB_DATE,
+                                       run_conf={**conf, "run_key": "job", "ray_conn_id": "ray_jobtest"})
+        out["job_s"] = time.perf_counter() - t0
+        out["jobs"] = jobs_of(ray_jobs["url"], ray_jobs["token"])
+        try:
+            t0 = time.perf_counter()
+            out["driver"] = curation_dag.test(logical_date=DRIVER_DATE,
+                                              run_conf={**conf, "run_key": "driver", "ray_conn_id": "ray_drivertest"})
+            out["driver_s"] = time.perf_counter() - t0
+        finally:
+            ray.shutdown()  # later tests of this session start their own Ray
+    out["run_roots"] = {k: str(root / "out" / k) for k in ("job", "driver")}
+    return out
+
+
+def _xcom(dag_run, task_id: str, map_index: int = -1, key: str = "return_value"):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.query(XComModel).filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id,
+                                                 map_index=map_index, key=key).one_or_none()
+        return None if row is None else XComModel.deserialize_value(row)
+
+
+def test_job_mode_run_gives_the_same_output_and_counts_as_driver_mode(runs):
+    assert runs["job"].state == "success" and runs["driver"].state == "success"
+    job, driver = output(runs["run_roots"]["job"]), output(runs["run_roots"]["driver"])
+    assert job["keys"] and job["keys"] == driver["keys"]
+    assert job["tars"] == driver["tars"]
+    assert job["counts"] == driver["counts"]
+    assert job["counts"]["records"] == runs["manifest"]["expected"]["records"]
+    print(f"\njob mode run {runs['job_s']:.0f} s, driver mode run {runs['driver_s']:.0f} s")
+
+
+def test_each_partition_stage_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_jobs):
+    from winnow.stages.registry import partition_stages
+
+    jobs = [j for j in runs["jobs"] if j["metadata"].get("airflow_run_id") == runs["job"].run_id]
+    by_task = {(j["metadata"]["airflow_task_id"], j["metadata"]["airflow_map_index"]): j for j in jobs}
+    assert sorted(by_task) == sorted((spec.task_id, "0") for spec in partition_stages())
+    assert len(jobs) == len(by_task)  # one job per task instance, no resubmission
+    for (task_id, _), job in by_task.items():
+        assert job["status"] == "SUCCEEDED"
+        assert job["metadata"]["airflow_dag_id"] == "image_curation"
+        assert job["submission_id"].endswith("-g0")
+        link = _xcom(runs["job"], task_id, 0, key="_link_RayJobLink")
+        assert link == f"{ray_jobs['url']}/#/jobs/{job['submission_id']}"
+        summary = _xcom(runs["job"], task_id, 0)
+        assert summary["computed"] == summary["row_groups"] == 2 and summary["failed"] == []
+
+
+def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):
+    """Two generations submitted for one (dag, run, task, map index, fingerprint); a try with no
+    state store record (a plain dict stands in for the emptied store) finds generation 1."""
+    from types import SimpleNamespace
+
+    from operators.base import RayJobRunner
+    from operators.hooks import RayHook
+
+    with mock.patch.dict(os.environ, {"AIRFLOW_CONN_RAY_PROBE": job_conn(ray_jobs["url"], ray_jobs["token"])}):
+        hook = RayHook("ray_probe")
+        op = SimpleNamespace(stage="embed", log=hook.log)
+        runner = RayJobRunner(op, hook)
+        ctx = {"dag": SimpleNamespace(dag_id="probe_dag"), "run_id": f"r{time.time_ns()}",
+               "ti": SimpleNamespace(task_id="partition.embed", map_index=3), "task_state_store": None}
+        run = SimpleNamespace(fingerprint="f" * 16)
+        base = runner.base_id(ctx, run)
+        assert base == runner.base_id(dict(ctx), run)  # deterministic
+        assert runner.current(ctx, base) == (0, None)
+        for g in (0, 1):
+            hook.submit_job(runner.submission_id(base, g), "python -c 'print(1)'", metadata={"probe": "1"})
+        hook.submit_job(runner.submission_id(base, 1), "python -c 'print(2)'", metadata={})  # same id: no second job
+        generation, job = runner.current(ctx, base)
+        assert generation == 1 and job["submission_id"] == f"{base}-g1"
+        assert job["entrypoint"] == "python -c 'print(1)'"
+        other = runner.base_id({**ctx, "ti": SimpleNamespace(task_id="partition.embed", map_index=4)}, run)
+        assert other != base
+
+
+def test_a_wrong_token_fails_fast_naming_the_connection_and_never_shows_the_token(ray_jobs, curation_dag, tmp_path, capfd):
+    from operators.hooks import RayAuthError, RayHook
+
+    bad = "not-the-token-" + "7" * 20
+    with mock.patch.dict(os.environ, {"AIRFLOW_CONN_RAY_BADTOK": job_conn(ray_jobs["url"], bad)}):
+        with pytest.raises(RayAuthError, match="connection 'ray_badtok'.*HTTP 403.*wrong token") as err:
+            RayHook("ray_badtok").get_job("winnow-anything-g0")
+        assert bad not in str(err.value)
+        conf = {"input_uri": str(ray_jobs["root"] / "shards"), "output_root": str(tmp_path), "run_key": "bad",
+                "buffer_size": 10, "max_partitions": 1, "model": "winnow-tiny-vit", "pretrained": "random",
+                "allow_random_weights": True, "ray_conn_id": "ray_badtok"}
+        t0 = time.perf_counter()
+        dr = curation_dag.test(logical_date=BAD_TOKEN_DATE, run_conf=conf)
+        seconds = time.perf_counter() - t0
+    states = {ti.task_id: (str(getattr(ti.state, "value", ti.state)), ti.try_number)
+              for ti in dr.get_task_instances() if ti.map_index in (-1, 0)}
+    assert dr.state == "failed" and states["partition.embed"] == ("failed", 1)  # no retry for a bad token
+    captured = capfd.readouterr()
+    text = captured.out + captured.err
+    assert "ray_badtok" in text and "wrong token" in text
+    assert bad not in text
+    # Driver mode: one GCS call instead of Ray's ~20 s of retries and a bare "Failed to connect".
+    probe = ("import sys, time\nimport ray\nfrom winnow.ray.cluster import connect\nt0 = time.perf_counter()\n"
+             f"try:\n    connect({ray_jobs['address']!r}, token={bad!r})\n"
+             "finally:\n    print(f'connect took {time.perf_counter() - t0:.1f} s', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert proc.returncode != 0 and "RayAuthFailed" in proc.stderr and "wrong token" in proc.stderr
+    assert bad not in proc.stdout + proc.stderr
+    driver_seconds = float(proc.stderr.rsplit("connect took ", 1)[1].split()[0])
+    assert driver_seconds < 10, driver_seconds  # Ray alone retries ~20 s, then says only "Failed to connect"
+    print(f"\nbad token: DAG run failed in {seconds:.0f} s, driver connect refused in {driver_seconds:.1f} s")
