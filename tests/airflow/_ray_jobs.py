@@ -46,7 +46,7 @@ def driver_conn(address: str, token: str) -> str:
 
 def output(run_root: str) -> dict[str, Any]:
     """What a run delivers: kept keys, the tar bytes of each row group, the summary counts."""
-    write = "write" if os.path.isdir(f"{run_root}/write") else "output"
+    write = "write"
     keys = sorted(k for p in glob.glob(f"{run_root}/{write}/p*/rg*.parquet")
                   for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
     tars = {os.path.basename(p): Path(p).read_bytes() for p in glob.glob(f"{run_root}/{write}/p*/rg*.tar")}

@@ -216,7 +216,7 @@ def test_overwrite_recomputes_the_changed_stage_and_later_ones_only(run_env, res
     assert computed["partition.embed"] == 0 and computed["partition.aesthetic"] == 0
     assert computed["partition.nsfw"] == 8 and computed["write"] == 8
     moved = _xcom(dr, "index", key="summary")["moved_aside"]
-    assert set(moved) == {"nsfw", "dedup", "output"}
+    assert set(moved) == {"nsfw", "dedup", "write"}
 
 
 def test_bad_params_fail_fast_without_retries(run_env, tmp_path):

@@ -16,7 +16,7 @@ from winnow.rowgroups import CommitStore
 SMALL = dict(buffer_size=4, max_partitions=3, model="winnow-tiny-vit", pretrained="random",
              allow_random_weights=True, aesthetic_threshold=0.0, batch_size=8)
 #: What a summary says about where it ran or how long it took, not what it found.
-NOT_COUNTS = {"run_root", "output", "write", "config", "seconds", "row_groups_computed",
+NOT_COUNTS = {"run_root", "write_dir", "config", "seconds", "row_groups_computed",
               "row_groups_skipped", "row_groups_by_stage"}
 
 

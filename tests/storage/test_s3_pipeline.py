@@ -52,8 +52,8 @@ def test_counts_on_s3_equal_the_local_run(runs):
 
 
 def test_output_objects_equal_the_local_files(runs):
-    local = output_files(runs["local_root"], "output")
-    remote = output_files(runs["s3_cfg"].run_root, "output")
+    local = output_files(runs["local_root"], "write")
+    remote = output_files(runs["s3_cfg"].run_root, "write")
     assert sorted(local) == sorted(remote) and any(k.endswith(".tar") for k in local)
     for key in local:
         if key.endswith(".tar"):
