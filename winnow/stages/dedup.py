@@ -39,9 +39,11 @@ from winnow.schemas import DEDUP
 from winnow.stages.embedding_io import embedding_matrix
 from winnow.stages.device import resolve_device
 from winnow.stages.kept import passed_filters
-from winnow.stages.registry import stage_spec
 
 STAGE = "dedup"
+#: What the in-process reference (:func:`run_dedup`) reads. The pipeline runs dedup as the
+#: distributed steps of :mod:`winnow.stages.dedup_steps`; this one stays as their reference.
+REFERENCE_UPSTREAM = ("embed", "aesthetic", "nsfw")
 SUMMARY_FILE = "_summary.json"
 
 #: Bounds of ``eps``: (low, high], the one range every layer (DAG form, config) uses.
@@ -66,6 +68,10 @@ class DedupConfig:
         rows changes cluster in an iteration).
     :param device: ``"auto"`` (CUDA where there is one), ``"cpu"``, ``"cuda:0"``...
     :param block_size: side of the pairwise similarity tiles; memory only, not output.
+    :param sample_size: (distributed steps) rows the ``centroids`` step clusters; 0 picks
+        ``min(candidates, 100 * k)`` (param ``dedup_sample_size``).
+    :param buckets: (distributed steps) buckets of clusters the ``pairwise`` step is mapped
+        over, at most 1024; 0 picks one per ~65k candidates (param ``dedup_buckets``).
     """
 
     eps: float = 0.05
@@ -74,6 +80,8 @@ class DedupConfig:
     max_iter: int = 50
     device: str = "auto"
     block_size: int = 4096
+    sample_size: int = 0
+    buckets: int = 0
 
     def __post_init__(self) -> None:
         low, high = EPS_RANGE
@@ -83,6 +91,15 @@ class DedupConfig:
             )
         if isinstance(self.n_clusters, bool) or not isinstance(self.n_clusters, int) or self.n_clusters < 0:
             raise DedupError(f"dedup_clusters must be an integer >= 0 (0 = automatic), got {self.n_clusters!r}")
+        for name, param in (("sample_size", "dedup_sample_size"), ("buckets", "dedup_buckets")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DedupError(f"{param} must be an integer >= 0 (0 = automatic), got {value!r}")
+        if self.buckets > 1024:
+            raise DedupError(
+                f"dedup_buckets must be <= 1024 (one mapped pairwise task per bucket; Airflow's "
+                f"max_map_length), got {self.buckets}"
+            )
         if self.max_iter < 1:
             raise DedupError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.block_size < 1:
@@ -100,6 +117,22 @@ def auto_clusters(n: int) -> int:
 
 def _chunk_rows(k: int, d: int) -> int:
     return max(1, _CHUNK_ELEMS // max(k, d))
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, *, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cluster, cosine to it)`` of every row of ``x``: the same arithmetic as the k-means
+    assignment (normalised float32 rows against the centroids, argmax), so the distributed
+    ``assign`` step and the in-process reference put every row in the same cluster."""
+    n = x.shape[0]
+    assignment = torch.empty(n, dtype=torch.int64, device=x.device)
+    similarity = torch.empty(n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, chunk_rows):
+        xc = torch.nn.functional.normalize(x[start : start + chunk_rows].float(), dim=1)
+        sims = xc @ centroids.T
+        a = sims.argmax(dim=1)
+        assignment[start : start + len(xc)] = a
+        similarity[start : start + len(xc)] = sims.gather(1, a[:, None])[:, 0]
+    return assignment, similarity
 
 
 def _assign(
@@ -296,7 +329,7 @@ def dedup_clusters(
 def ensure_dedup_stage(store: CommitStore, plan: RowGroupPlan, config: DedupConfig, *, overwrite: bool = False) -> StageFingerprint:
     """Check or record dedup's fingerprint (config + upstream digests + plan)."""
     upstream = {}
-    for stage in stage_spec(STAGE).upstream:
+    for stage in REFERENCE_UPSTREAM:
         stored = store.read_fingerprint(stage)
         if stored is None or "digest" not in stored:
             raise DedupError(
