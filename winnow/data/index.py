@@ -411,15 +411,21 @@ def _keys_unit(run_root: str, digest: str, group_size: int, num_groups: int, par
         # Member index of each row inside its shard (rows are in shard then member order).
         starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]]) if len(pos) else np.empty(0, np.int64)
         member = np.arange(len(pos)) - np.repeat(starts, np.diff(np.r_[starts, len(pos)]))
-        new: dict[str, None] = {}
+        # Keys are unique inside a shard (the scan dropped repeats), so a key's first shard is
+        # where it is first seen; a shard's keys join ``seen`` once the shard is done.
+        new: list[str] = []
+        current = -1
         for i in mine.tolist():
+            if pos[i] != current:
+                seen.update(new)
+                new, current = [], pos[i]
             k = keys[i]
             if k in seen:
                 drop_pos.append(int(pos[i]))
                 drop_member.append(int(member[i]))
                 drop_key.append(k)
             else:
-                new[k] = None  # keys are unique inside a shard, so later shards only
+                new.append(k)
         seen.update(new)
     table = pa.table({"shard_pos": pa.array(drop_pos, pa.int32()), "member": pa.array(drop_member, pa.int64()),
                       "key": pa.array(drop_key, pa.string())})

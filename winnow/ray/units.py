@@ -104,6 +104,9 @@ def run_units(
         results: Iterable[dict[str, Any]] = (_call(fn, u) for u in todo)
     else:
         results = _ray_results(fn, todo, ray_address, use_gpu, num_cpus, width)
+    from winnow.faults import FaultSpec
+
+    faults = FaultSpec.from_env()  # test-only: kill this driver after a chosen unit committed
     last = 0.0
     for r in results:
         summary.results.append(r)
@@ -112,6 +115,8 @@ def run_units(
             summary.failed[int(r["unit"])] = r["error"]
         else:
             summary.computed += 1
+            if faults is not None:
+                faults.fire_driver(stage, int(r["unit"]))
         now = time.perf_counter()
         if now - last >= 2.0 or len(summary.results) == len(todo):
             last = now

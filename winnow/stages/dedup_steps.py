@@ -522,9 +522,12 @@ class DedupFlagsStage:
 def run_semdedup(
     run_root: str, plan: RowGroupPlan, config: DedupConfig, *, backend: Backend = "ray",
     ray_address: str | None = None, log: Callable[[str], None] | None = None,
+    partition_backend: Backend | None = None,
 ) -> dict[str, Any]:
     """The four steps in order over a run whose embed/aesthetic/nsfw are committed (what
-    ``run_all`` does between nsfw and write, without the other stages)."""
+    ``run_all`` does between nsfw and write, without the other stages). ``partition_backend``
+    (default ``backend``) runs the two row-group steps."""
+    pbackend = partition_backend or backend
     from winnow.ray.runner import run_stage_partition
 
     store = CommitStore(run_root)
@@ -538,7 +541,7 @@ def run_semdedup(
         t0 = time.perf_counter()
         for p in range(plan.num_partitions):
             s = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, uses_model=True,
-                                    ray_address=ray_address, backend=backend, log=log)
+                                    ray_address=ray_address, backend=pbackend, log=log)
             failed += [f"{step} rg {rg}: {e}" for rg, e in s.failed.items()]
         t[step] = time.perf_counter() - t0
     if failed:
@@ -553,7 +556,7 @@ def run_semdedup(
     stage = DedupFlagsStage(config)
     for p in range(plan.num_partitions):
         s = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, ray_address=ray_address,
-                                backend=backend, log=log)
+                                backend=pbackend, log=log)
         if s.failed:
             raise DedupError(f"dedup row groups failed: {s.failed}")
     t["dedup"] = time.perf_counter() - t0
