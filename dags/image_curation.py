@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Asset, Param, chain, task_group
 
 from operators.base import PARTITION_LABEL
-from operators.stages import OPERATORS, ReportOperator
+from operators.stages import BUCKET_LABEL, OPERATORS, ReportOperator
 from winnow.stages.registry import run_phases
 
 CURATED_IMAGES = Asset(name="winnow_curated_images", uri="winnow://image_curation/write", group="winnow")
@@ -165,7 +165,11 @@ with DAG(
             steps.append(tasks[spec.name])
         elif scope == "bucket":
             (spec,) = specs
-            steps.append(OPERATORS[spec.name].partial(task_id=spec.task_id).expand(bucket=tasks[spec.map_over].output))
+            steps.append(
+                OPERATORS[spec.name]
+                .partial(task_id=spec.task_id, map_index_template=BUCKET_LABEL)
+                .expand(bucket=tasks[spec.map_over].output)
+            )
         elif specs[0].group:
             steps.append(_partition_group(specs, tasks[specs[0].map_over].output))
         else:
