@@ -3,10 +3,11 @@ Airflow task least of all) ever holds more than one row group's or one bucket's 
 
 1. ``centroids`` (global, one Ray task): spherical k-means on a bounded deterministic sample of
    the candidates (records that passed both filters). Sample size S = ``sample_size`` or
-   ``min(candidates, 100 * k)``; row group g gives ``floor(S*C[g+1]/n) - floor(S*C[g]/n)``
-   rows (C: prefix sums of candidates per row group), its candidates with the smallest seeded
-   hash of their record id. A first pass reads only the keep flags; the second reads the
-   embeddings of one row group at a time. Committed as ``centroids/centroids.parquet`` with the
+   ``min(candidates, 100 * k)``. A first pass reads only the keep flags; then a seeded choice
+   of about 4 x S/n of the row groups is read, one row group at a time, and row group g of
+   those gives ``floor(S*C[g+1]/c) - floor(S*C[g]/c)`` rows (C: prefix sums of their
+   candidates, c their sum): its candidates with the smallest seeded hash of their record id.
+   So the sample is exactly S rows and reads ~4 S/n of the embedding bytes. Committed as ``centroids/centroids.parquet`` with the
    bucket map: clusters go to buckets largest first onto the lightest bucket (by sample size).
 2. ``assign`` (row-group stage, mapped per partition): each candidate's cluster and cosine
    distance to its centroid; per row group an Arrow IPC file ``rg*.arrow`` with one record batch
@@ -52,6 +53,8 @@ STEPS = ("centroids", "assign", "pairwise", "dedup")
 CENTROIDS_FILE = "centroids.parquet"
 #: Sample rows per cluster when ``sample_size`` is 0 (k-means needs tens per cluster; 100 is ample).
 SAMPLE_PER_K = 100
+#: The sample reads this many times the row groups it needs (spread over more of the run).
+SAMPLE_OVERREAD = 4
 #: At most this many buckets: one mapped pairwise task each (Airflow's max_map_length).
 MAX_BUCKETS = 1024
 #: Automatic bucket count: about this many candidates per bucket (~100 MB of 768-d float16).
@@ -166,6 +169,32 @@ def sample_quotas(counts: np.ndarray, sample_size: int) -> np.ndarray:
     return np.diff(cut)
 
 
+def sample_row_groups(counts: np.ndarray, sample_size: int, *, seed: int) -> np.ndarray:
+    """Rows each row group gives to the sample: only ``SAMPLE_OVERREAD`` x the needed share of
+    row groups is read at all (picked in a seeded order), so the step reads about
+    ``SAMPLE_OVERREAD * S / n`` of the embedding bytes, not all of them; inside those, quotas
+    proportional to candidates (:func:`sample_quotas`).
+
+    >>> q = sample_row_groups(np.full(100, 50), 500, seed=0)
+    >>> int(q.sum()), int((q > 0).sum())
+    (500, 40)
+    """
+    g = len(counts)
+    total = int(counts.sum())
+    if total == 0 or g == 0:
+        return np.zeros_like(counts)
+    wanted = min(g, math.ceil(SAMPLE_OVERREAD * sample_size * g / total))
+    order = np.argsort(_hash_ids(np.arange(g), seed + 1), kind="stable")
+    chosen = np.sort(order[:wanted])
+    # Add row groups in the seeded order until the chosen ones hold enough candidates.
+    while int(counts[chosen].sum()) < min(sample_size, total) and wanted < g:
+        wanted += 1
+        chosen = np.sort(order[:wanted])
+    quotas = np.zeros_like(counts)
+    quotas[chosen] = sample_quotas(counts[chosen], sample_size)
+    return quotas
+
+
 def bucket_map(sizes: np.ndarray, buckets: int) -> np.ndarray:
     """Bucket of each cluster: largest cluster first (ties by id) onto the lightest bucket
     (ties by bucket id), so buckets hold about the same number of records.
@@ -209,7 +238,7 @@ def _centroids_unit(run_root: str, plan_dict: dict, config: DedupConfig, digest:
     s = min(n, config.sample_size or SAMPLE_PER_K * k)
     if s < k:
         raise DedupError(f"dedup_sample_size={config.sample_size} is below the {k} clusters; use at least {k} or 0")
-    quotas = sample_quotas(counts, s)
+    quotas = sample_row_groups(counts, s, seed=config.seed)
     parts = []
     for rg in np.nonzero(quotas)[0].tolist():  # pass 2: one row group's embeddings at a time
         ids, x = row_group_candidates(store, plan.partition_of(rg), rg)
