@@ -16,10 +16,11 @@ Airflow task least of all) ever holds more than one row group's or one bucket's 
    marker holding rows per bucket.
 3. ``pairwise`` (mapped over buckets, one Ray task each): the bucket's rows from every row group,
    then :func:`winnow.stages.dedup.dedup_cluster` per cluster (members in record-id order, the
-   stored float32 centroid): the exact rule and arithmetic of the in-process reference. Commits
-   ``pairwise/b<bucket>.parquet`` (record_id, duplicate_of), sorted by record_id.
-4. ``dedup`` (row-group stage): a row group's ``DEDUP`` table, from the pairwise files filtered
-   to its record range (Parquet statistics skip the rest): no global join.
+   stored float32 centroid): the exact rule and arithmetic of the in-process reference. Writes
+   ``pairwise/p<partition>/b<bucket>.parquet`` (record_id, duplicate_of of that partition's
+   record range), then commits the bucket with its marker ``pairwise/b<bucket>.parquet``.
+4. ``dedup`` (row-group stage): a row group's ``DEDUP`` table, from its partition's file of
+   every bucket filtered to its record range: no global join, no other partition's bytes.
 
 Fingerprints: ``centroids`` holds n_clusters, seed, max_iter, sample_size and buckets;
 ``pairwise`` holds eps. A changed eps therefore reuses centroids and assignment.
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 
 from winnow.faults import FaultSpec
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
-from winnow.rowgroups.store import write_atomic
+from winnow.rowgroups.store import table_to_parquet_bytes, write_atomic
 from winnow.schemas import DEDUP
 from winnow.stages.base import RowGroupTask
 from winnow.stages.dedup import DedupConfig, DedupError, DedupResult, auto_clusters, dedup_table
@@ -59,8 +60,6 @@ SAMPLE_OVERREAD = 4
 MAX_BUCKETS = 1024
 #: Automatic bucket count: about this many candidates per bucket (~100 MB of 768-d float16).
 TARGET_BUCKET_RECORDS = 1 << 16
-#: Rows per Parquet row group of a pairwise file: what one dedup row group reads at least.
-PAIRWISE_ROWS_PER_GROUP = 1 << 16
 _META = b"winnow.centroids"
 _BUCKETS_META = b"winnow.buckets"
 
@@ -420,7 +419,14 @@ def read_bucket(store: CommitStore, plan: RowGroupPlan, bucket: int) -> pa.Table
 # ---- step 3: pairwise ---------------------------------------------------------------------
 
 def _pairwise_path(store: CommitStore, bucket: int) -> str:
+    """The bucket's commit marker (its summary); written after its per-partition files."""
     return store.path("pairwise", f"b{bucket:05d}.parquet")
+
+
+def _pairwise_part_path(store: CommitStore, partition: int, bucket: int) -> str:
+    """A bucket's duplicates inside one partition's record range: what that partition's
+    dedup row groups read (one small file per bucket), never the whole bucket's output."""
+    return store.path("pairwise", f"p{partition:05d}", f"b{bucket:05d}.parquet")
 
 
 def _pairwise_unit(run_root: str, plan_dict: dict, config: DedupConfig, bucket: int) -> dict[str, Any]:
@@ -461,9 +467,15 @@ def _pairwise_unit(run_root: str, plan_dict: dict, config: DedupConfig, bucket: 
     faults = FaultSpec.from_env()
     if faults is not None:
         faults.fire("pairwise", bucket)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=PAIRWISE_ROWS_PER_GROUP, write_statistics=True)
-    write_atomic(store.fs, _pairwise_path(store, bucket), sink.getvalue().to_pybytes())
+    # Split by partition record range; every partition gets a file (maybe empty), so a missing
+    # file is an error, never "no duplicates".
+    ids = table.column("record_id").to_numpy()
+    bounds = [plan.partition_record_range(p)[0] for p in range(plan.num_partitions)] + [plan.num_records]
+    cuts = np.searchsorted(ids, bounds)
+    for p in range(plan.num_partitions):
+        part = table.slice(int(cuts[p]), int(cuts[p + 1] - cuts[p]))
+        write_atomic(store.fs, _pairwise_part_path(store, p, bucket), table_to_parquet_bytes(part))
+    write_atomic(store.fs, _pairwise_path(store, bucket), table_to_parquet_bytes(pa.table({"info": [json.dumps(info)]})))
     return info
 
 
@@ -531,7 +543,7 @@ class DedupFlagsStage:
         ids = store.read_table("embed", task.partition, task.row_group, columns=["record_id"]).column("record_id").to_numpy()
         parts = []
         for b in range(meta["buckets"]):
-            path = _pairwise_path(store, b)
+            path = _pairwise_part_path(store, task.partition, b)
             try:
                 with store.fs.open_input_file(path) as f:
                     parts.append(pq.read_table(f, filters=[("record_id", ">=", lo), ("record_id", "<", hi)]))
