@@ -1,4 +1,5 @@
-"""The production curation DAG: index -> per-partition embed/aesthetic/nsfw -> dedup -> write -> report.
+"""The production curation DAG: index -> per-partition embed/aesthetic/nsfw -> dedup (centroids ->
+per-partition assign -> per-bucket pairwise -> per-partition flags) -> write -> report.
 
 Parses fast and touches neither storage nor Ray: the engine is imported inside the operators.
 """
@@ -11,7 +12,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Asset, Param, chain, task_group
 
 from operators.base import PARTITION_LABEL
-from operators.stages import OPERATORS, ReportOperator
+from operators.stages import BUCKET_LABEL, OPERATORS, ReportOperator
 from winnow.stages.registry import run_phases
 
 CURATED_IMAGES = Asset(name="winnow_curated_images", uri="winnow://image_curation/write", group="winnow")
@@ -38,6 +39,7 @@ with its row-group range. Committed row groups are never computed again.
 | `nsfw_threshold` | drop images whose NSFW probability is at least this (0-1) |
 | `dedup_eps`, `dedup_clusters` | near-duplicates have cosine similarity >= 1 - eps, eps in (0, 1]; k-means clusters (0: automatic) |
 | `decode_backend`, `batch_size` | image decoder (`auto`, `nvimgcodec`, `dali-gpu`, `dali-cpu`, `pillow`); images per embed model call |
+| `dedup_sample_size`, `dedup_buckets` | rows k-means clusters (0: min(all, 100 x k)); buckets of clusters the pairwise task is mapped over (0: one per ~65k kept records, at most 1024) |
 | `allow_random_weights` | only for tests and demos: allow a model with random weights |
 | `overwrite` | a stage whose config changed is moved aside (`<stage>.replaced-<time>`) and recomputed with the stages after it |
 | `skip_bad_shards` | index what can be read and record unreadable shards instead of failing |
@@ -109,6 +111,10 @@ PARAMS = {
                             description="auto picks the fastest installed decoder (nvImageCodec or DALI on a GPU, else DALI-CPU or Pillow)."),
     "batch_size": Param(64, type="integer", minimum=1, maximum=4096, title="Embed batch size",
                         description="Images per model call in the embed stage."),
+    "dedup_sample_size": Param(0, type="integer", minimum=0, title="Dedup k-means sample",
+                               description="Kept records k-means is fitted on; 0 = min(all, 100 x clusters)."),
+    "dedup_buckets": Param(0, type="integer", minimum=0, maximum=1024, title="Dedup buckets",
+                           description="Buckets of clusters (one mapped pairwise task each); 0 = automatic."),
     "allow_random_weights": Param(False, type="boolean", title="Allow random weights",
                                   description="Tests and demos only: run a model with random weights."),
     "overwrite": Param(False, type="boolean", title="Overwrite changed stages",
@@ -156,21 +162,32 @@ with DAG(
     tags=["winnow", "curation"],
 ) as dag:
     # The stage graph is the engine's registry; this wires its phases in order: a global stage
-    # is one task, partition stages are mapped over the index task's partition list.
+    # is one task, partition stages are mapped over the index task's partition list (in a
+    # depth-first task group where the registry names one), bucket stages over their planner's
+    # bucket list.
     steps = []
-    index = None
+    tasks = {}
     for scope, specs in run_phases():
         if scope == "global":
-            steps.append(OPERATORS[specs[0].name](task_id=specs[0].task_id))
-            index = index or steps[-1]
-        elif specs[0].group:
-            steps.append(_partition_group(specs, index.output))
-        else:
+            (spec,) = specs
+            tasks[spec.name] = OPERATORS[spec.name](task_id=spec.task_id)
+            steps.append(tasks[spec.name])
+        elif scope == "bucket":
             (spec,) = specs
             steps.append(
                 OPERATORS[spec.name]
-                .partial(task_id=spec.task_id, outlets=[CURATED_IMAGES], map_index_template=PARTITION_LABEL)
-                .expand(partition=index.output)
+                .partial(task_id=spec.task_id, map_index_template=BUCKET_LABEL)
+                .expand(bucket=tasks[spec.map_over].output)
             )
+        elif specs[0].group:
+            steps.append(_partition_group(specs, tasks[specs[0].map_over].output))
+        else:
+            for spec in specs:  # each its own mapped task, in order
+                outlets = [CURATED_IMAGES] if spec.name == "write" else []
+                steps.append(
+                    OPERATORS[spec.name]
+                    .partial(task_id=spec.task_id, outlets=outlets, map_index_template=PARTITION_LABEL)
+                    .expand(partition=tasks[spec.map_over].output)
+                )
     steps.append(ReportOperator(task_id="report", outlets=[CURATION_SUMMARY]))
     chain(*steps)

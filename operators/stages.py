@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk.exceptions import AirflowException
+
 from operators.base import CurationOperator, RowGroupStageOperator, engine_errors
 from operators.links import CurationViewLink
 
@@ -34,7 +36,9 @@ class IndexOperator(CurationOperator):
         # A run that fails fast here (changed config, bad shard) gives the run root's lease
         # back in the engine, so a corrected run need not wait for it to expire.
         with engine_errors():
-            result = pipeline.run_index(cfg, owner=self.lease_owner(context), log=self.log.info)
+            # Shard groups are scanned and row groups committed by Ray tasks; this process plans.
+            result = pipeline.run_index(cfg, owner=self.lease_owner(context), log=self.log.info,
+                                        ray_address=self.ray_address(context))
         summary = {k: v for k, v in result.items() if k not in _INDEX_LOCAL_KEYS}
         summary["run_root"] = cfg.run_root
         context["ti"].xcom_push(key="summary", value=summary)
@@ -66,17 +70,69 @@ class WriteOperator(RowGroupStageOperator):
     stage = "write"
 
 
-class DedupOperator(CurationOperator):
-    """Semantic dedup over every partition's kept embeddings (needs all partitions' nsfw done)."""
+class CentroidsOperator(CurationOperator):
+    """Dedup step 1: spherical k-means on a bounded sample of the kept embeddings, run in a Ray
+    task (this process holds none of it). Returns the bucket list ``range(B)`` the pairwise
+    step is mapped over; the small summary goes under XCom key ``summary``."""
+
+    def execute(self, context: Context) -> list[int]:
+        from winnow import pipeline
+
+        cfg = self.curation_config(context)
+        with engine_errors():
+            result = pipeline.run_centroids(cfg, owner=self.lease_owner(context), log=self.log.info,
+                                            ray_address=self.ray_address(context))
+        buckets = result.pop("bucket_list")
+        context["ti"].xcom_push(key="summary", value=result)
+        self.log.info("centroids: %s", result)
+        return buckets
+
+
+class AssignOperator(RowGroupStageOperator):
+    """Dedup step 2: each kept record's cluster and distance, per row group, grouped by bucket."""
+
+    stage = "assign"
+
+
+#: Labels a mapped pairwise instance with its bucket.
+BUCKET_LABEL = "{{ bucket_label | default('bucket ' ~ ti.map_index) }}"
+
+
+class PairwiseOperator(CurationOperator):
+    """Dedup step 3 for one bucket of clusters (mapped over the centroids task's bucket list):
+    one Ray task reads that bucket's rows and flags near-duplicates; a committed bucket is skipped.
+
+    :param bucket: the bucket id (mapped: one task instance per bucket, at most 1024).
+    """
+
+    template_fields = (*CurationOperator.template_fields, "bucket")
+
+    def __init__(self, *, bucket: int, **kwargs: Any) -> None:
+        kwargs.setdefault("map_index_template", BUCKET_LABEL)
+        super().__init__(**kwargs)
+        self.bucket = bucket
 
     def execute(self, context: Context) -> dict[str, Any]:
         from winnow import pipeline
 
         cfg = self.curation_config(context)
+        bucket = int(self.bucket)
+        context["bucket_label"] = f"bucket {bucket}"
         with engine_errors():
-            result = pipeline.run_dedup(cfg, owner=self.lease_owner(context), log=self.log.info)
-        self.log.info("dedup: %s", result)
-        return result
+            summary = pipeline.run_buckets(cfg, "pairwise", [bucket], owner=self.lease_owner(context),
+                                           log=self.log.info, ray_address=self.ray_address(context))
+        result = summary.to_dict()
+        result.update(next(iter(summary.results), {}))
+        self.log.info("pairwise bucket %d: %s", bucket, result)
+        if summary.failed:
+            raise AirflowException(f"pairwise bucket {bucket} failed: {summary.failed[bucket]}; a retry recomputes it")
+        return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+class DedupOperator(RowGroupStageOperator):
+    """Dedup step 4: a row group's duplicate flags from the pairwise buckets (no global join)."""
+
+    stage = "dedup"
 
 
 class ReportOperator(CurationOperator):
@@ -117,6 +173,9 @@ OPERATORS: dict[str, type[CurationOperator]] = {
     "embed": EmbedOperator,
     "aesthetic": AestheticOperator,
     "nsfw": NsfwOperator,
+    "centroids": CentroidsOperator,
+    "assign": AssignOperator,
+    "pairwise": PairwiseOperator,
     "dedup": DedupOperator,
     "write": WriteOperator,
 }

@@ -59,6 +59,8 @@ class CurationConfig:
     nsfw_threshold: float = 0.5
     dedup_eps: float = 0.05
     dedup_clusters: int = 0
+    dedup_sample_size: int = 0
+    dedup_buckets: int = 0
     allow_random_weights: bool = False
     overwrite: bool = False
     skip_bad_shards: bool = False
@@ -113,16 +115,23 @@ class CurationConfig:
             config_cls = AestheticConfig if name == "aesthetic" else NsfwConfig
             return config_cls(weights=getattr(self, f"{name}_weights"), threshold=getattr(self, f"{name}_threshold"),
                               allow_random_weights=self.allow_random_weights, embed_dim=self.model_spec.embed_dim)
-        if name == "dedup":
-            from winnow.stages.dedup import DedupConfig
+        if name in ("centroids", "assign", "pairwise", "dedup"):
+            from winnow.stages.dedup_steps import DedupStepConfig
 
-            return DedupConfig(eps=self.dedup_eps, n_clusters=self.dedup_clusters)
+            return DedupStepConfig(name, self.dedup_config())
         if name == "write":
             from winnow.stages.write import WriteConfig
 
             return WriteConfig()
         stage_spec(name)  # raises for an unknown name
         raise AssertionError(f"stage {name!r} is registered but CurationConfig cannot configure it")
+
+    def dedup_config(self) -> Any:
+        """The one dedup config; each dedup step fingerprints its own slice of it."""
+        from winnow.stages.dedup import DedupConfig
+
+        return DedupConfig(eps=self.dedup_eps, n_clusters=self.dedup_clusters,
+                           sample_size=self.dedup_sample_size, buckets=self.dedup_buckets)
 
     def validate(self) -> None:
         """Fail fast, before any GPU work, with every problem a user must fix listed at once."""
@@ -226,14 +235,16 @@ def _hold_lease(cfg: CurationConfig, owner: str | None) -> None:
 
 
 def run_index(
-    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None
+    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
+    ray_address: str | None = None, backend: Backend = "ray",
 ) -> dict[str, Any]:
-    """Validate, index the shards (resumable), fix the plan and check every stage's fingerprint."""
+    """Validate, index the shards (resumable; scanned by Ray tasks in shard groups), fix the
+    plan and check every stage's fingerprint."""
     log = log or logger.info
     cfg.validate()
     _hold_lease(cfg, owner)
     try:
-        return _index_and_prepare(cfg, log)
+        return _index_and_prepare(cfg, log, ray_address=ray_address, backend=backend)
     except WinnowError:
         # Failing fast (changed config, bad shard) must not lock the run root against the
         # corrected rerun, which comes under a new run id.
@@ -242,10 +253,12 @@ def run_index(
         raise
 
 
-def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None]) -> dict[str, Any]:
+def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None], *, ray_address: str | None,
+                       backend: Backend) -> dict[str, Any]:
     from winnow.data.index import build_index
 
-    result = build_index(cfg.run_root, cfg.stage_config("index"), overwrite=cfg.overwrite, log=log)
+    result = build_index(cfg.run_root, cfg.stage_config("index"), overwrite=cfg.overwrite, log=log,
+                         backend=backend, ray_address=ray_address)
     plan = result.plan
     moved = prepare_stages(cfg, plan, log=log)
     partitions = list(range(plan.num_partitions))
@@ -294,14 +307,41 @@ def run_partition(
     )
 
 
-def run_dedup(
-    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None
+def _check_step(cfg: CurationConfig, plan: RowGroupPlan, stage: str) -> None:
+    # Never overwrite here: prepare_stages did that once for the run.
+    CommitStore(cfg.run_root).ensure_stage(stage_fingerprints(cfg, plan)[stage], overwrite=False)
+
+
+def run_centroids(
+    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
+    ray_address: str | None = None, backend: Backend = "ray",
 ) -> dict[str, Any]:
-    from winnow.stages.dedup import run_dedup as dedup
+    """Dedup step 1: k-means on a bounded sample, in a Ray task. Returns its summary with
+    ``buckets``: the list ``range(B)`` the pairwise step is mapped over."""
+    from winnow.stages.dedup_steps import run_centroids as centroids
 
     _hold_lease(cfg, owner)
-    # run_dedup checks the fingerprint itself (never overwriting: prepare_stages did that).
-    return dedup(cfg.run_root, load_plan(cfg), cfg.stage_config("dedup"), log=log)
+    plan = load_plan(cfg)
+    _check_step(cfg, plan, "centroids")
+    result = centroids(cfg.run_root, plan, cfg.dedup_config(), backend=backend, ray_address=ray_address, log=log)
+    return {**result, "bucket_list": list(range(result["buckets"]))}
+
+
+def run_buckets(
+    cfg: CurationConfig, stage: str, buckets: list[int] | None = None, *, owner: str | None = None,
+    log: Callable[[str], None] | None = None, ray_address: str | None = None, backend: Backend = "ray",
+) -> Any:
+    """A bucket stage (dedup's ``pairwise``) over ``buckets`` (all when None): a Ray task per
+    bucket not committed yet. Returns the :class:`~winnow.ray.units.UnitSummary`."""
+    from winnow.stages.dedup_steps import run_pairwise
+
+    if stage_spec(stage).scope != "bucket":
+        raise ConfigError(f"stage {stage!r} is not mapped over buckets")
+    _hold_lease(cfg, owner)
+    plan = load_plan(cfg)
+    _check_step(cfg, plan, stage)
+    return run_pairwise(cfg.run_root, plan, cfg.dedup_config(), buckets, backend=backend,
+                        ray_address=ray_address, log=log)
 
 
 def run_report(
@@ -349,8 +389,8 @@ def run_report(
     return summary
 
 
-#: The engine call of each global stage: ``(cfg, owner=, log=) -> summary dict``.
-GLOBAL_STAGE_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"index": run_index, "dedup": run_dedup}
+#: The engine call of each global stage: ``(cfg, owner=, log=, ray_address=, backend=) -> summary dict``.
+GLOBAL_STAGE_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"index": run_index, "centroids": run_centroids}
 
 
 def run_all(
@@ -378,9 +418,16 @@ def run_all(
     try:
         for scope, specs in run_phases():
             if scope == "global":
-                result = GLOBAL_STAGE_RUNNERS[specs[0].name](cfg, owner=owner, log=log)
+                result = GLOBAL_STAGE_RUNNERS[specs[0].name](cfg, owner=owner, log=log, ray_address=ray_address,
+                                                             backend=backend)
                 if specs[0].name == "index":
                     partitions = list(result["partitions"])
+                continue
+            if scope == "bucket":
+                (spec,) = specs
+                bs = run_buckets(cfg, spec.name, owner=owner, log=log, ray_address=ray_address, backend=backend)
+                if bs.failed:
+                    raise BucketsFailedError(spec.name, bs.failed)
                 continue
             failed: list[PartitionSummary] = []
             for p in partitions:
@@ -412,6 +459,8 @@ def run_progress(run_root: str) -> dict[str, Any]:
     plan = load_index(run_root).plan
     stages: dict[str, dict[str, Any]] = {}
     for name in stage_order():
+        if name not in ("index", *(s.name for s in partition_stages())):
+            continue  # centroids and pairwise are not row-group stages
         committed = sum(len(store.completed(name, p)) for p in range(plan.num_partitions))
         stages[name] = {
             "committed": committed,
@@ -429,6 +478,16 @@ def run_progress(run_root: str) -> dict[str, Any]:
         "complete": summary is not None and stages[last]["committed"] == plan.num_row_groups,
         "summary": summary,
     }
+
+
+class BucketsFailedError(WinnowError):
+    """Some buckets of a bucket stage failed; the others are committed and a rerun does only these."""
+
+    def __init__(self, stage: str, failed: Mapping[int, str]) -> None:
+        self.stage, self.failed = stage, dict(failed)
+        first = min(self.failed)
+        super().__init__(f"{stage}: buckets {sorted(self.failed)[:20]} failed; first error (bucket {first}): "
+                         f"{self.failed[first]}. Rerun to retry only those.")
 
 
 class RowGroupsFailedError(WinnowError):

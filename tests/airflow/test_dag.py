@@ -39,36 +39,44 @@ def test_dag_file_parses_in_well_under_a_second_without_engine_imports():
     )
     assert proc.returncode == 0, proc.stderr
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert probe["tasks"] == 7
+    assert probe["tasks"] == 10
     assert probe["seconds"] < 0.5, probe
     # Only the engine's stage registry (pure Python) is read at parse time: neither the engine's
     # compute nor Ray, torch or storage clients are loaded.
     assert probe["heavy"] == ["winnow", "winnow.stages", "winnow.stages.registry"], probe["heavy"]
 
 
-def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_write_report(curation_dag):
+def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_report(curation_dag):
     dag = curation_dag
     assert dag.dag_id == "image_curation"
     assert dag.catchup is False
     ids = {t.task_id for t in dag.tasks}
     assert ids == {"index", "partition.embed", "partition.aesthetic", "partition.nsfw",
-                   "dedup", "write", "report"}
+                   "centroids", "assign", "pairwise", "dedup", "write", "report"}
     up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert up["index"] == set()
     assert "index" in up["partition.embed"]
     assert "partition.embed" in up["partition.aesthetic"]
     assert "partition.aesthetic" in up["partition.nsfw"]
-    assert up["dedup"] == {"partition.nsfw"}
+    # Dedup as steps: centroids (one task) -> assign (per partition) -> pairwise (per bucket,
+    # mapped over the centroids task's bucket list) -> dedup flags (per partition) -> write.
+    assert up["centroids"] == {"partition.nsfw"}
+    assert up["assign"] == {"centroids", "index"}
+    assert up["pairwise"] == {"assign", "centroids"}
+    assert up["dedup"] == {"pairwise", "index"}
     assert up["write"] == {"dedup", "index"}
     assert up["report"] == {"write"}
     # The partition group is mapped over the index task's output (one instance per partition),
-    # and so is the write.
+    # and so are assign, dedup and write; pairwise over the bucket list.
     group = dag.task_group_dict["partition"]
     assert type(group).__name__ == "MappedTaskGroup"
-    write = dag.get_task("write")
-    assert type(write).__name__ == "MappedOperator"
-    assert "partition" in write.expand_input.value
-    for task_id in ("partition.embed", "partition.aesthetic", "partition.nsfw", "write"):
+    for task_id in ("assign", "dedup", "write"):
+        task = dag.get_task(task_id)
+        assert type(task).__name__ == "MappedOperator" and "partition" in task.expand_input.value
+    pairwise = dag.get_task("pairwise")
+    assert type(pairwise).__name__ == "MappedOperator" and "bucket" in pairwise.expand_input.value
+    assert "bucket_label" in pairwise.map_index_template
+    for task_id in ("partition.embed", "partition.aesthetic", "partition.nsfw", "assign", "dedup", "write"):
         assert "partition_label" in dag.get_task(task_id).map_index_template
 
 
@@ -122,7 +130,7 @@ def test_every_param_has_a_title_and_description(curation_dag):
                 "pretrained", "model_dir", "aesthetic_weights", "nsfw_weights",
                 "aesthetic_threshold", "nsfw_threshold", "dedup_eps", "dedup_clusters",
                 "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id", "decode_backend",
-                "batch_size", "storage_conn_id"}
+                "batch_size", "storage_conn_id", "dedup_sample_size", "dedup_buckets"}
     params = curation_dag.params
     assert set(params.keys()) == expected
     for name in expected:
@@ -140,6 +148,7 @@ def test_every_param_has_a_title_and_description(curation_dag):
         ("aesthetic_threshold", -1),
         ("dedup_eps", 0),
         ("dedup_clusters", -3),
+        ("dedup_buckets", 2000),
         ("overwrite", "yes"),
         ("input_uri", ""),
         ("run_key", "a/b"),

@@ -26,22 +26,25 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
 from winnow.rowgroups.errors import WinnowError
 from winnow.rowgroups.store import read_json, write_json
 from winnow.schemas import DEDUP
 from winnow.stages.embedding_io import embedding_matrix
-from winnow.stages.device import resolve_device
 from winnow.stages.kept import passed_filters
-from winnow.stages.registry import stage_spec
 
 STAGE = "dedup"
+#: What the in-process reference (:func:`run_dedup`) reads. The pipeline runs dedup as the
+#: distributed steps of :mod:`winnow.stages.dedup_steps`; this one stays as their reference.
+REFERENCE_UPSTREAM = ("embed", "aesthetic", "nsfw")
 SUMMARY_FILE = "_summary.json"
 
 #: Bounds of ``eps``: (low, high], the one range every layer (DAG form, config) uses.
@@ -66,6 +69,10 @@ class DedupConfig:
         rows changes cluster in an iteration).
     :param device: ``"auto"`` (CUDA where there is one), ``"cpu"``, ``"cuda:0"``...
     :param block_size: side of the pairwise similarity tiles; memory only, not output.
+    :param sample_size: (distributed steps) rows the ``centroids`` step clusters; 0 picks
+        ``min(candidates, 100 * k)`` (param ``dedup_sample_size``).
+    :param buckets: (distributed steps) buckets of clusters the ``pairwise`` step is mapped
+        over, at most 1024; 0 picks one per ~65k candidates (param ``dedup_buckets``).
     """
 
     eps: float = 0.05
@@ -74,6 +81,8 @@ class DedupConfig:
     max_iter: int = 50
     device: str = "auto"
     block_size: int = 4096
+    sample_size: int = 0
+    buckets: int = 0
 
     def __post_init__(self) -> None:
         low, high = EPS_RANGE
@@ -83,6 +92,15 @@ class DedupConfig:
             )
         if isinstance(self.n_clusters, bool) or not isinstance(self.n_clusters, int) or self.n_clusters < 0:
             raise DedupError(f"dedup_clusters must be an integer >= 0 (0 = automatic), got {self.n_clusters!r}")
+        for name, param in (("sample_size", "dedup_sample_size"), ("buckets", "dedup_buckets")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DedupError(f"{param} must be an integer >= 0 (0 = automatic), got {value!r}")
+        if self.buckets > 1024:
+            raise DedupError(
+                f"dedup_buckets must be <= 1024 (one mapped pairwise task per bucket; Airflow's "
+                f"max_map_length), got {self.buckets}"
+            )
         if self.max_iter < 1:
             raise DedupError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.block_size < 1:
@@ -102,10 +120,30 @@ def _chunk_rows(k: int, d: int) -> int:
     return max(1, _CHUNK_ELEMS // max(k, d))
 
 
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, *, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cluster, cosine to it)`` of every row of ``x``: the same arithmetic as the k-means
+    assignment (normalised float32 rows against the centroids, argmax), so the distributed
+    ``assign`` step and the in-process reference put every row in the same cluster."""
+    import torch  # lazily: a driver that only plans need not load torch (~500 MB)
+
+    n = x.shape[0]
+    assignment = torch.empty(n, dtype=torch.int64, device=x.device)
+    similarity = torch.empty(n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, chunk_rows):
+        xc = torch.nn.functional.normalize(x[start : start + chunk_rows].float(), dim=1)
+        sims = xc @ centroids.T
+        a = sims.argmax(dim=1)
+        assignment[start : start + len(xc)] = a
+        similarity[start : start + len(xc)] = sims.gather(1, a[:, None])[:, 0]
+    return assignment, similarity
+
+
 def _assign(
     x: torch.Tensor, centroids: torch.Tensor, *, with_sums: bool, chunk_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Nearest centroid (max cosine) of every row, plus per-cluster sums and counts of rows."""
+    import torch  # lazily: a driver that only plans need not load torch (~500 MB)
+
     n, k = x.shape[0], centroids.shape[0]
     assignment = torch.empty(n, dtype=torch.int64, device=x.device)
     sums = torch.zeros_like(centroids) if with_sums else None
@@ -131,6 +169,8 @@ def _kmeanspp_init(x: torch.Tensor, k: int, *, seed: int) -> torch.Tensor:
     """k-means++ seeding (cosine distance) on a seeded sample of at most ``_INIT_SAMPLE_PER_K * k``
     rows: it spreads the initial centroids over the data, so separated groups are not merged,
     at a cost of ``k`` passes over the sample (not over all n rows)."""
+    import torch  # lazily: a driver that only plans need not load torch (~500 MB)
+
     n = x.shape[0]
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randperm(n, generator=generator)[: min(n, _INIT_SAMPLE_PER_K * k)]
@@ -158,11 +198,14 @@ def spherical_kmeans(
     are ``k`` distinct rows drawn by a seeded CPU generator. An empty cluster keeps its previous
     centroid. Memory beyond ``x``: ``chunk_rows x max(k, d)`` floats.
 
+    >>> import torch
     >>> x = torch.nn.functional.normalize(torch.tensor([[1., 0.], [.9, .1], [0., 1.], [.1, .9]]), dim=1)
     >>> _, a = spherical_kmeans(x, 2, seed=0, max_iter=10)
     >>> bool(a[0] == a[1]) and bool(a[2] == a[3]) and bool(a[0] != a[2])
     True
     """
+    import torch  # lazily: a driver that only plans need not load torch (~500 MB)
+
     n, d = x.shape
     if not 1 <= k <= n:
         raise DedupError(f"k-means needs 1 <= k <= n, got k={k} for n={n} rows")
@@ -215,6 +258,8 @@ def dedup_cluster(
     row block scans column blocks from the top rank down and stops once every row found its
     first (highest-ranked) near member.
     """
+    import torch  # lazily: a driver that only plans need not load torch (~500 MB)
+
     m = members.shape[0]
     record_ids = np.asarray(record_ids, dtype=np.int64)
     if m < 2:
@@ -257,7 +302,7 @@ def dedup_cluster(
 
 
 def dedup_clusters(
-    x: torch.Tensor | np.ndarray,
+    x: "torch.Tensor | np.ndarray",
     record_ids: np.ndarray,
     centroids: torch.Tensor,
     assignment: torch.Tensor,
@@ -272,6 +317,8 @@ def dedup_clusters(
     from :func:`spherical_kmeans`. Results do not depend on how clusters are split between
     calls, so callers may farm disjoint subsets out and :meth:`DedupResult.merge` them.
     """
+    import torch  # lazily: a driver that only plans need not load torch (~500 MB)
+
     x = torch.as_tensor(x)
     record_ids = np.asarray(record_ids, dtype=np.int64)
     assignment_cpu = torch.as_tensor(assignment).cpu()
@@ -296,7 +343,7 @@ def dedup_clusters(
 def ensure_dedup_stage(store: CommitStore, plan: RowGroupPlan, config: DedupConfig, *, overwrite: bool = False) -> StageFingerprint:
     """Check or record dedup's fingerprint (config + upstream digests + plan)."""
     upstream = {}
-    for stage in stage_spec(STAGE).upstream:
+    for stage in REFERENCE_UPSTREAM:
         stored = store.read_fingerprint(stage)
         if stored is None or "digest" not in stored:
             raise DedupError(
@@ -346,9 +393,13 @@ def read_candidates(store: CommitStore, plan: RowGroupPlan) -> tuple[np.ndarray,
 
 def find_duplicates(record_ids: np.ndarray, embeddings: np.ndarray, config: DedupConfig) -> DedupResult:
     """Cluster the candidates and dedup every cluster in-process."""
+    import torch  # lazily: a driver that only plans need not load torch (~500 MB)
+
     n = len(record_ids)
     if n == 0:
         return DedupResult(np.empty(0, np.int64), np.empty(0, np.int64))
+    from winnow.stages.device import resolve_device
+
     device = resolve_device(config.device)
     # A private, writable copy only when needed (arrays from Arrow are often read-only).
     x = torch.from_numpy(np.require(embeddings, requirements=["C", "W"])).to(device)

@@ -5,11 +5,11 @@ fingerprint chain, the run order of ``run_all``, the report, and the DAG's task 
 this module is cheap (no torch, Ray or Airflow), so a DAG file may read it at parse time.
 
 >>> [s.name for s in STAGES]
-['index', 'embed', 'aesthetic', 'nsfw', 'dedup', 'write']
+['index', 'embed', 'aesthetic', 'nsfw', 'centroids', 'assign', 'pairwise', 'dedup', 'write']
 >>> [s.name for s in partition_stages()]
-['embed', 'aesthetic', 'nsfw', 'write']
->>> task_id("nsfw"), task_id("write")
-('partition.nsfw', 'write')
+['embed', 'aesthetic', 'nsfw', 'assign', 'dedup', 'write']
+>>> task_id("nsfw"), task_id("write"), stage_spec("pairwise").map_over
+('partition.nsfw', 'write', 'centroids')
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Scope = Literal["partition", "global"]
+Scope = Literal["partition", "global", "bucket"]
 
 #: The mapped task group that runs a partition's filter stages depth-first in the DAG.
 PARTITION_GROUP = "partition"
@@ -33,10 +33,13 @@ class StageSpec:
     :param compute: ``module:attribute`` of its compute, imported on demand: the stage class
         of a partition stage (``process`` per row group), the entry function of a global one.
     :param upstream: stages whose output it reads; their fingerprints feed its own.
-    :param scope: ``partition`` (a row-group stage mapped over partitions) or ``global`` (one
-        task over the whole run).
+    :param scope: ``partition`` (a row-group stage mapped over partitions), ``global`` (one
+        task over the whole run) or ``bucket`` (units that are not row groups, e.g. buckets of
+        dedup clusters, mapped over the list ``map_over``'s task returns).
     :param uses_model: loads a model (a GPU per worker where there are GPUs).
     :param group: the DAG task group it runs in (partition stages run depth-first there).
+    :param map_over: the global stage whose task returns the list a mapped stage expands over
+        (partition stages: ``index``'s partitions; bucket stages: their planner's units).
     """
 
     name: str
@@ -45,6 +48,11 @@ class StageSpec:
     scope: Scope
     uses_model: bool = False
     group: str | None = None
+    map_over: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope == "partition" and self.map_over is None:
+            object.__setattr__(self, "map_over", "index")
 
     @property
     def task_id(self) -> str:
@@ -61,7 +69,12 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("embed", "winnow.stages.embed:EmbedStage", ("index",), "partition", True, PARTITION_GROUP),
     StageSpec("aesthetic", "winnow.stages.aesthetic:AestheticStage", ("embed",), "partition", True, PARTITION_GROUP),
     StageSpec("nsfw", "winnow.stages.nsfw:NsfwStage", ("embed",), "partition", True, PARTITION_GROUP),
-    StageSpec("dedup", "winnow.stages.dedup:run_dedup", ("embed", "aesthetic", "nsfw"), "global"),
+    # Semantic dedup as four steps (winnow.stages.dedup_steps): k-means on a sample, per row
+    # group cluster assignment, per bucket pairwise, per row group duplicate flags.
+    StageSpec("centroids", "winnow.stages.dedup_steps:run_centroids", ("embed", "aesthetic", "nsfw"), "global"),
+    StageSpec("assign", "winnow.stages.dedup_steps:AssignStage", ("embed", "aesthetic", "nsfw", "centroids"), "partition", True),
+    StageSpec("pairwise", "winnow.stages.dedup_steps:run_pairwise", ("centroids", "assign"), "bucket", True, map_over="centroids"),
+    StageSpec("dedup", "winnow.stages.dedup_steps:DedupFlagsStage", ("embed", "pairwise"), "partition"),
     StageSpec("write", "winnow.stages.write:WriteStage", ("index", "embed", "aesthetic", "nsfw", "dedup"), "partition"),
 )
 
@@ -89,11 +102,12 @@ def task_id(name: str) -> str:
 
 
 def run_phases() -> list[tuple[Scope, tuple[StageSpec, ...]]]:
-    """The graph cut into the phases a run goes through, in order: each global stage alone,
-    and each run of consecutive partition stages together (run depth-first per partition).
+    """The graph cut into the phases a run goes through, in order: each global or bucket stage
+    alone, and each run of consecutive partition stages together (run depth-first per partition).
 
-    >>> [(scope, [s.name for s in specs]) for scope, specs in run_phases()]
-    [('global', ['index']), ('partition', ['embed', 'aesthetic', 'nsfw']), ('global', ['dedup']), ('partition', ['write'])]
+    >>> [(scope, [s.name for s in specs]) for scope, specs in run_phases()]  # doctest: +NORMALIZE_WHITESPACE
+    [('global', ['index']), ('partition', ['embed', 'aesthetic', 'nsfw']), ('global', ['centroids']),
+     ('partition', ['assign']), ('bucket', ['pairwise']), ('partition', ['dedup', 'write'])]
     """
     phases: list[tuple[Scope, tuple[StageSpec, ...]]] = []
     for spec in STAGES:
@@ -110,6 +124,8 @@ def _check_graph() -> None:
         unknown = [u for u in spec.upstream if u not in seen]
         if unknown:
             raise AssertionError(f"stage {spec.name!r} reads {unknown} which come later or do not exist")
+        if spec.map_over is not None and (spec.map_over not in seen or _BY_NAME[spec.map_over].scope != "global"):
+            raise AssertionError(f"stage {spec.name!r} maps over {spec.map_over!r}, which is not an earlier global stage")
         seen.add(spec.name)
 
 

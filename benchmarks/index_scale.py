@@ -1,0 +1,91 @@
+"""Index throughput: the serial index vs the parallel one (shard groups scanned by Ray tasks).
+
+Writes ``--shards`` tar shards of ``--per-shard`` records each (a small jpg-named member and a
+``.txt`` per record: the index reads tar headers only, so payload size does not matter), then
+indexes them into fresh run roots: ``serial`` (this process) and ``ray`` (an embedded local Ray,
+started before the clock). Alternates serial, ray, serial, ray...; reports records/s per run and
+the median, with the load average at the start of each run.
+
+    python benchmarks/index_scale.py --shards 1000 --per-shard 100 --runs 3 --json /tmp/winnow-bench/index_scale.json
+
+Scripts, not tests: nothing here is collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from _common import describe, machine
+
+
+def write_shards(folder: Path, shards: int, per_shard: int) -> None:
+    stamp = folder / "_bench_params.json"
+    params = {"shards": shards, "per_shard": per_shard}
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for s in range(shards):
+        with tarfile.open(folder / f"shard-{s:06d}.tar", "w") as tar:
+            for r in range(per_shard):
+                for ext, data in (("jpg", b"\xff\xd8" + bytes(100)), ("txt", b"caption")):
+                    info = tarfile.TarInfo(f"{s:06d}{r:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    stamp.write_text(json.dumps(params))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=1000)
+    ap.add_argument("--per-shard", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--buffer-size", type=int, default=4096)
+    ap.add_argument("--work", default="/tmp/winnow-bench/index_scale")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    from winnow.data.index import IndexConfig, build_index
+    from winnow.ray.cluster import connect
+
+    work = Path(args.work)
+    shards = work / "input"
+    write_shards(shards, args.shards, args.per_shard)
+    print(describe(machine()), flush=True)
+    connect(None)  # Ray's start is not the index's work
+    config = IndexConfig(input_uri=str(shards), buffer_size=args.buffer_size, max_partitions=64)
+    runs: dict[str, list[dict]] = {"serial": [], "ray": []}
+    for i in range(args.runs):
+        for backend in ("serial", "ray"):
+            root = work / f"run-{backend}-{i}"
+            shutil.rmtree(root, ignore_errors=True)
+            load = [round(x, 2) for x in os.getloadavg()]
+            t0 = time.perf_counter()
+            result = build_index(str(root), config, backend=backend)
+            seconds = time.perf_counter() - t0
+            run = {"seconds": round(seconds, 2), "records_per_s": round(result.num_records / seconds), "load_at_start": load}
+            runs[backend].append(run)
+            print(backend, json.dumps(run), flush=True)
+            shutil.rmtree(root, ignore_errors=True)
+    summary = {b: {"median_records_per_s": statistics.median(r["records_per_s"] for r in rs), "runs": rs}
+               for b, rs in runs.items()}
+    summary["records"] = args.shards * args.per_shard
+    summary["machine_at_end"] = machine()
+    print(json.dumps({b: summary[b]["median_records_per_s"] for b in runs}), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
