@@ -144,13 +144,15 @@ class CurationConfig:
         except WinnowError as exc:
             model_ok = False
             problems.append(f"model/pretrained: {exc}")
+        by_message: dict[str, list[str]] = {}  # stages sharing one config report its problem once
         for spec in STAGES:
             if spec.name in ("aesthetic", "nsfw") and not model_ok:
                 continue  # their embedding width comes from the model
             try:
                 self.stage_config(spec.name)
             except (ValueError, TypeError, WinnowError) as exc:
-                problems.append(f"{spec.name}: {exc}")
+                by_message.setdefault(str(exc), []).append(spec.name)
+        problems += [f"{', '.join(names)}: {message}" for message, names in by_message.items()]
         try:
             from winnow.data.shards import list_shards
 

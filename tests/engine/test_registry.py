@@ -63,7 +63,7 @@ def test_upstreams_come_before_their_readers():
 
 def test_make_stage_refuses_a_global_or_unknown_stage(cfg):
     with pytest.raises(pipeline.ConfigError, match="whole run"):
-        pipeline.make_stage(cfg, "dedup")
+        pipeline.make_stage(cfg, "centroids")
     with pytest.raises(ValueError, match="unknown stage 'output'"):
         pipeline.make_stage(cfg, "output")
 
