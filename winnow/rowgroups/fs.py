@@ -147,11 +147,32 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         except (OSError, ValueError) as exc:
             raise storage_error(uri, exc, options) from exc
         return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+    if parts.scheme in ("gs", "gcs") and not parts.query and os.environ.get(GCS_EMULATOR_ENV):
+        return _gcs_emulator(os.environ[GCS_EMULATOR_ENV]), f"{parts.netloc}{parts.path}".rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as exc:
         raise storage_error(uri, exc) from exc
     return fs, path.rstrip("/")
+
+
+#: The variable Google's client libraries read to talk to a GCS emulator instead of GCS.
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+
+
+def _gcs_emulator(host: str) -> pafs.FileSystem:
+    """GCS at an emulator (no credentials), e.g. ``STORAGE_EMULATOR_HOST=http://127.0.0.1:9023``."""
+    import datetime
+
+    parts = urlsplit(host if "://" in host else f"http://{host}")
+    key = StorageOptions(endpoint_url=f"gs+{host}")
+    with _FS_LOCK:
+        if key not in _FS_CACHE:
+            _FS_CACHE[key] = pafs.GcsFileSystem(
+                anonymous=True, scheme=parts.scheme, endpoint_override=parts.netloc,
+                retry_time_limit=datetime.timedelta(seconds=REQUEST_TIMEOUT_S),
+            )
+        return _FS_CACHE[key]
 
 
 def is_local(fs: pafs.FileSystem) -> bool:
