@@ -120,3 +120,18 @@ def test_a_run_killed_mid_partition_resumes_with_only_what_is_missing(sample, ru
     assert counts_of(resumed) == counts_of(runs["local"])
     again = run_local(cfg)
     assert again["row_groups_computed"] == 0
+
+
+def test_member_reads_are_one_get_per_shard_of_a_row_group(runs, s3):
+    """A row group's images come from its shards in one ranged GET each, not one per record."""
+    from winnow.data.reader import read_members
+    from winnow.rowgroups import CommitStore
+
+    store = CommitStore(runs["s3_cfg"].run_root)
+    index = store.read_table("index", 0, 0)
+    shards = set(index.column("shard").to_pylist())
+    mark = s3.mark()
+    images = read_members(index, "image")
+    gets = [r for r in s3.requests(mark) if r.kind == "GET"]
+    assert index.num_rows >= 4 and sum(1 for i in images if i is not None) >= 3
+    assert len(gets) == len(shards), [r.key for r in gets]
