@@ -14,7 +14,7 @@ from winnow.rowgroups import CommitStore
 
 #: Run settings for every S3 run test: tiny model, 6 row groups in 3 partitions.
 SMALL = dict(buffer_size=4, max_partitions=3, model="winnow-tiny-vit", pretrained="random",
-             allow_random_weights=True, aesthetic_threshold=0.0, batch_size=8)
+             allow_random_weights=True, aesthetic_threshold=0.0)
 #: What a summary says about where it ran or how long it took, not what it found.
 NOT_COUNTS = {"run_root", "output", "write", "config", "seconds", "row_groups_computed",
               "row_groups_skipped", "row_groups_by_stage"}

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.airflow.conftest import airflow_db, curation_dag, dagbag  # noqa: F401  (fixtures)
-from tests.storage._runs import SMALL, counts_of, output_files, parquet_rows, run_local, upload_folder
+from tests.storage._runs import SMALL, counts_of, output_files, parquet_rows, upload_folder
 from tests.storage._s3server import ACCESS_KEY, SECRET_KEY
 from tests.storage.conftest import BUCKET, _reset_storage
 
@@ -23,32 +23,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 RUN_DATE = datetime(2025, 4, 1, tzinfo=timezone.utc)
 PREFIX = f"s3://{BUCKET}/dag"
 CONN_ID = "winnow_s3"
-DAG_SMALL = {k: v for k, v in SMALL.items() if k != "batch_size"}  # batch_size is not a DAG param
 
 
 @pytest.fixture(scope="module")
-def runs(s3, curation_dag, tmp_path_factory):  # noqa: F811
-    from winnow.data.sample import generate_sample
-    from winnow.pipeline import CurationConfig
-
-    root = tmp_path_factory.mktemp("s3dag")
-    generate_sample(str(root / "shards"), shards=2, per_shard=12, seed=1, corrupt=True)
-    upload_folder(str(root / "shards"), f"{PREFIX}/shards")
-    local = run_local(CurationConfig(input_uri=str(root / "shards"), output_root=str(root / "out"),
-                                     run_key="local", **DAG_SMALL))
+def runs(s3, curation_dag, local_run):  # noqa: F811
+    upload_folder(local_run["shards"], f"{PREFIX}/shards")
 
     for task in curation_dag.tasks:
         task.retries = 0
     conn = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
             "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}
     conf = {"input_uri": f"{PREFIX}/shards/shard-{{000000..000001}}.tar", "output_root": f"{PREFIX}/out",
-            "run_key": "dag", "storage_conn_id": CONN_ID, **DAG_SMALL}
+            "run_key": "dag", "storage_conn_id": CONN_ID, **SMALL}
     no_aws_env = {k: "" for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     with mock.patch.dict(os.environ, {f"AIRFLOW_CONN_{CONN_ID.upper()}": json.dumps(conn), **no_aws_env}):
         _reset_storage()
         dr = curation_dag.test(logical_date=RUN_DATE, run_conf=conf)
     _reset_storage()
-    return {"dr": dr, "local": local, "local_root": str(root / "out" / "local"), "s3_root": f"{PREFIX}/out/dag"}
+    return {"dr": dr, "local": local_run["summary"], "local_root": local_run["run_root"],
+            "s3_root": f"{PREFIX}/out/dag"}
 
 
 def _xcoms(dr) -> list:
