@@ -179,6 +179,11 @@ def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    """S3 or GCS: every read is a request, there is no rename."""
+    return isinstance(fs, pafs.S3FileSystem) or type(fs).__name__ == "GcsFileSystem"
+
+
 def display_uri(fs: pafs.FileSystem, path: str) -> str:
     """``path`` as the user would write it (``s3://bucket/key`` on S3)."""
     if isinstance(fs, pafs.S3FileSystem):
