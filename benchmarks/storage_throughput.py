@@ -22,7 +22,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import shutil
 import sys
 import time

@@ -15,7 +15,14 @@ import urllib.request
 import pyarrow as pa
 import pytest
 
-from tests.storage._runs import SMALL, counts_of, output_files, run_local, upload_folder
+from tests.storage._runs import (
+    SMALL,
+    WRITE_STAGE,
+    counts_of,
+    output_files,
+    run_local,
+    upload_folder,
+)
 from tests.storage._s3server import free_port
 from tests.storage.conftest import _reset_storage
 from winnow.data.shards import list_shards
@@ -82,6 +89,6 @@ def test_a_run_on_gcs_equals_the_local_run(gcs, local_run):
     remote = run_local(CurationConfig(input_uri=f"gs://{BUCKET}/shards/shard-*.tar",
                                       output_root=f"gs://{BUCKET}/out", run_key="r", **SMALL))
     assert counts_of(remote) == counts_of(local_run["summary"]) and remote["records"] >= 24
-    a, b = output_files(local_run["run_root"], "output"), output_files(f"gs://{BUCKET}/out/r", "output")
+    a, b = output_files(local_run["run_root"], WRITE_STAGE), output_files(f"gs://{BUCKET}/out/r", WRITE_STAGE)
     assert sorted(a) == sorted(b)
     assert all(a[k] == b[k] for k in a if k.endswith(".tar"))

@@ -19,8 +19,14 @@ from tests.storage._s3server import SECRET_KEY, free_port
 from tests.storage.conftest import BUCKET, _reset_storage
 from winnow.data.errors import InputError
 from winnow.data.shards import list_shards
-from winnow.rowgroups import CommitStore, RunLocked, StageFingerprint, StageConfigMismatch, StorageError
-from winnow.rowgroups import lease
+from winnow.rowgroups import (
+    CommitStore,
+    RunLocked,
+    StageConfigMismatch,
+    StageFingerprint,
+    StorageError,
+    lease,
+)
 from winnow.rowgroups.fs import conditional_writes, create_if_absent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -5,8 +5,10 @@ connection's secret in no XCom, summary, fingerprint or task log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from datetime import datetime, timezone
 from unittest import mock
 
@@ -14,7 +16,14 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.airflow.conftest import airflow_db, curation_dag, dagbag  # noqa: F401  (fixtures)
-from tests.storage._runs import SMALL, counts_of, output_files, parquet_rows, upload_folder
+from tests.storage._runs import (
+    SMALL,
+    WRITE_STAGE,
+    counts_of,
+    output_files,
+    parquet_rows,
+    upload_folder,
+)
 from tests.storage._s3server import ACCESS_KEY, SECRET_KEY
 from tests.storage.conftest import BUCKET, _reset_storage
 
@@ -26,7 +35,7 @@ CONN_ID = "winnow_s3"
 
 
 @pytest.fixture(scope="module")
-def runs(s3, curation_dag, local_run):  # noqa: F811
+def runs(s3, curation_dag, local_run, tmp_path_factory):  # noqa: F811
     upload_folder(local_run["shards"], f"{PREFIX}/shards")
 
     for task in curation_dag.tasks:
@@ -36,12 +45,35 @@ def runs(s3, curation_dag, local_run):  # noqa: F811
     conf = {"input_uri": f"{PREFIX}/shards/shard-{{000000..000001}}.tar", "output_root": f"{PREFIX}/out",
             "run_key": "dag", "storage_conn_id": CONN_ID, **SMALL}
     no_aws_env = {k: "" for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    log_path = tmp_path_factory.mktemp("s3daglog") / "output.log"
     with mock.patch.dict(os.environ, {f"AIRFLOW_CONN_{CONN_ID.upper()}": json.dumps(conn), **no_aws_env}):
         _reset_storage()
-        dr = curation_dag.test(logical_date=RUN_DATE, run_conf=conf)
+        with _output_to(str(log_path)):  # dag.test prints the task logs: keep them to search
+            dr = curation_dag.test(logical_date=RUN_DATE, run_conf=conf)
     _reset_storage()
     return {"dr": dr, "local": local_run["summary"], "local_root": local_run["run_root"],
-            "s3_root": f"{PREFIX}/out/dag"}
+            "s3_root": f"{PREFIX}/out/dag", "log": log_path.read_text(errors="replace")}
+
+
+@contextlib.contextmanager
+def _output_to(path: str):
+    """Everything written to this process's stdout and stderr (file descriptors 1 and 2,
+    whoever writes) goes to ``path`` meanwhile."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "wb") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _xcoms(dr) -> list:
@@ -61,8 +93,8 @@ def test_the_run_on_s3_succeeds_with_the_local_counts(runs):
 
 
 def test_output_objects_equal_the_local_files(runs):
-    local = output_files(runs["local_root"], "output")
-    remote = output_files(runs["s3_root"], "output")
+    local = output_files(runs["local_root"], WRITE_STAGE)
+    remote = output_files(runs["s3_root"], WRITE_STAGE)
     assert sorted(local) == sorted(remote) and any(k.endswith(".tar") for k in local)
     for key in local:
         if key.endswith(".tar"):
@@ -86,15 +118,9 @@ def test_the_secret_is_in_no_xcom_summary_or_fingerprint(runs):
             assert SECRET_KEY not in body and ACCESS_KEY not in body, info.path
 
 
-def test_the_secret_is_in_no_task_log(runs, caplog):
-    """The task logs of the run (Airflow writes them under its base log folder)."""
-    from tests.airflow.conftest import AIRFLOW_HOME
-
-    seen = 0
-    for folder, _, names in os.walk(os.path.join(AIRFLOW_HOME, "logs")):
-        for name in names:
-            with open(os.path.join(folder, name), errors="replace") as f:
-                body = f.read()
-            seen += "winnow_s3" in body or "object storage" in body
-            assert SECRET_KEY not in body, os.path.join(folder, name)
-    print(f"task log files mentioning the storage connection: {seen}")
+def test_the_secret_is_in_no_task_log(runs):
+    """The task logs of the run as ``dag.test`` prints them: the connection is named, its
+    endpoint shown, its secret never."""
+    log = runs["log"]
+    assert f"object storage: connection '{CONN_ID}'" in log and "[DAG TEST] end task task_id=report" in log
+    assert SECRET_KEY not in log

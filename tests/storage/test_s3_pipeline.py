@@ -11,7 +11,15 @@ import sys
 
 import pytest
 
-from tests.storage._runs import SMALL, counts_of, output_files, parquet_rows, run_local, upload_folder
+from tests.storage._runs import (
+    SMALL,
+    WRITE_STAGE,
+    counts_of,
+    output_files,
+    parquet_rows,
+    run_local,
+    upload_folder,
+)
 from tests.storage.conftest import BUCKET
 from winnow import pipeline
 from winnow.pipeline import CurationConfig
@@ -46,8 +54,8 @@ def test_counts_on_s3_equal_the_local_run(runs):
 
 
 def test_output_objects_equal_the_local_files(runs):
-    local = output_files(runs["local_root"], "output")
-    remote = output_files(runs["s3_cfg"].run_root, "output")
+    local = output_files(runs["local_root"], WRITE_STAGE)
+    remote = output_files(runs["s3_cfg"].run_root, WRITE_STAGE)
     assert sorted(local) == sorted(remote) and any(k.endswith(".tar") for k in local)
     for key in local:
         if key.endswith(".tar"):

@@ -37,7 +37,9 @@ TEMP_MARK = ".tmp-"
 _ROW_GROUP_FILE = re.compile(r"^rg(\d{9})\.parquet$")
 
 
-__all__ = ["CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "write_atomic", "write_json"]
+__all__ = [
+    "CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "write_atomic", "write_json",
+]
 
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
