@@ -37,3 +37,17 @@ def s3(tmp_path_factory):
                 os.environ[k] = v
         _reset_storage()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory):
+    """The reference: sample shards curated on local disk (every S3/GCS run is compared to it)."""
+    from tests.storage._runs import SMALL, run_local
+    from winnow.data.sample import generate_sample
+    from winnow.pipeline import CurationConfig
+
+    root = tmp_path_factory.mktemp("reference")
+    generate_sample(str(root / "shards"), shards=2, per_shard=12, seed=0, corrupt=True)
+    summary = run_local(CurationConfig(input_uri=str(root / "shards"), output_root=str(root / "out"),
+                                       run_key="local", **SMALL))
+    return {"shards": str(root / "shards"), "summary": summary, "run_root": str(root / "out" / "local")}

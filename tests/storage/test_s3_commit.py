@@ -19,8 +19,14 @@ from tests.storage._s3server import SECRET_KEY, free_port
 from tests.storage.conftest import BUCKET, _reset_storage
 from winnow.data.errors import InputError
 from winnow.data.shards import list_shards
-from winnow.rowgroups import CommitStore, RunLocked, StageFingerprint, StageConfigMismatch, StorageError
-from winnow.rowgroups import lease
+from winnow.rowgroups import (
+    CommitStore,
+    RunLocked,
+    StageConfigMismatch,
+    StageFingerprint,
+    StorageError,
+    lease,
+)
 from winnow.rowgroups.fs import conditional_writes, create_if_absent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -173,3 +179,27 @@ def test_an_unreachable_endpoint_names_the_setting(s3, monkeypatch):
     finally:
         monkeypatch.undo()
         _reset_storage()
+
+
+def test_indexing_a_shard_reads_it_in_blocks_not_per_member(s3):
+    """A tar-header scan walks the shard's 512-byte headers; on S3 each 8 MiB block is one GET."""
+    import io
+    import tarfile
+
+    from winnow.data.tarscan import scan_shard
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(40):
+            for ext, size in (("jpg", 3000), ("txt", 20), ("json", 30)):
+                info = tarfile.TarInfo(f"k{i:03d}.{ext}")
+                info.size = size
+                tar.addfile(info, io.BytesIO(b"x" * size))
+    store = _store("scan")
+    with store.fs.open_output_stream(store.path("shard-0.tar")) as f:
+        f.write(buf.getvalue())
+    mark = s3.mark()
+    scan = scan_shard(f"s3://{store.root}/shard-0.tar")
+    assert scan.table().num_rows == 40
+    counts = s3.counts(mark)
+    assert counts["GET"] == 1 and counts["HEAD"] <= 1, counts

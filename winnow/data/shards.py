@@ -249,7 +249,9 @@ def _list_patterns(input_uri: str, patterns: list[str]) -> list[tuple[str, int]]
     if unmatched:
         if not found:
             _missing(input_uri, fs, next(iter(by_base)))
-        shown = ", ".join(repr(p) for p in unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        shown = ", ".join(repr(p) for p in unmatched[:5])
+        if len(unmatched) > 5:
+            shown += f" and {len(unmatched) - 5} more"
         raise InputError(
             input_uri,
             f"input pattern {input_uri!r} matched nothing for {shown}. Check the pattern (globs: "

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from winnow.data.errors import ShardError
+from winnow.data.reader import open_for_scan
 from winnow.data.shards import open_shard_filesystem
 from winnow.schemas import IMAGE_EXTENSIONS
 
@@ -278,7 +279,7 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
     fs, path = open_shard_filesystem(shard, filesystem)
     scan = ShardScan(shard=shard)
     try:
-        f = fs.open_input_file(path)
+        f = open_for_scan(fs, path)  # one GET per block on object stores, not one per member
     except (OSError, ValueError) as exc:
         raise ShardError(shard, f"shard {shard} cannot be opened: {exc}. Check it exists and is readable.") from exc
     with f:

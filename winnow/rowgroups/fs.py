@@ -42,8 +42,9 @@ REQUEST_TIMEOUT_S = 60.0
 class StorageOptions:
     """How to reach an S3-compatible object store. Secrets never show in ``repr``.
 
-    >>> StorageOptions(endpoint_url="http://127.0.0.1:9000", secret_access_key="s3cr3t")
-    StorageOptions(endpoint_url='http://127.0.0.1:9000', region=None, access_key_id=None, source='the AWS environment variables')
+    >>> opts = StorageOptions(endpoint_url="http://127.0.0.1:9000", secret_access_key="s3cr3t")
+    >>> "s3cr3t" in repr(opts), opts.endpoint
+    (False, 'http://127.0.0.1:9000')
     """
 
     endpoint_url: str | None = None
@@ -147,6 +148,8 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         except (OSError, ValueError) as exc:
             raise storage_error(uri, exc, options) from exc
         return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+    if parts.scheme in ("gs", "gcs") and not parts.query and os.environ.get(GCS_EMULATOR_ENV):
+        return _gcs_emulator(os.environ[GCS_EMULATOR_ENV]), f"{parts.netloc}{parts.path}".rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as exc:
@@ -154,8 +157,32 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+#: The variable Google's client libraries read to talk to a GCS emulator instead of GCS.
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+
+
+def _gcs_emulator(host: str) -> pafs.FileSystem:
+    """GCS at an emulator (no credentials), e.g. ``STORAGE_EMULATOR_HOST=http://127.0.0.1:9023``."""
+    import datetime
+
+    parts = urlsplit(host if "://" in host else f"http://{host}")
+    key = StorageOptions(endpoint_url=f"gs+{host}")
+    with _FS_LOCK:
+        if key not in _FS_CACHE:
+            _FS_CACHE[key] = pafs.GcsFileSystem(
+                anonymous=True, scheme=parts.scheme, endpoint_override=parts.netloc,
+                retry_time_limit=datetime.timedelta(seconds=REQUEST_TIMEOUT_S),
+            )
+        return _FS_CACHE[key]
+
+
 def is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
+
+
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    """S3 or GCS: every read is a request, there is no rename."""
+    return isinstance(fs, pafs.S3FileSystem) or type(fs).__name__ == "GcsFileSystem"
 
 
 def display_uri(fs: pafs.FileSystem, path: str) -> str:

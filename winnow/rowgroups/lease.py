@@ -18,7 +18,12 @@ import time
 from dataclasses import dataclass
 
 from winnow.rowgroups.errors import RunLocked, StorageError
-from winnow.rowgroups.fs import ConditionalWritesUnsupported, conditional_writes, delete_file
+from winnow.rowgroups.fs import (
+    ConditionalWritesUnsupported,
+    conditional_writes,
+    delete_file,
+    display_uri,
+)
 from winnow.rowgroups.store import CommitStore, is_local, read_json, write_json
 
 LEASE_FILE = "_lease.json"
@@ -111,7 +116,8 @@ def _locked(store: CommitStore, current: Lease, now: float) -> RunLocked:
     return RunLocked(
         f"run root {store.run_root} is in use by run {current.owner!r} (lease expires in {left} s). "
         "Two runs must not write one run root at once: wait for that run to finish, use another "
-        f"run_key, or, if that run is dead, delete {store.run_root}/{LEASE_FILE} to take over now."
+        f"run_key, or, if that run is dead, delete {display_uri(store.fs, store.path(LEASE_FILE))} to take "
+        "over now."
     )
 
 
@@ -136,8 +142,10 @@ def _acquire_conditional(store: CommitStore, cond, owner: str, lease: Lease, pay
             return current  # ours for a while yet: a renewal PUT per task would only cost requests
         if cond.replace(path, body, etag):
             return lease
-    raise RunLocked(f"run root {store.run_root}: the lease {path} kept changing while taking it; "
-                    "another run is starting on the same run root. Retry, or use another run_key.")
+    raise RunLocked(
+        f"run root {store.run_root}: the lease {display_uri(store.fs, path)} kept changing while taking "
+        "it; another run is starting on the same run root. Retry, or use another run_key."
+    )
 
 
 def release(store: CommitStore, owner: str) -> None:

@@ -40,7 +40,9 @@ _ROW_GROUP_FILE = re.compile(r"^rg(\d{9})\.parquet$")
 LEGACY_FOLDERS = {"write": "output"}
 
 
-__all__ = ["CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "write_atomic", "write_json"]
+__all__ = [
+    "CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "write_atomic", "write_json",
+]
 
 
 def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -1,0 +1,126 @@
+"""image_curation under ``dag.test()`` with shards and run root on a real S3 endpoint, reached
+only through an Airflow ``aws`` connection named by the ``storage_conn_id`` param (the AWS_*
+variables are unset): same counts and same output objects as the run on local disk, and the
+connection's secret in no XCom, summary, fingerprint or task log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from unittest import mock
+
+import pyarrow.fs as pafs
+import pytest
+
+from tests.airflow.conftest import airflow_db, curation_dag, dagbag  # noqa: F401  (fixtures)
+from tests.storage._runs import (
+    SMALL,
+    WRITE_STAGE,
+    counts_of,
+    output_files,
+    parquet_rows,
+    upload_folder,
+)
+from tests.storage._s3server import ACCESS_KEY, SECRET_KEY
+from tests.storage.conftest import BUCKET, _reset_storage
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+RUN_DATE = datetime(2025, 4, 1, tzinfo=timezone.utc)
+PREFIX = f"s3://{BUCKET}/dag"
+CONN_ID = "winnow_s3"
+
+
+@pytest.fixture(scope="module")
+def runs(s3, curation_dag, local_run, tmp_path_factory):  # noqa: F811
+    upload_folder(local_run["shards"], f"{PREFIX}/shards")
+
+    for task in curation_dag.tasks:
+        task.retries = 0
+    conn = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
+            "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}
+    conf = {"input_uri": f"{PREFIX}/shards/shard-{{000000..000001}}.tar", "output_root": f"{PREFIX}/out",
+            "run_key": "dag", "storage_conn_id": CONN_ID, **SMALL}
+    no_aws_env = {k: "" for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    log_path = tmp_path_factory.mktemp("s3daglog") / "output.log"
+    with mock.patch.dict(os.environ, {f"AIRFLOW_CONN_{CONN_ID.upper()}": json.dumps(conn), **no_aws_env}):
+        _reset_storage()
+        with _output_to(str(log_path)):  # dag.test prints the task logs: keep them to search
+            dr = curation_dag.test(logical_date=RUN_DATE, run_conf=conf)
+    _reset_storage()
+    return {"dr": dr, "local": local_run["summary"], "local_root": local_run["run_root"],
+            "s3_root": f"{PREFIX}/out/dag", "log": log_path.read_text(errors="replace")}
+
+
+@contextlib.contextmanager
+def _output_to(path: str):
+    """Everything written to this process's stdout and stderr (file descriptors 1 and 2,
+    whoever writes) goes to ``path`` meanwhile."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "wb") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _xcoms(dr) -> list:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter_by(dag_id=dr.dag_id, run_id=dr.run_id).all()
+        return [(r.task_id, r.map_index, r.key, XComModel.deserialize_value(r)) for r in rows]
+
+
+def test_the_run_on_s3_succeeds_with_the_local_counts(runs):
+    assert runs["dr"].state == "success"
+    report = next(v for t, _, k, v in _xcoms(runs["dr"]) if t == "report" and k == "return_value")
+    assert report["records"] >= 24 and report["undecodable"] > 0
+    assert counts_of(report) == counts_of(runs["local"])
+
+
+def test_output_objects_equal_the_local_files(runs):
+    local = output_files(runs["local_root"], WRITE_STAGE)
+    remote = output_files(runs["s3_root"], WRITE_STAGE)
+    assert sorted(local) == sorted(remote) and any(k.endswith(".tar") for k in local)
+    for key in local:
+        if key.endswith(".tar"):
+            assert local[key] == remote[key], key
+        elif key.endswith(".parquet"):  # _stage.json differs: it chains the input's fingerprint
+            assert parquet_rows(local[key], drop=("shard",)) == parquet_rows(remote[key], drop=("shard",)), key
+
+
+def test_the_secret_is_in_no_xcom_summary_or_fingerprint(runs):
+    assert runs["dr"].state == "success"
+    text = json.dumps(_xcoms(runs["dr"]), default=str)
+    assert SECRET_KEY not in text and ACCESS_KEY not in text
+    assert "storage_conn_id" not in text or CONN_ID in text  # the id may show, never its values
+    from winnow.rowgroups.fs import resolve_filesystem
+
+    fs, root = resolve_filesystem(runs["s3_root"])
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type == pafs.FileType.File and info.base_name.endswith(".json"):
+            with fs.open_input_stream(info.path) as f:
+                body = f.read().decode()
+            assert SECRET_KEY not in body and ACCESS_KEY not in body, info.path
+
+
+def test_the_secret_is_in_no_task_log(runs):
+    """The task logs of the run as ``dag.test`` prints them: the connection is named, its
+    endpoint shown, its secret never."""
+    log = runs["log"]
+    assert f"object storage: connection '{CONN_ID}'" in log and "[DAG TEST] end task task_id=report" in log
+    assert SECRET_KEY not in log
