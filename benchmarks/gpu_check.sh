@@ -42,8 +42,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 # The gpu-marked tests that need neither DALI nor Ray (DALI tests carry "dali" in their names).
 tests_rc=0
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -k "not dali" \
-  tests/engine/test_decode.py tests/engine/test_embed.py tests/engine/test_embed_worker.py \
-  tests/engine/test_dedup.py tests/engine/test_gpu_check.py || tests_rc=$?
+  tests/stages/test_decode.py tests/stages/test_embed.py tests/stages/test_embed_worker.py \
+  tests/stages/test_dedup.py tests/benchmarks/test_gpu_check.py || tests_rc=$?
 echo "gpu_check: gpu tests exit status $tests_rc"
 
 timeout 420 "$PY" benchmarks/gpu_check.py --tests-rc "$tests_rc" "$@"

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from _faultkit import EXTRA_SHARD, Reference, RunOutput, Sample, _extra_shard_members, tree_state, write_tar
+from tests.faults._faultkit import EXTRA_SHARD, Reference, RunOutput, Sample, _extra_shard_members, tree_state, write_tar
 from winnow.data.sample import generate_sample
 from winnow.pipeline import run_all
 

@@ -13,7 +13,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from _faultkit import (
+from tests.faults._faultkit import (
     COUNTS,
     CROSS_SHARD_DUP,
     EXTRA_SHARD,

@@ -22,7 +22,7 @@ import pytest
 import ray
 import ray.cloudpickle
 
-from _faultkit import assert_same_as_reference, assert_untouched, committed_files
+from tests.faults._faultkit import assert_same_as_reference, assert_untouched, committed_files
 from winnow.faults import ENV_VAR
 from winnow.pipeline import load_plan, make_stage, run_all, run_index
 from winnow.ray.runner import run_stage_partition

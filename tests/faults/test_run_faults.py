@@ -14,7 +14,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from _faultkit import (
+from tests.faults._faultkit import (
     assert_same_as_reference,
     assert_untouched,
     child_result,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pyarrow as pa
 import pytest
@@ -44,7 +45,7 @@ class ModelRangeStage(RecordRangeStage):
 
 
 # Ray workers cannot import this test module: ship its stage classes by value.
-ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")

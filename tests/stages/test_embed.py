@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _shards import write_tar
+from tests.data._shards import write_tar
 from winnow.data.index import IndexConfig, build_index
 from winnow.schemas import embed_schema
 from winnow.stages.base import RowGroupTask, Stage

@@ -10,7 +10,7 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from _shards import tree_snapshot, write_tar
+from tests.data._shards import tree_snapshot, write_tar
 from winnow.data.errors import InputError, ShardError
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index
 from winnow.data.sample import generate_sample

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _stage_rows import commit_embed, unit_rows
+from tests.stages._stage_rows import commit_embed, unit_rows
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import AESTHETIC, NSFW
 from winnow.stages.base import RowGroupTask, Stage

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from _stage_rows import commit_embed, commit_filters, unit_rows
+from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.data.index import IndexConfig, build_index
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import write_schema

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from _stage_rows import commit_embed, commit_filters, unit_rows
+from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageConfigMismatch
 from winnow.schemas import DEDUP
 from winnow.stages.dedup import (

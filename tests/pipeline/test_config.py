@@ -15,7 +15,7 @@ from winnow.stages.decode import DECODE_BACKENDS
 from winnow.stages.dedup import EPS_RANGE, DedupConfig, DedupError
 from winnow.stages.heads import AestheticMLP, HeadError
 from winnow.stages.nsfw import NsfwConfig
-from tests.engine._shards import write_tar
+from tests.data._shards import write_tar
 
 
 def _cfg(tmp_path, **overrides) -> CurationConfig:

@@ -8,7 +8,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from _shards import write_tar
+from tests.data._shards import write_tar
 from winnow.data.errors import ShardError
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index
 from winnow.data.sample import generate_sample

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from _stage_rows import commit_embed, commit_filters, unit_rows
+from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageConfigMismatch
 from winnow.schemas import DEDUP
 from winnow.stages.dedup import DedupConfig, dedup_clusters, nearest_centroid, read_candidates
