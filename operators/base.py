@@ -20,7 +20,6 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from operators.hooks import ACTIVE_STATES, RayAuthError, RayHook
 from operators.links import CurationViewLink
 from operators.ray_links import RayJobLink
-from operators.triggers import RayJobTrigger
 from operators.progress import PartitionProgress
 
 if TYPE_CHECKING:
@@ -355,6 +354,9 @@ class RayJobRunner:
 
     # ---- the try -----------------------------------------------------------------------
     def run(self, context: Context, run: PartitionRun) -> dict[str, Any]:
+        # Imported here: the trigger module loads Airflow's trigger machinery, which a DAG
+        # file parse does not need.
+        from operators.triggers import RayJobTrigger
         from winnow.ray.job import read_summary, summary_uri
 
         base = self.base_id(context, run)

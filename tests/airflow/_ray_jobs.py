@@ -32,7 +32,8 @@ def start_job_head(root: Path, *, extra_env: dict[str, str] | None = None) -> di
     }
     # Short: Ray puts unix sockets under its temp dir (107-byte path limit).
     head = cluster.start_head(f"/tmp/wj-{uuid.uuid4().hex[:6]}", root / "ray-head.log", num_cpus=2, env=env,
-                              dashboard=True, extra_args=("--num-gpus=0", "--object-store-memory=300000000"))
+                              dashboard=True, extra_args=("--num-gpus=0", "--object-store-memory=300000000"),
+                              timeout_s=300)  # seen: > 120 s at load 15-20 on 2 cores
     return {"head": head, "token": token, "url": head.dashboard_url, "address": head.address}
 
 
