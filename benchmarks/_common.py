@@ -99,7 +99,7 @@ def run_json_child(argv: list[str], *, env: dict | None = None, timeout: float =
 class Timer:
     """``with Timer() as t: ...; t.seconds``"""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         return self
 

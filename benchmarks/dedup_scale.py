@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import REPO, describe, machine  # noqa: F401  (REPO puts the repo on sys.path)
 
 D = 768
@@ -232,7 +231,7 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from winnow.ray.cluster import STATE_DIR_ENV, EMBEDDED_ENV, ensure_local_head, head_status, stop_local_head
+    from winnow.ray.cluster import EMBEDDED_ENV, STATE_DIR_ENV, ensure_local_head, head_status, stop_local_head
 
     work = Path(args.work) / f"n{args.records}"
     run_root = str(work / "run")

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     print(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine_start": start_machine, "runs": runs, "median": med, "device": device, "row": row}, f, indent=2)
+            json.dump({"args": vars(args), "machine_start": start_machine, "runs": runs, "median": med,
+                       "device": device, "row": row}, f, indent=2)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     report: dict = {
-        "check": "gpu_check", "dry_run": args.dry_run, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "check": "gpu_check", "dry_run": args.dry_run,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "loadavg_start": [round(v, 2) for v in os.getloadavg()], "model": f"{mode['model']} (random weights)",
         "images": mode["images"], "image_size": f"{WIDTH}x{HEIGHT} JPEG q90", "gpu_tests_rc": args.tests_rc,

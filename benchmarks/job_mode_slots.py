@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from unittest import mock
 
@@ -68,7 +68,7 @@ def main() -> int:
         dag = DagBag(dag_folder=str(REPO / "dags")).dags["image_curation"]
         env = {"AIRFLOW_CONN_RAY_JOBB": job_conn(started["url"], started["token"]),
                "AIRFLOW_CONN_RAY_DRIVERB": driver_conn(started["address"], started["token"])}
-        day = datetime(2025, 5, 1, tzinfo=timezone.utc)
+        day = datetime(2025, 5, 1, tzinfo=UTC)
         with mock.patch.dict(os.environ, env), \
                 mock.patch.object(RowGroupStageOperator, "execute", timed(RowGroupStageOperator.execute)), \
                 mock.patch.object(RowGroupStageOperator, "execute_complete",

@@ -13,7 +13,6 @@ and the progress payload raw and gzipped. Needs chromium + chromedriver (``bash 
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib
 import json
 import os

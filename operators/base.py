@@ -19,8 +19,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from operators.hooks import ACTIVE_STATES, RayAuthError, RayHook
 from operators.links import CurationViewLink
-from operators.ray_links import RayJobLink
 from operators.progress import PartitionProgress
+from operators.ray_links import RayJobLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

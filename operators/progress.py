@@ -8,7 +8,7 @@ where a Ray job id would wait for a reconnecting try. A cleared task keeps its s
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 #: At most this many failed row-group ids are kept; the rest are counted.
@@ -80,7 +80,7 @@ class PartitionProgress:
             "failed": ids[:MAX_FAILED_IDS],
             "num_failed": len(ids),
             "first_error": failed[ids[0]][:500] if ids else None,
-            "updated_at": datetime.now(timezone.utc).isoformat(),
+            "updated_at": datetime.now(UTC).isoformat(),
         }
         if try_number is not None:
             value["try_number"] = try_number

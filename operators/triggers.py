@@ -81,7 +81,7 @@ class RayJobTrigger(BaseTrigger):
                 except (RayAuthError, ValueError) as exc:
                     yield self._event("ERROR", shown, str(exc))
                     return
-                except (aiohttp.ClientError, asyncio.TimeoutError, RayJobsApiError) as exc:
+                except (TimeoutError, aiohttp.ClientError, RayJobsApiError) as exc:
                     # No give-up time of our own: a cluster restart is survivable, and a
                     # timeout, when wanted, is the deferral's (job_timeout).
                     self.log.warning("Ray Jobs API unreachable for job %s (%s); retrying in %.0f s",

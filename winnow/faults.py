@@ -35,7 +35,7 @@ class FaultSpec:
     times: int = 1
 
     @classmethod
-    def from_env(cls) -> "FaultSpec | None":
+    def from_env(cls) -> FaultSpec | None:
         raw = os.environ.get(ENV_VAR)
         if raw and raw.startswith("@"):
             try:

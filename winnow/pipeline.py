@@ -140,7 +140,7 @@ class CurationConfig:
             problems.append(f"run_key must be a single folder name, got {self.run_key!r}")
         model_ok = True
         try:
-            self.model_spec
+            _ = self.model_spec  # resolving it checks the model name and weights
         except WinnowError as exc:
             model_ok = False
             problems.append(f"model/pretrained: {exc}")

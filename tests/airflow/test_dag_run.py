@@ -13,7 +13,7 @@ import json
 import os
 import tarfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from unittest import mock
 
 import pyarrow.parquet as pq
@@ -23,8 +23,8 @@ from tests.airflow.conftest import airflow_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-FAULT_RUN_DATE = datetime(2025, 3, 1, tzinfo=timezone.utc)
-CHANGE_RUN_DATE = datetime(2025, 3, 2, tzinfo=timezone.utc)
+FAULT_RUN_DATE = datetime(2025, 3, 1, tzinfo=UTC)
+CHANGE_RUN_DATE = datetime(2025, 3, 2, tzinfo=UTC)
 FAULTY_ROW_GROUPS = [1, 6]  # row group 1 is in partition 0, row group 6 in partition 2
 PARTITION_TASKS = ("partition.embed", "partition.aesthetic", "partition.nsfw", "write")
 
@@ -224,7 +224,7 @@ def test_bad_params_fail_fast_without_retries(run_env, tmp_path):
     _set_retries(dag, 2)
     try:
         conf = {**run_env["conf"], "input_uri": str(tmp_path / "nowhere"), "run_key": "bad"}
-        dr = dag.test(logical_date=datetime(2025, 3, 3, tzinfo=timezone.utc), run_conf=conf)
+        dr = dag.test(logical_date=datetime(2025, 3, 3, tzinfo=UTC), run_conf=conf)
     finally:
         _set_retries(dag, 0)
     assert dr.state == "failed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
@@ -90,7 +90,7 @@ def test_provider_entry_point_registers_the_ray_connection_type(airflow_db):
 
 
 def test_default_run_key_is_the_logical_date_or_a_path_safe_run_id():
-    scheduled = {"dag_run": SimpleNamespace(logical_date=datetime(2025, 1, 31, tzinfo=timezone.utc),
+    scheduled = {"dag_run": SimpleNamespace(logical_date=datetime(2025, 1, 31, tzinfo=UTC),
                                             run_id="scheduled__2025-01-31T00:00:00+00:00")}
     assert default_run_key(scheduled) == "20250131"
     manual = {"dag_run": SimpleNamespace(logical_date=None, run_id="manual__2025-02-01T10:00:00+00:00")}

@@ -7,12 +7,11 @@ One Ray head serves the module. Slow: each Ray Job pays a driver and worker star
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from unittest import mock
 
 import pytest
@@ -22,9 +21,9 @@ from winnow.ray import cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-JOB_DATE = datetime(2025, 4, 1, tzinfo=timezone.utc)
-DRIVER_DATE = datetime(2025, 4, 2, tzinfo=timezone.utc)
-BAD_TOKEN_DATE = datetime(2025, 4, 3, tzinfo=timezone.utc)
+JOB_DATE = datetime(2025, 4, 1, tzinfo=UTC)
+DRIVER_DATE = datetime(2025, 4, 2, tzinfo=UTC)
+BAD_TOKEN_DATE = datetime(2025, 4, 3, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

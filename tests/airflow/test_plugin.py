@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -44,7 +44,7 @@ def dag_runs(airflow_db, curated):
     from airflow.utils.session import create_session
     from airflow.utils.state import DagRunState
 
-    when = datetime(2025, 4, 1, tzinfo=timezone.utc)
+    when = datetime(2025, 4, 1, tzinfo=UTC)
     runs = {"ok": ("plugin-ok", {"output_root": curated["out"], "run_key": "r1"}),
             "escape": ("plugin-escape", {"output_root": curated["out"], "run_key": ".."}),
             "noroot": ("plugin-noroot", {})}
@@ -167,7 +167,7 @@ def test_run_root_comes_from_the_index_tasks_xcom_before_the_conf():
            "logical_date": None, "run_id": "r"}
     assert plugin.run_root_of(run) == "s3://bucket/curated/20250101"
     run = {"index_summary": None, "conf": {"output_root": "s3://b/c/"}, "run_id": "manual__x",
-           "logical_date": datetime(2025, 1, 2, tzinfo=timezone.utc)}
+           "logical_date": datetime(2025, 1, 2, tzinfo=UTC)}
     assert plugin.run_root_of(run) == "s3://b/c/20250102"  # the DAG's default run key rule
 
 

@@ -237,7 +237,7 @@ def test_index_of_corrupt_sample_counts_and_stays_inside_run_root(corrupt_sample
     zero_image = next(c["key"] for c in manifest["corrupt"] if c["kind"] == "zero_byte_image")
     assert rows.filter(pa.compute.equal(rows["key"], zero_image))["image_size"].to_pylist() == [0]
     # Every committed file lies under the run root.
-    for folder, _, files in os.walk(run_root):
+    for folder, _, _files in os.walk(run_root):
         assert os.path.realpath(folder).startswith(os.path.realpath(run_root))
 
 

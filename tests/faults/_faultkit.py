@@ -106,7 +106,7 @@ class Sample:
 class Reference:
     cfg: CurationConfig
     summary: dict[str, Any]
-    output: "RunOutput"
+    output: RunOutput
     tree_before: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     tree_after: dict[str, tuple[int, int, str]] = field(default_factory=dict)
 
@@ -117,7 +117,7 @@ class RunOutput:
     tars: dict[str, str]  # path relative to the run root -> sha256 of the bytes
 
     @classmethod
-    def of(cls, run_root: str) -> "RunOutput":
+    def of(cls, run_root: str) -> RunOutput:
         keys: list[str] = []
         tars: dict[str, str] = {}
         out = os.path.join(run_root, "write")

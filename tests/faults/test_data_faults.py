@@ -20,7 +20,6 @@ from tests.faults._faultkit import (
     IN_SHARD_DUP,
     MODE_KEYS,
     assert_same_as_reference,
-    tree_state,
 )
 from winnow.data.errors import ShardError
 from winnow.data.index import load_index

@@ -22,14 +22,13 @@ from tests.faults._faultkit import (
     CHILD,
     assert_same_as_reference,
     assert_untouched,
-    child_result,
     clone_run,
     committed_files,
     count_committed,
     run_child,
 )
 from winnow.faults import ENV_VAR
-from winnow.pipeline import RowGroupsFailedError, load_plan, run_all, run_partition
+from winnow.pipeline import RowGroupsFailedError, run_all, run_partition
 from winnow.rowgroups import CommitStore, RunLocked
 
 pytestmark = pytest.mark.timeout(300)

@@ -8,6 +8,7 @@ import re
 import pytest
 from safetensors.torch import save_file
 
+from tests.data._shards import write_tar
 from winnow.data.sample import TINY_MODEL_PARAMS
 from winnow.pipeline import ConfigError, CurationConfig
 from winnow.stages.aesthetic import AestheticConfig
@@ -15,7 +16,6 @@ from winnow.stages.decode import DECODE_BACKENDS
 from winnow.stages.dedup import EPS_RANGE, DedupConfig, DedupError
 from winnow.stages.heads import AestheticMLP, HeadError
 from winnow.stages.nsfw import NsfwConfig
-from tests.data._shards import write_tar
 
 
 def _cfg(tmp_path, **overrides) -> CurationConfig:
@@ -40,7 +40,7 @@ def test_dedup_eps_range_is_open_at_zero_closed_at_one(eps, ok):
 @pytest.mark.parametrize("config_cls, param, low, high", [(AestheticConfig, "aesthetic_threshold", 0, 10),
                                                           (NsfwConfig, "nsfw_threshold", 0, 1)])
 def test_thresholds_have_one_range_owned_by_their_head_config(config_cls, param, low, high):
-    assert config_cls.THRESHOLD == (param, low, high)
+    assert (param, low, high) == config_cls.THRESHOLD
     config_cls(threshold=low, allow_random_weights=True)
     config_cls(threshold=high, allow_random_weights=True)
     for bad in (low - 0.01, high + 0.01, "5", True):

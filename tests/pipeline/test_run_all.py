@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from winnow.data.sample import generate_sample
-from winnow.pipeline import CurationConfig, ConfigError, run_all
+from winnow.pipeline import ConfigError, CurationConfig, run_all
 from winnow.rowgroups import CommitStore
 
 pytestmark = pytest.mark.timeout(600)

@@ -8,7 +8,6 @@ import sys
 
 import pyarrow as pa
 import pytest
-
 import ray.cloudpickle
 
 from winnow.faults import ENV_VAR
@@ -144,9 +143,11 @@ def test_task_process_killed_mid_partition_resumes_with_only_the_rest(tmp_path):
     import sys
 
     root = tmp_path / "run"
-    env = dict(os.environ, **{ENV_VAR: json.dumps({"stage": "ranges", "row_groups": [1], "mode": "kill_task", "once_dir": str(tmp_path / "once")})})
+    spec = {"stage": "ranges", "row_groups": [1], "mode": "kill_task", "once_dir": str(tmp_path / "once")}
+    env = dict(os.environ, **{ENV_VAR: json.dumps(spec)})
     child = subprocess.run([sys.executable, "-c", KILL_CHILD, str(root), os.path.dirname(__file__)], env=env)
     assert child.returncode == -9
     assert CommitStore(str(root)).completed("ranges", 0) == {0, 1}
-    again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, backend="local")
+    plan = RowGroupPlan(50, 10, max_partitions=1)
+    again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=plan, partition=0, backend="local")
     assert (again.computed, again.skipped) == (3, 2)

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.timeout(600)
 def run(tmp_path_factory):
     import os
 
-    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
     from winnow.data.index import load_index
+    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
     from winnow.pipeline import CurationConfig, RowGroupsFailedError, run_all
     from winnow.stages.write import STAGE
 
@@ -76,8 +76,9 @@ def test_a_later_commit_wins_over_an_old_failure_record(run, tmp_path):
 
 
 def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(run):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from winnow.report.gallery import GalleryError, gallery_page, read_thumbnail
     from winnow.stages.thumbnails import OUTCOMES

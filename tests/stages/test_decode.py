@@ -249,7 +249,7 @@ def test_decode_backends_are_the_literal_type_and_validation_names_the_choices()
         validate_decode_backend,
     )
 
-    assert DECODE_BACKENDS == get_args(DecodeBackend)
+    assert get_args(DecodeBackend) == DECODE_BACKENDS
     assert set(DECODE_BACKENDS) == {"auto", "nvimgcodec", "dali-gpu", "dali-cpu", "pillow"}
     assert validate_decode_backend("nvimgcodec") == "nvimgcodec"
     with pytest.raises(ValueError, match=r"decode_backend must be one of auto, nvimgcodec.*'opencv'"):

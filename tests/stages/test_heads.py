@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from tests.stages._stage_rows import commit_embed, unit_rows
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups import RowGroupPlan
 from winnow.schemas import AESTHETIC, NSFW
-from winnow.stages.base import RowGroupTask, Stage
 from winnow.stages.aesthetic import AestheticConfig, AestheticStage
+from winnow.stages.base import RowGroupTask, Stage
 from winnow.stages.heads import (
     AestheticMLP,
     HeadError,

@@ -10,8 +10,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from winnow.pipeline import CurationConfig, run_all
-from winnow.stages.registry import stage_order
 from winnow.rowgroups import CommitStore
+from winnow.stages.registry import stage_order
 
 #: Run settings for every S3 run test: tiny model, 6 row groups in 3 partitions.
 SMALL = dict(buffer_size=4, max_partitions=3, model="winnow-tiny-vit", pretrained="random",

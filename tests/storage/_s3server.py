@@ -69,9 +69,9 @@ class S3Server:
             try:
                 urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).read()
                 break
-            except OSError:
+            except OSError as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start; see {log_path}")
+                    raise RuntimeError(f"moto server did not start; see {log_path}") from exc
                 time.sleep(0.1)
 
     def env(self) -> dict[str, str]:

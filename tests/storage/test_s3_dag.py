@@ -9,7 +9,7 @@ import contextlib
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from unittest import mock
 
 import pyarrow.fs as pafs
@@ -29,7 +29,7 @@ from tests.storage.conftest import BUCKET, _reset_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-RUN_DATE = datetime(2025, 4, 1, tzinfo=timezone.utc)
+RUN_DATE = datetime(2025, 4, 1, tzinfo=UTC)
 PREFIX = f"s3://{BUCKET}/dag"
 CONN_ID = "winnow_s3"
 

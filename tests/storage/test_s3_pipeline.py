@@ -22,8 +22,8 @@ from tests.storage._runs import (
 )
 from tests.storage.conftest import BUCKET
 from winnow import pipeline
-from winnow.stages.registry import partition_stages, run_phases, stage_order
 from winnow.pipeline import CurationConfig
+from winnow.stages.registry import partition_stages, run_phases, stage_order
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -129,7 +129,7 @@ class _BlockFile:
     def close(self) -> None:
         self.f.close()
 
-    def __enter__(self) -> "_BlockFile":
+    def __enter__(self) -> _BlockFile:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -27,10 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 MANIFEST = "_sample_manifest.json"
 _MTIME = 1_700_000_000  # fixed so that tars are byte-identical per seed
-_WORDS = (
-    "red blue green amber violet teal small large bright dark soft sharp striped dotted round "
-    "square wave circle line field sky river stone glass cloud shadow pattern noise light grain"
-).split()
+_WORDS = ["red", "blue", "green", "amber", "violet", "teal", "small", "large", "bright", "dark", "soft", "sharp", "striped", "dotted", "round", "square", "wave", "circle", "line", "field", "sky", "river", "stone", "glass", "cloud", "shadow", "pattern", "noise", "light", "grain"]
 # (container format, PIL mode) of normal records, cycled by a seeded choice.
 _KINDS = (
     ("jpg", "RGB"), ("jpg", "RGB"), ("jpg", "L"), ("jpg", "CMYK"), ("jpeg", "RGB"),

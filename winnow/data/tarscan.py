@@ -7,8 +7,9 @@ seeked past, so image payloads are never read. The WebDataset key rule lives in 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -116,7 +117,7 @@ class ShardScan:
         return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, SCAN_SCHEMA)], schema=schema)
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> "ShardScan":
+    def from_table(cls, table: pa.Table) -> ShardScan:
         meta = json.loads(table.schema.metadata[b"winnow.scan"])
         scan = cls(
             shard=meta["shard"],
@@ -224,8 +225,8 @@ def _iter_members(f: pafs.NativeFile, file_size: int, shard: str) -> Iterator[tu
             )
         try:
             size = _number(header[124:136])
-        except ValueError:
-            raise ShardError(shard, f"shard {shard} has a broken tar header at offset {pos} (size field)")
+        except ValueError as exc:
+            raise ShardError(shard, f"shard {shard} has a broken tar header at offset {pos} (size field)") from exc
         typeflag = header[156:157]
         if "size" in pax:
             size = int(pax["size"])

@@ -21,9 +21,8 @@ import pickle
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from winnow.faults import FaultSpec
@@ -36,7 +35,7 @@ logger = logging.getLogger(__name__)
 MAX_FAILED_IN_SUMMARY = 50
 #: Set-up stages a worker process keeps (embed model + two heads fit; bounded for memory).
 STAGE_CACHE_SIZE = 4
-_STAGE_CACHE: "OrderedDict[str, Stage]" = OrderedDict()
+_STAGE_CACHE: OrderedDict[str, Stage] = OrderedDict()
 
 
 @dataclass

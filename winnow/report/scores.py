@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from winnow.report.gallery import thresholds

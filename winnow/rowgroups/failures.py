@@ -8,7 +8,7 @@ group wins over it (readers check the ``.parquet`` first), so nothing has to del
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from winnow.rowgroups.store import CommitStore, write_atomic
 
@@ -25,7 +25,7 @@ def record_failure(store: CommitStore, stage: str, partition: int, row_group: in
         "partition": partition,
         "row_group": row_group,
         "error": str(error)[:MAX_ERROR_CHARS],
-        "failed_at": datetime.now(timezone.utc).isoformat(),
+        "failed_at": datetime.now(UTC).isoformat(),
     }
     try:
         write_atomic(store.fs, store.row_group_path(stage, partition, row_group, FAILED_SUFFIX),

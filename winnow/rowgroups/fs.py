@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -56,7 +56,7 @@ class StorageOptions:
     source: str = "the AWS environment variables"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "StorageOptions":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageOptions:
         env = os.environ if environ is None else environ
         values = {name: (env.get(var) or None) for name, var in ENV_VARS.items()}
         values["region"] = values["region"] or env.get("AWS_DEFAULT_REGION") or None

@@ -14,7 +14,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -301,7 +301,7 @@ class CommitStore:
         return moved_to
 
     def move_aside(self, stage: str) -> str:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         target = f"{self.stage_dir(stage)}.replaced-{stamp}"
         if is_local(self.fs):
             self.fs.move(self.stage_dir(stage), target)

@@ -12,9 +12,10 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -387,7 +388,8 @@ class DaliBatchDecoder:
                 parts.append((chunk, self._run_dali([images[i] for i in chunk], [headers[i] for i in chunk])))  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - one bad image fails DALI's whole batch
                 self.failed_batches += 1
-                logger.info("DALI failed a batch of %d (%s); decoding it with Pillow", len(chunk), str(exc).splitlines()[0] if str(exc) else exc)
+                first_line = str(exc).splitlines()[0] if str(exc) else exc
+                logger.info("DALI failed a batch of %d (%s); decoding it with Pillow", len(chunk), first_line)
                 self._pipe = self._build()  # a failed pipeline is not reusable
                 to_pillow.extend(chunk)
         if to_pillow:
@@ -443,8 +445,9 @@ def resize_center_crop(images: list[torch.Tensor], preprocess: PreprocessConfig)
     """(H, W, 3) uint8 tensors of any sizes -> (N, h, w, 3) uint8 model input, on their device.
 
     Antialiased bicubic (or bilinear) resize as PIL does it (torch's antialias kernels use PIL's
-    filter; one axis at a time with 8-bit rounding between, like PIL), then the center crop. Images of one size are resized in one call, so a batch of
-    same-size photos costs one kernel chain, not one per image.
+    filter; one axis at a time with 8-bit rounding between, like PIL), then the center crop.
+    Images of one size are resized in one call, so a batch of same-size photos costs one kernel
+    chain, not one per image.
     """
     th, tw = preprocess.height_width
     if not images:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -238,7 +239,7 @@ class DedupResult:
     largest_block: int = 0  # most similarity entries held at once (rows x cols of one tile)
 
     @staticmethod
-    def merge(parts: Iterable["DedupResult"]) -> "DedupResult":
+    def merge(parts: Iterable[DedupResult]) -> DedupResult:
         parts = list(parts)
         return DedupResult(
             record_id=np.concatenate([p.record_id for p in parts] or [np.empty(0, np.int64)]),
@@ -302,7 +303,7 @@ def dedup_cluster(
 
 
 def dedup_clusters(
-    x: "torch.Tensor | np.ndarray",
+    x: torch.Tensor | np.ndarray,
     record_ids: np.ndarray,
     centroids: torch.Tensor,
     assignment: torch.Tensor,
