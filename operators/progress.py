@@ -1,7 +1,7 @@
 """A partition's progress in Airflow's task state store, scoped by the stage fingerprint.
 
-Storage is the source of truth; this record is what the UI and a later try see at a glance, and
-where a Ray job id would wait for a reconnecting try. A cleared task keeps its store (Airflow
+Storage is the source of truth; this record is what the UI and a later try see at a glance (job
+mode keeps its Ray job ids in a record of its own, see ``operators/base.py``). A cleared task keeps its store (Airflow
 3.3.2), so a record made under another stage fingerprint is ignored rather than trusted.
 """
 
@@ -67,7 +67,7 @@ class PartitionProgress:
         return record
 
     def save(self, *, committed: int, row_groups: int, state: str, failed: dict[int, str] | None = None,
-             try_number: int | None = None, ray_job_id: str | None = None) -> None:
+             try_number: int | None = None) -> None:
         if self.state_store is None:
             return
         failed = failed or {}
@@ -84,6 +84,4 @@ class PartitionProgress:
         }
         if try_number is not None:
             value["try_number"] = try_number
-        if ray_job_id:
-            value["ray_job_id"] = ray_job_id
         self.state_store.set(self.key, value)
