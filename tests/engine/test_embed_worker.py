@@ -21,7 +21,7 @@ from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import CommitStore
 from winnow.stages.base import RowGroupTask
 from winnow.stages.embed import EmbedConfig, EmbedStage
-from winnow.stages.embed_worker import EmbedPipeline
+from winnow.stages.embed_worker import HOST_BUFFERS, EmbedPipeline
 from winnow.stages.models import TINY_MODEL
 
 
@@ -97,6 +97,7 @@ def test_fixed_batches_across_row_groups_keep_rows_errors_and_order(indexed, sta
     assert sorted(o.task.row_group for o in outcomes) == [t.row_group for t in tasks]
     assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
     assert pipeline.stats.padded_slots > padded_before  # the last batch was padded
+    assert pipeline._buffers.qsize() == HOST_BUFFERS  # every host buffer was handed back
     for rg, expected in reference_tables(stage, run_root, plan, 0).items():
         got = committed(run_root, 0, rg)
         for col in ("record_id", "key", "error"):
