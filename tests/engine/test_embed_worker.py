@@ -195,3 +195,15 @@ def test_fused_worker_on_gpu_is_close_to_the_cpu_stage_with_the_same_errors(inde
         ok = ~np.isnan(b[:, 0])
         assert np.array_equal(ok, ~np.isnan(a[:, 0]))
         assert ((a[ok] * b[ok]).sum(axis=1)).min() > 0.98  # bf16 on GPU vs fp32 on CPU
+
+
+def test_ray_blocks_carry_several_row_groups_only_for_a_stage_with_a_fused_worker(stage):
+    from winnow.ray.runner import MAX_ROW_GROUPS_PER_BLOCK, row_groups_per_block
+
+    class Light:
+        name = "light"
+
+    assert row_groups_per_block(Light(), 100, 1) == 1
+    assert row_groups_per_block(stage, 100, 1) == MAX_ROW_GROUPS_PER_BLOCK
+    assert row_groups_per_block(stage, 10, 2) == 2  # 5 blocks: each of 2 workers gets >= 2
+    assert row_groups_per_block(stage, 3, 4) == 1
