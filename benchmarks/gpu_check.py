@@ -310,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure compiled variants (auto: on a GPU only; CPU inductor compiles take minutes)")
     ap.add_argument("--tests-rc", type=int, default=None, help="exit status of the gpu tests (set by gpu_check.sh)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="skip what would start after this many seconds (default 400; dry run 300, for loaded CI machines)")
+                    help="skip what would start after this many seconds (default 330; dry run 300, for loaded CI machines)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     if args.budget_s is None:
-        args.budget_s = 300.0 if args.dry_run else 400.0
+        args.budget_s = 300.0 if args.dry_run else 330.0
     mode = dict(DRY if args.dry_run else FULL)
     if args.images:
         mode["images"] = args.images
