@@ -263,10 +263,11 @@ def dedup_figure(n: int, d: int, device: torch.device, *, planted: int = 1000, s
     from winnow.stages.dedup import auto_clusters, dedup_clusters, spherical_kmeans
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
     src = torch.randperm(n, generator=g)[: 2 * planted]
-    x[src[planted:]] = x[src[:planted]] + 1e-3 * torch.randn(planted, d, generator=g)
-    x = torch.nn.functional.normalize(x, dim=1).to(device)
+    gd = torch.Generator(device=device).manual_seed(seed)  # 1M x 768 drawn where it is used
+    x = torch.randn(n, d, generator=gd, device=device)
+    x[src[planted:].to(device)] = x[src[:planted].to(device)] + 1e-3 * torch.randn(planted, d, generator=gd, device=device)
+    x = torch.nn.functional.normalize(x, dim=1)
     ids = np.arange(n, dtype=np.int64)
     k = auto_clusters(n)
     sync(device)
