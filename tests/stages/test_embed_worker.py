@@ -21,7 +21,7 @@ from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import CommitStore
 from winnow.stages.base import RowGroupTask
 from winnow.stages.embed import EmbedConfig, EmbedStage
-from winnow.stages.embed_worker import EmbedPipeline
+from winnow.stages.embed_worker import HOST_BUFFERS, EmbedPipeline
 from winnow.stages.models import TINY_MODEL
 
 
@@ -97,6 +97,7 @@ def test_fixed_batches_across_row_groups_keep_rows_errors_and_order(indexed, sta
     assert sorted(o.task.row_group for o in outcomes) == [t.row_group for t in tasks]
     assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
     assert pipeline.stats.padded_slots > padded_before  # the last batch was padded
+    assert pipeline._buffers.qsize() == HOST_BUFFERS  # every host buffer was handed back
     for rg, expected in reference_tables(stage, run_root, plan, 0).items():
         got = committed(run_root, 0, rg)
         for col in ("record_id", "key", "error"):
@@ -194,3 +195,15 @@ def test_fused_worker_on_gpu_is_close_to_the_cpu_stage_with_the_same_errors(inde
         ok = ~np.isnan(b[:, 0])
         assert np.array_equal(ok, ~np.isnan(a[:, 0]))
         assert ((a[ok] * b[ok]).sum(axis=1)).min() > 0.98  # bf16 on GPU vs fp32 on CPU
+
+
+def test_ray_blocks_carry_several_row_groups_only_for_a_stage_with_a_fused_worker(stage):
+    from winnow.ray.runner import MAX_ROW_GROUPS_PER_BLOCK, row_groups_per_block
+
+    class Light:
+        name = "light"
+
+    assert row_groups_per_block(Light(), 100, 1) == 1
+    assert row_groups_per_block(stage, 100, 1) == MAX_ROW_GROUPS_PER_BLOCK
+    assert row_groups_per_block(stage, 10, 2) == 2  # 5 blocks: each of 2 workers gets >= 2
+    assert row_groups_per_block(stage, 3, 4) == 1

@@ -143,11 +143,15 @@ class EmbedPipeline:
         self.device = stage.device
         self.fixed_batches = stage.fixed_batches if fixed_batches is None else fixed_batches
         self.stats = PipelineStats()
+        # A ring of host buffers for fixed batches: pinned on CUDA so the device-to-host copy is
+        # asynchronous; plain on CPU (the same hand-back logic, which the CPU tests exercise).
         self._buffers: queue.Queue[torch.Tensor] | None = None
-        if self.device.type == "cuda":
+        if self.fixed_batches:
             self._buffers = queue.Queue()
             for _ in range(HOST_BUFFERS):
-                self._buffers.put(torch.empty((self.batch_size, stage.embed_dim), dtype=torch.float16, pin_memory=True))
+                self._buffers.put(torch.empty(
+                    (self.batch_size, stage.embed_dim), dtype=torch.float16, pin_memory=self.device.type == "cuda"
+                ))
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -367,10 +371,11 @@ class EmbedPipeline:
             except BaseException:
                 self._buffers.put(buffer)
                 raise
-            assert span is not None
-            span[1].record()
-            ready = torch.cuda.Event()
-            ready.record()
+            ready = None
+            if span is not None:
+                span[1].record()
+                ready = torch.cuda.Event()
+                ready.record()
             return [_Features(batch, buffer[:n], buffer=buffer, ready=ready, span=span)]
         except Exception as exc:  # noqa: BLE001
             if len(batch.segments) == 1:
@@ -411,6 +416,7 @@ class EmbedPipeline:
                 item.ready.synchronize()
                 start, end = item.span
                 self.stats.model_gpu_seconds += start.elapsed_time(end) / 1000.0
+            # Buffers go back below, once read: copy this batch's rows out first.
             host = item.host.numpy() if isinstance(item.host, torch.Tensor) else item.host
             positions = np.asarray(decoded.index, dtype=np.int64)
             offset = 0
