@@ -124,5 +124,5 @@ def test_the_secret_is_in_no_task_log(runs):
     """The task logs of the run as ``dag.test`` prints them: the connection is named, its
     endpoint shown, its secret never."""
     log = runs["log"]
-    assert f"object storage: connection '{CONN_ID}'" in log and "[DAG TEST] end task task_id=report" in log
+    assert f"object storage: connection '{CONN_ID}'" in log and "report: {'records': " in log
     assert SECRET_KEY not in log
