@@ -59,15 +59,30 @@ def live_run(tmp_path_factory):
     })
     t0 = time.perf_counter()
     try:
-        af.start()
+        af.start(timeout=600)  # generous: the shared 2-core machine is often loaded
         conf = {"input_uri": str(root / "shards"), "run_key": "browser", "buffer_size": 6, "max_partitions": 2,
                 **TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6}
         run_id = af.trigger(conf, run_id="browser")
-        state = af.wait_run(run_id, timeout=1500)
+        state = _wait_run(af, run_id, timeout=1500)
         yield {"af": af, "run_id": run_id, "state": state, "run_root": str(root / "out" / "browser")}
     finally:
         af.stop()
         print(f"\nbrowser test module: {time.perf_counter() - t0:.0f} s of live Airflow")
+
+
+def _wait_run(af: LiveAirflow, run_id: str, *, timeout: float) -> str:
+    """Like ``af.wait_run``, but a REST call that times out (SQLite busy on a loaded machine)
+    is asked again instead of failing the module."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = af.run_state(run_id)
+        except requests.RequestException:
+            continue
+        if state in ("success", "failed"):
+            return state
+        time.sleep(3)
+    raise AssertionError(f"run {run_id} did not finish in {timeout:.0f} s\n{af.log_tail()}")
 
 
 @pytest.fixture(scope="module")
