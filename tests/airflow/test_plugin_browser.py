@@ -198,7 +198,8 @@ def test_extra_links_of_partition_tasks_and_report_lead_to_the_view(live_run):
     af, run_id = live_run["af"], live_run["run_id"]
     links = af.api("GET", f"/api/v2/dags/image_curation/dagRuns/{run_id}/taskInstances/write/links",
                    params={"map_index": 1}).json()
-    assert links.get("Curation view") == f"/dags/image_curation/runs/{run_id}/tasks/write/mapped/1/plugin/winnow-partition"
+    assert links["extra_links"]["Curation view"] == \
+        f"/dags/image_curation/runs/{run_id}/tasks/write/mapped/1/plugin/winnow-partition"
 
 
 def test_a_user_without_dag_access_gets_403_and_no_session_401(live_run):
