@@ -1,7 +1,7 @@
 """Stage x row-group map of a run: committed, failed (with its error) or pending, from listings.
 
-One listing per (stage, partition) and no file reads except the failure records, so a poll of a
-run with 10^5 row groups costs O(stages x partitions) listings. The map travels run-length
+One recursive listing per stage and no file reads except the failure records (a paginated
+listing per stage on an object store). The map travels run-length
 encoded (``"120c3f57."``): a running stage is a few long runs, whatever the row-group count.
 """
 
@@ -50,36 +50,54 @@ class _StageScan:
 
 
 def _scan(store: CommitStore, stage: str, plan: RowGroupPlan) -> _StageScan:
-    scan = _StageScan(states=bytearray(PENDING.encode()) * plan.num_row_groups, failed=[])
+    """One recursive listing of the stage folder (one paginated listing on an object store),
+    not one per partition: on a run of 10^5 row groups the per-call overhead dominated."""
+    g, parts = plan.num_row_groups, plan.num_partitions
+    scan = _StageScan(states=bytearray(PENDING.encode()) * g, failed=[])
     failed: dict[int, int] = {}
-    for p in range(plan.num_partitions):
-        rgs = plan.partition_row_groups(p)
-        try:
-            infos = store.fs.get_file_info(pafs.FileSelector(store.partition_dir(stage, p), allow_not_found=True))
-        except FileNotFoundError:
+    try:
+        infos = store.fs.get_file_info(pafs.FileSelector(store.stage_dir(stage), recursive=True,
+                                                         allow_not_found=True))
+    except FileNotFoundError:
+        infos = []
+    first = last = None
+    committed = 0
+    for info in infos:
+        path = info.path
+        slash = path.rfind("/")
+        name = path[slash + 1:]
+        if not name.startswith("rg") or TEMP_MARK in name:
             continue
-        for info in infos:
-            if TEMP_MARK in info.base_name:
-                continue
-            m = _FILE.match(info.base_name)
-            if not m:
-                continue
-            rg = int(m.group(1))
-            if rg not in rgs:
-                continue
-            if m.group(2) == ".parquet":
+        m = _FILE.match(name)
+        if not m:
+            continue
+        folder = path[path.rfind("/", 0, slash) + 1:slash]
+        if not (folder.startswith("p") and folder[1:].isdigit()):
+            continue  # not <stage>/p<partition>/ (e.g. a moved-aside copy inside)
+        rg, p = int(m.group(1)), int(folder[1:])
+        # Only row groups in the partition the plan puts them in (p*G//P <= rg < (p+1)*G//P).
+        if not (p < parts and p * g // parts <= rg < (p + 1) * g // parts):
+            continue
+        if m.group(2) == ".parquet":
+            if scan.states[rg] != ord(COMMITTED):
                 scan.states[rg] = ord(COMMITTED)
-                scan.records += plan.row_group_size(rg)
-                t = info.mtime.timestamp() if info.mtime is not None else None
-                if t is not None:
-                    scan.first = t if scan.first is None else min(scan.first, t)
-                    scan.last = t if scan.last is None else max(scan.last, t)
-            else:
-                failed[rg] = p
+                committed += 1
+            t = info.mtime_ns
+            if t is not None:
+                first = t if first is None or t < first else first
+                last = t if last is None or t > last else last
+        else:
+            failed[rg] = p
     for rg, p in sorted(failed.items()):
         if scan.states[rg] != ord(COMMITTED):  # a later commit wins over an old failure
             scan.states[rg] = ord(FAILED)
             scan.failed.append((p, rg))
+    # Every row group holds B records except the last one.
+    scan.records = committed * plan.buffer_size
+    if g and scan.states[g - 1] == ord(COMMITTED):
+        scan.records -= g * plan.buffer_size - plan.num_records
+    scan.first = first / 1e9 if first is not None else None
+    scan.last = last / 1e9 if last is not None else None
     return scan
 
 
