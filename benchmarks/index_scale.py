@@ -3,7 +3,7 @@
 Writes ``--shards`` tar shards of ``--per-shard`` records each (a small jpg-named member and a
 ``.txt`` per record: the index reads tar headers only, so payload size does not matter), then
 indexes them into fresh run roots: ``serial`` (this process) and ``ray`` (an embedded local Ray,
-started before the clock). Alternates serial, ray, serial, ray...; reports records/s per run and
+started before the clock; with ``WINNOW_RAY_EMBEDDED=shared`` it attaches to the shared local head). Alternates serial, ray, serial, ray...; reports records/s per run and
 the median, with the load average at the start of each run.
 
     python benchmarks/index_scale.py --shards 1000 --per-shard 100 --runs 3 --json /tmp/winnow-bench/index_scale.json
@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--buffer-size", type=int, default=4096)
     ap.add_argument("--work", default="/tmp/winnow-bench/index_scale")
+    ap.add_argument("--backends", default="serial,ray",
+                    help="comma list of build_index backends: serial, ray, local (the parallel algorithm in this process)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -61,11 +63,21 @@ def main() -> int:
     shards = work / "input"
     write_shards(shards, args.shards, args.per_shard)
     print(describe(machine()), flush=True)
-    connect(None)  # Ray's start is not the index's work
+    import ray
+
+    backends = args.backends.split(",")
+    for attempt in range(4 if "ray" in backends else 0):  # Ray's start is not the index's work; a loaded machine can miss its 30 s
+        try:
+            connect(None)
+            break
+        except Exception as exc:
+            print(f"Ray start failed (try {attempt + 1}): {exc}", flush=True)
+            ray.shutdown()
+            time.sleep(5)
     config = IndexConfig(input_uri=str(shards), buffer_size=args.buffer_size, max_partitions=64)
-    runs: dict[str, list[dict]] = {"serial": [], "ray": []}
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
     for i in range(args.runs):
-        for backend in ("serial", "ray"):
+        for backend in backends:
             root = work / f"run-{backend}-{i}"
             shutil.rmtree(root, ignore_errors=True)
             load = [round(x, 2) for x in os.getloadavg()]

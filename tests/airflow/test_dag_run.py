@@ -171,9 +171,9 @@ def test_counts_add_up_and_match_the_output_files(run_env, resumed_run):
     assert report["records"] == run_env["manifest"]["expected"]["records"]
     assert report["undecodable"] > 0  # the sample has corrupt members
     run_root = run_env["run_root"]
-    rows = sum(pq.read_metadata(p).num_rows for p in glob.glob(f"{run_root}/output/p*/rg*.parquet"))
+    rows = sum(pq.read_metadata(p).num_rows for p in glob.glob(f"{run_root}/write/p*/rg*.parquet"))
     images = 0
-    for path in glob.glob(f"{run_root}/output/p*/rg*.tar"):
+    for path in glob.glob(f"{run_root}/write/p*/rg*.tar"):
         with tarfile.open(path) as tar:
             images += sum(1 for n in tar.getnames() if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
     assert rows == images == report["kept"] == report["written"]
@@ -216,7 +216,8 @@ def test_overwrite_recomputes_the_changed_stage_and_later_ones_only(run_env, res
     assert computed["partition.embed"] == 0 and computed["partition.aesthetic"] == 0
     assert computed["partition.nsfw"] == 8 and computed["write"] == 8
     moved = _xcom(dr, "index", key="summary")["moved_aside"]
-    assert set(moved) == {"nsfw", "dedup", "write"}
+    # The dedup steps read nsfw's flags, so all of them follow it; embed and aesthetic stay.
+    assert set(moved) == {"nsfw", "centroids", "assign", "pairwise", "dedup", "write"}
 
 
 def test_bad_params_fail_fast_without_retries(run_env, tmp_path):
