@@ -3,8 +3,9 @@
 Writes ``--shards`` tar shards of ``--per-shard`` records each (a small jpg-named member and a
 ``.txt`` per record: the index reads tar headers only, so payload size does not matter), then
 indexes them into fresh run roots: ``serial`` (this process) and ``ray`` (an embedded local Ray,
-started before the clock; with ``WINNOW_RAY_EMBEDDED=shared`` it attaches to the shared local head). Alternates serial, ray, serial, ray...; reports records/s per run and
-the median, with the load average at the start of each run.
+started before the clock; with ``WINNOW_RAY_EMBEDDED=shared`` it attaches to the shared local
+head). Alternates serial, ray, serial, ray...; reports records/s per run and the median, with
+the load average at the start of each run.
 
     python benchmarks/index_scale.py --shards 1000 --per-shard 100 --runs 3 --json /tmp/winnow-bench/index_scale.json
 
