@@ -156,6 +156,18 @@ class CurationOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from exc
         return hook
 
+    def global_step_target(self, context: Context) -> dict[str, Any]:
+        """Where a global step (index, centroids, a pairwise bucket) runs: on the connection's
+        cluster in driver mode or on an embedded Ray. In job mode such a step runs in this task
+        process (``backend="local"``, one unit at a time): only the per-partition stages are
+        submitted as Ray Jobs so far."""
+        hook = self.ray_hook(context)
+        resolved = hook.resolve()
+        if resolved is not None and resolved.mode == "job":
+            self.log.info("connection %r is in job mode: this global step runs in the task process", hook.ray_conn_id)
+            return {"ray_address": None, "backend": "local"}
+        return {"ray_address": self.ray_address(context), "backend": "ray"}
+
     def ray_address(self, context: Context) -> str | None:
         """Attach this process to the connection's cluster (driver mode); its GCS address."""
         from winnow.ray.cluster import RayAuthFailed, connect
@@ -242,6 +254,7 @@ class RowGroupStageOperator(CurationOperator):
         hook = self.ray_hook(context)
         if hook.mode == "job":
             return RayJobRunner(self, hook).run(context, run)
+        RayJobLink.persist(context, "")  # no Ray Job in this mode: the link is empty, not missing
         address = self.ray_address(context)
         with engine_errors():
             summary = pipeline.run_partition(run.cfg, self.stage, run.partition, ray_address=address,

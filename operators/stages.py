@@ -38,7 +38,7 @@ class IndexOperator(CurationOperator):
         with engine_errors():
             # Shard groups are scanned and row groups committed by Ray tasks; this process plans.
             result = pipeline.run_index(cfg, owner=self.lease_owner(context), log=self.log.info,
-                                        ray_address=self.ray_address(context))
+                                        **self.global_step_target(context))
         summary = {k: v for k, v in result.items() if k not in _INDEX_LOCAL_KEYS}
         summary["run_root"] = cfg.run_root
         context["ti"].xcom_push(key="summary", value=summary)
@@ -81,7 +81,7 @@ class CentroidsOperator(CurationOperator):
         cfg = self.curation_config(context)
         with engine_errors():
             result = pipeline.run_centroids(cfg, owner=self.lease_owner(context), log=self.log.info,
-                                            ray_address=self.ray_address(context))
+                                            **self.global_step_target(context))
         buckets = result.pop("bucket_list")
         context["ti"].xcom_push(key="summary", value=result)
         self.log.info("centroids: %s", result)
@@ -120,7 +120,7 @@ class PairwiseOperator(CurationOperator):
         context["bucket_label"] = f"bucket {bucket}"
         with engine_errors():
             summary = pipeline.run_buckets(cfg, "pairwise", [bucket], owner=self.lease_owner(context),
-                                           log=self.log.info, ray_address=self.ray_address(context))
+                                           log=self.log.info, **self.global_step_target(context))
         result = summary.to_dict()
         result.update(next(iter(summary.results), {}))
         self.log.info("pairwise bucket %d: %s", bucket, result)

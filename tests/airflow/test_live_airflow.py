@@ -43,9 +43,9 @@ def _files(run_root: str, stage: str) -> dict[str, tuple[int, int]]:
 
 def _output(run_root: str) -> dict[str, object]:
     """What a run delivers: kept keys, the tar bytes of each row group, the summary counts."""
-    keys = sorted(k for p in glob.glob(f"{run_root}/output/p*/rg*.parquet")
+    keys = sorted(k for p in glob.glob(f"{run_root}/write/p*/rg*.parquet")
                   for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
-    tars = {os.path.basename(p): Path(p).read_bytes() for p in glob.glob(f"{run_root}/output/p*/rg*.tar")}
+    tars = {os.path.basename(p): Path(p).read_bytes() for p in glob.glob(f"{run_root}/write/p*/rg*.tar")}
     with open(f"{run_root}/_summary.json") as f:
         summary = json.load(f)
     return {"keys": keys, "tars": tars, "counts": {k: summary[k] for k in COUNTS}}

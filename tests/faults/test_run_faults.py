@@ -37,7 +37,7 @@ def _contents(root: str) -> dict[str, str]:
 def test_changed_threshold_on_rerun_is_a_stage_config_mismatch_and_touches_no_file(reference):
     cfg = clone_run(reference, "changed-config")
     before = _contents(cfg.run_root)
-    changed = type(cfg)(**{**cfg.to_dict(), "aesthetic_threshold": 0.0})
+    changed = type(cfg)(**{**cfg.to_dict(), "aesthetic_threshold": 1.0})
     with pytest.raises(StageConfigMismatch) as err:
         run_all(changed, backend="local")
     assert err.value.stage == "aesthetic"
@@ -97,7 +97,7 @@ def test_disk_full_via_rlimit_fsize_is_a_storage_error_naming_the_path_and_resum
     assert "StorageError: could not write " in out["error"] and "File too large" in out["error"]
     assert os.path.join(cfg.run_root, "write") in out["error"]
     # What committed is whole and equal to the reference; what failed left nothing behind.
-    committed = {rel for rel in committed_files(cfg.run_root) if rel.startswith("output/")}
+    committed = {rel for rel in committed_files(cfg.run_root) if rel.startswith("write/")}
     assert {rel for rel in committed if rel.endswith(".tar")} == fits
     for rel in fits:
         assert os.path.exists(os.path.join(cfg.run_root, rel[: -len(".tar")] + ".parquet"))

@@ -1,6 +1,6 @@
 """The gallery sample of a run: kept and dropped records with scores and the reason, paged.
 
-Reads the ``rg<id>.gallery.parquet`` files the write stage committed (see
+Reads the ``rg<id>.gallery`` (Parquet) files the write stage committed (see
 winnow.stages.thumbnails) in row-group order; a page is a cursor (the next row group to read)
 plus a bounded number of files read per call, so a page of a run with 10^5 row groups costs
 the same as one of ten. Thumbnail bytes are read by offset from the committed ``rg<id>.thumbs``.

@@ -3,7 +3,7 @@
 Per row group the write stage keeps up to ``per_outcome`` records of each outcome (kept,
 undecodable, aesthetic, nsfw, duplicate), plus the record each sampled duplicate duplicates, as
 ~256 px JPEGs concatenated in ``rg<id>.thumbs`` and described (offset, size, scores, reason) by
-``rg<id>.gallery.parquet``. Both are committed before the row group's ``.parquet`` marker, so a
+``rg<id>.gallery`` (Parquet). Both are committed before the row group's ``.parquet`` marker, so a
 committed row group always has its gallery; the api-server serves the bytes by offset and never
 decodes an image.
 """
@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
-GALLERY_SUFFIX = ".gallery.parquet"
+# Not ".parquet": a reader globbing the curated rg*.parquet files must never pick it up.
+GALLERY_SUFFIX = ".gallery"
 THUMBS_SUFFIX = ".thumbs"
 OUTCOMES = ("kept", "undecodable", "aesthetic", "nsfw", "duplicate")
 #: Larger inputs are not decoded for a thumbnail (the embed stage's own bomb limit is higher).

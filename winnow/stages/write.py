@@ -194,7 +194,7 @@ def outcomes(joined: pa.Table) -> list[str]:
 
 
 def write_gallery(store: CommitStore, task: RowGroupTask, joined: pa.Table, config: WriteConfig) -> None:
-    """Commit ``rg<id>.thumbs`` and ``rg<id>.gallery.parquet`` (see winnow.stages.thumbnails)."""
+    """Commit ``rg<id>.thumbs`` and ``rg<id>.gallery`` (Parquet) (see winnow.stages.thumbnails)."""
     from winnow.stages.thumbnails import GALLERY_SCHEMA, GALLERY_SUFFIX, THUMBS_SUFFIX, make_thumbnail, sample_rows
 
     ids = joined.column("record_id").to_numpy()
