@@ -25,7 +25,9 @@ from winnow.data.sample import _picture
 from winnow.pipeline import CurationConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNNER_STAGES = ("embed", "aesthetic", "nsfw", "write")  # the stages the runner commits
+from winnow.stages.registry import partition_stages  # noqa: E402
+
+RUNNER_STAGES = tuple(s.name for s in partition_stages())  # the stages the row-group runner commits
 #: Summary fields a recovered run must share with the reference.
 COUNTS = (
     "records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept", "written",

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.faults._faultkit import (
+    RUNNER_STAGES,
     CHILD,
     assert_same_as_reference,
     assert_untouched,
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _all_runner_row_groups(reference) -> int:
-    return 4 * reference.summary["row_groups"]  # embed, aesthetic, nsfw, output
+    return len(RUNNER_STAGES) * reference.summary["row_groups"]  # every row-group stage of the registry
 
 
 def _assert_every_visible_file_is_whole(run_root: str) -> None:
