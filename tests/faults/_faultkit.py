@@ -156,12 +156,15 @@ def committed_files(run_root: str) -> dict[str, tuple[int, int]]:
     """(inode, mtime_ns) of every committed row-group file (``rg*.parquet`` and side files).
 
     A commit writes a temp file and renames it, so a recomputed row group gets a new inode:
-    an unchanged (inode, mtime_ns) proves the file was not written again.
+    an unchanged (inode, mtime_ns) proves the file was not written again. Side files (tar,
+    thumbnails) of a row group whose ``.parquet`` marker is missing are not commits: the
+    protocol redoes them.
     """
     out: dict[str, tuple[int, int]] = {}
     for dirpath, _, files in os.walk(run_root):
+        names = set(files)
         for name in files:
-            if name.startswith("rg") and ".tmp-" not in name:
+            if name.startswith("rg") and ".tmp-" not in name and f"{name[:11]}.parquet" in names:
                 st = os.stat(os.path.join(dirpath, name))
                 out[os.path.relpath(os.path.join(dirpath, name), run_root)] = (st.st_ino, st.st_mtime_ns)
     return out

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.faults._faultkit import (
-    RUNNER_STAGES,
     CHILD,
+    RUNNER_STAGES,
     assert_same_as_reference,
     assert_untouched,
     clone_run,
