@@ -59,7 +59,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _call(fn: Callable[[int], dict[str, Any]], unit: int) -> dict[str, Any]:
+def _call(fn: Callable[[int], dict[str, Any]], unit: int, storage=None) -> dict[str, Any]:
+    if storage is not None:  # a Ray worker: use the driver's object-store settings
+        from winnow.rowgroups.fs import use_storage
+
+        use_storage(storage)
     t0 = time.perf_counter()
     try:
         out = dict(fn(unit) or {})
@@ -138,13 +142,18 @@ def _ray_results(fn, todo: list[int], ray_address: str | None, use_gpu: bool, nu
     cpus = num_cpus or 1
     if width is None:
         width = gpus if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
+    from winnow.rowgroups.fs import current_storage
+
     remote = ray.remote(_call).options(num_cpus=cpus, num_gpus=1 if gpus else 0, max_retries=3)
     fn_ref = ray.put(fn)
+    # Object-store settings go as a task argument, not in the runtime env: secrets stay out of
+    # Ray's job metadata and logs (as in the row-group runner).
+    storage_ref = ray.put(current_storage())
     pending: list = []
     queue = list(todo)
     while queue or pending:
         while queue and len(pending) < width:
-            pending.append(remote.remote(fn_ref, queue.pop(0)))
+            pending.append(remote.remote(fn_ref, queue.pop(0), storage_ref))
         done, pending = ray.wait(pending, num_returns=1)
         for ref in done:
             yield ray.get(ref)
