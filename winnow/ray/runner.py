@@ -57,13 +57,15 @@ class PartitionSummary:
         return not self.failed
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        failed = sorted(self.failed)
-        d["failed"] = failed[:MAX_FAILED_IN_SUMMARY]
-        d["failed_count"] = len(failed)
-        d["first_error"] = self.failed[failed[0]] if failed else None
-        d["seconds"] = round(self.seconds, 3)
-        return d
+        return {**asdict(self), **failure_fields(self.failed), "seconds": round(self.seconds, 3)}
+
+
+def failure_fields(failed: dict[int, str]) -> dict[str, Any]:
+    """The XCom-sized view of failed units (row groups, buckets): the first ids, how many, the
+    first error."""
+    ids = sorted(failed)
+    return {"failed": ids[:MAX_FAILED_IN_SUMMARY], "failed_count": len(ids),
+            "first_error": failed[ids[0]] if ids else None}
 
 
 class _RowGroupWorker:

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-MAX_FAILED_IN_SUMMARY = 50
 
 
 @dataclass
@@ -44,12 +43,9 @@ class UnitSummary:
         return not self.failed
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        failed = sorted(self.failed)
-        d["failed"] = failed[:MAX_FAILED_IN_SUMMARY]
-        d["failed_count"] = len(failed)
-        d["first_error"] = self.failed[failed[0]] if failed else None
-        d["seconds"] = round(self.seconds, 3)
+        from winnow.ray.runner import failure_fields
+
+        d = {**asdict(self), **failure_fields(self.failed), "seconds": round(self.seconds, 3)}
         d.pop("results")
         return d
 
