@@ -44,15 +44,21 @@ def dag_runs(airflow_db, curated):
     from airflow.utils.session import create_session
     from airflow.utils.state import DagRunState
 
-    when = datetime(2025, 4, 1, tzinfo=UTC)
+    # The metadata DB is shared by the whole session (dag.test runs of other modules): these runs
+    # take logical dates no other module uses, and replace any run that holds one already.
+    when = datetime(2019, 6, 1, tzinfo=UTC)
     runs = {"ok": ("plugin-ok", {"output_root": curated["out"], "run_key": "r1"}),
             "escape": ("plugin-escape", {"output_root": curated["out"], "run_key": ".."}),
             "noroot": ("plugin-noroot", {})}
     with create_session() as session:
         for i, (run_id, conf) in enumerate(runs.values()):
-            if session.query(DagRun).filter_by(dag_id="image_curation", run_id=run_id).first() is None:
-                session.add(DagRun(dag_id="image_curation", run_id=run_id, run_type="manual", conf=conf,
-                                   state=DagRunState.FAILED, logical_date=when.replace(day=1 + i), run_after=when))
+            logical_date = when.replace(day=1 + i)
+            for old in session.query(DagRun).filter(DagRun.dag_id == "image_curation").filter(
+                    (DagRun.run_id == run_id) | (DagRun.logical_date == logical_date)):
+                session.delete(old)
+            session.flush()
+            session.add(DagRun(dag_id="image_curation", run_id=run_id, run_type="manual", conf=conf,
+                               state=DagRunState.FAILED, logical_date=logical_date, run_after=when))
     return {k: v[0] for k, v in runs.items()}
 
 
