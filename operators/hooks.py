@@ -190,17 +190,22 @@ class RayHook(BaseHook):
                 f"connection {self.ray_conn_id!r}: {what} failed with HTTP {status}: {text[:500]}"
             )
 
-    def get_job(self, submission_id: str) -> dict[str, Any] | None:
-        """The job's details (``status``, ``message``, ``metadata``...), ``None`` if unknown."""
+    def _request(self, method: str, path: str, what: str, **kwargs: Any):
+        """One call to the cluster's Jobs API (token header, timeout); transport errors name the
+        connection. The caller reads the status (``_check``)."""
         import requests
 
         resolved = self._jobs()
-        what = f"GET job {submission_id}"
         try:
-            r = requests.get(f"{resolved.dashboard_url}/api/jobs/{submission_id}",
-                             headers=self._headers(resolved), timeout=HTTP_TIMEOUT_S)
+            return requests.request(method, f"{resolved.dashboard_url}{path}", headers=self._headers(resolved),
+                                    timeout=HTTP_TIMEOUT_S, **kwargs)
         except requests.RequestException as exc:
             raise RayJobsApiError(f"connection {self.ray_conn_id!r}: {what}: {exc}") from exc
+
+    def get_job(self, submission_id: str) -> dict[str, Any] | None:
+        """The job's details (``status``, ``message``, ``metadata``...), ``None`` if unknown."""
+        what = f"GET job {submission_id}"
+        r = self._request("GET", f"/api/jobs/{submission_id}", what)
         if r.status_code == 404:
             return None
         self._check(what, r.status_code, r.text)
@@ -209,35 +214,21 @@ class RayHook(BaseHook):
     def submit_job(self, submission_id: str, entrypoint: str, *, metadata: dict[str, str],
                    runtime_env: dict[str, Any] | None = None, entrypoint_num_cpus: float | None = None) -> None:
         """Submit a job under a chosen id; a job already there under that id is left as it is."""
-        import requests
-
-        resolved = self._jobs()
         body: dict[str, Any] = {"entrypoint": entrypoint, "submission_id": submission_id, "metadata": metadata}
         if runtime_env:
             body["runtime_env"] = runtime_env
         if entrypoint_num_cpus is not None:
             body["entrypoint_num_cpus"] = entrypoint_num_cpus
         what = f"submit job {submission_id}"
-        try:
-            r = requests.post(f"{resolved.dashboard_url}/api/jobs/", json=body,
-                              headers=self._headers(resolved), timeout=HTTP_TIMEOUT_S)
-        except requests.RequestException as exc:
-            raise RayJobsApiError(f"connection {self.ray_conn_id!r}: {what}: {exc}") from exc
+        r = self._request("POST", "/api/jobs/", what, json=body)
         if r.status_code not in (200, 201) and self.get_job(submission_id) is not None:
             return  # a job already has this id (Ray answers 500 for that): ours, by construction
         self._check(what, r.status_code, r.text, ok=(200, 201))
 
     def stop_job(self, submission_id: str) -> bool:
         """Ask Ray to stop the job; True if it was running."""
-        import requests
-
-        resolved = self._jobs()
         what = f"stop job {submission_id}"
-        try:
-            r = requests.post(f"{resolved.dashboard_url}/api/jobs/{submission_id}/stop",
-                              headers=self._headers(resolved), timeout=HTTP_TIMEOUT_S)
-        except requests.RequestException as exc:
-            raise RayJobsApiError(f"connection {self.ray_conn_id!r}: {what}: {exc}") from exc
+        r = self._request("POST", f"/api/jobs/{submission_id}/stop", what)
         if r.status_code == 404:
             return False
         self._check(what, r.status_code, r.text)

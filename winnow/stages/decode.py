@@ -282,14 +282,7 @@ class DaliBatchDecoder:
         num_threads: int = 2,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        h, w = preprocess.height_width
-        if not (preprocess.resize_mode == "squash" or (preprocess.resize_mode == "shortest" and h == w)):
-            raise ValueError(
-                f"DALI path supports resize_mode 'squash' or 'shortest' to a square, not "
-                f"{preprocess.resize_mode!r} to {h}x{w}; use decode_backend='pillow'"
-            )
-        if preprocess.interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"DALI path supports bicubic/bilinear, not {preprocess.interpolation!r}")
+        check_tensor_preprocess(preprocess, "dali")
         self.backend = f"dali-{device}"
         self.preprocess = preprocess
         self.device = device

@@ -343,15 +343,15 @@ def _all_cpus(backend: Backend, ray_address: str | None) -> int:
 
 # ---- step 2: assign -----------------------------------------------------------------------
 
-class AssignStage:
-    """Row group -> its candidates' clusters, written bucket by bucket (``rg*.arrow``); the
-    returned marker table holds the rows per bucket."""
+class _DedupRowGroupStage:
+    """What the two per-row-group dedup steps share: their config (the step's view of the dedup
+    config, fingerprinted per step) and no set-up."""
 
-    name: ClassVar[str] = "assign"
+    name: ClassVar[str]
 
     def __init__(self, config: DedupStepConfig | DedupConfig | None = None) -> None:
         if not isinstance(config, DedupStepConfig):
-            config = DedupStepConfig("assign", config or DedupConfig())
+            config = DedupStepConfig(self.name, config or DedupConfig())
         self.config = config
 
     def fingerprint_config(self) -> dict[str, Any]:
@@ -359,6 +359,13 @@ class AssignStage:
 
     def setup(self) -> None:
         pass
+
+
+class AssignStage(_DedupRowGroupStage):
+    """Row group -> its candidates' clusters, written bucket by bucket (``rg*.arrow``); the
+    returned marker table holds the rows per bucket."""
+
+    name: ClassVar[str] = "assign"
 
     def process(self, task: RowGroupTask) -> pa.Table:
         import torch
@@ -521,21 +528,10 @@ def run_pairwise(
 
 # ---- step 4: dedup flags per row group ----------------------------------------------------
 
-class DedupFlagsStage:
+class DedupFlagsStage(_DedupRowGroupStage):
     """Row group -> its ``DEDUP`` table, from the pairwise files filtered to its record range."""
 
     name: ClassVar[str] = "dedup"
-
-    def __init__(self, config: DedupStepConfig | DedupConfig | None = None) -> None:
-        if not isinstance(config, DedupStepConfig):
-            config = DedupStepConfig("dedup", config or DedupConfig())
-        self.config = config
-
-    def fingerprint_config(self) -> dict[str, Any]:
-        return self.config.fingerprint_config()
-
-    def setup(self) -> None:
-        pass
 
     def process(self, task: RowGroupTask) -> pa.Table:
         store = task.store()

@@ -1,11 +1,11 @@
 """The curation view in a real browser: headless Chromium (Debian's package, driven by selenium
-through the system chromedriver; `.ci/browser` installs both) against a real ``airflow
-standalone`` that ran image_curation on generated data with one partition's write failing.
+through the system chromedriver; `.ci/browser` installs both) against the package's real
+``airflow standalone`` that ran image_curation on generated data with one partition's write failing.
 
 Logs in through Airflow's own login form, opens the run's "Curation" tab, and checks what a user
 would see: the failed row groups on the map, thumbnails that load, histograms that draw. A
 screenshot of each view is saved under ``$WINNOW_TEST_ARTIFACTS`` (default ``test-artifacts/``).
-A user without access to the DAG gets 403. Slow: one standalone for the module (~3 min).
+A user without access to the DAG gets 403. Slow: one DAG run (minutes).
 """
 
 from __future__ import annotations
@@ -21,57 +21,45 @@ import pytest
 import requests
 
 from tests.airflow._live import REPO, LiveAirflow
+from tests.airflow.live.conftest import OUTSIDER, set_faults
 from winnow.rowgroups.plan import RowGroupPlan
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400),
-              # Not yet green in one full run on this 2-core machine (it was built under load 10-25):
-              # opt in until it is. README, "Tests and benchmarks".
-              pytest.mark.skipif(os.environ.get("WINNOW_LIVE_UI_AND_JOBS") != "1",
-                                 reason="the browser test runs with WINNOW_LIVE_UI_AND_JOBS=1")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ARTIFACTS = Path(os.environ.get("WINNOW_TEST_ARTIFACTS", str(REPO / "test-artifacts")))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-OUTSIDER = "outsider"  # a user with no role: no access to any DAG
 
 
 @pytest.fixture(scope="module")
-def live_run(tmp_path_factory):
-    """A standalone, and a run whose write task of partition 1 fails on every try."""
+def live_run(shared_airflow, tmp_path_factory):
+    """The package's standalone, and a run whose write task of partition 1 fails on every try."""
     from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
     from winnow.stages.write import STAGE
 
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail("chromium and chromedriver are needed: run `bash .ci/browser` (Debian packages)")
+    af = shared_airflow["af"]
     root = tmp_path_factory.mktemp("browser")
     manifest = generate_sample(str(root / "shards"), shards=2, per_shard=12, seed=2, corrupt=True)
     plan = RowGroupPlan(num_records=manifest["expected"]["records"], buffer_size=6, max_partitions=2)
-    fault_file = root / "faults.json"
     # All 3 tries (the DAG's 2 retries + 1) of partition 1's write fail: the run ends failed.
-    fault_file.write_text(json.dumps({"stage": STAGE, "row_groups": list(plan.partition_row_groups(1)), "times": 3,
-                                      "once_dir": str(root / "once")}))
-    af = LiveAirflow(root / "home", extra_env={
-        "WINNOW_TEST_FAULTS": f"@{fault_file}",
-        "AIRFLOW__CORE__MAX_TASK_RETRY_DELAY": "1",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        # The DAG's default output root, which the plugin must NOT rely on: the run's conf below
-        # names no output root, so the view finds the run only through the index task's XCom.
-        "WINNOW_OUTPUT_ROOT": str(root / "out"),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"admin:admin,{OUTSIDER}:",
-        # A loaded shared machine: give the Ray head's raylet longer to register than 10 s.
-        "RAY_raylet_start_wait_time_s": "100",
-    })
+    set_faults(shared_airflow, {"stage": STAGE, "row_groups": list(plan.partition_row_groups(1)), "times": 3,
+                                "once_dir": str(root / "once")})
     t0 = time.perf_counter()
     try:
-        af.start(timeout=600)  # generous: the shared 2-core machine is often loaded
+        # No output_root: the DAG's default (WINNOW_OUTPUT_ROOT of the Airflow processes), which
+        # the plugin must NOT rely on: the view finds the run only through the index task's XCom.
         conf = {"input_uri": str(root / "shards"), "run_key": "browser", "buffer_size": 6, "max_partitions": 2,
                 **TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6}
         run_id = af.trigger(conf, run_id="browser")
         state = _wait_run(af, run_id, timeout=1500)
-        yield {"af": af, "run_id": run_id, "state": state, "run_root": str(root / "out" / "browser")}
+        set_faults(shared_airflow, None)
+        yield {"af": af, "run_id": run_id, "state": state, "root": root,
+               "run_root": str(shared_airflow["default_out"] / "browser")}
     finally:
-        af.stop()
-        print(f"\nbrowser test module: {time.perf_counter() - t0:.0f} s of live Airflow")
+        set_faults(shared_airflow, None)
+        print(f"\nbrowser test module: {time.perf_counter() - t0:.0f} s")
 
 
 def _wait_run(af: LiveAirflow, run_id: str, *, timeout: float) -> str:
@@ -97,7 +85,7 @@ def browser(live_run):
     os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium fetch a browser or driver
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    profile = Path(live_run["run_root"]).parent.parent / "chromium-profile"
+    profile = live_run["root"] / "chromium-profile"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                  f"--user-data-dir={profile}", "--window-size=1400,1000"):

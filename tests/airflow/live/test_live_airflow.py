@@ -2,8 +2,8 @@
 retry by clearing failed mapped instances through the REST API, backfills with a threshold
 override and ``--reprocess-behavior failed``, and a task process SIGKILLed mid-partition.
 
-One ``airflow standalone`` (and one local Ray head the tasks attach to via ``ray_default``)
-serves every test in this module; the tests share one input and run in file order. Faults come
+The package's one ``airflow standalone`` (and the local Ray head its tasks attach to via
+``ray_default``) serves every test here; the tests share one input and run in file order. Faults come
 from the test-only hook (``WINNOW_TEST_FAULTS=@<file>``, rewritten between runs). Slow: minutes.
 """
 
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.airflow._live import LiveAirflow, LiveAirflowError
+from tests.airflow.live.conftest import set_faults
 from winnow.rowgroups.plan import RowGroupPlan
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -27,7 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 RUN_TIMEOUT = 1200  # s; a run is ~3-8 min on two (shared) cores
 # 2 shards of 20 pictures (46 records with the planted oddities), buffer 8: 6 row groups in 2
 # partitions. The faulty row group is partition 0's second, the killed one partition 1's first.
-BACKFILL_DATES = ("2025-02-01", "2025-02-02", "2025-02-03")
+# Two dates: the first has a task SIGKILLed, the last is the fault-free reference.
+BACKFILL_DATES = ("2025-02-01", "2025-02-02")
 PARTITION_TASKS = ("partition.embed", "partition.aesthetic", "partition.nsfw", "write")
 COUNTS = ("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept", "written")
 
@@ -51,48 +53,29 @@ def _output(run_root: str) -> dict[str, object]:
     return {"keys": keys, "tars": tars, "counts": {k: summary[k] for k in COUNTS}}
 
 
-def _set_faults(live: dict, spec: dict | None) -> None:
-    path = Path(live["fault_file"])
-    if spec is None:
-        path.unlink(missing_ok=True)
-    else:
-        path.write_text(json.dumps(spec))
-
-
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """Airflow services for the module, with the input shards and the common run conf."""
+def live(shared_airflow, tmp_path_factory):
+    """The package's Airflow services, with this module's input shards and common run conf."""
     from winnow.data.sample import generate_sample
 
     root = tmp_path_factory.mktemp("live")
     manifest = generate_sample(str(root / "shards"), shards=2, per_shard=20, seed=0, corrupt=True)
     plan = RowGroupPlan(num_records=manifest["expected"]["records"], buffer_size=8, max_partitions=2)
     assert plan.num_partitions == 2 and len(plan.partition_row_groups(0)) >= 2, plan
-    fault_file = root / "faults.json"
-    af = LiveAirflow(root / "home", extra_env={
-        "WINNOW_TEST_FAULTS": f"@{fault_file}",
-        # The DAG retries twice with a 30 s+ backoff; the global cap makes retries exhaust in seconds.
-        "AIRFLOW__CORE__MAX_TASK_RETRY_DELAY": "1",
-        # Two cores: more task processes at once only contend.
-        "AIRFLOW__CORE__PARALLELISM": "2",
-    })
+    conf = {
+        "input_uri": str(root / "shards"), "output_root": str(root / "out"),
+        "buffer_size": 8, "max_partitions": 2, "model": "winnow-tiny-vit", "pretrained": "random",
+        "allow_random_weights": True, "aesthetic_threshold": 0.0, "nsfw_threshold": 0.6,
+    }
     t0 = time.perf_counter()
     try:
-        af.start()
-        startup = time.perf_counter() - t0
-        conf = {
-            "input_uri": str(root / "shards"), "output_root": str(root / "out"),
-            "buffer_size": 8, "max_partitions": 2, "model": "winnow-tiny-vit", "pretrained": "random",
-            "allow_random_weights": True, "aesthetic_threshold": 0.0, "nsfw_threshold": 0.6,
-        }
-        yield {"af": af, "root": root, "conf": conf, "manifest": manifest, "fault_file": str(fault_file),
+        yield {"af": shared_airflow["af"], "root": root, "conf": conf, "manifest": manifest,
+               "fault_file": str(shared_airflow["fault_file"]),
                "p0": list(plan.partition_row_groups(0)), "faulty_rg": plan.partition_row_groups(0)[1],
-               "killed_rg": plan.partition_row_groups(1)[0],
-               "startup_s": startup, "t0": t0}
+               "killed_rg": plan.partition_row_groups(1)[0], "t0": t0}
     finally:
-        af.stop()
-        print(f"\nlive Airflow module: {time.perf_counter() - t0:.0f} s in all")
-        assert not af.marked_processes(), "processes started by the live fixture outlived it"
+        set_faults(shared_airflow, None)
+        print(f"\nlive Airflow module: {time.perf_counter() - t0:.0f} s")
 
 
 def _ti_seconds(af: LiveAirflow, run_id: str) -> list[float]:
@@ -104,12 +87,12 @@ def _ti_seconds(af: LiveAirflow, run_id: str) -> list[float]:
 def sparse(live):
     """Embed row group 1 fails on every try (3 = 1 + the DAG's 2 retries): the run fails."""
     af = live["af"]
-    _set_faults(live, {"stage": "embed", "row_groups": [live["faulty_rg"]], "times": 3,
+    set_faults(live, {"stage": "embed", "row_groups": [live["faulty_rg"]], "times": 3,
                        "once_dir": str(live["root"] / "faults-sparse")})
     t0 = time.perf_counter()
     run_id = af.trigger({**live["conf"], "run_key": "sparse"}, run_id="sparse")
     state = af.wait_run(run_id, timeout=RUN_TIMEOUT)
-    _set_faults(live, None)
+    set_faults(live, None)
     run_root = str(live["root"] / "out" / "sparse")
     return {"run_id": run_id, "state": state, "states": af.task_states(run_id), "seconds": time.perf_counter() - t0,
             "embed0": af.xcom(run_id, "partition.embed", 0), "run_root": run_root,
@@ -168,11 +151,11 @@ def test_rest_clear_only_failed_recomputes_exactly_the_failed_row_group(live, sp
 
 @pytest.fixture(scope="module")
 def backfill(live, cleared):
-    """``airflow backfill create`` over three dates with a threshold override in the conf. The
+    """``airflow backfill create`` over two dates with a threshold override in the conf. The
     first date's embed task of partition 1 is SIGKILLed right after its first row group committed
     (test-only ``kill_task`` fault, fires once): Airflow must notice and retry it."""
     af = live["af"]
-    _set_faults(live, {"stage": "embed", "row_groups": [live["killed_rg"]], "mode": "kill_task",
+    set_faults(live, {"stage": "embed", "row_groups": [live["killed_rg"]], "mode": "kill_task",
                        "once_dir": str(live["root"] / "faults-kill")})
     conf = {k: v for k, v in live["conf"].items()}  # no run_key: the logical date names the run
     t0 = time.perf_counter()
@@ -181,12 +164,12 @@ def backfill(live, cleared):
     deadline = time.monotonic() + 3 * RUN_TIMEOUT
     while True:
         runs = [r for r in af.dag_runs() if r["run_type"] == "backfill"]
-        if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
+        if len(runs) == len(BACKFILL_DATES) and all(r["state"] in ("success", "failed") for r in runs):
             break
         if time.monotonic() > deadline:
             raise LiveAirflowError(f"backfill not done: {[(r['dag_run_id'], r['state']) for r in runs]}\n{af.log_tail()}")
         time.sleep(3)
-    _set_faults(live, None)
+    set_faults(live, None)
     by_date = {r["logical_date"][:10]: r for r in runs}
     first = by_date[BACKFILL_DATES[0]]["dag_run_id"]
     tis = {(t["task_id"], t["map_index"]): t for t in af.task_instances(first)}
@@ -204,7 +187,7 @@ def test_backfill_writes_one_run_key_per_date_with_the_overridden_threshold(live
         assert summary["config"]["nsfw_threshold"] == 0.6 and summary["config"]["aesthetic_threshold"] == 0.0
         assert summary["config"]["run_key"] == run_root.name
         assert summary["records"] == live["manifest"]["expected"]["records"]
-    print(f"\nbackfill of 3 dates {backfill['seconds']:.0f} s; mapped task instances "
+    print(f"\nbackfill of {len(BACKFILL_DATES)} dates {backfill['seconds']:.0f} s; mapped task instances "
           f"{sorted(round(s) for s in backfill['ti_seconds'])} s")
 
 

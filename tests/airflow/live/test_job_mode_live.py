@@ -1,5 +1,6 @@
-"""Job mode under a REAL Airflow 3.3 (``airflow standalone``: scheduler, LocalExecutor, triggerer,
-api-server) and a real local Ray head with its job server and token auth.
+"""Job mode under a REAL Airflow 3.3 (the package's ``airflow standalone``: scheduler, LocalExecutor,
+triggerer, api-server) and a real local Ray head with its job server and token auth, reached
+through a connection in job mode that the test creates through the REST API.
 
 One run carries the module, in order: embed of partition 0 fails one row group on every try
 (test-only fault hook, in the job's Ray workers) so the task fails naming it; a REST clear
@@ -27,13 +28,10 @@ from tests.airflow._ray_jobs import job_conn, jobs_of, start_job_head
 from winnow.ray import cluster
 from winnow.rowgroups.plan import RowGroupPlan
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600),
-              # Not yet green in one full run on this 2-core machine (it was built under load 10-25):
-              # opt in until it is. README, "Tests and benchmarks".
-              pytest.mark.skipif(os.environ.get("WINNOW_LIVE_UI_AND_JOBS") != "1",
-                                 reason="the live job-mode test runs with WINNOW_LIVE_UI_AND_JOBS=1")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 RUN_TIMEOUT = 1500
+JOB_CONN = "ray_jobs"
 EMBED = ("partition.embed", 0)
 
 
@@ -49,9 +47,12 @@ def _wait(what: str, check, af: LiveAirflow, timeout: float = RUN_TIMEOUT, every
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(shared_airflow, tmp_path_factory):
+    """The package's Airflow, a Ray head with its job server (token auth on), and a connection
+    ``ray_jobs`` in job mode created through the REST API; the runs name it in ``ray_conn_id``."""
     from winnow.data.sample import generate_sample
 
+    af = shared_airflow["af"]
     root = tmp_path_factory.mktemp("jobl")
     manifest = generate_sample(str(root / "shards"), shards=1, per_shard=12, seed=0, corrupt=True)
     plan = RowGroupPlan(num_records=manifest["expected"]["records"], buffer_size=10, max_partitions=1)
@@ -59,23 +60,21 @@ def live(tmp_path_factory):
     fault_file = root / "faults.json"
     t0 = time.perf_counter()
     ray_jobs = start_job_head(root, extra_env={"WINNOW_TEST_FAULTS": f"@{fault_file}"})
-    af = LiveAirflow(root / "home", extra_env={
-        "AIRFLOW_CONN_RAY_DEFAULT": job_conn(ray_jobs["url"], ray_jobs["token"], poll_interval=1),
-        "AIRFLOW__CORE__MAX_TASK_RETRY_DELAY": "1",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        # Separate the job's token from anything Ray in the Airflow processes could fall back to.
-        "RAY_AUTH_TOKEN": "unused-by-job-mode",
-    })
     try:
-        af.start(timeout=600, ray_head=False)  # a loaded 2-core machine: minutes
+        # The Airflow processes hold another Ray token (RAY_AUTH_TOKEN, for the driver-mode head):
+        # job mode must send the connection's password, not fall back on the environment.
+        assert af.env["RAY_AUTH_TOKEN"] != ray_jobs["token"]
+        conn = json.loads(job_conn(ray_jobs["url"], ray_jobs["token"], poll_interval=1))
+        af.api("POST", "/api/v2/connections", json={
+            "connection_id": JOB_CONN, "conn_type": conn["conn_type"], "host": conn["host"],
+            "password": conn["password"], "extra": json.dumps(conn["extra"])})
         conf = {"input_uri": str(root / "shards"), "output_root": str(root / "out"), "run_key": "jobs",
                 "buffer_size": 10, "max_partitions": 1, "model": "winnow-tiny-vit", "pretrained": "random",
-                "allow_random_weights": True, "aesthetic_threshold": 0.0}
+                "allow_random_weights": True, "aesthetic_threshold": 0.0, "ray_conn_id": JOB_CONN}
         yield {"af": af, "root": root, "conf": conf, "fault_file": fault_file, "ray": ray_jobs,
-               "faulty_rg": plan.partition_row_groups(0)[1], "row_groups": list(plan.partition_row_groups(0)),
-               "startup_s": time.perf_counter() - t0}
+               "faulty_rg": plan.partition_row_groups(0)[1], "row_groups": list(plan.partition_row_groups(0))}
     finally:
-        af.stop()
+        af.api("DELETE", f"/api/v2/connections/{JOB_CONN}", ok=(200, 204, 404))
         cluster.stop_head(ray_jobs["head"], timeout_s=15)
         print(f"\nlive job-mode module: {time.perf_counter() - t0:.0f} s in all")
 
