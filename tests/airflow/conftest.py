@@ -6,6 +6,7 @@ configuration at import time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,6 +45,20 @@ def airflow_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
     if proc.returncode != 0:
         raise AssertionError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def retries_set(dag, retries: int):
+    """Every task of ``dag`` retries ``retries`` times meanwhile; then as declared again (the DAG
+    object is shared by the session: a module must leave it as it found it)."""
+    declared = {task.task_id: task.retries for task in dag.tasks}
+    for task in dag.tasks:
+        task.retries = retries
+    try:
+        yield dag
+    finally:
+        for task in dag.tasks:
+            task.retries = declared[task.task_id]
 
 
 @pytest.fixture(scope="session")

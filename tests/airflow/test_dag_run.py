@@ -19,7 +19,7 @@ from unittest import mock
 import pyarrow.parquet as pq
 import pytest
 
-from tests.airflow.conftest import airflow_cli
+from tests.airflow.conftest import airflow_cli, retries_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,11 +27,6 @@ FAULT_RUN_DATE = datetime(2025, 3, 1, tzinfo=UTC)
 CHANGE_RUN_DATE = datetime(2025, 3, 2, tzinfo=UTC)
 FAULTY_ROW_GROUPS = [1, 6]  # row group 1 is in partition 0, row group 6 in partition 2
 PARTITION_TASKS = ("partition.embed", "partition.aesthetic", "partition.nsfw", "write")
-
-
-def _set_retries(dag, retries: int) -> None:
-    for task in dag.tasks:
-        task.retries = retries
 
 
 def _states(dag_run) -> dict[tuple[str, int], tuple[str, int]]:
@@ -87,9 +82,9 @@ def run_env(tmp_path_factory, curation_dag):
         "buffer_size": 4, "max_partitions": 3, "model": "winnow-tiny-vit", "pretrained": "random",
         "allow_random_weights": True, "aesthetic_threshold": 0.0,
     }
-    _set_retries(curation_dag, 0)
-    return {"dag": curation_dag, "conf": conf, "run_root": str(root / "out" / "e2e"),
-            "manifest": manifest, "faults": str(root / "faults")}
+    with retries_set(curation_dag, 0):
+        yield {"dag": curation_dag, "conf": conf, "run_root": str(root / "out" / "e2e"),
+               "manifest": manifest, "faults": str(root / "faults")}
 
 
 @pytest.fixture(scope="module")
@@ -222,12 +217,9 @@ def test_overwrite_recomputes_the_changed_stage_and_later_ones_only(run_env, res
 
 def test_bad_params_fail_fast_without_retries(run_env, tmp_path):
     dag = run_env["dag"]
-    _set_retries(dag, 2)
-    try:
+    with retries_set(dag, 2):
         conf = {**run_env["conf"], "input_uri": str(tmp_path / "nowhere"), "run_key": "bad"}
         dr = dag.test(logical_date=datetime(2025, 3, 3, tzinfo=UTC), run_conf=conf)
-    finally:
-        _set_retries(dag, 0)
     assert dr.state == "failed"
     assert _states(dr)[("index", -1)] == ("failed", 1)
     assert not os.path.exists(tmp_path / "out")

@@ -17,6 +17,7 @@ from unittest import mock
 import pytest
 
 from tests.airflow._ray_jobs import driver_conn, job_conn, jobs_of, output, start_job_head
+from tests.airflow.conftest import retries_set
 from winnow.ray import cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -49,12 +50,10 @@ def runs(ray_jobs, curation_dag):
     conf = {"input_uri": str(root / "shards"), "output_root": str(root / "out"), "buffer_size": 10,
             "max_partitions": 1, "model": "winnow-tiny-vit", "pretrained": "random",
             "allow_random_weights": True, "aesthetic_threshold": 0.0}
-    for task in curation_dag.tasks:
-        task.retries = 0
     env = {"AIRFLOW_CONN_RAY_JOBTEST": job_conn(ray_jobs["url"], ray_jobs["token"]),
            "AIRFLOW_CONN_RAY_DRIVERTEST": driver_conn(ray_jobs["address"], ray_jobs["token"])}
     out: dict = {"manifest": manifest}
-    with mock.patch.dict(os.environ, env):
+    with mock.patch.dict(os.environ, env), retries_set(curation_dag, 0):
         t0 = time.perf_counter()
         out["job"] = curation_dag.test(logical_date=JOB_DATE,
                                        run_conf={**conf, "run_key": "job", "ray_conn_id": "ray_jobtest"})

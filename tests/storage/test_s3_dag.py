@@ -15,7 +15,7 @@ from unittest import mock
 import pyarrow.fs as pafs
 import pytest
 
-from tests.airflow.conftest import airflow_db, curation_dag, dagbag  # noqa: F401  (fixtures)
+from tests.airflow.conftest import airflow_db, curation_dag, dagbag, retries_set  # noqa: F401  (fixtures)
 from tests.storage._runs import (
     SMALL,
     WRITE_STAGE,
@@ -38,8 +38,6 @@ CONN_ID = "winnow_s3"
 def runs(s3, curation_dag, local_run, tmp_path_factory, pytestconfig):  # noqa: F811
     upload_folder(local_run["shards"], f"{PREFIX}/shards")
 
-    for task in curation_dag.tasks:
-        task.retries = 0
     conn = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
             "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}
     conf = {"input_uri": f"{PREFIX}/shards/shard-{{000000..000001}}.tar", "output_root": f"{PREFIX}/out",
@@ -50,7 +48,7 @@ def runs(s3, curation_dag, local_run, tmp_path_factory, pytestconfig):  # noqa: 
         _reset_storage()
         # dag.test prints the task logs: with pytest's capture off, fds 1 and 2 go to a file.
         capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled(), _output_to(str(log_path)):
+        with capture.global_and_fixture_disabled(), _output_to(str(log_path)), retries_set(curation_dag, 0):
             dr = curation_dag.test(logical_date=RUN_DATE, run_conf=conf)
     _reset_storage()
     return {"dr": dr, "local": local_run["summary"], "local_root": local_run["run_root"],
