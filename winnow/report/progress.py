@@ -1,13 +1,39 @@
 """Stage x row-group map of a run: committed, failed (with its error) or pending, from listings.
 
-One recursive listing per stage and no file reads except the failure records (a paginated
-listing per stage on an object store). The map travels run-length
-encoded (``"120c3f57."``): a running stage is a few long runs, whatever the row-group count.
+Besides the index and the run summary, the only files read are the stages' fingerprints (one
+stat and one small read of ``_stage.json`` per stage per call) and the failure records. The map
+travels run-length encoded (``"120c3f57."``): a running stage is a few long runs, whatever the
+row-group count.
+
+Listings and the settled-partition cache. A partition whose row groups are all committed is
+*settled*: winnow never recomputes a committed row group, so while the stage's fingerprint stays
+the same, a settled partition's map and commit times do not change. This process keeps, per
+(run root, stage, fingerprint, plan), the settled partitions with the first and last commit time
+(mtime) of each, in an LRU of at most :data:`CACHE_ENTRIES` keys guarded by a lock (the
+api-server answers polls from several threads). A call then
+
+* answers a stage whose partitions are all settled from the cache, with no listing;
+* when some partitions are settled and at most :data:`MAX_PARTITION_LISTINGS` are not, lists
+  only those, one non-recursive listing each;
+* else makes one recursive listing of the stage folder (one paginated listing on an object
+  store), as without a cache;
+
+and adds the partitions it found settled to the cache. The counts, records, first/last commit
+times and failures come out as from a full listing. The fingerprint part of the key is the
+``_stage.json`` content's digest, size and mtime: a new config, or a run root deleted and run
+again (a fingerprint file written later, so with another mtime), gets a new key and is listed
+afresh. A stage without a ``_stage.json`` is always listed in
+full and not cached. Not seen through the cache: a committed row-group file deleted or rewritten
+by hand while the fingerprint file stays. ``row_group_map(..., cache=False)`` neither reads nor
+fills the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +41,18 @@ import pyarrow.fs as pafs
 
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.rowgroups.failures import FAILED_SUFFIX, read_failure
-from winnow.rowgroups.store import TEMP_MARK, read_json
+from winnow.rowgroups.fs import read_small
+from winnow.rowgroups.store import STAGE_FILE, TEMP_MARK, read_json
 
 COMMITTED, FAILED, PENDING = "c", "f", "."
 _FILE = re.compile(r"^rg(\d{9})(\.parquet|" + re.escape(FAILED_SUFFIX) + r")$")
 #: Failure texts sent per stage; the map still marks every failed row group.
 MAX_ERRORS_PER_STAGE = 200
+#: At most this many (run root, stage, fingerprint, plan) keys keep their settled partitions.
+CACHE_ENTRIES = 64
+#: With more open (not settled) partitions than this, one recursive listing of the stage replaces
+#: the per-partition listings: fewer calls for the same files.
+MAX_PARTITION_LISTINGS = 64
 
 
 def run_length(states: bytearray | bytes) -> str:
@@ -40,6 +72,10 @@ def run_length(states: bytearray | bytes) -> str:
     return "".join(out)
 
 
+#: Per partition: first and last commit mtime in ns (None where the filesystem gives none).
+_Times = tuple[int | None, int | None]
+
+
 @dataclass
 class _StageScan:
     states: bytearray
@@ -49,19 +85,72 @@ class _StageScan:
     failed: list[tuple[int, int]] | None = None  # (partition, row group)
 
 
-def _scan(store: CommitStore, stage: str, plan: RowGroupPlan) -> _StageScan:
-    """One recursive listing of the stage folder (one paginated listing on an object store),
-    not one per partition: on a run of 10^5 row groups the per-call overhead dominated."""
-    g, parts = plan.num_row_groups, plan.num_partitions
-    scan = _StageScan(states=bytearray(PENDING.encode()) * g, failed=[])
-    failed: dict[int, int] = {}
+_cache: OrderedDict[tuple, dict[int, _Times]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every settled partition this process has cached."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _cached(key: tuple) -> dict[int, _Times]:
+    """A copy of the settled partitions cached under ``key`` (empty when none)."""
+    with _cache_lock:
+        entry = _cache.get(key)
+        if entry is None:
+            return {}
+        _cache.move_to_end(key)
+        return dict(entry)
+
+
+def _remember(key: tuple, settled: dict[int, _Times]) -> None:
+    """Cache ``settled`` under ``key``; the least recently used keys beyond
+    :data:`CACHE_ENTRIES` are dropped. Nothing is stored for an empty ``settled``."""
+    if not settled:
+        return
+    with _cache_lock:
+        entry = _cache.get(key)
+        _cache[key] = {**entry, **settled} if entry else dict(settled)
+        _cache.move_to_end(key)
+        while len(_cache) > CACHE_ENTRIES:
+            _cache.popitem(last=False)
+
+
+def _fingerprint_identity(store: CommitStore, stage: str) -> tuple[str, int | None, int | None] | None:
+    """(content digest, size, mtime_ns) of the stage's ``_stage.json``; None without one.
+
+    The mtime tells a fingerprint written again with the same content (a run root deleted and
+    run again with the same config) from the one the cached partitions were settled under."""
+    path = f"{store.stage_dir(stage)}/{STAGE_FILE}"
+    info = store.fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    data = read_small(store.fs, path)
+    if data is None:
+        return None
+    return hashlib.sha256(data).hexdigest(), info.size, info.mtime_ns
+
+
+def _list(store: CommitStore, folder: str, *, recursive: bool) -> list[pafs.FileInfo]:
     try:
-        infos = store.fs.get_file_info(pafs.FileSelector(store.stage_dir(stage), recursive=True,
-                                                         allow_not_found=True))
+        return store.fs.get_file_info(pafs.FileSelector(folder, recursive=recursive, allow_not_found=True))
     except FileNotFoundError:
-        infos = []
-    first = last = None
-    committed = 0
+        return []
+
+
+def _collect(infos: list[pafs.FileInfo], stage_folder: str, plan: RowGroupPlan, states: bytearray,
+             times: dict[int, _Times], failed: dict[int, int]) -> None:
+    """Mark the commits of ``infos`` in ``states``, widen their partition's ``times`` and note
+    the failure records in ``failed`` (row group -> partition).
+
+    Counted: ``rg#########.parquet`` and failure records directly in ``<stage>/p<partition>/``
+    (the folder :meth:`CommitStore.partition_dir` names, ``stage_folder`` being the stage
+    folder's own name) for a row group the plan puts in that partition. Temp files and
+    everything else are ignored."""
+    g, parts = plan.num_row_groups, plan.num_partitions
+    c = ord(COMMITTED)
     for info in infos:
         path = info.path
         slash = path.rfind("/")
@@ -71,41 +160,93 @@ def _scan(store: CommitStore, stage: str, plan: RowGroupPlan) -> _StageScan:
         m = _FILE.match(name)
         if not m:
             continue
-        folder = path[path.rfind("/", 0, slash) + 1:slash]
+        up = path.rfind("/", 0, slash)
+        folder = path[up + 1:slash]
         if not (folder.startswith("p") and folder[1:].isdigit()):
-            continue  # not <stage>/p<partition>/ (e.g. a moved-aside copy inside)
+            continue
         rg, p = int(m.group(1)), int(folder[1:])
+        if folder != f"p{p:05d}" or path[path.rfind("/", 0, up) + 1:up] != stage_folder:
+            continue  # not <stage>/p<partition>/ (e.g. a copy moved aside inside the stage folder)
         # Only row groups in the partition the plan puts them in (p*G//P <= rg < (p+1)*G//P).
         if not (p < parts and p * g // parts <= rg < (p + 1) * g // parts):
             continue
         if m.group(2) == ".parquet":
-            if scan.states[rg] != ord(COMMITTED):
-                scan.states[rg] = ord(COMMITTED)
-                committed += 1
+            states[rg] = c
             t = info.mtime_ns
             if t is not None:
-                first = t if first is None or t < first else first
-                last = t if last is None or t > last else last
+                old = times.get(p)
+                times[p] = (t, t) if old is None else (min(old[0], t), max(old[1], t))
         else:
             failed[rg] = p
+
+
+def _scan(store: CommitStore, stage: str, plan: RowGroupPlan,
+          settled: dict[int, _Times] | None = None) -> tuple[_StageScan, dict[int, _Times]]:
+    """The stage's map, and every partition settled now (all committed) with its commit times.
+
+    ``settled``: partitions known to be settled (from the cache); they are not listed. With
+    none, or with more than :data:`MAX_PARTITION_LISTINGS` others, one recursive listing of the
+    stage folder (one paginated listing on an object store) rather than one per partition: on a
+    run of 10^5 row groups the per-call overhead dominated. Else one listing per open partition.
+    """
+    g, parts = plan.num_row_groups, plan.num_partitions
+    c = ord(COMMITTED)
+    settled = {p: t for p, t in (settled or {}).items() if p < parts}
+    open_parts = [p for p in range(parts) if p not in settled]
+    states = bytearray(PENDING.encode()) * g
+    times: dict[int, _Times] = {}
+    failed: dict[int, int] = {}
+    stage_dir = store.stage_dir(stage)
+    stage_folder = stage_dir[stage_dir.rfind("/") + 1:]
+    full = not settled or len(open_parts) > MAX_PARTITION_LISTINGS
+    if full:  # the one listing sees every partition again, the settled ones too
+        _collect(_list(store, stage_dir, recursive=True), stage_folder, plan, states, times, failed)
+    else:
+        for p, t in settled.items():
+            lo, hi = p * g // parts, (p + 1) * g // parts
+            states[lo:hi] = COMMITTED.encode() * (hi - lo)
+            if t[0] is not None:
+                times[p] = t
+        for p in open_parts:
+            _collect(_list(store, store.partition_dir(stage, p), recursive=False), stage_folder, plan,
+                     states, times, failed)
+    now_settled = {} if full else dict(settled)
+    for p in range(parts) if full else open_parts:
+        lo, hi = p * g // parts, (p + 1) * g // parts
+        if states.count(c, lo, hi) == hi - lo:
+            now_settled[p] = times.get(p, (None, None))
+    scan = _StageScan(states=states, failed=[])
     for rg, p in sorted(failed.items()):
-        if scan.states[rg] != ord(COMMITTED):  # a later commit wins over an old failure
-            scan.states[rg] = ord(FAILED)
+        if states[rg] != c:  # a later commit wins over an old failure
+            states[rg] = ord(FAILED)
             scan.failed.append((p, rg))
     # Every row group holds B records except the last one.
-    scan.records = committed * plan.buffer_size
-    if g and scan.states[g - 1] == ord(COMMITTED):
+    scan.records = states.count(c) * plan.buffer_size
+    if g and states[g - 1] == c:
         scan.records -= g * plan.buffer_size - plan.num_records
-    scan.first = first / 1e9 if first is not None else None
-    scan.last = last / 1e9 if last is not None else None
+    if times:
+        scan.first = min(t[0] for t in times.values()) / 1e9
+        scan.last = max(t[1] for t in times.values()) / 1e9
+    return scan, now_settled
+
+
+def _stage_scan(store: CommitStore, stage: str, plan: RowGroupPlan, *, cache: bool) -> _StageScan:
+    """:func:`_scan` through the settled-partition cache (see the module docstring)."""
+    fingerprint = _fingerprint_identity(store, stage) if cache else None
+    if fingerprint is None:
+        return _scan(store, stage, plan)[0]
+    key = (store.run_root, stage, fingerprint, (plan.num_records, plan.buffer_size, plan.num_partitions))
+    scan, settled = _scan(store, stage, plan, _cached(key))
+    _remember(key, settled)
     return scan
 
 
-def row_group_map(run_root: str, stages: tuple[str, ...] | None = None) -> dict[str, Any]:
+def row_group_map(run_root: str, stages: tuple[str, ...] | None = None, *, cache: bool = True) -> dict[str, Any]:
     """Per stage: the run-length encoded map, counts, records/s and the failed row groups' errors.
 
     ``records_per_s`` is the stage's committed records over the span between its first and
     last commit (None until two commits exist): the stage's own pace, not the run's.
+    ``cache=False`` lists every stage in full and leaves the settled-partition cache alone.
     """
     from winnow.data.index import load_index
     from winnow.pipeline import SUMMARY_FILE
@@ -115,7 +256,7 @@ def row_group_map(run_root: str, stages: tuple[str, ...] | None = None) -> dict[
     plan = load_index(run_root).plan
     out_stages = []
     for name in stages or stage_order():
-        scan = _scan(store, name, plan)
+        scan = _stage_scan(store, name, plan, cache=cache)
         committed = scan.states.count(ord(COMMITTED))
         errors = []
         for p, rg in scan.failed[:MAX_ERRORS_PER_STAGE]:
