@@ -7,7 +7,9 @@ failed row groups; dedup and write pending): the map reads names only, so empty 
 a real run's listing costs. Serves the plugin's app with uvicorn (Airflow's auth and DAG-run
 lookup replaced by a fixed run: this measures the view, not Airflow's login) and loads the run
 page in headless Chromium: time from navigation start to the map drawn, FCP, DOM node count,
-and the progress payload raw and gzipped. Needs chromium + chromedriver (``bash .ci/browser``).
+and the progress payload raw and gzipped. The first progress request and the first page load
+start from an empty settled-partition cache (``winnow.report.progress``); the other runs are warm,
+as a page polling a running run is. Needs chromium + chromedriver (``bash .ci/browser``).
 """
 
 from __future__ import annotations
@@ -32,18 +34,20 @@ from benchmarks._common import machine  # noqa: E402
 
 
 def build_run(root: Path, row_groups: int, buffer_size: int = 256) -> str:
-    from winnow.rowgroups import CommitStore, RowGroupPlan
+    from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
     from winnow.rowgroups.failures import record_failure
 
     run_root = root / "synthetic"
     plan = RowGroupPlan(row_groups * buffer_size, buffer_size, max_partitions=1024)
-    (run_root / "index").mkdir(parents=True)
-    (run_root / "index" / "_index.json").write_text(json.dumps({
-        "num_records": plan.num_records, "buffer_size": buffer_size, "max_partitions": 1024,
-        "input_uri": "synthetic", "shards": [], "counts": {}, "fingerprint_digest": "synthetic"}))
     store = CommitStore(str(run_root))
     done = {"index": plan.num_row_groups, "embed": plan.num_row_groups, "aesthetic": plan.num_row_groups,
             "nsfw": int(plan.num_row_groups * 0.6)}
+    for stage in done:  # a stage that ran has its fingerprint file (the view's cache keys on it)
+        store.ensure_stage(StageFingerprint(stage=stage, config={"synthetic": True}, num_records=plan.num_records,
+                                            buffer_size=buffer_size))
+    (run_root / "index" / "_index.json").write_text(json.dumps({
+        "num_records": plan.num_records, "buffer_size": buffer_size, "max_partitions": 1024,
+        "input_uri": "synthetic", "shards": [], "counts": {}, "fingerprint_digest": "synthetic"}))
     for stage, upto in done.items():
         for p in range(plan.num_partitions):
             rgs = [rg for rg in plan.partition_row_groups(p) if rg < upto]
@@ -112,7 +116,7 @@ def main() -> None:
         base, server = serve(run_root)
         api = f"{base}/api/runs/bench/progress"
         api_s, raw, zipped = [], 0, 0
-        for _ in range(args.runs):
+        for _ in range(args.runs + 1):  # the first request lists every stage; later ones hit the cache
             t = time.perf_counter()
             r = requests.get(api, headers={"Accept-Encoding": "identity"}, timeout=300)
             api_s.append(time.perf_counter() - t)
@@ -120,10 +124,14 @@ def main() -> None:
         r = requests.get(api, headers={"Accept-Encoding": "gzip"}, stream=True, timeout=300)
         zipped = len(r.raw.read(decode_content=False))
         etag = requests.get(api, headers={"If-None-Match": r.headers["ETag"]}, timeout=300)
+        from winnow.report import progress
+
         driver = browser(str(tmp / "profile"))
         paint, fcp, nodes = [], [], 0
         try:
-            for _ in range(args.runs):
+            for i in range(args.runs + 1):  # the first load with an empty cache, then warm ones
+                if i == 0:
+                    progress.clear_cache()
                 driver.get("about:blank")
                 driver.get(f"{base}/ui/run?dag_id=image_curation&run_id=bench")
                 WebDriverWait(driver, 300, poll_frequency=0.05).until(
@@ -140,10 +148,12 @@ def main() -> None:
         result = {
             "row_groups": args.row_groups, "files": "index/embed/aesthetic 100%, nsfw 60% + 37 failed",
             "build_s": round(build_s, 1),
-            "progress_api_s_median": round(statistics.median(api_s), 3),
+            "progress_api_cold_s": round(api_s[0], 3),
+            "progress_api_warm_s_median": round(statistics.median(api_s[1:]), 3),
             "progress_payload_bytes": raw, "progress_payload_gzip_bytes": zipped,
             "not_modified_status": etag.status_code,
-            "map_drawn_ms_median": round(statistics.median(paint)), "fcp_ms_median": round(statistics.median(fcp)),
+            "map_drawn_cold_ms": round(paint[0]), "map_drawn_warm_ms_median": round(statistics.median(paint[1:])),
+            "fcp_ms_median": round(statistics.median(fcp)),
             "dom_nodes": nodes, "runs": args.runs, **machine(),
         }
         print(json.dumps(result, indent=2))
