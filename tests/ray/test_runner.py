@@ -128,6 +128,30 @@ def test_task_pool_sets_a_model_stage_up_once_per_worker_across_partitions(tmp_p
     assert len(pids) == len(set(pids)) <= 2  # once per worker process, not once per partition
 
 
+def test_on_a_shared_ray_a_model_stage_is_set_up_once_per_partition_in_an_actor(tmp_path, ray_local, monkeypatch):
+    """WINNOW_RAY_EMBEDDED=shared (what an Airflow task on the shared local head, or on a
+    cluster, sees): other drivers compete for the workers, so each partition's model worker is a
+    Ray Data actor that keeps its set-up stage for all of the partition's row groups."""
+    from winnow.ray.cluster import EMBEDDED_ENV
+    from winnow.ray.runner import owns_its_ray
+
+    monkeypatch.setenv(EMBEDDED_ENV, "shared")  # this process stays attached to the module's Ray
+    assert not owns_its_ray(None) and not owns_its_ray("127.0.0.1:6379")
+    plan = RowGroupPlan(60, 10, max_partitions=2)  # 3 row groups per partition
+    log_path = tmp_path / "setups.log"
+    root = str(tmp_path / "run")
+    CommitStore(root).commit_table("counting", 1, 4, pa.table({"record_id": [-1]}))  # committed: skipped
+    for p in range(plan.num_partitions):
+        s = run_stage_partition(CountingSetupStage(str(log_path)), run_root=root, plan=plan, partition=p,
+                                uses_model=True)
+        assert s.ok and (s.computed, s.skipped) == ((3, 0) if p == 0 else (2, 1))
+    pids = log_path.read_text().split()
+    assert len(pids) == 2 and len(set(pids)) == 2  # one actor per partition, set up once each
+    store = CommitStore(root)
+    assert store.read_table("counting", 0, 2).column("record_id").to_pylist() == list(range(20, 30))
+    assert store.read_table("counting", 1, 4).column("record_id").to_pylist() == [-1]
+
+
 KILL_CHILD = """
 import json, os, sys
 from winnow.ray.runner import run_stage_partition

@@ -7,16 +7,24 @@ use a GPU per worker where there are GPUs; light stages run as plain tasks. Each
 commits as soon as it is done; one that raises does not stop the others. ``backend="local"``
 runs the same loop in this process, without Ray.
 
-Model stages run as Ray Data tasks on Ray's reused worker processes, each process keeping its
-set-up stage (the loaded model) in a small cache, so the model loads once per worker for the
-whole run rather than once per partition (an actor pool would start new processes, and load the
-model again, for every partition of every stage; see BENCHMARKS.md).
+Where a model stage runs depends on who else uses the Ray it is attached to:
+
+- an embedded Ray this process owns (``WINNOW_RAY_EMBEDDED=process``: ``run_all``, ``airflow
+  dags test``): Ray Data tasks on Ray's reused worker processes, each keeping its set-up stage
+  (the loaded model) in a small cache, so the model loads once per worker for the whole run, not
+  once per partition;
+- a Ray other drivers share (a cluster, or the shared local head: every Airflow task is a driver
+  of its own): one Ray Data actor per model worker for the partition, holding the model for all
+  of its row groups. Plain tasks there lose their worker between row groups whenever other
+  drivers' tasks wait for the same CPUs or GPUs (Ray ends an idle worker past its worker limit
+  after about a second), and every row group would load the model again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import time
 import traceback
@@ -321,17 +329,41 @@ def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | 
     else:
         gpus = gpu_count()
         width = max(1, min(gpus, len(todo))) if gpus else 1
-        ds = ds.map_batches(
-            _run_cached,
-            fn_args=(*args, stage_cache_key(stage)),
-            fn_kwargs=storage,
-            batch_size=per_block,
-            compute=ray.data.TaskPoolStrategy(size=width),
-            num_gpus=1 if gpus else 0,
+        resources = {
+            "num_gpus": 1 if gpus else 0,
             # On CPU the one model worker gets every core: torch threads as wide as a direct call.
-            num_cpus=1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1))),
-        )  # a task whose worker dies is retried by Ray (commits are idempotent).
+            "num_cpus": 1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1))),
+        }
+        if owns_its_ray(ray_address):
+            ds = ds.map_batches(
+                _run_cached, fn_args=(*args, stage_cache_key(stage)), fn_kwargs=storage, batch_size=per_block,
+                compute=ray.data.TaskPoolStrategy(size=width), **resources,
+            )  # a task whose worker dies is retried by Ray (commits are idempotent).
+        else:
+            ds = ds.map_batches(
+                _RowGroupActor, fn_constructor_args=(*args, None), fn_constructor_kwargs=storage,
+                batch_size=per_block, compute=ray.data.ActorPoolStrategy(size=width), **resources,
+            )  # Ray Data restarts a dead actor and retries its row groups (commits are idempotent).
     yield from ds.iter_rows()
+
+
+def owns_its_ray(ray_address: str | None) -> bool:
+    """True when this process's Ray is an embedded one it started for itself (no other driver
+    competes for its workers)."""
+    from winnow.ray.cluster import EMBEDDED_ENV
+
+    return ray_address is None and os.environ.get(EMBEDDED_ENV, "process") == "process"
+
+
+class _RowGroupActor:
+    """A model stage's worker for one partition on a shared Ray: set up once, then every row
+    group of the partition that Ray Data sends it."""
+
+    def __init__(self, *args: Any, storage=None) -> None:
+        self.worker = _RowGroupWorker(*args, storage=storage)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.worker(batch)
 
 
 #: Row groups one Ray Data block carries at most, for a stage with a fused worker.
