@@ -22,6 +22,8 @@ from typing import Any
 import psutil
 import requests
 
+from winnow.ray import cluster
+
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_BIN = str(Path(sys.executable).with_name("airflow"))
 DAG_ID = "image_curation"
@@ -50,7 +52,8 @@ def start_ray_head(temp_dir: Path, env: dict[str, str], *, num_cpus: int = 2) ->
         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
         "--object-store-memory=300000000", "--disable-usage-stats",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=str(temp_dir.parent))
+    proc = subprocess.run(cmd, env={**cluster.IDLE_WORKER_ENV, **env}, capture_output=True, text=True, timeout=120,
+                          cwd=str(temp_dir.parent))  # as winnow's own heads: idle workers kept 30 s
     if proc.returncode != 0:
         raise LiveAirflowError(f"ray start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return f"127.0.0.1:{port}"

@@ -221,6 +221,12 @@ class LocalHead:
     dashboard_url: str | None = None
 
 
+#: Ray ends an idle worker after 1 s once a node has more workers than CPUs, which happens as
+#: soon as two Airflow tasks (two drivers) share a small head: the next row group's task then
+#: starts a new process and imports torch again. Heads winnow starts keep idle workers 30 s.
+IDLE_WORKER_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
+
+
 def start_head(
     temp_dir: str, log_path: Path, *, num_cpus: int | None = None, env: dict[str, str] | None = None,
     dashboard: bool = False, extra_args: tuple[str, ...] = (), timeout_s: float = HEAD_START_TIMEOUT_S,
@@ -249,7 +255,7 @@ def start_head(
     # With ray[default] the raylet waits for its dashboard agent and aborts after Ray's default
     # timeout; on a loaded machine the agent takes longer than that to come up.
     full_env = {"RAY_raylet_start_wait_time_s": "300", "RAY_agent_register_timeout_ms": "300000",
-                **os.environ, **(env or {})}
+                **IDLE_WORKER_ENV, **os.environ, **(env or {})}
     offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
