@@ -217,7 +217,10 @@ class LiveAirflow:
     def wait_run(self, run_id: str, *, timeout: float = 600, states: tuple[str, ...] = FINISHED) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            state = self.run_state(run_id)
+            try:
+                state = self.run_state(run_id)
+            except requests.RequestException:  # a REST call timed out (SQLite busy on a loaded machine)
+                state = None
             if state in states:
                 return state
             if time.monotonic() > deadline:

@@ -3,8 +3,10 @@ retry by clearing failed mapped instances through the REST API, backfills with a
 override and ``--reprocess-behavior failed``, and a task process SIGKILLed mid-partition.
 
 The package's one ``airflow standalone`` (and the local Ray head its tasks attach to via
-``ray_default``) serves every test here; the tests share one input and run in file order. Faults come
-from the test-only hook (``WINNOW_TEST_FAULTS=@<file>``, rewritten between runs). Slow: minutes.
+``ray_default``) serves every test here, and its failed run (partition 1's write fails one row
+group on every try) is the sparse run cleared here; the tests share one input and run in file
+order. Faults come from the test-only hook (``WINNOW_TEST_FAULTS=@<file>``, rewritten between
+runs). Slow: minutes.
 """
 
 from __future__ import annotations
@@ -20,27 +22,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.airflow._live import LiveAirflow, LiveAirflowError
-from tests.airflow.live.conftest import set_faults
-from winnow.rowgroups.plan import RowGroupPlan
+from tests.airflow.live.conftest import RUN_TIMEOUT, set_faults, stage_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
-RUN_TIMEOUT = 1200  # s; a run is ~3-8 min on two (shared) cores
-# 2 shards of 20 pictures (46 records with the planted oddities), buffer 8: 6 row groups in 2
-# partitions. The faulty row group is partition 0's second, the killed one partition 1's first.
-# Two dates: the first has a task SIGKILLed, the last is the fault-free reference.
+# The package's failed run (partition 1's write fails its second row group) is the sparse run.
+# Two backfill dates: the first has partition 1's embed task SIGKILLed after its first row group
+# committed; the last is the fault-free reference.
 BACKFILL_DATES = ("2025-02-01", "2025-02-02")
 PARTITION_TASKS = ("partition.embed", "partition.aesthetic", "partition.nsfw", "write")
+STAGES = ("embed", "aesthetic", "nsfw", "write")
 COUNTS = ("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept", "written")
-
-
-def _files(run_root: str, stage: str) -> dict[str, tuple[int, int]]:
-    """Row-group file name -> (inode, mtime_ns): a recomputed row group gets a new file."""
-    out = {}
-    for path in glob.glob(f"{run_root}/{stage}/p*/rg*.parquet"):
-        st = os.stat(path)
-        out[os.path.relpath(path, run_root)] = (st.st_ino, st.st_mtime_ns)
-    return out
 
 
 def _output(run_root: str) -> dict[str, object]:
@@ -54,25 +46,12 @@ def _output(run_root: str) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def live(shared_airflow, tmp_path_factory):
-    """The package's Airflow services, with this module's input shards and common run conf."""
-    from winnow.data.sample import generate_sample
-
-    root = tmp_path_factory.mktemp("live")
-    manifest = generate_sample(str(root / "shards"), shards=2, per_shard=20, seed=0, corrupt=True)
-    plan = RowGroupPlan(num_records=manifest["expected"]["records"], buffer_size=8, max_partitions=2)
-    assert plan.num_partitions == 2 and len(plan.partition_row_groups(0)) >= 2, plan
-    conf = {
-        "input_uri": str(root / "shards"), "output_root": str(root / "out"),
-        "buffer_size": 8, "max_partitions": 2, "model": "winnow-tiny-vit", "pretrained": "random",
-        "allow_random_weights": True, "aesthetic_threshold": 0.0, "nsfw_threshold": 0.6,
-    }
+def live(shared_airflow):
+    """The package's Airflow services; runs land under the DAG's default output root."""
     t0 = time.perf_counter()
     try:
-        yield {"af": shared_airflow["af"], "root": root, "conf": conf, "manifest": manifest,
-               "fault_file": str(shared_airflow["fault_file"]),
-               "p0": list(plan.partition_row_groups(0)), "faulty_rg": plan.partition_row_groups(0)[1],
-               "killed_rg": plan.partition_row_groups(1)[0], "t0": t0}
+        yield {"af": shared_airflow["af"], "out": shared_airflow["default_out"],
+               "fault_file": str(shared_airflow["fault_file"]), "t0": t0}
     finally:
         set_faults(shared_airflow, None)
         print(f"\nlive Airflow module: {time.perf_counter() - t0:.0f} s")
@@ -84,19 +63,8 @@ def _ti_seconds(af: LiveAirflow, run_id: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def sparse(live):
-    """Embed row group 1 fails on every try (3 = 1 + the DAG's 2 retries): the run fails."""
-    af = live["af"]
-    set_faults(live, {"stage": "embed", "row_groups": [live["faulty_rg"]], "times": 3,
-                       "once_dir": str(live["root"] / "faults-sparse")})
-    t0 = time.perf_counter()
-    run_id = af.trigger({**live["conf"], "run_key": "sparse"}, run_id="sparse")
-    state = af.wait_run(run_id, timeout=RUN_TIMEOUT)
-    set_faults(live, None)
-    run_root = str(live["root"] / "out" / "sparse")
-    return {"run_id": run_id, "state": state, "states": af.task_states(run_id), "seconds": time.perf_counter() - t0,
-            "embed0": af.xcom(run_id, "partition.embed", 0), "run_root": run_root,
-            "files": {s: _files(run_root, s) for s in ("embed", "aesthetic", "nsfw")}}
+def sparse(failed_run):
+    return failed_run
 
 
 @pytest.fixture(scope="module")
@@ -110,54 +78,56 @@ def cleared(live, sparse):
     return {"cleared": sorted((t["task_id"], t["map_index"]) for t in cleared), "state": state,
             "states": af.task_states(run_id), "seconds": time.perf_counter() - t0,
             "summaries": {(t, p): af.xcom(run_id, t, p) for t in PARTITION_TASKS for p in range(2)},
-            "files": {s: _files(sparse["run_root"], s) for s in ("embed", "aesthetic", "nsfw")}}
+            "files": {s: stage_files(sparse["run_root"], s) for s in STAGES}}
 
 
 def test_sparse_failure_through_the_scheduler_fails_only_the_affected_partition(live, sparse):
     states = sparse["states"]
     assert sparse["state"] == "failed", states
-    assert states[("index", -1)][0] == "success"
-    assert states[("partition.embed", 0)] == ("failed", 3)  # the DAG's two retries, used up
-    for task_id in ("partition.embed", "partition.aesthetic", "partition.nsfw"):
-        assert states[(task_id, 1)] == ("success", 1), task_id
-    assert states[("partition.aesthetic", 0)][0] == "upstream_failed"
-    assert states[("dedup", -1)][0] == "upstream_failed"
-    embed0 = sparse["embed0"]
-    assert embed0["failed"] == [live["faulty_rg"]] and "injected test fault" in embed0["first_error"]
-    committed = sorted(os.path.basename(p) for p in sparse["files"]["embed"] if "/p00000/" in p)
-    assert committed == [f"rg{rg:09d}.parquet" for rg in live["p0"] if rg != live["faulty_rg"]]
+    for key in (("index", -1), ("centroids", -1), ("write", 0)):
+        assert states[key][0] == "success", key
+    assert states[("write", 1)] == ("failed", 3)  # the DAG's two retries, used up
+    for task_id in ("partition.embed", "partition.aesthetic", "partition.nsfw", "assign", "dedup"):
+        for p in range(2):
+            assert states[(task_id, p)] == ("success", 1), (task_id, p)
+    assert states[("report", -1)][0] == "upstream_failed"
+    write1 = sparse["write1"]
+    assert write1["failed"] == [sparse["faulty_rg"]] and "injected test fault" in write1["first_error"]
+    committed = sorted(os.path.basename(p) for p in sparse["files"]["write"] if "/p00001/" in p)
+    assert committed == [f"rg{rg:09d}.parquet" for rg in sparse["p1"] if rg != sparse["faulty_rg"]]
 
 
 def test_rest_clear_only_failed_recomputes_exactly_the_failed_row_group(live, sparse, cleared):
     assert cleared["state"] == "success", cleared["states"]
     # only_failed also takes the upstream_failed instances downstream of the failed one.
-    assert ("partition.embed", 0) in cleared["cleared"]
+    assert ("write", 1) in cleared["cleared"]
     assert all(sparse["states"][k][0] in ("failed", "upstream_failed") for k in cleared["cleared"])
     for key, (state, tries) in sparse["states"].items():
         if state == "success":
             assert cleared["states"][key] == (state, tries), key  # not run again
-    assert cleared["states"][("partition.embed", 0)] == ("success", 4)
+    assert cleared["states"][("write", 1)] == ("success", 4)
     s = cleared["summaries"]
-    assert (s[("partition.embed", 0)]["computed"], s[("partition.embed", 0)]["skipped"]) == (1, len(live["p0"]) - 1)
-    # Storage agrees: every embed row group file from the failed run is the same file, and the
-    # one new file is the failed row group.
-    before, after = sparse["files"]["embed"], cleared["files"]["embed"]
+    assert (s[("write", 1)]["computed"], s[("write", 1)]["skipped"]) == (1, len(sparse["p1"]) - 1)
+    # Storage agrees: every row-group file from the failed run is the same file, and the one new
+    # file is the failed row group's.
+    before, after = sparse["files"]["write"], cleared["files"]["write"]
     assert {k: after[k] for k in before} == before
-    assert sorted(set(after) - set(before)) == [f"embed/p00000/rg{live['faulty_rg']:09d}.parquet"]
-    for stage in ("aesthetic", "nsfw"):
-        assert {k: cleared["files"][stage][k] for k in sparse["files"][stage]} == sparse["files"][stage]
+    assert sorted(set(after) - set(before)) == [f"write/p00001/rg{sparse['faulty_rg']:09d}.parquet"]
+    for stage in ("embed", "aesthetic", "nsfw"):
+        assert cleared["files"][stage] == sparse["files"][stage], stage
     print(f"\nfaulted run {sparse['seconds']:.0f} s; clear -> success {cleared['seconds']:.0f} s")
 
 
 @pytest.fixture(scope="module")
-def backfill(live, cleared):
+def backfill(live, sparse, cleared, tmp_path_factory):
     """``airflow backfill create`` over two dates with a threshold override in the conf. The
     first date's embed task of partition 1 is SIGKILLed right after its first row group committed
     (test-only ``kill_task`` fault, fires once): Airflow must notice and retry it."""
     af = live["af"]
-    set_faults(live, {"stage": "embed", "row_groups": [live["killed_rg"]], "mode": "kill_task",
-                       "once_dir": str(live["root"] / "faults-kill")})
-    conf = {k: v for k, v in live["conf"].items()}  # no run_key: the logical date names the run
+    killed_rg = sparse["p1"][0]
+    set_faults(live, {"stage": "embed", "row_groups": [killed_rg], "mode": "kill_task",
+                      "once_dir": str(tmp_path_factory.mktemp("faults-kill"))})
+    conf = dict(sparse["conf"])  # the sparse run's conf, no run_key: the logical date names the run
     t0 = time.perf_counter()
     af.cli("backfill", "create", "--dag-id", "image_curation", "--from-date", BACKFILL_DATES[0],
            "--to-date", BACKFILL_DATES[-1], "--max-active-runs", "1", "--dag-run-conf", json.dumps(conf))
@@ -173,20 +143,20 @@ def backfill(live, cleared):
     by_date = {r["logical_date"][:10]: r for r in runs}
     first = by_date[BACKFILL_DATES[0]]["dag_run_id"]
     tis = {(t["task_id"], t["map_index"]): t for t in af.task_instances(first)}
-    return {"runs": by_date, "seconds": time.perf_counter() - t0, "conf": conf,
+    return {"runs": by_date, "seconds": time.perf_counter() - t0, "conf": conf, "killed_rg": killed_rg,
             "killed_ti": tis[("partition.embed", 1)], "killed_summary": af.xcom(first, "partition.embed", 1),
             "ti_seconds": [s for r in runs for s in _ti_seconds(af, r["dag_run_id"])]}
 
 
-def test_backfill_writes_one_run_key_per_date_with_the_overridden_threshold(live, backfill):
+def test_backfill_writes_one_run_key_per_date_with_the_overridden_threshold(live, sparse, backfill):
     for day in BACKFILL_DATES:
         run = backfill["runs"][day]
         assert run["state"] == "success", (day, live["af"].task_states(run["dag_run_id"]))
-        run_root = live["root"] / "out" / datetime.strptime(day, "%Y-%m-%d").strftime("%Y%m%d")
+        run_root = live["out"] / datetime.strptime(day, "%Y-%m-%d").strftime("%Y%m%d")
         summary = json.loads((run_root / "_summary.json").read_text())
-        assert summary["config"]["nsfw_threshold"] == 0.6 and summary["config"]["aesthetic_threshold"] == 0.0
+        assert summary["config"]["nsfw_threshold"] == 0.6 and summary["config"]["aesthetic_threshold"] == 3.0
         assert summary["config"]["run_key"] == run_root.name
-        assert summary["records"] == live["manifest"]["expected"]["records"]
+        assert summary["records"] == sparse["manifest"]["expected"]["records"]
     print(f"\nbackfill of {len(BACKFILL_DATES)} dates {backfill['seconds']:.0f} s; mapped task instances "
           f"{sorted(round(s) for s in backfill['ti_seconds'])} s")
 
@@ -194,8 +164,8 @@ def test_backfill_writes_one_run_key_per_date_with_the_overridden_threshold(live
 def test_sigkilled_task_is_retried_by_airflow_and_computes_only_uncommitted_row_groups(live, backfill):
     ti, summary = backfill["killed_ti"], backfill["killed_summary"]
     assert ti["state"] == "success" and ti["try_number"] == 2, ti  # try 1 died by SIGKILL
-    run_root = live["root"] / "out" / BACKFILL_DATES[0].replace("-", "")
-    killed = run_root / "embed" / "p00001" / f"rg{live['killed_rg']:09d}.parquet"
+    run_root = live["out"] / BACKFILL_DATES[0].replace("-", "")
+    killed = run_root / "embed" / "p00001" / f"rg{backfill['killed_rg']:09d}.parquet"
     assert killed.exists()
     # Try 2 skipped what try 1 had committed before it died (at least the killed row group) and
     # computed the rest: row group files older than try 2's start are exactly the skipped ones.
@@ -206,10 +176,10 @@ def test_sigkilled_task_is_retried_by_airflow_and_computes_only_uncommitted_row_
     assert str(killed) in older
 
 
-def test_cleared_run_output_equals_a_fault_free_run(live, cleared, backfill):
+def test_cleared_run_output_equals_a_fault_free_run(live, sparse, cleared, backfill):
     """The sparse run (failed, cleared, resumed) against the last backfill date (no fault)."""
-    resumed = _output(str(live["root"] / "out" / "sparse"))
-    clean = _output(str(live["root"] / "out" / BACKFILL_DATES[-1].replace("-", "")))
+    resumed = _output(sparse["run_root"])
+    clean = _output(str(live["out"] / BACKFILL_DATES[-1].replace("-", "")))
     assert resumed["keys"] == clean["keys"] and resumed["keys"]
     assert resumed["tars"] == clean["tars"]
     assert resumed["counts"] == clean["counts"]
@@ -219,8 +189,8 @@ def test_cleared_run_output_equals_a_fault_free_run(live, cleared, backfill):
 
 def test_backfill_reprocess_failed_leaves_completed_dates_alone(live, backfill):
     af = live["af"]
-    roots = [str(live["root"] / "out" / d.replace("-", "")) for d in BACKFILL_DATES]
-    before = {r: {s: _files(r, s) for s in ("embed", "nsfw", "write")} for r in roots}
+    roots = [str(live["out"] / d.replace("-", "")) for d in BACKFILL_DATES]
+    before = {r: {s: stage_files(r, s) for s in ("embed", "nsfw", "write")} for r in roots}
     runs_before = {r["dag_run_id"]: r for r in af.dag_runs()}
     args = ("backfill", "create", "--dag-id", "image_curation", "--from-date", BACKFILL_DATES[0],
             "--to-date", BACKFILL_DATES[-1], "--reprocess-behavior", "failed",
@@ -239,4 +209,4 @@ def test_backfill_reprocess_failed_leaves_completed_dates_alone(live, backfill):
     # Observed on 3.3.2: a backfill is created, but every date is "already exists": no new run.
     assert set(runs_after) == set(runs_before), out.stdout
     assert all(runs_after[k]["state"] == v["state"] for k, v in runs_before.items())
-    assert {r: {s: _files(r, s) for s in ("embed", "nsfw", "write")} for r in roots} == before
+    assert {r: {s: stage_files(r, s) for s in ("embed", "nsfw", "write")} for r in roots} == before

@@ -1,11 +1,12 @@
 """The curation view in a real browser: headless Chromium (Debian's package, driven by selenium
 through the system chromedriver; `.ci/browser` installs both) against the package's real
-``airflow standalone`` that ran image_curation on generated data with one partition's write failing.
+``airflow standalone`` that ran image_curation on generated data with one row group of
+partition 1's write failing (the package's ``failed_run``, before the REST tests clear it).
 
 Logs in through Airflow's own login form, opens the run's "Curation" tab, and checks what a user
 would see: the failed row groups on the map, thumbnails that load, histograms that draw. A
 screenshot of each view is saved under ``$WINNOW_TEST_ARTIFACTS`` (default ``test-artifacts/``).
-A user without access to the DAG gets 403. Slow: one DAG run (minutes).
+A user without access to the DAG gets 403.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,8 +21,7 @@ import pytest
 import requests
 
 from tests.airflow._live import REPO, LiveAirflow
-from tests.airflow.live.conftest import OUTSIDER, set_faults
-from winnow.rowgroups.plan import RowGroupPlan
+from tests.airflow.live.conftest import OUTSIDER
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -32,49 +31,11 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def live_run(shared_airflow, tmp_path_factory):
-    """The package's standalone, and a run whose write task of partition 1 fails on every try."""
-    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
-    from winnow.stages.write import STAGE
-
+def live_run(failed_run):
+    """The package's failed run (partition 1's write fails one row group on every try)."""
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.fail("chromium and chromedriver are needed: run `bash .ci/browser` (Debian packages)")
-    af = shared_airflow["af"]
-    root = tmp_path_factory.mktemp("browser")
-    manifest = generate_sample(str(root / "shards"), shards=2, per_shard=12, seed=2, corrupt=True)
-    plan = RowGroupPlan(num_records=manifest["expected"]["records"], buffer_size=6, max_partitions=2)
-    # All 3 tries (the DAG's 2 retries + 1) of partition 1's write fail: the run ends failed.
-    set_faults(shared_airflow, {"stage": STAGE, "row_groups": list(plan.partition_row_groups(1)), "times": 3,
-                                "once_dir": str(root / "once")})
-    t0 = time.perf_counter()
-    try:
-        # No output_root: the DAG's default (WINNOW_OUTPUT_ROOT of the Airflow processes), which
-        # the plugin must NOT rely on: the view finds the run only through the index task's XCom.
-        conf = {"input_uri": str(root / "shards"), "run_key": "browser", "buffer_size": 6, "max_partitions": 2,
-                **TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6}
-        run_id = af.trigger(conf, run_id="browser")
-        state = _wait_run(af, run_id, timeout=1500)
-        set_faults(shared_airflow, None)
-        yield {"af": af, "run_id": run_id, "state": state, "root": root,
-               "run_root": str(shared_airflow["default_out"] / "browser")}
-    finally:
-        set_faults(shared_airflow, None)
-        print(f"\nbrowser test module: {time.perf_counter() - t0:.0f} s")
-
-
-def _wait_run(af: LiveAirflow, run_id: str, *, timeout: float) -> str:
-    """Like ``af.wait_run``, but a REST call that times out (SQLite busy on a loaded machine)
-    is asked again instead of failing the module."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = af.run_state(run_id)
-        except requests.RequestException:
-            continue
-        if state in ("success", "failed"):
-            return state
-        time.sleep(3)
-    raise AssertionError(f"run {run_id} did not finish in {timeout:.0f} s\n{af.log_tail()}")
+    return failed_run
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +82,7 @@ def _shot(driver, name: str) -> Path:
 
 
 def test_the_run_ended_failed_with_partition_1s_write_failed(live_run):
-    states = live_run["af"].task_states(live_run["run_id"])
+    states = live_run["states"]
     assert live_run["state"] == "failed", states
     assert states[("write", 1)][0] == "failed" and states[("write", 0)][0] == "success", states
 
@@ -162,7 +123,7 @@ def test_login_open_the_run_tab_and_see_failed_row_groups_thumbnails_and_histogr
     widths = browser.execute_script("return [...document.querySelectorAll('#gallery img')].map(i => i.naturalWidth)")
     assert widths and all(w > 0 for w in widths), widths
     reasons = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .reason")]
-    # Only partition 0 was written (its planted undecodable records may sit in partition 1).
+    # Everything but one row group of partition 1 was written.
     assert any(r == "kept" for r in reasons) and any(r != "kept" for r in reasons), reasons
     browser.switch_to.default_content()
     _shot(browser, "gallery.png")
