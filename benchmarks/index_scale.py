@@ -9,6 +9,10 @@ the load average at the start of each run.
 
     python benchmarks/index_scale.py --shards 1000 --per-shard 100 --runs 3 --json /tmp/winnow-bench/index_scale.json
 
+``--s3`` reads the shards from (and writes the run roots to) moto's S3 server on loopback, the
+one the tests use: a single-process Python server, so its figures show the protocol's request
+costs on this machine, not a cloud bucket's throughput.
+
 Scripts, not tests: nothing here is collected by pytest.
 """
 
@@ -25,7 +29,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from _common import describe, machine
+from _common import REPO, describe, machine
 
 
 def write_shards(folder: Path, shards: int, per_shard: int) -> None:
@@ -45,6 +49,23 @@ def write_shards(folder: Path, shards: int, per_shard: int) -> None:
     stamp.write_text(json.dumps(params))
 
 
+def _s3(work: Path, shards: Path):
+    """moto's S3 server on loopback (the tests' one), its settings in this process's environment
+    (Ray tasks get them from the unit runner), and the shards uploaded once."""
+    sys.path.insert(0, str(REPO))
+    from tests.storage._s3server import S3Server
+    from winnow.rowgroups.fs import resolve_filesystem
+
+    server = S3Server(str(work / "s3-requests.log"))
+    os.environ.update(server.env())
+    server.create_bucket("bench")
+    fs, root = resolve_filesystem("s3://bench/index-scale")
+    for tar in sorted(shards.glob("*.tar")):
+        with fs.open_output_stream(f"{root}/{tar.name}") as dst:
+            dst.write(tar.read_bytes())
+    return server
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=1000)
@@ -55,6 +76,8 @@ def main() -> int:
     ap.add_argument("--backends", default="serial,ray",
                     help="comma list of build_index backends: serial, ray, local (the parallel algorithm in this process)")
     ap.add_argument("--json")
+    ap.add_argument("--s3", action="store_true",
+                    help="read the shards from, and write the run roots to, a local S3 endpoint (moto, as the tests use)")
     args = ap.parse_args()
 
     from winnow.data.index import IndexConfig, build_index
@@ -75,20 +98,30 @@ def main() -> int:
             print(f"Ray start failed (try {attempt + 1}): {exc}", flush=True)
             ray.shutdown()
             time.sleep(5)
-    config = IndexConfig(input_uri=str(shards), buffer_size=args.buffer_size, max_partitions=64)
+    server = None
+    input_uri, out = str(shards), str(work)
+    if args.s3:
+        server = _s3(work, shards)
+        input_uri, out = "s3://bench/index-scale/*.tar", f"s3://bench/out-{time.time_ns()}"
+    config = IndexConfig(input_uri=input_uri, buffer_size=args.buffer_size, max_partitions=64)
     runs: dict[str, list[dict]] = {b: [] for b in backends}
-    for i in range(args.runs):
-        for backend in backends:
-            root = work / f"run-{backend}-{i}"
-            shutil.rmtree(root, ignore_errors=True)
-            load = [round(x, 2) for x in os.getloadavg()]
-            t0 = time.perf_counter()
-            result = build_index(str(root), config, backend=backend)
-            seconds = time.perf_counter() - t0
-            run = {"seconds": round(seconds, 2), "records_per_s": round(result.num_records / seconds), "load_at_start": load}
-            runs[backend].append(run)
-            print(backend, json.dumps(run), flush=True)
-            shutil.rmtree(root, ignore_errors=True)
+    try:
+        for i in range(args.runs):
+            for backend in backends:
+                root = f"{out}/run-{backend}-{i}"
+                shutil.rmtree(root, ignore_errors=True)
+                load = [round(x, 2) for x in os.getloadavg()]
+                t0 = time.perf_counter()
+                result = build_index(root, config, backend=backend)
+                seconds = time.perf_counter() - t0
+                run = {"seconds": round(seconds, 2), "records_per_s": round(result.num_records / seconds),
+                       "load_at_start": load}
+                runs[backend].append(run)
+                print(backend, json.dumps(run), flush=True)
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        if server is not None:
+            server.stop()
     summary = {b: {"median_records_per_s": statistics.median(r["records_per_s"] for r in rs), "runs": rs}
                for b, rs in runs.items()}
     summary["records"] = args.shards * args.per_shard
