@@ -385,16 +385,12 @@ class DaliBatchDecoder:
                 logger.info("DALI failed a batch of %d (%s); decoding it with Pillow", len(chunk), first_line)
                 self._pipe = self._build()  # a failed pipeline is not reusable
                 to_pillow.extend(chunk)
-        if to_pillow:
-            to_pillow.sort()
-            fallback = self.fallback.decode([images[i] for i in to_pillow])
-            for j, err in enumerate(fallback.errors):
-                errors[to_pillow[j]] = err
-            if fallback.index:
-                pixels = fallback.pixels
-                if parts and parts[0][1].is_cuda:
-                    pixels = pixels.to(parts[0][1].device)
-                parts.append(([to_pillow[j] for j in fallback.index], pixels))
+        redone = _decode_with_pillow(self.fallback, images, to_pillow, errors)
+        if redone is not None:
+            decoded, pixels = redone
+            if parts and parts[0][1].is_cuda:
+                pixels = pixels.to(parts[0][1].device)
+            parts.append((decoded, pixels))
         if not parts:
             return DecodedBatch(_stack([], self.preprocess.height_width), [], errors)
         index = [i for idx, _ in parts for i in idx]
@@ -404,6 +400,22 @@ class DaliBatchDecoder:
             pixels = pixels[torch.tensor(order, device=pixels.device)]
             index = [index[k] for k in order]
         return DecodedBatch(pixels, index, errors)
+
+
+def _decode_with_pillow(fallback: PillowBatchDecoder, images: list, positions: list[int],
+                        errors: list[str | None]) -> tuple[list[int], torch.Tensor] | None:
+    """Decode the records at ``positions`` (of ``images``) with Pillow, for a GPU or DALI decoder
+    that could not: their errors go into ``errors`` by position; returns the positions decoded
+    and their pixels, or None when there is nothing to show."""
+    if not positions:
+        return None
+    positions.sort()
+    redone = fallback.decode([images[i] for i in positions])
+    for j, err in enumerate(redone.errors):
+        errors[positions[j]] = err
+    if not redone.index:
+        return None
+    return [positions[j] for j in redone.index], redone.pixels
 
 
 def check_tensor_preprocess(preprocess: PreprocessConfig, backend: str) -> None:
@@ -597,14 +609,10 @@ class NvImageCodecBatchDecoder:
             failed = [i for i, t in zip(to_gpu, tensors) if t is None]
             self.gpu_failed += len(failed)
             to_pillow.extend(failed)
-        if to_pillow:
-            to_pillow.sort()
-            fallback = self.fallback.decode([images[i] for i in to_pillow])
-            for j, err in enumerate(fallback.errors):
-                errors[to_pillow[j]] = err
-            if fallback.index:
-                index += [to_pillow[j] for j in fallback.index]
-                pixels = torch.cat([pixels, fallback.pixels.to(self.device)])
+        redone = _decode_with_pillow(self.fallback, images, to_pillow, errors)
+        if redone is not None:
+            index += redone[0]
+            pixels = torch.cat([pixels, redone[1].to(self.device)])
         order = sorted(range(len(index)), key=index.__getitem__)
         if order != list(range(len(index))):
             pixels = pixels[torch.tensor(order, device=pixels.device)]
