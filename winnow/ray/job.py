@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = pipeline.CurationConfig.from_params(json.loads(base64.urlsafe_b64decode(args.config)))
         _log(f"stage {args.stage}, partition {args.partition} of run {cfg.run_root}")
         connect("auto")  # the cluster this job runs on (Ray sets RAY_ADDRESS for the driver)
-        summary = pipeline.run_partition(cfg, args.stage, args.partition, backend="ray", owner=owner, log=_log)
+        # Named, not left to the default: a Ray shared with other jobs gets a model actor per partition.
+        summary = pipeline.run_partition(cfg, args.stage, args.partition, ray_address="auto", backend="ray",
+                                         owner=owner, log=_log)
     except (pipeline.ConfigError, StageConfigMismatch) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
