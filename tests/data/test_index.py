@@ -11,12 +11,11 @@ import pyarrow as pa
 import pytest
 
 from tests.data._shards import tree_snapshot, write_tar
-from winnow.data.errors import InputError, ShardError
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index
 from winnow.data.sample import generate_sample
 from winnow.data.shards import list_shards
 from winnow.data.tarscan import scan_shard, split_key
-from winnow.rowgroups.errors import StageConfigMismatch, StorageError
+from winnow.exceptions import InputError, ShardError, StageConfigMismatch, StorageError
 from winnow.rowgroups.store import CommitStore
 from winnow.schemas import INDEX
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from tests.data._shards import write_tar
-from winnow.data.errors import ShardError
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index
 from winnow.data.sample import generate_sample
+from winnow.exceptions import ShardError
 from winnow.rowgroups.store import CommitStore
 
 pytestmark = pytest.mark.timeout(300)
@@ -79,8 +79,13 @@ def test_rerun_scans_nothing_and_a_lost_group_or_row_group_is_redone_alone(shard
     first = build_index(run_root, config, backend="local", group_size=3)
     assert first.shards_scanned == len(first.shards) and first.row_groups_committed == first.plan.num_row_groups
     rows = _rows(run_root)
+    written = {name: (os.stat(path).st_mtime_ns, open(path, "rb").read())
+               for name in ("_index.json", "_stage.json") for path in [os.path.join(run_root, "index", name)]}
     again = build_index(run_root, config, backend="local", group_size=3)
     assert (again.shards_scanned, again.row_groups_committed) == (0, 0)
+    # Nothing changed, so nothing is rewritten: the index's committed objects stay as they were.
+    assert {name: (os.stat(path).st_mtime_ns, open(path, "rb").read())
+            for name in written for path in [os.path.join(run_root, "index", name)]} == written
     (digest,) = os.listdir(os.path.join(run_root, SCAN_DIR))
     os.unlink(os.path.join(run_root, SCAN_DIR, digest, "g3", "g000001.parquet"))
     os.unlink(CommitStore(run_root).row_group_path("index", first.plan.partition_of(2), 2))

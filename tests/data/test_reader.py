@@ -10,10 +10,10 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.data._shards import write_tar
-from winnow.data.errors import ShardError
 from winnow.data.index import IndexConfig, build_index
 from winnow.data.reader import read_members
 from winnow.data.sample import generate_sample
+from winnow.exceptions import ShardError
 from winnow.rowgroups.store import CommitStore
 
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from winnow.data.errors import InputError
 from winnow.data.shards import expand_braces, glob_regex, list_shard_infos, list_shards
+from winnow.exceptions import InputError
 
 
 @pytest.fixture()

@@ -36,8 +36,8 @@ def main() -> int:
 
         os.replace = replace_that_hangs
 
+    from winnow.exceptions import WinnowError
     from winnow.pipeline import CurationConfig, run_all, run_partition
-    from winnow.rowgroups.errors import WinnowError
 
     cfg = CurationConfig(**spec["cfg"])
     try:

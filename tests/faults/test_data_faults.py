@@ -21,9 +21,9 @@ from tests.faults._faultkit import (
     MODE_KEYS,
     assert_same_as_reference,
 )
-from winnow.data.errors import ShardError
 from winnow.data.index import load_index
 from winnow.data.tarscan import split_key
+from winnow.exceptions import ShardError
 from winnow.pipeline import run_all, run_index
 from winnow.schemas import IMAGE_EXTENSIONS
 from winnow.stages.write import member_key

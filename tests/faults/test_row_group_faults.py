@@ -28,9 +28,10 @@ from tests.faults._faultkit import (
     count_committed,
     run_child,
 )
+from winnow.exceptions import RowGroupsFailedError, RunLocked
 from winnow.faults import ENV_VAR
-from winnow.pipeline import RowGroupsFailedError, run_all, run_partition
-from winnow.rowgroups import CommitStore, RunLocked
+from winnow.pipeline import run_all, run_partition
+from winnow.rowgroups import CommitStore
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,7 +63,8 @@ def test_injected_exception_in_k_row_groups_reruns_only_those(sample, reference,
     with pytest.raises(RowGroupsFailedError) as err:
         run_all(cfg, backend="local")
     msg = str(err.value)
-    assert "embed p0: row groups [1]" in msg and "embed p2: row groups [6]" in msg
+    assert "stage 'embed' partition 0: 1 of 2 row groups failed: [1]" in msg
+    assert "stage 'embed' partition 2: 1 of 3 row groups failed: [6]" in msg
     assert "injected test fault" in msg and "Rerun to retry only those" in msg
     store = CommitStore(cfg.run_root)
     assert store.completed("embed", 0) == {0} and store.completed("embed", 2) == {5, 7}

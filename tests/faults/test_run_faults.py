@@ -23,8 +23,9 @@ from tests.faults._faultkit import (
     run_child,
     tree_state,
 )
+from winnow.exceptions import RunLocked, StageConfigMismatch
 from winnow.pipeline import run_all
-from winnow.rowgroups import CommitStore, RunLocked, StageConfigMismatch
+from winnow.rowgroups import CommitStore
 from winnow.rowgroups.lease import read_lease
 
 pytestmark = pytest.mark.timeout(300)

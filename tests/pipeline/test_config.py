@@ -10,11 +10,12 @@ from safetensors.torch import save_file
 
 from tests.data._shards import write_tar
 from winnow.data.sample import TINY_MODEL_PARAMS
-from winnow.pipeline import ConfigError, CurationConfig
+from winnow.exceptions import ConfigError, DedupError, HeadError
+from winnow.pipeline import CurationConfig
 from winnow.stages.aesthetic import AestheticConfig
 from winnow.stages.decode import DECODE_BACKENDS
-from winnow.stages.dedup import EPS_RANGE, DedupConfig, DedupError
-from winnow.stages.heads import AestheticMLP, HeadError
+from winnow.stages.dedup import EPS_RANGE, DedupConfig
+from winnow.stages.heads import AestheticMLP
 from winnow.stages.nsfw import NsfwConfig
 
 
@@ -87,3 +88,19 @@ def test_the_heads_take_their_width_from_the_model(tmp_path):
     cfg = _cfg(tmp_path, model="RN50")
     assert cfg.stage_config("aesthetic").embed_dim == 1024
     assert cfg.stage_config("nsfw").embed_dim == 1024
+
+
+def test_unknown_params_are_refused_naming_each_and_the_closest_known_one():
+    from winnow.exceptions import ConfigError
+    from winnow.pipeline import CurationConfig
+
+    base = {"input_uri": "in", "output_root": "out", "run_key": "r"}
+    with pytest.raises(ConfigError) as err:
+        CurationConfig.from_params({**base, "aesthetic_treshold": 5, "nsfw_thresold": 0.4, "clip_score_keep_fraction": 1})
+    text = str(err.value)
+    assert "'aesthetic_treshold' (did you mean 'aesthetic_threshold'?)" in text
+    assert "'nsfw_thresold' (did you mean 'nsfw_threshold'?)" in text
+    assert "'clip_score_keep_fraction' (no parameter is close)" in text
+    cfg = CurationConfig.from_params({**base, "ray_conn_id": "ray_default"}, also_accepted={"ray_conn_id"})
+    assert cfg.aesthetic_threshold == 5.0 and not hasattr(cfg, "ray_conn_id")
+    assert CurationConfig.from_params(CurationConfig(**base).to_dict()) == CurationConfig(**base)

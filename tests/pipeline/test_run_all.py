@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from winnow.data.sample import generate_sample
-from winnow.pipeline import ConfigError, CurationConfig, run_all
+from winnow.exceptions import ConfigError
+from winnow.pipeline import CurationConfig, run_all
 from winnow.rowgroups import CommitStore
 
 pytestmark = pytest.mark.timeout(600)

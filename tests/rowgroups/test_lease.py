@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from winnow.rowgroups import CommitStore, RunLocked
+from winnow.exceptions import RunLocked
+from winnow.rowgroups import CommitStore
 from winnow.rowgroups.lease import acquire, read_lease, release
 
 

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from winnow.rowgroups import CommitStore, StageConfigMismatch, StageFingerprint, StorageError
+from winnow.exceptions import StageConfigMismatch, StorageError
+from winnow.rowgroups import CommitStore, StageFingerprint
 
 
 def fp(**config):

@@ -10,18 +10,10 @@ import pytest
 import torch
 
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageConfigMismatch
+from winnow.exceptions import DedupError, StageConfigMismatch
+from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import DEDUP
-from winnow.stages.dedup import (
-    DedupConfig,
-    DedupError,
-    DedupResult,
-    dedup_cluster,
-    dedup_clusters,
-    find_duplicates,
-    run_dedup,
-    spherical_kmeans,
-)
+from winnow.stages.dedup import DedupConfig, DedupResult, dedup_cluster, dedup_clusters, find_duplicates, run_dedup, spherical_kmeans
 
 D = 768
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageConfigMismatch
+from winnow.exceptions import StageConfigMismatch
+from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import DEDUP
 from winnow.stages.dedup import DedupConfig, dedup_clusters, nearest_centroid, read_candidates
 from winnow.stages.dedup_steps import (

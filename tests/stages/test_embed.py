@@ -13,11 +13,17 @@ from PIL import Image
 
 from tests.data._shards import write_tar
 from winnow.data.index import IndexConfig, build_index
+from winnow.exceptions import ModelError
 from winnow.schemas import embed_schema
 from winnow.stages.base import RowGroupTask, Stage
 from winnow.stages.decode import dali_available
 from winnow.stages.embed import EmbedConfig, EmbedStage
-from winnow.stages.models import TINY_MODEL, ModelError
+from winnow.stages.models import TINY_MODEL
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same embedding up to float rounding (a batch of another size may round differently)."""
+    return bool(np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=0, atol=1e-3))
 
 
 def tiny(**kw) -> EmbedStage:
@@ -75,7 +81,8 @@ def test_undecodable_records_are_counted_while_the_rest_of_the_batch_embeds(stag
     assert np.isnan(emb[bad].astype(np.float32)).all()
     assert np.isfinite(emb[[0, 5, 6]].astype(np.float32)).all()
     alone, _ = stage.embed_images([good])
-    assert np.array_equal(emb[0], alone[0]) and np.array_equal(emb[6], alone[0])
+    # Equal up to float rounding: CPU matrix kernels may sum in another order for another batch size.
+    assert _close(emb[0], alone[0]) and _close(emb[6], alone[0])
 
 
 def test_embed_table_has_null_embeddings_for_undecodable_records(stage):
@@ -147,7 +154,7 @@ def test_process_embeds_a_row_group_from_the_index_and_shards(tmp_path, stage):
     assert [e is not None for e in table.column("error").to_pylist()] == [False, False, True, False, False]
     assert table.column("embedding").null_count == 1
     direct, _ = stage.embed_images([photo(60, 40, seed=0)])
-    assert np.array_equal(np.array(table.column("embedding")[0].as_py(), dtype=np.float16), direct[0])
+    assert _close(np.array(table.column("embedding")[0].as_py(), dtype=np.float16), direct[0])
 
 
 @pytest.mark.gpu

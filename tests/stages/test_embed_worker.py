@@ -94,8 +94,8 @@ def test_fixed_batches_across_row_groups_keep_rows_errors_and_order(indexed, sta
     tasks = [RowGroupTask(run_root, plan, 0, rg) for rg in plan.partition_row_groups(0)]
     padded_before = pipeline.stats.padded_slots
     outcomes = list(pipeline.run(tasks, lambda t, table: store.commit_table("embed", t.partition, t.row_group, table)))
-    assert sorted(o.task.row_group for o in outcomes) == [t.row_group for t in tasks]
-    assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+    assert sorted(o.row_group for o in outcomes) == [t.row_group for t in tasks]
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
     assert pipeline.stats.padded_slots > padded_before  # the last batch was padded
     assert pipeline._buffers.qsize() == HOST_BUFFERS  # every host buffer was handed back
     for rg, expected in reference_tables(stage, run_root, plan, 0).items():
@@ -117,10 +117,10 @@ def test_a_row_group_whose_shard_is_gone_fails_alone_while_its_batch_neighbours_
     pipeline = EmbedPipeline(stage, fixed_batches=True)  # batches of 8 span row groups 0-1-2
     store = CommitStore(run_root)
     tasks = [RowGroupTask(run_root, plan, 0, rg) for rg in range(3)]
-    outcomes = {o.task.row_group: o for o in pipeline.run(
+    outcomes = {o.row_group: o for o in pipeline.run(
         tasks, lambda t, table: store.commit_table("embed", t.partition, t.row_group, table))}
-    assert outcomes[1].error is not None and "cannot be opened" in str(outcomes[1].error)
-    assert outcomes[0].error is None and outcomes[2].error is None
+    assert not outcomes[1].ok and "cannot be opened" in outcomes[1].error
+    assert outcomes[0].ok and outcomes[2].ok
     assert sorted(store.completed("embed", 0)) == [0, 2]
 
 
@@ -155,10 +155,10 @@ def test_injected_model_error_on_a_shared_batch_fails_only_the_row_group_that_tr
     s.forward = forward  # type: ignore[method-assign]
     store = CommitStore(run_root)
     pipeline = EmbedPipeline(s, fixed_batches=True)  # batches of 8 over row groups of 5
-    outcomes = {o.task.row_group: o for o in pipeline.run(
+    outcomes = {o.row_group: o for o in pipeline.run(
         [RowGroupTask(run_root, plan, 0, rg) for rg in range(3)],
         lambda t, table: store.commit_table("embed", t.partition, t.row_group, table))}
-    assert {rg for rg, o in outcomes.items() if o.error is not None} == {1}
+    assert {rg for rg, o in outcomes.items() if not o.ok} == {1}
     assert sorted(store.completed("embed", 0)) == [0, 2]
 
 

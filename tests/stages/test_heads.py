@@ -11,18 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from tests.stages._stage_rows import commit_embed, unit_rows
+from winnow.exceptions import HeadError
 from winnow.rowgroups import RowGroupPlan
 from winnow.schemas import AESTHETIC, NSFW
 from winnow.stages.aesthetic import AestheticConfig, AestheticStage
 from winnow.stages.base import RowGroupTask, Stage
-from winnow.stages.heads import (
-    AestheticMLP,
-    HeadError,
-    NsfwHead,
-    load_head,
-    nsfw_state_dict_from_keras,
-    score_embeddings,
-)
+from winnow.stages.heads import AestheticMLP, NsfwHead, load_head, nsfw_state_dict_from_keras, score_embeddings
 from winnow.stages.nsfw import NsfwConfig, NsfwStage
 
 

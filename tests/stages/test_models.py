@@ -10,14 +10,8 @@ import open_clip
 import pytest
 import torch
 
-from winnow.stages.models import (
-    MODEL_DIR_ENV,
-    TINY_MODEL,
-    ModelError,
-    load_image_model,
-    register_model_configs,
-    validate_model_spec,
-)
+from winnow.exceptions import ModelError
+from winnow.stages.models import MODEL_DIR_ENV, TINY_MODEL, load_image_model, register_model_configs, validate_model_spec
 
 
 def _save_tiny_weights(path: str, seed: int = 1) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from winnow import pipeline
 from winnow.data.sample import TINY_MODEL_PARAMS
+from winnow.exceptions import ConfigError
 from winnow.rowgroups import RowGroupPlan
 from winnow.stages.registry import STAGES, partition_stages, run_phases, stage_order, stage_spec
 
@@ -62,7 +63,7 @@ def test_upstreams_come_before_their_readers():
 
 
 def test_make_stage_refuses_a_global_or_unknown_stage(cfg):
-    with pytest.raises(pipeline.ConfigError, match="whole run"):
+    with pytest.raises(ConfigError, match="whole run"):
         pipeline.make_stage(cfg, "centroids")
     with pytest.raises(ValueError, match="unknown stage 'output'"):
         pipeline.make_stage(cfg, "output")

@@ -26,7 +26,8 @@ from tests.storage._runs import (
 from tests.storage._s3server import free_port
 from tests.storage.conftest import _reset_storage
 from winnow.data.shards import list_shards
-from winnow.rowgroups import CommitStore, RunLocked, lease
+from winnow.exceptions import RunLocked
+from winnow.rowgroups import CommitStore, lease
 from winnow.rowgroups.fs import GCS_EMULATOR_ENV, conditional_writes
 
 pytestmark = [pytest.mark.timeout(600)]

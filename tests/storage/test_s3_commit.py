@@ -17,16 +17,9 @@ import pytest
 
 from tests.storage._s3server import SECRET_KEY, free_port
 from tests.storage.conftest import BUCKET, _reset_storage
-from winnow.data.errors import InputError
 from winnow.data.shards import list_shards
-from winnow.rowgroups import (
-    CommitStore,
-    RunLocked,
-    StageConfigMismatch,
-    StageFingerprint,
-    StorageError,
-    lease,
-)
+from winnow.exceptions import InputError, RunLocked, StageConfigMismatch, StorageError
+from winnow.rowgroups import CommitStore, StageFingerprint, lease
 from winnow.rowgroups.fs import conditional_writes, create_if_absent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -203,3 +196,20 @@ def test_indexing_a_shard_reads_it_in_blocks_not_per_member(s3):
     assert scan.table().num_rows == 40
     counts = s3.counts(mark)
     assert counts["GET"] == 1 and counts["HEAD"] <= 1, counts
+
+
+def test_an_index_rerun_that_changes_nothing_puts_nothing(s3, tmp_path):
+    """``index/_index.json`` (and every other index object) is written once: a rerun on the same
+    input finds it equal and leaves the committed object alone (no PUT)."""
+    from winnow.data.index import IndexConfig, build_index
+    from winnow.data.sample import generate_sample
+
+    generate_sample(str(tmp_path / "in"), shards=1, per_shard=6, seed=2)
+    config = IndexConfig(input_uri=str(tmp_path / "in"), buffer_size=2, max_partitions=2)
+    run_root = f"s3://{BUCKET}/index-rerun"
+    build_index(run_root, config, backend="local")
+    mark = s3.mark()
+    again = build_index(run_root, config, backend="local")
+    assert again.row_groups_committed == 0
+    puts = [r.key for r in s3.requests(mark) if r.kind in ("PUT", "POST", "DELETE")]
+    assert puts == [], puts

@@ -9,10 +9,10 @@ import pytest
 
 from tests.storage._s3server import SECRET_KEY, S3Server
 from tests.storage.conftest import _reset_storage
-from winnow.data.errors import InputError
 from winnow.data.shards import list_shards
-from winnow.pipeline import ConfigError, CurationConfig
-from winnow.rowgroups import CommitStore, StorageError, lease
+from winnow.exceptions import ConfigError, InputError, StorageError
+from winnow.pipeline import CurationConfig
+from winnow.rowgroups import CommitStore, lease
 from winnow.rowgroups.fs import StorageOptions, use_storage
 
 

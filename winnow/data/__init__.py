@@ -1,6 +1,5 @@
 """WebDataset shard index, ranged reads of image bytes, and the sample-data generator."""
 
-from winnow.data.errors import InputError, ShardError
 from winnow.data.index import IndexConfig, IndexResult, build_index, load_index
 from winnow.data.reader import read_members
 from winnow.data.shards import list_shards
@@ -9,8 +8,6 @@ from winnow.data.tarscan import ShardScan, scan_shard, split_key
 __all__ = [
     "IndexConfig",
     "IndexResult",
-    "InputError",
-    "ShardError",
     "ShardScan",
     "build_index",
     "list_shards",

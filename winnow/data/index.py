@@ -28,10 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.data.errors import ShardError
 from winnow.data.shards import list_shard_infos
 from winnow.data.tarscan import SCAN_SCHEMA, ShardScan, scan_shard
-from winnow.rowgroups.errors import StageConfigMismatch, StorageError
+from winnow.exceptions import ShardError, StageConfigMismatch, StorageError
 from winnow.rowgroups.plan import MAX_MAP_LENGTH, RowGroupPlan
 from winnow.rowgroups.store import (
     CommitStore,
@@ -132,9 +131,9 @@ def build_index(
     groups from Ray tasks, this process only plans and sums counts; ``"local"`` is the same
     parallel algorithm as a loop in this process. All three give the same rows and counts.
 
-    Raises :class:`~winnow.data.errors.InputError` when there are no shards,
-    :class:`~winnow.data.errors.ShardError` for a bad shard unless ``skip_bad_shards``, and
-    :class:`~winnow.rowgroups.errors.StageConfigMismatch` when the run root was indexed with
+    Raises :class:`~winnow.exceptions.InputError` when there are no shards,
+    :class:`~winnow.exceptions.ShardError` for a bad shard unless ``skip_bad_shards``, and
+    :class:`~winnow.exceptions.StageConfigMismatch` when the run root was indexed with
     another input, listing, buffer size or partition bound (``overwrite`` moves it aside).
     """
     say = log or _log.info
@@ -185,7 +184,10 @@ def build_index(
         "counts": counts,
         "fingerprint_digest": fingerprint.digest,
     }
-    write_json(store.fs, store.path(STAGE, INDEX_FILE), payload)
+    # Written only when it changes: a rerun leaves the committed object as it was (no PUT).
+    stored_index = read_json(store.fs, store.path(STAGE, INDEX_FILE))
+    if json.dumps(stored_index, sort_keys=True, default=str) != json.dumps(payload, sort_keys=True, default=str):
+        write_json(store.fs, store.path(STAGE, INDEX_FILE), payload)
     say(
         f"index: {n} records in {plan.num_row_groups} row groups / {plan.num_partitions} partitions "
         f"from {len(shards)} shards ({scanned} scanned now, {committed} row groups committed now); "

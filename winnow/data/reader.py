@@ -13,8 +13,8 @@ from collections import defaultdict
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from winnow.data.errors import ShardError
 from winnow.data.shards import open_shard_filesystem
+from winnow.exceptions import ShardError
 
 #: Member name -> (offset column, size column) of :data:`winnow.schemas.INDEX`.
 #: Members closer than this are read in one request (the bytes between are read and dropped).

@@ -15,8 +15,7 @@ from collections import defaultdict
 
 import pyarrow.fs as pafs
 
-from winnow.data.errors import InputError
-from winnow.rowgroups.errors import StorageError
+from winnow.exceptions import InputError, StorageError
 from winnow.rowgroups.fs import check_bucket, explain, is_local, resolve_filesystem
 
 SHARD_SUFFIX = ".tar"

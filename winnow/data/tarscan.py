@@ -14,9 +14,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from winnow.data.errors import ShardError
 from winnow.data.reader import open_for_scan
 from winnow.data.shards import open_shard_filesystem
+from winnow.exceptions import ShardError
 from winnow.schemas import IMAGE_EXTENSIONS
 
 BLOCK = 512
@@ -27,8 +27,6 @@ _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 # Long-name and pax blocks are metadata; anything larger than this is a broken header.
 _MAX_META_SIZE = 1 << 20
-#: Sidecar members kept per record besides the image.
-SIDECARS = ("txt", "json")
 #: At most this many example keys of each problem are kept in a scan's counts.
 MAX_EXAMPLES = 20
 

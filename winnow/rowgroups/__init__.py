@@ -1,6 +1,5 @@
 """Row-group plan and partition arithmetic, the commit store and stage fingerprints."""
 
-from winnow.rowgroups.errors import RunLocked, StageConfigMismatch, StorageError, WinnowError
 from winnow.rowgroups.plan import MAX_MAP_LENGTH, RowGroupPlan
 from winnow.rowgroups.store import CommitStore, StageFingerprint, resolve_filesystem
 
@@ -8,10 +7,6 @@ __all__ = [
     "MAX_MAP_LENGTH",
     "CommitStore",
     "RowGroupPlan",
-    "RunLocked",
-    "StageConfigMismatch",
     "StageFingerprint",
-    "StorageError",
-    "WinnowError",
     "resolve_filesystem",
 ]

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from winnow.ray.results import MAX_ERROR_CHARS
 from winnow.rowgroups.store import CommitStore, write_atomic
 
 FAILED_SUFFIX = ".failed.json"
-#: Errors are cut to this many characters: enough for a traceback's last line and context.
-MAX_ERROR_CHARS = 2000
 
 
 def record_failure(store: CommitStore, stage: str, partition: int, row_group: int, error: str) -> None:

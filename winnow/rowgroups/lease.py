@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from winnow.rowgroups.errors import RunLocked, StorageError
+from winnow.exceptions import RunLocked, StorageError
 from winnow.rowgroups.fs import (
     ConditionalWritesUnsupported,
     conditional_writes,

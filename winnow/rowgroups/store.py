@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from winnow.rowgroups.errors import StageConfigMismatch, StorageError
+from winnow.exceptions import StageConfigMismatch, StorageError
 from winnow.rowgroups.fs import (
     create_if_absent,
     delete_file,

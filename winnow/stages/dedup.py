@@ -35,8 +35,8 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import torch
 
+from winnow.exceptions import DedupError
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
-from winnow.rowgroups.errors import WinnowError
 from winnow.rowgroups.store import read_json, write_json
 from winnow.schemas import DEDUP
 from winnow.stages.embedding_io import embedding_matrix
@@ -54,10 +54,6 @@ EPS_RANGE = (0.0, 1.0)
 _CHUNK_ELEMS = 1 << 24
 # k-means++ seeds on a sample of this many rows per cluster (all rows when there are fewer).
 _INIT_SAMPLE_PER_K = 32
-
-
-class DedupError(WinnowError):
-    """Dedup cannot run: upstream stages missing or inconsistent, or a bad config."""
 
 
 @dataclass(frozen=True, kw_only=True)

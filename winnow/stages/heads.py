@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from winnow.rowgroups.errors import WinnowError
+from winnow.exceptions import HeadError
 from winnow.stages.base import RowGroupTask
 from winnow.stages.device import resolve_device
 from winnow.stages.embedding_io import embedding_matrix
@@ -36,10 +36,6 @@ RANDOM_TARGETS: dict[str, float] = {"aesthetic": 5.0, "nsfw": -1.5}
 
 # Rows scored per forward pass: bounds the activations (rows x 1024 floats) of a big row group.
 _BATCH_ROWS = 65536
-
-
-class HeadError(WinnowError):
-    """A score head cannot be built: missing weights, wrong layout, wrong embedding width."""
 
 
 class AestheticMLP(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from winnow.rowgroups.errors import WinnowError
+from winnow.exceptions import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ HUB_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _RANDOM = re.compile(r"^random(?::(\d+))?$")
 _registered = False
 _register_lock = threading.Lock()
-
-
-class ModelError(WinnowError):
-    """The model name, weights or model directory given for the embed stage cannot be used."""
 
 
 def register_model_configs() -> None:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from winnow.data.reader import read_members
+from winnow.exceptions import WriteError
 from winnow.rowgroups import CommitStore, RowGroupPlan
-from winnow.rowgroups.errors import WinnowError
 from winnow.schemas import write_schema
 from winnow.stages.base import RowGroupTask
 from winnow.stages.kept import flag, passed_filters
@@ -28,10 +28,6 @@ STAGE = "write"
 TAR_FORMAT = "webdataset-v1"
 #: Fixed member mtime (2000-01-01T00:00:00Z): the tar's bytes depend on its records only.
 TAR_MTIME = 946684800
-
-
-class WriteError(WinnowError):
-    """A row group cannot be written: upstream row groups disagree on their records."""
 
 
 @dataclass(frozen=True, kw_only=True)
