@@ -7,73 +7,45 @@ use a GPU per worker where there are GPUs; light stages run as plain tasks. Each
 commits as soon as it is done; one that raises does not stop the others. ``backend="local"``
 runs the same loop in this process, without Ray.
 
-Where a model stage runs depends on who else uses the Ray it is attached to:
+How a model stage runs is the caller's ``compute`` (as in Ray Data's ``map_batches``; the
+default, :func:`winnow.ray.resources.default_compute`, follows who else uses the Ray):
 
-- an embedded Ray this process owns (``WINNOW_RAY_EMBEDDED=process``: ``run_all``, ``airflow
-  dags test``): Ray Data tasks on Ray's reused worker processes, each keeping its set-up stage
-  (the loaded model) in a small cache, so the model loads once per worker for the whole run, not
-  once per partition;
-- a Ray other drivers share (a cluster, or the shared local head: every Airflow task is a driver
-  of its own): one Ray Data actor per model worker for the partition, holding the model for all
-  of its row groups. Plain tasks there lose their worker between row groups whenever other
-  drivers' tasks wait for the same CPUs or GPUs (Ray ends an idle worker past its worker limit
-  after about a second), and every row group would load the model again.
+- ``"tasks"``, for an embedded Ray this process owns (``WINNOW_RAY_EMBEDDED=process``:
+  ``run_all``, ``airflow dags test``): Ray Data tasks on Ray's reused worker processes, each
+  keeping its set-up stage (the loaded model) in a small cache, so the model loads once per
+  worker for the whole run, not once per partition;
+- ``"actors"``, for a Ray other drivers share (a cluster, or the shared local head: every Airflow
+  task is a driver of its own): one Ray Data actor per model worker for the partition, holding
+  the model for all of its row groups. Plain tasks there lose their worker between row groups
+  whenever other drivers' tasks wait for the same CPUs or GPUs (Ray ends an idle worker past its
+  worker limit after about a second), and every row group would load the model again.
+
+A model worker's size (``worker_cpus`` / ``worker_gpus``, or the policy of
+:mod:`winnow.ray.resources`) never exceeds one alive node; light stages are 1-CPU tasks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from winnow.faults import FaultSpec
+from winnow.ray.resources import Compute, match_torch_threads, resolve_compute
+from winnow.ray.results import PartitionSummary, RowGroupResult
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.rowgroups.failures import record_failure
 from winnow.stages.base import RowGroupTask, Stage
 
 logger = logging.getLogger(__name__)
 
-MAX_FAILED_IN_SUMMARY = 50
 #: Set-up stages a worker process keeps (embed model + two heads fit; bounded for memory).
 STAGE_CACHE_SIZE = 4
 _STAGE_CACHE: OrderedDict[str, Stage] = OrderedDict()
-
-
-@dataclass
-class PartitionSummary:
-    """What one partition's run of one stage did; small enough for XCom."""
-
-    stage: str
-    partition: int
-    row_groups: int = 0
-    computed: int = 0
-    skipped: int = 0
-    failed: dict[int, str] = field(default_factory=dict)
-    records_in: int = 0
-    records_out: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), **failure_fields(self.failed), "seconds": round(self.seconds, 3)}
-
-
-def failure_fields(failed: dict[int, str]) -> dict[str, Any]:
-    """The XCom-sized view of failed units (row groups, buckets): the first ids, how many, the
-    first error."""
-    ids = sorted(failed)
-    return {"failed": ids[:MAX_FAILED_IN_SUMMARY], "failed_count": len(ids),
-            "first_error": failed[ids[0]] if ids else None}
 
 
 class _RowGroupWorker:
@@ -87,6 +59,7 @@ class _RowGroupWorker:
             from winnow.rowgroups.fs import use_storage
 
             use_storage(storage)
+        match_torch_threads()  # in a Ray worker: torch threads = the CPUs Ray gave this task/actor
         self.stage = _set_up(stage, cache_key)
         self.run_root = run_root
         self.plan = RowGroupPlan(**plan)
@@ -94,7 +67,7 @@ class _RowGroupWorker:
         self.faults = faults
         self.store = CommitStore(run_root)
 
-    def run_one(self, row_group: int) -> dict[str, Any]:
+    def run_one(self, row_group: int) -> RowGroupResult:
         t0 = time.perf_counter()
         task = RowGroupTask(self.run_root, self.plan, self.partition, row_group)
         records_in = self.plan.row_group_size(row_group)
@@ -102,40 +75,16 @@ class _RowGroupWorker:
             committed_rows = self._committed_rows(row_group)
             if committed_rows is not None:
                 # A retried Ray task whose first try committed and then died before replying.
-                return {
-                    "row_group": row_group,
-                    "error": "",
-                    "records_in": records_in,
-                    "records_out": committed_rows,
-                    "seconds": time.perf_counter() - t0,
-                    "skipped": True,
-                }
+                return RowGroupResult(row_group=row_group, records_in=records_in, records_out=committed_rows,
+                                      seconds=time.perf_counter() - t0, skipped=True)
             table = self.stage.process(task)
             if self.faults is not None:
                 self.faults.fire(self.stage.name, row_group)
             self.store.commit_table(self.stage.name, self.partition, row_group, table)
-            return {
-                "row_group": row_group,
-                "error": "",
-                "records_in": records_in,
-                "records_out": table.num_rows,
-                "seconds": time.perf_counter() - t0,
-                "skipped": False,
-            }
+            return RowGroupResult(row_group=row_group, records_in=records_in, records_out=table.num_rows,
+                                  seconds=time.perf_counter() - t0)
         except Exception as exc:  # a row group's failure is isolated and reported
-            text = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "stage %s row group %d failed: %s\n%s",
-                self.stage.name, row_group, text, traceback.format_exc(limit=5),
-            )
-            return {
-                "row_group": row_group,
-                "error": text[:2000],
-                "records_in": records_in,
-                "records_out": 0,
-                "seconds": time.perf_counter() - t0,
-                "skipped": False,
-            }
+            return RowGroupResult.from_error(self.stage.name, task, exc, time.perf_counter() - t0)
 
     def _committed_rows(self, row_group: int) -> int | None:
         """Rows of the row group's committed file, or None when it is not committed."""
@@ -148,7 +97,7 @@ class _RowGroupWorker:
         with self.store.fs.open_input_file(path) as f:
             return pq.ParquetFile(f).metadata.num_rows
 
-    def run_many(self, row_groups: list[int]) -> Iterator[dict[str, Any]]:
+    def run_many(self, row_groups: list[int]) -> Iterator[RowGroupResult]:
         """Results of ``row_groups`` in the order they finish. A stage with a fused worker
         (``row_group_pipeline``: the embed stage) overlaps reads, decode, model and commits over
         all of them; others run one row group at a time."""
@@ -167,35 +116,15 @@ class _RowGroupWorker:
                 yield self.run_one(rg)  # reports it as skipped
             else:
                 tasks.append(RowGroupTask(self.run_root, self.plan, self.partition, rg))
-        for outcome in pipeline_of().run(tasks, self._commit):
-            rg = outcome.task.row_group
-            if outcome.error is not None:
-                yield self._failed(rg, outcome.error, outcome.seconds)
-            else:
-                yield {
-                    "row_group": rg, "error": "", "records_in": self.plan.row_group_size(rg),
-                    "records_out": outcome.records_out, "seconds": outcome.seconds, "skipped": False,
-                }
+        yield from pipeline_of().run(tasks, self._commit)
 
     def _commit(self, task: RowGroupTask, table) -> None:
         if self.faults is not None:
             self.faults.fire(self.stage.name, task.row_group)
         self.store.commit_table(self.stage.name, self.partition, task.row_group, table)
 
-    def _failed(self, row_group: int, exc: BaseException, seconds: float) -> dict[str, Any]:
-        text = f"{type(exc).__name__}: {exc}"
-        logger.warning(
-            "stage %s row group %d failed: %s\n%s", self.stage.name, row_group, text,
-            "".join(traceback.format_exception(exc, limit=5)),
-        )
-        return {
-            "row_group": row_group, "error": text[:2000], "records_in": self.plan.row_group_size(row_group),
-            "records_out": 0, "seconds": seconds, "skipped": False,
-        }
-
     def __call__(self, batch: dict) -> dict:
-        rows = list(self.run_many([int(rg) for rg in batch["row_group"]]))
-        return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+        return RowGroupResult.to_columns(self.run_many([int(rg) for rg in batch["row_group"]]))
 
 
 def _set_up(stage: Stage, cache_key: str | None) -> Stage:
@@ -235,12 +164,12 @@ class _Progress:
         self.records = 0
         self.last = 0.0
 
-    def update(self, result: dict[str, Any]) -> None:
-        if result["error"]:
+    def update(self, result: RowGroupResult) -> None:
+        if result.error:
             self.failed += 1
         else:
             self.done += 1
-            self.records += int(result["records_in"])
+            self.records += result.records_in
         now = time.perf_counter()
         finished = self.done + self.failed + self.skipped
         if now - self.last >= 2.0 or finished == self.total:
@@ -263,17 +192,24 @@ def run_stage_partition(
     ray_address: str | None = None,
     backend: Literal["ray", "local"] = "ray",
     log: Callable[[str], None] | None = None,
+    compute: Compute | None = None,
+    worker_cpus: float | None = None,
+    worker_gpus: float | None = None,
 ) -> PartitionSummary:
     """Run ``stage`` over the uncommitted row groups of ``partition`` and return a summary.
 
-    ``uses_model`` (the registry's flag) gives each Ray worker a GPU where there are GPUs, or
-    every CPU core on a CPU-only cluster. Row-group failures never raise: they are in
-    ``summary.failed`` (the Airflow operator turns them into a task failure after everything
-    else committed).
+    ``uses_model`` (the registry's flag) makes the stage a model worker: ``compute`` (``"tasks"``
+    or ``"actors"``; None: :func:`~winnow.ray.resources.default_compute` of ``ray_address``),
+    each of ``worker_cpus`` CPUs and ``worker_gpus`` GPUs (None: the policy of
+    :func:`~winnow.ray.resources.model_worker_request`: 1 GPU + 1 CPU where there are GPUs, else
+    a CPU share of the largest node), never more than one node holds. Row-group failures never
+    raise: they are in ``summary.failed`` (the Airflow operator turns them into a task failure
+    after everything else committed).
     """
     log = log or logger.info
     if backend not in ("ray", "local"):
         raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
+    compute = resolve_compute(compute, ray_address)
     t0 = time.perf_counter()
     store = CommitStore(run_root)
     row_groups = plan.partition_row_groups(partition)
@@ -292,28 +228,25 @@ def run_stage_partition(
         worker = _RowGroupWorker(*args, stage_cache_key(stage))
         results = worker.run_many(todo)
     else:
-        results = _ray_results(stage, args, todo, ray_address, uses_model)
+        results = _ray_results(stage, args, todo, ray_address, uses_model, compute=compute,
+                               worker_cpus=worker_cpus, worker_gpus=worker_gpus, log=log)
     for result in results:
         progress.update(result)
-        if result["error"]:
-            summary.failed[int(result["row_group"])] = result["error"]
-            record_failure(store, stage.name, partition, int(result["row_group"]), result["error"])
-        elif result.get("skipped"):
-            summary.skipped += 1  # committed by an earlier try of the same Ray task
-        else:
-            if faults is not None:
-                faults.fire_driver(stage.name, int(result["row_group"]))
-            summary.computed += 1
-            summary.records_in += int(result["records_in"])
-            summary.records_out += int(result["records_out"])
+        summary.add(result)
+        if result.error:
+            record_failure(store, stage.name, partition, result.row_group, result.error)
+        elif faults is not None and not result.skipped:
+            faults.fire_driver(stage.name, result.row_group)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | None, uses_model: bool):
+def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | None, uses_model: bool, *,
+                 compute: Compute, worker_cpus: float | None = None, worker_gpus: float | None = None,
+                 log: Callable[[str], None] = logger.info):
     import ray.data
 
-    from winnow.ray.cluster import connect, gpu_count
+    from winnow.ray.cluster import connect
 
     connect(ray_address)
     from winnow.rowgroups.fs import current_storage
@@ -321,38 +254,52 @@ def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | 
     # Object-store settings go to the workers as a task argument, not in the runtime env:
     # secrets stay out of Ray's job metadata and logs.
     storage = {"storage": current_storage()}
-    per_block = row_groups_per_block(stage, len(todo), gpu_count() or 1)
-    blocks = -(-len(todo) // per_block)
-    ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=blocks)
     if not uses_model:
+        ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(_run_cached, fn_args=(*args, None), fn_kwargs=storage, batch_size=1, num_cpus=1)
     else:
-        gpus = gpu_count()
-        width = max(1, min(gpus, len(todo))) if gpus else 1
-        resources = {
-            "num_gpus": 1 if gpus else 0,
-            # On CPU the one model worker gets every core: torch threads as wide as a direct call.
-            "num_cpus": 1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1))),
-        }
-        if owns_its_ray(ray_address):
-            ds = ds.map_batches(
-                _run_cached, fn_args=(*args, stage_cache_key(stage)), fn_kwargs=storage, batch_size=per_block,
-                compute=ray.data.TaskPoolStrategy(size=width), **resources,
-            )  # a task whose worker dies is retried by Ray (commits are idempotent).
-        else:
-            ds = ds.map_batches(
-                _RowGroupActor, fn_constructor_args=(*args, None), fn_constructor_kwargs=storage,
-                batch_size=per_block, compute=ray.data.ActorPoolStrategy(size=width), **resources,
-            )  # Ray Data restarts a dead actor and retries its row groups (commits are idempotent).
-    yield from ds.iter_rows()
+        ds = _model_dataset(stage, args, todo, compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
+                            storage=storage, log=log)
+    # Ray Data rows are dicts of columns: back to results here, where they leave Ray.
+    for row in ds.iter_rows():
+        yield RowGroupResult.from_row(row)
+
+
+def _model_dataset(stage: Stage, args: tuple, todo: list[int], *, compute: Compute, worker_cpus: float | None,
+                   worker_gpus: float | None, storage: dict[str, Any], log: Callable[[str], None]):
+    """The model workers' Ray Data pipeline over ``todo``: tasks or actors, sized by the alive nodes."""
+    import ray.data
+
+    from winnow.ray.resources import model_worker_request
+
+    # Sized by the alive nodes, never by their sum: a request no node holds waits forever.
+    request = model_worker_request(compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
+                                   max_width=len(todo))
+    per_block = row_groups_per_block(stage, len(todo), request.width)
+    blocks = -(-len(todo) // per_block)
+    width = min(request.width, blocks)
+    log(f"{stage.name} partition {args[3]}: {width} model worker(s) of {request.num_cpus:g} CPU(s) and "
+        f"{request.num_gpus:g} GPU(s) as Ray Data {compute}, {blocks} block(s)")
+    ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=blocks)
+    if compute == "tasks":
+        ds = ds.map_batches(
+            _run_cached, fn_args=(*args, stage_cache_key(stage)), fn_kwargs=storage, batch_size=per_block,
+            compute=ray.data.TaskPoolStrategy(size=width), **request.ray_args(),
+        )  # a task whose worker dies is retried by Ray (commits are idempotent).
+    else:
+        ds = ds.map_batches(
+            _RowGroupActor, fn_constructor_args=(*args, None), fn_constructor_kwargs=storage,
+            batch_size=per_block, compute=ray.data.ActorPoolStrategy(size=width), **request.ray_args(),
+        )  # Ray Data restarts a dead actor and retries its row groups (commits are idempotent).
+    return ds
 
 
 def owns_its_ray(ray_address: str | None) -> bool:
     """True when this process's Ray is an embedded one it started for itself (no other driver
-    competes for its workers)."""
-    from winnow.ray.cluster import EMBEDDED_ENV
+    competes for its workers): where ``compute`` defaults to ``"tasks"``."""
+    from winnow.ray.resources import default_compute
 
-    return ray_address is None and os.environ.get(EMBEDDED_ENV, "process") == "process"
+    return default_compute(ray_address) == "tasks"
 
 
 class _RowGroupActor:

@@ -17,37 +17,11 @@ import resource
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from winnow.ray.results import UnitSummary, error_text
+
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass
-class UnitSummary:
-    """What one call did over its units; small enough for XCom."""
-
-    stage: str
-    units: int = 0
-    computed: int = 0
-    skipped: int = 0
-    failed: dict[int, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    #: Highest peak RSS (MiB) any worker process reported after one of its units.
-    worker_peak_rss_mb: float = 0.0
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        from winnow.ray.runner import failure_fields
-
-        d = {**asdict(self), **failure_fields(self.failed), "seconds": round(self.seconds, 3)}
-        d.pop("results")
-        return d
 
 
 def peak_rss_mb() -> float:
@@ -60,14 +34,17 @@ def _call(fn: Callable[[int], dict[str, Any]], unit: int, storage=None) -> dict[
         from winnow.rowgroups.fs import use_storage
 
         use_storage(storage)
+    from winnow.ray.resources import match_torch_threads
+
+    match_torch_threads()  # in a Ray worker: torch threads = the CPUs Ray gave this task
     t0 = time.perf_counter()
     try:
         out = dict(fn(unit) or {})
         error = ""
     except Exception as exc:  # one unit's failure is isolated and reported
-        text = f"{type(exc).__name__}: {exc}"
-        logger.warning("unit %d failed: %s\n%s", unit, text, traceback.format_exc(limit=5))
-        out, error = {}, text[:2000]
+        error = error_text(exc)
+        logger.warning("unit %d failed: %s\n%s", unit, error, traceback.format_exc(limit=5))
+        out = {}
     out.update(unit=unit, error=error, seconds=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
     return out
 
@@ -81,7 +58,8 @@ def run_units(
     backend: Literal["ray", "local"] = "ray",
     ray_address: str | None = None,
     use_gpu: bool = False,
-    num_cpus: int | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
     width: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> UnitSummary:
@@ -90,9 +68,11 @@ def run_units(
     :param fn: computes and commits one unit; must be picklable (a module-level function or a
         ``functools.partial`` of one) and return a small dict.
     :param skipped: units the caller found committed already (only counted).
-    :param use_gpu: one GPU per task where the cluster has GPUs.
-    :param num_cpus: CPUs per task (default 1; a single heavy unit may ask for all).
-    :param width: most tasks in flight (default: as many as the cluster's CPUs or GPUs allow).
+    :param use_gpu: ``num_gpus`` GPUs (default 1) per task where a node has GPUs.
+    :param num_cpus: CPUs per task (default 1; a single heavy unit may ask for a whole node).
+        No task asks for more than one alive node has (an error instead of a task that never
+        starts; see :mod:`winnow.ray.resources`).
+    :param width: most tasks in flight (default: as many as the alive nodes hold at once).
     """
     log = log or logger.info
     if backend not in ("ray", "local"):
@@ -103,7 +83,7 @@ def run_units(
     if backend == "local":
         results: Iterable[dict[str, Any]] = (_call(fn, u) for u in todo)
     else:
-        results = _ray_results(fn, todo, ray_address, use_gpu, num_cpus, width)
+        results = _ray_results(fn, todo, ray_address, use_gpu, num_cpus, width, num_gpus)
     from winnow.faults import FaultSpec
 
     faults = FaultSpec.from_env()  # test-only: kill this driver after a chosen unit committed
@@ -126,21 +106,24 @@ def run_units(
     return summary
 
 
-def _ray_results(fn, todo: list[int], ray_address: str | None, use_gpu: bool, num_cpus: int | None, width: int | None):
+def _ray_results(fn, todo: list[int], ray_address: str | None, use_gpu: bool, num_cpus: float | None,
+                 width: int | None, num_gpus: float | None = None):
     if not todo:
         return
     import ray
 
-    from winnow.ray.cluster import connect, gpu_count
+    from winnow.ray.cluster import connect
+    from winnow.ray.resources import unit_request
 
     connect(ray_address)
-    gpus = gpu_count() if use_gpu else 0
-    cpus = num_cpus or 1
+    # Each task fits one alive node; width = how many the nodes hold at once (not the sum of
+    # their CPUs divided, which counts cores no single task can combine).
+    request = unit_request(use_gpu=use_gpu, worker_cpus=num_cpus, worker_gpus=num_gpus, max_width=len(todo))
     if width is None:
-        width = gpus if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
+        width = request.width
     from winnow.rowgroups.fs import current_storage
 
-    remote = ray.remote(_call).options(num_cpus=cpus, num_gpus=1 if gpus else 0, max_retries=3)
+    remote = ray.remote(_call).options(**request.ray_args(), max_retries=3)
     fn_ref = ray.put(fn)
     # Object-store settings go as a task argument, not in the runtime env: secrets stay out of
     # Ray's job metadata and logs (as in the row-group runner).

@@ -42,12 +42,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from winnow.exceptions import DedupError
 from winnow.faults import FaultSpec
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
 from winnow.rowgroups.store import table_to_parquet_bytes, write_atomic
 from winnow.schemas import DEDUP
 from winnow.stages.base import RowGroupTask
-from winnow.stages.dedup import DedupConfig, DedupError, DedupResult, auto_clusters, dedup_table
+from winnow.stages.dedup import DedupConfig, DedupResult, auto_clusters, dedup_table
 from winnow.stages.kept import passed_filters
 from winnow.stages.registry import stage_spec
 
@@ -300,12 +301,23 @@ def centroids_committed(store: CommitStore, digest: str) -> dict[str, Any] | Non
     return meta if meta.get("digest") == digest else None
 
 
+def centroids_units(store: CommitStore) -> tuple[int, set[int]]:
+    """The centroids step as units, for the UI: one unit, committed when ``centroids.parquet``
+    exists for the stage's current fingerprint."""
+    digest = (store.read_fingerprint("centroids") or {}).get("digest")
+    return 1, ({0} if digest and centroids_committed(store, digest) is not None else set())
+
+
 def run_centroids(
     run_root: str, plan: RowGroupPlan, config: DedupConfig, *, backend: Backend = "ray",
     ray_address: str | None = None, log: Callable[[str], None] | None = None,
+    worker_cpus: float | None = None, worker_gpus: float | None = None,
 ) -> dict[str, Any]:
     """Step 1: k-means on the sample, in one Ray task (with a GPU where there is one); a no-op
-    when committed for this fingerprint. Returns k, candidates, sample size and ``buckets``."""
+    when committed for this fingerprint. Returns k, candidates, sample size and ``buckets``.
+
+    The task asks for ``worker_cpus`` CPUs, or by default every CPU of the largest alive node
+    (1 next to a GPU), and ``worker_gpus`` GPUs (default 1 where a node has GPUs)."""
     from winnow.ray.units import run_units
 
     say = log or (lambda _m: None)
@@ -322,8 +334,9 @@ def run_centroids(
     # One unit that may use every core (torch threads) or a GPU.
     import os
 
+    cpus = _unit_cpus(ray_address, worker_cpus, worker_gpus) if backend == "ray" else None
     summary = run_units("centroids", fn, [0], backend=backend, ray_address=ray_address, use_gpu=True,
-                        num_cpus=_all_cpus(backend, ray_address) if backend == "ray" else None, log=say)
+                        num_cpus=cpus, num_gpus=worker_gpus, log=say)
     if summary.failed:
         raise DedupError(f"centroids failed: {summary.failed[0]}")
     out = {k: v for k, v in summary.results[0].items() if k not in ("unit", "error")}
@@ -332,13 +345,18 @@ def run_centroids(
     return {**out, "computed": 1, "worker_peak_rss_mb": summary.worker_peak_rss_mb}
 
 
-def _all_cpus(backend: Backend, ray_address: str | None) -> int:
-    import ray
-
+def _unit_cpus(ray_address: str | None, worker_cpus: float | None, worker_gpus: float | None) -> float:
+    """CPUs of the one k-means task: ``worker_cpus``, else 1 beside a GPU, else every CPU of the
+    largest alive node (never the cluster's sum: no single node would hold that task)."""
     from winnow.ray.cluster import connect
+    from winnow.ray.resources import alive_nodes, cluster_has_gpus, largest_node_cpus
 
     connect(ray_address)
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    nodes = alive_nodes()
+    if worker_cpus is not None:
+        return largest_node_cpus(worker_cpus, nodes)  # checked to fit a node
+    on_gpu = cluster_has_gpus(nodes) if worker_gpus is None else worker_gpus > 0
+    return 1.0 if on_gpu else largest_node_cpus(None, nodes)
 
 
 # ---- step 2: assign -----------------------------------------------------------------------
@@ -500,12 +518,26 @@ def committed_buckets(store: CommitStore) -> set[int]:
     return out
 
 
+def pairwise_units(store: CommitStore) -> tuple[int | None, set[int]]:
+    """The pairwise step's buckets, for the UI: how many (None until the centroids that fix the
+    bucket count are committed) and which are committed."""
+    digest = (store.read_fingerprint("centroids") or {}).get("digest")
+    meta = centroids_committed(store, digest) if digest else None
+    done = committed_buckets(store)
+    if meta is None:
+        return None, done
+    total = int(meta["buckets"])
+    return total, {b for b in done if b < total}
+
+
 def run_pairwise(
     run_root: str, plan: RowGroupPlan, config: DedupConfig, buckets: list[int] | None = None, *,
     backend: Backend = "ray", ray_address: str | None = None, log: Callable[[str], None] | None = None,
+    worker_cpus: float | None = None, worker_gpus: float | None = None,
 ):
-    """Step 3 over ``buckets`` (all when None): one Ray task per bucket not yet committed.
-    Returns the :class:`~winnow.ray.units.UnitSummary` (failures in ``failed``)."""
+    """Step 3 over ``buckets`` (all when None): one Ray task per bucket not yet committed, of
+    ``worker_cpus`` CPUs (default 1) and ``worker_gpus`` GPUs (default 1 where a node has GPUs).
+    Returns the :class:`~winnow.ray.results.UnitSummary` (failures in ``failed``)."""
     from winnow.ray.units import run_units
 
     say = log or (lambda _m: None)
@@ -522,7 +554,7 @@ def run_pairwise(
     todo = [b for b in wanted if b not in done]
     fn = functools.partial(_pairwise_unit, run_root, plan.to_dict(), config)
     summary = run_units("pairwise", fn, todo, skipped=len(wanted) - len(todo), backend=backend,
-                        ray_address=ray_address, use_gpu=True, log=say)
+                        ray_address=ray_address, use_gpu=True, num_cpus=worker_cpus, num_gpus=worker_gpus, log=say)
     return summary
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from winnow.ray.results import RowGroupResult
 from winnow.stages.base import RowGroupTask
 from winnow.stages.decode import DecodedBatch
 
@@ -44,17 +45,6 @@ logger = logging.getLogger(__name__)
 DECODE_AHEAD = 2
 #: Pinned host buffers for embeddings in flight between the model and the writer.
 HOST_BUFFERS = 4
-
-
-@dataclass
-class RowGroupOutcome:
-    """What happened to one row group: committed (``records_out``) or ``error``."""
-
-    task: RowGroupTask
-    records_out: int = 0
-    error: BaseException | None = None
-    seconds: float = 0.0
-    undecodable: int = 0
 
 
 @dataclass
@@ -157,9 +147,9 @@ class EmbedPipeline:
 
     def run(
         self, tasks: Sequence[RowGroupTask], commit: Callable[[RowGroupTask, pa.Table], None]
-    ) -> Iterator[RowGroupOutcome]:
-        """Embed and commit every row group of ``tasks``; yields one outcome per row group in the
-        order they finish. ``commit(task, table)`` runs on the writer thread (it may raise: that
+    ) -> Iterator[RowGroupResult]:
+        """Embed and commit every row group of ``tasks``; yields one :class:`~winnow.ray.results.RowGroupResult` per row
+        group in the order they finish. ``commit(task, table)`` runs on the writer thread (it may raise: that
         row group fails, the others go on). Never raises for a row group's failure."""
         if not tasks:
             return
@@ -167,7 +157,7 @@ class EmbedPipeline:
         self.stats.runs += 1
         decoded_q: queue.Queue = queue.Queue(maxsize=DECODE_AHEAD)
         write_q: queue.Queue = queue.Queue(maxsize=DECODE_AHEAD + HOST_BUFFERS)
-        outcomes: queue.Queue[RowGroupOutcome] = queue.Queue()
+        outcomes: queue.Queue[RowGroupResult] = queue.Queue()
         stop = threading.Event()
         producer = threading.Thread(
             target=self._produce, args=(list(tasks), decoded_q, stop), name="winnow-embed-decode", daemon=True
@@ -199,7 +189,7 @@ class EmbedPipeline:
                     outcome = outcomes.get(timeout=0.1)
                 except queue.Empty:
                     continue
-                reported.add(outcome.task.row_group)
+                reported.add(outcome.row_group)
                 yield outcome
         except Exception as exc:  # noqa: BLE001 - the loop itself broke: fail what is left, alone
             logger.exception("embed pipeline stopped")
@@ -208,7 +198,7 @@ class EmbedPipeline:
             yield from self._drain(outcomes, reported)
             for task in tasks:
                 if task.row_group not in reported:
-                    yield RowGroupOutcome(task, error=exc, seconds=time.perf_counter() - t0)
+                    yield RowGroupResult.from_error(self.stage.name, task, exc, time.perf_counter() - t0)
             return
         finally:
             if producer.is_alive() or writer.is_alive():  # closed early (GeneratorExit) or failed
@@ -219,13 +209,13 @@ class EmbedPipeline:
     # ---- threads --------------------------------------------------------------------------
 
     @staticmethod
-    def _drain(outcomes: queue.Queue, reported: set[int]) -> Iterator[RowGroupOutcome]:
+    def _drain(outcomes: queue.Queue, reported: set[int]) -> Iterator[RowGroupResult]:
         while True:
             try:
                 outcome = outcomes.get_nowait()
             except queue.Empty:
                 return
-            reported.add(outcome.task.row_group)
+            reported.add(outcome.row_group)
             yield outcome
 
     @staticmethod
@@ -398,7 +388,7 @@ class EmbedPipeline:
                     _, rg, exc = msg
                     if not rg.failed:
                         rg.failed = True
-                        outcomes.put(RowGroupOutcome(rg.task, error=exc, seconds=time.perf_counter() - rg.t0))
+                        outcomes.put(self._failed(rg, exc))
                 else:
                     self._finish(msg[1], outcomes, commit)
             except Exception as exc:  # noqa: BLE001 - fail the row groups this message was about
@@ -407,7 +397,7 @@ class EmbedPipeline:
                 for rg in groups:
                     if not rg.failed:
                         rg.failed = True
-                        outcomes.put(RowGroupOutcome(rg.task, error=exc, seconds=time.perf_counter() - rg.t0))
+                        outcomes.put(self._failed(rg, exc))
 
     def _scatter(self, item: _Features) -> None:
         decoded = item.batch.decoded
@@ -443,7 +433,7 @@ class EmbedPipeline:
             commit(rg.task, table)
         except Exception as exc:  # noqa: BLE001 - this row group fails, alone
             rg.failed = True
-            outcomes.put(RowGroupOutcome(rg.task, error=exc, seconds=time.perf_counter() - rg.t0))
+            outcomes.put(self._failed(rg, exc))
             return
         finally:
             self.stats.commit_seconds += time.perf_counter() - t0
@@ -451,10 +441,14 @@ class EmbedPipeline:
         if undecodable:
             logger.info("embed row group %d: %d of %d images undecodable", rg.task.row_group, undecodable, len(rg.errors))
         self.stats.row_groups += 1
-        outcomes.put(RowGroupOutcome(
-            rg.task, records_out=table.num_rows, seconds=time.perf_counter() - rg.t0, undecodable=undecodable,
+        outcomes.put(RowGroupResult(
+            row_group=rg.task.row_group, records_in=rg.task.plan.row_group_size(rg.task.row_group), records_out=table.num_rows,
+            seconds=time.perf_counter() - rg.t0,
         ))
         rg.embeddings = None  # the table holds the data now
+
+    def _failed(self, rg: _RowGroup, exc: BaseException) -> RowGroupResult:
+        return RowGroupResult.from_error(self.stage.name, rg.task, exc, time.perf_counter() - rg.t0)
 
 
 def _split(batch: _Batch) -> list[_Batch]:

@@ -40,6 +40,10 @@ class StageSpec:
     :param group: the DAG task group it runs in (partition stages run depth-first there).
     :param map_over: the global stage whose task returns the list a mapped stage expands over
         (partition stages: ``index``'s partitions; bucket stages: their planner's units).
+    :param units: for a stage that commits something other than row-group files (k-means
+        centroids, dedup buckets): ``module:function`` that reads from storage how many units it
+        has and which are committed, ``fn(store) -> (total or None while unknown, committed ids)``.
+        None: the stage commits one file per row group (``<stage>/p<partition>/rg<id>.parquet``).
     """
 
     name: str
@@ -49,6 +53,7 @@ class StageSpec:
     uses_model: bool = False
     group: str | None = None
     map_over: str | None = None
+    units: str | None = None
 
     def __post_init__(self) -> None:
         if self.scope == "partition" and self.map_over is None:
@@ -58,9 +63,24 @@ class StageSpec:
     def task_id(self) -> str:
         return f"{self.group}.{self.name}" if self.group else self.name
 
+    @property
+    def has_row_groups(self) -> bool:
+        """Commits one file per row group (every partition stage, and the index)."""
+        return self.units is None
+
     def load(self) -> Any:
-        module, _, attribute = self.compute.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        return _load(self.compute)
+
+    def load_units(self) -> Any:
+        """The stage's unit reader (see ``units``); a ValueError for a row-group stage."""
+        if self.units is None:
+            raise ValueError(f"stage {self.name!r} commits row groups, not units of its own")
+        return _load(self.units)
+
+
+def _load(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 #: Topological order: every stage comes after the stages it reads.
@@ -71,9 +91,11 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("nsfw", "winnow.stages.nsfw:NsfwStage", ("embed",), "partition", True, PARTITION_GROUP),
     # Semantic dedup as four steps (winnow.stages.dedup_steps): k-means on a sample, per row
     # group cluster assignment, per bucket pairwise, per row group duplicate flags.
-    StageSpec("centroids", "winnow.stages.dedup_steps:run_centroids", ("embed", "aesthetic", "nsfw"), "global"),
+    StageSpec("centroids", "winnow.stages.dedup_steps:run_centroids", ("embed", "aesthetic", "nsfw"), "global",
+              units="winnow.stages.dedup_steps:centroids_units"),
     StageSpec("assign", "winnow.stages.dedup_steps:AssignStage", ("embed", "aesthetic", "nsfw", "centroids"), "partition", True),
-    StageSpec("pairwise", "winnow.stages.dedup_steps:run_pairwise", ("centroids", "assign"), "bucket", True, map_over="centroids"),
+    StageSpec("pairwise", "winnow.stages.dedup_steps:run_pairwise", ("centroids", "assign"), "bucket", True,
+              map_over="centroids", units="winnow.stages.dedup_steps:pairwise_units"),
     StageSpec("dedup", "winnow.stages.dedup_steps:DedupFlagsStage", ("embed", "pairwise"), "partition"),
     StageSpec("write", "winnow.stages.write:WriteStage", ("index", "embed", "aesthetic", "nsfw", "dedup"), "partition"),
 )
@@ -126,6 +148,8 @@ def _check_graph() -> None:
             raise AssertionError(f"stage {spec.name!r} reads {unknown} which come later or do not exist")
         if spec.map_over is not None and (spec.map_over not in seen or _BY_NAME[spec.map_over].scope != "global"):
             raise AssertionError(f"stage {spec.name!r} maps over {spec.map_over!r}, which is not an earlier global stage")
+        if spec.scope == "bucket" and spec.units is None:
+            raise AssertionError(f"bucket stage {spec.name!r} commits no row groups: name its unit reader (units=)")
         seen.add(spec.name)
 
 
