@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO, TINY_CURATION, Timer, describe, ensure_sample, machine, median, run_json_child  # noqa: E402
+from _common import REPO, TINY_CURATION, Timer, add_smoke, apply_smoke, describe, ensure_sample, machine, median, run_json_child  # noqa: E402, E501
 
 
 def curation_params(args: argparse.Namespace, input_dir: str, output_root: str, run_key: str) -> dict:
@@ -79,7 +79,7 @@ def child_dag(params: dict) -> dict:
                 engine[key] = engine.get(key, 0.0) + time.perf_counter() - t0
         return wrapper
 
-    for name in ("run_index", "run_partition", "run_dedup", "run_report"):
+    for name in ("run_index", "run_partition", "run_centroids", "run_buckets", "run_report"):
         setattr(pipeline, name, timed(name, getattr(pipeline, name)))
     cluster.connect = timed("ray_connect", cluster.connect)  # Ray start, inside the first embed task
 
@@ -243,7 +243,7 @@ def child_ray(params: dict) -> dict:
     phases: dict[str, float] = {}
     t_all = time.perf_counter()
     with Timer() as t:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -314,14 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", choices=("dag", "ray"), help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
+    add_smoke(ap)
     args = ap.parse_args(argv)
+    apply_smoke(args, images=16, shards=2, buffer_size=8, max_partitions=1, batch_size=8, runs=1, workdir=None)
 
     if args.child:
         params = json.loads(args.params)
         result = child_dag(params) if args.child == "dag" else child_ray(params)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
-    if args.runs < 3:
+    if args.runs < 3 and not args.smoke:
         print("warning: fewer than 3 runs is a smoke test, not a measurement", file=sys.stderr)
 
     start_machine = machine()

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import requests
 
+from tests._procs import kill_until_gone
 from winnow.ray import cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,16 +158,7 @@ class LiveAirflow:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for _ in range(3):
-            left = self.marked_processes()
-            if not left:
-                break
-            for p in left:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(left, timeout=10)
+        kill_until_gone(self.marked_processes)
 
     def marked_processes(self) -> list[psutil.Process]:
         found = []

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from winnow.rowgroups.errors import WinnowError
+from winnow.exceptions import RayAuthError
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,12 @@ STATE_DIR_ENV = "WINNOW_RAY_DIR"
 HEAD_START_TIMEOUT_S = 120
 
 
-class RayAuthFailed(WinnowError):
-    """The cluster refused this process's Ray auth token (or wanted one it did not have)."""
-
-
 def connect(address: str | None = None, *, num_cpus: int | None = None, token: str | None = None) -> None:
     """Make sure this process is attached to Ray.
 
     ``address=None`` uses an embedded local Ray (see the module docstring); ``"auto"`` or
     ``"host:6379"`` (a GCS address) attach to that cluster, presenting ``token`` when given
-    (Ray's token auth). A refused token fails at once with :class:`RayAuthFailed` instead of
+    (Ray's token auth). A refused token fails at once with :class:`RayAuthError` instead of
     Ray's ~20 s of retries ending in a bare "Failed to connect".
     """
     import ray
@@ -84,7 +80,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, token: s
     else:
         cpus = num_cpus or os.cpu_count() or 1
         log.info("starting an embedded local Ray with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, **kwargs)
+        if not os.environ.get("RAY_AUTH_MODE"):
+            # Ray turns token auth on for a new local Ray and, with no token configured, writes
+            # ~/.ray/auth_token, which then turns auth on for the user's own later `ray start`.
+            # Ours is a token of winnow's own, in its state dir.
+            os.environ.update(_auth_env(state_dir()))
+            _reload_auth()
+        # "local": always a Ray of this process's own. Without it ray.init() attaches to the
+        # latest cluster `ray start` left on this machine (a user's own head) and then refuses
+        # num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
+        ray.init(address="local", num_cpus=cpus, **kwargs)
     _quiet_ray_data()
 
 
@@ -105,7 +110,7 @@ def check_auth(address: str) -> None:
     try:
         GcsClient(address=address)
     except AuthenticationError as exc:
-        raise RayAuthFailed(
+        raise RayAuthError(
             f"the Ray cluster at {redact(address)} refused this process's auth token "
             f"({'none was given' if not os.environ.get('RAY_AUTH_TOKEN') else 'wrong token'}): give the "
             "cluster's token (`ray get-auth-token` on its head)"
@@ -168,6 +173,7 @@ def _locked(folder: Path):
 def _auth_env(folder: Path) -> dict[str, str]:
     """Ray's token auth for the shared head: a token only this user can read."""
     token = folder / "auth_token"
+    folder.mkdir(parents=True, exist_ok=True)
     if not token.exists():
         import secrets
 
@@ -230,19 +236,22 @@ IDLE_WORKER_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
 def start_head(
     temp_dir: str, log_path: Path, *, num_cpus: int | None = None, env: dict[str, str] | None = None,
     dashboard: bool = False, extra_args: tuple[str, ...] = (), timeout_s: float = HEAD_START_TIMEOUT_S,
+    base_env: dict[str, str] | None = None,
 ) -> LocalHead:
     """Start a local Ray head on free loopback ports and wait until it answers.
 
     ``dashboard=True`` also serves the dashboard and its job server (the Ray Jobs API, what job
     mode submits to) on a free port. Token auth is on when ``env`` says so (``RAY_AUTH_MODE=token``
     with ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``). Stop it with :func:`stop_head`, never
-    ``ray stop`` (that ends every Ray on the machine).
+    ``ray stop`` (that ends every Ray on the machine). ``base_env`` replaces this process's
+    environment as the one ``env`` is added to (tests build the whole env); ``num_cpus=0`` is a
+    head no work lands on.
     """
     port = free_port()
     dash_port = free_port() if dashboard else None
     cmd = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
-        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus if num_cpus is not None else (os.cpu_count() or 1)}",
         "--disable-usage-stats", f"--temp-dir={temp_dir}",
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
     ]
@@ -255,7 +264,7 @@ def start_head(
     # With ray[default] the raylet waits for its dashboard agent and aborts after Ray's default
     # timeout; on a loaded machine the agent takes longer than that to come up.
     full_env = {"RAY_raylet_start_wait_time_s": "300", "RAY_agent_register_timeout_ms": "300000",
-                **IDLE_WORKER_ENV, **os.environ, **(env or {})}
+                **IDLE_WORKER_ENV, **(os.environ if base_env is None else base_env), **(env or {})}
     offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)

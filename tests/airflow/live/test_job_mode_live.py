@@ -6,9 +6,12 @@ One run carries the module, in order: embed of partition 0 fails one row group o
 (test-only fault hook, in the job's Ray workers) so the task fails naming it; a REST clear
 (only_failed) runs one new job computing exactly that row group; clearing the task again while
 that job runs attaches to it; the triggerer is SIGKILLed mid-job and a new one started, and no
-log line of the job is lost. Tasks are ``deferred`` while their jobs run. Once that embed task
-has succeeded, the run is marked failed (its other stages are not what this module checks; the
-``dag.test`` module runs job mode to the end). Slow: minutes.
+log line of the job is lost. Tasks are ``deferred`` while their jobs run. What must happen while a
+job runs is made certain, not hoped for: the job's row group waits at a barrier (the fault
+hook's ``release`` file) that the test creates only after it has done and seen what it must do
+while the job runs. Once that embed task has succeeded, the run is marked failed (its other
+stages are not what this module checks; the ``dag.test`` module runs job mode to the end).
+Slow: minutes.
 """
 
 from __future__ import annotations
@@ -87,20 +90,37 @@ def _embed_jobs(live) -> list[dict]:
     return sorted(jobs, key=lambda j: int(j["submission_id"].rsplit("-g", 1)[1]))
 
 
+def _held_job(live, run_id: str, before: set[str] = frozenset()):
+    """Waits until the embed task is deferred on a new job that is running (held at the barrier);
+    fails at once if that job or the run ends first (the barrier did not hold)."""
+    af = live["af"]
+
+    def check():
+        jobs = [j for j in _embed_jobs(live) if j["submission_id"] not in before]
+        ended = [j for j in jobs if j["status"] not in ("PENDING", "RUNNING")]
+        if ended or af.run_state(run_id) in ("success", "failed"):
+            raise LiveAirflowError(f"a job ended before the test released its barrier: {ended}\n{af.log_tail()}")
+        state = af.task_states(run_id).get(EMBED, (None, 0))
+        return state[0] == "deferred" and [j for j in jobs if j["status"] == "RUNNING"] and (state, jobs[-1])
+
+    return _wait("the embed task deferred on its running job", check, af)
+
+
 @pytest.fixture(scope="module")
 def faulted(live):
-    """Embed's second row group fails on every try (1 + the DAG's 2 retries): the run fails."""
+    """Embed's second row group fails on every try (1 + the DAG's 2 retries): the run fails. The
+    first try's job holds at a barrier until the test has seen the task deferred on it."""
     af = live["af"]
+    release = live["root"] / "release-faulted"
     live["fault_file"].write_text(json.dumps({"stage": "embed", "row_groups": [live["faulty_rg"]], "times": 3,
-                                              "once_dir": str(live["root"] / "once")}))
+                                              "once_dir": str(live["root"] / "once"), "release": str(release)}))
     run_id = af.trigger(live["conf"], run_id="jobs")
-    seen_deferred = False
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while (state := af.run_state(run_id)) not in ("success", "failed"):
-        seen_deferred = seen_deferred or af.task_states(run_id).get(EMBED, (None,))[0] == "deferred"
-        if time.monotonic() > deadline:
-            raise LiveAirflowError(f"run {run_id} still {state}\n{af.log_tail()}")
-        time.sleep(1)
+    try:
+        (state_seen, _job) = _held_job(live, run_id)  # raises if the task never defers on its job
+        seen_deferred = state_seen[0] == "deferred"
+    finally:
+        release.touch()
+    state = af.wait_run(run_id, timeout=RUN_TIMEOUT)
     live["fault_file"].unlink()
     return {"run_id": run_id, "state": state, "states": af.task_states(run_id), "deferred": seen_deferred,
             "embed0": af.xcom(run_id, *EMBED), "jobs": _embed_jobs(live)}
@@ -132,15 +152,23 @@ def _triggerer_processes(af: LiveAirflow) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def cleared(live, faulted):
-    """REST clear only_failed; while the new job runs: clear the task again, then SIGKILL the
-    triggerer and start another."""
+    """REST clear only_failed; while the new job runs (held at a barrier until the triggerer is
+    dead): clear the task again, then SIGKILL the triggerer and start another."""
+    release = live["root"] / "release-cleared"
+    # The new job's row group waits before its commit until the test has killed the triggerer.
+    live["fault_file"].write_text(json.dumps({"stage": "embed", "row_groups": [live["faulty_rg"]], "mode": "hold",
+                                              "release": str(release)}))
+    try:
+        return _cleared(live, faulted, release)
+    finally:
+        release.touch()
+        live["fault_file"].unlink(missing_ok=True)
+
+
+def _cleared(live, faulted, release: Path) -> dict:
     af, run_id = live["af"], faulted["run_id"]
     af.clear({"dry_run": False, "only_failed": True, "dag_run_id": run_id})
-    running = _wait("the cleared embed task deferred on a running job",
-                    lambda: (af.task_states(run_id)[EMBED][0] == "deferred"
-                             and [j for j in _embed_jobs(live) if j["status"] in ("PENDING", "RUNNING")]), af)
-    job = running[-1]
-    try_before = af.task_states(run_id)[EMBED][1]
+    (_, try_before), job = _held_job(live, run_id, before={j["submission_id"] for j in faulted["jobs"]})
     # A person clears the task while its job runs: the next try must attach, not submit.
     af.clear({"dry_run": False, "only_failed": False, "dag_run_id": run_id, "task_ids": [list(EMBED)],
               "include_downstream": False, "include_upstream": False})
@@ -157,6 +185,7 @@ def cleared(live, faulted):
         p.send_signal(signal.SIGKILL)
     psutil.wait_procs(killed, timeout=10)
     job_status_at_kill = [j for j in _embed_jobs(live) if j["submission_id"] == job["submission_id"]][0]["status"]
+    release.touch()  # only now may the job commit its row group and end
     log = open(live["root"] / "triggerer2.log", "ab")
     subprocess.Popen([AIRFLOW_BIN, "triggerer"], env=af.env, stdout=log, stderr=subprocess.STDOUT,
                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(af.home))
