@@ -26,6 +26,10 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {"integration-name": "winnow", "python-modules": ["operators.hooks"]},
         ],
+        "triggers": [
+            {"integration-name": "winnow", "python-modules": ["operators.triggers"]},
+        ],
+        "extra-links": ["operators.links.CurationViewLink", "operators.ray_links.RayJobLink"],
         "integrations": [
             {"integration-name": "winnow", "external-doc-url": "https://docs.ray.io/en/latest/data/"},
         ],

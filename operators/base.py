@@ -6,26 +6,29 @@ file that uses these operators parses without loading torch, Ray or storage clie
 
 from __future__ import annotations
 
-import hashlib
+import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
-from operators.hooks import ACTIVE_STATES, RayAuthError, RayHook
+from operators.exceptions import RayJobError, RowGroupsFailedError
+from operators.hooks import RayHook
+from operators.jobs import JobTarget, RayJobRunner
 from operators.links import CurationViewLink
 from operators.progress import PartitionProgress
 from operators.ray_links import RayJobLink
+from operators.storage import use_storage_connection
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from winnow.pipeline import CurationConfig
+    from winnow.ray.results import PartitionSummary
 
 
 #: Labels a mapped instance with its row-group range, e.g. "p3: row groups 12-15" (the operator
@@ -33,8 +36,10 @@ if TYPE_CHECKING:
 PARTITION_LABEL = "{{ partition_label | default('p' ~ ti.map_index) }}"
 
 
-class RowGroupsFailed(AirflowException):
-    """Some row groups of a partition failed; the others are committed and a retry does the rest."""
+#: The DAG params the operators handle themselves, not run parameters of the engine's
+#: ``CurationConfig``: accepted in params and run conf, left out of the config. Any other key
+#: that is not a config field fails the task that reads it (the index first) naming it.
+AIRFLOW_PARAMS = frozenset({"ray_conn_id", "storage_conn_id"})
 
 
 def default_run_key(context: Mapping[str, Any]) -> str:
@@ -50,8 +55,7 @@ def default_run_key(context: Mapping[str, Any]) -> str:
 @contextmanager
 def engine_errors() -> Iterator[None]:
     """Config errors fail the task at once (no retry would fix them); the rest may retry."""
-    from winnow.pipeline import ConfigError
-    from winnow.rowgroups.errors import StageConfigMismatch
+    from winnow.exceptions import ConfigError, StageConfigMismatch
 
     try:
         yield
@@ -59,46 +63,25 @@ def engine_errors() -> Iterator[None]:
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
-def use_storage_connection(conn_id: str | None, log) -> None:
-    """Object-store settings for this task's engine calls and its Ray workers: the Airflow
-    connection ``conn_id`` (type ``aws``: login = access key id, password = secret access key,
-    extras ``endpoint_url`` and ``region_name``), or with none the AWS_* environment variables.
-    The settings never enter the run's config, so no fingerprint, summary or XCom holds them."""
-    from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowNotFoundException
+def step_fingerprint(cfg: CurationConfig, stage: str) -> str:
+    """The digest in a stage's ``_stage.json`` (the index task wrote it); ``"unset"`` before."""
+    from winnow.rowgroups import CommitStore
 
-    from winnow.rowgroups.fs import StorageOptions, use_storage
-
-    if not conn_id:
-        use_storage(None)
-        return
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except AirflowNotFoundException as exc:
-        raise AirflowFailException(
-            f"storage_conn_id {conn_id!r}: no such Airflow connection. Create a connection of type "
-            "'aws' (login: access key id, password: secret access key, extra endpoint_url and "
-            "region_name), or leave storage_conn_id empty to use the AWS_* environment variables."
-        ) from exc
-    extra = conn.extra_dejson or {}
-    options = StorageOptions(
-        endpoint_url=extra.get("endpoint_url") or None,
-        region=extra.get("region_name") or None,
-        access_key_id=conn.login or extra.get("aws_access_key_id") or None,
-        secret_access_key=conn.password or extra.get("aws_secret_access_key") or None,
-        session_token=extra.get("aws_session_token") or None,
-        source=f"the Airflow connection {conn_id!r} (storage_conn_id)",
-    )
-    use_storage(options)
-    log.info("object storage: connection %r, endpoint %s", conn_id, options.endpoint)
+    return (CommitStore(cfg.run_root).read_fingerprint(stage) or {}).get("digest", "unset")
 
 
 class CurationOperator(BaseOperator):
-    """Base of every curation operator: builds the run's ``CurationConfig``.
+    """Base of every curation operator: builds the run's ``CurationConfig`` and says where its
+    work runs.
 
     The config is the DAG run's params (typed and checked by their JSON schema), overlaid with
     ``stage_config``, then with the explicit fields below when they are not empty. An empty run
     key resolves to the logical date (``YYYYMMDD``) or, for a run without one, the run id.
+
+    Where the work runs is the ``ray`` connection's: an embedded local Ray (no connection), the
+    cluster this process attaches to (driver mode), or one Ray Job per step on a remote cluster
+    (job mode: the task submits, defers to :class:`~operators.triggers.RayJobTrigger` and reads
+    the job's summary from storage; see :mod:`operators.jobs`).
 
     :param input_uri: WebDataset shards (folder, glob or URI); may hold a template such as
         ``s3://bucket/shards/{{ ds }}/``, rendered even when it comes from a param.
@@ -107,21 +90,39 @@ class CurationOperator(BaseOperator):
     :param stage_config: other ``CurationConfig`` fields for this task (templated).
     :param ray_conn_id: Airflow connection of type ``ray``; falls back to the ``ray_conn_id``
         param, then ``ray_default``; no such connection means an embedded local Ray.
+    :param worker_cpus: CPUs of one model worker (over the connection's extra ``worker_cpus``);
+        default: winnow's policy (see the README's cluster section). Never more than one node has.
+    :param worker_gpus: GPUs of one model worker (over the connection's extra ``worker_gpus``);
+        default 1 where the cluster has GPUs.
+    :param poll_interval: job mode: seconds between job status polls (default: the
+        connection's extra ``poll_interval``, else 5).
+    :param job_timeout: job mode: seconds the task may wait for its job before it fails (the
+        job keeps running; a retry reattaches). ``None`` (default): no limit.
+    :param cancel_on_kill: job mode: stop the Ray job when a person marks the task failed or
+        clears it while it runs. Default ``False``: keep the job, the next try reattaches.
+    :param runtime_env: job mode: Ray runtime env of the job (``working_dir``, ``py_modules``,
+        ``image_uri``, ``env_vars``...), over the connection's extra ``runtime_env``.
+    :param entrypoint_num_cpus: job mode: CPUs Ray reserves for the job's driver process.
     """
 
-    template_fields = ("input_uri", "output_root", "run_key", "stage_config", "ray_conn_id")
+    template_fields = ("input_uri", "output_root", "run_key", "stage_config", "ray_conn_id", "runtime_env")
     template_fields_renderers = {"stage_config": "json"}
     ui_color = "#e8f4e8"
+    operator_extra_links = (CurationViewLink(), RayJobLink())
 
     def __init__(self, *, input_uri: str | None = None, output_root: str | None = None,
                  run_key: str | None = None, stage_config: dict[str, Any] | None = None,
-                 ray_conn_id: str | None = None, **kwargs: Any) -> None:
+                 ray_conn_id: str | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
+                 poll_interval: float | None = None, job_timeout: float | None = None,
+                 cancel_on_kill: bool = False, runtime_env: dict[str, Any] | None = None,
+                 entrypoint_num_cpus: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.input_uri = input_uri
-        self.output_root = output_root
-        self.run_key = run_key
-        self.stage_config = stage_config
-        self.ray_conn_id = ray_conn_id
+        self.input_uri, self.output_root, self.run_key = input_uri, output_root, run_key
+        self.stage_config, self.ray_conn_id = stage_config, ray_conn_id
+        self.worker_cpus, self.worker_gpus = worker_cpus, worker_gpus
+        # job mode
+        self.poll_interval, self.job_timeout, self.cancel_on_kill = poll_interval, job_timeout, cancel_on_kill
+        self.runtime_env, self.entrypoint_num_cpus = runtime_env, entrypoint_num_cpus
 
     def curation_config(self, context: Context) -> CurationConfig:
         from winnow.pipeline import CurationConfig
@@ -136,10 +137,14 @@ class CurationOperator(BaseOperator):
             merged["run_key"] = default_run_key(context)
         # Full validation (it lists the input) runs once, in the index task.
         with engine_errors():
-            cfg = CurationConfig.from_params(merged)
+            cfg = CurationConfig.from_params(merged, also_accepted=AIRFLOW_PARAMS)
         self.log.info("run root %s", cfg.run_root)
         use_storage_connection(merged.get("storage_conn_id"), self.log)
         return cfg
+
+    def storage_conn_id(self, context: Context) -> str | None:
+        """The run's ``storage_conn_id`` (this task's ``stage_config``, else the run's params)."""
+        return (self.stage_config or {}).get("storage_conn_id") or (context.get("params") or {}).get("storage_conn_id") or None
 
     @staticmethod
     def lease_owner(context: Context) -> str:
@@ -148,29 +153,42 @@ class CurationOperator(BaseOperator):
 
     def ray_hook(self, context: Context) -> RayHook:
         """The ``ray`` connection of this task (its own, the ``ray_conn_id`` param, or the default)."""
-        conn_id = self.ray_conn_id or (context.get("params") or {}).get("ray_conn_id")
-        hook = RayHook(ray_conn_id=conn_id or RayHook.default_conn_name)
+        conn_id = self.ray_conn_id or (context.get("params") or {}).get("ray_conn_id") or RayHook.default_conn_name
+        cached = getattr(self, "_ray_hook", None)
+        if cached is not None and cached.ray_conn_id == conn_id:
+            return cached  # one lookup and one log line per try
+        hook = RayHook(ray_conn_id=conn_id)
         try:
             self.log.info("Ray: %s", hook.describe())
         except ValueError as exc:  # a malformed connection: no retry fixes it
             raise AirflowFailException(str(exc)) from exc
+        self._ray_hook = hook
         return hook
 
-    def global_step_target(self, context: Context) -> dict[str, Any]:
-        """Where a global step (index, centroids, a pairwise bucket) runs: on the connection's
-        cluster in driver mode or on an embedded Ray. In job mode such a step runs in this task
-        process (``backend="local"``, one unit at a time): only the per-partition stages are
-        submitted as Ray Jobs so far."""
-        hook = self.ray_hook(context)
-        resolved = hook.resolve()
-        if resolved is not None and resolved.mode == "job":
-            self.log.info("connection %r is in job mode: this global step runs in the task process", hook.ray_conn_id)
-            return {"ray_address": None, "backend": "local"}
-        return {"ray_address": self.ray_address(context), "backend": "ray"}
+    def worker_resources(self, context: Context) -> tuple[float | None, float | None]:
+        """(CPUs, GPUs) of one model worker: this task's arguments over the connection's extras."""
+        resolved = self.ray_hook(context).resolve()
+        cpus = self.worker_cpus if self.worker_cpus is not None else (resolved.worker_cpus if resolved else None)
+        gpus = self.worker_gpus if self.worker_gpus is not None else (resolved.worker_gpus if resolved else None)
+        return cpus, gpus
+
+    def engine_target(self, context: Context) -> dict[str, Any]:
+        """Where this process drives the engine (driver mode or an embedded Ray): the keyword
+        arguments of the engine's ``run_*`` calls. ``compute`` is chosen here, by the caller: a
+        Ray this process started for itself runs model stages as tasks that keep their model
+        across partitions; a Ray other drivers share gets one model actor per partition."""
+        from winnow.ray.cluster import EMBEDDED_ENV
+
+        address = self.ray_address(context)
+        shared = address is not None or os.environ.get(EMBEDDED_ENV, "process") == "shared"
+        cpus, gpus = self.worker_resources(context)
+        return {"ray_address": address, "backend": "ray", "compute": "actors" if shared else "tasks",
+                "worker_cpus": cpus, "worker_gpus": gpus}
 
     def ray_address(self, context: Context) -> str | None:
         """Attach this process to the connection's cluster (driver mode); its GCS address."""
-        from winnow.ray.cluster import RayAuthFailed, connect
+        from winnow.exceptions import RayAuthError  # the engine's: connect() refused the token
+        from winnow.ray.cluster import connect
 
         hook = self.ray_hook(context)
         address = hook.get_address()
@@ -178,9 +196,53 @@ class CurationOperator(BaseOperator):
         if address is not None:
             try:
                 connect(address, token=resolved.token if resolved else None)
-            except RayAuthFailed as exc:
+            except RayAuthError as exc:
                 raise AirflowFailException(f"connection {hook.ray_conn_id!r}: {exc}") from exc
         return address
+
+    # ---- job mode: one Ray Job per step (operators.jobs) ----------------------------------
+    def run_step(self, context: Context, target: JobTarget, in_process) -> Any:
+        """Run this task's step: as a Ray Job in job mode (this try defers), else ``in_process``
+        (a callable taking :meth:`engine_target`'s keyword arguments) returning the result."""
+        hook = self.ray_hook(context)
+        if hook.mode == "job":
+            return RayJobRunner(self, hook).run(context, target)
+        RayJobLink.persist(context, "")  # no Ray Job in this mode: the link is empty, not missing
+        with engine_errors():
+            return in_process(**self.engine_target(context))
+
+    def job_target(self, context: Context) -> JobTarget:
+        """This task's step as a Ray Job target (job mode's ``execute_complete`` rebuilds it)."""
+        raise NotImplementedError
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """Job mode: the trigger saw the job end; storage says what it did."""
+        return RayJobRunner(self, self.ray_hook(context)).complete(context, self.job_target(context), event)
+
+    def job_shortcut(self, context: Context, target: JobTarget, status: str | None, submission_id: str | None) -> Any:
+        """Job mode, before submitting: the result when storage says no job is needed, else None."""
+        return None
+
+    def job_result(self, context: Context, target: JobTarget, status: str, summary: dict[str, Any] | None,
+                   reason: str) -> Any:
+        """Job mode, after the job ended: the task's result from the job's summary; a job that did
+        not succeed fails the try with the job's own error (a retry submits the next generation)."""
+        if status != "SUCCEEDED" or summary is None:
+            raise RayJobError(f"{target.stage} ({target.label}): {reason.rstrip('.')}. A retry submits a new Ray job; "
+                              "committed work is kept.")
+        return self.step_result(context, {k: v for k, v in summary.items() if k != "errors"})
+
+    def step_result(self, context: Context, summary: dict[str, Any]) -> Any:
+        """The task's return value from its step's summary (the same in every mode)."""
+        return summary
+
+    def on_kill(self) -> None:
+        """Killed while submitting (the deferred case is the trigger's ``on_kill``)."""
+        job = getattr(self, "_submitted", None)
+        if job and self.cancel_on_kill:
+            hook, submission_id = job
+            hook.stop_job(submission_id)
+            self.log.info("asked Ray to stop job %s (cancel_on_kill)", submission_id)
 
 
 class RowGroupStageOperator(CurationOperator):
@@ -189,39 +251,22 @@ class RowGroupStageOperator(CurationOperator):
     Progress (row groups committed and failed) is kept in the task state store of this map
     index, scoped by the stage fingerprint and reconciled with storage on start. The XCom is
     the small partition summary. When row groups fail, the others still commit and the task
-    raises :class:`RowGroupsFailed` naming them, so its retry computes only those.
+    raises :class:`~operators.exceptions.RowGroupsFailedError` naming them, so its retry computes only those.
 
     With a job-mode ``ray`` connection the partition runs as one Ray Job (``python -m
-    winnow.ray.job``) and the task defers while it runs (see :class:`RayJobRunner`); otherwise
-    this process drives Ray itself.
+    winnow.ray.job``) and the task defers while it runs; otherwise this process drives Ray
+    itself. Takes the :class:`CurationOperator` arguments.
 
     :param partition: the partition index (mapped: one task instance per partition).
-    :param poll_interval: job mode: seconds between job status polls (default: the
-        connection's extra ``poll_interval``, else 5).
-    :param job_timeout: job mode: seconds the task may wait for its job before it fails (the
-        job keeps running; a retry reattaches). ``None`` (default): no limit.
-    :param cancel_on_kill: job mode: stop the Ray job when a person marks the task failed or
-        clears it while it runs. Default ``False``: keep the job, the next try reattaches.
-    :param runtime_env: job mode: Ray runtime env of the job (``working_dir``, ``py_modules``,
-        ``image_uri``, ``env_vars``...), over the connection's extra ``runtime_env``.
-    :param entrypoint_num_cpus: job mode: CPUs Ray reserves for the job's driver process.
     """
 
     stage: ClassVar[str]
-    template_fields = (*CurationOperator.template_fields, "partition", "runtime_env")
-    operator_extra_links = (CurationViewLink(), RayJobLink())
+    template_fields = (*CurationOperator.template_fields, "partition")
 
-    def __init__(self, *, partition: int, poll_interval: float | None = None, job_timeout: float | None = None,
-                 cancel_on_kill: bool = False, runtime_env: dict[str, Any] | None = None,
-                 entrypoint_num_cpus: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, partition: int, **kwargs: Any) -> None:
         kwargs.setdefault("map_index_template", PARTITION_LABEL)
         super().__init__(**kwargs)
         self.partition = partition
-        self.poll_interval = poll_interval
-        self.job_timeout = job_timeout
-        self.cancel_on_kill = cancel_on_kill
-        self.runtime_env = runtime_env
-        self.entrypoint_num_cpus = entrypoint_num_cpus
 
     def _partition_run(self, context: Context) -> PartitionRun:
         from winnow import pipeline
@@ -238,59 +283,98 @@ class RowGroupStageOperator(CurationOperator):
             )
         context["partition_label"] = plan.describe_partition(partition)  # map_index_template
         store = CommitStore(cfg.run_root)
-        fingerprint = (store.read_fingerprint(self.stage) or {}).get("digest", "unset")
+        fingerprint = step_fingerprint(cfg, self.stage)
         progress = PartitionProgress(context.get("task_state_store"), self.stage, fingerprint, self.log)
         return PartitionRun(cfg=cfg, plan=plan, partition=partition, store=store, fingerprint=fingerprint,
                             progress=progress, row_groups=len(plan.partition_row_groups(partition)),
                             try_number=getattr(context.get("ti"), "try_number", None),
                             label=context["partition_label"])
 
+    def job_target(self, context: Context) -> JobTarget:
+        run = self._partition_run(context)
+        return JobTarget(stage=self.stage, cfg=run.cfg, fingerprint=run.fingerprint, label=run.label,
+                         try_number=run.try_number, partition=run.partition, state=run)
+
     def execute(self, context: Context) -> dict[str, Any]:
         from winnow import pipeline
 
-        run = self._partition_run(context)
+        target = self.job_target(context)
+        run: PartitionRun = target.state
         run.progress.reconcile(len(run.store.completed(self.stage, run.partition)), run.row_groups,
                                try_number=run.try_number)
-        hook = self.ray_hook(context)
-        if hook.mode == "job":
-            return RayJobRunner(self, hook).run(context, run)
-        RayJobLink.persist(context, "")  # no Ray Job in this mode: the link is empty, not missing
-        address = self.ray_address(context)
-        with engine_errors():
-            summary = pipeline.run_partition(run.cfg, self.stage, run.partition, ray_address=address,
-                                             owner=self.lease_owner(context), log=self.log.info)
-        return self.finish(context, run, summary.to_dict(), summary.failed)
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Job mode: the trigger saw the job end; storage says what it committed."""
-        run = self._partition_run(context)
-        hook = self.ray_hook(context)
-        return RayJobRunner(self, hook).complete(context, run, event)
+        def in_process(**where: Any) -> dict[str, Any]:
+            summary = pipeline.run_partition(run.cfg, self.stage, run.partition, owner=self.lease_owner(context),
+                                             log=self.log.info, **where)
+            return self.finish(context, run, summary)
 
-    def finish(self, context: Context, run: PartitionRun, result: dict[str, Any], failed: dict[int, str]) -> dict[str, Any]:
-        """Record the outcome; raise :class:`RowGroupsFailed` naming failed row groups."""
+        return self.run_step(context, target, in_process)
+
+    def job_shortcut(self, context: Context, target: JobTarget, status: str | None, submission_id: str | None) -> Any:
+        from winnow.ray.job import read_summary
+
+        run: PartitionRun = target.state
+        missing = run.store.missing(self.stage, run.plan, run.partition)
+        if missing:
+            return None
+        if status == "SUCCEEDED":
+            self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
+            return self.job_result(context, target, status, read_summary(target.summary_uri(submission_id)), "")
+        previous = read_summary(target.summary_uri(submission_id)) if submission_id else None
+        if previous is None:
+            # Run by the job of an earlier stage of this partition (winnow.ray.job --chain).
+            from winnow.ray.job import chained_summary_uri
+
+            previous = read_summary(chained_summary_uri(run.cfg.run_root, self.stage, run.partition, run.fingerprint))
+            if previous is not None:
+                self.log.info("every row group of %s was committed by the Ray job of an earlier stage of this "
+                              "partition: no Ray job needed", run.label)
+        else:
+            self.log.info("every row group of %s is committed: no Ray job needed", run.label)
+        RayJobLink.persist(context, "")
+        return self.finish(context, run, self._skipped_summary(run, previous))
+
+    def job_result(self, context: Context, target: JobTarget, status: str, summary: dict[str, Any] | None,
+                   reason: str) -> dict[str, Any]:
+        """Reconcile the ended job with storage: storage says what is committed."""
+        run: PartitionRun = target.state
+        missing = run.store.missing(self.stage, run.plan, run.partition)
+        self.log.info("storage: %d of %d row groups of %s committed", run.row_groups - len(missing),
+                      run.row_groups, run.label)
+        from winnow.ray.results import PartitionSummary
+
+        errors = (summary or {}).get("errors") or {}
+        reason = f"not committed: {reason}"
+        result = PartitionSummary.from_dict(summary) if summary else PartitionSummary(
+            stage=self.stage, partition=run.partition, row_groups=run.row_groups,
+            skipped=run.row_groups - len(missing))
+        result.failed = {rg: errors.get(str(rg), reason) for rg in missing}  # storage wins
+        return self.finish(context, run, result)
+
+    def finish(self, context: Context, run: PartitionRun, summary: PartitionSummary) -> dict[str, Any]:
+        """Record the outcome; return the summary's XCom, or raise
+        :class:`~operators.exceptions.RowGroupsFailedError` naming the failed row groups."""
+        from winnow import exceptions as engine
+
         committed = len(run.store.completed(self.stage, run.partition))
-        run.progress.save(committed=committed, row_groups=run.row_groups, failed=failed,
-                          state="failed" if failed else "done", try_number=run.try_number)
+        run.progress.save(committed=committed, row_groups=run.row_groups, failed=summary.failed,
+                          state="failed" if summary.failed else "done", try_number=run.try_number)
+        result = summary.to_dict()
         self.log.info("%s %s: %s", self.stage, run.label, result)
-        if failed:
+        if summary.failed:
             context["ti"].xcom_push(key="return_value", value=result)
-            first = min(failed)
-            raise RowGroupsFailed(
-                f"stage {self.stage!r}, {run.label}: {len(failed)} of "
-                f"{run.row_groups} row groups failed: {sorted(failed)[:20]}; first error "
-                f"(row group {first}): {failed[first]}. The other row groups are "
-                "committed; a retry or a cleared task computes only the failed ones."
-            )
+            cause = engine.RowGroupsFailedError([summary])
+            raise RowGroupsFailedError(str(cause)) from cause
         return result
 
-    def on_kill(self) -> None:
-        """Killed while submitting (the deferred case is the trigger's ``on_kill``)."""
-        job = getattr(self, "_submitted", None)
-        if job and self.cancel_on_kill:
-            hook, submission_id = job
-            hook.stop_job(submission_id)
-            self.log.info("asked Ray to stop job %s (cancel_on_kill)", submission_id)
+    def _skipped_summary(self, run: PartitionRun, previous: dict[str, Any] | None) -> PartitionSummary:
+        """The summary of a partition with nothing left to do: the job's that did it, else all skipped."""
+        from winnow.ray.results import PartitionSummary
+
+        if previous and not previous.get("failed"):
+            return PartitionSummary.from_dict(previous)
+        return PartitionSummary(stage=self.stage, partition=run.partition, row_groups=run.row_groups,
+                                skipped=run.row_groups)
 
 
 @dataclass
@@ -306,180 +390,3 @@ class PartitionRun:
     row_groups: int
     try_number: int | None
     label: str
-
-
-class RayJobRunner:
-    """Job mode for a per-partition task: find or submit its Ray Job, defer, then reconcile.
-
-    Submission ids are deterministic: ``winnow-<digest of dag, run, task, map index, stage
-    fingerprint>-g<generation>``. The id about to be submitted is saved in the task state store
-    first; a later try (retry, clear) reads it back, or, with an emptied store, probes
-    generations 0, 1, ... on the cluster. A job still PENDING/RUNNING is reattached (never a
-    second one); a SUCCEEDED one goes to completion; after a FAILED/STOPPED one, the next
-    generation is submitted (the previous has ended, so two never run at once). The job skips
-    committed row groups, so a new generation computes only what is missing.
-
-    :param operator: the task's operator (its stage, knobs and log).
-    :param hook: the task's job-mode :class:`RayHook`.
-    """
-
-    STATE_KEY = "winnow.ray_job.{stage}"
-
-    def __init__(self, operator: RowGroupStageOperator, hook: RayHook) -> None:
-        self.op = operator
-        self.hook = hook
-        self.log = operator.log
-
-    # ---- ids ---------------------------------------------------------------------------
-    def base_id(self, context: Context, run: PartitionRun) -> str:
-        ti = context["ti"]
-        key = "|".join(str(x) for x in (context["dag"].dag_id, context["run_id"], ti.task_id,
-                                         getattr(ti, "map_index", -1), self.op.stage, run.fingerprint))
-        return f"winnow-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
-
-    @staticmethod
-    def submission_id(base: str, generation: int) -> str:
-        return f"{base}-g{generation}"
-
-    def _recorded(self, context: Context, base: str) -> dict[str, Any] | None:
-        state_store = context.get("task_state_store")
-        record = state_store.get(self.STATE_KEY.format(stage=self.op.stage)) if state_store is not None else None
-        if isinstance(record, dict) and record.get("base") == base:
-            return record
-        return None
-
-    def _record(self, context: Context, base: str, generation: int, run: PartitionRun) -> None:
-        state_store = context.get("task_state_store")
-        if state_store is not None:
-            state_store.set(self.STATE_KEY.format(stage=self.op.stage), {
-                "base": base, "generation": generation, "submission_id": self.submission_id(base, generation),
-                "fingerprint": run.fingerprint, "dashboard": self.hook.job_url(self.submission_id(base, generation)),
-            })
-
-    def current(self, context: Context, base: str) -> tuple[int, dict[str, Any] | None]:
-        """The newest generation on the cluster (from the state store, then probing)."""
-        record = self._recorded(context, base)
-        generation = int(record["generation"]) if record else 0
-        job = self.hook.get_job(self.submission_id(base, generation))
-        while (newer := self.hook.get_job(self.submission_id(base, generation + 1))) is not None:
-            generation, job = generation + 1, newer
-        return generation, job
-
-    # ---- the try -----------------------------------------------------------------------
-    def run(self, context: Context, run: PartitionRun) -> dict[str, Any]:
-        # Imported here: the trigger module loads Airflow's trigger machinery, which a DAG
-        # file parse does not need.
-        from operators.triggers import RayJobTrigger
-        from winnow.ray.job import read_summary, summary_uri
-
-        base = self.base_id(context, run)
-        try:
-            generation, job = self.current(context, base)
-        except RayAuthError as exc:
-            raise AirflowFailException(str(exc)) from exc
-        submission_id = self.submission_id(base, generation)
-        status = job["status"] if job else None
-        if status in ACTIVE_STATES:
-            self.log.info("Ray job %s is %s: attaching to it (no new job)", submission_id, status)
-            self._record(context, base, generation, run)
-        else:
-            missing = run.store.missing(self.op.stage, run.plan, run.partition)
-            if status == "SUCCEEDED" and not missing:
-                self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
-                return self.complete(context, run, {"status": status, "submission_id": submission_id,
-                                                    "message": job.get("message") or ""})
-            if not missing:
-                self.log.info("every row group of %s is committed: no Ray job needed", run.label)
-                previous = read_summary(summary_uri(run.cfg.run_root, self.op.stage, run.partition, submission_id)) if job else None
-                return self.op.finish(context, run, self._skipped_summary(run, previous), {})
-            if job is not None:
-                # Only an ended job gets a successor: two generations never run at once.
-                self.log.info("Ray job %s ended %s: submitting generation %d for the %d uncommitted row groups",
-                              submission_id, status, generation + 1, len(missing))
-                generation += 1
-                submission_id = self.submission_id(base, generation)
-            self._submit(context, run, base, generation)
-        RayJobLink.persist(context, self.hook.job_url(submission_id))
-        self.op.defer(
-            trigger=RayJobTrigger(
-                conn_id=self.hook.ray_conn_id, submission_id=submission_id,
-                poll_interval=self.op.poll_interval or self.hook.resolve().poll_interval,
-                checkpoint_uri=summary_uri(run.cfg.run_root, self.op.stage, run.partition, submission_id)
-                .replace(".json", f".try{run.try_number or 0}.log.json"),
-                cancel_on_kill=self.op.cancel_on_kill,
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=self.op.job_timeout) if self.op.job_timeout else None,
-        )
-
-    def _submit(self, context: Context, run: PartitionRun, base: str, generation: int) -> None:
-        from winnow.ray.job import entrypoint, summary_uri
-
-        submission_id = self.submission_id(base, generation)
-        resolved = self.hook.resolve()
-        assert resolved is not None
-        runtime_env = _merge_runtime_env(resolved.runtime_env, self.op.runtime_env)
-        ti = context["ti"]
-        metadata = {
-            "airflow_dag_id": context["dag"].dag_id, "airflow_run_id": str(context["run_id"]),
-            "airflow_task_id": ti.task_id, "airflow_map_index": str(getattr(ti, "map_index", -1)),
-            "airflow_try_number": str(run.try_number), "winnow_stage": self.op.stage,
-            "winnow_partition": str(run.partition), "winnow_run_root": run.cfg.run_root,
-            "winnow_generation": str(generation),
-        }
-        command = entrypoint(stage=self.op.stage, partition=run.partition, config=run.cfg.to_dict(),
-                             summary=summary_uri(run.cfg.run_root, self.op.stage, run.partition, submission_id),
-                             owner=self.op.lease_owner(context), python=resolved.entrypoint_python)
-        # Saved before submitting: a try that dies right after the submit still finds its job.
-        self._record(context, base, generation, run)
-        self.op._submitted = (self.hook, submission_id)
-        try:
-            self.hook.submit_job(submission_id, command, metadata=metadata, runtime_env=runtime_env,
-                                 entrypoint_num_cpus=self.op.entrypoint_num_cpus)
-        except RayAuthError as exc:
-            raise AirflowFailException(str(exc)) from exc
-        self.log.info("submitted Ray job %s (generation %d): %s", submission_id, generation,
-                      self.hook.job_url(submission_id))
-
-    def complete(self, context: Context, run: PartitionRun, event: dict[str, Any]) -> dict[str, Any]:
-        """Reconcile the ended job with storage: storage says what is committed."""
-        from winnow.ray.job import read_summary, summary_uri
-
-        status, submission_id = event.get("status"), event["submission_id"]
-        RayJobLink.persist(context, self.hook.job_url(submission_id))
-        if status == "ERROR":
-            raise AirflowFailException(f"Ray job {submission_id}: {event.get('message')}")
-        summary = read_summary(summary_uri(run.cfg.run_root, self.op.stage, run.partition, submission_id))
-        missing = run.store.missing(self.op.stage, run.plan, run.partition)
-        self.log.info("Ray job %s ended %s; storage: %d of %d row groups committed", submission_id, status,
-                      run.row_groups - len(missing), run.row_groups)
-        if not missing:
-            result = {k: v for k, v in summary.items() if k != "errors"} if summary else self._skipped_summary(run, None)
-            return self.op.finish(context, run, result, {})
-        errors = (summary or {}).get("errors") or {}
-        reason = (f"not committed: Ray job {submission_id} ended {status}"
-                  f"{': ' + event['message'][-500:] if event.get('message') else ''}")
-        failed = {rg: errors.get(str(rg), reason) for rg in missing}
-        if summary is None:
-            summary = {"stage": self.op.stage, "partition": run.partition, "row_groups": run.row_groups,
-                       "computed": 0, "skipped": run.row_groups - len(missing)}
-        result = {k: v for k, v in summary.items() if k != "errors"}
-        result.update(failed=missing[:100], failed_count=len(missing), first_error=failed[missing[0]])
-        return self.op.finish(context, run, result, failed)
-
-    def _skipped_summary(self, run: PartitionRun, previous: dict[str, Any] | None) -> dict[str, Any]:
-        if previous and not previous.get("failed"):
-            return {k: v for k, v in previous.items() if k != "errors"}
-        return {"stage": self.op.stage, "partition": run.partition, "row_groups": run.row_groups, "computed": 0,
-                "skipped": run.row_groups, "failed": [], "failed_count": 0, "first_error": None,
-                "records_in": 0, "records_out": 0, "seconds": 0.0}
-
-
-def _merge_runtime_env(conn_env: dict[str, Any] | None, task_env: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The task's runtime env over the connection's; ``env_vars`` are merged key by key."""
-    if not conn_env and not task_env:
-        return None
-    merged = {**(conn_env or {}), **(task_env or {})}
-    if (conn_env or {}).get("env_vars") and (task_env or {}).get("env_vars"):
-        merged["env_vars"] = {**conn_env["env_vars"], **task_env["env_vars"]}
-    return merged

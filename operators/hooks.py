@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
+from airflow.sdk.exceptions import AirflowNotFoundException
+
+from operators.exceptions import RayAuthError, RayJobsApiError
 
 if TYPE_CHECKING:
     import aiohttp
@@ -27,14 +29,6 @@ DEFAULT_GCS_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
 
 
-class RayAuthError(AirflowException):
-    """The cluster refused the connection's token (or wanted one it did not have)."""
-
-
-class RayJobsApiError(AirflowException):
-    """The Ray Jobs API answered with an error; the message names the call and the connection."""
-
-
 @dataclass(frozen=True)
 class RayConnection:
     """A resolved ``ray`` connection. ``token`` never appears in ``repr`` or a log line."""
@@ -47,6 +41,9 @@ class RayConnection:
     runtime_env: dict[str, Any] | None = None
     entrypoint_python: str = "python"
     poll_interval: float = 5.0
+    #: CPUs / GPUs of one model worker on this cluster (``None``: winnow's policy).
+    worker_cpus: float | None = None
+    worker_gpus: float | None = None
 
 
 class RayHook(BaseHook):
@@ -68,7 +65,8 @@ class RayHook(BaseHook):
     driver mode. Extra ``runtime_env`` (a Ray runtime env dict: ``working_dir``, ``py_modules``,
     ``pip``, ``image_uri``, ``env_vars``) is given to every job; extra ``entrypoint_python``
     names the cluster's Python (default ``python``); extra ``poll_interval`` is the seconds
-    between job status polls (default 5).
+    between job status polls (default 5). Extras ``worker_cpus`` and ``worker_gpus`` size one
+    model worker (default: winnow's policy, never more than the largest node has).
 
     :param ray_conn_id: the Airflow connection id; ``ray_default`` unless given.
     """
@@ -149,13 +147,6 @@ class RayHook(BaseHook):
 
     def get_conn(self) -> RayConnection | None:
         return self.resolve()
-
-    def driver_env(self) -> dict[str, str]:
-        """Environment that makes Ray present the connection's token (driver mode)."""
-        resolved = self.resolve()
-        if resolved is None or not resolved.token:
-            return {}
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": resolved.token}
 
     def describe(self) -> str:
         """A log-safe description: never the token, the extras or userinfo in a URI."""
@@ -278,6 +269,7 @@ def _parse(conn_id: str, conn: Any) -> RayConnection:
     if runtime_env is not None and not isinstance(runtime_env, dict):
         raise ValueError(f"connection {conn_id!r}: extra runtime_env must be a JSON object (a Ray runtime env)")
     token = conn.password or None
+    knobs = {name: _positive(conn_id, extra, name) for name in ("worker_cpus", "worker_gpus")}
     where = str(extra.get("address") or conn.host or "").strip()
     if mode == "job":
         if not where:
@@ -295,7 +287,7 @@ def _parse(conn_id: str, conn: Any) -> RayConnection:
         return RayConnection(conn_id=conn_id, mode=mode, dashboard_url=where.rstrip("/"), token=token,
                              runtime_env=runtime_env,
                              entrypoint_python=str(extra.get("entrypoint_python") or "python"),
-                             poll_interval=float(extra.get("poll_interval") or 5.0))
+                             poll_interval=float(extra.get("poll_interval") or 5.0), **knobs)
     if not where:
         raise ValueError(
             f"connection {conn_id!r} has neither a host nor an extra 'address'; set the Ray head's "
@@ -311,4 +303,17 @@ def _parse(conn_id: str, conn: Any) -> RayConnection:
     if "://" in where:
         raise ValueError(f"connection {conn_id!r}: driver mode wants a GCS address host:port or 'auto', got a URL")
     address = where if where == "auto" or ":" in where else f"{where}:{conn.port or DEFAULT_GCS_PORT}"
-    return RayConnection(conn_id=conn_id, mode=mode, address=address, token=token, runtime_env=runtime_env)
+    return RayConnection(conn_id=conn_id, mode=mode, address=address, token=token, runtime_env=runtime_env, **knobs)
+
+
+def _positive(conn_id: str, extra: dict[str, Any], name: str) -> float | None:
+    value = extra.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if number < 0 or (name == "worker_cpus" and number == 0):
+        raise ValueError(f"connection {conn_id!r}: extra {name}={value!r} must be a positive number")
+    return number

@@ -11,9 +11,6 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-#: At most this many failed row-group ids are kept; the rest are counted.
-MAX_FAILED_IDS = 100
-
 
 class PartitionProgress:
     """Read, reconcile and save one stage's progress for one mapped task instance.
@@ -70,16 +67,14 @@ class PartitionProgress:
              try_number: int | None = None) -> None:
         if self.state_store is None:
             return
-        failed = failed or {}
-        ids = sorted(failed)
+        from winnow.ray.results import failure_view  # here: the DAG file parses without the engine
+
         value: dict[str, Any] = {
             "fingerprint": self.fingerprint,
             "state": state,
             "row_groups": row_groups,
             "committed": committed,
-            "failed": ids[:MAX_FAILED_IDS],
-            "num_failed": len(ids),
-            "first_error": failed[ids[0]][:500] if ids else None,
+            **failure_view(failed or {}),  # failed (the first ids), failed_count, first_error
             "updated_at": datetime.now(UTC).isoformat(),
         }
         if try_number is not None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowException
-
-from operators.base import CurationOperator, RowGroupStageOperator, engine_errors
+from operators.base import CurationOperator, RowGroupStageOperator, engine_errors, step_fingerprint
+from operators.exceptions import BucketsFailedError
+from operators.jobs import JobTarget
 from operators.links import CurationViewLink
 
 if TYPE_CHECKING:
@@ -25,25 +25,37 @@ class IndexOperator(CurationOperator):
 
     Returns the partition list ``range(P)`` (what the mapped tasks expand over; Airflow maps
     only over return values) and pushes the small index summary under XCom key ``summary``. With ``overwrite`` the stages whose
-    config changed are moved aside here, once, before any partition runs.
-    Takes the :class:`CurationOperator` params.
+    config changed are moved aside here, once, before any partition runs. Shard groups are
+    scanned by Ray tasks (driver mode, embedded Ray) or inside one Ray Job (job mode): this
+    process only plans. Takes the :class:`CurationOperator` params.
     """
+
+    def job_target(self, context: Context) -> JobTarget:
+        import hashlib
+        import json
+
+        cfg = self.curation_config(context)
+        # The index has no stage folder yet: its job is scoped by the whole config.
+        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        self._run_root = cfg.run_root
+        return JobTarget(stage="index", cfg=cfg, fingerprint=digest, label="the run",
+                         try_number=getattr(context.get("ti"), "try_number", None))
 
     def execute(self, context: Context) -> list[int]:
         from winnow import pipeline
 
-        cfg = self.curation_config(context)
+        target = self.job_target(context)
         # A run that fails fast here (changed config, bad shard) gives the run root's lease
         # back in the engine, so a corrected run need not wait for it to expire.
-        with engine_errors():
-            # Shard groups are scanned and row groups committed by Ray tasks; this process plans.
-            result = pipeline.run_index(cfg, owner=self.lease_owner(context), log=self.log.info,
-                                        **self.global_step_target(context))
-        summary = {k: v for k, v in result.items() if k not in _INDEX_LOCAL_KEYS}
-        summary["run_root"] = cfg.run_root
-        context["ti"].xcom_push(key="summary", value=summary)
-        self.log.info("index: %s", summary)
-        return list(result["partitions"])
+        return self.run_step(context, target, lambda **where: self.step_result(context, pipeline.run_index(
+            target.cfg, owner=self.lease_owner(context), log=self.log.info, **where)))
+
+    def step_result(self, context: Context, summary: dict[str, Any]) -> list[int]:
+        result = {k: v for k, v in summary.items() if k not in _INDEX_LOCAL_KEYS}
+        result["run_root"] = self._run_root
+        context["ti"].xcom_push(key="summary", value=result)
+        self.log.info("index: %s", result)
+        return list(summary["partitions"])
 
 
 class EmbedOperator(RowGroupStageOperator):
@@ -72,16 +84,25 @@ class WriteOperator(RowGroupStageOperator):
 
 class CentroidsOperator(CurationOperator):
     """Dedup step 1: spherical k-means on a bounded sample of the kept embeddings, run in a Ray
-    task (this process holds none of it). Returns the bucket list ``range(B)`` the pairwise
-    step is mapped over; the small summary goes under XCom key ``summary``."""
+    task or a Ray Job (this process holds none of it). Returns the bucket list ``range(B)`` the
+    pairwise step is mapped over; the small summary goes under XCom key ``summary``."""
+
+    stage = "centroids"
+
+    def job_target(self, context: Context) -> JobTarget:
+        cfg = self.curation_config(context)
+        return JobTarget(stage=self.stage, cfg=cfg, fingerprint=step_fingerprint(cfg, self.stage), label="the run",
+                         try_number=getattr(context.get("ti"), "try_number", None))
 
     def execute(self, context: Context) -> list[int]:
         from winnow import pipeline
 
-        cfg = self.curation_config(context)
-        with engine_errors():
-            result = pipeline.run_centroids(cfg, owner=self.lease_owner(context), log=self.log.info,
-                                            **self.global_step_target(context))
+        target = self.job_target(context)
+        return self.run_step(context, target, lambda **where: self.step_result(context, pipeline.run_centroids(
+            target.cfg, owner=self.lease_owner(context), log=self.log.info, **where)))
+
+    def step_result(self, context: Context, summary: dict[str, Any]) -> list[int]:
+        result = dict(summary)
         buckets = result.pop("bucket_list")
         context["ti"].xcom_push(key="summary", value=result)
         self.log.info("centroids: %s", result)
@@ -112,21 +133,39 @@ class PairwiseOperator(CurationOperator):
         super().__init__(**kwargs)
         self.bucket = bucket
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        from winnow import pipeline
+    stage = "pairwise"
 
+    def job_target(self, context: Context) -> JobTarget:
         cfg = self.curation_config(context)
         bucket = int(self.bucket)
         context["bucket_label"] = f"bucket {bucket}"
-        with engine_errors():
-            summary = pipeline.run_buckets(cfg, "pairwise", [bucket], owner=self.lease_owner(context),
-                                           log=self.log.info, **self.global_step_target(context))
-        result = summary.to_dict()
-        result.update(next(iter(summary.results), {}))
-        self.log.info("pairwise bucket %d: %s", bucket, result)
-        if summary.failed:
-            raise AirflowException(f"pairwise bucket {bucket} failed: {summary.failed[bucket]}; a retry recomputes it")
-        return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        return JobTarget(stage=self.stage, cfg=cfg, fingerprint=step_fingerprint(cfg, self.stage),
+                         label=f"bucket {bucket}", try_number=getattr(context.get("ti"), "try_number", None),
+                         bucket=bucket)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from winnow import pipeline
+
+        target = self.job_target(context)
+
+        def in_process(**where: Any) -> dict[str, Any]:
+            summary = pipeline.run_buckets(target.cfg, self.stage, [target.bucket], owner=self.lease_owner(context),
+                                           log=self.log.info, **where)
+            result = summary.to_dict()
+            result.update(next(iter(summary.results), {}))
+            return self.step_result(context, result)
+
+        return self.run_step(context, target, in_process)
+
+    def step_result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
+        self.log.info("pairwise bucket %s: %s", self.bucket, summary)
+        if summary.get("failed_count"):
+            from winnow import exceptions as engine
+            from winnow.ray.results import UnitSummary
+
+            cause = engine.BucketsFailedError(self.stage, UnitSummary.from_dict(summary).failed)
+            raise BucketsFailedError(str(cause)) from cause
+        return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
 class DedupOperator(RowGroupStageOperator):

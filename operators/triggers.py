@@ -14,10 +14,13 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from operators.hooks import ENDED_STATES, HTTP_TIMEOUT_S, RayAuthError, RayHook, RayJobsApiError
+from operators.exceptions import RayAuthError, RayJobsApiError
+from operators.hooks import ENDED_STATES, HTTP_TIMEOUT_S, RayHook
 
 #: Prefix of every job log line in the task log (tests and readers find them by it).
 LOG_PREFIX = "[ray job] "
+#: Seconds to the next status poll once the job's log shows its last line.
+FINISHING_POLL_S = 0.5
 #: Most seconds between tries while the Jobs API is unreachable (the cluster restarting).
 MAX_BACKOFF_S = 60.0
 
@@ -37,10 +40,13 @@ class RayJobTrigger(BaseTrigger):
     :param log_offset: job log lines already in this task try's log.
     :param checkpoint_uri: where the shown-lines count is kept (``None``: not kept).
     :param cancel_on_kill: stop the job when a person marks or clears the deferred task.
+    :param storage_conn_id: the run's storage connection; its settings are read inside the
+        triggerer for the checkpoint's reads and writes (never carried in these kwargs).
     """
 
     def __init__(self, *, conn_id: str, submission_id: str, poll_interval: float = 5.0, log_offset: int = 0,
-                 checkpoint_uri: str | None = None, cancel_on_kill: bool = False) -> None:
+                 checkpoint_uri: str | None = None, cancel_on_kill: bool = False,
+                 storage_conn_id: str | None = None) -> None:
         super().__init__()
         self.conn_id = conn_id
         self.submission_id = submission_id
@@ -48,12 +54,15 @@ class RayJobTrigger(BaseTrigger):
         self.log_offset = int(log_offset)
         self.checkpoint_uri = checkpoint_uri
         self.cancel_on_kill = bool(cancel_on_kill)
+        self.storage_conn_id = storage_conn_id or None
+        self._storage = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("operators.triggers.RayJobTrigger", {
             "conn_id": self.conn_id, "submission_id": self.submission_id,
             "poll_interval": self.poll_interval, "log_offset": self.log_offset,
             "checkpoint_uri": self.checkpoint_uri, "cancel_on_kill": self.cancel_on_kill,
+            "storage_conn_id": self.storage_conn_id,
         })
 
     def _session(self):
@@ -65,6 +74,14 @@ class RayJobTrigger(BaseTrigger):
         import aiohttp
 
         hook = RayHook(self.conn_id)
+        if self.checkpoint_uri and self.storage_conn_id:
+            from operators.storage import astorage_options
+
+            try:
+                self._storage = await astorage_options(self.storage_conn_id)
+            except Exception as exc:  # noqa: BLE001 - the checkpoint is a nicety; the job goes on
+                self.log.warning("log checkpoints off: %s", exc)
+                self.checkpoint_uri = None
         shown = await self._resume_offset()
         delay = self.poll_interval
         async with self._session() as session:
@@ -94,7 +111,9 @@ class RayJobTrigger(BaseTrigger):
                 if ended:
                     yield self._event(job["status"], shown, job.get("message") or "")
                     return
-                await asyncio.sleep(self.poll_interval)
+                # The job printed its last line (summary or error): it ends within moments, so
+                # the next look comes soon instead of a whole poll interval later.
+                await asyncio.sleep(min(self.poll_interval, FINISHING_POLL_S) if _finishing(logs) else self.poll_interval)
 
     def _event(self, status: str, shown: int, message: str) -> TriggerEvent:
         return TriggerEvent({"status": status, "submission_id": self.submission_id,
@@ -116,7 +135,7 @@ class RayJobTrigger(BaseTrigger):
         return shown + len(new)
 
     async def _resume_offset(self) -> int:
-        saved = await asyncio.to_thread(_read_checkpoint, self.checkpoint_uri) if self.checkpoint_uri else None
+        saved = await asyncio.to_thread(_read_checkpoint, self.checkpoint_uri, self._storage) if self.checkpoint_uri else None
         if not saved or int(saved.get("shown", 0)) < self.log_offset:
             return self.log_offset
         shown, through = int(saved["shown"]), int(saved.get("through", saved["shown"]))
@@ -130,7 +149,8 @@ class RayJobTrigger(BaseTrigger):
 
     async def _checkpoint(self, shown: int, through: int) -> None:
         if self.checkpoint_uri:
-            await asyncio.to_thread(_write_checkpoint, self.checkpoint_uri, {"shown": shown, "through": through})
+            await asyncio.to_thread(_write_checkpoint, self.checkpoint_uri, {"shown": shown, "through": through},
+                                    self._storage)
 
     async def on_kill(self) -> None:
         """A person marked or cleared the deferred task: stop the job only when asked to."""
@@ -144,18 +164,29 @@ class RayJobTrigger(BaseTrigger):
         self.log.info("asked Ray to stop job %s (cancel_on_kill)", self.submission_id)
 
 
-def _read_checkpoint(uri: str) -> dict[str, Any] | None:
+def _finishing(logs: str) -> bool:
+    from winnow.ray.job import ERROR_MARKER, SUMMARY_MARKER
+
+    tail = logs[-20000:]
+    return SUMMARY_MARKER in tail or ERROR_MARKER in tail
+
+
+def _read_checkpoint(uri: str, storage=None) -> dict[str, Any] | None:
+    from winnow.rowgroups.fs import storage_scope
     from winnow.rowgroups.store import read_json, resolve_filesystem
 
-    fs, path = resolve_filesystem(uri)
-    try:
-        return read_json(fs, path)
-    except (OSError, ValueError):
-        return None
+    with storage_scope(storage):  # this trigger's run only: the triggerer serves many runs
+        fs, path = resolve_filesystem(uri)
+        try:
+            return read_json(fs, path)
+        except (OSError, ValueError):
+            return None
 
 
-def _write_checkpoint(uri: str, value: dict[str, Any]) -> None:
+def _write_checkpoint(uri: str, value: dict[str, Any], storage=None) -> None:
+    from winnow.rowgroups.fs import storage_scope
     from winnow.rowgroups.store import resolve_filesystem, write_atomic
 
-    fs, path = resolve_filesystem(uri)
-    write_atomic(fs, path, json.dumps(value).encode())
+    with storage_scope(storage):
+        fs, path = resolve_filesystem(uri)
+        write_atomic(fs, path, json.dumps(value).encode())

@@ -145,6 +145,7 @@ def _checked(run_root: str) -> str:
 
 def _resolved(run_id: str) -> tuple[dict[str, Any], str]:
     run = _dag_run(run_id)
+    _use_run_storage(run)
     root = run_root_of(run)
     if root is None:
         raise HTTPException(status_code=404, detail=f"run {run_id!r} has no run root yet: its index task has not "
@@ -152,9 +153,29 @@ def _resolved(run_id: str) -> tuple[dict[str, Any], str]:
     return run, root
 
 
+def _use_run_storage(run: dict[str, Any]) -> None:
+    """The object-store settings of the run's ``storage_conn_id`` for this request only (the
+    api-server serves many runs; each request runs in a context of its own). No connection named:
+    the api-server's own AWS_* environment."""
+    conn_id = run["conf"].get("storage_conn_id")
+    if not conn_id:
+        return
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.models.connection import Connection
+
+    from operators.storage import options_from_connection
+    from winnow.rowgroups.fs import use_context_storage
+
+    try:
+        conn = Connection.get_connection_from_secrets(str(conn_id))
+    except AirflowNotFoundException as exc:
+        raise HTTPException(status_code=404, detail=f"the run's storage_conn_id {conn_id!r} is no Airflow connection") from exc
+    use_context_storage(options_from_connection(str(conn_id), conn))
+
+
 def _plan(run_root: str):
     from winnow.data.index import load_index
-    from winnow.rowgroups.errors import WinnowError
+    from winnow.exceptions import WinnowError
 
     try:
         return load_index(run_root).plan
@@ -181,16 +202,18 @@ def asset(name: str) -> FileResponse:
 
 @app.get("/api/runs/{run_id}/progress", dependencies=[READ_ACCESS])
 def progress(run_id: str, request: Request) -> Response:
-    """Stage x row-group map (run-length encoded), counts, records/s, errors, summary.
+    """Stage x row-group map (run-length encoded), counts, records/s, errors, summary; each
+    stage's status (done, running, failed, pending, not run) from storage and its task states.
 
     Answers 304 when nothing changed since the ``ETag`` the client sent."""
     run, root = _resolved(run_id)
-    from winnow.report.progress import row_group_map
-    from winnow.rowgroups.errors import WinnowError
+    from winnow.exceptions import WinnowError
+    from winnow.report.progress import row_group_map, with_task_states
 
     base = {"dag_run": {k: run[k] for k in ("run_id", "state", "start_date", "end_date")}, "tasks": run["tasks"]}
     try:
         body = {**row_group_map(root), **base}
+        with_task_states(body["stages"], run["tasks"], run["state"])
     except WinnowError as exc:
         body = {**base, "run_root": root, "waiting": f"waiting for the index: {exc}", "stages": [],
                 "row_groups": 0, "partitions": 0, "records": 0, "summary": None}
@@ -208,7 +231,8 @@ def progress(run_id: str, request: Request) -> Response:
 def gallery(run_id: str, outcome: str | None = Query(None, max_length=20), cursor: int = Query(0, ge=0),
             limit: int = Query(24, ge=1, le=200)) -> dict[str, Any]:
     """A page of the gallery sample (kept and dropped records, scores, reason)."""
-    from winnow.report.gallery import GalleryError, gallery_page
+    from winnow.exceptions import GalleryError
+    from winnow.report.gallery import gallery_page
 
     _, root = _resolved(run_id)
     try:
@@ -220,7 +244,8 @@ def gallery(run_id: str, outcome: str | None = Query(None, max_length=20), curso
 @app.get("/api/runs/{run_id}/thumbs/{row_group}/{offset}/{size}", dependencies=[READ_ACCESS])
 def thumbnail(run_id: str, row_group: int, offset: int, size: int) -> Response:
     """JPEG bytes by offset from a committed row group's thumbnails file (never decoded here)."""
-    from winnow.report.gallery import GalleryError, read_thumbnail
+    from winnow.exceptions import GalleryError
+    from winnow.report.gallery import read_thumbnail
 
     _, root = _resolved(run_id)
     try:

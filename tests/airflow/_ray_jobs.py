@@ -31,10 +31,11 @@ def start_job_head(root: Path, *, extra_env: dict[str, str] | None = None) -> di
         **(extra_env or {}),
     }
     # Short: Ray puts unix sockets under its temp dir (107-byte path limit).
-    head = cluster.start_head(f"/tmp/wj-{uuid.uuid4().hex[:6]}", root / "ray-head.log", num_cpus=2, env=env,
+    temp_dir = f"/tmp/wj-{uuid.uuid4().hex[:6]}"
+    head = cluster.start_head(temp_dir, root / "ray-head.log", num_cpus=2, env=env,
                               dashboard=True, extra_args=("--num-gpus=0", "--object-store-memory=300000000"),
                               timeout_s=300)  # seen: > 120 s at load 15-20 on 2 cores
-    return {"head": head, "token": token, "url": head.dashboard_url, "address": head.address}
+    return {"head": head, "token": token, "url": head.dashboard_url, "address": head.address, "temp_dir": temp_dir}
 
 
 def job_conn(url: str, token: str, **extra: Any) -> str:
@@ -62,3 +63,12 @@ def jobs_of(url: str, token: str) -> list[dict[str, Any]]:
     r = requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     r.raise_for_status()
     return [j for j in r.json() if (j.get("submission_id") or "").startswith("winnow-")]
+
+
+def timed_run(dag, logical_date, conf: dict[str, Any], run_key: str, conn_id: str) -> tuple[Any, float]:
+    """``dag.test`` of one run named ``run_key`` on the ``ray`` connection ``conn_id``; (run, seconds)."""
+    import time
+
+    t0 = time.perf_counter()
+    dr = dag.test(logical_date=logical_date, run_conf={**conf, "run_key": run_key, "ray_conn_id": conn_id})
+    return dr, time.perf_counter() - t0

@@ -16,7 +16,7 @@ from unittest import mock
 
 import pytest
 
-from tests.airflow._ray_jobs import driver_conn, job_conn, jobs_of, output, start_job_head
+from tests.airflow._ray_jobs import driver_conn, job_conn, jobs_of, output, start_job_head, timed_run
 from tests.airflow.conftest import retries_set
 from winnow.ray import cluster
 
@@ -54,16 +54,10 @@ def runs(ray_jobs, curation_dag):
            "AIRFLOW_CONN_RAY_DRIVERTEST": driver_conn(ray_jobs["address"], ray_jobs["token"])}
     out: dict = {"manifest": manifest}
     with mock.patch.dict(os.environ, env), retries_set(curation_dag, 0):
-        t0 = time.perf_counter()
-        out["job"] = curation_dag.test(logical_date=JOB_DATE,
-                                       run_conf={**conf, "run_key": "job", "ray_conn_id": "ray_jobtest"})
-        out["job_s"] = time.perf_counter() - t0
+        out["job"], out["job_s"] = timed_run(curation_dag, JOB_DATE, conf, "job", "ray_jobtest")
         out["jobs"] = jobs_of(ray_jobs["url"], ray_jobs["token"])
         try:
-            t0 = time.perf_counter()
-            out["driver"] = curation_dag.test(logical_date=DRIVER_DATE,
-                                              run_conf={**conf, "run_key": "driver", "ray_conn_id": "ray_drivertest"})
-            out["driver_s"] = time.perf_counter() - t0
+            out["driver"], out["driver_s"] = timed_run(curation_dag, DRIVER_DATE, conf, "driver", "ray_drivertest")
         finally:
             ray.shutdown()  # later tests of this session start their own Ray
     out["run_roots"] = {k: str(root / "out" / k) for k in ("job", "driver")}
@@ -90,21 +84,33 @@ def test_job_mode_run_gives_the_same_output_and_counts_as_driver_mode(runs):
     print(f"\njob mode run {runs['job_s']:.0f} s, driver mode run {runs['driver_s']:.0f} s")
 
 
-def test_each_partition_stage_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_jobs):
-    from winnow.stages.registry import partition_stages
+def test_every_step_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_jobs):
+    """The global steps (index, centroids, each pairwise bucket) and the first partition stage of
+    each phase: one job per task instance, no resubmission. The later stages of a phase (aesthetic
+    and nsfw after embed, write after dedup) ran in that job and their tasks submitted none."""
+    from winnow.ray.job import chained_stages
+    from winnow.stages.registry import STAGES
 
+    chained = {c for spec in STAGES for c in chained_stages(spec.name)}
+    assert chained == {"aesthetic", "nsfw", "write"}
+    stage_of = {spec.task_id: spec.name for spec in STAGES}
     jobs = [j for j in runs["jobs"] if j["metadata"].get("airflow_run_id") == runs["job"].run_id]
     by_task = {(j["metadata"]["airflow_task_id"], j["metadata"]["airflow_map_index"]): j for j in jobs}
-    assert sorted(by_task) == sorted((spec.task_id, "0") for spec in partition_stages())
+    tis = [ti for ti in runs["job"].get_task_instances() if ti.task_id != "report"]
+    assert sorted(by_task) == sorted((ti.task_id, str(ti.map_index)) for ti in tis if stage_of[ti.task_id] not in chained)
+    assert {j["metadata"]["winnow_stage"] for j in jobs} == {s.name for s in STAGES} - chained
     assert len(jobs) == len(by_task)  # one job per task instance, no resubmission
-    for (task_id, _), job in by_task.items():
+    for (task_id, map_index), job in by_task.items():
         assert job["status"] == "SUCCEEDED"
         assert job["metadata"]["airflow_dag_id"] == "image_curation"
         assert job["submission_id"].endswith("-g0")
-        link = _xcom(runs["job"], task_id, 0, key="_link_RayJobLink")
+        link = _xcom(runs["job"], task_id, int(map_index), key="_link_RayJobLink")
         assert link == f"{ray_jobs['url']}/#/jobs/{job['submission_id']}"
-        summary = _xcom(runs["job"], task_id, 0)
-        assert summary["computed"] == summary["row_groups"] == 2 and summary["failed"] == []
+    for ti in tis:
+        if stage_of[ti.task_id] in {s.name for s in STAGES if s.scope == "partition"}:
+            summary = _xcom(runs["job"], ti.task_id, ti.map_index)
+            assert summary["computed"] == summary["row_groups"] == 2 and summary["failed"] == [], ti.task_id
+    assert _xcom(runs["job"], "index") == [0]  # the partition list, from the index job's summary
 
 
 def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):
@@ -112,8 +118,8 @@ def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):
     state store record (a plain dict stands in for the emptied store) finds generation 1."""
     from types import SimpleNamespace
 
-    from operators.base import RayJobRunner
     from operators.hooks import RayHook
+    from operators.jobs import RayJobRunner
 
     with mock.patch.dict(os.environ, {"AIRFLOW_CONN_RAY_PROBE": job_conn(ray_jobs["url"], ray_jobs["token"])}):
         hook = RayHook("ray_probe")
@@ -121,14 +127,14 @@ def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):
         runner = RayJobRunner(op, hook)
         ctx = {"dag": SimpleNamespace(dag_id="probe_dag"), "run_id": f"r{time.time_ns()}",
                "ti": SimpleNamespace(task_id="partition.embed", map_index=3), "task_state_store": None}
-        run = SimpleNamespace(fingerprint="f" * 16)
+        run = SimpleNamespace(fingerprint="f" * 16, stage="embed")
         base = runner.base_id(ctx, run)
         assert base == runner.base_id(dict(ctx), run)  # deterministic
-        assert runner.current(ctx, base) == (0, None)
+        assert runner.current(ctx, run, base) == (0, None)
         for g in (0, 1):
             hook.submit_job(runner.submission_id(base, g), "python -c 'print(1)'", metadata={"probe": "1"})
         hook.submit_job(runner.submission_id(base, 1), "python -c 'print(2)'", metadata={})  # same id: no second job
-        generation, job = runner.current(ctx, base)
+        generation, job = runner.current(ctx, run, base)
         assert generation == 1 and job["submission_id"] == f"{base}-g1"
         assert job["entrypoint"] == "python -c 'print(1)'"
         other = runner.base_id({**ctx, "ti": SimpleNamespace(task_id="partition.embed", map_index=4)}, run)
@@ -136,7 +142,8 @@ def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):
 
 
 def test_a_wrong_token_fails_fast_naming_the_connection_and_never_shows_the_token(ray_jobs, curation_dag, tmp_path, capfd):
-    from operators.hooks import RayAuthError, RayHook
+    from operators.exceptions import RayAuthError
+    from operators.hooks import RayHook
 
     bad = "not-the-token-" + "7" * 20
     with mock.patch.dict(os.environ, {"AIRFLOW_CONN_RAY_BADTOK": job_conn(ray_jobs["url"], bad)}):
@@ -151,7 +158,7 @@ def test_a_wrong_token_fails_fast_naming_the_connection_and_never_shows_the_toke
         seconds = time.perf_counter() - t0
     states = {ti.task_id: (str(getattr(ti.state, "value", ti.state)), ti.try_number)
               for ti in dr.get_task_instances() if ti.map_index in (-1, 0)}
-    assert dr.state == "failed" and states["partition.embed"] == ("failed", 1)  # no retry for a bad token
+    assert dr.state == "failed" and states["index"] == ("failed", 1)  # no retry for a bad token
     captured = capfd.readouterr()
     text = captured.out + captured.err
     assert "ray_badtok" in text and "wrong token" in text
@@ -162,7 +169,7 @@ def test_a_wrong_token_fails_fast_naming_the_connection_and_never_shows_the_toke
              "finally:\n    print(f'connect took {time.perf_counter() - t0:.1f} s', file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "RAY_AUTH_MODE": "token"})
-    assert proc.returncode != 0 and "RayAuthFailed" in proc.stderr and "wrong token" in proc.stderr
+    assert proc.returncode != 0 and "RayAuthError" in proc.stderr and "wrong token" in proc.stderr
     assert bad not in proc.stdout + proc.stderr
     driver_seconds = float(proc.stderr.rsplit("connect took ", 1)[1].split()[0])
     assert driver_seconds < 10, driver_seconds  # Ray alone retries ~20 s, then says only "Failed to connect"

@@ -55,6 +55,6 @@ def test_the_stored_trigger_carries_only_plain_values_and_no_token(tmp_path):
     path, kwargs = _trigger(tmp_path, poll_interval=2, cancel_on_kill=True).serialize()
     assert path == "operators.triggers.RayJobTrigger"
     assert set(kwargs) == {"conn_id", "submission_id", "poll_interval", "log_offset", "checkpoint_uri",
-                           "cancel_on_kill"}
-    assert all(isinstance(v, (str, int, float, bool)) for v in kwargs.values())
+                           "cancel_on_kill", "storage_conn_id"}
+    assert all(isinstance(v, (str, int, float, bool, type(None))) for v in kwargs.values())
     assert RayJobTrigger(**kwargs).serialize() == (path, kwargs)

@@ -1,10 +1,18 @@
-"""The Ray Job entrypoint: one stage over one partition, run on the cluster by the engine.
+"""The Ray Job entrypoint: one step of a run on the cluster, run by the engine.
 
-What a job-mode Airflow task submits (``python -m winnow.ray.job --stage embed --partition 3
---config <base64 JSON> --summary <uri>``). It attaches to the cluster it runs on, skips committed
-row groups as every run does, writes the partition summary as JSON to storage and prints it as
-its last line (``WINNOW_PARTITION_SUMMARY {...}``). Exit codes: 0 done, 3 some row groups failed
-(the others are committed), 2 bad config, 1 anything else.
+What a job-mode Airflow task submits: ``python -m winnow.ray.job --stage embed --partition 3
+--config <base64 JSON> --summary <uri>`` for a partition stage, ``--stage index`` or ``--stage
+centroids`` for a global step, ``--stage pairwise --bucket 2`` for one bucket (``--chain``: a
+partition job also runs the partition stages after its own in the run's phase, e.g. embed's job
+runs aesthetic and nsfw too, see :func:`chained_stages`). It attaches to
+the cluster it runs on, skips committed work as every run does, writes its summary as JSON to
+storage and prints it as its last line (``WINNOW_JOB_SUMMARY {...}``). A step that fails prints
+one line ``WINNOW_JOB_ERROR <message>`` (the task log shows it as the failure). Exit codes: 0
+done, 3 some units failed (the others are committed), 2 bad config, 1 anything else.
+
+Storage settings come from the job's environment: job mode passes the ones of the run's
+``storage_conn_id`` connection as short-lived credentials in the job's runtime env, or nothing
+when the cluster uses its own identity (``winnow.rowgroups.fs``).
 """
 
 from __future__ import annotations
@@ -16,15 +24,27 @@ import sys
 import time
 from typing import Any
 
-SUMMARY_MARKER = "WINNOW_PARTITION_SUMMARY "
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_ROW_GROUPS_FAILED = 0, 1, 2, 3
+SUMMARY_MARKER = "WINNOW_JOB_SUMMARY "
+#: Epoch seconds of the job's milestones (driver start, Ray attached, done), for the overhead benchmark.
+TIMES_MARKER = "WINNOW_JOB_TIMES "
+ERROR_MARKER = "WINNOW_JOB_ERROR "
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_UNITS_FAILED = 0, 1, 2, 3
 #: Under the run root, beside (not inside) the stage folders the plan and progress list.
 JOBS_DIR = "_jobs"
 
 
-def summary_uri(run_root: str, stage: str, partition: int, submission_id: str) -> str:
-    """Where the job with ``submission_id`` leaves its partition summary."""
-    return f"{run_root.rstrip('/')}/{JOBS_DIR}/{stage}/p{partition:05d}/{submission_id}.json"
+def unit_name(partition: int | None = None, bucket: int | None = None) -> str:
+    """The folder of one unit's job summaries: ``p00003``, ``b00002`` or ``run`` (a global step)."""
+    if partition is not None:
+        return f"p{int(partition):05d}"
+    if bucket is not None:
+        return f"b{int(bucket):05d}"
+    return "run"
+
+
+def summary_uri(run_root: str, stage: str, unit: str, submission_id: str) -> str:
+    """Where the job with ``submission_id`` leaves its summary (``unit`` from :func:`unit_name`)."""
+    return f"{run_root.rstrip('/')}/{JOBS_DIR}/{stage}/{unit}/{submission_id}.json"
 
 
 def encode_config(config: dict[str, Any]) -> str:
@@ -32,11 +52,22 @@ def encode_config(config: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(config, sort_keys=True).encode()).decode()
 
 
-def entrypoint(*, stage: str, partition: int, config: dict[str, Any], summary: str, owner: str | None,
-               python: str = "python") -> str:
-    """The job's shell command."""
-    cmd = (f"{python} -m winnow.ray.job --stage {stage} --partition {int(partition)} "
-           f"--config {encode_config(config)} --summary {summary}")
+def entrypoint(*, stage: str, config: dict[str, Any], summary: str, owner: str | None,
+               partition: int | None = None, bucket: int | None = None, python: str = "python",
+               worker_cpus: float | None = None, worker_gpus: float | None = None, chain: bool = False) -> str:
+    """The job's shell command (no secret: storage settings travel in the runtime env)."""
+    cmd = f"{python} -m winnow.ray.job --stage {stage}"
+    if partition is not None:
+        cmd += f" --partition {int(partition)}"
+    if bucket is not None:
+        cmd += f" --bucket {int(bucket)}"
+    if worker_cpus is not None:
+        cmd += f" --worker-cpus {float(worker_cpus):g}"
+    if worker_gpus is not None:
+        cmd += f" --worker-gpus {float(worker_gpus):g}"
+    if chain:
+        cmd += " --chain"
+    cmd += f" --config {encode_config(config)} --summary {summary}"
     if owner:
         cmd += f" --owner {base64.urlsafe_b64encode(owner.encode()).decode()}"
     return cmd
@@ -50,47 +81,149 @@ def read_summary(uri: str) -> dict[str, Any] | None:
     return read_json(fs, path)
 
 
+def error_line(text: str | None) -> str | None:
+    """The last ``WINNOW_JOB_ERROR`` message in a job's output or status message, if any."""
+    found = None
+    for line in (text or "").splitlines():
+        at = line.find(ERROR_MARKER)
+        if at >= 0:
+            found = line[at + len(ERROR_MARKER):].strip()
+    return found
+
+
 def _log(line: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
 
+def _fail(exc: BaseException) -> None:
+    # One line, last: what the Airflow task shows as the job's error.
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    print(ERROR_MARKER + text[:2000], file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace, cfg: Any, owner: str | None) -> tuple[dict[str, Any], dict[int, str]]:
+    """Run the step; its summary dict and the failed units (row groups or buckets) with errors."""
+    from winnow import pipeline
+    from winnow.exceptions import ConfigError
+    from winnow.stages.registry import stage_spec
+
+    scope = stage_spec(args.stage).scope
+    knobs = {"worker_cpus": args.worker_cpus, "worker_gpus": args.worker_gpus}
+    # Named, not left to the default: a Ray shared with other jobs gets a model actor per partition.
+    common = {"ray_address": "auto", "backend": "ray", "owner": owner, "log": _log, "compute": "actors", **knobs}
+    if scope == "partition":
+        if args.partition is None:
+            raise ConfigError(f"stage {args.stage!r} runs per partition: give --partition")
+        summary = pipeline.run_partition(cfg, args.stage, args.partition, **common)
+        if not summary.failed and args.chain:
+            _run_chain(args, cfg, common)
+        return summary.to_dict(), dict(summary.failed)
+    if scope == "bucket":
+        if args.bucket is None:
+            raise ConfigError(f"stage {args.stage!r} runs per bucket: give --bucket")
+        summary = pipeline.run_buckets(cfg, args.stage, [args.bucket], **common)
+        result = summary.to_dict()
+        result.update({k: v for k, v in next(iter(summary.results), {}).items()
+                       if isinstance(v, (int, float, str, bool, type(None)))})
+        return result, dict(summary.failed)
+    return pipeline.GLOBAL_STAGE_RUNNERS[args.stage](cfg, **common), {}
+
+
+def chained_stages(stage: str) -> list[str]:
+    """The partition stages after ``stage`` in its phase of the run (``embed`` -> ``aesthetic``,
+    ``nsfw``): a job runs them too, on the driver and cluster it already has, so their tasks find
+    their row groups committed and need no job of their own."""
+    from winnow.stages.registry import run_phases
+
+    for scope, specs in run_phases():
+        names = [s.name for s in specs]
+        if scope == "partition" and stage in names:
+            return names[names.index(stage) + 1:]
+    return []
+
+
+def chained_summary_uri(run_root: str, stage: str, partition: int, fingerprint: str) -> str:
+    """Where a chained stage's partition summary is left (its task reports it)."""
+    return summary_uri(run_root, stage, unit_name(partition), f"chained-{fingerprint[:16]}")
+
+
+def _run_chain(args: argparse.Namespace, cfg: Any, common: dict[str, Any]) -> None:
+    from winnow import pipeline
+    from winnow.rowgroups.store import CommitStore, resolve_filesystem, write_json
+
+    store = CommitStore(cfg.run_root)
+    for stage in chained_stages(args.stage):
+        summary = pipeline.run_partition(cfg, stage, args.partition, **common)
+        fingerprint = (store.read_fingerprint(stage) or {}).get("digest", "unset")
+        result = summary.to_dict(errors=True)
+        fs, path = resolve_filesystem(chained_summary_uri(cfg.run_root, stage, args.partition, fingerprint))
+        write_json(fs, path, result)
+        if summary.failed:
+            _log(f"{stage} partition {args.partition}: {len(summary.failed)} row groups failed; its task retries them")
+            return  # the later stages read what failed: their own tasks run them
+
+
 def main(argv: list[str] | None = None) -> int:
+    times = {"main": time.time()}
     ap = argparse.ArgumentParser(prog="python -m winnow.ray.job", description=__doc__.split("\n")[0])
     ap.add_argument("--stage", required=True)
-    ap.add_argument("--partition", type=int, required=True)
+    ap.add_argument("--partition", type=int, help="the partition (partition stages)")
+    ap.add_argument("--bucket", type=int, help="the bucket (bucket stages)")
     ap.add_argument("--config", required=True, help="CurationConfig as base64 JSON")
-    ap.add_argument("--summary", required=True, help="URI the partition summary JSON is written to")
+    ap.add_argument("--summary", required=True, help="URI the summary JSON is written to")
     ap.add_argument("--owner", help="the run root's lease owner, base64")
+    ap.add_argument("--worker-cpus", type=float, help="CPUs of one model worker (default: winnow's policy)")
+    ap.add_argument("--worker-gpus", type=float, help="GPUs of one model worker (default: 1 where there are GPUs)")
+    ap.add_argument("--chain", action="store_true",
+                    help="also run the partition stages after --stage in its phase (see chained_stages)")
     args = ap.parse_args(argv)
 
     from winnow import pipeline
+    from winnow.exceptions import ConfigError, StageConfigMismatch, WinnowError
     from winnow.ray.cluster import connect
-    from winnow.rowgroups import WinnowError
-    from winnow.rowgroups.errors import StageConfigMismatch
     from winnow.rowgroups.store import resolve_filesystem, write_json
 
     owner = base64.urlsafe_b64decode(args.owner).decode() if args.owner else None
     try:
         cfg = pipeline.CurationConfig.from_params(json.loads(base64.urlsafe_b64decode(args.config)))
-        _log(f"stage {args.stage}, partition {args.partition} of run {cfg.run_root}")
+        unit = f", partition {args.partition}" if args.partition is not None else (
+            f", bucket {args.bucket}" if args.bucket is not None else "")
+        _log(f"stage {args.stage}{unit} of run {cfg.run_root}")
         connect("auto")  # the cluster this job runs on (Ray sets RAY_ADDRESS for the driver)
-        # Named, not left to the default: a Ray shared with other jobs gets a model actor per partition.
-        summary = pipeline.run_partition(cfg, args.stage, args.partition, ray_address="auto", backend="ray",
-                                         owner=owner, log=_log)
-    except (pipeline.ConfigError, StageConfigMismatch) as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        times["attached"] = time.time()
+        result, failed = _run(args, cfg, owner)
+        times["done"] = time.time()
+        # Every failed unit with its error (the XCom summary keeps only the first ones).
+        result["errors"] = {str(u): msg[:2000] for u, msg in sorted(failed.items())}
+        fs, path = resolve_filesystem(args.summary)
+        write_json(fs, path, result)
+    except (ConfigError, StageConfigMismatch) as exc:
+        _fail(exc)
         return EXIT_CONFIG
     except WinnowError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _fail(exc)
         return EXIT_ERROR
-    result = summary.to_dict()
-    # Every failed row group with its error (the XCom summary keeps only the first ones).
-    result["errors"] = {str(rg): msg[:2000] for rg, msg in sorted(summary.failed.items())}
-    fs, path = resolve_filesystem(args.summary)
-    write_json(fs, path, result)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        _fail(exc)
+        return EXIT_ERROR
+    print(TIMES_MARKER + json.dumps(times), flush=True)
     print(SUMMARY_MARKER + json.dumps({k: v for k, v in result.items() if k != "errors"}), flush=True)
-    return EXIT_ROW_GROUPS_FAILED if summary.failed else EXIT_OK
+    return EXIT_UNITS_FAILED if failed else EXIT_OK
+
+
+def _exit(code: int) -> None:
+    """End the driver now: its work is committed and its last lines are flushed. Python's and
+    Ray's teardown at exit (disconnecting, ending Ray Data's executor) cost seconds per job and
+    change nothing; the job ends (and its task goes on) that much sooner."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _exit(main())

@@ -12,16 +12,18 @@ settings; nothing here logs a secret, and the options never enter a fingerprint 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from winnow.rowgroups.errors import StorageError
+from winnow.exceptions import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ ENV_VARS = {
     "secret_access_key": "AWS_SECRET_ACCESS_KEY",
     "session_token": "AWS_SESSION_TOKEN",
 }
+#: Names where environment settings came from (set by job mode for its Ray Jobs).
+SOURCE_ENV = "WINNOW_STORAGE_SOURCE"
 #: An unreachable endpoint fails in seconds, not after the SDK's minutes of default retries.
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0
@@ -60,7 +64,9 @@ class StorageOptions:
         env = os.environ if environ is None else environ
         values = {name: (env.get(var) or None) for name, var in ENV_VARS.items()}
         values["region"] = values["region"] or env.get("AWS_DEFAULT_REGION") or None
-        return cls(**values)
+        # A Ray Job of job mode gets its settings as environment variables minted from an
+        # Airflow connection: errors then name that connection, not the variables.
+        return cls(**values, source=env.get(SOURCE_ENV) or cls.source)
 
     @property
     def endpoint(self) -> str:
@@ -81,11 +87,18 @@ class StorageOptions:
                          "Airflow connection named by storage_conn_id",
                          f"the endpoint_url extra of {self.source}"),
         }[what]
+        if what == "credentials" and "cluster_credentials" in self.source:
+            # Job mode, the cluster's own identity: the fix is on the cluster or the connection.
+            return (f"the Ray cluster's own AWS credentials (its environment or instance role), used as "
+                    f"{self.source}; or set the storage connection's extra cluster_credentials to 'session' to "
+                    "mint short-lived credentials from the connection")
         return names[0] if env else names[1]
 
 
-_local = threading.local()
 _process_options: StorageOptions | None = None
+#: Options scoped to one context (a trigger's asyncio task and the threads it starts, one
+#: request of the api-server): they win over the process's for that context only.
+_scoped_options: contextvars.ContextVar[StorageOptions | None] = contextvars.ContextVar("winnow_storage", default=None)
 
 
 def use_storage(options: StorageOptions | None) -> None:
@@ -95,8 +108,34 @@ def use_storage(options: StorageOptions | None) -> None:
     _process_options = options
 
 
+@contextlib.contextmanager
+def storage_scope(options: StorageOptions | None) -> Iterator[None]:
+    """``options`` for what runs inside this block in this context only (``None``: no change).
+    For processes that serve several runs at once, each with its own settings (the triggerer,
+    the api-server): a process-wide :func:`use_storage` there would leak one run's settings
+    into another's."""
+    if options is None:
+        yield
+        return
+    token = _scoped_options.set(options)
+    try:
+        yield
+    finally:
+        _scoped_options.reset(token)
+
+
+def use_context_storage(options: StorageOptions | None) -> None:
+    """``options`` for the rest of the current context only: for a context that ends by itself,
+    such as one request of a web server (each runs in a context of its own)."""
+    _scoped_options.set(options)
+
+
 def current_storage() -> StorageOptions:
-    """The options in force: those installed by :func:`use_storage`, else the environment's."""
+    """The options in force: this context's (:func:`storage_scope`), else those installed by
+    :func:`use_storage`, else the environment's."""
+    scoped = _scoped_options.get()
+    if scoped is not None:
+        return scoped
     return _process_options if _process_options is not None else StorageOptions.from_env()
 
 
