@@ -65,9 +65,10 @@
     state.etag = r.headers.get("ETag");
     state.progress = body;
     state.maps = {};
-    for (const s of body.stages || []) state.maps[s.stage] = decodeRuns(s.map, body.row_groups);
+    for (const s of body.stages || []) state.maps[s.stage] = decodeRuns(s.map, byUnits(s) ? s.units : body.row_groups);
     message(body.waiting || "");
     render();
+    refillGallery(body);
     const runState = body.dag_run && body.dag_run.state;
     state.finished = runState === "success" || runState === "failed";
     if (!state.finished) schedule();
@@ -94,6 +95,14 @@
   }
 
   // ---- run view ---------------------------------------------------------------------------
+  // Stages that commit units of their own (centroids: one output; pairwise: buckets), not row groups.
+  function byUnits(s) { return s.unit && s.unit !== "row group"; }
+  function unitCount(s) {
+    if (!byUnits(s)) return fmt(s.committed);
+    const plural = s.units === 1 ? "" : "s";
+    return s.units === null || s.units === undefined ? fmt(s.committed) + " " + s.unit + "s (of ?)"
+      : fmt(s.committed) + " of " + fmt(s.units) + " " + s.unit + plural;
+  }
   function partitionRange(p, g, parts) { return [Math.floor(p * g / parts), Math.floor((p + 1) * g / parts)]; }
   function partitionOf(rg, g, parts) {
     let q = Math.floor(rg * parts / g);
@@ -117,11 +126,15 @@
     body.replaceChildren();
     for (const s of p.stages) {
       const tr = el("tr");
-      tr.append(el("td", "", s.stage), el("td", "num", fmt(s.committed)), el("td", s.failed ? "num bad" : "num", fmt(s.failed)),
-        el("td", "num", fmt(s.pending)), el("td", "num", s.records_per_s === null ? "–" : fmt(Math.round(s.records_per_s))));
+      const status = s.status || "";
+      tr.dataset.stage = s.stage; tr.dataset.status = status;
+      tr.append(el("td", "", s.stage), el("td", "status " + status.replace(" ", "-"), status),
+        el("td", "num", unitCount(s)), el("td", s.failed ? "num bad" : "num", fmt(s.failed)),
+        el("td", "num", fmt(s.pending)), el("td", "num", s.records_per_s === null || s.records_per_s === undefined ? "–" : fmt(Math.round(s.records_per_s))));
       const bar = el("td", "bar-col"), outer = el("div", "bar"), done = el("div", "done"), bad = el("div", "failed");
-      done.style.width = (100 * s.committed / Math.max(1, p.row_groups)) + "%";
-      bad.style.width = (100 * s.failed / Math.max(1, p.row_groups)) + "%";
+      const total = byUnits(s) ? (s.units || 0) : p.row_groups;
+      done.style.width = (status === "done" ? 100 : 100 * s.committed / Math.max(1, total)) + "%";
+      bad.style.width = (status === "failed" && byUnits(s) ? 100 - 100 * s.committed / Math.max(1, total) : 100 * s.failed / Math.max(1, total)) + "%";
       outer.append(done, bad); bar.append(outer); tr.append(bar);
       body.append(tr);
     }
@@ -201,6 +214,7 @@
     p.stages.forEach((s, row) => {
       const y = TOP + row * ROW_H;
       ctx.fillStyle = "#222"; ctx.fillText(s.stage, 4, y + ROW_H / 2);
+      if (byUnits(s)) { drawUnits(ctx, s, y, geo); return; }
       const states = state.maps[s.stage];
       const running = runningRows(s.stage);
       for (let col = 0; col < geo.columns; col++) {
@@ -225,6 +239,16 @@
     }
     document.body.dataset.mapDrawn = "1";
   }
+  // A stage's own units spread over the row's width: committed, else the colour of its status.
+  function drawUnits(ctx, s, y, geo) {
+    const states = state.maps[s.stage], n = states.length;
+    const other = s.status === "failed" ? COLORS.f : s.status === "running" ? COLORS.run : COLORS["."];
+    const w = geo.plotW / Math.max(1, n);
+    for (let u = 0; u < Math.max(1, n); u++) {
+      ctx.fillStyle = s.status === "done" || states[u] === 1 ? COLORS.c : other;
+      ctx.fillRect(LABEL_W + u * w, y + 3, Math.max(1, w - (w > 3 ? 1 : 0)), ROW_H - 6);
+    }
+  }
   function xOf(rg, geo) { return geo.perPx ? Math.floor(rg / geo.perPx) : rg * geo.cellW; }
   function mix(a, b, t) {
     const pa = [1, 3, 5].map((i) => parseInt(a.substr(i, 2), 16)), pb = [1, 3, 5].map((i) => parseInt(b.substr(i, 2), 16));
@@ -243,6 +267,15 @@
     const lo = geo.perPx ? col * geo.perPx : col, hi = Math.min(geo.g, geo.perPx ? lo + geo.perPx : col + 1);
     if (lo >= geo.g) { tip.hidden = true; return; }
     const s = p.stages[row], states = state.maps[s.stage];
+    if (byUnits(s)) {
+      const u = Math.floor(x * Math.max(1, states.length) / geo.plotW);
+      const what = states.length > 1 ? s.unit + " " + u + " · " + (states[u] === 1 ? "committed" : "not committed") : "";
+      tip.replaceChildren(...[s.stage + " · " + s.status, unitCount(s) + " committed", what].filter(Boolean).map((l) => el("div", "", l)));
+      tip.hidden = false;
+      tip.style.left = Math.min(ev.clientX - rect.left + 12, rect.width - 320) + "px";
+      tip.style.top = (ev.clientY - rect.top + 14) + "px";
+      return;
+    }
     let done = 0, failed = 0;
     for (let i = lo; i < hi; i++) { if (states[i] === 1) done++; else if (states[i] === 2) failed++; }
     const part = partitionOf(lo, p.row_groups, p.partitions);
@@ -274,8 +307,16 @@
     if (!r.ok) { text($("gallery-count"), body.detail || ("HTTP " + r.status)); return; }
     for (const item of body.items) $("gallery").append(card(item));
     state.galleryNext = body.next;
+    state.galleryWritten = body.written;
     $("more").hidden = body.next === null;
-    text($("gallery-count"), $("gallery").children.length + " shown" + (body.next === null ? " (all)" : ""));
+    const shown = $("gallery").children.length + " shown";
+    text($("gallery-count"), body.waiting ? shown + " · " + body.waiting : shown + (body.next === null ? " (all)" : ""));
+  }
+  // While write is committing, a gallery that reached the end reloads when more row groups are written.
+  function refillGallery(body) {
+    if (!state.galleryLoaded || $("tab-gallery").hidden || state.galleryNext !== null) return;
+    const write = (body.stages || []).find((s) => s.stage === "write");
+    if (write && state.galleryWritten !== undefined && write.committed > state.galleryWritten) loadGallery(true);
   }
   function thumb(rg, offset, size, alt) {
     if (offset === null || offset === undefined) return el("div", "nothumb", "no thumbnail");

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(600)
 def curated(tmp_path_factory):
     """A run whose write stage failed on row group 1 (test-only fault hook)."""
     from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
-    from winnow.pipeline import CurationConfig, RowGroupsFailedError, run_all
+    from winnow.exceptions import RowGroupsFailedError
+    from winnow.pipeline import CurationConfig, run_all
     from winnow.stages.write import STAGE
 
     root = tmp_path_factory.mktemp("plugin")
@@ -127,6 +128,8 @@ def test_progress_finds_the_run_root_from_the_dag_run_and_shows_the_failed_row_g
     write = next(s for s in body["stages"] if s["stage"] == curated["stage"])
     assert write["failed"] == 1 and write["map"].startswith("1c1f")
     assert "injected test fault" in write["errors"][0]["error"]
+    status = {s["stage"]: s["status"] for s in body["stages"]}
+    assert status == {**{s: "done" for s in status}, curated["stage"]: "failed"}, status  # no stage "pending"
     again = client.get(f"/api/runs/{dag_runs['ok']}/progress", headers={**admin, "If-None-Match": r.headers["ETag"]})
     assert again.status_code == 304 and again.content == b""
 

@@ -22,7 +22,8 @@ def run(tmp_path_factory):
 
     from winnow.data.index import load_index
     from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
-    from winnow.pipeline import CurationConfig, RowGroupsFailedError, run_all
+    from winnow.exceptions import RowGroupsFailedError
+    from winnow.pipeline import CurationConfig, run_all
     from winnow.stages.write import STAGE
 
     root = tmp_path_factory.mktemp("report")
@@ -36,7 +37,20 @@ def run(tmp_path_factory):
             run_all(cfg, backend="local")
     finally:
         del os.environ["WINNOW_TEST_FAULTS"]
-    return {"root": cfg.run_root, "plan": load_index(cfg.run_root).plan, "stage": STAGE}
+    return {"root": cfg.run_root, "plan": load_index(cfg.run_root).plan, "stage": STAGE, "cfg": cfg}
+
+
+@pytest.fixture(scope="module")
+def unwritten(run, tmp_path_factory):
+    """A copy of the run with its write stage not committed yet (the folder gone): what a run
+    that failed, or is still running, before write looks like."""
+    import dataclasses
+    import shutil
+
+    out = tmp_path_factory.mktemp("unwritten") / "out"
+    shutil.copytree(run["root"], out / "r")
+    shutil.rmtree(out / "r" / run["stage"])
+    return {**run, "root": str(out / "r"), "cfg": dataclasses.replace(run["cfg"], output_root=str(out))}
 
 
 def test_run_length_round_trips_states():
@@ -61,6 +75,60 @@ def test_map_marks_the_failed_row_group_with_its_error_and_the_rest_committed(ru
     assert write["records_per_s"] is None or write["records_per_s"] > 0
 
 
+def test_the_dedup_steps_are_shown_by_their_own_units_not_as_pending_row_groups(run):
+    from winnow.report.progress import row_group_map
+    from winnow.stages.dedup_steps import committed_buckets, load_centroids
+
+    by = {s["stage"]: s for s in row_group_map(run["root"])["stages"]}
+    store = CommitStore(run["root"])
+    buckets = load_centroids(store)[1]["buckets"]
+    assert committed_buckets(store) == set(range(buckets))
+    assert {k: by["centroids"][k] for k in ("unit", "units", "committed", "pending", "status", "map")} == \
+        {"unit": "output", "units": 1, "committed": 1, "pending": 0, "status": "done", "map": "1c"}
+    assert {k: by["pairwise"][k] for k in ("unit", "units", "committed", "pending", "status", "map")} == \
+        {"unit": "bucket", "units": buckets, "committed": buckets, "pending": 0, "status": "done", "map": f"{buckets}c"}
+    assert by["embed"]["status"] == "done" and by[run["stage"]]["status"] == "failed"
+
+
+def test_task_states_say_running_failed_or_not_run_where_storage_cannot(run):
+    from winnow.report.progress import row_group_map, with_task_states
+
+    def status(tasks, run_state):
+        stages = row_group_map(run["root"])["stages"]
+        for s in stages:
+            if s["stage"] == "pairwise":  # as while its buckets are not committed yet
+                s.update(status="pending", committed=0)
+        with_task_states(stages, tasks, run_state)
+        return {s["stage"]: s["status"] for s in stages}
+
+    assert status({"pairwise": {0: "success", 1: "running"}}, "running")["pairwise"] == "running"
+    assert status({"pairwise": {0: "failed", 1: "success"}}, "running")["pairwise"] == "failed"
+    assert status({"pairwise": {0: "upstream_failed"}}, "failed")["pairwise"] == "not run"
+    assert status({"pairwise": {}}, "running")["pairwise"] == "pending"
+    assert status({"embed": {0: "running"}}, "running")["embed"] == "done"  # storage says committed
+
+
+def test_a_finished_run_has_no_pending_stage_and_its_gallery_fills_as_write_commits(unwritten):
+    from winnow.pipeline import run_all
+    from winnow.report.gallery import gallery_page
+    from winnow.report.progress import row_group_map
+    from winnow.stages.registry import stage_order
+
+    plan, g = unwritten["plan"], unwritten["plan"].num_row_groups
+    before = gallery_page(unwritten["root"], plan, limit=1000)
+    assert before["items"] == [] and before["written"] == 0 and before["row_groups"] == g
+    assert "committed none of the" in before["waiting"] and "fills as it commits" in before["waiting"]
+
+    run_all(unwritten["cfg"], backend="local")  # writes every row group
+    stages = row_group_map(unwritten["root"])["stages"]
+    assert [s["stage"] for s in stages] == list(stage_order())
+    for s in stages:
+        assert s["status"] == "done" and s["pending"] == 0 and s["failed"] == 0, s
+    after = gallery_page(unwritten["root"], plan, limit=1000)
+    assert after["waiting"] is None and after["written"] == g and after["next"] is None
+    assert {i["row_group"] for i in after["items"]} == set(range(g))
+
+
 def test_a_later_commit_wins_over_an_old_failure_record(run, tmp_path):
     from winnow.report.progress import row_group_map
     from winnow.rowgroups.failures import record_failure
@@ -80,7 +148,8 @@ def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(ru
 
     from PIL import Image
 
-    from winnow.report.gallery import GalleryError, gallery_page, read_thumbnail
+    from winnow.exceptions import GalleryError
+    from winnow.report.gallery import gallery_page, read_thumbnail
     from winnow.stages.thumbnails import OUTCOMES
 
     plan = run["plan"]
@@ -105,6 +174,7 @@ def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(ru
             assert "below threshold 3.0" in i["reason"]
         if i["outcome"] == "duplicate":
             assert i["reason"] == f"duplicate of {i['duplicate_of_key']}" and i["original_thumb_size"]
+    assert page["written"] == plan.num_row_groups - 1 and f"{plan.num_row_groups - 1} of" in page["waiting"]
     kept = gallery_page(run["root"], plan, outcome="kept", limit=2)
     assert kept["items"] and all(i["outcome"] == "kept" for i in kept["items"]) and kept["next"] is not None
     with pytest.raises(GalleryError):

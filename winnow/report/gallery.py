@@ -4,6 +4,8 @@ Reads the ``rg<id>.gallery`` (Parquet) files the write stage committed (see
 winnow.stages.thumbnails) in row-group order; a page is a cursor (the next row group to read)
 plus a bounded number of files read per call, so a page of a run with 10^5 row groups costs
 the same as one of ten. Thumbnail bytes are read by offset from the committed ``rg<id>.thumbs``.
+Every page says how many row groups the write stage has committed: the gallery of a run whose
+write stage has not committed (all) yet says so, and fills as write commits.
 """
 
 from __future__ import annotations
@@ -13,18 +15,14 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from winnow.exceptions import GalleryError
 from winnow.rowgroups import CommitStore, RowGroupPlan
-from winnow.rowgroups.errors import WinnowError
 from winnow.stages.thumbnails import GALLERY_SUFFIX, OUTCOMES, THUMBS_SUFFIX
 
 #: Most gallery files one page request opens (a rare reason may need many pages).
 MAX_FILES_PER_PAGE = 64
 #: No thumbnail is larger than this; a bigger request is refused.
 MAX_THUMB_BYTES = 2_000_000
-
-
-class GalleryError(WinnowError):
-    """A gallery request names something that is not in the run (row group, offset, outcome)."""
 
 
 def thresholds(store: CommitStore) -> dict[str, float | None]:
@@ -58,10 +56,28 @@ def _write_stage() -> str:
     return STAGE
 
 
+def written(store: CommitStore, plan: RowGroupPlan) -> tuple[int, str | None]:
+    """Row groups the write stage has committed, and what a gallery page should say while that is
+    not all of them (None once it is)."""
+    from winnow.report.progress import committed_row_groups
+
+    stage = _write_stage()
+    done = committed_row_groups(store, stage, plan)
+    g = plan.num_row_groups
+    if done >= g:
+        return done, None
+    if done == 0:
+        return done, (f"the {stage} stage has committed none of the {g} row groups yet: the gallery "
+                      "shows written records and fills as it commits")
+    return done, f"{done} of {g} row groups written so far: the gallery shows those and fills as {stage} commits"
+
+
 def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = None, cursor: int = 0,
                  limit: int = 24) -> dict[str, Any]:
     """Up to ``limit`` gallery items from row group ``cursor`` on, and the cursor of the next page
-    (None at the end). ``outcome`` filters: kept, undecodable, aesthetic, nsfw or duplicate."""
+    (None at the end). ``outcome`` filters: kept, undecodable, aesthetic, nsfw or duplicate.
+    ``written``: row groups the write stage has committed (of ``row_groups``); ``waiting``: what
+    to say while that is not all of them, else None."""
     if outcome is not None and outcome not in OUTCOMES:
         raise GalleryError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     if not 0 <= cursor <= plan.num_row_groups:
@@ -90,7 +106,9 @@ def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = Non
         rg += 1
     # Pages end at row-group boundaries (a page may hold up to one gallery file more than
     # ``limit``), so the cursor is just a row-group id.
-    return {"items": items, "next": rg if rg < plan.num_row_groups else None, "thresholds": limits}
+    done, waiting = written(store, plan)
+    return {"items": items, "next": rg if rg < plan.num_row_groups else None, "thresholds": limits,
+            "written": done, "row_groups": plan.num_row_groups, "waiting": waiting}
 
 
 def read_thumbnail(run_root: str, plan: RowGroupPlan, row_group: int, offset: int, size: int) -> bytes:

@@ -1,7 +1,9 @@
-"""Stage x row-group map of a run: committed, failed (with its error) or pending, from listings.
+"""Stage x row-group map of a run: committed, failed (with its error) or pending, from listings;
+stages that commit units of their own (k-means centroids, dedup buckets) by those units.
 
 Besides the index and the run summary, the only files read are the stages' fingerprints (one
-stat and one small read of ``_stage.json`` per stage per call) and the failure records. The map
+stat and one small read of ``_stage.json`` per stage per call), the failure records and the
+centroids file's footer (which fixes the bucket count), listed with one listing of ``pairwise/``. The map
 travels run-length encoded (``"120c3f57."``): a running stage is a few long runs, whatever the
 row-group count.
 
@@ -241,41 +243,123 @@ def _stage_scan(store: CommitStore, stage: str, plan: RowGroupPlan, *, cache: bo
     return scan
 
 
-def row_group_map(run_root: str, stages: tuple[str, ...] | None = None, *, cache: bool = True) -> dict[str, Any]:
-    """Per stage: the run-length encoded map, counts, records/s and the failed row groups' errors.
+def committed_row_groups(store: CommitStore, stage: str, plan: RowGroupPlan) -> int:
+    """How many row groups of ``stage`` are committed (through the settled-partition cache)."""
+    return _stage_scan(store, stage, plan, cache=True).states.count(ord(COMMITTED))
 
+
+#: What a stage's units are called in the map, by the registry's scope (row-group stages aside).
+UNIT_NAMES = {"bucket": "bucket", "global": "output"}
+#: Task-instance states of a stage that is being worked on (or about to be, or retrying).
+ACTIVE_TASK_STATES = frozenset({"running", "queued", "scheduled", "up_for_retry", "up_for_reschedule",
+                                "deferred", "restarting"})
+
+
+def _status(committed: int, failed: int, units: int | None) -> str:
+    """A stage's state as storage tells it: ``done`` (every unit committed), ``failed`` (a failure
+    record stands) or ``pending`` (not all committed yet; whether a task works on it is Airflow's)."""
+    if units is not None and committed == units:
+        return "done"
+    return "failed" if failed else "pending"
+
+
+def _row_group_stage(store: CommitStore, name: str, plan: RowGroupPlan, *, cache: bool) -> dict[str, Any]:
+    scan = _stage_scan(store, name, plan, cache=cache)
+    committed = scan.states.count(ord(COMMITTED))
+    errors = []
+    for p, rg in scan.failed[:MAX_ERRORS_PER_STAGE]:
+        rec = read_failure(store, name, p, rg) or {}
+        errors.append({"row_group": rg, "partition": p, "error": rec.get("error", ""),
+                       "failed_at": rec.get("failed_at")})
+    span = (scan.last - scan.first) if scan.first is not None and scan.last is not None else 0.0
+    return {
+        "stage": name,
+        "unit": "row group",
+        "units": plan.num_row_groups,
+        "status": _status(committed, len(scan.failed), plan.num_row_groups),
+        "committed": committed,
+        "failed": len(scan.failed),
+        "pending": plan.num_row_groups - committed - len(scan.failed),
+        "records": scan.records,
+        "records_per_s": round(scan.records / span, 2) if span > 0 and committed > 1 else None,
+        "first_commit": scan.first,
+        "last_commit": scan.last,
+        "map": run_length(scan.states),
+        "errors": errors,
+    }
+
+
+def _unit_stage(store: CommitStore, spec: Any) -> dict[str, Any]:
+    """A stage that commits units of its own (the k-means centroids, dedup buckets): how many,
+    which are committed, read by the stage's unit reader named in the registry. Its failures
+    are not recorded in storage: the Airflow task states tell them (:func:`with_task_states`)."""
+    total, done = spec.load_units()(store)
+    committed = len(done) if total is None else sum(1 for u in done if 0 <= u < total)
+    states = bytearray(PENDING.encode()) * (total or 0)
+    for u in done:
+        if 0 <= u < len(states):
+            states[u] = ord(COMMITTED)
+    return {
+        "stage": spec.name,
+        "unit": UNIT_NAMES.get(spec.scope, "unit"),
+        "units": total,
+        "status": _status(committed, 0, total),
+        "committed": committed,
+        "failed": 0,
+        "pending": None if total is None else total - committed,
+        "records": None,
+        "records_per_s": None,
+        "first_commit": None,
+        "last_commit": None,
+        "map": run_length(states),
+        "errors": [],
+    }
+
+
+def with_task_states(stages: list[dict[str, Any]], tasks: dict[str, dict[int, str]], run_state: str | None) -> None:
+    """Complete each stage's storage ``status`` with what Airflow says of its task instances
+    (``tasks``: stage -> {map index: state}): a stage not done is ``running`` while one of its
+    tasks is active, ``failed`` when one failed, and ``not run`` once the DAG run has ended
+    without it (upstream failed). A stage that storage says is done stays done."""
+    finished = run_state in ("success", "failed")
+    for s in stages:
+        if s["status"] == "done":
+            continue
+        states = set((tasks.get(s["stage"]) or {}).values())
+        if states & ACTIVE_TASK_STATES:
+            s["status"] = "running"
+        elif "failed" in states:
+            s["status"] = "failed"
+        elif finished and s["status"] == "pending":
+            s["status"] = "not run"
+
+
+def row_group_map(run_root: str, stages: tuple[str, ...] | None = None, *, cache: bool = True) -> dict[str, Any]:
+    """Per stage: its units (row groups, or the stage's own units), counts, status, records/s,
+    the run-length encoded map and the failed row groups' errors.
+
+    Row-group stages (``unit`` "row group") are read from their row-group files. The stages that
+    commit no row-group files (the k-means ``centroids``: one ``output``; ``pairwise``: one unit
+    per ``bucket``) are read by their unit reader from the registry: their ``map`` is over their
+    units, ``units`` is None while not known yet (the buckets before the centroids). ``status``
+    is ``done``, ``failed`` or ``pending`` from storage (see :func:`with_task_states`).
     ``records_per_s`` is the stage's committed records over the span between its first and
     last commit (None until two commits exist): the stage's own pace, not the run's.
     ``cache=False`` lists every stage in full and leaves the settled-partition cache alone.
     """
     from winnow.data.index import load_index
     from winnow.pipeline import SUMMARY_FILE
-    from winnow.stages.registry import stage_order
+    from winnow.stages.registry import stage_order, stage_spec
 
     store = CommitStore(run_root)
     plan = load_index(run_root).plan
     out_stages = []
     for name in stages or stage_order():
-        scan = _stage_scan(store, name, plan, cache=cache)
-        committed = scan.states.count(ord(COMMITTED))
-        errors = []
-        for p, rg in scan.failed[:MAX_ERRORS_PER_STAGE]:
-            rec = read_failure(store, name, p, rg) or {}
-            errors.append({"row_group": rg, "partition": p, "error": rec.get("error", ""),
-                           "failed_at": rec.get("failed_at")})
-        span = (scan.last - scan.first) if scan.first is not None and scan.last is not None else 0.0
-        out_stages.append({
-            "stage": name,
-            "committed": committed,
-            "failed": len(scan.failed),
-            "pending": plan.num_row_groups - committed - len(scan.failed),
-            "records": scan.records,
-            "records_per_s": round(scan.records / span, 2) if span > 0 and committed > 1 else None,
-            "first_commit": scan.first,
-            "last_commit": scan.last,
-            "map": run_length(scan.states),
-            "errors": errors,
-        })
+        spec = stage_spec(name)
+        if spec.has_row_groups:
+            out_stages.append(_row_group_stage(store, name, plan, cache=cache))
+        else:
+            out_stages.append(_unit_stage(store, spec))
     summary = read_json(store.fs, store.path(SUMMARY_FILE))
     return {
         "run_root": run_root,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from winnow.rowgroups.errors import WinnowError
+from winnow.exceptions import WinnowError
 from winnow.schemas import embedding_type
 
 

@@ -107,7 +107,9 @@ def test_login_open_the_run_tab_and_see_failed_row_groups_thumbnails_and_histogr
             for r in browser.find_elements(By.CSS_SELECTOR, "#stages tbody tr")}
     from winnow.stages.write import STAGE
 
-    assert int(rows[STAGE][2]) > 0 and rows["embed"][2] == "0" and rows["embed"][3] == "0", rows
+    # Columns: stage, status, committed, failed, pending, records/s, progress.
+    assert int(rows[STAGE][3]) > 0 and rows["embed"][3] == "0" and rows["embed"][4] == "0", rows
+    assert rows["embed"][1] == "done" and rows["centroids"][1] == "done" and rows["pairwise"][1] == "done", rows
     red = browser.execute_script(
         "const c=document.getElementById('map'),x=c.getContext('2d'),d=x.getImageData(0,0,c.width,c.height).data;"
         "let n=0;for(let i=0;i<d.length;i+=4){if(d[i]===198&&d[i+1]===40&&d[i+2]===40)n++;}return n;")
