@@ -10,15 +10,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
-from winnow.ray.runner import PartitionSummary, run_stage_partition
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, WinnowError, lease
-from winnow.rowgroups.store import read_json, write_json
-from winnow.stages.registry import STAGES, partition_stages, run_phases, stage_order, stage_spec
+from winnow.exceptions import BucketsFailedError, ConfigError, RowGroupsFailedError, WinnowError
+from winnow.ray.resources import Compute, resolve_compute
+from winnow.ray.results import PartitionSummary
+from winnow.ray.runner import run_stage_partition
+from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, lease
+from winnow.rowgroups.store import write_json
+from winnow.stages.registry import STAGES, partition_stages, run_phases, stage_spec
 
 if TYPE_CHECKING:
     from winnow.stages.base import Stage
@@ -30,10 +33,6 @@ logger = logging.getLogger(__name__)
 SUMMARY_FILE = "_summary.json"
 #: Where the engine runs a partition's row groups: a Ray Data job, or a loop in this process.
 Backend = Literal["ray", "local"]
-
-
-class ConfigError(WinnowError):
-    """A run parameter is invalid; the message names the parameter and the fix."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,10 +71,24 @@ class CurationConfig:
         return f"{self.output_root.rstrip('/')}/{self.run_key}"
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> CurationConfig:
-        """Build from DAG params / run conf; unknown keys (``ray_conn_id``) are ignored and
-        empty strings mean "not set" for optional paths."""
+    def from_params(cls, params: Mapping[str, Any], *, also_accepted: Collection[str] = ()) -> CurationConfig:
+        """Build from DAG params / run conf; empty strings mean "not set" for optional paths.
+
+        ``also_accepted``: keys the caller handles itself (the operators' connection ids); they
+        are left out of the config. Any other key that is not a field is a :class:`ConfigError`
+        naming it and the closest known parameter: a misspelt run-conf key must not quietly
+        run with the defaults.
+
+        >>> CurationConfig.from_params({"input_uri": "in", "output_root": "out", "run_key": "r",
+        ...                             "aesthetic_treshold": 5})
+        Traceback (most recent call last):
+        ...
+        winnow.exceptions.ConfigError: unknown parameter 'aesthetic_treshold' (did you mean 'aesthetic_threshold'?); ...
+        """
         known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known - set(also_accepted))
+        if unknown:
+            raise ConfigError(_unknown_keys(unknown, known | set(also_accepted)))
         values = {k: v for k, v in params.items() if k in known}
         for optional in ("model_dir", "aesthetic_weights", "nsfw_weights"):
             if values.get(optional) in ("", None):
@@ -179,6 +192,18 @@ class CurationConfig:
             raise ConfigError("invalid curation parameters:\n  - " + "\n  - ".join(problems))
 
 
+def _unknown_keys(unknown: list[str], known: set[str]) -> str:
+    """``unknown parameter 'x' (did you mean 'y'?)`` for each key, then the parameters there are."""
+    import difflib
+
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else f"{key!r} (no parameter is close)")
+    noun = "parameter" if len(unknown) == 1 else "parameters"
+    return f"unknown {noun} {', '.join(parts)}; the parameters are: {', '.join(sorted(known))}"
+
+
 # ---- stages ------------------------------------------------------------------------------
 
 def make_stage(cfg: CurationConfig, name: str) -> Stage:
@@ -239,11 +264,16 @@ def _hold_lease(cfg: CurationConfig, owner: str | None) -> None:
 def run_index(
     cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
     ray_address: str | None = None, backend: Backend = "ray",
+    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
 ) -> dict[str, Any]:
     """Validate, index the shards (resumable; scanned by Ray tasks in shard groups), fix the
-    plan and check every stage's fingerprint."""
+    plan and check every stage's fingerprint.
+
+    ``compute`` / ``worker_cpus`` / ``worker_gpus`` are the model workers' (the scan tasks take
+    1 CPU each): checked here, before any work, against the alive Ray nodes."""
     log = log or logger.info
     cfg.validate()
+    _check_workers(compute, worker_cpus, worker_gpus, ray_address=ray_address, backend=backend)
     _hold_lease(cfg, owner)
     try:
         return _index_and_prepare(cfg, log, ray_address=ray_address, backend=backend)
@@ -253,6 +283,21 @@ def run_index(
         if owner:
             lease.release(CommitStore(cfg.run_root), owner)
         raise
+
+
+def _check_workers(compute: str | None, worker_cpus: float | None, worker_gpus: float | None, *,
+                   ray_address: str | None, backend: Backend) -> None:
+    """Fail fast on a ``compute`` that is not one of Ray Data's, or a worker size no alive node
+    holds (the run would otherwise wait forever at its first model stage)."""
+    from winnow.ray.resources import check_knobs, model_worker_request
+
+    compute = resolve_compute(compute, ray_address)
+    check_knobs(worker_cpus, worker_gpus)
+    if backend == "ray" and (worker_cpus is not None or worker_gpus is not None):
+        from winnow.ray.cluster import connect
+
+        connect(ray_address)
+        model_worker_request(compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
 
 
 def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None], *, ray_address: str | None,
@@ -294,8 +339,16 @@ def run_partition(
     backend: Backend = "ray",
     owner: str | None = None,
     log: Callable[[str], None] | None = None,
+    compute: Compute | None = None,
+    worker_cpus: float | None = None,
+    worker_gpus: float | None = None,
 ) -> PartitionSummary:
-    """Run one row-group stage over one partition; failures are in ``summary.failed``."""
+    """Run one row-group stage over one partition; failures are in ``summary.failed``.
+
+    A model stage runs as ``compute`` (``"tasks"`` / ``"actors"``; None: the default of
+    :func:`winnow.ray.resources.default_compute`), each model worker of ``worker_cpus`` CPUs and
+    ``worker_gpus`` GPUs (None: the policy of :mod:`winnow.ray.resources`), never more than one
+    alive node holds."""
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     stage_obj = make_stage(cfg, stage)
@@ -306,6 +359,7 @@ def run_partition(
     return run_stage_partition(
         stage_obj, run_root=cfg.run_root, plan=plan, partition=partition,
         uses_model=stage_spec(stage).uses_model, ray_address=ray_address, backend=backend, log=log,
+        compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
     )
 
 
@@ -317,24 +371,31 @@ def _check_step(cfg: CurationConfig, plan: RowGroupPlan, stage: str) -> None:
 def run_centroids(
     cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
     ray_address: str | None = None, backend: Backend = "ray",
+    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
 ) -> dict[str, Any]:
-    """Dedup step 1: k-means on a bounded sample, in a Ray task. Returns its summary with
-    ``buckets``: the list ``range(B)`` the pairwise step is mapped over."""
+    """Dedup step 1: k-means on a bounded sample, in a Ray task of ``worker_cpus`` CPUs (default:
+    the largest alive node's, 1 beside a GPU) and ``worker_gpus`` GPUs. Returns its summary with
+    ``buckets``: the list ``range(B)`` the pairwise step is mapped over. (``compute`` is checked;
+    the step is one plain task either way.)"""
     from winnow.stages.dedup_steps import run_centroids as centroids
 
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     _check_step(cfg, plan, "centroids")
-    result = centroids(cfg.run_root, plan, cfg.dedup_config(), backend=backend, ray_address=ray_address, log=log)
+    resolve_compute(compute, ray_address)
+    result = centroids(cfg.run_root, plan, cfg.dedup_config(), backend=backend, ray_address=ray_address, log=log,
+                       worker_cpus=worker_cpus, worker_gpus=worker_gpus)
     return {**result, "bucket_list": list(range(result["buckets"]))}
 
 
 def run_buckets(
     cfg: CurationConfig, stage: str, buckets: list[int] | None = None, *, owner: str | None = None,
     log: Callable[[str], None] | None = None, ray_address: str | None = None, backend: Backend = "ray",
+    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
 ) -> Any:
     """A bucket stage (dedup's ``pairwise``) over ``buckets`` (all when None): a Ray task per
-    bucket not committed yet. Returns the :class:`~winnow.ray.units.UnitSummary`."""
+    bucket not committed yet, of ``worker_cpus`` CPUs (default 1) and ``worker_gpus`` GPUs
+    (default 1 where a node has GPUs). Returns the :class:`~winnow.ray.results.UnitSummary`."""
     from winnow.stages.dedup_steps import run_pairwise
 
     if stage_spec(stage).scope != "bucket":
@@ -342,8 +403,9 @@ def run_buckets(
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     _check_step(cfg, plan, stage)
+    resolve_compute(compute, ray_address)
     return run_pairwise(cfg.run_root, plan, cfg.dedup_config(), buckets, backend=backend,
-                        ray_address=ray_address, log=log)
+                        ray_address=ray_address, log=log, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
 
 
 def run_report(
@@ -391,7 +453,8 @@ def run_report(
     return summary
 
 
-#: The engine call of each global stage: ``(cfg, owner=, log=, ray_address=, backend=) -> summary dict``.
+#: The engine call of each global stage: ``(cfg, owner=, log=, ray_address=, backend=, compute=,
+#: worker_cpus=, worker_gpus=) -> summary dict``.
 GLOBAL_STAGE_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"index": run_index, "centroids": run_centroids}
 
 
@@ -402,9 +465,18 @@ def run_all(
     backend: Backend = "ray",
     owner: str | None = None,
     log: Callable[[str], None] | None = None,
+    compute: Compute | None = None,
+    worker_cpus: float | None = None,
+    worker_gpus: float | None = None,
 ) -> dict[str, Any]:
     """The whole curation without Airflow, in the DAG's order (the registry's phases; the
     stages of a partition phase run depth-first per partition).
+
+    Model workers run as ``compute``: by default ``"tasks"`` when this call starts its own
+    embedded Ray (no ``ray_address`` and ``WINNOW_RAY_EMBEDDED`` is not ``shared``), else
+    ``"actors"`` (:func:`winnow.ray.resources.default_compute`); each of ``worker_cpus`` CPUs
+    and ``worker_gpus`` GPUs, or the policy of :mod:`winnow.ray.resources` (never more than one
+    alive node holds).
 
     Raises :class:`RowGroupsFailedError` after every stage that could run has run, when any
     row group failed. ``owner`` names the run-root lease. By default it is this process: if it
@@ -414,6 +486,8 @@ def run_all(
     """
     log = log or logger.info
     t0 = time.perf_counter()
+    compute = resolve_compute(compute, ray_address)
+    workers = {"compute": compute, "worker_cpus": worker_cpus, "worker_gpus": worker_gpus}
     owner = owner or lease.process_owner()
     partitions: list[int] = []
     summaries: list[dict[str, Any]] = []
@@ -421,20 +495,22 @@ def run_all(
         for scope, specs in run_phases():
             if scope == "global":
                 result = GLOBAL_STAGE_RUNNERS[specs[0].name](cfg, owner=owner, log=log, ray_address=ray_address,
-                                                             backend=backend)
+                                                             backend=backend, **workers)
                 if specs[0].name == "index":
                     partitions = list(result["partitions"])
                 continue
             if scope == "bucket":
                 (spec,) = specs
-                bs = run_buckets(cfg, spec.name, owner=owner, log=log, ray_address=ray_address, backend=backend)
+                bs = run_buckets(cfg, spec.name, owner=owner, log=log, ray_address=ray_address, backend=backend,
+                                 **workers)
                 if bs.failed:
                     raise BucketsFailedError(spec.name, bs.failed)
                 continue
             failed: list[PartitionSummary] = []
             for p in partitions:
                 for spec in specs:
-                    s = run_partition(cfg, spec.name, p, ray_address=ray_address, backend=backend, owner=owner, log=log)
+                    s = run_partition(cfg, spec.name, p, ray_address=ray_address, backend=backend, owner=owner, log=log,
+                                      **workers)
                     summaries.append(s.to_dict())
                     if not s.ok:
                         failed.append(s)
@@ -449,54 +525,3 @@ def run_all(
     log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['write_dir']}")
     return summary
 
-
-def run_progress(run_root: str) -> dict[str, Any]:
-    """Row groups committed per stage of a run, from storage (one listing per partition).
-
-    What the Airflow plugin shows; cheap enough to poll: O(partitions) listings, no reads.
-    """
-    from winnow.data.index import load_index
-
-    store = CommitStore(run_root)
-    plan = load_index(run_root).plan
-    stages: dict[str, dict[str, Any]] = {}
-    for name in stage_order():
-        if name not in ("index", *(s.name for s in partition_stages())):
-            continue  # centroids and pairwise are not row-group stages
-        committed = sum(len(store.completed(name, p)) for p in range(plan.num_partitions))
-        stages[name] = {
-            "committed": committed,
-            "row_groups": plan.num_row_groups,
-            "fingerprint": (store.read_fingerprint(name) or {}).get("digest"),
-        }
-    summary = read_json(store.fs, store.path(SUMMARY_FILE))
-    last = stage_order()[-1]
-    return {
-        "run_root": run_root,
-        "records": plan.num_records,
-        "row_groups": plan.num_row_groups,
-        "partitions": plan.num_partitions,
-        "stages": stages,
-        "complete": summary is not None and stages[last]["committed"] == plan.num_row_groups,
-        "summary": summary,
-    }
-
-
-class BucketsFailedError(WinnowError):
-    """Some buckets of a bucket stage failed; the others are committed and a rerun does only these."""
-
-    def __init__(self, stage: str, failed: Mapping[int, str]) -> None:
-        self.stage, self.failed = stage, dict(failed)
-        first = min(self.failed)
-        super().__init__(f"{stage}: buckets {sorted(self.failed)[:20]} failed; first error (bucket {first}): "
-                         f"{self.failed[first]}. Rerun to retry only those.")
-
-
-class RowGroupsFailedError(WinnowError):
-    """Some row groups failed; the others are committed and a rerun does only these."""
-
-    def __init__(self, summaries: list[PartitionSummary]) -> None:
-        self.summaries = summaries
-        parts = [f"{s.stage} p{s.partition}: row groups {sorted(s.failed)}" for s in summaries]
-        first = next(iter(summaries[0].failed.values()))
-        super().__init__(f"row groups failed ({'; '.join(parts)}); first error: {first}. Rerun to retry only those.")

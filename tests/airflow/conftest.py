@@ -49,16 +49,22 @@ def airflow_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 @contextlib.contextmanager
 def retries_set(dag, retries: int):
-    """Every task of ``dag`` retries ``retries`` times meanwhile; then as declared again (the DAG
-    object is shared by the session: a module must leave it as it found it)."""
-    declared = {task.task_id: task.retries for task in dag.tasks}
+    """Every task of ``dag`` retries ``retries`` times meanwhile; then as declared again, params
+    included (the DAG object is shared by the session: a module must leave it as it found it, and
+    a run's conf is merged into the params of the tasks it ran, so one run's conf would become the
+    next run's defaults)."""
+    import copy
+
+    declared = {task.task_id: (task.retries, copy.deepcopy(task.params)) for task in dag.tasks}
+    dag_params = copy.deepcopy(dag.params)
     for task in dag.tasks:
         task.retries = retries
     try:
         yield dag
     finally:
         for task in dag.tasks:
-            task.retries = declared[task.task_id]
+            task.retries, task.params = declared[task.task_id]
+        dag.params = dag_params
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,47 @@ def test_params_schema_accepts_a_test_run_conf(curation_dag):
     params.update(conf)
     resolved = params.validate()
     assert resolved["buffer_size"] == 4 and resolved["run_key"] == "r1"
+
+
+def test_every_param_is_a_run_parameter_or_one_the_operators_handle(curation_dag):
+    import dataclasses
+
+    from operators.base import AIRFLOW_PARAMS
+    from winnow.pipeline import CurationConfig
+
+    fields = {f.name for f in dataclasses.fields(CurationConfig)}
+    assert set(curation_dag.params.keys()) <= fields | AIRFLOW_PARAMS
+    assert not AIRFLOW_PARAMS & fields
+
+
+def test_a_misspelt_conf_key_is_named_with_the_closest_param_by_the_operator(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from operators.stages import OPERATORS
+
+    op = OPERATORS["index"](task_id="index")
+    params = {"input_uri": str(tmp_path), "output_root": str(tmp_path / "out"), "run_key": "r",
+              "ray_conn_id": "ray_default", "storage_conn_id": None}
+    assert op.curation_config({"params": params}).run_key == "r"  # Airflow's own params are accepted
+    with pytest.raises(AirflowFailException, match=r"unknown parameter 'aesthetic_treshold' \(did you mean "
+                                                    r"'aesthetic_threshold'\?\)"):
+        op.curation_config({"params": {**params, "aesthetic_treshold": 5}})
+
+
+def test_a_dag_run_with_a_misspelt_conf_key_fails_its_index_task_at_once_and_writes_nothing(curation_dag, tmp_path, capfd):
+    from datetime import UTC, datetime
+
+    from tests.airflow.conftest import retries_set
+    from winnow.data.sample import TINY_MODEL_PARAMS
+
+    conf = {"input_uri": str(tmp_path / "in"), "output_root": str(tmp_path / "out"), "run_key": "typo",
+            **TINY_MODEL_PARAMS, "aesthetic_treshold": 5}
+    with retries_set(curation_dag, 2):
+        dr = curation_dag.test(logical_date=datetime(2025, 5, 17, tzinfo=UTC), run_conf=conf)
+    states = {(ti.task_id, ti.map_index): (str(getattr(ti.state, "value", ti.state)), ti.try_number)
+              for ti in dr.get_task_instances()}
+    assert dr.state == "failed"
+    assert states[("index", -1)] == ("failed", 1), states  # AirflowFailException: no retry
+    assert not (tmp_path / "out").exists()
+    out = capfd.readouterr()
+    assert "unknown parameter 'aesthetic_treshold' (did you mean 'aesthetic_threshold'?)" in out.out + out.err
