@@ -105,3 +105,24 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
+
+
+SMOKE_HELP = ("seconds, tiny data: check that the script still runs against today's code (the test suite "
+              "runs every benchmark this way); its figures mean nothing")
+
+
+def add_smoke(ap) -> None:
+    """The ``--smoke`` flag every benchmark script has (``tests/benchmarks/test_smoke.py`` runs it)."""
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+
+
+def apply_smoke(args, **tiny) -> None:
+    """With ``--smoke``: replace the arguments named in ``tiny`` (a ``None`` workdir-like value
+    becomes a fresh temp folder) and say that the figures are not a measurement."""
+    import tempfile
+
+    if not getattr(args, "smoke", False):
+        return
+    for name, value in tiny.items():
+        setattr(args, name, tempfile.mkdtemp(prefix="winnow-smoke-") if value is None else value)
+    print("smoke run: tiny data, the figures are not a measurement", file=sys.stderr, flush=True)

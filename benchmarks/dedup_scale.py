@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, describe, machine  # noqa: F401  (REPO puts the repo on sys.path)
+from _common import REPO, add_smoke, apply_smoke, describe, machine  # noqa: F401  (REPO puts the repo on sys.path)
 
 D = 768
 
@@ -244,7 +244,9 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/winnow-bench/dedup_scale")
     ap.add_argument("--json")
     ap.add_argument("--reuse", action="store_true", help="reuse the generated stages of an earlier run with the same data params")
+    add_smoke(ap)
     args = ap.parse_args()
+    apply_smoke(args, records=400, buffer_size=100, max_partitions=2, centres=8, max_iter=5, work=None)
 
     from winnow.ray.cluster import EMBEDDED_ENV, STATE_DIR_ENV, ensure_local_head, head_status, stop_local_head
 

@@ -144,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="where shards and the run root go (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the measurements to this file")
+    from _common import add_smoke, apply_smoke
+
+    add_smoke(ap)
     args = ap.parse_args(argv)
-    if args.repeats < 3:
+    apply_smoke(args, model="winnow-tiny-vit", pretrained="random", images=6, image_size="64x48", batch_size=3,
+                buffer_size=3, device="cpu", decode_backend="pillow", backend="local", repeats=1)
+    if args.repeats < 3 and not args.smoke:
         ap.error("--repeats must be at least 3 (the median of fewer runs is noise)")
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     from _common import describe, machine

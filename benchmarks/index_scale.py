@@ -29,7 +29,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from _common import REPO, describe, machine
+from _common import REPO, add_smoke, apply_smoke, describe, machine
 
 
 def write_shards(folder: Path, shards: int, per_shard: int) -> None:
@@ -78,7 +78,9 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--s3", action="store_true",
                     help="read the shards from, and write the run roots to, a local S3 endpoint (moto, as the tests use)")
+    add_smoke(ap)
     args = ap.parse_args()
+    apply_smoke(args, shards=3, per_shard=4, runs=1, buffer_size=4, work=None, backends="serial,local")
 
     from winnow.data.index import IndexConfig, build_index
     from winnow.ray.cluster import connect

@@ -13,6 +13,7 @@ in between holds no slot). Airflow's own per-try overhead (the same in both mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,7 +33,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", help="write the raw figures here")
+    from benchmarks._common import add_smoke, apply_smoke
+
+    add_smoke(ap)
     args = ap.parse_args()
+    apply_smoke(args, runs=1)  # one job-mode and one driver-mode DAG run of 12 records: its smallest form
     os.environ.setdefault("WINNOW_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="winnow-bench-airflow-"))
     from tests.airflow.conftest import airflow_cli  # sets the Airflow environment first
 
@@ -40,7 +45,8 @@ def main() -> int:
     import ray
     from airflow.dag_processing.dagbag import DagBag
 
-    from operators.base import RowGroupStageOperator
+    from operators.base import CurationOperator
+    from operators.stages import OPERATORS, ReportOperator
     from tests.airflow._ray_jobs import driver_conn, job_conn, start_job_head
     from winnow.data.sample import generate_sample
     from winnow.ray import cluster
@@ -69,10 +75,12 @@ def main() -> int:
         env = {"AIRFLOW_CONN_RAY_JOBB": job_conn(started["url"], started["token"]),
                "AIRFLOW_CONN_RAY_DRIVERB": driver_conn(started["address"], started["token"])}
         day = datetime(2025, 5, 1, tzinfo=UTC)
-        with mock.patch.dict(os.environ, env), \
-                mock.patch.object(RowGroupStageOperator, "execute", timed(RowGroupStageOperator.execute)), \
-                mock.patch.object(RowGroupStageOperator, "execute_complete",
-                                  timed(RowGroupStageOperator.execute_complete)):
+        with mock.patch.dict(os.environ, env), contextlib.ExitStack() as patches:
+            # Every step's operator code counts (the global steps are Ray Jobs in job mode too).
+            for cls in {*OPERATORS.values(), ReportOperator}:
+                patches.enter_context(mock.patch.object(cls, "execute", timed(cls.execute)))
+            patches.enter_context(mock.patch.object(CurationOperator, "execute_complete",
+                                                    timed(CurationOperator.execute_complete)))
             for r in range(args.runs):
                 for mode, conn in (("job", "ray_jobb"), ("driver", "ray_driverb")):
                     slots.clear()
@@ -85,13 +93,21 @@ def main() -> int:
                     results[mode].append({"state": str(dr.state), "wall_s": round(wall, 1),
                                           "slot_s_per_partition": round(sum(slots.values()), 2),
                                           "per_task": per_task})
+                    if mode == "job":
+                        results[mode][-1]["jobs"] = job_phases(started, dr.run_id)
                     print(mode, results[mode][-1], flush=True)
                 ray.shutdown()
     finally:
         cluster.stop_head(started["head"], timeout_s=15)
+    phases = [j for run in results["job"] for j in run.get("jobs", [])]
     summary = {mode: {"slot_s_median": statistics.median(x["slot_s_per_partition"] for x in runs),
                       "wall_s_median": statistics.median(x["wall_s"] for x in runs), "runs": runs}
                for mode, runs in results.items()}
+    if phases:  # where a job's time goes, median over every job of every round
+        summary["job_phases_median_s"] = {k: round(statistics.median(j[k] for j in phases), 2)
+                                          for k in ("submit_to_driver", "driver_to_attached", "attached_to_done",
+                                                    "done_to_ended", "total")}
+        summary["jobs_per_run"] = len(phases) // max(1, len(results["job"]))
     summary["load_at_start"] = [round(x, 2) for x in load]
     summary["load_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(summary, indent=2))
@@ -99,6 +115,35 @@ def main() -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def job_phases(started: dict, run_id: str) -> list[dict]:
+    """Each Ray Job of one DAG run, its time cut into: submitted -> driver's main() (runtime env,
+    driver process start), main() -> attached to Ray (imports, ray.init), attached -> done (the
+    step: Ray Data, workers or actors, model load, compute, commits), done -> ended (driver exit,
+    as Ray's job record says). From the job record's start/end times and the job's
+    ``WINNOW_JOB_TIMES`` line."""
+    import requests
+
+    from tests.airflow._ray_jobs import jobs_of
+    from winnow.ray.job import TIMES_MARKER
+
+    out = []
+    headers = {"Authorization": f"Bearer {started['token']}"}
+    for job in jobs_of(started["url"], started["token"]):
+        if job["metadata"].get("airflow_run_id") != run_id:
+            continue
+        logs = requests.get(f"{started['url']}/api/jobs/{job['submission_id']}/logs", headers=headers,
+                            timeout=30).json().get("logs") or ""
+        line = next((ln for ln in reversed(logs.splitlines()) if TIMES_MARKER in ln), None)
+        if line is None or not job.get("start_time") or not job.get("end_time"):
+            continue
+        t = json.loads(line.split(TIMES_MARKER, 1)[1])
+        start, end = job["start_time"] / 1000, job["end_time"] / 1000
+        out.append({"stage": job["metadata"].get("winnow_stage"), "submit_to_driver": t["main"] - start,
+                    "driver_to_attached": t["attached"] - t["main"], "attached_to_done": t["done"] - t["attached"],
+                    "done_to_ended": end - t["done"], "total": end - start})
+    return out
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from _common import add_smoke, apply_smoke  # noqa: E402
+
 from winnow.rowgroups import CommitStore, RowGroupPlan  # noqa: E402
 
 
@@ -81,7 +83,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--resume-partitions", type=int, default=16)
+    add_smoke(ap)
     args = ap.parse_args()
+    apply_smoke(args, runs=1, resume_partitions=1)
     print("| row groups | median build+query time | peak memory (tracemalloc) |")
     print("|---:|---:|---:|")
     for exp in (6, 8, 9):

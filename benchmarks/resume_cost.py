@@ -31,20 +31,21 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import TINY_CURATION, describe, ensure_sample, machine, median, run_json_child  # noqa: E402
+from _common import TINY_CURATION, add_smoke, apply_smoke, describe, ensure_sample, machine, median, run_json_child  # noqa: E402
 
 STAGES = ("embed", "aesthetic", "nsfw", "dedup", "write")
 
 
-def child(params: dict, marker: str) -> dict:
+def child(params: dict, marker: str, backend: str = "ray") -> dict:
     from winnow.pipeline import CurationConfig, run_all
     from winnow.ray.cluster import connect
 
     cfg = CurationConfig.from_params(params)
-    connect(None)
+    if backend == "ray":
+        connect(None)
     start = time.time()
     Path(marker).write_text(json.dumps({"work_start": start, "pid": os.getpid()}))
-    summary = run_all(cfg, backend="ray", log=lambda _line: None)
+    summary = run_all(cfg, backend=backend, log=lambda _line: None)
     return {
         "compute_seconds": time.time() - start,
         "row_groups_by_stage": summary["row_groups_by_stage"],
@@ -66,11 +67,11 @@ def output_digest(run_root: str) -> str:
     return h.hexdigest()
 
 
-def killed_run(params: dict, marker: str, kill_after: int, env: dict) -> dict:
+def killed_run(params: dict, marker: str, kill_after: int, env: dict, backend: str = "ray") -> dict:
     """Start a run, SIGKILL its process group once ``kill_after`` embed row groups committed."""
     run_root = os.path.join(params["output_root"], params["run_key"])
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", "--params", json.dumps(params), "--marker", marker],
+        [sys.executable, __file__, "--child", "--params", json.dumps(params), "--marker", marker, "--backend", backend],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, **env},
     )
     try:
@@ -109,12 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     ap.add_argument("--marker", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="ray", choices=("ray", "local"),
+                    help="ray (the measurement) or local (the same runs without Ray)")
+    add_smoke(ap)
     args = ap.parse_args(argv)
+    apply_smoke(args, images=24, shards=2, buffer_size=2, batch_size=2, kill_at=0.1, runs=1, workdir=None,
+                backend="local")
 
     if args.child:
-        print("RESULT " + json.dumps(child(json.loads(args.params), args.marker)), flush=True)
+        print("RESULT " + json.dumps(child(json.loads(args.params), args.marker, args.backend)), flush=True)
         return 0
-    if args.runs < 3:
+    if args.runs < 3 and not args.smoke:
         print("warning: fewer than 3 runs is a smoke test, not a measurement", file=sys.stderr)
 
     start_machine = machine()
@@ -136,18 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         clean_p, killed_p = params(f"clean{i}"), params(f"killed{i}")
         marker = str(runs_root / f"marker{i}.json")
-        clean = run_json_child([__file__, "--child", "--params", json.dumps(clean_p), "--marker", marker], env=env)
+        child_args = ["--marker", marker, "--backend", args.backend]
+        clean = run_json_child([__file__, "--child", "--params", json.dumps(clean_p), *child_args], env=env)
         groups = clean["row_groups"]
         kill_after = max(1, round(args.kill_at * groups))
-        killed = killed_run(killed_p, marker, kill_after, env)
+        killed = killed_run(killed_p, marker, kill_after, env, args.backend)
         # run_all's default lease owner is its process: the killed run's lease is left behind
         # but stale, and the resume takes it over by itself (nothing is deleted by hand).
         killed["lease_left_behind"] = (runs_root / f"killed{i}" / "_lease.json").exists()
         # A Ray worker is not in the killed process group: one busy with a row group can still
         # commit it before it notices its raylet died. Count what storage holds when the resume starts.
-        time.sleep(2.0)
+        time.sleep(0.0 if args.backend == "local" else 2.0)
         killed["committed_at_resume"] = {s: committed(os.path.join(killed_p["output_root"], killed_p["run_key"]), s) for s in STAGES}
-        resumed = run_json_child([__file__, "--child", "--params", json.dumps(killed_p), "--marker", marker], env=env)
+        resumed = run_json_child([__file__, "--child", "--params", json.dumps(killed_p), *child_args], env=env)
         per_stage = {}
         for stage in STAGES:
             clean_n = groups if stage == "dedup" else clean["row_groups_by_stage"].get(stage, {}).get("computed", 0)

@@ -12,8 +12,10 @@ throughput from below. Measured, each the median of ``--runs``:
   its shards from the bucket, by a glob);
 - commit: ``commit_table`` of ``--commits`` embed-sized row groups (256 rows of 768-d float16,
   ~0.4 MB of Parquet each) and ``commit_bytes`` of 8 MB tars, commits/s and MB/s;
-- requests (S3 only, from the server's own log): a whole run (tiny model, ``run_all`` without
-  Ray) and a rerun of it, split by the DAG's tasks.
+- requests (S3 only, from the server's own log): a whole run (tiny model, the engine calls of
+  ``run_all`` in its order, without Ray) and a rerun of it, split by the DAG's tasks.
+
+``--smoke`` runs it all on tiny data in seconds (the test suite does, so the script cannot rot).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO, TINY_CURATION, Timer, describe, ensure_sample, machine, median  # noqa: E402
+from _common import REPO, TINY_CURATION, Timer, add_smoke, apply_smoke, describe, ensure_sample, machine, median  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from tests.storage._s3server import S3Server  # noqa: E402  (the tests' server, same settings)
@@ -57,7 +59,7 @@ def bench_index(input_uri: str, out_root: str, runs: int) -> dict:
     return {"records": records, "records_per_s": round(median(rates), 1)}
 
 
-def bench_commits(run_root: str, commits: int, runs: int) -> dict:
+def bench_commits(run_root: str, commits: int, runs: int, tar_mb: int = 8) -> dict:
     import numpy as np
     import pyarrow as pa
 
@@ -70,7 +72,7 @@ def bench_commits(run_root: str, commits: int, runs: int) -> dict:
     from winnow.rowgroups.store import table_to_parquet_bytes
 
     parquet_mb = len(table_to_parquet_bytes(table)) / 2**20
-    tar = rng.integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    tar = rng.integers(0, 255, tar_mb << 20, dtype=np.uint8).tobytes()
     small, big = [], []
     for i in range(runs):
         store = CommitStore(f"{run_root}/commit-{i}-{time.time_ns()}")
@@ -85,8 +87,8 @@ def bench_commits(run_root: str, commits: int, runs: int) -> dict:
     s, b = median(small), median(big)
     return {
         "parquet_commits_per_s": round(commits / s, 1), "parquet_mb_per_s": round(commits * parquet_mb / s, 1),
-        "parquet_mb_each": round(parquet_mb, 2), "tar_8mb_commits_per_s": round(8 / b, 2),
-        "tar_mb_per_s": round(64 / b, 1),
+        "parquet_mb_each": round(parquet_mb, 2), f"tar_{tar_mb}mb_commits_per_s": round(8 / b, 2),
+        "tar_mb_per_s": round(8 * tar_mb / b, 1),
     }
 
 
@@ -95,9 +97,12 @@ def _kinds(reqs) -> dict:
 
 
 def bench_requests(server: S3Server, input_uri: str, output_root: str) -> dict:
-    """A whole run and its rerun, requests split by the DAG's tasks."""
+    """A whole run and its rerun, requests split by the DAG's tasks: the registry's phases (as
+    ``run_all`` walks them), each engine call with the local backend."""
     from winnow import pipeline
+    from winnow.exceptions import BucketsFailedError, RowGroupsFailedError
     from winnow.pipeline import CurationConfig
+    from winnow.stages.registry import run_phases
 
     params = {k: v for k, v in TINY_CURATION.items() if k in {f for f in CurationConfig.__dataclass_fields__}}
     params.update(buffer_size=25, max_partitions=4)
@@ -105,24 +110,28 @@ def bench_requests(server: S3Server, input_uri: str, output_root: str) -> dict:
     out = {}
     for label in ("first run", "rerun"):
         owner = f"bench/{label}"
-        split = {}
-        mark = server.mark()
-        info = pipeline.run_index(cfg, owner=owner)
-        split["index"] = _kinds(server.requests(mark))
-        mark = server.mark()
-        summaries = []
-        for p in info["partitions"]:
-            for stage in pipeline.PARTITION_STAGES[:-1]:
-                summaries.append(pipeline.run_partition(cfg, stage, p, executor="local", owner=owner).to_dict())
-        split["embed/aesthetic/nsfw tasks"] = _kinds(server.requests(mark))
-        mark = server.mark()
-        pipeline.run_dedup(cfg, owner=owner)
-        split["dedup"] = _kinds(server.requests(mark))
-        mark = server.mark()
-        for p in info["partitions"]:
-            summaries.append(pipeline.run_partition(cfg, pipeline.PARTITION_STAGES[-1], p, executor="local",
-                                                    owner=owner).to_dict())
-        split["write tasks"] = _kinds(server.requests(mark))
+        split: dict[str, dict] = {}
+        summaries: list[dict] = []
+        partitions: list[int] = []
+        for scope, specs in run_phases():
+            names = [s.name for s in specs]
+            mark = server.mark()
+            if scope == "global":
+                result = pipeline.GLOBAL_STAGE_RUNNERS[names[0]](cfg, owner=owner, backend="local")
+                if names[0] == "index":
+                    partitions = list(result["partitions"])
+            elif scope == "bucket":
+                failed = pipeline.run_buckets(cfg, names[0], owner=owner, backend="local").failed
+                if failed:
+                    raise BucketsFailedError(names[0], failed)
+            else:
+                for p in partitions:
+                    for name in names:
+                        s = pipeline.run_partition(cfg, name, p, backend="local", owner=owner)
+                        if not s.ok:
+                            raise RowGroupsFailedError([s])
+                        summaries.append(s.to_dict())
+            split[f"{'/'.join(names)} task{'s' if scope != 'global' else ''}"] = _kinds(server.requests(mark))
         mark = server.mark()
         pipeline.run_report(cfg, summaries, owner=owner)
         split["report"] = _kinds(server.requests(mark))
@@ -139,13 +148,16 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/winnow-bench-storage")
+    add_smoke(ap)
     args = ap.parse_args()
+    apply_smoke(args, images=8, shards=2, commits=4, runs=1, workdir=None)
 
     os.makedirs(args.workdir, exist_ok=True)
     shards = os.path.join(args.workdir, "shards")
     ensure_sample(shards, shards=args.shards, per_shard=args.images // args.shards)
     small = os.path.join(args.workdir, "shards-small")
-    ensure_sample(small, shards=2, per_shard=100)
+    ensure_sample(small, shards=2, per_shard=6 if args.smoke else 100)
+    tar_mb = 1 if args.smoke else 8
     local_out = os.path.join(args.workdir, "out")
     shutil.rmtree(local_out, ignore_errors=True)
 
@@ -159,14 +171,14 @@ def main() -> None:
         result = {
             "index": {"local": bench_index(shards, local_out, args.runs),
                       "s3": bench_index("s3://bench/shards/*.tar", "s3://bench/out", args.runs)},
-            "commit": {"local": bench_commits(local_out, args.commits, args.runs),
-                       "s3": bench_commits("s3://bench/out", args.commits, args.runs)},
+            "commit": {"local": bench_commits(local_out, args.commits, args.runs, tar_mb),
+                       "s3": bench_commits("s3://bench/out", args.commits, args.runs, tar_mb)},
         }
         mark = server.mark()
         bench_index("s3://bench/shards/*.tar", "s3://bench/out", 1)
         result["index"]["s3_requests"] = _kinds(server.requests(mark))
         mark = server.mark()
-        bench_commits("s3://bench/out", args.commits, 1)
+        bench_commits("s3://bench/out", args.commits, 1, tar_mb)
         result["commit"]["s3_requests"] = _kinds(server.requests(mark))
         result["requests"] = bench_requests(server, "s3://bench/shards-small/*.tar", "s3://bench/out")
         after = machine()

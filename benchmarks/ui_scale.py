@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "plugins"))
 
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import add_smoke, apply_smoke, machine  # noqa: E402
 
 
 def build_run(root: Path, row_groups: int, buffer_size: int = 256) -> str:
@@ -104,7 +104,9 @@ def main() -> None:
     ap.add_argument("--row-groups", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--screenshot", default=None)
+    add_smoke(ap)
     args = ap.parse_args()
+    apply_smoke(args, row_groups=200, runs=1)
     import requests
     from selenium.webdriver.support.ui import WebDriverWait
 
