@@ -50,3 +50,51 @@ def test_readme_python_example_runs_as_written(tmp_path):
     code += "\nassert summary['records'] == 12, summary\nprint(summary['kept'])\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _architecture() -> str:
+    return (REPO / "docs" / "architecture.md").read_text()
+
+
+def test_architecture_stage_table_is_the_registry():
+    """The table under "The stage graph, declared once": one row per registry stage, in order,
+    with its scope, upstream stages, model use and compute as registered."""
+    from winnow.stages.registry import STAGES
+
+    rows = re.findall(r"^\| `(\w+)` \| (\w+)[^|]* \| ([^|]*) \| (yes|no) \| `([\w.:]+)` \|$", _architecture(), flags=re.M)
+    assert [r[0] for r in rows] == [s.name for s in STAGES]
+    for (name, scope, reads, model, compute), spec in zip(rows, STAGES):
+        upstream = tuple(re.findall(r"\w+", reads)) if reads.strip() != "shards" else ()
+        assert (scope, upstream, model == "yes", compute) == (spec.scope, spec.upstream, spec.uses_model, spec.compute), name
+
+
+def test_architecture_names_every_stage_and_every_engine_package():
+    from winnow.stages.registry import STAGES
+
+    doc = _architecture()
+    for spec in STAGES:
+        assert f"`{spec.name}`" in doc, spec.name
+    for package in sorted(p.name for p in (REPO / "winnow").iterdir() if (p / "__init__.py").exists()):
+        assert f"winnow/{package}/" in doc, f"docs/architecture.md does not say where winnow/{package}/ fits"
+    for folder in set(re.findall(r"`(tests/\w+)`", doc)):
+        assert (REPO / folder).exists(), folder
+
+
+def test_architecture_names_no_function_that_is_gone():
+    """Every ``winnow.<module>.<function>`` (or ``winnow.<module>:<attr>``) the page cites exists."""
+    import importlib
+
+    doc = _architecture()
+    for dotted in set(re.findall(r"`(winnow(?:\.\w+)+)`", doc)):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 1, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                assert hasattr(obj, attr), f"docs/architecture.md cites {dotted}: {attr} is not there"
+                obj = getattr(obj, attr)
+            break
+        else:
+            raise AssertionError(f"docs/architecture.md cites {dotted}, which does not import")
