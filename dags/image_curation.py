@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Asset, Param, chain, task_group
 
 from operators.base import PARTITION_LABEL
+from operators.links import DAG_ID
 from operators.stages import BUCKET_LABEL, OPERATORS, ReportOperator
 from winnow.stages.registry import run_phases
 
@@ -150,7 +151,7 @@ def _partition_group(specs, partitions):
 
 
 with DAG(
-    dag_id="image_curation",
+    dag_id=DAG_ID,
     description="Curate WebDataset images: CLIP embed, aesthetic + NSFW filters, semantic dedup.",
     schedule="@daily",
     start_date=datetime(2025, 1, 1),

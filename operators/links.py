@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
 
+#: The curation DAG's id: the DAG file, the plugin and the demo take it from here.
+DAG_ID = "image_curation"
 #: The ``url_route`` values of the plugin's external views.
 RUN_VIEW_ROUTE = "winnow-run"
 PARTITION_VIEW_ROUTE = "winnow-partition"

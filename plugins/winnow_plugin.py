@@ -23,9 +23,9 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.middleware.gzip import GZipMiddleware
 
+from operators.links import DAG_ID, PARTITION_VIEW_ROUTE, RUN_VIEW_ROUTE
 from winnow.stages.registry import STAGES
 
-DAG_ID = "image_curation"
 STATIC = Path(__file__).with_name("winnow_static")
 #: The only files /static serves (and their types): nothing else in the folder is reachable.
 ASSETS = {"winnow.js": "text/javascript", "winnow.css": "text/css"}
@@ -294,7 +294,7 @@ class WinnowPlugin(AirflowPlugin):
     name = "winnow"
     fastapi_apps = [{"app": app, "url_prefix": "/winnow", "name": "winnow curation views"}]
     external_views = [
-        {"name": "Curation", "href": VIEW_HREF, "destination": "dag_run", "url_route": "winnow-run"},
+        {"name": "Curation", "href": VIEW_HREF, "destination": "dag_run", "url_route": RUN_VIEW_ROUTE},
         {"name": "Curation", "href": VIEW_HREF + "&task_id={TASK_ID}&map_index={MAP_INDEX}",
-         "destination": "task_instance", "url_route": "winnow-partition"},
+         "destination": "task_instance", "url_route": PARTITION_VIEW_ROUTE},
     ]
