@@ -67,7 +67,7 @@ def step_fingerprint(cfg: CurationConfig, stage: str) -> str:
     """The digest in a stage's ``_stage.json`` (the index task wrote it); ``"unset"`` before."""
     from winnow.rowgroups import CommitStore
 
-    return (CommitStore(cfg.run_root).read_fingerprint(stage) or {}).get("digest", "unset")
+    return CommitStore(cfg.run_root).fingerprint_digest(stage)
 
 
 class CurationOperator(BaseOperator):
@@ -220,8 +220,16 @@ class CurationOperator(BaseOperator):
         return RayJobRunner(self, self.ray_hook(context)).complete(context, self.job_target(context), event)
 
     def job_shortcut(self, context: Context, target: JobTarget, status: str | None, submission_id: str | None) -> Any:
-        """Job mode, before submitting: the result when storage says no job is needed, else None."""
-        return None
+        """Job mode, before submitting: the result when no job is needed (this step's job already
+        SUCCEEDED: its summary in storage is the result), else None."""
+        if status != "SUCCEEDED":
+            return None
+        from winnow.ray.job import read_summary
+
+        self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
+        RayJobLink.persist(context, self.ray_hook(context).job_url(submission_id))
+        return self.job_result(context, target, status, read_summary(target.summary_uri(submission_id)),
+                               f"Ray job {submission_id} ended SUCCEEDED")
 
     def job_result(self, context: Context, target: JobTarget, status: str, summary: dict[str, Any] | None,
                    reason: str) -> Any:
@@ -318,8 +326,7 @@ class RowGroupStageOperator(CurationOperator):
         if missing:
             return None
         if status == "SUCCEEDED":
-            self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
-            return self.job_result(context, target, status, read_summary(target.summary_uri(submission_id)), "")
+            return super().job_shortcut(context, target, status, submission_id)
         previous = read_summary(target.summary_uri(submission_id)) if submission_id else None
         if previous is None:
             # Run by the job of an earlier stage of this partition (winnow.ray.job --chain).

@@ -125,10 +125,6 @@ class RayJobRunner:
             self.log.info("Ray job %s is %s: attaching to it (no new job)", submission_id, status)
             self._record(context, target, base, generation)
         else:
-            if status == "SUCCEEDED" and target.partition is None:
-                self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
-                return self.complete(context, target, {"status": status, "submission_id": submission_id,
-                                                       "message": job.get("message") or ""})
             done = self.op.job_shortcut(context, target, status, submission_id if job else None)
             if done is not None:
                 return done

@@ -154,7 +154,7 @@ def _run_chain(args: argparse.Namespace, cfg: Any, common: dict[str, Any]) -> No
     store = CommitStore(cfg.run_root)
     for stage in chained_stages(args.stage):
         summary = pipeline.run_partition(cfg, stage, args.partition, **common)
-        fingerprint = (store.read_fingerprint(stage) or {}).get("digest", "unset")
+        fingerprint = store.fingerprint_digest(stage)
         result = summary.to_dict(errors=True)
         fs, path = resolve_filesystem(chained_summary_uri(cfg.run_root, stage, args.partition, fingerprint))
         write_json(fs, path, result)

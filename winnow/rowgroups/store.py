@@ -264,6 +264,10 @@ class CommitStore:
     def read_fingerprint(self, stage: str) -> dict[str, Any] | None:
         return read_json(self.fs, f"{self.stage_dir(stage)}/{STAGE_FILE}")
 
+    def fingerprint_digest(self, stage: str) -> str:
+        """The digest in the stage's ``_stage.json`` (the index task wrote it); ``"unset"`` before."""
+        return (self.read_fingerprint(stage) or {}).get("digest", "unset")
+
     def ensure_stage(self, fingerprint: StageFingerprint, *, overwrite: bool = False) -> str | None:
         """Check or record a stage's fingerprint before any of its row groups is computed.
 
