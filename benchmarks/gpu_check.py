@@ -287,6 +287,22 @@ def dedup_figure(n: int, d: int, device: torch.device, *, planted: int = 1000, s
     }
 
 
+def text_tower_figure(mode: dict, device: torch.device, workdir: str) -> dict:
+    """benchmarks/text_tower.py in this process: records/s of the text tower (captions, with
+    tokenisation) next to the image tower's (decoded images), same model, batch and device."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import text_tower
+
+    path = os.path.join(workdir, "text_tower.json")
+    records = 512 if device.type == "cpu" else 8192
+    text_tower.main(["--model", mode["model"], "--pretrained", "random", "--records", str(records),
+                     "--batch-size", str(mode["batch_sizes"][0]), "--device", str(device), "--repeats", "3",
+                     "--json", path])
+    with open(path) as f:
+        out = json.load(f)
+    return {k: out.get(k) for k in ("records_per_s", "text_over_image", "batch_size", "records", "device")}
+
+
 def save(report: dict) -> str:
     """The report as one JSON line, also written to $OUT/gpu_check.json when OUT is set: after
     every step, so a run cut short by a time limit still leaves what it measured."""
@@ -393,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         save(report)
         report["dedup"] = attempt("dedup", lambda: dedup_figure(mode["dedup_n"], 768, device))
+        save(report)
+        # The clip_score stage's text tower against the image tower, same model and device.
+        report["text_tower"] = attempt("text_tower", lambda: text_tower_figure(mode, device, workdir))
         save(report)
         # Last: the least important figure, the first to go when time runs short.
         report["pipeline_cpu_decode"] = attempt("pipeline_cpu_decode", lambda: pipeline(

@@ -1,5 +1,6 @@
-"""The production curation DAG: index -> per-partition embed/aesthetic/nsfw -> dedup (centroids ->
-per-partition assign -> per-bucket pairwise -> per-partition flags) -> write -> report.
+"""The production curation DAG: index -> per-partition embed/aesthetic/nsfw/clip_score -> thresholds
+-> dedup (centroids -> per-partition assign -> per-bucket pairwise -> per-partition flags) ->
+status -> write -> report.
 
 Parses fast and touches neither storage nor Ray: the engine is imported inside the operators.
 """
@@ -22,9 +23,10 @@ CURATION_SUMMARY = Asset(name="winnow_curation_summary", uri="winnow://image_cur
 DOC_MD = """
 # Image curation
 
-Curates WebDataset shards: CLIP embeddings, LAION aesthetic and NSFW filters, semantic dedup,
-then writes the kept images (original bytes) as WebDataset tars plus Parquet, under
-`<output_root>/<run_key>/`. Work is done per **row group** (`buffer_size` records) and committed
+Curates WebDataset shards: exact duplicates dropped by their bytes, CLIP embeddings, LAION
+aesthetic and NSFW filters, a CLIP score filter (caption vs image), semantic dedup, then writes
+the kept images (original bytes) as WebDataset tars plus Parquet, and one status row per input
+record (`status/`: outcome, reason, scores), under `<output_root>/<run_key>/`. Work is done per **row group** (`buffer_size` records) and committed
 per row group; a **partition** (a range of row groups) is one mapped task instance, labelled
 with its row-group range. Committed row groups are never computed again.
 
@@ -37,7 +39,11 @@ with its row-group range. Committed row groups are never computed again.
 | `model`, `pretrained`, `model_dir` | open_clip model, its weights tag or file, where weight files live |
 | `aesthetic_weights`, `nsfw_weights` | head weight files (the LAION heads expect ViT-L/14 OpenAI embeddings) |
 | `aesthetic_threshold` | keep images scoring at least this (LAION scale 1-10; 5.0 is typical) |
+| `aesthetic_keep_fraction` | instead keep this fraction (0-1] of the scored images: the threshold becomes the run's (1 - f) quantile |
 | `nsfw_threshold` | drop images whose NSFW probability is at least this (0-1) |
+| `clip_score_threshold` | keep records whose CLIP score (cosine of caption and image, 0-1) is at least this; 0: the filter is off |
+| `clip_score_keep_fraction` | instead keep this fraction (0-1] of the records with a CLIP score (DataComp's baseline keeps 0.3); records without a caption are then dropped as `no_caption` |
+| `caption_field` | the `.json` sidecar field read as the caption when a record has no `.txt` |
 | `dedup_eps`, `dedup_clusters` | near-duplicates have cosine similarity >= 1 - eps, eps in (0, 1]; k-means clusters (0: automatic) |
 | `decode_backend`, `batch_size` | image decoder (`auto`, `nvimgcodec`, `dali-gpu`, `dali-cpu`, `pillow`); images per embed model call |
 | `dedup_sample_size`, `dedup_buckets` | rows k-means clusters (0: min(all, 100 x k)); buckets of clusters the pairwise task is mapped over (0: one per ~65k kept records, at most 1024) |
@@ -47,8 +53,9 @@ with its row-group range. Committed row groups are never computed again.
 | `ray_conn_id` | Airflow connection of type `ray`; none by that id means an embedded local Ray |
 | `storage_conn_id` | Airflow connection of type `aws` for `s3://` input and output (login/password = key id/secret, extras `endpoint_url`, `region_name`); empty: the `AWS_*` environment variables |
 
-Changing a threshold, model or eps on an existing run key fails fast with the changed keys named;
-pick a new run key or set `overwrite`.
+Changing a model or eps on an existing run key fails fast with the changed keys named; pick a new
+run key or set `overwrite`. Thresholds and keep fractions are applied after the scores: with
+`overwrite`, changing one recomputes only thresholds, dedup, status and write, never a score.
 
 ## A failed partition
 Row-group failures are isolated: the others in the partition commit, then the task fails naming
@@ -100,8 +107,18 @@ PARAMS = {
     "nsfw_weights": _nullable_string("NSFW head weights", "LAION CLIP-based NSFW detector weights file."),
     "aesthetic_threshold": Param(5.0, type="number", minimum=0, maximum=10, title="Aesthetic threshold",
                                  description="Keep images whose aesthetic score (1-10) is at least this."),
+    "aesthetic_keep_fraction": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
+                                     title="Aesthetic keep fraction",
+                                     description="Keep this fraction of the scored images instead of a fixed threshold."),
     "nsfw_threshold": Param(0.5, type="number", minimum=0, maximum=1, title="NSFW threshold",
                             description="Drop images whose NSFW probability is at least this."),
+    "clip_score_threshold": Param(0.0, type="number", minimum=0, maximum=1, title="CLIP score threshold",
+                                  description="Keep records whose caption-image cosine is at least this; 0 = off."),
+    "clip_score_keep_fraction": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
+                                      title="CLIP score keep fraction",
+                                      description="Keep this fraction of the captioned records by CLIP score."),
+    "caption_field": Param("caption", type="string", minLength=1, title="Caption field",
+                           description="Field of the .json sidecar read as the caption when there is no .txt."),
     # Ranges are those of the stage configs that own the knobs (a test keeps them equal).
     "dedup_eps": Param(0.05, type="number", exclusiveMinimum=0, maximum=1, title="Dedup epsilon",
                        description="Near-duplicates have cosine similarity >= 1 - eps."),

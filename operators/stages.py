@@ -12,6 +12,7 @@ from operators.base import CurationOperator, RowGroupStageOperator, engine_error
 from operators.exceptions import BucketsFailedError
 from operators.jobs import JobTarget
 from operators.links import CurationViewLink
+from winnow.stages.registry import STAGES
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -58,28 +59,33 @@ class IndexOperator(CurationOperator):
         return list(summary["partitions"])
 
 
-class EmbedOperator(RowGroupStageOperator):
-    """Decodes images and embeds them with the CLIP image tower, per row group of a partition."""
-
-    stage = "embed"
 
 
-class AestheticOperator(RowGroupStageOperator):
-    """Scores embeddings with the LAION aesthetic head and marks which pass the threshold."""
-
-    stage = "aesthetic"
 
 
-class NsfwOperator(RowGroupStageOperator):
-    """Scores embeddings with the LAION NSFW head and marks which pass the threshold."""
+class GlobalStageOperator(CurationOperator):
+    """A global step of the registry with no Airflow behaviour of its own (e.g. ``thresholds``):
+    its engine call (``winnow.pipeline.GLOBAL_STAGE_RUNNERS``) in a Ray task, or as a Ray Job in
+    job mode. Returns the step's summary (XCom)."""
 
-    stage = "nsfw"
+    def job_target(self, context: Context) -> JobTarget:
+        cfg = self.curation_config(context)
+        return JobTarget(stage=self.stage, cfg=cfg, fingerprint=step_fingerprint(cfg, self.stage), label="the run",
+                         try_number=getattr(context.get("ti"), "try_number", None))
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from winnow import pipeline
+
+        target = self.job_target(context)
+        runner = pipeline.GLOBAL_STAGE_RUNNERS[self.stage]
+        return self.run_step(context, target, lambda **where: self.step_result(context, runner(
+            target.cfg, owner=self.lease_owner(context), log=self.log.info, **where)))
+
+    def step_result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
+        self.log.info("%s: %s", self.stage, summary)
+        return summary
 
 
-class WriteOperator(RowGroupStageOperator):
-    """Writes the kept records of a partition as WebDataset tars plus Parquet (stage ``write``)."""
-
-    stage = "write"
 
 
 class CentroidsOperator(CurationOperator):
@@ -108,11 +114,6 @@ class CentroidsOperator(CurationOperator):
         self.log.info("centroids: %s", result)
         return buckets
 
-
-class AssignOperator(RowGroupStageOperator):
-    """Dedup step 2: each kept record's cluster and distance, per row group, grouped by bucket."""
-
-    stage = "assign"
 
 
 #: Labels a mapped pairwise instance with its bucket.
@@ -168,11 +169,6 @@ class PairwiseOperator(CurationOperator):
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-class DedupOperator(RowGroupStageOperator):
-    """Dedup step 4: a row group's duplicate flags from the pairwise buckets (no global join)."""
-
-    stage = "dedup"
-
 
 class ReportOperator(CurationOperator):
     """Writes ``<run_root>/_summary.json`` and returns it; attaches its counts to the outlet event.
@@ -206,18 +202,36 @@ class ReportOperator(CurationOperator):
         return summary
 
 
-#: The operator of every stage of the engine's registry (a test checks they match).
-OPERATORS: dict[str, type[CurationOperator]] = {
+#: The stages whose operators have Airflow behaviour of their own (what they return to map over).
+_OWN_OPERATORS: dict[str, type[CurationOperator]] = {
     "index": IndexOperator,
-    "embed": EmbedOperator,
-    "aesthetic": AestheticOperator,
-    "nsfw": NsfwOperator,
     "centroids": CentroidsOperator,
-    "assign": AssignOperator,
     "pairwise": PairwiseOperator,
-    "dedup": DedupOperator,
-    "write": WriteOperator,
 }
+
+
+def _operator_for(spec: Any) -> type[CurationOperator]:
+    """The operator of a registry stage without one of its own: a row-group stage operator (a
+    partition stage) or a global step operator, named after the stage (``clip_score`` ->
+    ``ClipScoreOperator``) and importable from this module, as Airflow expects of an operator."""
+    if spec.name in _OWN_OPERATORS:
+        return _OWN_OPERATORS[spec.name]
+    if spec.scope == "bucket":
+        raise TypeError(f"bucket stage {spec.name!r} needs an operator of its own (what it maps over)")
+    base = RowGroupStageOperator if spec.scope == "partition" else GlobalStageOperator
+    name = "".join(part.title() for part in spec.name.split("_")) + "Operator"
+    where = "over the row groups of one partition" if spec.scope == "partition" else "over the whole run"
+    cls = type(name, (base,), {
+        "stage": spec.name, "__module__": __name__,
+        "__doc__": f"Runs the ``{spec.name}`` stage ({spec.compute}) {where}.",
+    })
+    globals()[name] = cls
+    return cls
+
+
+#: The operator of every stage of the engine's registry, derived from it: adding a stage needs
+#: an operator only where it has Airflow behaviour of its own.
+OPERATORS: dict[str, type[CurationOperator]] = {spec.name: _operator_for(spec) for spec in STAGES}
 
 
 def _counts(summary: dict[str, Any]) -> dict[str, Any]:

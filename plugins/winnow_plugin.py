@@ -263,7 +263,11 @@ SCORES_TTL_S = 15.0
 
 @app.get("/api/runs/{run_id}/scores", dependencies=[READ_ACCESS])
 def scores(run_id: str) -> dict[str, Any]:
-    """Aesthetic x nsfw histogram of committed scores, the thresholds, the kept count."""
+    """Histograms of committed scores and what other thresholds would keep
+    (:func:`winnow.report.scores.score_histograms`): the aesthetic x nsfw joint histogram, the
+    CLIP-score histogram, the thresholds the run used (and whether its CLIP-score filter is on),
+    the kept count, and for the aesthetic and CLIP-score keep fractions 0.01..1.00 the threshold
+    each picks and how many records it keeps."""
     from winnow.report.scores import score_histograms
 
     run, root = _resolved(run_id)

@@ -55,7 +55,11 @@ class CurationConfig:
     aesthetic_weights: str | None = None
     nsfw_weights: str | None = None
     aesthetic_threshold: float = 5.0
+    aesthetic_keep_fraction: float | None = None
     nsfw_threshold: float = 0.5
+    clip_score_threshold: float = 0.0
+    clip_score_keep_fraction: float | None = None
+    caption_field: str = "caption"
     dedup_eps: float = 0.05
     dedup_clusters: int = 0
     dedup_sample_size: int = 0
@@ -90,7 +94,8 @@ class CurationConfig:
         if unknown:
             raise ConfigError(_unknown_keys(unknown, known | set(also_accepted)))
         values = {k: v for k, v in params.items() if k in known}
-        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights"):
+        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights", "aesthetic_keep_fraction",
+                         "clip_score_keep_fraction"):
             if values.get(optional) in ("", None):
                 values[optional] = None
         missing = [k for k in ("input_uri", "output_root", "run_key") if not values.get(k)]
@@ -109,35 +114,9 @@ class CurationConfig:
         return validate_model_spec(self.model, self.pretrained, self.model_dir, self.allow_random_weights)
 
     def stage_config(self, name: str) -> Any:
-        """The config object of stage ``name``, built (and so checked) by the stage that owns it."""
-        if name == "index":
-            from winnow.data.index import IndexConfig
-
-            return IndexConfig(input_uri=self.input_uri, buffer_size=self.buffer_size,
-                               max_partitions=self.max_partitions, skip_bad_shards=self.skip_bad_shards)
-        if name == "embed":
-            from winnow.stages.embed import EmbedConfig
-
-            return EmbedConfig(model=self.model, pretrained=self.pretrained, model_dir=self.model_dir,
-                               allow_random_weights=self.allow_random_weights, batch_size=self.batch_size,
-                               decode_backend=self.decode_backend)
-        if name in ("aesthetic", "nsfw"):
-            from winnow.stages.aesthetic import AestheticConfig
-            from winnow.stages.nsfw import NsfwConfig
-
-            config_cls = AestheticConfig if name == "aesthetic" else NsfwConfig
-            return config_cls(weights=getattr(self, f"{name}_weights"), threshold=getattr(self, f"{name}_threshold"),
-                              allow_random_weights=self.allow_random_weights, embed_dim=self.model_spec.embed_dim)
-        if name in ("centroids", "assign", "pairwise", "dedup"):
-            from winnow.stages.dedup_steps import DedupStepConfig
-
-            return DedupStepConfig(name, self.dedup_config())
-        if name == "write":
-            from winnow.stages.write import WriteConfig
-
-            return WriteConfig()
-        stage_spec(name)  # raises for an unknown name
-        raise AssertionError(f"stage {name!r} is registered but CurationConfig cannot configure it")
+        """The config object of stage ``name``, built (and so checked) by the factory the
+        registry names for it (``StageSpec.config``), from these fields."""
+        return stage_spec(name).load_config()(self, name)
 
     def dedup_config(self) -> Any:
         """The one dedup config; each dedup step fingerprints its own slice of it."""
@@ -159,7 +138,7 @@ class CurationConfig:
             problems.append(f"model/pretrained: {exc}")
         by_message: dict[str, list[str]] = {}  # stages sharing one config report its problem once
         for spec in STAGES:
-            if spec.name in ("aesthetic", "nsfw") and not model_ok:
+            if spec.name in ("aesthetic", "nsfw", "clip_score") and not model_ok:
                 continue  # their embedding width comes from the model
             try:
                 self.stage_config(spec.name)
@@ -393,19 +372,18 @@ def run_buckets(
     log: Callable[[str], None] | None = None, ray_address: str | None = None, backend: Backend = "ray",
     compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
 ) -> Any:
-    """A bucket stage (dedup's ``pairwise``) over ``buckets`` (all when None): a Ray task per
+    """A bucket stage (dedup's ``pairwise``: its registry ``compute``) over ``buckets`` (all when None): a Ray task per
     bucket not committed yet, of ``worker_cpus`` CPUs (default 1) and ``worker_gpus`` GPUs
     (default 1 where a node has GPUs). Returns the :class:`~winnow.ray.results.UnitSummary`."""
-    from winnow.stages.dedup_steps import run_pairwise
-
-    if stage_spec(stage).scope != "bucket":
+    spec = stage_spec(stage)
+    if spec.scope != "bucket":
         raise ConfigError(f"stage {stage!r} is not mapped over buckets")
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     _check_step(cfg, plan, stage)
     resolve_compute(compute, ray_address)
-    return run_pairwise(cfg.run_root, plan, cfg.dedup_config(), buckets, backend=backend,
-                        ray_address=ray_address, log=log, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
+    return spec.load()(cfg.run_root, plan, cfg.stage_config(stage), buckets, backend=backend,
+                       ray_address=ray_address, log=log, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
 
 
 def run_report(
@@ -417,7 +395,7 @@ def run_report(
     they give how many row groups were computed versus skipped.
     """
     from winnow.data.index import load_index
-    from winnow.stages.write import count_outcomes
+    from winnow.stages.status import count_outcomes
 
     index = load_index(cfg.run_root)
     plan = index.plan
@@ -453,9 +431,36 @@ def run_report(
     return summary
 
 
-#: The engine call of each global stage: ``(cfg, owner=, log=, ray_address=, backend=, compute=,
-#: worker_cpus=, worker_gpus=) -> summary dict``.
-GLOBAL_STAGE_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {"index": run_index, "centroids": run_centroids}
+def run_thresholds(
+    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
+    ray_address: str | None = None, backend: Backend = "ray",
+    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
+) -> dict[str, Any]:
+    """The threshold each filter uses over the whole run (absolute, or what a keep fraction
+    picks: an exact quantile of the committed scores, read in a Ray task one row group at a
+    time); committed once per configuration. Returns ``{"thresholds": {filter: value}, ...}``."""
+    from winnow.stages import thresholds
+
+    _hold_lease(cfg, owner)
+    plan = load_plan(cfg)
+    store = CommitStore(cfg.run_root)
+    fingerprint = stage_fingerprints(cfg, plan)["thresholds"]
+    store.ensure_stage(fingerprint, overwrite=False)
+    resolve_compute(compute, ray_address)
+    for stage in ("aesthetic", "nsfw", "clip_score"):
+        missing = [rg for p in range(plan.num_partitions) for rg in store.missing(stage, plan, p, clean_temp=False)]
+        if missing:
+            raise WinnowError(f"thresholds needs every row group of stage {stage!r}; {len(missing)} are not "
+                              f"committed (first: {missing[:10]}). Run stage {stage!r} for all partitions first.")
+    return thresholds.run_thresholds(cfg.run_root, plan, cfg.stage_config("thresholds"), fingerprint,
+                                     backend=backend, ray_address=ray_address, log=log)
+
+
+#: The engine call of each global stage, as the registry names it (its ``compute``): ``(cfg,
+#: owner=, log=, ray_address=, backend=, compute=, worker_cpus=, worker_gpus=) -> summary dict``.
+GLOBAL_STAGE_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
+    spec.name: spec.load() for spec in STAGES if spec.scope == "global"
+}
 
 
 def run_all(

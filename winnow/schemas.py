@@ -23,6 +23,12 @@ INDEX = pa.schema(
         ("txt_size", pa.int64()),
         ("json_offset", pa.int64()),  # null when the record has no .json sibling
         ("json_size", pa.int64()),
+        # 128-bit id of the image bytes (32 lowercase hex digits): stable across reruns, run keys
+        # and shard layouts (see winnow.data.tarscan.image_uid).
+        ("uid", pa.string()),
+        # record_id of the first indexed record with the same image bytes (the kept twin); null
+        # for a first occurrence. Exact duplicates are never decoded nor embedded.
+        ("exact_duplicate_of", pa.int64()),
     ]
 )
 
@@ -47,7 +53,6 @@ AESTHETIC = pa.schema(
     [
         ("record_id", pa.int64()),
         ("aesthetic_score", pa.float32()),  # null when there is no embedding
-        ("aesthetic_keep", pa.bool_()),  # score >= threshold; false when there is no embedding
     ]
 )
 
@@ -55,7 +60,16 @@ NSFW = pa.schema(
     [
         ("record_id", pa.int64()),
         ("nsfw_score", pa.float32()),  # probability in [0, 1]; null when there is no embedding
-        ("nsfw_keep", pa.bool_()),  # score < threshold; false when there is no embedding
+    ]
+)
+
+CLIP_SCORE = pa.schema(
+    [
+        ("record_id", pa.int64()),
+        # cosine of the image embedding and the caption's text embedding (same CLIP model, so
+        # one space), in [-1, 1]; null when there is no image embedding or no caption
+        ("clip_score", pa.float32()),
+        ("has_caption", pa.bool_()),  # a caption was found (.txt sidecar, else the .json field)
     ]
 )
 
@@ -68,17 +82,41 @@ DEDUP = pa.schema(
 )
 
 
+#: Every outcome a record can have, in the order they are decided (first match wins).
+OUTCOMES = ("exact_duplicate", "undecodable", "aesthetic", "nsfw", "no_caption", "clip_score", "duplicate", "kept")
+#: Outcomes of members the index skipped (they have no record_id).
+SKIPPED_OUTCOMES = ("no_image", "duplicate_key")
+
+STATUS = pa.schema(
+    [
+        ("record_id", pa.int64()),  # null for a member the index skipped
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("uid", pa.string()),  # null for a member without an image
+        ("outcome", pa.string()),  # one of OUTCOMES or SKIPPED_OUTCOMES
+        ("reason", pa.string()),  # why, in words (the decode error, the score and threshold...)
+        ("aesthetic_score", pa.float32()),
+        ("nsfw_score", pa.float32()),
+        ("clip_score", pa.float32()),
+        ("duplicate_of", pa.int64()),  # record_id of the kept twin (exact or near duplicate)
+        ("duplicate_of_key", pa.string()),
+    ]
+)
+
+
 def write_schema(dim: int) -> pa.Schema:
     """The curated Parquet written beside each output tar (kept records only)."""
     return pa.schema(
         [
             ("record_id", pa.int64()),
+            ("uid", pa.string()),
             ("key", pa.string()),
             ("shard", pa.string()),
             ("caption", pa.string()),
             ("json", pa.string()),
             ("aesthetic_score", pa.float32()),
             ("nsfw_score", pa.float32()),
+            ("clip_score", pa.float32()),
             ("embedding", embedding_type(dim)),
         ]
     )

@@ -146,7 +146,8 @@
     const t = $("summary");
     $("summary-title").hidden = t.hidden = !summary;
     if (!summary) return;
-    const keys = ["records", "kept", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "written",
+    const keys = ["records", "kept", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped", "no_caption",
+      "clip_score_dropped", "duplicates", "written",
       "members_without_image", "row_groups", "partitions", "row_groups_computed", "row_groups_skipped", "output"];
     const body = t.tBodies[0];
     body.replaceChildren();
@@ -328,6 +329,7 @@
     const c = el("figure", "card " + item.outcome);
     const pics = el("div", "pics");
     pics.append(thumb(item.row_group, item.thumb_offset, item.thumb_size, item.key));
+    // A near duplicate beside its kept twin (an exact duplicate's twin is the same image).
     if (item.outcome === "duplicate") pics.append(thumb(item.row_group, item.original_thumb_offset, item.original_thumb_size, "original " + (item.duplicate_of_key || "")));
     c.append(pics);
     const cap = el("figcaption");
@@ -335,6 +337,7 @@
     const scores = [];
     if (item.aesthetic_score !== null) scores.push("aesthetic " + item.aesthetic_score.toFixed(3));
     if (item.nsfw_score !== null) scores.push("nsfw " + item.nsfw_score.toFixed(3));
+    if (item.clip_score !== null && item.clip_score !== undefined) scores.push("clip " + item.clip_score.toFixed(3));
     cap.append(el("div", "muted", scores.join(" · ") + " · row group " + item.row_group));
     c.append(cap);
     return c;
@@ -342,78 +345,146 @@
   $("outcome").addEventListener("change", () => loadGallery(true));
   $("more").addEventListener("click", () => loadGallery(false));
 
-  // ---- score histograms and what-if thresholds --------------------------------------------
+  // ---- score histograms, what-if thresholds and keep fractions ---------------------------
+  function known(v) { return v !== null && v !== undefined; }
+  function num(v, digits) { return known(v) ? Number(v).toFixed(digits) : "–"; }
   async function loadScores() {
     const r = await fetch(api + "/scores", { credentials: "same-origin" });
     const body = await r.json().catch(() => ({}));
     if (!r.ok) { text($("scores-note"), body.detail || ("HTTP " + r.status)); return; }
     state.scores = body;
-    const s = body;
+    const s = body, clip = s.clip || {};
+    const th = s.thresholds || {};
+    const filter = s.clip_filter_on === true ? "on (kept: at least " + num(th.clip_score, 3) + ")"
+      : s.clip_filter_on === false ? "off: no record is dropped for its CLIP score or for having no caption"
+      : "not known yet (the run has not reached its thresholds step)";
     text($("scores-note"), fmt(s.scored) + " decoded, non-duplicate records scored in " + fmt(s.row_groups) + " row groups" +
       (s.sampled ? " (estimated from an even sample of the run's " + fmt(s.row_groups_total) + " row groups)" : "") +
-      "; " + fmt(s.undecodable) + " undecodable and " + fmt(s.duplicates) + " duplicates not shown. Duplicate flags are as the run's dedup found them.");
-    setupSlider("ta", s.aesthetic_edges, s.thresholds.aesthetic);
-    setupSlider("tn", s.nsfw_edges, s.thresholds.nsfw);
+      "; " + fmt(s.exact_duplicates) + " exact duplicates, " + fmt(s.undecodable) + " undecodable and " + fmt(s.duplicates) +
+      " near duplicates not shown. Duplicate flags are as the run's dedup found them. The CLIP-score histogram shows the " +
+      fmt(clip.scored) + " records with a caption and a CLIP score (" + fmt(clip.no_caption) + " decoded records have no caption)" +
+      (clip.row_groups_without_clip_score ? "; " + fmt(clip.row_groups_without_clip_score) + " row groups have no CLIP scores yet" : "") +
+      ". CLIP-score filter: " + filter + ".");
+    text($("clip-caption"), "CLIP score of caption and image (" + (s.clip_filter_on === true ? "kept: at least the threshold"
+      : s.clip_filter_on === false ? "filter off" : "filter not known yet") + ")");
+    // Without the run's thresholds (not reached yet) the sliders start where they keep everything.
+    setupSlider("ta", s.aesthetic_edges, th.aesthetic, 0);
+    setupSlider("tn", s.nsfw_edges, th.nsfw, s.nsfw_edges.length - 1);
+    setupFraction("fa", (s.keep_fractions || {}).aesthetic);
+    setupFraction("fc", (s.keep_fractions || {}).clip_score);
+    const sampleNote = s.sampled ? " Estimated from a sample of row groups: counts are of the records read (≈ × " + num(s.scale, 1) + " for the whole run)." : "";
+    text($("fractions-note"), "A keep fraction f keeps the round(f × n) best of the n records that have the score, over the whole run: " +
+      "the threshold is the score of the last of them, and every record scoring at least it is kept (ties included), " +
+      "before the other filters and dedup." + sampleNote);
     drawScores();
   }
-  function setupSlider(id, edges, value) {
+  function setupSlider(id, edges, value, fallback) {
     const input = $(id);
     input.min = "0"; input.max = String(edges.length - 1); input.step = "1";
-    let best = 0;
-    if (value !== null && value !== undefined) edges.forEach((e, i) => { if (Math.abs(e - value) < Math.abs(edges[best] - value)) best = i; });
+    let best = known(value) ? 0 : fallback;
+    if (known(value)) edges.forEach((e, i) => { if (Math.abs(e - value) < Math.abs(edges[best] - value)) best = i; });
     input.value = String(best);
     input.addEventListener("input", drawScores);
+  }
+  // The slider starts at the run's keep fraction, else at the smallest fraction keeping all the run's threshold keeps.
+  function setupFraction(id, q) {
+    const input = $(id);
+    let start = 50;
+    if (q && q.table && q.table.length) {
+      if (known(q.run_fraction)) start = Math.round(q.run_fraction * 100);
+      else if (known(q.run_threshold)) {
+        const i = q.table.findIndex((row) => row.threshold <= q.run_threshold);
+        start = i < 0 ? 100 : i + 1;
+      }
+    }
+    input.value = String(Math.min(100, Math.max(1, start)));
+    input.addEventListener("input", drawScores);
+  }
+  function fractionRow(id, q) {
+    const f = Number($(id).value);
+    text($(id + "-value"), (f / 100).toFixed(2));
+    return q && q.table && q.table.length ? q.table[f - 1] : null;
+  }
+  function fractionText(id, label, q, row, off) {
+    const s = state.scores;
+    if (!row) { text($(id + "-text"), "No record has " + label + " yet."); return; }
+    const est = s.sampled ? " (≈ " + fmt(Math.round(row.keeps * s.scale)) + " in the whole run)" : "";
+    let run = "";
+    if (off) run = " The run's CLIP-score filter is off.";
+    else if (known(q.run_fraction)) run = " The run used keep fraction " + num(q.run_fraction, 2) + ": threshold " + num(q.run_threshold, 4) + ".";
+    else if (known(q.run_threshold)) run = " The run used an absolute threshold " + num(q.run_threshold, 4) + ".";
+    text($(id + "-text"), "Keep fraction " + row.fraction.toFixed(2) + " picks " + label + " ≥ " + row.threshold.toFixed(4) + ": it keeps " +
+      fmt(row.keeps) + " of " + fmt(q.scored) + " records with " + label + est + "." + run);
   }
   function drawScores() {
     const s = state.scores;
     if (!s) return;
+    const th = s.thresholds || {}, clip = s.clip || { edges: [0, 1], counts: [0] }, fr = s.keep_fractions || {};
     const ia = Number($("ta").value), inn = Number($("tn").value);
     const ta = s.aesthetic_edges[ia], tn = s.nsfw_edges[inn];
     text($("ta-value"), ta.toFixed(3)); text($("tn-value"), tn.toFixed(3));
+    const rowA = fractionRow("fa", fr.aesthetic), rowC = fractionRow("fc", fr.clip_score);
     const aHist = s.joint.map((row) => row.reduce((x, y) => x + y, 0));
     const nHist = s.nsfw_edges.slice(1).map((_, j) => s.joint.reduce((x, row) => x + row[j], 0));
-    drawHist($("hist-aesthetic"), s.aesthetic_edges, aHist, ta, (i) => s.aesthetic_edges[i] >= ta - 1e-12, s.thresholds.aesthetic);
-    drawHist($("hist-nsfw"), s.nsfw_edges, nHist, tn, (j) => s.nsfw_edges[j + 1] <= tn + 1e-12, s.thresholds.nsfw);
+    drawHist($("hist-aesthetic"), s.aesthetic_edges, aHist, { whatIf: ta, run: th.aesthetic, fraction: rowA && rowA.threshold, keptAbove: true,
+      isKept: (i) => s.aesthetic_edges[i] >= ta - 1e-12 });
+    drawHist($("hist-nsfw"), s.nsfw_edges, nHist, { whatIf: tn, run: th.nsfw, keptAbove: false,
+      isKept: (j) => s.nsfw_edges[j + 1] <= tn + 1e-12 });
+    const clipOn = s.clip_filter_on === true && known(clip.threshold);
+    drawHist($("hist-clip"), clip.edges, clip.counts, { run: clipOn ? clip.threshold : null, fraction: rowC && rowC.threshold, keptAbove: true,
+      isKept: (i) => !clipOn || clip.edges[i] >= clip.threshold - 1e-12,
+      note: s.clip_filter_on === false ? "filter off: none dropped for its CLIP score"
+        : clipOn ? null : "threshold not known yet" });
+    // With the run's CLIP-score filter on, the what-if counts only the records that pass it.
+    const joint = s.clip_filter_on === true && s.joint_clip_passed ? s.joint_clip_passed : s.joint;
     let kept = 0;
-    s.joint.forEach((row, i) => row.forEach((n, j) => {
+    joint.forEach((row, i) => row.forEach((n, j) => {
       if (s.aesthetic_edges[i] >= ta - 1e-12 && s.nsfw_edges[j + 1] <= tn + 1e-12) kept += n;
     }));
     const share = s.scored ? (100 * kept / s.scored).toFixed(1) : "0";
-    text($("whatif"), "With aesthetic ≥ " + ta.toFixed(3) + " and nsfw < " + tn.toFixed(3) + ": " + fmt(kept) + " of " + fmt(s.scored) +
+    const withClip = s.clip_filter_on === true ? " (and the run's CLIP-score filter, ≥ " + num(clip.threshold, 3) + ")" : "";
+    text($("whatif"), "With aesthetic ≥ " + ta.toFixed(3) + " and nsfw < " + tn.toFixed(3) + withClip + ": " + fmt(kept) + " of " + fmt(s.scored) +
       " kept (" + share + "%); the run's thresholds keep " + fmt(s.kept_at_thresholds) + ".");
+    fractionText("fa", "aesthetic score", fr.aesthetic, rowA);
+    fractionText("fc", "CLIP score", fr.clip_score, rowC, s.clip_filter_on === false);
     document.body.dataset.histDrawn = "1";
   }
-  function drawHist(canvas, edges, counts, threshold, isKept, runThreshold) {
+  // opts: whatIf (red line), run (dashed: the run's threshold), fraction (blue: a keep fraction's
+  // threshold), keptAbove (kept side is right of the threshold), isKept(bin), note (replaces the shares).
+  function drawHist(canvas, edges, counts, opts) {
     const ctx = canvas.getContext("2d");
     const W = canvas.width, H = canvas.height, pad = 28;
     ctx.clearRect(0, 0, W, H);
     ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, W, H);
-    const max = Math.max(1, ...counts), n = counts.length, bw = (W - 2 * pad) / n;
+    const max = Math.max(1, ...counts), n = counts.length, bw = (W - 2 * pad) / Math.max(1, n);
     const total = counts.reduce((x, y) => x + y, 0);
     let keptN = 0;
     counts.forEach((c, i) => {
       const h = (H - 2 * pad) * c / max;
-      const k = isKept(i);
+      const k = opts.isKept(i);
       if (k) keptN += c;
       ctx.fillStyle = k ? COLORS.c : "#9e9e9e";
       ctx.fillRect(pad + i * bw, H - pad - h, Math.max(1, bw - 1), h);
     });
-    const xOfVal = (v) => pad + (W - 2 * pad) * (v - edges[0]) / (edges[edges.length - 1] - edges[0]);
-    if (runThreshold !== null && runThreshold !== undefined) {
-      ctx.strokeStyle = "#555"; ctx.setLineDash([4, 3]);
-      ctx.beginPath(); ctx.moveTo(xOfVal(runThreshold), pad - 8); ctx.lineTo(xOfVal(runThreshold), H - pad); ctx.stroke();
-      ctx.setLineDash([]);
+    const lo = edges[0], hi = edges[edges.length - 1];
+    const xOfVal = (v) => pad + (W - 2 * pad) * (Math.min(hi, Math.max(lo, v)) - lo) / ((hi - lo) || 1);
+    function line(v, color, width, dash) {
+      if (!known(v)) return;
+      ctx.strokeStyle = color; ctx.lineWidth = width; ctx.setLineDash(dash);
+      ctx.beginPath(); ctx.moveTo(xOfVal(v), pad - 8); ctx.lineTo(xOfVal(v), H - pad); ctx.stroke();
+      ctx.setLineDash([]); ctx.lineWidth = 1;
     }
-    const x = xOfVal(threshold);
-    ctx.strokeStyle = COLORS.f; ctx.lineWidth = 2;
-    ctx.beginPath(); ctx.moveTo(x, pad - 8); ctx.lineTo(x, H - pad); ctx.stroke(); ctx.lineWidth = 1;
+    line(opts.run, "#555", 1, [4, 3]);
+    line(opts.fraction, "#1565c0", 2, []);
+    line(opts.whatIf, COLORS.f, 2, []);
     ctx.fillStyle = "#222"; ctx.font = "12px system-ui, sans-serif"; ctx.textBaseline = "alphabetic";
-    ctx.fillText(edges[0].toFixed(2), pad, H - 8);
-    const last = edges[edges.length - 1].toFixed(2);
+    ctx.fillText(lo.toFixed(2), pad, H - 8);
+    const last = hi.toFixed(2);
     ctx.fillText(last, W - pad - ctx.measureText(last).width, H - 8);
+    if (opts.note) { ctx.fillText(opts.note, pad, 12); return; }
     const pct = (v) => total ? (100 * v / total).toFixed(1) + "%" : "–";
-    const leftLabel = canvas.id === "hist-aesthetic" ? "dropped " + pct(total - keptN) : "kept " + pct(keptN);
-    const rightLabel = canvas.id === "hist-aesthetic" ? "kept " + pct(keptN) : "dropped " + pct(total - keptN);
+    const leftLabel = opts.keptAbove ? "dropped " + pct(total - keptN) : "kept " + pct(keptN);
+    const rightLabel = opts.keptAbove ? "kept " + pct(keptN) : "dropped " + pct(total - keptN);
     // Left of the threshold at the top left, right of it at the top right: never overlapping.
     ctx.fillText("← " + leftLabel, pad, 12);
     ctx.fillText(rightLabel + " →", W - pad - ctx.measureText(rightLabel + " →").width, 12);

@@ -39,7 +39,7 @@ def test_dag_file_parses_without_engine_imports():
     )
     assert proc.returncode == 0, proc.stderr
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert probe["tasks"] == 10
+    assert probe["tasks"] == 13
     # A guard against an accidental heavy import (torch alone takes seconds), not a benchmark:
     # loaded CI machines vary, so the bound is loose.
     assert probe["seconds"] < 5, probe
@@ -53,32 +53,38 @@ def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_r
     assert dag.dag_id == "image_curation"
     assert dag.catchup is False
     ids = {t.task_id for t in dag.tasks}
-    assert ids == {"index", "partition.embed", "partition.aesthetic", "partition.nsfw",
-                   "centroids", "assign", "pairwise", "dedup", "write", "report"}
+    assert ids == {"index", "partition.embed", "partition.aesthetic", "partition.nsfw", "partition.clip_score",
+                   "thresholds", "centroids", "assign", "pairwise", "dedup", "status", "write", "report"}
     up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert up["index"] == set()
     assert "index" in up["partition.embed"]
     assert "partition.embed" in up["partition.aesthetic"]
     assert "partition.aesthetic" in up["partition.nsfw"]
+    assert "partition.nsfw" in up["partition.clip_score"]
+    # The thresholds every filter uses come after every score of the run.
+    assert up["thresholds"] == {"partition.clip_score"}
     # Dedup as steps: centroids (one task) -> assign (per partition) -> pairwise (per bucket,
-    # mapped over the centroids task's bucket list) -> dedup flags (per partition) -> write.
-    assert up["centroids"] == {"partition.nsfw"}
+    # mapped over the centroids task's bucket list) -> dedup flags (per partition) -> status
+    # -> write.
+    assert up["centroids"] == {"thresholds"}
     assert up["assign"] == {"centroids", "index"}
     assert up["pairwise"] == {"assign", "centroids"}
     assert up["dedup"] == {"pairwise", "index"}
-    assert up["write"] == {"dedup", "index"}
+    assert up["status"] == {"dedup", "index"}
+    assert up["write"] == {"status", "index"}
     assert up["report"] == {"write"}
     # The partition group is mapped over the index task's output (one instance per partition),
     # and so are assign, dedup and write; pairwise over the bucket list.
     group = dag.task_group_dict["partition"]
     assert type(group).__name__ == "MappedTaskGroup"
-    for task_id in ("assign", "dedup", "write"):
+    for task_id in ("assign", "dedup", "status", "write"):
         task = dag.get_task(task_id)
         assert type(task).__name__ == "MappedOperator" and "partition" in task.expand_input.value
     pairwise = dag.get_task("pairwise")
     assert type(pairwise).__name__ == "MappedOperator" and "bucket" in pairwise.expand_input.value
     assert "bucket_label" in pairwise.map_index_template
-    for task_id in ("partition.embed", "partition.aesthetic", "partition.nsfw", "assign", "dedup", "write"):
+    for task_id in ("partition.embed", "partition.aesthetic", "partition.nsfw", "partition.clip_score", "assign",
+                    "dedup", "status", "write"):
         assert "partition_label" in dag.get_task(task_id).map_index_template
 
 
@@ -103,17 +109,19 @@ def test_dag_task_ids_and_order_are_the_registry_s(curation_dag):
 
 
 def test_param_ranges_are_those_of_the_configs_that_own_them(curation_dag):
-    from winnow.stages.aesthetic import AestheticConfig
     from winnow.stages.decode import DECODE_BACKENDS
     from winnow.stages.dedup import EPS_RANGE
-    from winnow.stages.nsfw import NsfwConfig
+    from winnow.stages.thresholds import FILTERS
 
     params = curation_dag.params
     eps = params.get_param("dedup_eps").schema
     assert (eps["exclusiveMinimum"], eps["maximum"]) == EPS_RANGE
-    for name, config_cls in (("aesthetic_threshold", AestheticConfig), ("nsfw_threshold", NsfwConfig)):
-        schema = params.get_param(name).schema
-        assert (name, schema["minimum"], schema["maximum"]) == config_cls.THRESHOLD
+    for rule in FILTERS:
+        schema = params.get_param(rule.threshold_param).schema
+        assert (schema["minimum"], schema["maximum"]) == (rule.low, rule.high), rule.threshold_param
+        if rule.fraction_param:
+            schema = params.get_param(rule.fraction_param).schema
+            assert (schema["exclusiveMinimum"], schema["maximum"], schema["type"]) == (0, 1, ["null", "number"])
     assert tuple(params.get_param("decode_backend").schema["enum"]) == DECODE_BACKENDS
 
 
@@ -131,6 +139,7 @@ def test_every_param_has_a_title_and_description(curation_dag):
     expected = {"input_uri", "output_root", "run_key", "buffer_size", "max_partitions", "model",
                 "pretrained", "model_dir", "aesthetic_weights", "nsfw_weights",
                 "aesthetic_threshold", "nsfw_threshold", "dedup_eps", "dedup_clusters",
+                "aesthetic_keep_fraction", "clip_score_threshold", "clip_score_keep_fraction", "caption_field",
                 "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id", "decode_backend",
                 "batch_size", "storage_conn_id", "dedup_sample_size", "dedup_buckets"}
     params = curation_dag.params

@@ -64,6 +64,43 @@ def dag_runs(airflow_db, curated):
 
 
 @pytest.fixture(scope="module")
+def built(airflow_db, tmp_path_factory):
+    """Two run roots made directly with CommitStore (tests/report/_runs.py), with DAG runs: one
+    with keep fractions and the CLIP-score filter on (and a gallery of every outcome), one with
+    the CLIP-score filter off."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    from tests.report._runs import build_run, commit_gallery, random_records
+    from tests.report.test_report import GALLERY_ROWS
+    from winnow.rowgroups import CommitStore
+    from winnow.stages.thresholds import ThresholdsConfig
+
+    out = tmp_path_factory.mktemp("plugin-built") / "out"
+    configs = {"fractions": ThresholdsConfig(aesthetic_keep_fraction=0.4, clip_score_keep_fraction=0.7),
+               "clipoff": ThresholdsConfig(aesthetic_threshold=4.0)}
+    made = {}
+    for key, config in configs.items():
+        records = random_records(83, seed=len(key))
+        plan = build_run(str(out / key), records, config, buffer_size=8)
+        made[key] = {"run_id": f"plugin-{key}", "records": records, "plan": plan, "root": str(out / key)}
+    commit_gallery(CommitStore(made["fractions"]["root"]), made["fractions"]["plan"], 0, GALLERY_ROWS)
+    when = datetime(2019, 7, 1, tzinfo=UTC)
+    with create_session() as session:
+        for i, (key, m) in enumerate(made.items()):
+            logical_date = when.replace(day=1 + i)
+            for old in session.query(DagRun).filter(DagRun.dag_id == "image_curation").filter(
+                    (DagRun.run_id == m["run_id"]) | (DagRun.logical_date == logical_date)):
+                session.delete(old)
+            session.flush()
+            session.add(DagRun(dag_id="image_curation", run_id=m["run_id"], run_type="manual",
+                               conf={"output_root": str(out), "run_key": key}, state=DagRunState.SUCCESS,
+                               logical_date=logical_date, run_after=when))
+    return made
+
+
+@pytest.fixture(scope="module")
 def http(airflow_db):
     """The plugin's app with the real auth manager, and tokens for an admin and a roleless user."""
     from airflow.api_fastapi.app import create_auth_manager
@@ -167,7 +204,7 @@ def test_scores_give_a_joint_histogram_that_adds_up(http, dag_runs):
     _, client, admin, _ = http
     s = client.get(f"/api/runs/{dag_runs['ok']}/scores", headers=admin).json()
     assert sum(map(sum, s["joint"])) == s["scored"] > 0
-    assert s["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6}
+    assert s["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0} and s["clip_filter_on"] is False
 
 
 def test_run_root_comes_from_the_index_tasks_xcom_before_the_conf():
@@ -186,3 +223,59 @@ def test_extra_link_points_at_the_tab_of_the_task_instance():
     assert view_url("image_curation", "r 1", "write", 2) == \
         "/dags/image_curation/runs/r%201/tasks/write/mapped/2/plugin/winnow-partition"
     assert view_url("image_curation", "r1", "report", -1) == "/dags/image_curation/runs/r1/plugin/winnow-run"
+
+
+def test_scores_give_the_clip_histogram_and_keep_fraction_tables_the_thresholds_step_would_pick(http, built):
+    import numpy as np
+
+    from winnow.stages.thresholds import keep_count, kth_best
+
+    _, client, admin, _ = http
+    m = built["fractions"]
+    r = m["records"]
+    s = client.get(f"/api/runs/{m['run_id']}/scores", headers=admin).json()
+    clip = s["clip"]
+    assert s["clip_filter_on"] is True and clip["enabled"] is True and s["filters"]["clip_score"]["keep_fraction"] == 0.7
+    assert sum(clip["counts"]) == clip["scored"] == int((~np.isnan(r.clip)).sum()) > 0
+    assert clip["threshold"] == s["thresholds"]["clip_score"] and clip["threshold"] in clip["edges"]
+    assert sum(clip["counts"][clip["edges"].index(clip["threshold"]):]) == clip["kept_at_threshold"]
+    for name, values in (("aesthetic", r.aesthetic), ("clip_score", r.clip)):
+        q = s["keep_fractions"][name]
+        n = int((~np.isnan(values)).sum())
+        assert q["scored"] == n and len(q["table"]) == 100 and not q["sampled"]
+        for row in q["table"]:
+            assert row["threshold"] == kth_best(lambda v=values: iter([v]), keep_count(row["fraction"], n)), (name, row)
+            assert row["keeps"] == int((values[~np.isnan(values)] >= row["threshold"]).sum())
+        run_row = q["table"][round(q["run_fraction"] * 100) - 1]
+        assert run_row["fraction"] == q["run_fraction"] and run_row["threshold"] == s["thresholds"][name]
+    assert s["kept_at_thresholds"] == np.array(s["joint_clip_passed"])[
+        s["aesthetic_edges"].index(s["thresholds"]["aesthetic"]):, :s["nsfw_edges"].index(0.5)].sum()
+
+
+def test_scores_of_a_run_with_the_clip_filter_off_say_so(http, built):
+    _, client, admin, _ = http
+    s = client.get(f"/api/runs/{built['clipoff']['run_id']}/scores", headers=admin).json()
+    assert s["clip_filter_on"] is False and s["clip"]["enabled"] is False and s["clip"]["kept_at_threshold"] is None
+    assert s["thresholds"] == {"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.0}
+    assert s["joint_clip_passed"] == s["joint"] and s["keep_fractions"]["clip_score"]["run_fraction"] is None
+    assert sum(s["clip"]["counts"]) == s["clip"]["scored"] > 0
+
+
+def test_the_gallery_filters_and_explains_every_outcome_and_the_page_lists_them(http, built):
+    import re
+
+    from tests.report.test_report import GALLERY_ROWS
+    from winnow.stages.thumbnails import OUTCOMES
+
+    _, client, admin, _ = http
+    base = f"/api/runs/{built['fractions']['run_id']}"
+    page = client.get(f"{base}/gallery?limit=200", headers=admin).json()
+    assert [i["outcome"] for i in page["items"]] == [row["outcome"] for row in GALLERY_ROWS]
+    assert page["outcomes"] == list(OUTCOMES) and page["clip_filter_on"] is True
+    for outcome in OUTCOMES:
+        items = client.get(f"{base}/gallery?outcome={outcome}", headers=admin).json()["items"]
+        assert [i["outcome"] for i in items] == [outcome] and items[0]["reason"], outcome
+    html = client.get(f"/ui/run?dag_id=image_curation&run_id={built['fractions']['run_id']}", headers=admin).text
+    assert re.findall(r'<option value="(\w+)">', html) == list(OUTCOMES)
+    for element in ('id="hist-clip"', 'id="fa"', 'id="fc"'):
+        assert element in html

@@ -151,20 +151,26 @@ def test_zero_byte_shard_is_counted_not_an_error(tmp_path):
     assert scan.zero_byte and scan.records == 0
 
 
-def test_scan_never_reads_member_data(tmp_path):
-    """Fault-injection-style wrapper around the real pyarrow file: it counts the bytes read."""
+def test_scan_reads_each_image_once_and_never_other_member_data(tmp_path):
+    """Fault-injection-style wrapper around the real pyarrow file: it records every read."""
     import pyarrow.fs as pafs
 
+    from winnow.data.tarscan import image_uid
+
     big = b"\xff" * 1_000_000
-    shard = write_tar(str(tmp_path / "s.tar"), [(f"{i:03d}.jpg", big) for i in range(5)])
-    read: list[int] = []
+    caption = b"c" * 700_000
+    members = []
+    for i in range(5):
+        members += [(f"{i:03d}.jpg", big[: len(big) - i] + bytes([i])), (f"{i:03d}.txt", caption)]
+    shard = write_tar(str(tmp_path / "s.tar"), members)
+    read: list[tuple[int, int]] = []
 
     class CountingFile:
         def __init__(self, f):
             self.f = f
 
         def read_at(self, n, offset):
-            read.append(n)
+            read.append((offset, n))
             return self.f.read_at(n, offset)
 
         def size(self):
@@ -182,7 +188,10 @@ def test_scan_never_reads_member_data(tmp_path):
 
     scan = scan_shard(shard, filesystem=CountingFS())
     assert scan.records == 5
-    assert sum(read) <= 512 * 8  # five headers and the end-of-archive block: no member data
+    assert scan.uid == [image_uid(data) for name, data in members if name.endswith(".jpg")]
+    image_reads = [(o, n) for o, n in read if n > 512]
+    assert image_reads == list(zip(scan.image_offset, scan.image_size))  # each image once, in order
+    assert sum(n for _, n in read) <= sum(scan.image_size) + 512 * 11  # headers; no caption data
 
 
 # ---- listing -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from tests.data._shards import write_tar
-from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index
+from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index, read_skipped
 from winnow.data.sample import generate_sample
 from winnow.exceptions import ShardError
 from winnow.rowgroups.store import CommitStore
@@ -46,6 +46,9 @@ def test_parallel_index_equals_the_serial_index_row_for_row(shards, tmp_path, gr
     parallel = build_index(str(tmp_path / "par"), config, backend="local", group_size=group_size)
     assert _rows(str(tmp_path / "par")).equals(_rows(str(tmp_path / "serial")))
     assert parallel.counts == serial.counts and parallel.plan == serial.plan
+    skipped = [pa.concat_tables(read_skipped(str(tmp_path / name))) for name in ("serial", "par")]
+    assert skipped[0].equals(skipped[1])
+    assert skipped[0].num_rows == serial.counts["members_without_image"] + serial.counts["duplicate_keys"]
     counts = serial.counts
     assert counts["bad_shards"] >= 2 and counts["duplicate_keys_across_shards"] >= 5
     assert counts["duplicate_keys"] > counts["duplicate_keys_across_shards"]  # a1.png inside x-000
@@ -87,7 +90,7 @@ def test_rerun_scans_nothing_and_a_lost_group_or_row_group_is_redone_alone(shard
     assert {name: (os.stat(path).st_mtime_ns, open(path, "rb").read())
             for name in written for path in [os.path.join(run_root, "index", name)]} == written
     (digest,) = os.listdir(os.path.join(run_root, SCAN_DIR))
-    os.unlink(os.path.join(run_root, SCAN_DIR, digest, "g3", "g000001.parquet"))
+    os.unlink(os.path.join(run_root, SCAN_DIR, digest, "v2-g3", "g000001.parquet"))
     os.unlink(CommitStore(run_root).row_group_path("index", first.plan.partition_of(2), 2))
     third = build_index(run_root, config, backend="local", group_size=3)
     assert (third.shards_scanned, third.row_groups_committed) == (3, 1)

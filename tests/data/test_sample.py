@@ -61,15 +61,67 @@ def test_webdataset_iterates_generated_shards_with_images_and_sidecars(corrupt_s
     # The planted duplicate_key member comes back as a second sample with key 000000000.
     assert keys.count("000000000") == 2
     normal = [s for s in samples if s["__key__"].isdigit() and int(s["__key__"][4:]) < 16]
-    normal = [s for s in normal if "txt" in s]
+    normal = [s for s in normal if "json" in s]  # the planted duplicate_key member has no sidecar
     assert len(normal) == 48
     for s in normal:
         image_ext = [e for e in ("jpg", "jpeg", "png", "webp") if e in s]
-        assert len(image_ext) == 1 and "txt" in s and "json" in s
+        assert len(image_ext) == 1 and "json" in s
         meta = json.loads(s["json"])
         with Image.open(io.BytesIO(s[image_ext[0]])) as im:
             assert im.size == (meta["width"], meta["height"])
             assert 45 <= im.width <= 545 and 45 <= im.height <= 545
+
+
+def _caption_of(sample: dict) -> tuple[str | None, str]:
+    """(caption, source) as the clip_score stage reads it: the .txt, else the json "caption"."""
+    txt = sample.get("txt", b"").decode().strip()
+    if txt:
+        return txt, "txt"
+    if "txt" in sample:
+        return None, "blank_txt"
+    caption = json.loads(sample["json"]).get("caption")
+    return (caption, "json") if caption else (None, "none")
+
+
+def test_captions_come_from_txt_or_json_or_nowhere_and_the_manifest_counts_them(corrupt_sample):
+    out, manifest = corrupt_sample
+    samples = [
+        s for s in wds.WebDataset([os.path.join(out, x) for x in manifest["shards"]], shardshuffle=False, empty_check=False)
+        if s["__key__"].isdigit() and int(s["__key__"][4:]) < 16 and "json" in s
+    ]
+    sources = [_caption_of(s)[1] for s in samples]
+    planted = sum(1 for c in manifest["corrupt"] if c["kind"] not in ("orphan_txt", "duplicate_key"))
+    counts = manifest["captions"]
+    assert {k: sources.count(k) for k in ("json", "blank_txt", "none")} == {k: counts[k] for k in ("json", "blank_txt", "none")}
+    assert sources.count("txt") + planted == counts["txt"]
+    assert min(counts.values()) >= 1, counts  # 48 records show every source and both kinds
+    assert counts["match"] + counts["mismatch"] == counts["txt"] + counts["json"]
+    expected = manifest["expected"]
+    assert expected["captions"] == counts["txt"] + counts["json"]
+    assert expected["captions"] + expected["no_caption"] == expected["records"]
+    # Some records carry a caption in both places: the .txt one is what counts.
+    both = [s for s in samples if s.get("txt", b"").strip() and "caption" in json.loads(s["json"])]
+    assert both and all(json.loads(s["json"])["caption"] != s["txt"].decode() for s in both)
+
+
+def test_matching_captions_name_a_colour_and_shape_drawn(tmp_path):
+    from winnow.data.sample import _COLOUR_NAMES, _SHAPE_WORDS, _WORDS
+
+    manifest = generate_sample(str(tmp_path), shards=1, per_shard=40, seed=1)
+    shapes, colours = set(_SHAPE_WORDS.values()), set(_COLOUR_NAMES)
+    described = random_words = 0
+    for s in wds.WebDataset([os.path.join(str(tmp_path), manifest["shards"][0])], shardshuffle=False, empty_check=False):
+        caption, _ = _caption_of(s)
+        if caption is None:
+            continue
+        words = set(caption.replace(",", "").split())
+        if words <= set(_WORDS):
+            random_words += 1
+        else:
+            assert words & shapes and words & colours, caption
+            described += 1
+    assert described == manifest["captions"]["match"] and random_words == manifest["captions"]["mismatch"]
+    assert described >= 5 and random_words >= 5
 
 
 def test_sample_mixes_formats_and_modes(tmp_path):

@@ -41,10 +41,11 @@ def test_changed_threshold_on_rerun_is_a_stage_config_mismatch_and_touches_no_fi
     changed = type(cfg)(**{**cfg.to_dict(), "aesthetic_threshold": 1.0})
     with pytest.raises(StageConfigMismatch) as err:
         run_all(changed, backend="local")
-    assert err.value.stage == "aesthetic"
-    assert [c[0] for c in err.value.changes] == ["config.threshold"]
+    # Thresholds are the thresholds step's (scores hold none): that is the stage that changed.
+    assert err.value.stage == "thresholds"
+    assert [c[0] for c in err.value.changes] == ["config.aesthetic_threshold"]
     msg = str(err.value)
-    assert "aesthetic" in msg and "threshold" in msg and "overwrite=true" in msg and "new run key" in msg
+    assert "thresholds" in msg and "aesthetic_threshold" in msg and "overwrite=true" in msg and "new run key" in msg
     assert _contents(cfg.run_root) == before  # every file, byte for byte; no lease left behind
 
 

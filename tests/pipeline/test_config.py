@@ -10,13 +10,12 @@ from safetensors.torch import save_file
 
 from tests.data._shards import write_tar
 from winnow.data.sample import TINY_MODEL_PARAMS
-from winnow.exceptions import ConfigError, DedupError, HeadError
+from winnow.exceptions import ConfigError, DedupError
 from winnow.pipeline import CurationConfig
-from winnow.stages.aesthetic import AestheticConfig
 from winnow.stages.decode import DECODE_BACKENDS
 from winnow.stages.dedup import EPS_RANGE, DedupConfig
 from winnow.stages.heads import AestheticMLP
-from winnow.stages.nsfw import NsfwConfig
+from winnow.stages.thresholds import ThresholdsConfig
 
 
 def _cfg(tmp_path, **overrides) -> CurationConfig:
@@ -38,15 +37,28 @@ def test_dedup_eps_range_is_open_at_zero_closed_at_one(eps, ok):
             DedupConfig(eps=eps)
 
 
-@pytest.mark.parametrize("config_cls, param, low, high", [(AestheticConfig, "aesthetic_threshold", 0, 10),
-                                                          (NsfwConfig, "nsfw_threshold", 0, 1)])
-def test_thresholds_have_one_range_owned_by_their_head_config(config_cls, param, low, high):
-    assert (param, low, high) == config_cls.THRESHOLD
-    config_cls(threshold=low, allow_random_weights=True)
-    config_cls(threshold=high, allow_random_weights=True)
+@pytest.mark.parametrize("param, low, high", [("aesthetic_threshold", 0, 10), ("nsfw_threshold", 0, 1),
+                                              ("clip_score_threshold", 0, 1)])
+def test_thresholds_have_one_range_owned_by_the_thresholds_config(param, low, high):
+    assert (low, high) == (ThresholdsConfig.RULES[param.removesuffix("_threshold")].low,
+                           ThresholdsConfig.RULES[param.removesuffix("_threshold")].high)
+    ThresholdsConfig(**{param: low})
+    ThresholdsConfig(**{param: high})
     for bad in (low - 0.01, high + 0.01, "5", True):
-        with pytest.raises(HeadError, match=param):
-            config_cls(threshold=bad, allow_random_weights=True)
+        with pytest.raises(ConfigError, match=param):
+            ThresholdsConfig(**{param: bad})
+
+
+@pytest.mark.parametrize("param", ["aesthetic_keep_fraction", "clip_score_keep_fraction"])
+def test_keep_fractions_are_in_zero_one(param, tmp_path):
+    for good in (None, 1e-6, 0.5, 1.0, 1):
+        ThresholdsConfig(**{param: good})
+    for bad in (0, 0.0, -0.1, 1.01, "0.5", True):
+        with pytest.raises(ConfigError, match=param):
+            ThresholdsConfig(**{param: bad})
+    # A run conf's empty string means "unset", as for the other optional params.
+    cfg = CurationConfig.from_params({"input_uri": "in", "output_root": "out", "run_key": "r", param: ""})
+    assert getattr(cfg, param) is None
 
 
 def test_validate_reports_every_problem_at_once(tmp_path):
@@ -96,11 +108,13 @@ def test_unknown_params_are_refused_naming_each_and_the_closest_known_one():
 
     base = {"input_uri": "in", "output_root": "out", "run_key": "r"}
     with pytest.raises(ConfigError) as err:
-        CurationConfig.from_params({**base, "aesthetic_treshold": 5, "nsfw_thresold": 0.4, "clip_score_keep_fraction": 1})
+        CurationConfig.from_params({**base, "aesthetic_treshold": 5, "nsfw_thresold": 0.4, "clip_keep_frac": 1,
+                                     "zzz": 1})
     text = str(err.value)
     assert "'aesthetic_treshold' (did you mean 'aesthetic_threshold'?)" in text
     assert "'nsfw_thresold' (did you mean 'nsfw_threshold'?)" in text
-    assert "'clip_score_keep_fraction' (no parameter is close)" in text
+    assert "'clip_keep_frac' (did you mean 'clip_score_keep_fraction'?)" in text
+    assert "'zzz' (no parameter is close)" in text
     cfg = CurationConfig.from_params({**base, "ray_conn_id": "ray_default"}, also_accepted={"ray_conn_id"})
     assert cfg.aesthetic_threshold == 5.0 and not hasattr(cfg, "ray_conn_id")
     assert CurationConfig.from_params(CurationConfig(**base).to_dict()) == CurationConfig(**base)

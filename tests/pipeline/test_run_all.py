@@ -1,8 +1,10 @@
-"""The whole engine without Airflow: index -> embed -> aesthetic -> nsfw -> dedup -> write.
+"""The whole engine without Airflow: index -> embed -> aesthetic -> nsfw -> clip_score ->
+thresholds -> dedup -> status -> write.
 
-Real tar shards with corrupt members and planted near-duplicates, the tiny open_clip config
-with random weights, a real local Ray. Counts must add up, planted near-duplicates must be
-found, and a second run of the same thing computes nothing.
+Real tar shards with corrupt members, planted near and exact duplicates and captions that match
+or not (or are missing), the tiny open_clip config with random weights, a real local Ray. Counts
+must add up, planted duplicates must be found, every input has one status row, keep fractions
+keep their share, and a second run of the same thing computes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from winnow.data.sample import generate_sample
 from winnow.exceptions import ConfigError
 from winnow.pipeline import CurationConfig, run_all
 from winnow.rowgroups import CommitStore
+from winnow.stages.status import COUNT_NAMES, iter_status
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -79,10 +82,8 @@ def test_planted_near_duplicates_are_found_and_counts_add_up(sample, ray_local):
     assert summary["records"] == manifest["expected"]["records"]
     assert summary["undecodable"] == len([c for c in manifest["corrupt"] if c["kind"] in CORRUPT_IMAGE_KINDS])
     assert summary["members_without_image"] == manifest["expected"]["members_without_image"]
-    assert summary["records"] == (
-        summary["undecodable"] + summary["aesthetic_dropped"] + summary["nsfw_dropped"]
-        + summary["duplicates"] + summary["kept"]
-    )
+    assert summary["exact_duplicates"] == manifest["expected"]["exact_duplicates"] == 2
+    assert summary["records"] == sum(summary[name] for name in COUNT_NAMES.values())
     keys = keys_by_record(cfg.run_root)
     dup_flags = dict(zip(column(cfg.run_root, "dedup", "record_id"), column(cfg.run_root, "dedup", "duplicate_of")))
     duplicate_pairs = {frozenset((keys[r], keys[o])) for r, o in dup_flags.items() if o is not None}
@@ -105,10 +106,7 @@ def test_thresholds_drop_records_and_output_matches_summary(sample, ray_local):
     )
     summary = run_all(cfg)
     assert summary["aesthetic_dropped"] > 0 and summary["nsfw_dropped"] > 0 and summary["kept"] > 0
-    assert summary["records"] == (
-        summary["undecodable"] + summary["aesthetic_dropped"] + summary["nsfw_dropped"]
-        + summary["duplicates"] + summary["kept"]
-    )
+    assert summary["records"] == sum(summary[name] for name in COUNT_NAMES.values())
     with open(os.path.join(cfg.run_root, "_summary.json")) as f:
         assert json.load(f)["kept"] == summary["kept"]
     out_keys = column(cfg.run_root, "write", "key")
@@ -127,6 +125,74 @@ def test_thresholds_drop_records_and_output_matches_summary(sample, ray_local):
     assert again["row_groups_computed"] == 0
     assert again["row_groups_skipped"] == summary["row_groups_computed"] + summary["row_groups_skipped"]
     assert {k: again[k] for k in ("records", "kept", "duplicates")} == {k: summary[k] for k in ("records", "kept", "duplicates")}
+
+
+def test_status_rows_cover_every_input_once_and_add_up_to_the_summary(sample, ray_local):
+    root, manifest = sample
+    cfg = config(root, "permissive")
+    summary = run_all(cfg)  # resumes the first test's run root, or computes it
+    rows = [r for t in iter_status(cfg.run_root) for r in t.to_pylist()]
+    indexed = [r for r in rows if r["record_id"] is not None]
+    skipped = [r for r in rows if r["record_id"] is None]
+    # One row per indexed record (exact duplicates included), one per skipped member.
+    assert sorted(r["record_id"] for r in indexed) == list(range(summary["records"]))
+    assert len({(r["shard"], r["key"]) for r in indexed}) == len(indexed)
+    assert len(skipped) == manifest["expected"]["members_without_image"] + manifest["expected"]["duplicate_keys"]
+    assert {r["outcome"] for r in skipped} == {"no_image", "duplicate_key"}
+    for outcome, name in COUNT_NAMES.items():
+        assert sum(r["outcome"] == outcome for r in indexed) == summary[name], outcome
+    # Exact duplicates: same uid as their kept twin, never embedded, no score.
+    by_id = {r["record_id"]: r for r in indexed}
+    exact = [r for r in indexed if r["outcome"] == "exact_duplicate"]
+    assert len(exact) == 2
+    for r in exact:
+        twin = by_id[r["duplicate_of"]]
+        assert r["uid"] == twin["uid"] and twin["outcome"] != "exact_duplicate"
+        assert r["duplicate_of_key"] == twin["key"] and r["aesthetic_score"] is None
+    assert all(len(r["uid"]) == 32 and int(r["uid"], 16) >= 0 for r in indexed)
+    assert len({r["uid"] for r in indexed}) == len(indexed) - len(exact)
+    # The output Parquet carries uid and clip_score beside the other scores.
+    written = [
+        row for d, _, fs in sorted(os.walk(os.path.join(cfg.run_root, "write"))) for f in sorted(fs)
+        if f.startswith("rg") and f.endswith(".parquet")
+        for row in pq.read_table(os.path.join(d, f), columns=["record_id", "uid", "clip_score"]).to_pylist()]
+    assert len(written) == summary["kept"]
+    for row in written:
+        assert row["uid"] == by_id[row["record_id"]]["uid"]
+        assert row["clip_score"] == by_id[row["record_id"]]["clip_score"]
+
+
+def test_keep_fractions_keep_their_share_and_a_changed_fraction_recomputes_only_after_the_scores(sample, ray_local):
+    from winnow.stages.thresholds import keep_count
+
+    root, manifest = sample
+    cfg = config(root, "fractions", aesthetic_keep_fraction=0.5, clip_score_keep_fraction=0.5)
+    summary = run_all(cfg)
+    rows = [r for t in iter_status(cfg.run_root, skipped=False) for r in t.to_pylist()]
+    scored = [r["aesthetic_score"] for r in rows if r["aesthetic_score"] is not None]
+    t_a = summary["thresholds"]["aesthetic"]
+    k = keep_count(0.5, len(scored))
+    ties = sum(s == t_a for s in scored)
+    assert k <= sum(s >= t_a for s in scored) <= k + ties - 1
+    passed_aesthetic = [r for r in rows if r["outcome"] not in ("exact_duplicate", "undecodable", "aesthetic")]
+    assert k <= len(passed_aesthetic) <= k + ties - 1
+    # The CLIP-score fraction is over every record that has a score (a caption and an image).
+    clip = [r["clip_score"] for r in rows if r["clip_score"] is not None]
+    t_c = summary["thresholds"]["clip_score"]
+    assert keep_count(0.5, len(clip)) <= sum(c >= t_c for c in clip) < keep_count(0.5, len(clip)) + sum(c == t_c for c in clip)
+    # Filter on: records without a caption are dropped as no_caption (those that got that far).
+    assert summary["no_caption"] == sum(r["outcome"] == "no_caption" for r in rows) > 0
+    assert all(r["clip_score"] is None for r in rows if r["outcome"] == "no_caption")
+    assert summary["records"] == sum(summary[name] for name in COUNT_NAMES.values())
+
+    changed = config(root, "fractions", aesthetic_keep_fraction=0.3, clip_score_keep_fraction=0.5, overwrite=True)
+    again = run_all(changed)
+    by_stage = again["row_groups_by_stage"]
+    for stage in ("embed", "aesthetic", "nsfw", "clip_score"):
+        assert by_stage[stage]["computed"] == 0, stage  # scores are kept
+    for stage in ("assign", "dedup", "status", "write"):
+        assert by_stage[stage]["computed"] > 0 and by_stage[stage]["skipped"] == 0, stage
+    assert again["thresholds"]["aesthetic"] >= t_a and again["kept"] <= summary["kept"]
 
 
 def test_bad_params_fail_fast_with_named_parameters(sample):

@@ -171,9 +171,15 @@ def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(ru
         assert img.format == "JPEG" and max(img.size) <= 256
     for i in items:
         if i["outcome"] == "aesthetic":
-            assert "below threshold 3.0" in i["reason"]
+            assert "< threshold 3" in i["reason"], i["reason"]  # the status stage's words
         if i["outcome"] == "duplicate":
-            assert i["reason"] == f"duplicate of {i['duplicate_of_key']}" and i["original_thumb_size"]
+            assert i["duplicate_of_key"] in i["reason"] and i["original_thumb_size"], i
+        if i["outcome"] == "exact_duplicate":  # never decoded, but its bytes are its twin's: a thumbnail
+            assert i["reason"].startswith("same image bytes as record") and i["thumb_size"] and i["duplicate_of_key"], i
+        if i["outcome"] != "kept":
+            assert i["reason"] and i["reason"] != "kept"
+        assert "clip_score" in i
+    assert page["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0} and page["clip_filter_on"] is False
     assert page["written"] == plan.num_row_groups - 1 and f"{plan.num_row_groups - 1} of" in page["waiting"]
     kept = gallery_page(run["root"], plan, outcome="kept", limit=2)
     assert kept["items"] and all(i["outcome"] == "kept" for i in kept["items"]) and kept["next"] is not None
@@ -190,11 +196,184 @@ def test_histograms_count_every_scored_record_and_the_kept_share_matches_the_run
 
     h = score_histograms(run["root"], run["plan"])
     joint = np.array(h["joint"])
-    assert joint.sum() == h["scored"] == h["records"] - h["undecodable"] - h["duplicates"]
-    assert h["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6}
+    assert joint.sum() == h["scored"] == h["records"] - h["exact_duplicates"] - h["undecodable"] - h["duplicates"]
+    # The same numbers as the run's status stage (the outcome rule's own counts).
+    from winnow.stages.status import count_outcomes
+
+    counts = count_outcomes(run["root"], run["plan"])
+    assert (h["records"], h["exact_duplicates"], h["undecodable"], h["duplicates"], h["kept_at_thresholds"]) == \
+        (counts["records"], counts["exact_duplicates"], counts["undecodable"], counts["duplicates"], counts["kept"])
+    assert sum(h["clip"]["counts"]) == h["clip"]["scored"]
+    assert h["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0}
+    assert h["clip_filter_on"] is False and h["clip"]["enabled"] is False and h["joint_clip_passed"] == h["joint"]
     assert 3.0 in h["aesthetic_edges"]  # the threshold is a bin edge: the kept share is exact
     ia = h["aesthetic_edges"].index(3.0)
     jn = h["nsfw_edges"].index(0.6)
     assert joint[ia:, :jn].sum() == h["kept_at_thresholds"]
     sampled = score_histograms(run["root"], run["plan"], max_row_groups=2)
     assert sampled["sampled"] and sampled["row_groups"] < h["row_groups"]
+
+
+# ---- run roots built directly (tests/report/_runs.py): exact numbers, no pipeline ----------------
+
+def _all_scores(values: np.ndarray) -> np.ndarray:
+    return np.sort(values[~np.isnan(values)])
+
+
+def _built(tmp_path, config, records=None, **kw):
+    from tests.report._runs import build_run, random_records
+
+    records = records if records is not None else random_records(157, seed=11)
+    root = str(tmp_path / "run")
+    return root, build_run(root, records, config, **kw), records
+
+
+def test_quantile_tables_pick_exactly_what_the_thresholds_step_picks(tmp_path):
+    from winnow.report.scores import FRACTIONS, score_histograms
+    from winnow.stages.thresholds import ThresholdsConfig, keep_count, kth_best
+
+    config = ThresholdsConfig(aesthetic_keep_fraction=0.37, clip_score_keep_fraction=0.6, nsfw_threshold=0.7)
+    root, plan, r = _built(tmp_path, config)
+    h = score_histograms(root, plan)
+    assert h["row_groups"] == plan.num_row_groups and not h["sampled"] and h["scale"] == 1.0
+    for name, values in (("aesthetic", r.aesthetic), ("clip_score", r.clip)):
+        q = h["keep_fractions"][name]
+        scores = _all_scores(values)
+        n = len(scores)
+        assert q["scored"] == n and q["keep"] == ">=" and [row["fraction"] for row in q["table"]] == list(FRACTIONS)
+        chunks = np.array_split(values, 7)  # as the step reads them: a chunk at a time
+        for row in q["table"]:
+            k = keep_count(row["fraction"], n)
+            assert row["threshold"] == kth_best(lambda c=chunks: iter(c), k), row  # the step's own selection
+            assert row["keeps"] == int((scores >= row["threshold"]).sum()) >= k
+        assert [row["threshold"] for row in q["table"]] == sorted((row["threshold"] for row in q["table"]), reverse=True)
+        # The run's own fraction: the table's threshold is the one the run used.
+        run_row = next(row for row in q["table"] if row["fraction"] == q["run_fraction"])
+        assert run_row["threshold"] == q["run_threshold"] == h["thresholds"][name] == h["filters"][name]["threshold"]
+    assert h["thresholds"]["nsfw"] == 0.7 and h["clip_filter_on"] is True
+    # Same table from a table-only check: ties make "keeps" exceed k (aesthetic scores are rounded).
+    assert any(row["keeps"] > keep_count(row["fraction"], h["keep_fractions"]["aesthetic"]["scored"])
+               for row in h["keep_fractions"]["aesthetic"]["table"])
+
+
+def test_clip_histogram_and_the_kept_count_use_the_thresholds_the_run_used(tmp_path):
+    from winnow.report.scores import score_histograms
+    from winnow.stages.kept import filter_outcomes
+    from winnow.stages.thresholds import ThresholdsConfig, load_thresholds
+
+    config = ThresholdsConfig(aesthetic_keep_fraction=0.5, clip_score_threshold=0.24, nsfw_threshold=0.8)
+    root, plan, r = _built(tmp_path, config)
+    h = score_histograms(root, plan)
+    clip = h["clip"]
+    assert clip["enabled"] is True and clip["threshold"] == 0.24 == h["thresholds"]["clip_score"]
+    assert sum(clip["counts"]) == clip["scored"] == int((~np.isnan(r.clip)).sum())
+    assert clip["threshold"] in clip["edges"] and len(clip["counts"]) == len(clip["edges"]) - 1
+    i = clip["edges"].index(clip["threshold"])
+    assert sum(clip["counts"][i:]) == clip["kept_at_threshold"] == int((_all_scores(r.clip) >= 0.24).sum())
+    exact = np.array([e is not None for e in r.exact_of])
+    decoded = ~exact & np.array([e is None for e in r.error])
+    assert clip["no_caption"] == int((decoded & ~r.has_caption).sum()) > 0
+    assert (h["records"], h["exact_duplicates"], h["undecodable"]) == (r.n, int(exact.sum()), int((~exact & ~decoded).sum()))
+    # The run's kept count is the engine's outcome rule with the committed thresholds.
+    out = filter_outcomes(load_thresholds(CommitStore(root)), exact_duplicate=exact, decoded=decoded,
+                          aesthetic=r.aesthetic, nsfw=r.nsfw, has_caption=r.has_caption, clip=r.clip)
+    kept = int(((out == "") & ~r.duplicate).sum())
+    assert h["kept_at_thresholds"] == kept > 0
+    ia = h["aesthetic_edges"].index(h["thresholds"]["aesthetic"])
+    jn = h["nsfw_edges"].index(0.8)
+    assert np.array(h["joint_clip_passed"])[ia:, :jn].sum() == kept < np.array(h["joint"])[ia:, :jn].sum()
+    assert np.array(h["joint"]).sum() == h["scored"] == int((decoded & ~r.duplicate).sum())
+
+
+def test_a_run_with_the_clip_filter_off_says_so(tmp_path):
+    from winnow.report.scores import score_histograms
+    from winnow.stages.thresholds import ThresholdsConfig
+
+    root, plan, r = _built(tmp_path, ThresholdsConfig(aesthetic_threshold=4.5))
+    h = score_histograms(root, plan)
+    assert h["clip_filter_on"] is False and h["clip"]["enabled"] is False and h["clip"]["kept_at_threshold"] is None
+    assert h["filters"]["clip_score"]["enabled"] is False and h["joint_clip_passed"] == h["joint"]
+    assert sum(h["clip"]["counts"]) == h["clip"]["scored"] > 0  # scores are shown all the same
+    assert h["keep_fractions"]["clip_score"]["run_fraction"] is None and h["keep_fractions"]["clip_score"]["table"]
+    ia = h["aesthetic_edges"].index(4.5)
+    jn = h["nsfw_edges"].index(0.5)
+    assert np.array(h["joint"])[ia:, :jn].sum() == h["kept_at_thresholds"]
+
+
+def test_a_run_before_its_thresholds_step_has_histograms_but_no_thresholds(tmp_path):
+    from winnow.report.gallery import gallery_page
+    from winnow.report.scores import score_histograms
+    from winnow.stages.thresholds import ThresholdsConfig
+
+    root, plan, _ = _built(tmp_path, ThresholdsConfig(), thresholds=False)
+    h = score_histograms(root, plan)
+    assert h["thresholds"] == {"aesthetic": None, "nsfw": None, "clip_score": None} and h["filters"] is None
+    assert h["clip_filter_on"] is None and h["kept_at_thresholds"] is None and h["clip"]["kept_at_threshold"] is None
+    assert np.array(h["joint"]).sum() == h["scored"] > 0 and len(h["keep_fractions"]["aesthetic"]["table"]) == 100
+    page = gallery_page(root, plan)
+    assert page["thresholds"] == h["thresholds"] and page["clip_filter_on"] is None and page["items"] == []
+
+
+def test_missing_clip_scores_leave_the_kept_count_unknown_while_the_filter_is_on_and_sampling_says_so(tmp_path):
+    from winnow.report.scores import score_histograms
+    from winnow.stages.thresholds import ThresholdsConfig
+
+    root, plan, _ = _built(tmp_path, ThresholdsConfig(clip_score_threshold=0.2), skip_clip=(3,))
+    h = score_histograms(root, plan)  # row group 3's clip_score not committed (yet)
+    assert h["clip"]["row_groups_without_clip_score"] == 1 and h["row_groups"] == plan.num_row_groups
+    assert h["clip_filter_on"] is True and h["kept_at_thresholds"] is None and h["clip"]["kept_at_threshold"] >= 0
+    sampled = score_histograms(root, plan, max_row_groups=4)
+    assert sampled["sampled"] and sampled["row_groups"] < plan.num_row_groups
+    assert sampled["scale"] == plan.num_row_groups / sampled["row_groups"]
+    assert all(q["sampled"] for q in sampled["keep_fractions"].values())
+
+
+GALLERY_ROWS = [
+    {"record_id": 0, "key": "a", "outcome": "kept", "aesthetic_score": 6.0, "nsfw_score": 0.1, "clip_score": 0.3},
+    {"record_id": 1, "key": "b", "outcome": "exact_duplicate", "duplicate_of": 0, "duplicate_of_key": "a"},
+    {"record_id": 2, "key": "c", "outcome": "undecodable", "error": "truncated: 10 bytes"},
+    {"record_id": 3, "key": "d", "outcome": "aesthetic", "aesthetic_score": 1.5, "nsfw_score": 0.1},
+    {"record_id": 4, "key": "e", "outcome": "nsfw", "aesthetic_score": 6.0, "nsfw_score": 0.9},
+    {"record_id": 5, "key": "f", "outcome": "no_caption", "aesthetic_score": 6.0, "nsfw_score": 0.1},
+    {"record_id": 6, "key": "g", "outcome": "clip_score", "aesthetic_score": 6.0, "nsfw_score": 0.1, "clip_score": 0.11},
+    {"record_id": 7, "key": "h", "outcome": "duplicate", "duplicate_of": 0, "duplicate_of_key": "a",
+     "aesthetic_score": 6.0, "nsfw_score": 0.1, "clip_score": 0.3},
+]
+
+
+def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
+    from tests.report._runs import commit_gallery
+    from winnow.report.gallery import gallery_page
+    from winnow.schemas import OUTCOMES as STATUS_OUTCOMES
+    from winnow.stages.thresholds import ThresholdsConfig
+    from winnow.stages.thumbnails import OUTCOMES
+
+    assert set(OUTCOMES) == set(STATUS_OUTCOMES) and OUTCOMES[0] == "kept"
+    root, plan, _ = _built(tmp_path, ThresholdsConfig(aesthetic_threshold=4.0, clip_score_threshold=0.2))
+    store = CommitStore(root)
+    stored = {"exact_duplicate": "same image bytes as record 0 ('a'); not decoded",
+              "aesthetic": "aesthetic_score 1.5000 < threshold 4", "nsfw": "nsfw_score 0.9000 >= threshold 0.5",
+              "no_caption": "no caption (.txt, or the json caption field) while the CLIP-score filter is on",
+              "clip_score": "clip_score 0.1100 < threshold 0.2", "duplicate": "near duplicate of record 0 ('a')"}
+    # Row group 0: written by the status-era write stage (reasons stored); row group 1: older, none stored.
+    commit_gallery(store, plan, 0, [{**row, "error": stored.get(row["outcome"], row.get("error"))} for row in GALLERY_ROWS])
+    commit_gallery(store, plan, 1, GALLERY_ROWS)
+    page = gallery_page(root, plan, limit=100)
+    assert page["clip_filter_on"] is True and page["thresholds"] == {"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.2}
+    by = {(i["row_group"], i["outcome"]): i for i in page["items"]}
+    assert len(by) == 2 * len(OUTCOMES) and page["written"] == 2
+    for outcome in OUTCOMES:
+        new, old = by[(0, outcome)], by[(1, outcome)]
+        if outcome in stored:
+            assert new["reason"] == stored[outcome]
+        assert old["reason"] and (old["reason"] == "kept") == (outcome == "kept")
+    assert by[(0, "undecodable")]["reason"] == "undecodable: truncated: 10 bytes"
+    assert by[(1, "exact_duplicate")]["reason"] == "same image bytes as a; not decoded"
+    assert by[(1, "aesthetic")]["reason"] == "aesthetic 1.500 below threshold 4.0"
+    assert by[(1, "no_caption")]["reason"] == "no caption while the CLIP-score filter is on"
+    assert by[(1, "clip_score")]["reason"] == "clip score 0.110 below threshold 0.2"
+    assert by[(1, "duplicate")]["reason"] == "near duplicate of a"
+    assert by[(0, "clip_score")]["clip_score"] == pytest.approx(0.11) and by[(0, "nsfw")]["clip_score"] is None
+    for outcome in OUTCOMES:
+        only = gallery_page(root, plan, outcome=outcome)["items"]
+        assert [i["outcome"] for i in only] == [outcome, outcome]

@@ -245,7 +245,7 @@ def test_run_dedup_needs_upstream_fingerprints(tmp_path):
     run_root = str(tmp_path / "run")
     plan = RowGroupPlan(4, 2)
     commit_embed(run_root, plan, unit_rows(4, D, seed=0))
-    with pytest.raises(DedupError, match="'aesthetic' has no .*_stage.json"):
+    with pytest.raises(DedupError, match="'thresholds' has no .*_stage.json"):
         run_dedup(run_root, plan, DedupConfig(device="cpu"))
 
 

@@ -222,9 +222,15 @@ def test_pipeline_overwrite_after_an_eps_change_moves_aside_pairwise_and_later_s
         prepare_stages(changed, plan)
     assert info.value.stage == "pairwise"
     moved = prepare_stages(CurationConfig(**{**changed.to_dict(), "overwrite": True}), plan)
-    assert set(moved) == {"pairwise", "dedup", "write"}
+    assert set(moved) == {"pairwise", "dedup", "status", "write"}
     resample = CurationConfig(**{**cfg.to_dict(), "dedup_sample_size": 1000, "overwrite": True})
-    assert set(prepare_stages(resample, plan)) == {"centroids", "assign", "pairwise", "dedup", "write"}
+    assert set(prepare_stages(resample, plan)) == {"centroids", "assign", "pairwise", "dedup", "status", "write"}
+    # A changed keep fraction (or threshold) recomputes only the steps after the scores.
+    for knob in ({"aesthetic_keep_fraction": 0.5}, {"clip_score_keep_fraction": 0.3}, {"nsfw_threshold": 0.2}):
+        refit = CurationConfig(**{**resample.to_dict(), **knob})
+        assert set(prepare_stages(refit, plan)) == {"thresholds", "centroids", "assign", "pairwise", "dedup",
+                                                    "status", "write"}, knob
+        resample = refit
 
 
 def test_centroids_sample_is_bounded_and_deterministic(base_run, tmp_path):

@@ -168,3 +168,45 @@ def test_gpu_dali_mixed_decode_and_bf16_embeddings_are_close_to_cpu_fp32(stage):
     assert [e is None for e in errors_a] == [e is None for e in errors_b]
     cosine = (a[:8].astype(np.float32) * b[:8].astype(np.float32)).sum(axis=1)
     assert cosine.min() > 0.98
+
+
+def _exact_duplicate_index(tmp_path):
+    """One row group: r002 repeats r000's bytes, r004 repeats the undecodable r003's bytes."""
+    a, b = photo(60, 40, seed=1), photo(50, 44, seed=2)
+    members = [("r000.jpg", a), ("r001.jpg", b), ("r002.jpg", a), ("r003.jpg", b"corrupt"), ("r004.jpg", b"corrupt")]
+    write_tar(str(tmp_path / "in" / "shard-0000.tar"), members)
+    run_root = str(tmp_path / "run")
+    result = build_index(run_root, IndexConfig(input_uri=str(tmp_path / "in"), buffer_size=5))
+    return run_root, result.plan
+
+
+def spy_on_read_members(monkeypatch) -> list[list[str]]:
+    """Test-only spy: the keys of every index table whose image bytes are read."""
+    import winnow.data.reader as reader
+
+    real = reader.read_members
+    calls: list[list[str]] = []
+
+    def spy(index, member="image", **kw):
+        calls.append(index.column("key").to_pylist())
+        return real(index, member, **kw)
+
+    monkeypatch.setattr(reader, "read_members", spy)
+    return calls
+
+
+def test_spy_exact_duplicates_are_not_read_nor_embedded_and_get_null_embedding_and_error(tmp_path, stage, monkeypatch):
+    run_root, plan = _exact_duplicate_index(tmp_path)
+    calls = spy_on_read_members(monkeypatch)
+    table = stage.process(RowGroupTask(run_root, plan, 0, 0))
+    assert calls == [["r000", "r001", "r003"]]  # r002 and r004 (exact duplicates) never read
+    assert table.schema == embed_schema(768)
+    assert table.column("record_id").to_pylist() == [0, 1, 2, 3, 4]
+    assert table.column("key").to_pylist() == ["r000", "r001", "r002", "r003", "r004"]
+    emb = table.column("embedding").to_pylist()
+    errors = table.column("error").to_pylist()
+    assert [e is None for e in emb] == [False, False, True, True, True]
+    assert errors[2] is None and errors[4] is None and errors[3].startswith("undecodable: ")
+    assert errors[0] is None and errors[1] is None
+    direct, _ = stage.embed_images([photo(60, 40, seed=1)])
+    assert _close(np.array(emb[0], dtype=np.float16), direct[0])

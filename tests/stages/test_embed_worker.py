@@ -207,3 +207,57 @@ def test_ray_blocks_carry_several_row_groups_only_for_a_stage_with_a_fused_worke
     assert row_groups_per_block(stage, 100, 1) == MAX_ROW_GROUPS_PER_BLOCK
     assert row_groups_per_block(stage, 10, 2) == 2  # 5 blocks: each of 2 workers gets >= 2
     assert row_groups_per_block(stage, 3, 4) == 1
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_spy_pipeline_never_reads_exact_duplicates_and_equals_the_stage(tmp_path, stage, monkeypatch, fixed):
+    """Row groups with exact duplicates (the same bytes as an earlier record, also across row
+    groups): a test-only spy on read_members shows their bytes are never read; the committed
+    rows are the per-row-group stage's (null embedding and null error for each duplicate)."""
+    import io
+
+    from PIL import Image
+
+    import winnow.data.reader as reader
+    from tests.data._shards import write_tar
+
+    def picture(seed: int) -> bytes:
+        out = io.BytesIO()
+        arr = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(out, "PNG")
+        return out.getvalue()
+
+    data = [picture(i % 5) if i % 3 else picture(0) for i in range(14)] + [b"broken", b"broken"]
+    write_tar(str(tmp_path / "in" / "s.tar"), [(f"r{i:03d}.png", d) for i, d in enumerate(data)])
+    run_root = str(tmp_path / "run")
+    plan = build_index(run_root, IndexConfig(input_uri=str(tmp_path / "in"), buffer_size=5, max_partitions=1)).plan
+    index = pa.concat_tables(CommitStore(run_root).read_table("index", 0, rg) for rg in range(plan.num_row_groups))
+    twins = set(index.filter(pa.compute.is_valid(index["exact_duplicate_of"])).column("key").to_pylist())
+    assert len(twins) >= 5
+
+    real, read_keys = reader.read_members, []
+
+    def spy(table, member="image", **kw):
+        read_keys.extend(table.column("key").to_pylist())
+        return real(table, member, **kw)
+
+    monkeypatch.setattr(reader, "read_members", spy)
+    store = CommitStore(run_root)
+    tasks = [RowGroupTask(run_root, plan, 0, rg) for rg in range(plan.num_row_groups)]
+    outcomes = list(EmbedPipeline(stage, fixed_batches=fixed).run(
+        tasks, lambda t, table: store.commit_table("embed", t.partition, t.row_group, table)))
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert sorted(read_keys) == sorted(set(index.column("key").to_pylist()) - twins)
+    for rg in range(plan.num_row_groups):
+        got, want = committed(run_root, 0, rg), stage.process(tasks[rg])
+        for col in ("record_id", "key", "error"):
+            assert got.column(col).equals(want.column(col)), (rg, col)
+        a, b = (np.array([r if r is not None else [np.nan] * stage.embed_dim
+                          for r in t.column("embedding").to_pylist()], np.float32) for t in (got, want))
+        assert np.array_equal(np.isnan(a), np.isnan(b))
+        ok = ~np.isnan(a[:, 0])
+        assert np.abs(a[ok] - b[ok]).max(initial=0) <= 2e-3
+        for key, emb, err in zip(got.column("key").to_pylist(), got.column("embedding").to_pylist(),
+                                 got.column("error").to_pylist()):
+            if key in twins:
+                assert emb is None and err is None, key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 
@@ -11,7 +12,17 @@ import pytest
 import torch
 
 from winnow.exceptions import ModelError
-from winnow.stages.models import MODEL_DIR_ENV, TINY_MODEL, load_image_model, register_model_configs, validate_model_spec
+from winnow.stages.models import (
+    BPE_VOCAB_SIZE,
+    MODEL_CONFIG_DIR,
+    MODEL_DIR_ENV,
+    TINY_MODEL,
+    load_image_model,
+    load_text_model,
+    register_model_configs,
+    tokenizer_spec,
+    validate_model_spec,
+)
 
 
 def _save_tiny_weights(path: str, seed: int = 1) -> str:
@@ -138,3 +149,90 @@ def test_corrupt_weights_file_is_a_model_error(tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(ModelError, match="bad.pt"):
         load_image_model(TINY_MODEL, str(bad))
+
+
+# ---- text towers (clip_score) ---------------------------------------------------------------
+
+
+def _seeded_clip(model_name: str = TINY_MODEL, seed: int = 0) -> torch.nn.Module:
+    register_model_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.create_model(model_name).eval()
+
+
+def test_text_and_image_towers_are_halves_of_one_seeded_model():
+    text = load_text_model(TINY_MODEL, "random", allow_random_weights=True)
+    image = load_image_model(TINY_MODEL, "random", allow_random_weights=True)
+    clip = _seeded_clip()
+    tokens = text.tokenize(["a red circle", "two blue squares on a striped field"])
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(text.model.encode_text(tokens), clip.encode_text(tokens), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(image.model.encode_image(pixels), clip.encode_image(pixels), atol=1e-6)
+        assert text.model.encode_text(tokens, normalize=True).norm(dim=-1).sub(1).abs().max() < 1e-5
+    assert not hasattr(text.model, "visual"), "image tower should be dropped"
+    assert text.embed_dim == image.embed_dim == 768
+    assert text.weights_digest == image.weights_digest == "random-seed0"
+
+
+def test_text_tower_uses_open_clips_builtin_bpe_tokenizer_and_context_length():
+    spec = tokenizer_spec(TINY_MODEL)
+    assert spec.kind == "open_clip.SimpleTokenizer" and spec.context_length == 16
+    assert spec.vocab_digest.startswith("sha256:")
+    text = load_text_model(TINY_MODEL, "random", allow_random_weights=True)
+    reference = open_clip.get_tokenizer(TINY_MODEL)
+    captions = ["a red circle", "word " * 40]
+    assert torch.equal(text.tokenize(captions), reference(captions))
+    assert text.tokenize(captions).shape == (2, 16)
+    assert int(text.tokenize(captions).max()) == BPE_VOCAB_SIZE - 1 < text.model.vocab_size  # <end_of_text>
+    assert tokenizer_spec("ViT-L-14-quickgelu").context_length == 77
+
+
+def _config_variant(tmp_path, name: str, **text_cfg) -> str:
+    cfg = json.loads((MODEL_CONFIG_DIR / f"{TINY_MODEL}.json").read_text())
+    cfg["text_cfg"].update(text_cfg)
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    return name
+
+
+def test_tiny_image_tower_does_not_depend_on_the_text_vocabulary(tmp_path):
+    # open_clip builds the image tower first under the seeded RNG: the text vocabulary (raised
+    # to the BPE tokenizer's 49408 for clip_score) leaves image weights and embeddings as they were.
+    small = _seeded_clip(_config_variant(tmp_path, "winnow-test-vocab512", vocab_size=512))
+    tiny = _seeded_clip()
+    a, b = small.visual.state_dict(), tiny.visual.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert tiny.token_embedding.num_embeddings == BPE_VOCAB_SIZE
+
+
+def test_text_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
+    name = _config_variant(tmp_path, "winnow-test-vocab-small", vocab_size=512)
+    with pytest.raises(ModelError, match="vocab_size >= 49408"):
+        tokenizer_spec(name)
+    with pytest.raises(ModelError, match="vocab_size >= 49408"):
+        load_text_model(name, "random", allow_random_weights=True)
+
+
+def test_out_of_vocabulary_token_ids_raise_instead_of_being_clamped():
+    text = load_text_model(TINY_MODEL, "random", allow_random_weights=True)
+    tokens = torch.zeros(1, 16, dtype=torch.long)
+    tokens[0, 1] = text.model.vocab_size
+    with pytest.raises(ModelError, match="outside the text tower's vocabulary"):
+        text.model.encode_text(tokens)
+
+
+def test_models_with_downloaded_tokenizers_are_refused():
+    with pytest.raises(ModelError, match="built-in BPE tokenizer"):
+        tokenizer_spec("ViT-B-16-SigLIP")
+
+
+def test_text_tower_loads_from_a_weights_file(tmp_path):
+    path = _save_tiny_weights(str(tmp_path / "tiny.pt"), seed=1)
+    text = load_text_model(TINY_MODEL, path)
+    assert text.weights_digest == f"sha256:{hashlib.sha256(open(path, 'rb').read()).hexdigest()}"
+    reference = _seeded_clip(seed=1)
+    tokens = text.tokenize(["a green line"])
+    with torch.inference_mode():
+        assert torch.allclose(text.model.encode_text(tokens), reference.encode_text(tokens), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
 """The write stage on real tars and committed stage row groups: WebDataset output with the source
-bytes, safe member names, reproducible bytes; and the outcome counts of a run."""
+bytes, safe member names, reproducible bytes; and the outcome counts of a run (from status)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import write_schema
 from winnow.stages.base import RowGroupTask, Stage
 from winnow.stages.dedup import DedupResult, dedup_table
-from winnow.stages.write import WriteConfig, WriteStage, count_outcomes, member_key
+from winnow.stages.status import StatusStage, count_outcomes
+from winnow.stages.write import WriteConfig, WriteStage, member_key
 
 DIM = 16
 UNSAFE = {3: "../../escape/x", 4: "/abs/y", 5: "a/./b/../c"}
@@ -76,6 +77,8 @@ def _run(tmp_path, n: int = 20, buffer_size: int = 8):
     for rg in range(plan.num_row_groups):
         a, b = plan.row_group_range(rg)
         store.commit_table("dedup", plan.partition_of(rg), rg, dedup_table(np.arange(a, b), dups))
+        task = RowGroupTask(run_root, plan, plan.partition_of(rg), rg)
+        store.commit_table("status", plan.partition_of(rg), rg, StatusStage().process(task))
     kept = [i for i in range(n) if not bad[i] and a_keep[i] and n_keep[i] and i not in (11, 12)]
     return run_root, plan, records, index, kept
 
@@ -163,11 +166,16 @@ def test_tar_bytes_are_reproducible_and_headers_are_neutral(tmp_path):
 def test_count_outcomes_adds_up_and_matches_what_was_written(tmp_path):
     run_root, plan, _, _, kept = _run(tmp_path)
     before = count_outcomes(run_root, plan)
-    assert before == {"records": 20, "undecodable": 2, "aesthetic_dropped": 2, "nsfw_dropped": 1,
-                      "duplicates": 2, "kept": 13, "written": 0}
+    assert {k: before[k] for k in ("records", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped",
+                                   "no_caption", "clip_score_dropped", "duplicates", "kept", "written")} == {
+        "records": 20, "exact_duplicates": 0, "undecodable": 2, "aesthetic_dropped": 2, "nsfw_dropped": 1,
+        "no_caption": 0, "clip_score_dropped": 0, "duplicates": 2, "kept": 13, "written": 0}
+    assert before["thresholds"] == {"aesthetic": 5.0, "nsfw": 0.5, "clip_score": 0.0}
     _write_all(WriteStage(), run_root, plan)
     counts = count_outcomes(run_root, plan)
-    assert counts["records"] == sum(counts[k] for k in ("undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept"))
+    assert counts["records"] == sum(counts[k] for k in ("exact_duplicates", "undecodable", "aesthetic_dropped",
+                                                        "nsfw_dropped", "no_caption", "clip_score_dropped",
+                                                        "duplicates", "kept"))
     assert counts["kept"] == counts["written"] == len(kept)
 
 
@@ -176,4 +184,4 @@ def test_a_stage_with_other_records_than_the_index_is_refused(tmp_path):
     store = CommitStore(run_root)
     store.commit_table("dedup", 0, 0, dedup_table(np.arange(1, 9), DedupResult(np.empty(0, np.int64), np.empty(0, np.int64))))
     with pytest.raises(Exception, match=r"row group 0: stage 'dedup' holds other records than the index"):
-        WriteStage().process(RowGroupTask(run_root, plan, 0, 0))
+        StatusStage().process(RowGroupTask(run_root, plan, 0, 0))

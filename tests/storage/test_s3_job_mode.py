@@ -22,13 +22,13 @@ from unittest import mock
 
 import pytest
 
-from tests.airflow._ray_jobs import job_conn, jobs_of, start_job_head
+from tests._multinode import DROPPED_PREFIXES, shared_multinode_fixture
+from tests.airflow._ray_jobs import job_conn, jobs_of
 from tests.airflow.conftest import airflow_db, curation_dag, dagbag, retries_set  # noqa: F401  (fixtures)
 from tests.storage._runs import counts_of, upload_folder
 from tests.storage._s3server import ACCESS_KEY, SECRET_KEY
 from tests.storage.conftest import BUCKET, _reset_storage
 from tests.storage.test_s3_dag import _output_to, _xcoms
-from winnow.ray import cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -45,17 +45,17 @@ def _without_aws() -> None:
         del os.environ[key]
 
 
+cluster = shared_multinode_fixture()
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A job-mode Ray head started with no AWS_* variable in its environment."""
-    root = tmp_path_factory.mktemp("s3jobs")
-    with mock.patch.dict(os.environ):
-        _without_aws()
-        started = start_job_head(root)
-    try:
-        yield {**started, "root": root}
-    finally:
-        cluster.stop_head(started["head"], timeout_s=15)
+def head(cluster):
+    """The session's shared Ray (a head with the dashboard's Jobs API and token auth, two worker
+    nodes; ``tests/conftest.py``) as the job-mode cluster: every process of it started with no
+    AWS_* variable in its environment (``tests._multinode`` drops them)."""
+    assert "AWS_" in "".join(DROPPED_PREFIXES)
+    return {"url": cluster.dashboard_url, "token": cluster.token, "address": cluster.address,
+            "temp_dir": cluster.temp_dir, "logs": [cluster.root / "head.log", *(n.log for n in cluster.nodes)]}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_the_secret_is_in_no_task_log_xcom_trigger_kwargs_or_ray_log(runs, head)
     assert trigger_kwargs["storage_conn_id"] == CONN_ID and SECRET_KEY not in json.dumps(trigger_kwargs)
     ray_logs = [p for p in glob.glob(f"{head['temp_dir']}/**/*", recursive=True) if os.path.isfile(p)]
     assert any("job-driver-" in p for p in ray_logs)
-    for path in ray_logs + [str(head["root"] / "ray-head.log")]:
+    for path in ray_logs + [str(p) for p in head["logs"]]:
         try:
             data = Path(path).read_bytes()
         except OSError:

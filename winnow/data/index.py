@@ -5,6 +5,12 @@ Resumable at two grains: each shard's (serial) or shard group's (parallel) scan 
 its own (a rerun scans only what is missing) and each index row group is committed on its own (a
 rerun writes only what is missing).
 
+Each record gets ``uid`` (:func:`winnow.data.tarscan.image_uid`, from its image bytes) and, when
+an earlier indexed record (shard order, then member order) has the same uid, ``exact_duplicate_of``
+(that record's id): exact duplicates stay indexed records, marked, and are never decoded nor
+embedded. Members the scan skipped (no image, a key repeated inside a shard or across shards) are
+committed as rows under ``index/_skipped/`` (:func:`read_skipped`), for the status rows.
+
 Two ways to build the same index, row for row: ``backend="serial"`` scans every shard in this
 process (the reference); ``"ray"`` (what the pipeline uses) or ``"local"`` runs the parallel
 algorithm below (shard groups, key partitions and row groups as units: Ray tasks, or a loop in
@@ -20,7 +26,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from winnow.data.shards import list_shard_infos
-from winnow.data.tarscan import SCAN_SCHEMA, ShardScan, scan_shard
+from winnow.data.tarscan import SCAN_SCHEMA, SKIPPED_SCHEMA, UID_ALGORITHM, ShardScan, scan_shard
 from winnow.exceptions import ShardError, StageConfigMismatch, StorageError
 from winnow.rowgroups.plan import MAX_MAP_LENGTH, RowGroupPlan
 from winnow.rowgroups.store import (
@@ -49,6 +55,21 @@ INDEX_FILE = "_index.json"
 SCAN_DIR = "_index_scan"
 #: At most this many bad-shard errors are kept in the counts (the count itself is exact).
 MAX_BAD_SHARD_ERRORS = 100
+#: At most this many example keys of duplicates are kept in the counts.
+MAX_EXAMPLES = 20
+#: Folder (inside the index stage folder) of the skipped members' rows: ``g<j>.parquet`` holds
+#: those of shards ``[j*G, (j+1)*G)``, ``G = default_group_size(number of shards)``.
+SKIPPED_DIR = "_skipped"
+#: Columns of the skipped members' rows (:func:`read_skipped`).
+SKIPPED_ROWS = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("outcome", pa.string()),  # "no_image" | "duplicate_key"
+        ("reason", pa.string()),
+        ("duplicate_of_key", pa.string()),  # the kept record's key (the same key); null for no_image
+    ]
+)
 _log = logging.getLogger(__name__)
 
 
@@ -76,6 +97,12 @@ class IndexConfig:
             raise ValueError(
                 f"max_partitions must be <= {MAX_MAP_LENGTH} (Airflow's max_map_length), got {self.max_partitions}"
             )
+
+
+def index_config(run: Any, _name: str = STAGE) -> IndexConfig:
+    """The index's config from a run's ``CurationConfig`` (the registry's ``config`` factory)."""
+    return IndexConfig(input_uri=run.input_uri, buffer_size=run.buffer_size, max_partitions=run.max_partitions,
+                       skip_bad_shards=run.skip_bad_shards)
 
 
 @dataclass
@@ -108,6 +135,8 @@ def _fingerprint(config: IndexConfig, digest: str, num_records: int) -> StageFin
             "skip_bad_shards": config.skip_bad_shards,
             # The plan's partition layout decides where row groups live on storage.
             "max_partitions": config.max_partitions,
+            # What the uid column is (an index without one is refused, not mixed with).
+            "uid": UID_ALGORITHM,
         },
         num_records=num_records,
         buffer_size=config.buffer_size,
@@ -154,7 +183,7 @@ def build_index(
 
     if backend == "serial":
         scans, counts, scanned = _scan_all(store, shards, digest, config.skip_bad_shards, say)
-        table = _assemble(scans, counts)
+        table, skipped = _assemble(scans, counts)
         n = table.num_rows
         plan = RowGroupPlan(n, config.buffer_size, config.max_partitions)
         fingerprint = _fingerprint(config, digest, n)
@@ -168,6 +197,7 @@ def build_index(
                 start, stop = plan.row_group_range(rg)
                 store.commit_table(STAGE, partition, rg, table.slice(start, stop - start))
                 committed += 1
+        _write_skipped_serial(store, shards, skipped)
     elif backend in ("ray", "local"):
         plan, counts, scanned, committed, fingerprint = _build_parallel(
             store, config, shards, digest, overwrite=overwrite, say=say, backend=backend,
@@ -192,7 +222,8 @@ def build_index(
         f"index: {n} records in {plan.num_row_groups} row groups / {plan.num_partitions} partitions "
         f"from {len(shards)} shards ({scanned} scanned now, {committed} row groups committed now); "
         f"skipped: {counts['members_without_image']} without image, {counts['duplicate_keys']} "
-        f"duplicate keys, {counts['bad_shards']} bad shards, {counts['zero_byte_shards']} zero-byte shards"
+        f"duplicate keys, {counts['bad_shards']} bad shards, {counts['zero_byte_shards']} zero-byte shards; "
+        f"{counts['exact_duplicates']} exact duplicates (indexed, marked, never embedded)"
     )
     return IndexResult(
         plan=plan,
@@ -284,6 +315,7 @@ def _empty_counts(num_shards: int) -> dict[str, Any]:
         "extra_images": 0,
         "ignored_members": 0,
         "records": 0,
+        "exact_duplicates": 0,
     }
 
 
@@ -297,13 +329,23 @@ def _read_scan(store: CommitStore, path: str) -> ShardScan | None:
         return None  # an unreadable cached scan is rescanned, never trusted
 
 
-def _assemble(scans: list[ShardScan], counts: dict[str, Any]) -> pa.Table:
-    """Concatenate shard scans in shard order, drop keys already seen in an earlier shard, and
-    number the records: record_id is the global position."""
+def _drop_reason(kept_shard: str) -> str:
+    return f"key already indexed from shard {kept_shard}; the record of the first shard with this key is kept"
+
+
+def _assemble(scans: list[ShardScan], counts: dict[str, Any]) -> tuple[pa.Table, dict[str, list[tuple]]]:
+    """Concatenate shard scans in shard order, drop keys already seen in an earlier shard, number
+    the records (record_id is the global position) and mark exact duplicates (a uid seen in an
+    earlier record). Also: the skipped rows of each shard ``(key, outcome, reason,
+    duplicate_of_key)``, the scan's own first, then the cross-shard key drops."""
     parts = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # key -> the shard that kept it
     examples: list[str] = []
+    skipped: dict[str, list[tuple]] = {}
     for scan in scans:
+        rows = skipped.setdefault(scan.shard, [])
+        rows.extend((k, outcome, reason, k if outcome == "duplicate_key" else None)
+                    for k, outcome, reason in scan.skipped)
         if not scan.keys:
             continue
         t = scan.table()
@@ -313,42 +355,127 @@ def _assemble(scans: list[ShardScan], counts: dict[str, Any]) -> pa.Table:
         if dropped:
             counts["duplicate_keys_across_shards"] += dropped
             examples.extend(k for k, ok in zip(keys, keep) if not ok)
+            rows.extend((k, "duplicate_key", _drop_reason(seen[k]), k) for k, ok in zip(keys, keep) if not ok)
             t = t.filter(pa.array(keep))
-        seen.update(keys)
+        for k in keys:
+            seen.setdefault(k, scan.shard)
         t = t.add_column(0, "shard", pa.array([scan.shard] * t.num_rows, pa.string()))
         parts.append(t.replace_schema_metadata(None))
     counts["duplicate_keys"] += counts["duplicate_keys_across_shards"]
     if examples:
-        counts["duplicate_key_examples"] = examples[:20]
+        counts["duplicate_key_examples"] = examples[:MAX_EXAMPLES]
     if parts:
         body = pa.concat_tables(parts)
     else:
         body = SCAN_SCHEMA.empty_table().add_column(0, "shard", pa.array([], pa.string()))
+    first: dict[str, int] = {}
+    twin: list[int | None] = []
+    for i, uid in enumerate(body.column("uid").to_pylist()):
+        j = first.setdefault(uid, i)
+        twin.append(None if j == i else j)
     ids = pa.array(range(body.num_rows), pa.int64())
+    body = body.append_column("exact_duplicate_of", pa.array(twin, pa.int64()))
     table = body.add_column(0, "record_id", ids).select(INDEX.names).cast(INDEX)
     counts["records"] = table.num_rows
-    return table
+    exact = [i for i, j in enumerate(twin) if j is not None]
+    counts["exact_duplicates"] = len(exact)
+    if exact:
+        counts["exact_duplicate_examples"] = table.column("key").take(pa.array(exact[:MAX_EXAMPLES])).to_pylist()
+    return table, skipped
+
+
+# ---- skipped members: rows for the status stage ----------------------------------------------
+
+
+def _skipped_dir(store: CommitStore) -> str:
+    return f"{store.stage_dir(STAGE)}/{SKIPPED_DIR}"
+
+
+def _skipped_files(num_shards: int) -> tuple[int, int]:
+    """(shards per skipped-rows file, number of files): one file per default scan group."""
+    per = default_group_size(num_shards)
+    return per, -(-num_shards // per)
+
+
+def _missing_skipped(store: CommitStore, num_shards: int) -> list[int]:
+    _, files = _skipped_files(num_shards)
+    have = {info.base_name for info in store._list(_skipped_dir(store))}
+    return [j for j in range(files) if f"g{j:06d}.parquet" not in have]
+
+
+def _skipped_table(shard_names: list[str], rows: list[tuple]) -> pa.Table:
+    cols = list(zip(*rows)) if rows else [(), (), (), ()]
+    return pa.Table.from_arrays([pa.array(shard_names, pa.string())] + [pa.array(list(c), pa.string()) for c in cols],
+                                schema=SKIPPED_ROWS)
+
+
+def _write_skipped_serial(store: CommitStore, shards: list[str], skipped: dict[str, list[tuple]]) -> int:
+    """Commit the skipped-rows files still missing (a rerun writes nothing)."""
+    per, _ = _skipped_files(len(shards))
+    written = 0
+    for j in _missing_skipped(store, len(shards)):
+        names, rows = [], []
+        for shard in shards[j * per : (j + 1) * per]:
+            mine = skipped.get(shard, [])
+            names += [shard] * len(mine)
+            rows += mine
+        write_atomic(store.fs, f"{_skipped_dir(store)}/g{j:06d}.parquet",
+                     table_to_parquet_bytes(_skipped_table(names, rows)))
+        written += 1
+    return written
+
+
+def read_skipped(run_root: str) -> Iterator[pa.Table]:
+    """The members the index skipped, as tables of :data:`SKIPPED_ROWS` (``shard``, ``key``,
+    ``outcome`` ``no_image`` | ``duplicate_key``, ``reason``, ``duplicate_of_key``), one per
+    file of ``index/_skipped/`` (shard order; in a shard its scan's skips in member order, then
+    the records dropped because an earlier shard has their key). Each member once; memory is one
+    file at a time. Raises :class:`StorageError` when the index or one of the files is missing."""
+    result = load_index(run_root)
+    store = CommitStore(run_root)
+    missing = _missing_skipped(store, len(result.shards))
+    if missing:
+        raise StorageError(
+            f"run root {run_root}: the index's skipped-member rows are incomplete "
+            f"({_skipped_dir(store)}/g{missing[0]:06d}.parquet is missing): rerun the index stage "
+            "(build_index / the `index` task), which writes only what is missing."
+        )
+    _, files = _skipped_files(len(result.shards))
+    for j in range(files):
+        with store.fs.open_input_file(f"{_skipped_dir(store)}/g{j:06d}.parquet") as f:
+            yield pq.read_table(f).cast(SKIPPED_ROWS)
 
 
 # ---- the parallel index: shard groups, key partitions and row groups as Ray tasks -----------
 #
 # 1. scan: shards are cut into groups of ``group_size``; one Ray task per group scans its
-#    shards' tar headers and commits ``<SCAN_DIR>/<digest>/g<size>/g<group>.parquet`` (the
-#    records with their shard position; per-shard counts and bad-shard errors in the footer).
+#    shards (tar headers, image bytes hashed into uids) and commits
+#    ``<SCAN_DIR>/<digest>/v2-g<size>/g<group>.parquet`` (the records with their shard position;
+#    per-shard counts and bad-shard errors in the footer), after its sibling
+#    ``g<group>.skipped.parquet`` (the members the scan skipped).
 # 2. keys: a key kept in an earlier shard is dropped from later ones. One Ray task per key
 #    partition (a stable hash of the key) reads the key columns of every group and commits the
-#    drops of its keys: memory is 1/H of the keys, never the whole index.
-# 3. records ids: per-shard counts minus drops, prefix sums -> each shard's first record id;
+#    drops of its keys (``drops-<H>-<h>.parquet``): memory is 1/H of the keys.
+# 3. uids: among the records that survive the keys, a uid seen in an earlier record marks an
+#    exact duplicate. One Ray task per uid partition (the uid's leading hex digits: it is a hash
+#    already) reads the uid columns of every group and the drops of its uids, and commits its
+#    twins (``exact-<H>-<h>.parquet``: shard position and member of the duplicate and of the
+#    first record): memory is 1/H of the uids. A dropped record is nobody's twin.
+# 4. records ids: per-shard counts minus drops, prefix sums -> each shard's first record id;
 #    so the order is today's (shard order, then member order).
-# 4. row groups: one Ray task per partition commits its missing index row groups from the
-#    groups that overlap its record range.
+# 5. row groups: one Ray task per partition commits its missing index row groups from the
+#    groups that overlap its record range (a twin's id from its shard's first id and drops).
+# 6. skipped: one Ray task per missing ``index/_skipped/g<j>.parquet`` writes the skipped rows
+#    of its shards from the scans' siblings and the drops.
 # The caller's process (the Airflow index task) only lists, plans, sums counts and checks.
 
 #: Most shards per scan task (fewer when there are few shards, so every CPU gets some).
 MAX_GROUP_SIZE = 64
-#: Most key partitions (Ray tasks of the cross-shard key check).
+#: Most key partitions (Ray tasks of the cross-shard key check; as many uid partitions).
 MAX_KEY_PARTITIONS = 64
 _GROUP_META = b"winnow.scan_group"
+#: Layout version of the parallel scan cache (v2: uid column, skipped siblings, uid drops).
+_GROUP_LAYOUT = "v2"
 
 
 def default_group_size(num_shards: int) -> int:
@@ -361,14 +488,17 @@ def default_group_size(num_shards: int) -> int:
 
 
 def _group_dir(store: CommitStore, digest: str, group_size: int) -> str:
-    return store.path(SCAN_DIR, digest, f"g{group_size}")
+    return store.path(SCAN_DIR, digest, f"{_GROUP_LAYOUT}-g{group_size}")
+
+
+_GROUP_SKIPPED = pa.schema([pa.field("shard_pos", pa.int32()), *SKIPPED_SCHEMA])
 
 
 def _scan_group_unit(shards: list[str], run_root: str, digest: str, group_size: int, group: int) -> dict[str, Any]:
     store = CommitStore(run_root)
     first = group * group_size
     names = shards[first : first + group_size]
-    tables, meta = [], []
+    tables, skipped, meta = [], [], []
     for i, shard in enumerate(names, start=first):
         try:
             scan = scan_shard(shard)
@@ -378,10 +508,16 @@ def _scan_group_unit(shards: list[str], run_root: str, digest: str, group_size: 
         meta.append({"pos": i, "shard": shard, "error": None, "counts": scan.counts()})
         t = scan.table().replace_schema_metadata(None)
         tables.append(t.append_column("shard_pos", pa.array([i] * t.num_rows, pa.int32())))
+        sk = scan.skipped_table()
+        skipped.append(sk.add_column(0, "shard_pos", pa.array([i] * sk.num_rows, pa.int32())))
     schema = SCAN_SCHEMA.append(pa.field("shard_pos", pa.int32()))
     body = pa.concat_tables(tables) if tables else schema.empty_table()
     body = body.replace_schema_metadata({_GROUP_META: json.dumps(meta)})
-    write_atomic(store.fs, f"{_group_dir(store, digest, group_size)}/g{group:06d}.parquet", table_to_parquet_bytes(body))
+    gdir = _group_dir(store, digest, group_size)
+    # The sibling first: the group file is the commit marker of both.
+    sk_body = pa.concat_tables(skipped) if skipped else _GROUP_SKIPPED.empty_table()
+    write_atomic(store.fs, f"{gdir}/g{group:06d}.skipped.parquet", table_to_parquet_bytes(sk_body))
+    write_atomic(store.fs, f"{gdir}/g{group:06d}.parquet", table_to_parquet_bytes(body))
     return {"shards": len(names), "records": body.num_rows}
 
 
@@ -400,50 +536,126 @@ def _key_partition(keys: list[str], partitions: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(k.encode("utf-8", "surrogatepass")) % partitions for k in keys), np.int64, len(keys))
 
 
+def _uid_partition(uids: list[str], partitions: int) -> np.ndarray:
+    """A stable partition of each uid: its leading 32 bits (a uid is a hash already)."""
+    return np.fromiter((int(u[:8], 16) % partitions for u in uids), np.int64, len(uids))
+
+
+def _members(pos: np.ndarray) -> np.ndarray:
+    """Member index of each row inside its shard (rows are in shard then member order)."""
+    if not len(pos):
+        return np.empty(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+    return np.arange(len(pos)) - np.repeat(starts, np.diff(np.r_[starts, len(pos)]))
+
+
+def _read_group(store: CommitStore, digest: str, group_size: int, g: int, columns=None, filters=None) -> pa.Table:
+    with store.fs.open_input_file(f"{_group_dir(store, digest, group_size)}/g{g:06d}.parquet") as f:
+        return pq.read_table(f, columns=columns, filters=filters).replace_schema_metadata(None)
+
+
 def _keys_unit(run_root: str, digest: str, group_size: int, num_groups: int, partitions: int, part: int) -> dict[str, Any]:
     """Drops of the keys of one hash partition: a key seen in an earlier shard is dropped."""
     store = CommitStore(run_root)
-    seen: set[str] = set()
-    drop_pos, drop_member, drop_key = [], [], []
+    seen: dict[str, int] = {}  # key -> position of the shard that kept it
+    drop_pos, drop_member, drop_key, drop_kept, drop_uid = [], [], [], [], []
     for g in range(num_groups):
-        with store.fs.open_input_file(f"{_group_dir(store, digest, group_size)}/g{g:06d}.parquet") as f:
-            t = pq.read_table(f, columns=["key", "shard_pos"])
+        t = _read_group(store, digest, group_size, g, columns=["key", "shard_pos", "uid"])
         keys = t.column("key").to_pylist()
         pos = t.column("shard_pos").to_numpy()
         mine = np.flatnonzero(_key_partition(keys, partitions) == part)
-        # Member index of each row inside its shard (rows are in shard then member order).
-        starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]]) if len(pos) else np.empty(0, np.int64)
-        member = np.arange(len(pos)) - np.repeat(starts, np.diff(np.r_[starts, len(pos)]))
+        member = _members(pos)
+        uids = t.column("uid")
         # Keys are unique inside a shard (the scan dropped repeats), so a key's first shard is
         # where it is first seen; a shard's keys join ``seen`` once the shard is done.
         new: list[str] = []
         current = -1
         for i in mine.tolist():
             if pos[i] != current:
-                seen.update(new)
-                new, current = [], pos[i]
+                seen.update(dict.fromkeys(new, current))
+                new, current = [], int(pos[i])
             k = keys[i]
             if k in seen:
-                drop_pos.append(int(pos[i]))
+                drop_pos.append(current)
                 drop_member.append(int(member[i]))
                 drop_key.append(k)
+                drop_kept.append(seen[k])
+                drop_uid.append(uids[i].as_py())
             else:
                 new.append(k)
-        seen.update(new)
+        seen.update(dict.fromkeys(new, current))
     table = pa.table({"shard_pos": pa.array(drop_pos, pa.int32()), "member": pa.array(drop_member, pa.int64()),
-                      "key": pa.array(drop_key, pa.string())})
+                      "key": pa.array(drop_key, pa.string()), "kept_pos": pa.array(drop_kept, pa.int32()),
+                      "uid_part": pa.array(_uid_partition(drop_uid, partitions), pa.int32())})
     table = table.sort_by([("shard_pos", "ascending"), ("member", "ascending")])
     write_atomic(store.fs, f"{_group_dir(store, digest, group_size)}/drops-{partitions}-{part:03d}.parquet",
                  table_to_parquet_bytes(table))
     return {"drops": table.num_rows}
 
 
-def _read_drops(store: CommitStore, digest: str, group_size: int, partitions: int, columns=None, filters=None) -> pa.Table:
+def _read_parts(store: CommitStore, digest: str, group_size: int, partitions: int, kind: str, columns=None,
+                filters=None) -> pa.Table:
+    """The ``<kind>-<H>-<h>.parquet`` files of every partition h (``drops`` or ``exact``)."""
     parts = []
     for h in range(partitions):
-        with store.fs.open_input_file(f"{_group_dir(store, digest, group_size)}/drops-{partitions}-{h:03d}.parquet") as f:
+        with store.fs.open_input_file(f"{_group_dir(store, digest, group_size)}/{kind}-{partitions}-{h:03d}.parquet") as f:
             parts.append(pq.read_table(f, columns=columns, filters=filters))
     return pa.concat_tables(parts)
+
+
+def _read_drops(store: CommitStore, digest: str, group_size: int, partitions: int, columns=None, filters=None) -> pa.Table:
+    return _read_parts(store, digest, group_size, partitions, "drops", columns, filters)
+
+
+def _uids_unit(run_root: str, digest: str, group_size: int, num_groups: int, partitions: int, part: int) -> dict[str, Any]:
+    """Twins of the uids of one partition: a record (not dropped by its key) whose uid an
+    earlier such record has is an exact duplicate of the first one."""
+    store = CommitStore(run_root)
+    drops = _read_drops(store, digest, group_size, partitions, columns=["shard_pos", "member"],
+                        filters=[("uid_part", "=", part)])
+    dropped = set(zip(drops.column("shard_pos").to_pylist(), drops.column("member").to_pylist()))
+    first: dict[str, tuple[int, int]] = {}  # uid -> (shard position, member) of its first record
+    out: dict[str, list] = {"shard_pos": [], "member": [], "key": [], "of_pos": [], "of_member": []}
+    for g in range(num_groups):
+        t = _read_group(store, digest, group_size, g, columns=["uid", "shard_pos", "key"])
+        pos = t.column("shard_pos").to_numpy()
+        member = _members(pos)
+        mine = np.flatnonzero(_uid_partition(t.column("uid").to_pylist(), partitions) == part)
+        sub = t.take(pa.array(mine, pa.int64()))
+        for i, uid, key in zip(mine.tolist(), sub.column("uid").to_pylist(), sub.column("key").to_pylist()):
+            here = (int(pos[i]), int(member[i]))
+            if here in dropped:
+                continue
+            was = first.setdefault(uid, here)
+            if was != here:
+                for name, value in zip(out, (*here, key, *was)):
+                    out[name].append(value)
+    table = pa.table({"shard_pos": pa.array(out["shard_pos"], pa.int32()), "member": pa.array(out["member"], pa.int64()),
+                      "key": pa.array(out["key"], pa.string()), "of_pos": pa.array(out["of_pos"], pa.int32()),
+                      "of_member": pa.array(out["of_member"], pa.int64())})
+    table = table.sort_by([("shard_pos", "ascending"), ("member", "ascending")])
+    write_atomic(store.fs, f"{_group_dir(store, digest, group_size)}/exact-{partitions}-{part:03d}.parquet",
+                 table_to_parquet_bytes(table))
+    return {"exact": table.num_rows}
+
+
+def _record_ids(store: CommitStore, digest: str, group_size: int, partitions: int, starts: np.ndarray,
+                pos: list[int], member: list[int]) -> np.ndarray:
+    """Record ids of the (kept) records at (shard position, member): the shard's first id plus
+    the member minus the drops before it in that shard."""
+    if not pos:
+        return np.empty(0, np.int64)
+    drops = _read_drops(store, digest, group_size, partitions, columns=["shard_pos", "member"],
+                        filters=[("shard_pos", "in", sorted(set(pos)))])
+    by_shard: dict[int, np.ndarray] = {}
+    if drops.num_rows:
+        drops = drops.sort_by([("shard_pos", "ascending"), ("member", "ascending")])
+        dp, dm = drops.column("shard_pos").to_numpy(), drops.column("member").to_numpy()
+        for p in np.unique(dp).tolist():
+            by_shard[p] = dm[dp == p]
+    empty = np.empty(0, np.int64)
+    return np.fromiter((starts[p] + m - np.searchsorted(by_shard.get(p, empty), m) for p, m in zip(pos, member)),
+                       np.int64, len(pos))
 
 
 def _rows_unit(run_root: str, plan_dict: dict, shards: list[str], first_id: list[int], digest: str, group_size: int,
@@ -458,32 +670,88 @@ def _rows_unit(run_root: str, plan_dict: dict, shards: list[str], first_id: list
         # Shards holding records [lo, hi): those whose id range [starts[s], starts[s+1]) meets it.
         s0 = int(np.searchsorted(starts, lo, side="right")) - 1
         s1 = int(np.searchsorted(starts, hi, side="left"))
-        pieces = []
-        for g in range(s0 // group_size, (s1 - 1) // group_size + 1):
-            with store.fs.open_input_file(f"{_group_dir(store, digest, group_size)}/g{g:06d}.parquet") as f:
-                t = pq.read_table(f, filters=[("shard_pos", ">=", s0), ("shard_pos", "<", s1)])
-            pieces.append(t.replace_schema_metadata(None))
+        in_range = [("shard_pos", ">=", s0), ("shard_pos", "<", s1)]
+        pieces = [_read_group(store, digest, group_size, g, filters=in_range)
+                  for g in range(s0 // group_size, (s1 - 1) // group_size + 1)]
         body = pa.concat_tables(pieces)
-        drops = _read_drops(store, digest, group_size, partitions, columns=["shard_pos", "member"],
-                            filters=[("shard_pos", ">=", s0), ("shard_pos", "<", s1)])
+        drops = _read_drops(store, digest, group_size, partitions, columns=["shard_pos", "member"], filters=in_range)
         pos = body.column("shard_pos").to_numpy()
-        seg = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]]) if len(pos) else np.empty(0, np.int64)
-        member = np.arange(len(pos)) - np.repeat(seg, np.diff(np.r_[seg, len(pos)]))
+        member = _members(pos)
         keep = np.ones(len(pos), bool)
         if drops.num_rows:
             dropped = set(zip(drops.column("shard_pos").to_pylist(), drops.column("member").to_pylist()))
             keep = np.fromiter(((p, m) not in dropped for p, m in zip(pos.tolist(), member.tolist())), bool, len(pos))
         body = body.filter(pa.array(keep))
+        member = member[keep]
         kept_pos = body.column("shard_pos").to_numpy()
         ids = np.arange(len(kept_pos)) + starts[s0]
         sel = np.flatnonzero((ids >= lo) & (ids < hi))
         body = body.take(pa.array(sel))
+        # Exact duplicates among these records: their first record's id.
+        exact = _read_parts(store, digest, group_size, partitions, "exact",
+                            columns=["shard_pos", "member", "of_pos", "of_member"], filters=in_range)
+        twin: list[int | None] = [None] * len(sel)
+        if exact.num_rows:
+            where = {(p, m): i for i, (p, m) in enumerate(zip(kept_pos[sel].tolist(), member[sel].tolist()))}
+            hits = [(where[(p, m)], op, om) for p, m, op, om in zip(*(exact.column(c).to_pylist() for c in
+                    ("shard_pos", "member", "of_pos", "of_member"))) if (p, m) in where]
+            if hits:
+                of = _record_ids(store, digest, group_size, partitions, starts, [h[1] for h in hits], [h[2] for h in hits])
+                for (row, _, _), rid in zip(hits, of.tolist()):
+                    twin[row] = rid
         shard_col = pa.array([shards[p] for p in body.column("shard_pos").to_pylist()], pa.string())
         table = (body.drop_columns(["shard_pos"]).add_column(0, "shard", shard_col)
-                 .add_column(0, "record_id", pa.array(ids[sel], pa.int64())).select(INDEX.names).cast(INDEX))
+                 .add_column(0, "record_id", pa.array(ids[sel], pa.int64()))
+                 .append_column("exact_duplicate_of", pa.array(twin, pa.int64())).select(INDEX.names).cast(INDEX))
         store.commit_table(STAGE, partition, rg, table)
         committed += 1
     return {"committed": committed}
+
+
+def _skipped_unit(run_root: str, shards: list[str], digest: str, group_size: int, partitions: int, j: int) -> dict[str, Any]:
+    """Commit ``index/_skipped/g<j>.parquet``: the skipped rows of its shards, each shard's scan
+    skips (member order) then its records dropped by the cross-shard key rule (member order)."""
+    store = CommitStore(run_root)
+    per, _ = _skipped_files(len(shards))
+    s0, s1 = j * per, min((j + 1) * per, len(shards))
+    in_range = [("shard_pos", ">=", s0), ("shard_pos", "<", s1)]
+    gdir = _group_dir(store, digest, group_size)
+    pieces = []
+    for g in range(s0 // group_size, (s1 - 1) // group_size + 1):
+        with store.fs.open_input_file(f"{gdir}/g{g:06d}.skipped.parquet") as f:
+            pieces.append(pq.read_table(f, filters=in_range))
+    scan_rows = pa.concat_tables(pieces) if pieces else _GROUP_SKIPPED.empty_table()
+    drops = _read_drops(store, digest, group_size, partitions, columns=["shard_pos", "member", "key", "kept_pos"],
+                        filters=in_range).sort_by([("shard_pos", "ascending"), ("member", "ascending")])
+    sk_pos = scan_rows.column("shard_pos").to_pylist()
+    sk_key = scan_rows.column("key").to_pylist()
+    sk_out = scan_rows.column("outcome").to_pylist()
+    sk_why = scan_rows.column("reason").to_pylist()
+    rows = [(p, 0, i, k, o, r, k if o == "duplicate_key" else None)
+            for i, (p, k, o, r) in enumerate(zip(sk_pos, sk_key, sk_out, sk_why))]
+    rows += [(p, 1, i, k, "duplicate_key", _drop_reason(shards[kp]), k) for i, (p, k, kp) in enumerate(zip(
+        drops.column("shard_pos").to_pylist(), drops.column("key").to_pylist(), drops.column("kept_pos").to_pylist()))]
+    rows.sort(key=lambda r: r[:3])
+    table = _skipped_table([shards[r[0]] for r in rows], [r[3:] for r in rows])
+    write_atomic(store.fs, f"{_skipped_dir(store)}/g{j:06d}.parquet", table_to_parquet_bytes(table))
+    return {"rows": table.num_rows}
+
+
+def _first_rows(store: CommitStore, digest: str, group_size: int, partitions: int, kind: str, n: int) -> tuple[int, list[str]]:
+    """(rows of all ``kind`` files, keys of the first ``n`` in shard then member order), reading
+    at most one batch of each file: the driver never holds them all."""
+    total, heads = 0, []
+    for h in range(partitions):
+        with store.fs.open_input_file(f"{_group_dir(store, digest, group_size)}/{kind}-{partitions}-{h:03d}.parquet") as f:
+            pf = pq.ParquetFile(f)
+            total += pf.metadata.num_rows
+            if pf.metadata.num_rows:
+                batch = next(pf.iter_batches(batch_size=n, columns=["shard_pos", "member", "key"]))
+                heads.append(pa.Table.from_batches([batch]))
+    if not heads:
+        return total, []
+    first = pa.concat_tables(heads).sort_by([("shard_pos", "ascending"), ("member", "ascending")])
+    return total, first.column("key").to_pylist()[:n]
 
 
 def _build_parallel(
@@ -531,19 +799,28 @@ def _build_parallel(
                      key_todo, skipped=parts - len(key_todo), backend=backend, ray_address=ray_address, log=say)
     if keys.failed:
         raise StorageError(f"index: the cross-shard key check failed: {keys.failed[min(keys.failed)]}. Rerun to retry.")
-    drops = _read_drops(store, digest, gs, parts, columns=["shard_pos", "key"])
-    drops = drops.sort_by([("shard_pos", "ascending")]) if drops.num_rows else drops
+    # After the drops (a record dropped by its key is nobody's twin). Every file here is a
+    # function of the listing and the group size, so a redone one equals the lost one.
+    uid_todo = [h for h in range(parts) if f"exact-{parts}-{h:03d}.parquet" not in have]
+    uids = run_units("index uids", functools.partial(_uids_unit, store.run_root, digest, gs, num_groups, parts),
+                     uid_todo, skipped=parts - len(uid_todo), backend=backend, ray_address=ray_address, log=say)
+    if uids.failed:
+        raise StorageError(f"index: the exact-duplicate check failed: {uids.failed[min(uids.failed)]}. Rerun to retry.")
+    drops = _read_drops(store, digest, gs, parts, columns=["shard_pos"])
     dropped_per_shard = np.bincount(drops.column("shard_pos").to_numpy(), minlength=len(shards)) if drops.num_rows else 0
     counts["duplicate_keys_across_shards"] = drops.num_rows
     counts["duplicate_keys"] += drops.num_rows
-    if drops.num_rows:
+    del drops
+    if counts["duplicate_keys_across_shards"]:
         # Examples in shard then member order, as the serial index gives them.
-        first = _read_drops(store, digest, gs, parts).sort_by([("shard_pos", "ascending"), ("member", "ascending")])
-        counts["duplicate_key_examples"] = first.column("key").to_pylist()[:20]
+        counts["duplicate_key_examples"] = _first_rows(store, digest, gs, parts, "drops", MAX_EXAMPLES)[1]
     kept = records - dropped_per_shard
     first_id = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
     n = int(first_id[-1])
     counts["records"] = n
+    counts["exact_duplicates"], exact_examples = _first_rows(store, digest, gs, parts, "exact", MAX_EXAMPLES)
+    if exact_examples:
+        counts["exact_duplicate_examples"] = exact_examples
 
     plan = RowGroupPlan(n, config.buffer_size, config.max_partitions)
     fingerprint = _fingerprint(config, digest, n)
@@ -559,4 +836,11 @@ def _build_parallel(
         p = min(rows.failed)
         raise StorageError(f"index: committing the row groups of partition {p} failed: {rows.failed[p]}. Rerun to retry.")
     committed = sum(int(r.get("committed", 0)) for r in rows.results)
+    skipped_todo = _missing_skipped(store, len(shards))
+    sk = run_units("index skipped", functools.partial(_skipped_unit, store.run_root, shards, digest, gs, parts),
+                   skipped_todo, skipped=_skipped_files(len(shards))[1] - len(skipped_todo), backend=backend,
+                   ray_address=ray_address, log=say)
+    if sk.failed:
+        j = min(sk.failed)
+        raise StorageError(f"index: committing the skipped-member rows file {j} failed: {sk.failed[j]}. Rerun to retry.")
     return plan, counts, scanned, committed, fingerprint

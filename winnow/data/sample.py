@@ -1,6 +1,10 @@
 """Sample WebDataset shards for demos and tests: real JPEG/PNG/WebP images with captions and
 metadata, planted near-duplicates and, on request, corrupt members and bad shards.
 
+Captions (see :data:`CAPTION_SOURCES`): most records have a ``.txt``, some only a ``caption``
+field in their ``.json``, some a blank ``.txt`` or none at all. Half the captions name the colour
+and kind of the largest shapes drawn (they match the picture), half are random words.
+
 Keys are 9 digits ``SSSSIIIII``: the shard number (4 digits) then the member position in that
 shard (5 digits), e.g. ``000200017``; unique across shards, like img2dataset's keys. Output is
 byte-identical for one seed (fixed tar mtimes, owners and member order).
@@ -24,6 +28,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from winnow.schemas import IMAGE_EXTENSIONS
 
 MANIFEST = "_sample_manifest.json"
 _MTIME = 1_700_000_000  # fixed so that tars are byte-identical per seed
@@ -67,6 +73,13 @@ def make_key(shard: int, position: int) -> str:
 def _picture(seed: int) -> Image.Image:
     """A visually distinct RGB picture: a gradient, shapes, a stripe field and noise, mixed
     in seeded proportions so that different seeds look different even to a random CLIP."""
+    return _draw(seed)[0]
+
+
+def _draw(seed: int) -> tuple[Image.Image, dict[str, Any]]:
+    """:func:`_picture` and what it drew: ``shapes`` as (kind, RGB colour, area in pixels),
+    ``stripes`` and ``blurred``, for captions that describe the picture."""
+    drawn: dict[str, Any] = {"shapes": [], "stripes": False, "blurred": False}
     rng = np.random.default_rng(seed)
     r = random.Random(seed)
     w, h = r.randint(48, 512), r.randint(48, 512)
@@ -79,6 +92,7 @@ def _picture(seed: int) -> Image.Image:
         fx, fy = rng.uniform(-0.3, 0.3, 2)
         stripes = np.sin(xx * fx + yy * fy + r.uniform(0, 6.3))
         img += stripes[..., None] * rng.uniform(-80, 80, 3).astype(np.float32)[None, None, :]
+        drawn["stripes"] = True
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(r.uniform(0, 40))  # noise
     pic = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(pic)
@@ -89,15 +103,23 @@ def _picture(seed: int) -> Image.Image:
         shape = r.choice(("ellipse", "rectangle", "polygon", "line"))
         if shape == "ellipse":
             draw.ellipse(xy, fill=colour)
+            area = (xy[2] - xy[0]) * (xy[3] - xy[1]) * np.pi / 4
         elif shape == "rectangle":
             draw.rectangle(xy, fill=colour)
+            area = (xy[2] - xy[0]) * (xy[3] - xy[1])
         elif shape == "polygon":
-            draw.polygon([(r.randint(0, w), r.randint(0, h)) for _ in range(r.randint(3, 6))], fill=colour)
+            points = [(r.randint(0, w), r.randint(0, h)) for _ in range(r.randint(3, 6))]
+            draw.polygon(points, fill=colour)
+            area = abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))) / 2
         else:
-            draw.line(xy, fill=colour, width=r.randint(1, 12))
+            width = r.randint(1, 12)
+            draw.line(xy, fill=colour, width=width)
+            area = width * float(np.hypot(xy[2] - xy[0], xy[3] - xy[1]))
+        drawn["shapes"].append((shape, colour, float(area)))
     if r.random() < 0.3:
         pic = pic.filter(ImageFilter.GaussianBlur(r.uniform(0.5, 3)))
-    return pic
+        drawn["blurred"] = True
+    return pic, drawn
 
 
 def _encode(pic: Image.Image, fmt: str, mode: str, quality: int) -> bytes:
@@ -161,7 +183,66 @@ class _Shard:
 
 
 def _caption(r: random.Random) -> str:
+    """A caption of random words: it does not describe the picture (a mismatch)."""
     return " ".join(r.choice(_WORDS) for _ in range(r.randint(3, 9)))
+
+
+#: Colour names and a typical RGB of each, for captions that name what a picture shows.
+_COLOUR_NAMES = {
+    "red": (210, 40, 40), "orange": (240, 140, 30), "yellow": (235, 220, 50), "green": (50, 170, 60),
+    "teal": (30, 150, 150), "blue": (40, 70, 210), "purple": (130, 50, 180), "pink": (240, 140, 190),
+    "brown": (130, 80, 40), "black": (20, 20, 20), "grey": (128, 128, 128), "white": (240, 240, 240),
+}
+_SHAPE_WORDS = {"ellipse": "oval", "rectangle": "rectangle", "polygon": "polygon", "line": "line"}
+
+
+def colour_name(rgb: tuple[int, int, int]) -> str:
+    """The nearest name in :data:`_COLOUR_NAMES` (RGB distance)."""
+    return min(_COLOUR_NAMES, key=lambda n: sum((a - b) ** 2 for a, b in zip(rgb, _COLOUR_NAMES[n])))
+
+
+def _matching_caption(r: random.Random, drawn: dict[str, Any]) -> str:
+    """A caption naming the colour and kind of the largest shapes drawn (a match)."""
+    shapes = sorted(drawn["shapes"], key=lambda s: -s[2])[: r.randint(1, 2)]
+    text = " and ".join(f"a {colour_name(colour)} {_SHAPE_WORDS[kind]}" for kind, colour, _ in shapes)
+    if drawn["stripes"]:
+        text += " on a striped background"
+    if drawn["blurred"]:
+        text += ", blurred"
+    return r.choice(("", "a picture of ", "an image with ")) + text
+
+
+#: Where a sample record's caption is, by share of records: a ``.txt`` sidecar, only the
+#: ``.json`` field ``caption``, a ``.txt`` of whitespace only (no caption), or nowhere.
+CAPTION_SOURCES = (("txt", 0.70), ("json", 0.15), ("blank_txt", 0.05), ("none", 0.10))
+
+
+def _caption_members(r: random.Random, key: str, drawn: dict[str, Any], meta: dict[str, Any]) -> tuple[list[tuple[str, bytes]], str, str | None]:
+    """(sidecar members, caption source, ``match``/``mismatch`` or None) of one record; half the
+    captions describe the picture, half are random words. Some ``.txt`` captions come with a
+    different ``caption`` in the ``.json`` too (the ``.txt`` one counts)."""
+    u, source = r.random(), CAPTION_SOURCES[-1][0]
+    for name, share in CAPTION_SOURCES:
+        if u < share:
+            source = name
+            break
+        u -= share
+    kind: str | None = None
+    meta = dict(meta)
+    members: list[tuple[str, bytes]] = []
+    if source in ("txt", "json"):
+        kind = "match" if r.random() < 0.5 else "mismatch"
+        caption = _matching_caption(r, drawn) if kind == "match" else _caption(r)
+        if source == "txt":
+            members.append((f"{key}.txt", caption.encode()))
+            if r.random() < 0.2:
+                meta["caption"] = _caption(r)
+        else:
+            meta["caption"] = caption
+    elif source == "blank_txt":
+        members.append((f"{key}.txt", r.choice((b"   ", b"  \n", b"\t \r\n"))))
+    members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+    return members, source, kind
 
 
 def _write(path: str, data: bytes) -> None:
@@ -174,8 +255,11 @@ def _write(path: str, data: bytes) -> None:
 def _plant_corrupt(
     target: _Shard, *, seed: int, per_shard: int, expected: dict[str, int], listed: list[dict[str, str]]
 ) -> None:
-    """Append the corrupt members (one of each kind) to shard 0, after its normal records."""
+    """Append the corrupt members (one of each kind) to shard 0, after its normal records, and an
+    exact duplicate (byte-identical image, new key) of its first record."""
     position = per_shard
+    name, data = target.members[0]
+    first = (name.rsplit(".", 1)[1], data)
     good = _encode(_picture(hash_seed(seed, -1)), "jpg", "RGB", 90)
 
     def plant(kind: str, name: str, data: bytes, key: str, *, record: bool = True, caption: bool = True) -> None:
@@ -205,7 +289,11 @@ def _plant_corrupt(
     k = f"../../escape/{next_key()}"
     plant("parent_traversal_name", f"{k}.jpg", good, k)
     k = f"/absolute/{next_key()}"
-    plant("absolute_name", f"{k}.jpg", good, k)
+    plant("absolute_name", f"{k}.jpg", _encode(_picture(hash_seed(seed, -2)), "jpg", "RGB", 90), k)
+    # The bytes of the shard's first image again, under a new key: an exact duplicate.
+    k = next_key()
+    plant("exact_duplicate", f"{k}.{first[0]}", first[1], k)
+    expected["exact_duplicates"] += 1
     # A key repeated later in the same shard: the index keeps the first one.
     dup = make_key(0, 0)
     plant("duplicate_key", f"{dup}.jpg", good, dup, record=False, caption=False)
@@ -224,8 +312,9 @@ def generate_sample(
     """Write ``shards`` WebDataset shards of ``per_shard`` image records each into ``out_dir``
     and return the manifest (also written to ``<out_dir>/_sample_manifest.json``).
 
-    The manifest lists shards, near-duplicate key pairs, corrupt members by kind, bad shards and
-    ``expected`` index counts (with bad shards skipped).
+    The manifest lists shards, near-duplicate key pairs, corrupt members by kind, bad shards,
+    record counts by caption source and match (``captions``) and ``expected`` index counts (with
+    bad shards skipped; ``captions`` / ``no_caption``: indexed records with / without a caption).
     """
     if shards < 1 or per_shard < 1:
         raise ValueError(f"shards and per_shard must be >= 1, got shards={shards}, per_shard={per_shard}")
@@ -242,9 +331,12 @@ def generate_sample(
     formats: dict[str, int] = {}
     near_duplicates: list[dict[str, Any]] = []
     corrupt_members: list[dict[str, str]] = []
-    expected = {"records": total, "members_without_image": 0, "duplicate_keys": 0}
+    expected = {"records": total, "members_without_image": 0, "duplicate_keys": 0, "exact_duplicates": 0}
+    # Records by caption source (txt, json, blank_txt, none) and, when captioned, match/mismatch.
+    captions = {name: 0 for name, _ in CAPTION_SOURCES} | {"match": 0, "mismatch": 0}
     names = [shard_name(s) for s in range(shards)]
     first_shard, first_members = b"", [0, 0]
+    first_shard_image = ("", b"")  # (extension, bytes) of shard 0's second image
     # One shard in memory at a time: a 10k-image sample stays small.
     for s in range(shards):
         shard = _Shard()
@@ -253,7 +345,7 @@ def generate_sample(
             rr = random.Random(f"{seed}/{g}")
             if g in dup_of:
                 src = dup_of[g]
-                pic = _picture(hash_seed(seed, src))
+                pic, drawn = _draw(hash_seed(seed, src))
                 if rr.random() < 0.5:
                     f = rr.choice((0.94, 0.96, 1.04, 1.06))
                     size = (max(8, round(pic.width * f)), max(8, round(pic.height * f)))
@@ -264,17 +356,38 @@ def generate_sample(
                 fmt, mode, quality = "jpg", "RGB", rr.choice((60, 70, 80))
                 near_duplicates.append({"keys": [make_key(*divmod(src, per_shard)), key], "how": how})
             else:
-                pic = _picture(hash_seed(seed, g))
+                pic, drawn = _draw(hash_seed(seed, g))
                 fmt, mode = rr.choice(_COLOUR_KINDS if g in dup_sources else _KINDS)
                 quality = rr.choice((85, 90, 95))
             data = _encode(pic, fmt, mode, quality)
             formats[f"{fmt}/{mode}"] = formats.get(f"{fmt}/{mode}", 0) + 1
             meta = {"key": key, "width": pic.width, "height": pic.height, "format": fmt, "mode": mode}
             shard.add(f"{key}.{fmt}", data)
-            shard.add(f"{key}.txt", _caption(rr).encode())
-            shard.add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            sidecars, source, kind = _caption_members(rr, key, drawn, meta)
+            for name, sidecar in sidecars:
+                shard.add(name, sidecar)
+            captions[source] += 1
+            if kind is not None:
+                captions[kind] += 1
+        if s == 1 and corrupt:
+            # Across shards: the bytes of shard 0's second image under a key of this shard.
+            key = make_key(s, per_shard)
+            shard.add(f"{key}.{first_shard_image[0]}", first_shard_image[1])
+            shard.add(f"{key}.txt", b"planted exact_duplicate")
+            corrupt_members.append({"kind": "exact_duplicate", "shard": names[s], "key": key,
+                                    "member": f"{key}.{first_shard_image[0]}"})
+            expected["records"] += 1
+            expected["exact_duplicates"] += 1
+            captions["txt"] += 1
+            captions["mismatch"] += 1
         if s == 0 and corrupt:
+            image_members = [(n, d) for n, d in shard.members if n.rsplit(".", 1)[1] in IMAGE_EXTENSIONS]
+            first_shard_image = (image_members[1][0].rsplit(".", 1)[1], image_members[1][1])
+            before = expected["records"]
             _plant_corrupt(shard, seed=seed, per_shard=per_shard, expected=expected, listed=corrupt_members)
+            # Every planted record has a .txt of random words ("planted <kind>").
+            captions["txt"] += expected["records"] - before
+            captions["mismatch"] += expected["records"] - before
         tar = shard.tar_bytes()
         if s == 0:
             first_shard = tar
@@ -295,6 +408,9 @@ def generate_sample(
             "shards": len(names) + len(bad),
             "zero_byte_shards": 1 if bad_shards else 0,
             "bad_shards": 1 if bad_shards else 0,
+            # Indexed records with a caption (.txt, else the .json "caption") and without one.
+            "captions": captions["txt"] + captions["json"],
+            "no_caption": captions["blank_txt"] + captions["none"],
         }
     )
     manifest = {
@@ -306,6 +422,7 @@ def generate_sample(
         "corrupt": corrupt_members,
         "bad_shards": bad,
         "formats": dict(sorted(formats.items())),
+        "captions": captions,
         "expected": expected,
     }
     _write(os.path.join(out_dir, MANIFEST), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())

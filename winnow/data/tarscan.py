@@ -1,11 +1,17 @@
-"""Tar header scan of one WebDataset shard: member offsets and sizes, grouped into records.
+"""Tar scan of one WebDataset shard: member offsets and sizes grouped into records, and each
+record's 128-bit image id (:func:`image_uid`).
 
-Only the 512-byte headers (and the small GNU long-name / pax blocks) are read; member data is
-seeked past, so image payloads are never read. The WebDataset key rule lives in :func:`split_key`.
+The 512-byte headers (and the small GNU long-name / pax blocks) are read, and so is the data of
+each image member, once, in the same front-to-back pass (it is hashed in chunks as it streams
+by, never held whole); ``.txt``, ``.json`` and other members are seeked past. Members the scan
+skips (a record without an image, a key repeated inside the shard) are listed in
+:attr:`ShardScan.skipped` so each can get a status row later. The WebDataset key rule lives in
+:func:`split_key`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +35,10 @@ _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _MAX_META_SIZE = 1 << 20
 #: At most this many example keys of each problem are kept in a scan's counts.
 MAX_EXAMPLES = 20
+#: Image data is hashed in reads of at most this many bytes (memory stays bounded per member).
+HASH_CHUNK = 8 << 20
+#: What :func:`image_uid` is, as recorded in the index stage's fingerprint.
+UID_ALGORITHM = "blake2b-128"
 
 SCAN_SCHEMA = pa.schema(
     [
@@ -40,8 +50,32 @@ SCAN_SCHEMA = pa.schema(
         ("txt_size", pa.int64()),
         ("json_offset", pa.int64()),
         ("json_size", pa.int64()),
+        ("uid", pa.string()),
     ]
 )
+
+#: Members a scan skipped (no record id): one row per skipped record or repeated member.
+SKIPPED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("outcome", pa.string()),  # "no_image" | "duplicate_key" (winnow.schemas.SKIPPED_OUTCOMES)
+        ("reason", pa.string()),
+    ]
+)
+
+
+def image_uid(data: bytes) -> str:
+    """The 128-bit id of an image's bytes: 32 lowercase hex digits of BLAKE2b (16-byte digest).
+
+    It depends on the bytes only, so it is stable across reruns, run keys, shard names and shard
+    layouts: the same image re-sharded, or in another run, gets the same uid.
+
+    >>> image_uid(b"")
+    'cae66941d9efbd404e4d88758ea67670'
+    >>> len(image_uid(b"\\xff\\xd8 any jpeg")), image_uid(b"a") == image_uid(bytes([97]))
+    (32, True)
+    """
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def split_key(member_name: str) -> tuple[str, str]:
@@ -74,6 +108,9 @@ class ShardScan:
     txt_size: list[int | None] = field(default_factory=list)
     json_offset: list[int | None] = field(default_factory=list)
     json_size: list[int | None] = field(default_factory=list)
+    uid: list[str] = field(default_factory=list)
+    #: (key, outcome, reason) of each skipped record or member, in member order.
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
     members: int = 0  # file members seen (not directories, not long-name/pax blocks)
     members_without_image: int = 0  # records with no image member: counted and skipped
     duplicate_keys: int = 0  # records (or members) repeating a key already kept: dropped
@@ -110,9 +147,16 @@ class ShardScan:
             self.txt_size,
             self.json_offset,
             self.json_size,
+            self.uid,
         ]
-        schema = SCAN_SCHEMA.with_metadata({"winnow.scan": json.dumps({"shard": self.shard, **self.counts()})})
+        meta = {"shard": self.shard, **self.counts(), "skipped": [list(row) for row in self.skipped]}
+        schema = SCAN_SCHEMA.with_metadata({"winnow.scan": json.dumps(meta)})
         return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, SCAN_SCHEMA)], schema=schema)
+
+    def skipped_table(self) -> pa.Table:
+        """The skipped members as a table of :data:`SKIPPED_SCHEMA`, in member order."""
+        cols = list(zip(*self.skipped)) if self.skipped else [(), (), ()]
+        return pa.Table.from_arrays([pa.array(list(c), pa.string()) for c in cols], schema=SKIPPED_SCHEMA)
 
     @classmethod
     def from_table(cls, table: pa.Table) -> ShardScan:
@@ -127,6 +171,7 @@ class ShardScan:
             ignored_members=meta["ignored_members"],
             zero_byte=meta["zero_byte"],
             examples=meta.get("examples", {}),
+            skipped=[tuple(row) for row in meta["skipped"]],
         )
         cols = table.to_pydict()
         scan.keys = cols["key"]
@@ -137,6 +182,7 @@ class ShardScan:
         scan.txt_size = cols["txt_size"]
         scan.json_offset = cols["json_offset"]
         scan.json_size = cols["json_size"]
+        scan.uid = cols["uid"]
         return scan
 
     def _example(self, kind: str, key: str) -> None:
@@ -267,13 +313,34 @@ def _iter_members(f: pafs.NativeFile, file_size: int, shard: str) -> Iterator[tu
         pos = next_pos
 
 
+def _hash_member(f: Any, offset: int, size: int) -> str:
+    """:func:`image_uid` of ``size`` bytes at ``offset``, read in chunks of :data:`HASH_CHUNK`."""
+    if size <= HASH_CHUNK:
+        data = f.read_at(size, offset) if size else b""
+        if len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+        return image_uid(data)
+    h = hashlib.blake2b(digest_size=16)
+    pos, end = offset, offset + size
+    while pos < end:
+        n = min(HASH_CHUNK, end - pos)
+        data = f.read_at(n, pos)
+        if len(data) != n:
+            raise OSError(f"short read: {len(data)} of {n} bytes at offset {pos}")
+        h.update(data)
+        pos += n
+    return h.hexdigest()
+
+
 def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> ShardScan:
-    """Read one shard's tar headers and group its members into records.
+    """Scan one shard's tar headers and image data and group its members into records.
 
     Records are runs of consecutive members with the same key (WebDataset's rule). A record
     needs an image member (first of :data:`IMAGE_EXTENSIONS` present, the rest counted); its
-    ``.txt`` and ``.json`` siblings are kept. A key seen before in the shard is dropped and
-    counted. Raises :class:`ShardError` for an unreadable or truncated shard.
+    ``.txt`` and ``.json`` siblings are kept, and its ``uid`` is :func:`image_uid` of the image
+    bytes (read once, in the same pass as the headers). A key seen before in the shard is dropped
+    and counted. Records without an image and repeated keys are listed in ``scan.skipped``.
+    Raises :class:`ShardError` for an unreadable or truncated shard.
     """
     fs, path = open_shard_filesystem(shard, filesystem)
     scan = ShardScan(shard=shard)
@@ -291,7 +358,8 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
             return scan
         seen: set[str] = set()
         cur_key: str | None = None
-        cur: dict[str, tuple[int, int]] = {}
+        # ext -> (data offset, size, uid of the data: image members only, None when not hashed)
+        cur: dict[str, tuple[int, int, str | None]] = {}
 
         def flush() -> None:
             if cur_key is None:
@@ -300,18 +368,25 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
             if not images:
                 scan.members_without_image += 1
                 scan._example("members_without_image", cur_key)
+                found = ", ".join(f".{e}" for e in cur) or "none"
+                scan.skipped.append((cur_key, "no_image", f"record has no image member (members: {found}; "
+                                     f"an image is one of {', '.join('.' + e for e in IMAGE_EXTENSIONS)})"))
                 return
             if cur_key in seen:
                 scan.duplicate_keys += 1
                 scan._example("duplicate_keys", cur_key)
+                scan.skipped.append((cur_key, "duplicate_key", f"key repeats a record earlier in shard {shard}; "
+                                     "the first record with this key is kept"))
                 return
             seen.add(cur_key)
             scan.extra_images += len(images) - 1
             ext = images[0]
+            offset, size, uid = cur[ext]
             scan.keys.append(cur_key)
             scan.image_ext.append(ext)
-            scan.image_offset.append(cur[ext][0])
-            scan.image_size.append(cur[ext][1])
+            scan.image_offset.append(offset)
+            scan.image_size.append(size)
+            scan.uid.append(uid if uid is not None else _hash_member(f, offset, size))
             for side, offsets, sizes in (
                 ("txt", scan.txt_offset, scan.txt_size),
                 ("json", scan.json_offset, scan.json_size),
@@ -339,8 +414,13 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
                     # The same key and extension again inside one record: keep the first.
                     scan.duplicate_keys += 1
                     scan._example("duplicate_keys", key)
+                    scan.skipped.append((key, "duplicate_key", f"member {name!r} repeats the .{ext} member of its "
+                                         "record; the first one is kept"))
                     continue
-                cur[ext] = (offset, size)
+                # Image data is hashed now, while the scan passes it (a record whose key was
+                # seen is dropped whole: nothing to hash).
+                uid = _hash_member(f, offset, size) if ext in IMAGE_EXTENSIONS and key not in seen else None
+                cur[ext] = (offset, size, uid)
             flush()
         except OSError as exc:
             raise ShardError(shard, f"shard {shard} could not be read: {exc}") from exc

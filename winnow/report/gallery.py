@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from winnow.exceptions import GalleryError
+from winnow.exceptions import GalleryError, WinnowError
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.stages.thumbnails import GALLERY_SUFFIX, OUTCOMES, THUMBS_SUFFIX
 
@@ -25,29 +25,71 @@ MAX_FILES_PER_PAGE = 64
 MAX_THUMB_BYTES = 2_000_000
 
 
-def thresholds(store: CommitStore) -> dict[str, float | None]:
-    """The thresholds the run's aesthetic and nsfw stages were computed with (their fingerprints)."""
+#: The score filters, in the order a record's outcome checks them (winnow.stages.thresholds).
+FILTER_NAMES = ("aesthetic", "nsfw", "clip_score")
+
+
+def filters(store: CommitStore) -> dict[str, Any] | None:
+    """The run's committed thresholds step (``{filter: {"threshold", "keep", "keep_fraction",
+    "source", ...}}``, see :func:`winnow.stages.thresholds.load_thresholds`); None while the run
+    has not reached it (or it was made for another configuration)."""
+    from winnow.stages.thresholds import load_thresholds
+
+    try:
+        return load_thresholds(store)
+    except (WinnowError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def thresholds(store: CommitStore, entries: dict[str, Any] | None = None) -> dict[str, float | None]:
+    """The threshold each score filter actually uses (the absolute one, or the one its keep
+    fraction picked), from the thresholds step; None values before the run has reached it."""
+    entries = filters(store) if entries is None else entries
     out: dict[str, float | None] = {}
-    for stage in ("aesthetic", "nsfw"):
-        cfg = (store.read_fingerprint(stage) or {}).get("config") or {}
-        value = cfg.get("threshold")
-        out[stage] = float(value) if isinstance(value, (int, float)) else None
+    for name in FILTER_NAMES:
+        value = ((entries or {}).get(name) or {}).get("threshold")
+        out[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     return out
 
 
+def clip_filter_on(entries: dict[str, Any] | None) -> bool | None:
+    """Whether the run drops records for their CLIP score (None: not known yet)."""
+    if entries is None or "clip_score" not in entries:
+        return None
+    return bool(entries["clip_score"].get("enabled", True))
+
+
+def _score(value: Any, digits: int = 3) -> str:
+    return "none" if value is None else f"{value:.{digits}f}"
+
+
 def reason(row: dict[str, Any], limits: dict[str, float | None]) -> str:
-    """Why a record was dropped (or "kept"), in the words of the run's config."""
+    """Why a record was dropped (or "kept"): the reason the status stage recorded (the gallery's
+    ``error`` column), else one in the words of the run's thresholds (galleries written before
+    the status stage)."""
     outcome = row["outcome"]
+    if outcome == "kept":
+        return "kept"
+    stored = row.get("error")
     if outcome == "undecodable":
-        error = row.get("error") or "no reason recorded"
+        error = stored or "no reason recorded"
         return error if error.startswith("undecodable") else f"undecodable: {error}"
+    if stored:
+        return stored
+    twin = row.get("duplicate_of_key") or row.get("duplicate_of")
+    if outcome == "exact_duplicate":
+        return f"same image bytes as {twin}; not decoded"
     if outcome == "aesthetic":
-        return f"aesthetic {row['aesthetic_score']:.3f} below threshold {limits.get('aesthetic')}"
+        return f"aesthetic {_score(row.get('aesthetic_score'))} below threshold {limits.get('aesthetic')}"
     if outcome == "nsfw":
-        return f"nsfw {row['nsfw_score']:.3f} at or above threshold {limits.get('nsfw')}"
+        return f"nsfw {_score(row.get('nsfw_score'))} at or above threshold {limits.get('nsfw')}"
+    if outcome == "no_caption":
+        return "no caption while the CLIP-score filter is on"
+    if outcome == "clip_score":
+        return f"clip score {_score(row.get('clip_score'))} below threshold {limits.get('clip_score')}"
     if outcome == "duplicate":
-        return f"duplicate of {row.get('duplicate_of_key') or row.get('duplicate_of')}"
-    return "kept"
+        return f"near duplicate of {twin}"
+    return outcome
 
 
 def _write_stage() -> str:
@@ -75,7 +117,7 @@ def written(store: CommitStore, plan: RowGroupPlan) -> tuple[int, str | None]:
 def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = None, cursor: int = 0,
                  limit: int = 24) -> dict[str, Any]:
     """Up to ``limit`` gallery items from row group ``cursor`` on, and the cursor of the next page
-    (None at the end). ``outcome`` filters: kept, undecodable, aesthetic, nsfw or duplicate.
+    (None at the end). ``outcome`` filters: one of :data:`~winnow.stages.thumbnails.OUTCOMES`.
     ``written``: row groups the write stage has committed (of ``row_groups``); ``waiting``: what
     to say while that is not all of them, else None."""
     if outcome is not None and outcome not in OUTCOMES:
@@ -84,7 +126,8 @@ def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = Non
         raise GalleryError(f"cursor {cursor} is outside the run's {plan.num_row_groups} row groups")
     store = CommitStore(run_root)
     stage = _write_stage()
-    limits = thresholds(store)
+    entries = filters(store)
+    limits = thresholds(store, entries)
     items: list[dict[str, Any]] = []
     rg, opened = cursor, 0
     while rg < plan.num_row_groups and len(items) < limit and opened < MAX_FILES_PER_PAGE:
@@ -101,6 +144,7 @@ def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = Non
                 for row in table.to_pylist():
                     if outcome is None or row["outcome"] == outcome:
                         row["row_group"] = rg
+                        row.setdefault("clip_score", None)  # galleries written before it existed
                         row["reason"] = reason(row, limits)
                         items.append(row)
         rg += 1
@@ -108,7 +152,8 @@ def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = Non
     # ``limit``), so the cursor is just a row-group id.
     done, waiting = written(store, plan)
     return {"items": items, "next": rg if rg < plan.num_row_groups else None, "thresholds": limits,
-            "written": done, "row_groups": plan.num_row_groups, "waiting": waiting}
+            "clip_filter_on": clip_filter_on(entries), "outcomes": list(OUTCOMES), "written": done,
+            "row_groups": plan.num_row_groups, "waiting": waiting}
 
 
 def read_thumbnail(run_root: str, plan: RowGroupPlan, row_group: int, offset: int, size: int) -> bytes:

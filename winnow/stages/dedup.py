@@ -45,7 +45,7 @@ from winnow.stages.kept import passed_filters
 STAGE = "dedup"
 #: What the in-process reference (:func:`run_dedup`) reads. The pipeline runs dedup as the
 #: distributed steps of :mod:`winnow.stages.dedup_steps`; this one stays as their reference.
-REFERENCE_UPSTREAM = ("embed", "aesthetic", "nsfw")
+REFERENCE_UPSTREAM = ("embed", "thresholds")
 SUMMARY_FILE = "_summary.json"
 
 #: Bounds of ``eps``: (low, high], the one range every layer (DAG form, config) uses.
@@ -369,17 +369,14 @@ def _same_ids(where: str, a: pa.ChunkedArray, b: pa.ChunkedArray) -> None:
 
 def read_candidates(store: CommitStore, plan: RowGroupPlan) -> tuple[np.ndarray, np.ndarray]:
     """``(record_ids int64 (c,), embeddings float16 (c, d))`` of records with an embedding that
-    passed both filters, in record-id order."""
+    passed every filter (:mod:`winnow.stages.kept`), in record-id order."""
     ids, mats = [], []
     for rg in range(plan.num_row_groups):
         p = plan.partition_of(rg)
         embed = store.read_table("embed", p, rg, columns=["record_id", "embedding"])
-        aesthetic = store.read_table("aesthetic", p, rg, columns=["record_id", "aesthetic_keep"])
-        nsfw = store.read_table("nsfw", p, rg, columns=["record_id", "nsfw_keep"])
-        _same_ids(f"row group {rg}", embed.column("record_id"), aesthetic.column("record_id"))
-        _same_ids(f"row group {rg}", embed.column("record_id"), nsfw.column("record_id"))
+        filtered_ids, keep = passed_filters(store, p, rg)
+        _same_ids(f"row group {rg}", embed.column("record_id"), pa.chunked_array([filtered_ids]))
         valid, matrix = embedding_matrix(embed.column("embedding"), where=f"stage 'embed' row group {rg}")
-        keep = passed_filters(aesthetic.column("aesthetic_keep"), nsfw.column("nsfw_keep"))
         record_ids = embed.column("record_id").to_numpy()
         ids.append(record_ids[valid & keep])
         mats.append(matrix[keep[valid]])
@@ -434,9 +431,7 @@ def _count_committed(store: CommitStore, plan: RowGroupPlan) -> dict[str, Any]:
     for rg in range(plan.num_row_groups):
         p = plan.partition_of(rg)
         duplicates += store.read_table(STAGE, p, rg, columns=["duplicate"]).column("duplicate").to_numpy().sum()
-        a = store.read_table("aesthetic", p, rg, columns=["aesthetic_keep"]).column("aesthetic_keep")
-        n = store.read_table("nsfw", p, rg, columns=["nsfw_keep"]).column("nsfw_keep")
-        candidates += passed_filters(a, n).sum()
+        candidates += passed_filters(store, p, rg)[1].sum()
     return {"candidates": int(candidates), "duplicates": int(duplicates), "clusters": None}
 
 

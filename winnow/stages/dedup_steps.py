@@ -2,7 +2,7 @@
 Airflow task least of all) ever holds more than one row group's or one bucket's data:
 
 1. ``centroids`` (global, one Ray task): spherical k-means on a bounded deterministic sample of
-   the candidates (records that passed both filters). Sample size S = ``sample_size`` or
+   the candidates (records that passed every filter, :mod:`winnow.stages.kept`). Sample size S = ``sample_size`` or
    ``min(candidates, 100 * k)``. A first pass reads only the keep flags; then a seeded choice
    of about 4 x S/n of the row groups is read, one row group at a time, and row group g of
    those gives ``floor(S*C[g+1]/c) - floor(S*C[g]/c)`` rows (C: prefix sums of their
@@ -89,6 +89,12 @@ class DedupStepConfig:
         return {"layout": "v1"}  # assign and dedup: everything else comes through upstream digests
 
 
+def step_config(run: Any, name: str) -> DedupStepConfig:
+    """A dedup step's config from a run's ``CurationConfig`` (the registry's ``config`` factory):
+    the one dedup config, of which each step fingerprints its own slice."""
+    return DedupStepConfig(name, run.dedup_config())
+
+
 def step_fingerprint(store: CommitStore, plan: RowGroupPlan, step: str, config: dict[str, Any]) -> StageFingerprint:
     """A step's fingerprint chained to the stored fingerprints of the stages it reads."""
     upstream = {}
@@ -122,11 +128,7 @@ def _require_complete(store: CommitStore, plan: RowGroupPlan, stage: str, step: 
 # ---- candidates of one row group ---------------------------------------------------------
 
 def _row_group_keep(store: CommitStore, p: int, rg: int) -> tuple[np.ndarray, np.ndarray]:
-    a = store.read_table("aesthetic", p, rg, columns=["record_id", "aesthetic_keep"])
-    n = store.read_table("nsfw", p, rg, columns=["record_id", "nsfw_keep"])
-    if not a.column("record_id").equals(n.column("record_id")):
-        raise DedupError(f"row group {rg}: aesthetic and nsfw hold different records; recompute them with overwrite=true")
-    return a.column("record_id").to_numpy(), passed_filters(a.column("aesthetic_keep"), n.column("nsfw_keep"))
+    return passed_filters(store, p, rg)
 
 
 def row_group_candidates(store: CommitStore, p: int, rg: int) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +325,7 @@ def run_centroids(
     say = log or (lambda _m: None)
     store = CommitStore(run_root)
     fingerprint = ensure_step(store, plan, config, "centroids")
-    for stage in ("embed", "aesthetic", "nsfw"):
+    for stage in ("embed", "aesthetic", "nsfw", "clip_score"):
         _require_complete(store, plan, stage, "centroids")
     meta = centroids_committed(store, fingerprint.digest)
     if meta is not None:
@@ -531,7 +533,7 @@ def pairwise_units(store: CommitStore) -> tuple[int | None, set[int]]:
 
 
 def run_pairwise(
-    run_root: str, plan: RowGroupPlan, config: DedupConfig, buckets: list[int] | None = None, *,
+    run_root: str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, buckets: list[int] | None = None, *,
     backend: Backend = "ray", ray_address: str | None = None, log: Callable[[str], None] | None = None,
     worker_cpus: float | None = None, worker_gpus: float | None = None,
 ):
@@ -541,6 +543,8 @@ def run_pairwise(
     from winnow.ray.units import run_units
 
     say = log or (lambda _m: None)
+    if isinstance(config, DedupStepConfig):
+        config = config.dedup
     store = CommitStore(run_root)
     ensure_step(store, plan, config, "pairwise")
     _require_complete(store, plan, "assign", "pairwise")

@@ -2,6 +2,10 @@
 
 Output per row group: record_id, key, an L2-normalised float16 embedding (null when the image
 could not be decoded) and the decode error. An undecodable image is data, never a failure.
+
+An exact duplicate (index ``exact_duplicate_of`` set: the same image bytes as an earlier record)
+is never read, decoded nor embedded: its row has a null embedding and a null error (its twin's
+embedding is the one that counts). :func:`read_images` is the one place this is decided.
 """
 
 from __future__ import annotations
@@ -30,6 +34,26 @@ from winnow.stages.device import resolve_device
 from winnow.stages.models import LoadedModel, ModelSpec, load_image_model, validate_model_spec
 
 logger = logging.getLogger(__name__)
+
+
+def embedded_rows(index: pa.Table) -> np.ndarray | None:
+    """Positions of the index rows to read, decode and embed: all but the exact duplicates.
+    ``None`` when that is every row (the common case: no copy is made)."""
+    if "exact_duplicate_of" not in index.column_names:
+        return None
+    twins = index.column("exact_duplicate_of")
+    if twins.null_count == len(twins):
+        return None
+    return np.flatnonzero(twins.is_null().to_numpy(zero_copy_only=False))
+
+
+def read_images(index: pa.Table) -> tuple[list[bytes | None], np.ndarray | None]:
+    """The image bytes of the rows to embed (:func:`embedded_rows`) and their positions (None:
+    all rows). Exact duplicates' bytes are not read."""
+    from winnow.data.reader import read_members
+
+    rows = embedded_rows(index)
+    return read_members(index if rows is None else index.take(pa.array(rows, pa.int64())), "image"), rows
 
 PRECISIONS = ("auto", "fp32", "bf16")
 #: What ``precision="auto"`` means, as recorded in the stage fingerprint.
@@ -92,6 +116,13 @@ class EmbedConfig:
             problems.append(f"read_ahead must be a positive integer, got {self.read_ahead!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def embed_config(run: Any, _name: str = "embed") -> EmbedConfig:
+    """The embed stage's config from a run's ``CurationConfig`` (the registry's ``config`` factory)."""
+    return EmbedConfig(model=run.model, pretrained=run.pretrained, model_dir=run.model_dir,
+                       allow_random_weights=run.allow_random_weights, batch_size=run.batch_size,
+                       decode_backend=run.decode_backend)
 
 
 class EmbedStage:
@@ -272,12 +303,27 @@ class EmbedStage:
         return out, errors
 
     def build_table(
-        self, record_ids: pa.Array, keys: pa.Array, embeddings: np.ndarray, errors: list[str | None]
+        self, record_ids: pa.Array, keys: pa.Array, embeddings: np.ndarray, errors: list[str | None],
+        rows: np.ndarray | None = None,
     ) -> pa.Table:
-        """The stage's output table from embeddings (NaN rows where ``errors`` is set)."""
-        undecodable = np.array([e is not None for e in errors], dtype=bool)
+        """The stage's output table from embeddings (NaN rows where ``errors`` is set).
+
+        With ``rows``, ``embeddings`` and ``errors`` are those of the records at these positions
+        only (:func:`embedded_rows`); every other record (an exact duplicate) gets a null
+        embedding and a null error.
+        """
+        null = np.array([e is not None for e in errors], dtype=bool)
+        if rows is not None:
+            full = np.zeros((len(record_ids), self.embed_dim), dtype=np.float16)
+            full[rows] = embeddings
+            full_errors: list[str | None] = [None] * len(record_ids)
+            for row, err in zip(rows.tolist(), errors):
+                full_errors[row] = err
+            full_null = np.ones(len(record_ids), dtype=bool)
+            full_null[rows] = null
+            embeddings, errors, null = full, full_errors, full_null
         values = pa.array(embeddings.reshape(-1), type=pa.float16())
-        column = pa.FixedSizeListArray.from_arrays(values, self.embed_dim, mask=pa.array(undecodable))
+        column = pa.FixedSizeListArray.from_arrays(values, self.embed_dim, mask=pa.array(null))
         assert column.type == embedding_type(self.embed_dim)
         return pa.Table.from_arrays(
             [record_ids, keys, column, pa.array(errors, type=pa.string())], schema=self.output_schema()
@@ -292,17 +338,19 @@ class EmbedStage:
             self._pipeline = EmbedPipeline(self)
         return self._pipeline
 
-    def embed_table(self, record_ids: pa.Array, keys: pa.Array, images: list[bytes | None]) -> pa.Table:
-        """The stage's output table for these records."""
+    def embed_table(
+        self, record_ids: pa.Array, keys: pa.Array, images: list[bytes | None], rows: np.ndarray | None = None
+    ) -> pa.Table:
+        """The stage's output table for these records (``images`` of the rows at ``rows`` only,
+        when given: see :meth:`build_table`)."""
         embeddings, errors = self.embed_images(images)
-        return self.build_table(record_ids, keys, embeddings, errors)
+        return self.build_table(record_ids, keys, embeddings, errors, rows)
 
     def process(self, task: RowGroupTask) -> pa.Table:
-        from winnow.data.reader import read_members
-
         index = task.store().read_table("index", task.partition, task.row_group)
-        images = read_members(index, "image")
-        table = self.embed_table(index.column("record_id").combine_chunks(), index.column("key").combine_chunks(), images)
+        images, rows = read_images(index)
+        table = self.embed_table(index.column("record_id").combine_chunks(), index.column("key").combine_chunks(),
+                                 images, rows)
         undecodable = table.num_rows - table.column("error").null_count
         if undecodable:
             logger.info("embed row group %d: %d of %d images undecodable", task.row_group, undecodable, table.num_rows)

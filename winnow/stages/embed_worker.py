@@ -14,6 +14,10 @@ row-group boundaries and only the very last one is padded. On a CPU in eager mod
 at row-group boundaries and are not padded, exactly as :meth:`EmbedStage.embed_images` cuts them,
 so the output is bit-identical to the per-row-group stage. Either way a row group commits as one
 file, and one that fails (a read, a decode or model error on its rows, its commit) fails alone.
+
+Exact duplicates (index ``exact_duplicate_of`` set) are not read, decoded nor embedded: the record
+stream holds the other rows only (:func:`winnow.stages.embed.read_images`), and each row group's
+table gets a null embedding and a null error at a duplicate's row when it is committed.
 """
 
 from __future__ import annotations
@@ -89,8 +93,9 @@ class _RowGroup:
     t0: float
     record_ids: pa.Array | None = None
     keys: pa.Array | None = None
-    embeddings: np.ndarray | None = None
-    errors: list[str | None] = field(default_factory=list)
+    embeddings: np.ndarray | None = None  # of the embedded rows only
+    errors: list[str | None] = field(default_factory=list)  # of the embedded rows only
+    rows: np.ndarray | None = None  # positions of the embedded rows in the row group (None: all)
     failed: bool = False
 
 
@@ -229,11 +234,11 @@ class EmbedPipeline:
             write_q.put(_DONE)
         writer.join(timeout=60)
 
-    def _read(self, task: RowGroupTask) -> tuple[pa.Table, list[bytes | None]]:
-        from winnow.data.reader import read_members
+    def _read(self, task: RowGroupTask) -> tuple[pa.Table, list[bytes | None], np.ndarray | None]:
+        from winnow.stages.embed import read_images
 
         index = task.store().read_table("index", task.partition, task.row_group)
-        return index, read_members(index, "image")
+        return index, *read_images(index)
 
     def _produce(self, tasks: list[RowGroupTask], out: queue.Queue, stop: threading.Event) -> None:
         """Decode thread: reads run ahead on a pool; records are cut into batches and decoded."""
@@ -275,7 +280,7 @@ class EmbedPipeline:
                     task, t0, future = pending.popleft()
                     t_wait = time.perf_counter()
                     try:
-                        index, data = future.result()
+                        index, data, rows = future.result()
                     except Exception as exc:  # noqa: BLE001 - this row group fails, alone
                         put(("fail", _RowGroup(task, t0), exc))
                         submit_next(pool)
@@ -290,6 +295,7 @@ class EmbedPipeline:
                         keys=index.column("key").combine_chunks(),
                         embeddings=np.full((n, self.stage.embed_dim), np.nan, dtype=np.float16),
                         errors=[None] * n,
+                        rows=rows,
                     )
                     pos = 0
                     while pos < n:
@@ -429,7 +435,7 @@ class EmbedPipeline:
             return
         t0 = time.perf_counter()
         try:
-            table = self.stage.build_table(rg.record_ids, rg.keys, rg.embeddings, rg.errors)
+            table = self.stage.build_table(rg.record_ids, rg.keys, rg.embeddings, rg.errors, rg.rows)
             commit(rg.task, table)
         except Exception as exc:  # noqa: BLE001 - this row group fails, alone
             rg.failed = True

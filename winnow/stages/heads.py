@@ -300,34 +300,28 @@ def score_embeddings(module: nn.Module, matrix: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, kw_only=True)
 class HeadConfig:
-    """Knobs shared by both head stages; subclasses set the threshold's default and range.
+    """Knobs shared by both head stages. A head only scores: the threshold that turns a score
+    into a keep decision is the ``thresholds`` step's (:mod:`winnow.stages.thresholds`), so
+    changing it never recomputes a score.
 
     ``embed_dim`` is the embedding model's width (the pipeline passes the model's own).
     """
 
-    #: (param name, low, high) of ``threshold``: the one range the DAG form also uses.
-    THRESHOLD: ClassVar[tuple[str, float, float]] = ("threshold", float("-inf"), float("inf"))
-
     weights: str | None = None
-    threshold: float = 0.0
     allow_random_weights: bool = False
     device: str = "auto"
     embed_dim: int = VIT_L14_DIM
 
     def __post_init__(self) -> None:
-        param, low, high = self.THRESHOLD
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not low <= t <= high:
-            raise HeadError(f"{param} must be a number in [{low:g}, {high:g}], got {t!r}")
         if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:
             raise HeadError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
 
 
 class HeadStage:
-    """A stage that scores each record's embedding with a head and keeps it by a threshold.
+    """A stage that scores each record's embedding with a head.
 
-    Subclasses set ``name`` (also the head kind), ``schema`` and :meth:`keep`. Records without an
-    embedding (undecodable) get a null score and ``keep`` false.
+    Subclasses set ``name`` (also the head kind) and ``schema``. Records without an embedding
+    (undecodable, exact duplicates) get a null score.
     """
 
     name: ClassVar[str]
@@ -339,10 +333,7 @@ class HeadStage:
 
     def fingerprint_config(self) -> dict[str, Any]:
         c = self.config
-        return {
-            "weights_digest": weights_digest(self.name, c.weights, allow_random_weights=c.allow_random_weights),
-            "threshold": c.threshold,
-        }
+        return {"weights_digest": weights_digest(self.name, c.weights, allow_random_weights=c.allow_random_weights)}
 
     def setup(self) -> None:
         c = self.config
@@ -350,9 +341,6 @@ class HeadStage:
             self.name, c.weights, embed_dim=c.embed_dim,
             allow_random_weights=c.allow_random_weights, device=c.device,
         )
-
-    def keep(self, scores: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
 
     def process(self, task: RowGroupTask) -> pa.Table:
         if self._module is None:
@@ -363,16 +351,12 @@ class HeadStage:
             where=f"stage 'embed' row group {task.row_group}",
         )
         scores = np.full(table.num_rows, np.nan, dtype=np.float32)
-        keep = np.zeros(table.num_rows, dtype=bool)
         if len(matrix):
             scores[valid] = score_embeddings(self._module, matrix)
-            keep[valid] = self.keep(scores[valid])
-        score_col, keep_col = self.schema.names[1], self.schema.names[2]
         return pa.table(
             {
                 "record_id": table.column("record_id").combine_chunks(),
-                score_col: pa.array(scores, type=pa.float32(), mask=~valid),
-                keep_col: pa.array(keep, type=pa.bool_()),
+                self.schema.names[1]: pa.array(scores, type=pa.float32(), mask=~valid),
             },
             schema=self.schema,
         )

@@ -1,4 +1,5 @@
-"""open_clip image towers for the embed stage: model-name and weights resolution, loading, digests.
+"""open_clip image towers (embed stage) and text towers (clip_score stage): model-name and weights
+resolution, loading, digests.
 
 Weights come only from local files (a path, or a tag looked up in a model directory); nothing is
 downloaded. Random weights exist for tests and are refused in a real run unless asked for.
@@ -291,6 +292,38 @@ def validate_model_spec(
     return ModelSpec(model_name, pretrained, weights_path, None, embed_dim, PreprocessConfig.from_open_clip(preprocess))
 
 
+def _build_clip(spec: ModelSpec, purpose: str) -> nn.Module:
+    """The whole open_clip model of a checked spec, fp32 on the CPU; random weights are seeded on a
+    forked RNG, so the image and the text tower of one spec always come from the same model."""
+    import open_clip
+
+    model_name = spec.model_name
+    if spec.is_random:
+        logger.warning(
+            "%s model %s uses RANDOM weights (seed %d, allow_random_weights=true): embeddings "
+            "and every score computed from them are meaningless outside tests",
+            purpose,
+            model_name,
+            spec.random_seed,
+        )
+        # Seeded on a forked RNG so loads are reproducible and the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.random_seed or 0)
+            return open_clip.create_model(model_name, pretrained=None, device="cpu")
+    try:
+        return open_clip.create_model(
+            model_name,
+            pretrained=spec.weights_path,
+            device="cpu",
+            force_preprocess_cfg=spec.preprocess.to_dict() | {"size": spec.preprocess.size},
+        )
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file
+        raise ModelError(
+            f"could not load weights {spec.weights_path!r} into {model_name}: {exc}. Check that "
+            "the file is an open_clip/OpenAI checkpoint of this architecture."
+        ) from exc
+
+
 def load_image_model(
     model_name: str,
     pretrained: str,
@@ -306,30 +339,7 @@ def load_image_model(
     import open_clip
 
     spec = validate_model_spec(model_name, pretrained, model_dir, allow_random_weights)
-    if spec.is_random:
-        logger.warning(
-            "embed model %s uses RANDOM weights (seed %d, allow_random_weights=true): embeddings "
-            "and every score computed from them are meaningless outside tests",
-            model_name,
-            spec.random_seed,
-        )
-        # Seeded on a forked RNG so loads are reproducible and the caller's RNG is untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.random_seed or 0)
-            clip = open_clip.create_model(model_name, pretrained=None, device="cpu")
-    else:
-        try:
-            clip = open_clip.create_model(
-                model_name,
-                pretrained=spec.weights_path,
-                device="cpu",
-                force_preprocess_cfg=spec.preprocess.to_dict() | {"size": spec.preprocess.size},
-            )
-        except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds on a bad file
-            raise ModelError(
-                f"could not load weights {spec.weights_path!r} into {model_name}: {exc}. Check that "
-                "the file is an open_clip/OpenAI checkpoint of this architecture."
-            ) from exc
+    clip = _build_clip(spec, "embed")
     preprocess = PreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(clip))
     tower = ImageTower(clip.visual)
     del clip  # drop the text tower
@@ -342,3 +352,179 @@ def load_image_model(
         spec=spec,
     )
 
+
+# ---- text towers ---------------------------------------------------------------------------
+
+#: Token ids open_clip's built-in BPE tokenizer emits: 49406 BPE tokens, then <start_of_text>
+#: (49406) and <end_of_text> (49407).
+BPE_VOCAB_SIZE = 49408
+#: The only tokenizer the text tower is built with: open_clip's BPE tokenizer, whose vocabulary
+#: ships inside the open_clip package (nothing is downloaded).
+SIMPLE_TOKENIZER = "open_clip.SimpleTokenizer"
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What turns a caption into token ids for a model, checked without building anything."""
+
+    kind: str
+    context_length: int
+    vocab_digest: str  # sha256 of the BPE vocabulary file
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the model config's tokenizer_kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "context_length": self.context_length,
+            "vocab_digest": self.vocab_digest,
+            "kwargs": dict(sorted(self.kwargs.items())),
+        }
+
+
+def tokenizer_spec(model_name: str) -> TokenizerSpec:
+    """The tokenizer a model's text tower takes, from its open_clip config.
+
+    Raises :class:`ModelError` for a model whose tokenizer would have to be downloaded (Hugging
+    Face and SigLIP tokenizers), and for a text tower with fewer token embeddings than the
+    tokenizer has ids: such ids would index past the embedding table, and clamping them would
+    give silently wrong text embeddings.
+    """
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, default_bpe
+
+    cfg = _model_config(model_name)
+    text_cfg = dict(cfg.get("text_cfg") or {})
+    hf_name = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")
+    if hf_name or "siglip" in model_name.lower():
+        source = f"the Hugging Face tokenizer {hf_name!r}" if hf_name else "a SigLIP sentencepiece vocabulary"
+        raise ModelError(
+            f"model {model_name!r} (param 'model') tokenizes text with {source}, which open_clip "
+            "downloads; clip_score supports models with open_clip's built-in BPE tokenizer only "
+            "(the OpenAI/LAION CLIP ViTs such as ViT-L-14-quickgelu or ViT-B-32)."
+        )
+    vocab_size = int(text_cfg.get("vocab_size", BPE_VOCAB_SIZE))
+    kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+    extra = list(kwargs.get("additional_special_tokens") or [])
+    needed = BPE_VOCAB_SIZE + len(extra)
+    if vocab_size < needed:
+        raise ModelError(
+            f"model {model_name!r} has a text vocabulary of {vocab_size} token embeddings, but "
+            f"open_clip's BPE tokenizer emits ids up to {needed - 1}: captions cannot be encoded "
+            f"with it. Use a config with text_cfg.vocab_size >= {needed}."
+        )
+    return TokenizerSpec(
+        kind=SIMPLE_TOKENIZER,
+        context_length=int(text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)),
+        vocab_digest=file_sha256(default_bpe()),
+        kwargs=kwargs,
+    )
+
+
+class TextTower(nn.Module):
+    """The text half of a CLIP model (token embedding, positional embedding, transformer, final
+    norm, projection), doing what open_clip's ``encode_text`` does; the image tower is dropped.
+
+    Built from the same model object as :class:`ImageTower` would be, so for one spec the two
+    embed into one space.
+    """
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        text = getattr(clip, "text", None)
+        if isinstance(text, nn.Module):  # open_clip's CustomTextCLIP: the tower is one module
+            self.text: nn.Module | None = text
+            self.context_length = int(getattr(text, "context_length", 0))
+            self.vocab_size = int(getattr(text, "vocab_size", 0))
+            return
+        self.text = None
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.pool_type = clip.text_pool_type
+        self.eos_id = getattr(clip, "text_eos_id", None)
+        self.context_length = int(clip.context_length)
+        self.vocab_size = int(clip.vocab_size)
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if self.vocab_size and tokens.numel() and int(tokens.max()) >= self.vocab_size:
+            raise ModelError(
+                f"token id {int(tokens.max())} is outside the text tower's vocabulary of "
+                f"{self.vocab_size}: the tokenizer does not belong to this model"
+            )
+        if self.text is not None:
+            features = self.text(tokens)
+        else:
+            from open_clip.transformer import text_global_pool
+
+            cast_dtype = self.transformer.get_cast_dtype()
+            x = self.token_embedding(tokens).to(cast_dtype)
+            x = x + self.positional_embedding.to(cast_dtype)
+            x = self.transformer(x, attn_mask=self.attn_mask)
+            x = self.ln_final(x)
+            x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+            if self.text_projection is not None:
+                x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+            features = x
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_text(tokens)
+
+
+@dataclass
+class LoadedTextModel:
+    """A text tower ready for ``encode_text``, its tokenizer, and what produced them."""
+
+    model: TextTower
+    tokenizer: Any  # open_clip SimpleTokenizer: list[str] -> (n, context_length) int64 tensor
+    tokenizer_spec: TokenizerSpec
+    embed_dim: int
+    weights_digest: str
+    spec: ModelSpec = field(repr=False)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, context_length=self.tokenizer_spec.context_length)
+
+
+def load_text_model(
+    model_name: str,
+    pretrained: str,
+    *,
+    device: str = "cpu",
+    model_dir: str | None = None,
+    allow_random_weights: bool = False,
+) -> LoadedTextModel:
+    """Build an open_clip model exactly as :func:`load_image_model` does (same weights
+    resolution, same seeded random weights) and keep the text tower and its tokenizer.
+
+    The model is in eval mode, fp32, on ``device``; bf16 is applied by the caller as autocast.
+    """
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+    spec = validate_model_spec(model_name, pretrained, model_dir, allow_random_weights)
+    tok_spec = tokenizer_spec(model_name)
+    clip = _build_clip(spec, "text")
+    tower = TextTower(clip)
+    del clip  # drop the image tower
+    tokenizer = SimpleTokenizer(default_bpe(), context_length=tok_spec.context_length, **tok_spec.kwargs)
+    if tower.vocab_size and tokenizer.vocab_size > tower.vocab_size:
+        raise ModelError(
+            f"open_clip's tokenizer has {tokenizer.vocab_size} token ids but {model_name}'s text "
+            f"tower embeds only {tower.vocab_size}"
+        )
+    if tower.context_length and tok_spec.context_length > tower.context_length:
+        raise ModelError(
+            f"tokenizer context length {tok_spec.context_length} exceeds {model_name}'s text "
+            f"tower context of {tower.context_length}"
+        )
+    tower = tower.to(device).eval().requires_grad_(False)
+    return LoadedTextModel(
+        model=tower,
+        tokenizer=tokenizer,
+        tokenizer_spec=tok_spec,
+        embed_dim=spec.embed_dim,
+        weights_digest=spec.weights_digest(),
+        spec=spec,
+    )

@@ -1,12 +1,9 @@
 """NSFW stage: scores each record with the LAION CLIP-based NSFW detector (a probability in
-[0, 1]) and keeps records scoring below the threshold."""
+[0, 1]) (the ``thresholds`` step decides which pass)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import numpy as np
 
 from winnow.schemas import NSFW
 from winnow.stages.heads import HeadConfig, HeadStage
@@ -17,19 +14,14 @@ class NsfwConfig(HeadConfig):
     """:param weights: local .safetensors/.pt file in :class:`~winnow.stages.heads.NsfwHead`
         layout (convert the published Keras model with ``nsfw_state_dict_from_keras``); None
         only with ``allow_random_weights``.
-    :param threshold: keep records with probability < threshold; in [0, 1].
     :param allow_random_weights: accept ``weights=None`` (seeded random weights, tests/demos).
     :param device: ``"auto"`` (CUDA where there is one), ``"cpu"``, ``"cuda:0"``...
     :param embed_dim: width of the embedding model's embeddings (768 for ViT-L/14).
     """
 
-    THRESHOLD: ClassVar[tuple[str, float, float]] = ("nsfw_threshold", 0.0, 1.0)
-
-    threshold: float = 0.5
-
 
 class NsfwStage(HeadStage):
-    """Row group of ``embed`` -> ``NSFW`` table (record_id, nsfw_score, nsfw_keep)."""
+    """Row group of ``embed`` -> ``NSFW`` table (record_id, nsfw_score)."""
 
     name = "nsfw"
     schema = NSFW
@@ -37,5 +29,9 @@ class NsfwStage(HeadStage):
     def __init__(self, config: NsfwConfig | None = None) -> None:
         super().__init__(config or NsfwConfig())
 
-    def keep(self, scores: np.ndarray) -> np.ndarray:
-        return scores < self.config.threshold
+
+def nsfw_config(run, _name: str = "nsfw") -> NsfwConfig:
+    """The stage's config from a run's ``CurationConfig`` (the registry's ``config`` factory);
+    the head's width is the embedding model's."""
+    return NsfwConfig(weights=run.nsfw_weights, allow_random_weights=run.allow_random_weights,
+                      embed_dim=run.model_spec.embed_dim)

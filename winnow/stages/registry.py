@@ -5,9 +5,9 @@ fingerprint chain, the run order of ``run_all``, the report, and the DAG's task 
 this module is cheap (no torch, Ray or Airflow), so a DAG file may read it at parse time.
 
 >>> [s.name for s in STAGES]
-['index', 'embed', 'aesthetic', 'nsfw', 'centroids', 'assign', 'pairwise', 'dedup', 'write']
+['index', 'embed', 'aesthetic', 'nsfw', 'clip_score', 'thresholds', 'centroids', 'assign', 'pairwise', 'dedup', 'status', 'write']
 >>> [s.name for s in partition_stages()]
-['embed', 'aesthetic', 'nsfw', 'assign', 'dedup', 'write']
+['embed', 'aesthetic', 'nsfw', 'clip_score', 'assign', 'dedup', 'status', 'write']
 >>> task_id("nsfw"), task_id("write"), stage_spec("pairwise").map_over
 ('partition.nsfw', 'write', 'centroids')
 """
@@ -31,7 +31,11 @@ class StageSpec:
     :param name: the one word for the stage: its folder under the run root, its task id (inside
         ``group`` when set), its name in logs, fingerprints and the summary.
     :param compute: ``module:attribute`` of its compute, imported on demand: the stage class
-        of a partition stage (``process`` per row group), the entry function of a global one.
+        of a partition stage (``process`` per row group); the run-level entry of a global one
+        (``fn(run_config, owner=, log=, ray_address=, backend=, compute=, worker_cpus=,
+        worker_gpus=) -> summary dict``: ``winnow.pipeline.GLOBAL_STAGE_RUNNERS`` is these); the
+        unit runner of a bucket one (``fn(run_root, plan, config, units, backend=, ray_address=,
+        log=, worker_cpus=, worker_gpus=) -> UnitSummary``).
     :param upstream: stages whose output it reads; their fingerprints feed its own.
     :param scope: ``partition`` (a row-group stage mapped over partitions), ``global`` (one
         task over the whole run) or ``bucket`` (units that are not row groups, e.g. buckets of
@@ -44,6 +48,9 @@ class StageSpec:
         centroids, dedup buckets): ``module:function`` that reads from storage how many units it
         has and which are committed, ``fn(store) -> (total or None while unknown, committed ids)``.
         None: the stage commits one file per row group (``<stage>/p<partition>/rg<id>.parquet``).
+    :param config: ``module:function`` that builds the stage's config (which checks its knobs and
+        gives ``fingerprint_config()``) from the run's ``CurationConfig``: ``fn(run_config, name)``.
+        ``CurationConfig.stage_config`` calls it; nothing else knows which knob goes where.
     """
 
     name: str
@@ -54,6 +61,7 @@ class StageSpec:
     group: str | None = None
     map_over: str | None = None
     units: str | None = None
+    config: str = ""
 
     def __post_init__(self) -> None:
         if self.scope == "partition" and self.map_over is None:
@@ -71,6 +79,10 @@ class StageSpec:
     def load(self) -> Any:
         return _load(self.compute)
 
+    def load_config(self) -> Any:
+        """The stage's config factory (see ``config``)."""
+        return _load(self.config)
+
     def load_units(self) -> Any:
         """The stage's unit reader (see ``units``); a ValueError for a row-group stage."""
         if self.units is None:
@@ -85,19 +97,37 @@ def _load(target: str) -> Any:
 
 #: Topological order: every stage comes after the stages it reads.
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("index", "winnow.data.index:build_index", (), "global"),
-    StageSpec("embed", "winnow.stages.embed:EmbedStage", ("index",), "partition", True, PARTITION_GROUP),
-    StageSpec("aesthetic", "winnow.stages.aesthetic:AestheticStage", ("embed",), "partition", True, PARTITION_GROUP),
-    StageSpec("nsfw", "winnow.stages.nsfw:NsfwStage", ("embed",), "partition", True, PARTITION_GROUP),
+    StageSpec("index", "winnow.pipeline:run_index", (), "global", config="winnow.data.index:index_config"),
+    StageSpec("embed", "winnow.stages.embed:EmbedStage", ("index",), "partition", True, PARTITION_GROUP,
+              config="winnow.stages.embed:embed_config"),
+    StageSpec("aesthetic", "winnow.stages.aesthetic:AestheticStage", ("embed",), "partition", True, PARTITION_GROUP,
+              config="winnow.stages.aesthetic:aesthetic_config"),
+    StageSpec("nsfw", "winnow.stages.nsfw:NsfwStage", ("embed",), "partition", True, PARTITION_GROUP,
+              config="winnow.stages.nsfw:nsfw_config"),
+    StageSpec("clip_score", "winnow.stages.clip_score:ClipScoreStage", ("index", "embed"), "partition", True,
+              PARTITION_GROUP, config="winnow.stages.clip_score:clip_score_config"),
+    # The thresholds actually used (absolute, or the quantile a keep fraction picks over the
+    # whole run): the one place a score becomes a keep decision (winnow.stages.kept).
+    StageSpec("thresholds", "winnow.pipeline:run_thresholds", ("aesthetic", "nsfw", "clip_score"), "global",
+              units="winnow.stages.thresholds:thresholds_units", config="winnow.stages.thresholds:thresholds_config"),
     # Semantic dedup as four steps (winnow.stages.dedup_steps): k-means on a sample, per row
     # group cluster assignment, per bucket pairwise, per row group duplicate flags.
-    StageSpec("centroids", "winnow.stages.dedup_steps:run_centroids", ("embed", "aesthetic", "nsfw"), "global",
-              units="winnow.stages.dedup_steps:centroids_units"),
-    StageSpec("assign", "winnow.stages.dedup_steps:AssignStage", ("embed", "aesthetic", "nsfw", "centroids"), "partition", True),
+    StageSpec("centroids", "winnow.pipeline:run_centroids", ("embed", "thresholds"), "global",
+              units="winnow.stages.dedup_steps:centroids_units", config="winnow.stages.dedup_steps:step_config"),
+    StageSpec("assign", "winnow.stages.dedup_steps:AssignStage", ("embed", "thresholds", "centroids"), "partition", True,
+              config="winnow.stages.dedup_steps:step_config"),
     StageSpec("pairwise", "winnow.stages.dedup_steps:run_pairwise", ("centroids", "assign"), "bucket", True,
-              map_over="centroids", units="winnow.stages.dedup_steps:pairwise_units"),
-    StageSpec("dedup", "winnow.stages.dedup_steps:DedupFlagsStage", ("embed", "pairwise"), "partition"),
-    StageSpec("write", "winnow.stages.write:WriteStage", ("index", "embed", "aesthetic", "nsfw", "dedup"), "partition"),
+              map_over="centroids", units="winnow.stages.dedup_steps:pairwise_units",
+              config="winnow.stages.dedup_steps:step_config"),
+    StageSpec("dedup", "winnow.stages.dedup_steps:DedupFlagsStage", ("embed", "pairwise"), "partition",
+              config="winnow.stages.dedup_steps:step_config"),
+    # One row per input record with its outcome and scores: what write, the counts and the
+    # report read (the outcome rule is applied here only).
+    StageSpec("status", "winnow.stages.status:StatusStage",
+              ("index", "embed", "aesthetic", "nsfw", "clip_score", "thresholds", "dedup"), "partition",
+              config="winnow.stages.status:status_config"),
+    StageSpec("write", "winnow.stages.write:WriteStage", ("index", "embed", "status"), "partition",
+              config="winnow.stages.write:write_config"),
 )
 
 _BY_NAME = {s.name: s for s in STAGES}
@@ -128,8 +158,9 @@ def run_phases() -> list[tuple[Scope, tuple[StageSpec, ...]]]:
     alone, and each run of consecutive partition stages together (run depth-first per partition).
 
     >>> [(scope, [s.name for s in specs]) for scope, specs in run_phases()]  # doctest: +NORMALIZE_WHITESPACE
-    [('global', ['index']), ('partition', ['embed', 'aesthetic', 'nsfw']), ('global', ['centroids']),
-     ('partition', ['assign']), ('bucket', ['pairwise']), ('partition', ['dedup', 'write'])]
+    [('global', ['index']), ('partition', ['embed', 'aesthetic', 'nsfw', 'clip_score']), ('global', ['thresholds']),
+     ('global', ['centroids']), ('partition', ['assign']), ('bucket', ['pairwise']),
+     ('partition', ['dedup', 'status', 'write'])]
     """
     phases: list[tuple[Scope, tuple[StageSpec, ...]]] = []
     for spec in STAGES:
@@ -148,6 +179,8 @@ def _check_graph() -> None:
             raise AssertionError(f"stage {spec.name!r} reads {unknown} which come later or do not exist")
         if spec.map_over is not None and (spec.map_over not in seen or _BY_NAME[spec.map_over].scope != "global"):
             raise AssertionError(f"stage {spec.name!r} maps over {spec.map_over!r}, which is not an earlier global stage")
+        if not spec.config:
+            raise AssertionError(f"stage {spec.name!r} names no config factory (config=)")
         if spec.scope == "bucket" and spec.units is None:
             raise AssertionError(f"bucket stage {spec.name!r} commits no row groups: name its unit reader (units=)")
         seen.add(spec.name)

@@ -1,7 +1,7 @@
 """Gallery thumbnails made by the write stage: a bounded sample per row group and outcome.
 
-Per row group the write stage keeps up to ``per_outcome`` records of each outcome (kept,
-undecodable, aesthetic, nsfw, duplicate), plus the record each sampled duplicate duplicates, as
+Per row group the write stage keeps up to ``per_outcome`` records of each outcome (:data:`OUTCOMES`:
+kept and every reason to drop one), plus the record each sampled near duplicate duplicates, as
 ~256 px JPEGs concatenated in ``rg<id>.thumbs`` and described (offset, size, scores, reason) by
 ``rg<id>.gallery`` (Parquet). Both are committed before the row group's ``.parquet`` marker, so a
 committed row group always has its gallery; the api-server serves the bytes by offset and never
@@ -19,7 +19,9 @@ import pyarrow as pa
 # Not ".parquet": a reader globbing the curated rg*.parquet files must never pick it up.
 GALLERY_SUFFIX = ".gallery"
 THUMBS_SUFFIX = ".thumbs"
-OUTCOMES = ("kept", "undecodable", "aesthetic", "nsfw", "duplicate")
+#: The gallery's outcomes in display order: kept, then the reasons to drop a record in the order
+#: they are decided (the same set as :data:`winnow.schemas.OUTCOMES`).
+OUTCOMES = ("kept", "exact_duplicate", "undecodable", "aesthetic", "nsfw", "no_caption", "clip_score", "duplicate")
 #: Larger inputs are not decoded for a thumbnail (the embed stage's own bomb limit is higher).
 MAX_THUMB_SOURCE_PIXELS = 40_000_000
 
@@ -30,6 +32,7 @@ GALLERY_SCHEMA = pa.schema([
     ("error", pa.string()),
     ("aesthetic_score", pa.float32()),
     ("nsfw_score", pa.float32()),
+    ("clip_score", pa.float32()),  # null without a caption or image embedding
     ("duplicate_of", pa.int64()),
     ("duplicate_of_key", pa.string()),
     ("thumb_offset", pa.int64()),

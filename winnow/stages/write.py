@@ -1,6 +1,6 @@
 """Write stage: one WebDataset tar per row group holding the kept records' original bytes (image,
-``.txt``, ``.json``, copied, never re-encoded), plus the curated Parquet beside it; and the
-outcome counts of a run (records = undecodable + aesthetic_dropped + nsfw_dropped + duplicates + kept).
+``.txt``, ``.json``, copied, never re-encoded), plus the curated Parquet beside it. Which records
+are kept is the ``status`` stage's outcome (:mod:`winnow.stages.status`), read, never re-derived.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from winnow.data.reader import read_members
 from winnow.exceptions import WriteError
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups import CommitStore
 from winnow.schemas import write_schema
 from winnow.stages.base import RowGroupTask
-from winnow.stages.kept import flag, passed_filters
-from winnow.stages.kept import kept as kept_records
 
 STAGE = "write"
 #: Bumped when the tar layout changes, so old output is not mixed with new (fingerprint).
@@ -40,6 +37,11 @@ class WriteConfig:
     mtime: int = TAR_MTIME
     thumbnail_px: int = 256
     thumbnails_per_outcome: int = 4
+
+
+def write_config(_run: Any = None, _name: str = STAGE) -> WriteConfig:
+    """The registry's ``config`` factory: the defaults (nothing a DAG param sets)."""
+    return WriteConfig()
 
 
 def member_key(key: str) -> str:
@@ -101,7 +103,7 @@ def _aligned(index_ids: np.ndarray, table: pa.Table, stage: str, rg: int) -> pa.
 class WriteStage:
     """Row group -> ``write/p*/rg*.tar`` (committed here) and its ``write_schema`` table.
 
-    Kept = decoded, ``aesthetic_keep``, ``nsfw_keep`` and not ``duplicate``. Members are sorted
+    Kept = the ``status`` stage's outcome ``kept``. Members are sorted
     by record_id and named ``<member_key>.<image_ext>``, ``<member_key>.txt``,
     ``<member_key>.json`` (see :func:`member_key`); a key repeated inside one row group (same
     key in two shards) gets ``_r<record_id>`` appended from its second occurrence on.
@@ -124,19 +126,18 @@ class WriteStage:
         index = store.read_table("index", p, rg).sort_by("record_id")
         ids = index.column("record_id").to_numpy()
         embed = _aligned(ids, store.read_table("embed", p, rg, columns=["record_id", "embedding", "error"]), "embed", rg)
-        aesthetic = _aligned(ids, store.read_table("aesthetic", p, rg), "aesthetic", rg)
-        nsfw = _aligned(ids, store.read_table("nsfw", p, rg), "nsfw", rg)
-        dedup = _aligned(ids, store.read_table("dedup", p, rg, columns=["record_id", "duplicate"]), "dedup", rg)
-        for name, table in (("embedding", embed), ("error", embed), ("aesthetic_score", aesthetic),
-                            ("aesthetic_keep", aesthetic), ("nsfw_score", nsfw), ("nsfw_keep", nsfw),
-                            ("duplicate", dedup)):
-            index = index.append_column(name, table.column(name))
+        status = _aligned(ids, store.read_table("status", p, rg), "status", rg)
+        for name in ("embedding", "error"):
+            index = index.append_column(name, embed.column(name))
+        for name in ("outcome", "reason", "aesthetic_score", "nsfw_score", "clip_score", "duplicate_of",
+                     "duplicate_of_key"):
+            index = index.append_column(name, status.column(name))
         return index
 
     def process(self, task: RowGroupTask) -> pa.Table:
         store = task.store()
         joined = self._joined(store, task.partition, task.row_group)
-        kept_mask = kept_records(joined.column("aesthetic_keep"), joined.column("nsfw_keep"), joined.column("duplicate"))
+        kept_mask = np.asarray(joined.column("outcome").to_pylist(), dtype=object) == "kept"
         if self.config.thumbnails_per_outcome > 0:
             # Side files go first: the row group's .parquet (returned below) is the commit marker.
             write_gallery(store, task, joined, self.config)
@@ -167,41 +168,37 @@ class WriteStage:
         return pa.table(
             {
                 "record_id": kept.column("record_id"),
+                "uid": kept.column("uid"),
                 "key": kept.column("key"),
                 "shard": kept.column("shard"),
                 "caption": pa.array([_decode(t) for t in texts], pa.string()),
                 "json": pa.array([_decode(j) for j in jsons], pa.string()),
                 "aesthetic_score": kept.column("aesthetic_score"),
                 "nsfw_score": kept.column("nsfw_score"),
+                "clip_score": kept.column("clip_score"),
                 "embedding": embedding,
             },
             schema=write_schema(dim),
         )
 
 
-def outcomes(joined: pa.Table) -> list[str]:
-    """Each record's outcome, first match wins (the order :func:`count_outcomes` counts in)."""
-    ok = joined.column("error").is_null().to_numpy(zero_copy_only=False)
-    a = joined.column("aesthetic_keep").fill_null(False).to_numpy()
-    n = joined.column("nsfw_keep").fill_null(False).to_numpy()
-    d = joined.column("duplicate").fill_null(False).to_numpy()
-    return ["undecodable" if not ok[i] else "aesthetic" if not a[i] else "nsfw" if not n[i]
-            else "duplicate" if d[i] else "kept" for i in range(len(ok))]
-
-
 def write_gallery(store: CommitStore, task: RowGroupTask, joined: pa.Table, config: WriteConfig) -> None:
-    """Commit ``rg<id>.thumbs`` and ``rg<id>.gallery`` (Parquet) (see winnow.stages.thumbnails)."""
+    """Commit ``rg<id>.thumbs`` and ``rg<id>.gallery`` (Parquet) (see winnow.stages.thumbnails).
+
+    The outcome, the reason (the ``error`` column: the status stage's reason, else the decode
+    error) and the scores are the status stage's; a sampled near duplicate also gets the thumbnail
+    of its kept twin (an exact duplicate's twin has the same bytes: its own thumbnail shows it).
+    """
     from winnow.stages.thumbnails import GALLERY_SCHEMA, GALLERY_SUFFIX, THUMBS_SUFFIX, make_thumbnail, sample_rows
 
     ids = joined.column("record_id").to_numpy()
-    dedup = _aligned(ids, store.read_table("dedup", task.partition, task.row_group,
-                                           columns=["record_id", "duplicate_of"]), "dedup", task.row_group)
-    dup_of = dedup.column("duplicate_of").to_pylist()
-    kinds = outcomes(joined)
+    dup_of = joined.column("duplicate_of").to_pylist()
+    kinds = joined.column("outcome").to_pylist()
     rows = sample_rows(kinds, ids, config.thumbnails_per_outcome)
     sample = joined.take(pa.array(rows, pa.int64()))
     images = read_members(sample, "image") if rows else []
-    originals = _originals(store, task, sorted({dup_of[r] for r in rows if kinds[r] == "duplicate" and dup_of[r] is not None}))
+    twins = sorted({dup_of[r] for r in rows if kinds[r] == "duplicate" and dup_of[r] is not None})
+    originals = _originals(store, task, twins)
     blob = io.BytesIO()
 
     def put(data: bytes | None) -> tuple[int | None, int | None]:
@@ -215,16 +212,21 @@ def write_gallery(store: CommitStore, task: RowGroupTask, joined: pa.Table, conf
     orig_thumbs = {rid: (put(data), key) for rid, (data, key) in originals.items()}
     cols: dict[str, list] = {f.name: [] for f in GALLERY_SCHEMA}
     keys = joined.column("key").to_pylist()
-    errors = joined.column("error").to_pylist()
+    errors = [r if r is not None else e for e, r in zip(joined.column("error").to_pylist(),
+                                                          joined.column("reason").to_pylist())]
     a_scores = joined.column("aesthetic_score").to_pylist()
     n_scores = joined.column("nsfw_score").to_pylist()
+    c_scores = joined.column("clip_score").to_pylist()
+    twin_keys = joined.column("duplicate_of_key").to_pylist()
     for j, r in enumerate(rows):
         off, size = put(images[j]) if kinds[r] != "undecodable" else (None, None)
-        of = dup_of[r] if kinds[r] == "duplicate" else None
+        of = dup_of[r]
         (o_off, o_size), o_key = orig_thumbs.get(of, ((None, None), None)) if of is not None else ((None, None), None)
         for name, value in (("record_id", int(ids[r])), ("key", keys[r]), ("outcome", kinds[r]), ("error", errors[r]),
-                            ("aesthetic_score", a_scores[r]), ("nsfw_score", n_scores[r]), ("duplicate_of", of),
-                            ("duplicate_of_key", o_key), ("thumb_offset", off), ("thumb_size", size),
+                            ("aesthetic_score", a_scores[r]), ("nsfw_score", n_scores[r]),
+                            ("clip_score", c_scores[r]), ("duplicate_of", of),
+                            ("duplicate_of_key", o_key if o_key is not None else twin_keys[r]),
+                            ("thumb_offset", off), ("thumb_size", size),
                             ("original_thumb_offset", o_off), ("original_thumb_size", o_size)):
             cols[name].append(value)
     store.commit_bytes(STAGE, task.partition, task.row_group, blob.getvalue(), suffix=THUMBS_SUFFIX)
@@ -249,35 +251,3 @@ def _originals(store: CommitStore, task: RowGroupTask, record_ids: list[int]) ->
                                   read_members(rows, "image")):
             out[int(rid)] = (data, key)
     return out
-
-
-def count_outcomes(run_root: str, plan: RowGroupPlan) -> dict[str, int]:
-    """Outcome counts of a run from its committed stage files (embed, aesthetic, nsfw, dedup).
-
-    Each record lands in exactly one bucket, first match wins: ``undecodable`` (embed error),
-    ``aesthetic_dropped``, ``nsfw_dropped``, ``duplicates``, else ``kept``; so ``records`` is
-    their sum. ``written`` counts the rows of the write stage's Parquet files committed so far.
-    """
-    store = CommitStore(run_root)
-    counts = dict.fromkeys(("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept"), 0)
-    written = 0
-    for p in range(plan.num_partitions):
-        done_write = store.completed(STAGE, p)
-        for rg in plan.partition_row_groups(p):
-            ok = store.read_table("embed", p, rg, columns=["error"]).column("error").is_null().to_numpy(zero_copy_only=False)
-            a = store.read_table("aesthetic", p, rg, columns=["aesthetic_keep"]).column("aesthetic_keep")
-            n = store.read_table("nsfw", p, rg, columns=["nsfw_keep"]).column("nsfw_keep")
-            d = store.read_table("dedup", p, rg, columns=["duplicate"]).column("duplicate")
-            passed, kept = passed_filters(a, n), kept_records(a, n, d)
-            a_ok = flag(a)
-            counts["records"] += len(ok)
-            counts["undecodable"] += int((~ok).sum())
-            counts["aesthetic_dropped"] += int((ok & ~a_ok).sum())
-            counts["nsfw_dropped"] += int((ok & a_ok & ~passed).sum())
-            counts["duplicates"] += int((ok & passed & ~kept).sum())
-            counts["kept"] += int((ok & kept).sum())
-            if rg in done_write:
-                with store.fs.open_input_file(store.row_group_path(STAGE, p, rg)) as f:
-                    written += pq.ParquetFile(f).metadata.num_rows
-    counts["written"] = written
-    return counts

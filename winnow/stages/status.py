@@ -1,0 +1,224 @@
+"""The ``status`` stage: one row per indexed record with its outcome, the reason in words,
+every score computed and the kept twin of a duplicate (``winnow.schemas.STATUS``).
+
+``status/p<partition>/rg<id>.parquet`` covers each record of row group ``rg`` exactly once; the
+members the index skipped (no image, a key already seen) are rows of ``index/_skipped/``
+(:func:`iter_status` yields both). The outcome rule is :mod:`winnow.stages.kept`'s; the run's
+counts (:func:`count_outcomes`) and the write stage read this, so every number agrees with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.schemas import OUTCOMES, SKIPPED_OUTCOMES, STATUS
+from winnow.stages.base import RowGroupTask
+from winnow.stages.kept import row_group_filters
+from winnow.stages.thresholds import load_thresholds
+
+STAGE = "status"
+#: The run summary's name for the count of each outcome.
+COUNT_NAMES = {
+    "exact_duplicate": "exact_duplicates",
+    "undecodable": "undecodable",
+    "aesthetic": "aesthetic_dropped",
+    "nsfw": "nsfw_dropped",
+    "no_caption": "no_caption",
+    "clip_score": "clip_score_dropped",
+    "duplicate": "duplicates",
+    "kept": "kept",
+}
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    """The status stage has no knob of its own: its outcome follows the thresholds step and
+    dedup, which its fingerprint chains to."""
+
+
+def status_config(_run: Any = None, _name: str = STAGE) -> StatusConfig:
+    """The registry's ``config`` factory: no knob of its own."""
+    return StatusConfig()
+
+
+class StatusStage:
+    """Row group -> ``STATUS`` table: each record's outcome and why."""
+
+    name: ClassVar[str] = STAGE
+
+    def __init__(self, config: StatusConfig | None = None) -> None:
+        self.config = config or StatusConfig()
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        # Everything it depends on comes through the upstream digests (thresholds, dedup...).
+        return {"layout": "v1"}
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, task: RowGroupTask) -> pa.Table:
+        store = task.store()
+        p, rg = task.partition, task.row_group
+        x, outcome = row_group_filters(store, p, rg)
+        index = store.read_table("index", p, rg, columns=["record_id", "key", "shard", "uid"])
+        dedup = store.read_table("dedup", p, rg, columns=["record_id", "duplicate", "duplicate_of"])
+        if not np.array_equal(dedup.column("record_id").to_numpy(), x["record_id"]):
+            from winnow.exceptions import StorageError
+
+            raise StorageError(f"row group {rg}: stage 'dedup' holds other records than the index; "
+                               "recompute it with overwrite=true")
+        near = dedup.column("duplicate").fill_null(False).to_numpy(zero_copy_only=False)
+        near_of = dedup.column("duplicate_of").to_pylist()
+        passed = outcome == ""
+        outcome[passed & near] = "duplicate"
+        outcome[passed & ~near] = "kept"
+        twins: list[int | None] = [None] * len(outcome)
+        exact_of = x["exact_duplicate_of"]
+        for i, o in enumerate(outcome):
+            if o == "exact_duplicate":
+                twins[i] = int(exact_of[i])
+            elif o == "duplicate":
+                twins[i] = near_of[i]
+        twin_keys = _keys_of(store, task.plan, {t for t in twins if t is not None})
+        thresholds = load_thresholds(store)
+        reasons = [_reason(o, i, x, thresholds, twins[i], twin_keys) for i, o in enumerate(outcome)]
+
+        def score(name: str) -> pa.Array:
+            values = x[name]
+            return pa.array(values, pa.float32(), mask=np.isnan(values))
+
+        return pa.table(
+            {
+                "record_id": index.column("record_id"),
+                "key": index.column("key"),
+                "shard": index.column("shard"),
+                "uid": index.column("uid"),
+                "outcome": pa.array(outcome.tolist(), pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+                "aesthetic_score": score("aesthetic"),
+                "nsfw_score": score("nsfw"),
+                "clip_score": score("clip"),
+                "duplicate_of": pa.array(twins, pa.int64()),
+                "duplicate_of_key": pa.array([twin_keys.get(t) if t is not None else None for t in twins], pa.string()),
+            },
+            schema=STATUS,
+        )
+
+
+def _keys_of(store: CommitStore, plan: RowGroupPlan, record_ids: set[int]) -> dict[int, str]:
+    """The keys of some records (any row group), reading only the index row groups holding them."""
+    by_rg: dict[int, list[int]] = {}
+    for rid in record_ids:
+        by_rg.setdefault(rid // plan.buffer_size, []).append(rid)
+    out: dict[int, str] = {}
+    for rg, rids in by_rg.items():
+        t = store.read_table("index", plan.partition_of(rg), rg, columns=["record_id", "key"])
+        wanted = np.isin(t.column("record_id").to_numpy(), np.array(rids, dtype=np.int64))
+        t = t.filter(pa.array(wanted))
+        out.update(zip(t.column("record_id").to_pylist(), t.column("key").to_pylist()))
+    return out
+
+
+def _reason(outcome: str, i: int, x: dict[str, np.ndarray], thresholds: dict[str, Any], twin: int | None,
+            twin_keys: dict[int, str]) -> str | None:
+    def t(name: str) -> str:
+        entry = thresholds[name]
+        source = f" ({entry['source']}={entry['keep_fraction']})" if entry.get("keep_fraction") is not None else ""
+        value = "none (no record has this score)" if entry["threshold"] is None else f"{entry['threshold']:.6g}"
+        return f"{value}{source}"
+
+    if outcome == "kept":
+        return None
+    if outcome == "exact_duplicate":
+        return f"same image bytes as record {twin} ({twin_keys.get(twin)!r}); not decoded"
+    if outcome == "undecodable":
+        return str(x["error"][i])
+    if outcome == "aesthetic":
+        return f"aesthetic_score {x['aesthetic'][i]:.4f} < threshold {t('aesthetic')}"
+    if outcome == "nsfw":
+        return f"nsfw_score {x['nsfw'][i]:.4f} >= threshold {t('nsfw')}"
+    if outcome == "no_caption":
+        return "no caption (.txt, or the json caption field) while the CLIP-score filter is on"
+    if outcome == "clip_score":
+        return f"clip_score {x['clip'][i]:.4f} < threshold {t('clip_score')}"
+    if outcome == "duplicate":
+        return f"near duplicate of record {twin} ({twin_keys.get(twin)!r})"
+    raise AssertionError(f"unknown outcome {outcome!r}")
+
+
+def _skipped_tables(run_root: str) -> Iterator[pa.Table]:
+    """Rows for the members the index skipped, in the ``STATUS`` layout."""
+    from winnow.data.index import read_skipped
+
+    for t in read_skipped(run_root):
+        n = t.num_rows
+        nulls = {name: pa.nulls(n, STATUS.field(name).type) for name in STATUS.names}
+        cols = {**nulls, **{name: t.column(name) for name in ("key", "shard", "outcome", "reason", "duplicate_of_key")
+                            if name in t.column_names}}
+        yield pa.table(cols).select(STATUS.names).cast(STATUS)
+
+
+def iter_status(run_root: str, plan: RowGroupPlan | None = None, *, skipped: bool = True) -> Iterator[pa.Table]:
+    """Every status row of a run: each committed row group's, then the index's skipped members."""
+    store = CommitStore(run_root)
+    if plan is None:
+        from winnow.data.index import load_index
+
+        plan = load_index(run_root).plan
+    for p in range(plan.num_partitions):
+        done = store.completed(STAGE, p)
+        for rg in plan.partition_row_groups(p):
+            if rg in done:
+                yield store.read_table(STAGE, p, rg)
+    if skipped:
+        yield from _skipped_tables(run_root)
+
+
+def count_outcomes(run_root: str, plan: RowGroupPlan) -> dict[str, Any]:
+    """The run's counts from its committed status rows: ``records`` (every indexed record, exact
+    duplicates included) is the sum of the outcome counts (:data:`COUNT_NAMES`); ``skipped``
+    counts the members the index skipped by outcome; ``written`` the rows of the write stage's
+    Parquet files committed so far; ``thresholds`` the thresholds actually used."""
+    store = CommitStore(run_root)
+    counts: dict[str, Any] = {"records": 0, **dict.fromkeys(COUNT_NAMES.values(), 0)}
+    skipped = dict.fromkeys(SKIPPED_OUTCOMES, 0)
+    missing = 0
+    written = 0
+    for p in range(plan.num_partitions):
+        done = store.completed(STAGE, p)
+        done_write = store.completed("write", p)
+        for rg in plan.partition_row_groups(p):
+            if rg not in done:
+                missing += 1
+                continue
+            outcome = store.read_table(STAGE, p, rg, columns=["outcome"]).column("outcome")
+            values, freq = np.unique(np.asarray(outcome.to_pylist(), dtype=object), return_counts=True)
+            for v, c in zip(values.tolist(), freq.tolist()):
+                counts[COUNT_NAMES[v]] += int(c)
+            counts["records"] += len(outcome)
+            if rg in done_write:
+                with store.fs.open_input_file(store.row_group_path("write", p, rg)) as f:
+                    written += pq.ParquetFile(f).metadata.num_rows
+    for t in _skipped_tables(run_root):
+        for v, c in zip(*np.unique(np.asarray(t.column("outcome").to_pylist(), dtype=object), return_counts=True)):
+            skipped[str(v)] = skipped.get(str(v), 0) + int(c)
+    counts["written"] = written
+    counts["skipped_members"] = skipped
+    if missing:
+        counts["row_groups_without_status"] = missing
+    try:
+        counts["thresholds"] = {name: e["threshold"] for name, e in load_thresholds(store).items()}
+    except Exception:  # noqa: BLE001 - a run stopped before its thresholds has none to show
+        counts["thresholds"] = None
+    assert sum(counts[n] for n in COUNT_NAMES.values()) == counts["records"]
+    return counts
+
+
+__all__ = ["COUNT_NAMES", "OUTCOMES", "StatusConfig", "StatusStage", "count_outcomes", "iter_status"]

@@ -1,0 +1,286 @@
+"""The ``thresholds`` step: the threshold each score filter actually uses over a whole run.
+
+A filter keeps a record by its score against a threshold: ``aesthetic_score >= t``,
+``nsfw_score < t``, ``clip_score >= t``. The threshold is either the absolute value a user
+gives (``aesthetic_threshold``...) or, with a keep fraction ``f`` (``aesthetic_keep_fraction``,
+``clip_score_keep_fraction``; 0 < f <= 1), the score of the ``k = max(1, round(f * n))``-th best
+of the ``n`` records that have that score over the whole run: the (1 - f) quantile. Keeping every
+record scoring at least it keeps ``k`` records, plus the ties of the k-th.
+
+The quantile is exact and its memory is bounded whatever the run's size: float32 scores map
+onto order-preserving 32-bit keys, a first pass over every row group's score column counts the
+top 16 bits of each key (65,536 counters), a second pass counts the low 16 bits of the keys
+inside the one bin that holds the k-th best. Only score columns are read, one row group at a
+time. The result is committed as ``thresholds/thresholds.json`` with the step's fingerprint
+digest: a rerun finds it and computes nothing; a changed threshold or fraction changes this
+step's fingerprint and so the fingerprints of every step after it (dedup, status, write),
+never those of the scores.
+
+``clip_score_threshold = 0`` with no ``clip_score_keep_fraction`` turns the CLIP-score filter
+off: no record is dropped for its CLIP score or for having no caption.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from winnow.exceptions import ConfigError, StorageError
+from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
+from winnow.rowgroups.store import read_json, write_json
+
+STAGE = "thresholds"
+THRESHOLDS_FILE = "thresholds.json"
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """One score filter: the stage and column holding the score, which side is kept, the range
+    of its absolute threshold (the DAG form uses the same) and its keep-fraction param, if any."""
+
+    name: str  # the stage, and the outcome of a record it drops
+    column: str
+    keep: Literal[">=", "<"]
+    threshold_param: str
+    low: float
+    high: float
+    fraction_param: str | None = None
+
+    def passes(self, scores: np.ndarray, threshold: float | None) -> np.ndarray:
+        """Keep flags of float scores (NaN = no score: never kept; threshold None: none kept)."""
+        if threshold is None:
+            return np.zeros(len(scores), dtype=bool)
+        with np.errstate(invalid="ignore"):
+            return scores >= threshold if self.keep == ">=" else scores < threshold
+
+
+#: Every score filter, in the order a record's outcome checks them.
+FILTERS: tuple[FilterRule, ...] = (
+    FilterRule("aesthetic", "aesthetic_score", ">=", "aesthetic_threshold", 0.0, 10.0, "aesthetic_keep_fraction"),
+    FilterRule("nsfw", "nsfw_score", "<", "nsfw_threshold", 0.0, 1.0),
+    FilterRule("clip_score", "clip_score", ">=", "clip_score_threshold", 0.0, 1.0, "clip_score_keep_fraction"),
+)
+RULES = {r.name: r for r in FILTERS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThresholdsConfig:
+    """The filters' knobs, checked here (the one owner of their ranges).
+
+    :param aesthetic_threshold: keep ``aesthetic_score >= it``; in [0, 10].
+    :param aesthetic_keep_fraction: keep this fraction of the scored records instead (0 < f <= 1);
+        None: use ``aesthetic_threshold``.
+    :param nsfw_threshold: keep ``nsfw_score < it``; in [0, 1].
+    :param clip_score_threshold: keep ``clip_score >= it``; in [0, 1]; 0 (with no fraction) turns
+        the CLIP-score filter off.
+    :param clip_score_keep_fraction: keep this fraction of the records that have a CLIP score
+        (0 < f <= 1); None: use ``clip_score_threshold``.
+    """
+
+    RULES: ClassVar[dict[str, FilterRule]] = RULES
+
+    aesthetic_threshold: float = 5.0
+    aesthetic_keep_fraction: float | None = None
+    nsfw_threshold: float = 0.5
+    clip_score_threshold: float = 0.0
+    clip_score_keep_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for rule in FILTERS:
+            t = getattr(self, rule.threshold_param)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not rule.low <= t <= rule.high:
+                problems.append(f"{rule.threshold_param} must be a number in [{rule.low:g}, {rule.high:g}], got {t!r}")
+            if rule.fraction_param:
+                f = getattr(self, rule.fraction_param)
+                if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+                    problems.append(f"{rule.fraction_param} must be a number in (0, 1] or unset, got {f!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def clip_filter_on(self) -> bool:
+        return self.clip_score_threshold > 0 or self.clip_score_keep_fraction is not None
+
+    def fraction(self, rule: FilterRule) -> float | None:
+        return getattr(self, rule.fraction_param) if rule.fraction_param else None
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        return {**asdict(self), "selection": "exact-radix-v1"}
+
+
+def thresholds_config(run: Any, _name: str = STAGE) -> ThresholdsConfig:
+    """The step's config from a run's ``CurationConfig`` (the registry's ``config`` factory)."""
+    return ThresholdsConfig(**{name: getattr(run, name) for name in (
+        "aesthetic_threshold", "aesthetic_keep_fraction", "nsfw_threshold", "clip_score_threshold",
+        "clip_score_keep_fraction")})
+
+
+# ---- exact k-th best of float32 scores in bounded memory -------------------------------------
+
+def _keys(scores: np.ndarray) -> np.ndarray:
+    """Order-preserving uint32 keys of finite float32 scores (bigger score, bigger key)."""
+    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32)
+    negative = (bits >> 31).astype(bool)
+    return np.where(negative, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def _score_of(key: int) -> float:
+    bits = (key & 0x7FFFFFFF) if key & 0x80000000 else (~key & 0xFFFFFFFF)
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def kth_best(chunks: Callable[[], Any], k: int) -> float:
+    """The ``k``-th largest value (1-based) of the float32 scores ``chunks()`` yields (each call a
+    fresh iterator of arrays; NaN skipped), exactly, with 2 x 65,536 counters of memory.
+
+    >>> data = [np.array([0.5, 3.0, np.nan], np.float32), np.array([-1.0, 2.0, 2.0], np.float32)]
+    >>> [kth_best(lambda: iter(data), k) for k in (1, 2, 3, 4, 5)]
+    [3.0, 2.0, 2.0, 0.5, -1.0]
+    """
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for chunk in chunks():
+        keys = _keys(chunk[~np.isnan(chunk)])
+        high += np.bincount(keys >> 16, minlength=1 << 16)
+    above = np.cumsum(high[::-1])  # above[i]: keys in the top i+1 bins
+    top = int(np.searchsorted(above, k))  # first count reaching k, from the top
+    if top >= len(above):
+        raise ValueError(f"asked for the {k}-th best of {int(above[-1])} scores")
+    bin_hi = (1 << 16) - 1 - top
+    before = int(above[top - 1]) if top else 0  # keys in bins above this one
+    low = np.zeros(1 << 16, dtype=np.int64)
+    for chunk in chunks():
+        keys = _keys(chunk[~np.isnan(chunk)])
+        keys = keys[(keys >> 16) == bin_hi]
+        low += np.bincount(keys & 0xFFFF, minlength=1 << 16)
+    low_above = np.cumsum(low[::-1])
+    j = int(np.searchsorted(low_above, k - before))
+    return _score_of((bin_hi << 16) | ((1 << 16) - 1 - j))
+
+
+def keep_count(fraction: float, n: int) -> int:
+    """Records a keep fraction keeps of ``n`` scored ones (ties of the last aside): ``round(f n)``,
+    at least 1 when there is any.
+
+    >>> keep_count(0.5, 7), keep_count(0.3, 10), keep_count(0.001, 10), keep_count(1.0, 0)
+    (4, 3, 1, 0)
+    """
+    return 0 if n == 0 else max(1, min(n, math.floor(fraction * n + 0.5)))
+
+
+def as_scores(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Float32 scores of an Arrow column, null as NaN (no score)."""
+    return values.fill_null(float("nan")).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+
+
+# ---- the step ------------------------------------------------------------------------------------
+
+def _score_chunks(store: CommitStore, plan: RowGroupPlan, rule: FilterRule):
+    for p in range(plan.num_partitions):
+        for rg in plan.partition_row_groups(p):
+            col = store.read_table(rule.name, p, rg, columns=[rule.column]).column(rule.column)
+            yield as_scores(col)
+
+
+def resolve(store: CommitStore, plan: RowGroupPlan, config: ThresholdsConfig) -> dict[str, Any]:
+    """The threshold every filter uses: the absolute one, or the one its keep fraction picks."""
+    out: dict[str, Any] = {}
+    for rule in FILTERS:
+        fraction = config.fraction(rule)
+        entry: dict[str, Any] = {"keep": rule.keep, "keep_fraction": fraction,
+                                 "absolute": getattr(config, rule.threshold_param)}
+        if rule.name == "clip_score":
+            entry["enabled"] = config.clip_filter_on
+        if fraction is None:
+            entry.update(threshold=entry["absolute"], source=rule.threshold_param)
+        else:
+            chunks = functools.partial(_score_chunks, store, plan, rule)
+            n = sum(int((~np.isnan(c)).sum()) for c in chunks())
+            k = keep_count(fraction, n)
+            # No scored record at all: None, and nothing passes this filter.
+            threshold = kth_best(chunks, k) if k else None
+            entry.update(threshold=threshold, source=rule.fraction_param, scored=n, keep_count=k)
+        out[rule.name] = entry
+    return out
+
+
+def _thresholds_unit(run_root: str, plan_dict: dict, config: ThresholdsConfig, digest: str, _unit: int) -> dict[str, Any]:
+    store = CommitStore(run_root)
+    plan = RowGroupPlan(**plan_dict)
+    result = resolve(store, plan, config)
+    write_json(store.fs, store.path(STAGE, THRESHOLDS_FILE), {"digest": digest, "filters": result})
+    return {"thresholds": {name: e["threshold"] for name, e in result.items()}}
+
+
+def committed(store: CommitStore, digest: str | None = None) -> dict[str, Any] | None:
+    """The committed thresholds (``{"digest", "filters"}``) when they match the stage's current
+    fingerprint (or ``digest``); else None."""
+    digest = digest or (store.read_fingerprint(STAGE) or {}).get("digest")
+    data = read_json(store.fs, store.path(STAGE, THRESHOLDS_FILE)) if digest else None
+    return data if data and data.get("digest") == digest else None
+
+
+def thresholds_units(store: CommitStore) -> tuple[int, set[int]]:
+    """The step as units, for the UI: one unit, committed when ``thresholds.json`` matches."""
+    return 1, ({0} if committed(store) is not None else set())
+
+
+_CACHE: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def load_thresholds(store: CommitStore) -> dict[str, Any]:
+    """The committed ``{filter: {"threshold": t, "keep": ">=" | "<", ...}}`` of the run, cached
+    per process and fingerprint; a :class:`StorageError` naming the step when it has not run."""
+    digest = (store.read_fingerprint(STAGE) or {}).get("digest", "")
+    path = store.path(STAGE, THRESHOLDS_FILE)
+    hit = _CACHE.get(path)
+    if hit and hit[0] == digest:
+        return hit[1]
+    data = committed(store, digest)
+    if data is None:
+        raise StorageError(f"{path} is missing or was made for another configuration: run the thresholds step "
+                           "(task 'thresholds') first")
+    _CACHE[path] = (digest, data["filters"])
+    return data["filters"]
+
+
+def run_thresholds(
+    run_root: str, plan: RowGroupPlan, config: ThresholdsConfig, fingerprint: StageFingerprint, *,
+    backend: Literal["ray", "local"] = "ray", ray_address: str | None = None,
+    log: Callable[[str], None] | None = None, worker_cpus: float | None = None,
+) -> dict[str, Any]:
+    """Resolve and commit the run's thresholds in one unit (a Ray task: it reads every row
+    group's score columns); a no-op when committed for this fingerprint."""
+    from winnow.ray.units import run_units
+
+    say = log or (lambda _m: None)
+    store = CommitStore(run_root)
+    data = committed(store, fingerprint.digest)
+    if data is not None:
+        result = {name: e["threshold"] for name, e in data["filters"].items()}
+        say(f"thresholds: committed already {result}")
+        return {"thresholds": result, "computed": 0}
+    needs_scores = any(config.fraction(r) is not None for r in FILTERS)
+    if not needs_scores:  # absolute thresholds: nothing to read
+        result = _thresholds_unit(run_root, plan.to_dict(), config, fingerprint.digest, 0)
+    else:
+        fn = functools.partial(_thresholds_unit, run_root, plan.to_dict(), config, fingerprint.digest)
+        summary = run_units(STAGE, fn, [0], backend=backend, ray_address=ray_address,
+                            num_cpus=1 if backend == "ray" else None, log=say)
+        if summary.failed:
+            raise StorageError(f"thresholds failed: {summary.failed[0]}")
+        result = {k: v for k, v in summary.results[0].items() if k == "thresholds"}
+    say(f"thresholds: {json.dumps(result['thresholds'])}")
+    return {**result, "computed": 1}
+
+
+__all__ = ["FILTERS", "RULES", "FilterRule", "ThresholdsConfig", "keep_count", "kth_best", "load_thresholds",
+           "run_thresholds", "thresholds_units"]
+
