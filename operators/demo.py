@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         "buffer_size": args.buffer_size,
         "max_partitions": 4,
         **TINY_MODEL_PARAMS,
+        # The CLIP-score filter on: keep the best 80% of the captioned records by caption-image
+        # cosine (records without a caption are dropped as no_caption).
+        "clip_score_keep_fraction": 0.8,
     }
     db = home / "airflow.db"
     before = _last_run_pk(db)
@@ -91,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DAG run {run_id}: {state}; {time.perf_counter() - t0:.1f} s")
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        keys = ("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept",
-                "members_without_image", "row_groups", "row_groups_computed", "row_groups_skipped")
+        keys = ("records", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped", "no_caption",
+                "clip_score_dropped", "duplicates", "kept", "thresholds", "members_without_image", "row_groups",
+                "row_groups_computed", "row_groups_skipped")
         print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
         print(f"output:  {summary.get('write_dir')}")
+        print(f"status:  {run_root / 'status'} (one row per input record: outcome, reason, scores)")
         print(f"summary: {summary_path}")
     if run_id:
         _print_ui_command(out, home, run_id)
