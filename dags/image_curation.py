@@ -15,6 +15,7 @@ from airflow.sdk import DAG, Asset, Param, chain, task_group
 from operators.base import PARTITION_LABEL
 from operators.links import DAG_ID
 from operators.stages import BUCKET_LABEL, OPERATORS, ReportOperator
+from winnow.runkey import PATTERN as RUN_KEY_PATTERN
 from winnow.stages.registry import run_phases
 
 CURATED_IMAGES = Asset(name="winnow_curated_images", uri="winnow://image_curation/write", group="winnow")
@@ -91,7 +92,7 @@ PARAMS = {
         title="Output root", description="Run roots are created under it as <output_root>/<run_key>.",
     ),
     "run_key": Param(
-        None, type=["null", "string"], pattern=r"^[A-Za-z0-9._-]*$", title="Run key",
+        None, type=["null", "string"], pattern=RUN_KEY_PATTERN.replace("+$", "*$"), title="Run key",
         description="Names the run folder. Empty: the logical date as YYYYMMDD (or the run id).",
     ),
     "buffer_size": Param(256, type="integer", minimum=1, maximum=1_000_000, title="Buffer size",

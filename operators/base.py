@@ -7,7 +7,6 @@ file that uses these operators parses without loading torch, Ray or storage clie
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,13 +42,13 @@ AIRFLOW_PARAMS = frozenset({"ray_conn_id", "storage_conn_id"})
 
 
 def default_run_key(context: Mapping[str, Any]) -> str:
-    """``YYYYMMDD`` of the logical date, or the run id (path-safe) for runs without one."""
+    """``YYYYMMDD`` of the logical date, or the run id (path-safe) for runs without one
+    (:func:`winnow.runkey.default_run_key`)."""
+    from winnow.runkey import default_run_key as from_run
+
     dag_run = context.get("dag_run")
     logical_date = getattr(dag_run, "logical_date", None) or context.get("logical_date")
-    if logical_date is not None:
-        return logical_date.strftime("%Y%m%d")
-    run_id = getattr(dag_run, "run_id", None) or context.get("run_id") or "manual"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(run_id)).strip("_")
+    return from_run(logical_date, getattr(dag_run, "run_id", None) or context.get("run_id"))
 
 
 @contextmanager

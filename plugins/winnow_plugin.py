@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -24,13 +23,18 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.middleware.gzip import GZipMiddleware
 
 from operators.links import DAG_ID, PARTITION_VIEW_ROUTE, RUN_VIEW_ROUTE
+from winnow.runkey import default_run_key, run_key_of, run_key_problem
 from winnow.stages.registry import STAGES
 
 STATIC = Path(__file__).with_name("winnow_static")
 #: The only files /static serves (and their types): nothing else in the folder is reachable.
 ASSETS = {"winnow.js": "text/javascript", "winnow.css": "text/css"}
-RUN_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_RUN_ID = 250
+#: A run's storage connection is looked up once per this many seconds, not on every poll (the
+#: run view polls every 3 s); an edited connection is seen within it.
+CONN_CACHE_S = 30.0
+_CONN_CACHE: dict[str, tuple[float, Any]] = {}
+_CONN_LOCK = threading.Lock()
 #: Task id -> stage, for the "running" colour on the map (from the engine's stage registry).
 TASK_STAGES = {spec.task_id: spec.name for spec in STAGES}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -122,23 +126,13 @@ def run_root_of(run: dict[str, Any]) -> str | None:
     output_root = conf.get("output_root")
     if not isinstance(output_root, str) or not output_root:
         return None
-    run_key = conf.get("run_key")
-    if not run_key:
-        from operators.base import default_run_key
-
-        run_key = default_run_key({"dag_run": _RunForKey(run["logical_date"], run["run_id"])})
+    run_key = conf.get("run_key") or default_run_key(run["logical_date"], run["run_id"])
     return _checked(f"{output_root.rstrip('/')}/{run_key}")
 
 
-class _RunForKey:
-    def __init__(self, logical_date: Any, run_id: str) -> None:
-        self.logical_date, self.run_id = logical_date, run_id
-
-
 def _checked(run_root: str) -> str:
-    """A run root whose last part is a plain folder name (what CurationConfig allows)."""
-    key = run_root.rstrip("/").rsplit("/", 1)[-1]
-    if not RUN_KEY.match(key) or key in (".", ".."):
+    """A run root whose last part is a valid run key (winnow.runkey: what CurationConfig allows)."""
+    if run_key_problem(run_key_of(run_root)):
         raise HTTPException(status_code=400, detail=f"run root {run_root!r} does not end in a valid run key")
     return run_root
 
@@ -166,11 +160,20 @@ def _use_run_storage(run: dict[str, Any]) -> None:
     from operators.storage import options_from_connection
     from winnow.rowgroups.fs import use_context_storage
 
+    now = time.monotonic()
+    with _CONN_LOCK:
+        hit = _CONN_CACHE.get(str(conn_id))
+    if hit is not None and now - hit[0] < CONN_CACHE_S:
+        use_context_storage(hit[1])
+        return
     try:
         conn = Connection.get_connection_from_secrets(str(conn_id))
     except AirflowNotFoundException as exc:
         raise HTTPException(status_code=404, detail=f"the run's storage_conn_id {conn_id!r} is no Airflow connection") from exc
-    use_context_storage(options_from_connection(str(conn_id), conn))
+    options = options_from_connection(str(conn_id), conn)
+    with _CONN_LOCK:
+        _CONN_CACHE[str(conn_id)] = (now, options)
+    use_context_storage(options)
 
 
 def _plan(run_root: str):

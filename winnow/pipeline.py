@@ -128,8 +128,10 @@ class CurationConfig:
     def validate(self) -> None:
         """Fail fast, before any GPU work, with every problem a user must fix listed at once."""
         problems: list[str] = []
-        if not isinstance(self.run_key, str) or "/" in self.run_key.strip("/") or self.run_key in (".", ".."):
-            problems.append(f"run_key must be a single folder name, got {self.run_key!r}")
+        from winnow.runkey import run_key_problem
+
+        if run_key_problem(self.run_key):
+            problems.append(run_key_problem(self.run_key))
         model_ok = True
         try:
             _ = self.model_spec  # resolving it checks the model name and weights

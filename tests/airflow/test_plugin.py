@@ -279,3 +279,28 @@ def test_the_gallery_filters_and_explains_every_outcome_and_the_page_lists_them(
     assert re.findall(r'<option value="(\w+)">', html) == list(OUTCOMES)
     for element in ('id="hist-clip"', 'id="fa"', 'id="fc"'):
         assert element in html
+
+
+def test_the_runs_storage_connection_is_looked_up_once_per_cache_period_not_per_poll(airflow_db, monkeypatch):
+    """The run view polls every 3 s: the connection (a metadata-DB read) is looked up once per
+    ``CONN_CACHE_S``, then again after it, so an edited connection is seen within it. (A spy
+    counts the real lookups.)"""
+    from airflow.models.connection import Connection
+
+    plugin = importlib.import_module("winnow_plugin")
+    conn = Connection(conn_id="winnow_cache_probe", conn_type="aws", login="AKIDPROBE", password="probe-secret",
+                      extra=json.dumps({"endpoint_url": "http://127.0.0.1:9"}))
+    calls = []
+    monkeypatch.setattr(Connection, "get_connection_from_secrets",
+                        classmethod(lambda cls, conn_id: calls.append(conn_id) or conn))
+    clock = [1000.0]
+    monkeypatch.setattr(plugin.time, "monotonic", lambda: clock[0])
+    plugin._CONN_CACHE.clear()
+    run = {"conf": {"storage_conn_id": "winnow_cache_probe"}}
+    for _ in range(5):
+        plugin._use_run_storage(run)
+        clock[0] += 3
+    assert calls == ["winnow_cache_probe"]
+    clock[0] += plugin.CONN_CACHE_S
+    plugin._use_run_storage(run)
+    assert calls == ["winnow_cache_probe"] * 2
