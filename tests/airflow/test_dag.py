@@ -45,7 +45,7 @@ def test_dag_file_parses_without_engine_imports():
     assert probe["seconds"] < 5, probe
     # Only the engine's stage registry (pure Python) is read at parse time: neither the engine's
     # compute nor Ray, torch or storage clients are loaded.
-    assert probe["heavy"] == ["winnow", "winnow.stages", "winnow.stages.registry"], probe["heavy"]
+    assert probe["heavy"] == ["winnow", "winnow.runkey", "winnow.stages", "winnow.stages.registry"], probe["heavy"]
 
 
 def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_report(curation_dag):
