@@ -30,7 +30,8 @@ from winnow.stages.registry import partition_stages  # noqa: E402
 RUNNER_STAGES = tuple(s.name for s in partition_stages())  # the stages the row-group runner commits
 #: Summary fields a recovered run must share with the reference.
 COUNTS = (
-    "records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept", "written",
+    "records", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped", "no_caption",
+    "clip_score_dropped", "duplicates", "kept", "written", "thresholds", "skipped_members",
     "members_without_image", "duplicate_keys", "shards", "bad_shards", "zero_byte_shards",
     "row_groups", "partitions",
 )
@@ -181,11 +182,23 @@ def assert_untouched(before: dict[str, tuple[int, int]], run_root: str) -> None:
 
 
 def assert_same_as_reference(run_root: str, summary: dict[str, Any], reference: Reference, *, counts=COUNTS) -> None:
-    """Same kept keys, the same bytes in every output tar, the same outcome counts."""
+    """Same kept keys, the same bytes in every output tar, the same outcome counts, the same
+    status row (outcome, reason, scores) for every input."""
+    from winnow.stages.status import iter_status
+
     got = RunOutput.of(run_root)
     assert got.kept_keys == reference.output.kept_keys
     assert got.tars == reference.output.tars
     assert {k: summary[k] for k in counts} == {k: reference.summary[k] for k in counts}
+
+    def status(root: str, input_uri: str) -> list[dict[str, Any]]:
+        # Shard paths (and reasons naming them) relative to the run's input folder.
+        def rel(v: Any) -> Any:
+            return v.replace(input_uri.rstrip("/"), "<input>") if isinstance(v, str) else v
+
+        return [{k: rel(v) for k, v in r.items()} for t in iter_status(root) for r in t.to_pylist()]
+
+    assert status(run_root, summary["config"]["input_uri"]) == status(reference.cfg.run_root, reference.cfg.input_uri)
 
 
 def clone_run(reference: Reference, run_key: str, *, drop: tuple[str, ...] = ()) -> CurationConfig:

@@ -102,6 +102,20 @@ def test_task_process_sigkilled_right_after_a_commit_by_kill_task_hook_resumes(s
     assert_same_as_reference(cfg.run_root, summary, reference)
 
 
+@pytest.mark.parametrize("stage", ["clip_score", "status"])
+def test_task_sigkilled_in_the_clip_score_or_status_stage_resumes_with_every_count_exact(sample, reference, tmp_path, stage):
+    cfg = sample.config(f"kill-{stage}")
+    fault = {"stage": stage, "row_groups": [2], "mode": "kill_task", "once_dir": str(tmp_path / "once")}
+    proc = run_child({"cfg": cfg.to_dict(), "call": "run_all", "owner": "nightly-1"}, env={ENV_VAR: json.dumps(fault)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert CommitStore(cfg.run_root).completed(stage, 1) == {2}  # killed right after rg 2 committed
+    before = committed_files(cfg.run_root)
+    summary = run_all(cfg, backend="local", owner="nightly-1")
+    assert summary["row_groups_by_stage"][stage] == {"computed": 5, "skipped": 3}
+    assert_untouched(before, cfg.run_root)
+    assert_same_as_reference(cfg.run_root, summary, reference)
+
+
 def test_task_process_sigkilled_while_hanging_inside_a_commit_leaves_no_partial_file(sample, reference, tmp_path):
     cfg = clone_run(reference, "hang-in-commit", drop=("write",))
     marker = tmp_path / "inside-commit"
