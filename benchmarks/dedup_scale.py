@@ -11,8 +11,9 @@ local Ray head: ``centroids`` (one Ray task), ``assign`` (row-group stage, per p
 ``pairwise`` (one Ray task per bucket), ``dedup`` (row-group stage). Measured: wall time of each
 step, peak RSS of each step's task process (``ru_maxrss``), peak RSS of the biggest Ray worker
 while the step ran (psutil, sampled every 0.2 s), duplicates found vs planted pairs whose two
-members both passed the filters. ``--reference`` also runs today's single-process ``run_dedup``
-(all candidates in one process) on the same run, in its own process, same config.
+members both passed the filters. ``--reference`` also runs the single-process ``run_dedup`` of
+``tests/_reference/dedup.py`` (all candidates in one process: the tests' oracle) on the same run,
+in its own process, same config.
 
     python benchmarks/dedup_scale.py --records 1000000 --reference --json /tmp/winnow-bench/dedup_1m.json
 
@@ -104,7 +105,7 @@ run_root, step = spec["run_root"], spec["step"]
 t0 = time.perf_counter()
 out = {}
 if step == "reference":
-    from winnow.stages.dedup import run_dedup
+    from tests._reference.dedup import run_dedup  # the test oracle (argv[1], the repo root, is on sys.path)
     out = run_dedup(run_root, plan, cfg)
 else:
     import ray

@@ -2,7 +2,8 @@
 
 Writes ``--shards`` tar shards of ``--per-shard`` records each (a small jpg-named member and a
 ``.txt`` per record: the index reads tar headers only, so payload size does not matter), then
-indexes them into fresh run roots: ``serial`` (this process) and ``ray`` (an embedded local Ray,
+indexes them into fresh run roots: ``serial`` (this process: the serial reference the tests
+check ``build_index`` against, ``tests/_reference/index.py``) and ``ray`` (an embedded local Ray,
 started before the clock; with ``WINNOW_RAY_EMBEDDED=shared`` it attaches to the shared local
 head). Alternates serial, ray, serial, ray...; reports records/s per run and the median, with
 the load average at the start of each run.
@@ -74,7 +75,8 @@ def main() -> int:
     ap.add_argument("--buffer-size", type=int, default=4096)
     ap.add_argument("--work", default="/tmp/winnow-bench/index_scale")
     ap.add_argument("--backends", default="serial,ray",
-                    help="comma list of build_index backends: serial, ray, local (the parallel algorithm in this process)")
+                    help="comma list of: serial (the tests' serial reference), ray, local (build_index's backends; "
+                         "local: the parallel algorithm in this process)")
     ap.add_argument("--json")
     ap.add_argument("--s3", action="store_true",
                     help="read the shards from, and write the run roots to, a local S3 endpoint (moto, as the tests use)")
@@ -82,6 +84,7 @@ def main() -> int:
     args = ap.parse_args()
     apply_smoke(args, shards=3, per_shard=4, runs=1, buffer_size=4, work=None, backends="serial,local")
 
+    from tests._reference.index import build_index_serial  # the repo root is on sys.path (_common)
     from winnow.data.index import IndexConfig, build_index
     from winnow.ray.cluster import connect
 
@@ -114,7 +117,10 @@ def main() -> int:
                 shutil.rmtree(root, ignore_errors=True)
                 load = [round(x, 2) for x in os.getloadavg()]
                 t0 = time.perf_counter()
-                result = build_index(root, config, backend=backend)
+                if backend == "serial":
+                    result = build_index_serial(root, config)
+                else:
+                    result = build_index(root, config, backend=backend)
                 seconds = time.perf_counter() - t0
                 run = {"seconds": round(seconds, 2), "records_per_s": round(result.num_records / seconds),
                        "load_at_start": load}

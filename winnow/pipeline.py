@@ -20,7 +20,7 @@ from winnow.ray.resources import Compute, resolve_compute
 from winnow.ray.results import PartitionSummary
 from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, lease
-from winnow.rowgroups.store import write_json
+from winnow.rowgroups.store import stage_fingerprint, write_json
 from winnow.stages.registry import STAGES, partition_stages, run_phases, stage_spec
 
 if TYPE_CHECKING:
@@ -197,20 +197,15 @@ def make_stage(cfg: CurationConfig, name: str) -> Stage:
 
 
 def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan) -> dict[str, StageFingerprint]:
-    """Fingerprints of every stage after the index, each chained to the stages it reads."""
+    """Fingerprints of every stage after the index, each chained to the stages it reads: the
+    index's stored digest (``""`` before the index is recorded), then the digests of this
+    chain, so a changed stage changes every stage after it before anything is recorded."""
     store = CommitStore(cfg.run_root)
-    index_fp = store.read_fingerprint("index") or {}
-    digests = {"index": index_fp.get("digest", "")}
+    digests = {"index": (store.read_fingerprint("index") or {}).get("digest", "")}
     out: dict[str, StageFingerprint] = {}
     for spec in STAGES[1:]:
         owner = make_stage(cfg, spec.name) if spec.scope == "partition" else cfg.stage_config(spec.name)
-        f = StageFingerprint(
-            stage=spec.name,
-            config=owner.fingerprint_config(),
-            upstream={u: digests[u] for u in spec.upstream},
-            num_records=plan.num_records,
-            buffer_size=plan.buffer_size,
-        )
+        f = stage_fingerprint(store, spec.name, owner, plan, digests=digests)
         digests[spec.name] = f.digest
         out[spec.name] = f
     return out
@@ -344,11 +339,6 @@ def run_partition(
     )
 
 
-def _check_step(cfg: CurationConfig, plan: RowGroupPlan, stage: str) -> None:
-    # Never overwrite here: prepare_stages did that once for the run.
-    CommitStore(cfg.run_root).ensure_stage(stage_fingerprints(cfg, plan)[stage], overwrite=False)
-
-
 def run_centroids(
     cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
     ray_address: str | None = None, backend: Backend = "ray",
@@ -362,8 +352,8 @@ def run_centroids(
 
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
-    _check_step(cfg, plan, "centroids")
     resolve_compute(compute, ray_address)
+    # The step checks its fingerprint itself (never overwriting: prepare_stages did that once).
     result = centroids(cfg.run_root, plan, cfg.dedup_config(), backend=backend, ray_address=ray_address, log=log,
                        worker_cpus=worker_cpus, worker_gpus=worker_gpus)
     return {**result, "bucket_list": list(range(result["buckets"]))}
@@ -382,8 +372,8 @@ def run_buckets(
         raise ConfigError(f"stage {stage!r} is not mapped over buckets")
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
-    _check_step(cfg, plan, stage)
     resolve_compute(compute, ray_address)
+    # The stage's compute checks its fingerprint itself (never overwriting: prepare_stages did).
     return spec.load()(cfg.run_root, plan, cfg.stage_config(stage), buckets, backend=backend,
                        ray_address=ray_address, log=log, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
 

@@ -280,7 +280,7 @@ def test_rerun_scans_no_shard_and_commits_only_missing_row_groups(corrupt_sample
     # Lose one row group and one shard scan: exactly those are redone.
     store = CommitStore(run_root)
     os.unlink(store.row_group_path("index", first.plan.partition_of(3), 3))
-    os.unlink(next(p for p in scan_files if p.endswith("s000001.parquet")))
+    os.unlink(next(p for p in scan_files if p.endswith(f"{os.sep}g000001.parquet")))  # one shard per group
     third = build_index(run_root, config)
     assert (third.shards_scanned, third.row_groups_committed) == (1, 1)
     assert _all_rows(run_root).equals(rows_first)

@@ -1,5 +1,6 @@
 """The parallel index (shard groups, key partitions and row groups as Ray tasks, record ids by
-prefix sums) against the serial index: the same rows and counts, the same bad shard named."""
+prefix sums) against the serial index (the reference, ``tests/_reference/index.py``): the same
+rows and counts, the same bad shard named."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pyarrow as pa
 import pytest
 
+from tests._reference.index import build_index_serial
 from tests.data._shards import write_tar
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index, read_skipped
 from winnow.data.sample import generate_sample
@@ -42,7 +44,7 @@ def shards(tmp_path_factory) -> str:
 @pytest.mark.parametrize("group_size", [1, 2, None])
 def test_parallel_index_equals_the_serial_index_row_for_row(shards, tmp_path, group_size):
     config = IndexConfig(input_uri=shards, buffer_size=4, max_partitions=3, skip_bad_shards=True)
-    serial = build_index(str(tmp_path / "serial"), config)
+    serial = build_index_serial(str(tmp_path / "serial"), config)
     parallel = build_index(str(tmp_path / "par"), config, backend="local", group_size=group_size)
     assert _rows(str(tmp_path / "par")).equals(_rows(str(tmp_path / "serial")))
     assert parallel.counts == serial.counts and parallel.plan == serial.plan
@@ -60,7 +62,7 @@ def test_parallel_index_on_ray_equals_the_serial_index(shards, tmp_path):
 
     connect(None)
     config = IndexConfig(input_uri=shards, buffer_size=5, max_partitions=4, skip_bad_shards=True)
-    serial = build_index(str(tmp_path / "serial"), config)
+    serial = build_index_serial(str(tmp_path / "serial"), config)
     parallel = build_index(str(tmp_path / "par"), config, backend="ray", group_size=2)
     assert _rows(str(tmp_path / "par")).equals(_rows(str(tmp_path / "serial")))
     assert parallel.counts == serial.counts
@@ -69,7 +71,7 @@ def test_parallel_index_on_ray_equals_the_serial_index(shards, tmp_path):
 def test_a_bad_shard_fails_both_naming_the_same_first_bad_shard(shards, tmp_path):
     config = IndexConfig(input_uri=shards, buffer_size=4)
     with pytest.raises(ShardError) as serial:
-        build_index(str(tmp_path / "serial"), config)
+        build_index_serial(str(tmp_path / "serial"), config)
     with pytest.raises(ShardError) as parallel:
         build_index(str(tmp_path / "par"), config, backend="local", group_size=3)
     assert parallel.value.shard == serial.value.shard and serial.value.shard in str(parallel.value)
@@ -95,3 +97,13 @@ def test_rerun_scans_nothing_and_a_lost_group_or_row_group_is_redone_alone(shard
     third = build_index(run_root, config, backend="local", group_size=3)
     assert (third.shards_scanned, third.row_groups_committed) == (3, 1)
     assert _rows(run_root).equals(rows) and third.counts == first.counts
+
+
+def test_build_index_runs_the_parallel_algorithm_only(shards, tmp_path):
+    config = IndexConfig(input_uri=shards, buffer_size=4, max_partitions=3, skip_bad_shards=True)
+    with pytest.raises(ValueError, match="'ray'.*'local'.*'serial'"):
+        build_index(str(tmp_path / "run"), config, backend="serial")
+    assert not (tmp_path / "run").exists()  # refused before any I/O
+    build_index(str(tmp_path / "run"), config)  # the default: the parallel algorithm in this process
+    (digest,) = os.listdir(tmp_path / "run" / SCAN_DIR)
+    assert any(name.startswith("v2-g") for name in os.listdir(tmp_path / "run" / SCAN_DIR / digest))

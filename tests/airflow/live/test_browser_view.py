@@ -4,8 +4,10 @@ through the system chromedriver; `.ci/browser` installs both) against the packag
 partition 1's write failing (the package's ``failed_run``, before the REST tests clear it).
 
 Logs in through Airflow's own login form, opens the run's "Curation" tab, and checks what a user
-would see: the failed row groups on the map, thumbnails that load, histograms that draw. A
-screenshot of each view is saved under ``$WINNOW_TEST_ARTIFACTS`` (default ``test-artifacts/``).
+would see: the failed row groups on the map, thumbnails that load, histograms that draw. The
+screenshot of each view is the README's: written to ``docs/img/`` (``$WINNOW_SCREENSHOTS`` to put
+them elsewhere) on every run, so the README shows today's UI; a failure's screenshot goes under
+``$WINNOW_TEST_ARTIFACTS`` (default ``test-artifacts/``).
 A user without access to the DAG gets 403.
 """
 
@@ -26,6 +28,8 @@ from tests.airflow.live.conftest import OUTSIDER
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ARTIFACTS = Path(os.environ.get("WINNOW_TEST_ARTIFACTS", str(REPO / "test-artifacts")))
+#: The README's screenshots: regenerated from the current UI by this test.
+SCREENSHOTS = Path(os.environ.get("WINNOW_SCREENSHOTS", str(REPO / "docs" / "img")))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -75,8 +79,8 @@ def _wait(driver, predicate, what: str, timeout: float = 60):
 
 
 def _shot(driver, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / name
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
     driver.save_screenshot(str(path))
     return path
 
