@@ -33,7 +33,6 @@ fills the cache.
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,10 +43,9 @@ import pyarrow.fs as pafs
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.rowgroups.failures import FAILED_SUFFIX, read_failure
 from winnow.rowgroups.fs import read_small
-from winnow.rowgroups.store import STAGE_FILE, TEMP_MARK, read_json
+from winnow.rowgroups.store import STAGE_FILE, TEMP_MARK, parse_partition_folder, parse_row_group_name, read_json
 
 COMMITTED, FAILED, PENDING = "c", "f", "."
-_FILE = re.compile(r"^rg(\d{9})(\.parquet|" + re.escape(FAILED_SUFFIX) + r")$")
 #: Failure texts sent per stage; the map still marks every failed row group.
 MAX_ERRORS_PER_STAGE = 200
 #: At most this many (run root, stage, fingerprint, plan) keys keep their settled partitions.
@@ -159,20 +157,21 @@ def _collect(infos: list[pafs.FileInfo], stage_folder: str, plan: RowGroupPlan, 
         name = path[slash + 1:]
         if not name.startswith("rg") or TEMP_MARK in name:
             continue
-        m = _FILE.match(name)
-        if not m:
+        parsed = parse_row_group_name(name)
+        if not parsed or parsed[1] not in (".parquet", FAILED_SUFFIX):
             continue
         up = path.rfind("/", 0, slash)
         folder = path[up + 1:slash]
-        if not (folder.startswith("p") and folder[1:].isdigit()):
+        p = parse_partition_folder(folder)
+        if p is None:
             continue
-        rg, p = int(m.group(1)), int(folder[1:])
-        if folder != f"p{p:05d}" or path[path.rfind("/", 0, up) + 1:up] != stage_folder:
+        rg = parsed[0]
+        if path[path.rfind("/", 0, up) + 1:up] != stage_folder:
             continue  # not <stage>/p<partition>/ (e.g. a copy moved aside inside the stage folder)
         # Only row groups in the partition the plan puts them in (p*G//P <= rg < (p+1)*G//P).
         if not (p < parts and p * g // parts <= rg < (p + 1) * g // parts):
             continue
-        if m.group(2) == ".parquet":
+        if parsed[1] == ".parquet":
             states[rg] = c
             t = info.mtime_ns
             if t is not None:

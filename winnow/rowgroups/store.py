@@ -35,7 +35,26 @@ from winnow.rowgroups.fs import (
 
 STAGE_FILE = "_stage.json"
 TEMP_MARK = ".tmp-"
-_ROW_GROUP_FILE = re.compile(r"^rg(\d{9})\.parquet$")
+_ROW_GROUP_FILE = re.compile(r"^rg(\d{9})(\..+)$")
+_PARTITION_FOLDER = re.compile(r"^p(\d{5})$")
+
+
+def parse_row_group_name(name: str) -> tuple[int, str] | None:
+    """``(row_group, suffix)`` of a row-group file's name (``rg000000012.parquet`` ->
+    ``(12, ".parquet")``), None for any other name: the layout :meth:`CommitStore.row_group_path`
+    writes, parsed in this one place.
+
+    >>> parse_row_group_name("rg000000012.parquet"), parse_row_group_name("rg12.parquet")
+    ((12, '.parquet'), None)
+    """
+    m = _ROW_GROUP_FILE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def parse_partition_folder(name: str) -> int | None:
+    """The partition of a partition folder's name (``p00003`` -> 3), None for any other name."""
+    m = _PARTITION_FOLDER.match(name)
+    return int(m.group(1)) if m else None
 #: Folders a stage had in earlier versions; a run root that still has one is read (and
 #: resumed) in place. The write stage's folder was ``output`` before it was named ``write``.
 LEGACY_FOLDERS = {"write": "output"}
@@ -298,9 +317,9 @@ class CommitStore:
                     except FileNotFoundError:
                         pass
                 continue
-            m = _ROW_GROUP_FILE.match(name)
-            if m and info.type == pafs.FileType.File:
-                done.add(int(m.group(1)))
+            parsed = parse_row_group_name(name)
+            if parsed and parsed[1] == ".parquet" and info.type == pafs.FileType.File:
+                done.add(parsed[0])
         return done
 
     def missing(self, stage: str, plan: Any, partition: int, *, clean_temp: bool = True) -> list[int]:
