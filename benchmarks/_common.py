@@ -111,6 +111,20 @@ SMOKE_HELP = ("seconds, tiny data: check that the script still runs against toda
               "runs every benchmark this way); its figures mean nothing")
 
 
+#: The token of a running Ray head a script attaches to (``--ray-address``), never on the
+#: command line.
+RAY_TOKEN_ENV = "WINNOW_BENCH_RAY_TOKEN"
+
+
+def add_ray_head(ap, *, jobs: bool = False) -> None:
+    """``--ray-address`` (and with ``jobs``, ``--ray-url``): attach to a running Ray head with token
+    auth (token in ``$WINNOW_BENCH_RAY_TOKEN``) instead of starting one, as the test suite's smoke
+    runs do with its one shared head. A measurement starts its own."""
+    ap.add_argument("--ray-address", help=f"GCS address of a running Ray head to attach to (token in ${RAY_TOKEN_ENV})")
+    if jobs:
+        ap.add_argument("--ray-url", help="that head's dashboard URL (its Jobs API); needed with --ray-address")
+
+
 def add_smoke(ap) -> None:
     """The ``--smoke`` flag every benchmark script has (``tests/benchmarks/test_smoke.py`` runs it)."""
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)

@@ -47,12 +47,13 @@ def generate(run_root: str, n: int, buffer_size: int, max_partitions: int, centr
     import pyarrow as pa
 
     from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
-    from winnow.schemas import AESTHETIC, NSFW, embed_schema
+    from winnow.schemas import AESTHETIC, CLIP_SCORE, INDEX, NSFW, embed_schema
     from winnow.stages.embedding_io import embedding_array
 
     plan = RowGroupPlan(n, buffer_size, max_partitions)
     store = CommitStore(run_root)
-    for stage, config in (("embed", {"synthetic": seed}), ("aesthetic", {"synthetic": seed}), ("nsfw", {"synthetic": seed})):
+    for stage in ("index", "embed", "aesthetic", "nsfw", "clip_score"):
+        config = {"synthetic": seed}
         store.ensure_stage(StageFingerprint(stage=stage, config=config, num_records=n, buffer_size=buffer_size))
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centres, D)).astype(np.float32)
@@ -80,12 +81,27 @@ def generate(run_root: str, n: int, buffer_size: int, max_partitions: int, centr
             "embedding": embedding_array(x.astype(np.float16)), "error": pa.nulls(hi - lo, pa.string())},
             schema=embed_schema(D)))
         ka, kn = keep_a[lo:hi], keep_n[lo:hi]
+        # The index rows the outcome rule reads (record ids, keys, exact-duplicate marks: none).
+        index_cols = {name: pa.nulls(hi - lo, INDEX.field(name).type) for name in INDEX.names}
+        index_cols.update(record_id=ids, key=pa.array([f"{i:09d}" for i in range(lo, hi)]),
+                          uid=pa.array([f"{i:032x}" for i in range(lo, hi)]))
+        store.commit_table("index", p, rg, pa.table(index_cols, schema=INDEX))
+        # Scores that pass or fail the default thresholds (aesthetic >= 5, nsfw < 0.5).
         store.commit_table("aesthetic", p, rg, pa.table({
-            "record_id": ids, "aesthetic_score": pa.array(np.where(ka, 6.0, 4.0), pa.float32()),
-            "aesthetic_keep": pa.array(ka)}, schema=AESTHETIC))
+            "record_id": ids, "aesthetic_score": pa.array(np.where(ka, 6.0, 4.0), pa.float32())}, schema=AESTHETIC))
         store.commit_table("nsfw", p, rg, pa.table({
-            "record_id": ids, "nsfw_score": pa.array(np.where(kn, 0.1, 0.9), pa.float32()),
-            "nsfw_keep": pa.array(kn)}, schema=NSFW))
+            "record_id": ids, "nsfw_score": pa.array(np.where(kn, 0.1, 0.9), pa.float32())}, schema=NSFW))
+        store.commit_table("clip_score", p, rg, pa.table({
+            "record_id": ids, "clip_score": pa.nulls(hi - lo, pa.float32()),
+            "has_caption": pa.array(np.zeros(hi - lo, bool))}, schema=CLIP_SCORE))
+    # The thresholds step over those scores (the defaults: the CLIP-score filter off).
+    from winnow.rowgroups.store import stage_fingerprint
+    from winnow.stages.thresholds import ThresholdsConfig, run_thresholds
+
+    tconfig = ThresholdsConfig()
+    fingerprint = stage_fingerprint(store, "thresholds", tconfig, plan)
+    store.ensure_stage(fingerprint, overwrite=True)
+    run_thresholds(run_root, plan, tconfig, fingerprint, backend="local")
     both = (keep_a & keep_n)[slots].all(axis=1)
     return {"plan": plan.to_dict(), "planted_pairs": planted, "findable_pairs": int(both.sum()),
             "candidates": int((keep_a & keep_n).sum()), "pairs": slots[both].tolist()}

@@ -8,6 +8,9 @@ occupies an Airflow worker: ``execute`` plus, in job mode, ``execute_complete`` 
 in between holds no slot). Airflow's own per-try overhead (the same in both modes) is outside.
 
     python benchmarks/job_mode_slots.py --runs 1 --json /tmp/winnow-bench/job_slots.json
+
+``--ray-address``/``--ray-url`` (token in ``$WINNOW_BENCH_RAY_TOKEN``) use a running head with its
+job server instead of starting one (the test suite's smoke run: its shared head).
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", help="write the raw figures here")
-    from benchmarks._common import add_smoke, apply_smoke
+    from benchmarks._common import RAY_TOKEN_ENV, add_ray_head, add_smoke, apply_smoke
 
+    add_ray_head(ap, jobs=True)
     add_smoke(ap)
     args = ap.parse_args()
+    if args.ray_address and not (args.ray_url and os.environ.get(RAY_TOKEN_ENV)):
+        ap.error(f"--ray-address needs --ray-url and ${RAY_TOKEN_ENV}")
     apply_smoke(args, runs=1)  # one job-mode and one driver-mode DAG run of 12 records: its smallest form
     os.environ.setdefault("WINNOW_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="winnow-bench-airflow-"))
     from tests.airflow.conftest import airflow_cli  # sets the Airflow environment first
@@ -67,7 +73,11 @@ def main() -> int:
                 slots[(self.task_id, context["ti"].map_index)] += time.perf_counter() - t0
         return wrapper
 
-    started = start_job_head(root)
+    if args.ray_address:  # a running head: attached to, left running
+        started = {"head": None, "token": os.environ[RAY_TOKEN_ENV], "url": args.ray_url,
+                   "address": args.ray_address}
+    else:
+        started = start_job_head(root)
     results: dict[str, list[dict]] = {"job": [], "driver": []}
     load = os.getloadavg()
     try:
@@ -98,7 +108,8 @@ def main() -> int:
                     print(mode, results[mode][-1], flush=True)
                 ray.shutdown()
     finally:
-        cluster.stop_head(started["head"], timeout_s=15)
+        if started["head"] is not None:
+            cluster.stop_head(started["head"], timeout_s=15)
     phases = [j for run in results["job"] for j in run.get("jobs", [])]
     summary = {mode: {"slot_s_median": statistics.median(x["slot_s_per_partition"] for x in runs),
                       "wall_s_median": statistics.median(x["wall_s"] for x in runs), "runs": runs}

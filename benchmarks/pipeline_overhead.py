@@ -11,6 +11,8 @@ decode+embed (an actor with ``EmbedStage.embed_images``) -> both heads -> materi
 same ``find_duplicates`` -> write one tar per block plus Parquet. Each run is a fresh process
 with a fresh run root, run in the order a, b, a, b, ...; a/b is the ratio of medians.
 Both sides pay their own Ray start and model load; Python imports are outside the timing.
+``--ray-address`` (token in ``$WINNOW_BENCH_RAY_TOKEN``) attaches both to a running head instead
+(the test suite's smoke run, on its shared head): then no Ray start is timed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,20 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO, TINY_CURATION, Timer, add_smoke, apply_smoke, describe, ensure_sample, machine, median, run_json_child  # noqa: E402, E501
+from _common import (  # noqa: E402
+    RAY_TOKEN_ENV,
+    REPO,
+    TINY_CURATION,
+    Timer,
+    add_ray_head,
+    add_smoke,
+    apply_smoke,
+    describe,
+    ensure_sample,
+    machine,
+    median,
+    run_json_child,
+)
 
 
 def curation_params(args: argparse.Namespace, input_dir: str, output_root: str, run_key: str) -> dict:
@@ -40,6 +55,22 @@ def curation_params(args: argparse.Namespace, input_dir: str, output_root: str, 
         "batch_size": args.batch_size,
         **TINY_CURATION,
     }
+
+
+#: The ``--ray-address`` handed to the Ray Data child (the DAG child gets ``ray_default`` instead).
+ATTACH_ENV = "WINNOW_BENCH_RAY_ADDRESS"
+
+
+def attach_env(variant: str, address: str | None) -> dict[str, str]:
+    """What a child needs to attach to a running head (``--ray-address``) instead of starting its
+    own Ray: the DAG's tasks a ``ray_default`` connection in driver mode (token as its password),
+    the Ray Data script the address and the token (Ray reads it when it is imported)."""
+    if not address:
+        return {}
+    if variant == "ray":
+        return {ATTACH_ENV: address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ[RAY_TOKEN_ENV]}
+    conn = {"conn_type": "ray", "host": address, "password": os.environ[RAY_TOKEN_ENV], "extra": {"mode": "driver"}}
+    return {"AIRFLOW_CONN_RAY_DEFAULT": json.dumps(conn)}
 
 
 # ---- (a) the DAG -----------------------------------------------------------------------------
@@ -243,7 +274,10 @@ def child_ray(params: dict) -> dict:
     phases: dict[str, float] = {}
     t_all = time.perf_counter()
     with Timer() as t:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+        if os.environ.get(ATTACH_ENV):  # a running head (--ray-address; token auth set by attach_env)
+            ray.init(address=os.environ[ATTACH_ENV], configure_logging=False)
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -314,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", choices=("dag", "ray"), help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
+    add_ray_head(ap)
     add_smoke(ap)
     args = ap.parse_args(argv)
     apply_smoke(args, images=16, shards=2, buffer_size=8, max_partitions=1, batch_size=8, runs=1, workdir=None)
+    if args.ray_address and not os.environ.get(RAY_TOKEN_ENV):
+        ap.error(f"--ray-address needs ${RAY_TOKEN_ENV}")
 
     if args.child:
         params = json.loads(args.params)
@@ -344,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in ("dag", "ray"):  # interleaved: a, b, a, b, ...
             params = curation_params(args, input_dir, str(runs_root), f"{variant}{i}")
             r = run_json_child([__file__, "--child", variant, "--params", json.dumps(params)],
-                               env=env if variant == "dag" else {"RAY_USAGE_STATS_ENABLED": "0"})
+                               env={**(env if variant == "dag" else {"RAY_USAGE_STATS_ENABLED": "0"}),
+                                    **attach_env(variant, args.ray_address)})
             print(f"run {i} {variant}: {r['seconds']:.1f} s, kept {r['kept']}", flush=True)
             results[variant].append(r)
             shutil.rmtree(Path(runs_root) / params["run_key"], ignore_errors=True)

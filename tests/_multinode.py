@@ -16,6 +16,12 @@ One cluster per test module or package::
     cluster = multinode_fixture(workers=(2, 2))                  # module scope
     cluster = multinode_fixture(workers=(2,), dashboard=True, scope="package")
 
+or, for the suite's multi-node modules, the one cluster of the whole session (``SHARED_WORKERS``,
+dashboard and Jobs API on; started on first use by ``tests/conftest.py``, stopped at the end)::
+
+    from tests._multinode import shared_multinode_fixture
+    cluster = shared_multinode_fixture()   # module scope: its shape restored, its driver detached after
+
 A test then attaches with ``cluster.connect()`` (or hands ``cluster.address`` /
 ``cluster.dashboard_url`` and ``cluster.token`` to the code under test), adds nodes with
 ``cluster.add_node(num_cpus=...)``, and loses one with ``cluster.kill_node(node)``.
@@ -53,13 +59,17 @@ FAST_HEALTH_CHECKS = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
 }
-#: Env prefixes of the caller's shell that never reach the cluster's processes.
-DROPPED_PREFIXES = ("RAY_", "WINNOW_TEST_", "WINNOW_RAY_")
+#: Env prefixes of the caller's shell that never reach the cluster's processes (``AWS_``: a
+#: cluster has no object-store credentials of its own; the S3 job-mode tests rely on that).
+DROPPED_PREFIXES = ("RAY_", "WINNOW_TEST_", "WINNOW_RAY_", "AWS_")
 NODE_START_TIMEOUT_S = 300  # seen > 120 s for a head at load 15-20 on 2 cores
+#: The session's shared cluster (``shared_multinode_fixture``): a 0-CPU head and two worker
+#: nodes of 2 CPUs, so the cluster's sum (4) is more than any node holds.
+SHARED_WORKERS = (2, 2)
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without any ``RAY_*`` / winnow test variable, plus what the
+    """This process's environment without any ``RAY_*`` / winnow test / ``AWS_*`` variable, plus what the
     cluster's processes need: this venv's ``ray`` and ``python`` first on PATH, this checkout
     importable, no usage stats, then ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(DROPPED_PREFIXES)}
@@ -169,6 +179,39 @@ class MultiNodeCluster:
         self._kill_tree(node.pid)
         node.killed = True
 
+    def restore(self, workers: tuple[int, ...]) -> list[WorkerNode]:
+        """Bring the cluster back to one alive worker node of each CPU count in ``workers``: a
+        node a test killed (``kill_node``) is replaced by a fresh one (a new name), and the GCS
+        waited for until it lists exactly those nodes. The nodes added (none: nothing to do)."""
+        missing = list(workers)
+        for node in self.nodes:
+            if not node.killed:
+                missing.remove(node.num_cpus)  # a node of a shape not asked for: ValueError
+        added = [self.add_node(num_cpus=cpus) for cpus in missing]
+        if added:
+            self.connect()
+            try:
+                self.wait_alive(len(workers))
+            finally:
+                self.detach()
+        return added
+
+    def detach(self) -> None:
+        """End this process's driver of the cluster (if any) and put back its own Ray auth
+        settings as they were before ``connect()``; the cluster keeps running."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self._saved_auth is not None:
+            for key, value in self._saved_auth.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            self._saved_auth = None
+            ray_cluster._reload_auth()
+
     def stop(self) -> None:
         """End every node this cluster started (workers first), by pid; remove its temp dir."""
         for node in self.nodes:
@@ -182,14 +225,7 @@ class MultiNodeCluster:
             self.head = None
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-        if self._saved_auth is not None:  # this process's own auth settings, as before connect()
-            for key, value in self._saved_auth.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            self._saved_auth = None
-            ray_cluster._reload_auth()
+        self.detach()  # this process's own auth settings, as before connect()
 
     # ---- from a driver attached to it ----------------------------------------------------
 
@@ -311,5 +347,24 @@ def multinode_fixture(*, workers: tuple[int, ...] = (1, 1), head_cpus: int = 0, 
         with multinode_cluster(root, workers=workers, head_cpus=head_cpus, dashboard=dashboard,
                                token=token, env=env) as c:
             yield c
+
+    return _cluster
+
+
+def shared_multinode_fixture():
+    """A module-scoped pytest fixture (assign it to a name in a test module) yielding the
+    session's one shared cluster (``shared_multinode`` in ``tests/conftest.py``: a 0-CPU head with
+    the dashboard's Jobs API and one worker node of each size in ``SHARED_WORKERS``), so the suite
+    starts one multi-node cluster, not one per module. Before the module: any worker node an
+    earlier module killed is replaced (the modules may run in any order). After it: this
+    process's driver ends and its Ray auth settings are put back, as a module's own cluster did."""
+
+    @pytest.fixture(scope="module")
+    def _cluster(shared_multinode) -> Iterator[MultiNodeCluster]:
+        shared_multinode.restore(SHARED_WORKERS)
+        try:
+            yield shared_multinode
+        finally:
+            shared_multinode.detach()
 
     return _cluster

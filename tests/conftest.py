@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 #: Inherited variables removed by prefix: object-store credentials and endpoints, Airflow's
 #: configuration (tests/airflow/conftest.py makes its own), Ray's auth settings.
 PREFIXES = ("AWS_", "AIRFLOW__", "RAY_AUTH_")
@@ -35,3 +37,15 @@ def clean_environment(environ: os._Environ | dict = os.environ) -> list[str]:
 REMOVED = clean_environment()
 if "airflow" in __import__("sys").modules:  # imported before this file: it read the old settings
     raise RuntimeError("Airflow was imported before tests/conftest.py cleaned the environment")
+
+
+@pytest.fixture(scope="session")
+def shared_multinode(tmp_path_factory):
+    """The suite's one multi-node Ray on loopback (``tests._multinode``: a 0-CPU head with the
+    dashboard's Jobs API, worker nodes of ``SHARED_WORKERS`` CPUs), started on first use and
+    stopped at the end of the session. Modules take it through ``shared_multinode_fixture()``,
+    which restores its shape (a node-loss test kills a worker) and detaches after each module."""
+    from tests._multinode import SHARED_WORKERS, multinode_cluster
+
+    with multinode_cluster(tmp_path_factory.mktemp("multinode"), workers=SHARED_WORKERS, dashboard=True) as c:
+        yield c

@@ -85,3 +85,55 @@ def dagbag(airflow_db):
 def curation_dag(dagbag):
     assert not dagbag.import_errors, dagbag.import_errors
     return dagbag.dags["image_curation"]
+
+
+#: The shared cluster's DAG runs (``cluster_dag_runs``): 19 records in 4 row groups, 2 partitions.
+CLUSTER_RUNS_CONF = {"buffer_size": 5, "max_partitions": 2, "model": "winnow-tiny-vit", "pretrained": "random",
+                     "allow_random_weights": True, "aesthetic_threshold": 0.0}
+
+
+@pytest.fixture(scope="session")
+def cluster_dag_runs(shared_multinode, curation_dag, tmp_path_factory):
+    """The image_curation DAG run twice under ``dag.test()`` on the session's shared multi-node Ray
+    (``tests/conftest.py``: a 0-CPU head with the dashboard's Jobs API and token auth, two worker
+    nodes): in driver mode (attached by GCS address + token) and in job mode (every step a Ray
+    Job), on one generated input, plus the single-node reference of the same config (local
+    backend, no Ray). Shared by ``test_multinode_dag.py`` (both equal the reference) and
+    ``test_job_mode.py`` (job mode's jobs, links and partition summaries; it equals driver mode):
+    the suite pays for one driver-mode and one job-mode run, not two of each."""
+    import time
+    from datetime import UTC, datetime
+    from unittest import mock
+
+    import ray
+
+    from tests._multinode import SHARED_WORKERS
+    from tests.airflow._ray_jobs import driver_conn, job_conn, jobs_of, timed_run
+    from winnow.data.sample import generate_sample
+    from winnow.pipeline import CurationConfig, run_all
+
+    cluster = shared_multinode
+    cluster.restore(SHARED_WORKERS)  # a node-loss test may have run before
+    root = tmp_path_factory.mktemp("cluster_dag_runs")
+    manifest = generate_sample(str(root / "shards"), shards=1, per_shard=12, seed=3, corrupt=True)
+    conf = {"input_uri": str(root / "shards"), "output_root": str(root / "out"), **CLUSTER_RUNS_CONF}
+    # The single-node reference: the same config in this process, without Ray.
+    run_all(CurationConfig(**{**conf, "run_key": "reference"}), backend="local")
+    cluster.detach()  # the DAG's tasks attach to the cluster, not to a Ray of an earlier test
+    env = {"AIRFLOW_CONN_RAY_MN_DRIVER": driver_conn(cluster.address, cluster.token),
+           "AIRFLOW_CONN_RAY_MN_JOB": job_conn(cluster.dashboard_url, cluster.token, poll_interval=1)}
+    out: dict = {"manifest": manifest, "conf": conf, "root": root, "t0": time.perf_counter()}
+    try:
+        with mock.patch.dict(os.environ, env), retries_set(curation_dag, 0):
+            try:
+                out["driver"], out["driver_s"] = timed_run(curation_dag, datetime(2025, 8, 11, tzinfo=UTC), conf,
+                                                           "driver", "ray_mn_driver")
+            finally:
+                ray.shutdown()
+            out["job"], out["job_s"] = timed_run(curation_dag, datetime(2025, 8, 12, tzinfo=UTC), conf, "job",
+                                                 "ray_mn_job")
+    finally:
+        ray.shutdown()  # later tests of this session start their own Ray
+    out["jobs"] = jobs_of(cluster.dashboard_url, cluster.token)
+    out["roots"] = {k: str(root / "out" / k) for k in ("reference", "driver", "job")}
+    return out

@@ -1,8 +1,12 @@
-"""Job mode under ``dag.test()`` (Airflow runs the trigger inline) against a real local Ray head with
-the dashboard, its job server and token auth: the same output and counts as driver mode, job ids
-that a later try finds again, and a wrong token that fails fast without showing the token.
+"""Job mode under ``dag.test()`` (Airflow runs the trigger inline) against a real Ray head with the
+dashboard, its job server and token auth: the same output and counts as driver mode, job ids that
+a later try finds again, and a wrong token that fails fast without showing the token.
 
-One Ray head serves the module. Slow: each Ray Job pays a driver and worker start on the head.
+The head is the session's shared multi-node Ray (``tests/conftest.py``: a 0-CPU head, two worker
+nodes), and the job- and driver-mode runs checked here are the ones ``test_multinode_dag.py``
+compares with a single-node reference (``cluster_dag_runs``, 2 partitions): one cluster and one
+run of each mode for both modules. Job mode on a plain single head runs in the live job-mode and
+the S3 job-mode modules. Slow: each Ray Job pays a driver and worker start.
 """
 
 from __future__ import annotations
@@ -16,52 +20,34 @@ from unittest import mock
 
 import pytest
 
-from tests.airflow._ray_jobs import driver_conn, job_conn, jobs_of, output, start_job_head, timed_run
-from tests.airflow.conftest import retries_set
-from winnow.ray import cluster
+from tests._multinode import shared_multinode_fixture
+from tests.airflow._ray_jobs import job_conn, output
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-JOB_DATE = datetime(2025, 4, 1, tzinfo=UTC)
-DRIVER_DATE = datetime(2025, 4, 2, tzinfo=UTC)
 BAD_TOKEN_DATE = datetime(2025, 4, 3, tzinfo=UTC)
 
-
-@pytest.fixture(scope="module")
-def ray_jobs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jobmode")
-    t0 = time.perf_counter()
-    started = start_job_head(root)
-    try:
-        yield {**started, "root": root, "startup_s": time.perf_counter() - t0}
-    finally:
-        cluster.stop_head(started["head"], timeout_s=15)
+cluster = shared_multinode_fixture()
 
 
 @pytest.fixture(scope="module")
-def runs(ray_jobs, curation_dag):
-    """The same input curated twice: job mode, then driver mode (attached by GCS address + token)."""
-    import ray
+def ray_jobs(cluster, cluster_dag_runs):
+    """The shared cluster's head as this module's job server (and the runs' input folder)."""
+    return {"url": cluster.dashboard_url, "token": cluster.token, "address": cluster.address,
+            "root": cluster_dag_runs["root"]}
 
-    from winnow.data.sample import generate_sample
 
-    root = ray_jobs["root"]
-    manifest = generate_sample(str(root / "shards"), shards=1, per_shard=12, seed=0, corrupt=True)
-    conf = {"input_uri": str(root / "shards"), "output_root": str(root / "out"), "buffer_size": 10,
-            "max_partitions": 1, "model": "winnow-tiny-vit", "pretrained": "random",
-            "allow_random_weights": True, "aesthetic_threshold": 0.0}
-    env = {"AIRFLOW_CONN_RAY_JOBTEST": job_conn(ray_jobs["url"], ray_jobs["token"]),
-           "AIRFLOW_CONN_RAY_DRIVERTEST": driver_conn(ray_jobs["address"], ray_jobs["token"])}
-    out: dict = {"manifest": manifest}
-    with mock.patch.dict(os.environ, env), retries_set(curation_dag, 0):
-        out["job"], out["job_s"] = timed_run(curation_dag, JOB_DATE, conf, "job", "ray_jobtest")
-        out["jobs"] = jobs_of(ray_jobs["url"], ray_jobs["token"])
-        try:
-            out["driver"], out["driver_s"] = timed_run(curation_dag, DRIVER_DATE, conf, "driver", "ray_drivertest")
-        finally:
-            ray.shutdown()  # later tests of this session start their own Ray
-    out["run_roots"] = {k: str(root / "out" / k) for k in ("job", "driver")}
-    return out
+@pytest.fixture(scope="module")
+def runs(cluster_dag_runs):
+    """The same input curated twice on the cluster: job mode, then driver mode (attached by GCS
+    address + token)."""
+    from winnow.rowgroups.plan import RowGroupPlan
+
+    conf = cluster_dag_runs["conf"]
+    plan = RowGroupPlan(num_records=cluster_dag_runs["manifest"]["expected"]["records"],
+                        buffer_size=conf["buffer_size"], max_partitions=conf["max_partitions"])
+    assert plan.num_partitions == 2, plan  # mapped tasks of two partitions: one job each
+    return {**cluster_dag_runs, "run_roots": cluster_dag_runs["roots"], "plan": plan}
 
 
 def _xcom(dag_run, task_id: str, map_index: int = -1, key: str = "return_value"):
@@ -86,13 +72,14 @@ def test_job_mode_run_gives_the_same_output_and_counts_as_driver_mode(runs):
 
 def test_every_step_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_jobs):
     """The global steps (index, centroids, each pairwise bucket) and the first partition stage of
-    each phase: one job per task instance, no resubmission. The later stages of a phase (aesthetic
-    and nsfw after embed, write after dedup) ran in that job and their tasks submitted none."""
+    each phase: one job per task instance, no resubmission. The later stages of a phase (aesthetic,
+    nsfw and clip_score after embed, status and write after dedup) ran in that job and their tasks
+    submitted none."""
     from winnow.ray.job import chained_stages
     from winnow.stages.registry import STAGES
 
     chained = {c for spec in STAGES for c in chained_stages(spec.name)}
-    assert chained == {"aesthetic", "nsfw", "write"}
+    assert chained == {"aesthetic", "nsfw", "clip_score", "status", "write"}
     stage_of = {spec.task_id: spec.name for spec in STAGES}
     jobs = [j for j in runs["jobs"] if j["metadata"].get("airflow_run_id") == runs["job"].run_id]
     by_task = {(j["metadata"]["airflow_task_id"], j["metadata"]["airflow_map_index"]): j for j in jobs}
@@ -109,8 +96,10 @@ def test_every_step_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_j
     for ti in tis:
         if stage_of[ti.task_id] in {s.name for s in STAGES if s.scope == "partition"}:
             summary = _xcom(runs["job"], ti.task_id, ti.map_index)
-            assert summary["computed"] == summary["row_groups"] == 2 and summary["failed"] == [], ti.task_id
-    assert _xcom(runs["job"], "index") == [0]  # the partition list, from the index job's summary
+            expected = len(runs["plan"].partition_row_groups(ti.map_index))
+            assert summary["computed"] == summary["row_groups"] == expected and summary["failed"] == [], ti.task_id
+    # the partition list, from the index job's summary
+    assert _xcom(runs["job"], "index") == list(range(runs["plan"].num_partitions))
 
 
 def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):

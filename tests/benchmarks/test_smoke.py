@@ -3,6 +3,8 @@ figures that mean nothing) as a child process, so a benchmark that calls an API 
 here, not months later in front of a reader of BENCHMARKS.md.
 
 ``gpu_check.py`` is covered by ``test_gpu_check.py`` (its CPU dry run through ``gpu_check.sh``).
+The scripts that would start a Ray head of their own for their smoke run (``ATTACH``) attach to the
+session's one shared Ray instead (``tests/conftest.py``), through their ``--ray-address`` flag.
 """
 
 from __future__ import annotations
@@ -14,12 +16,19 @@ from pathlib import Path
 
 import pytest
 
+from tests._multinode import shared_multinode_fixture
+
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
 #: Scripts whose smoke run is covered elsewhere.
 COVERED = {"gpu_check.py": "tests/benchmarks/test_gpu_check.py"}
 #: Smoke runs that start a Ray head, Airflow or a browser: tens of seconds, not seconds.
 SLOW = {"dedup_scale.py", "job_mode_slots.py", "pipeline_overhead.py", "resume_cost.py", "ui_scale.py"}
+#: Smoke runs given the session's shared Ray head (``--ray-address``, with ``--ray-url``: its Jobs
+#: API) instead of starting one each.
+ATTACH = {"job_mode_slots.py": ("--ray-url",), "pipeline_overhead.py": ()}
+
+cluster = shared_multinode_fixture()
 
 
 def scripts() -> list[str]:
@@ -37,7 +46,7 @@ def test_every_benchmark_script_is_smoke_tested_here_or_elsewhere():
 
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else []) for s in scripts()])
-def test_benchmark_smoke_run_exits_cleanly(script, tmp_path):
+def test_benchmark_smoke_run_exits_cleanly(script, tmp_path, request):
     if script == "ui_scale.py":
         import shutil
 
@@ -52,8 +61,15 @@ def test_benchmark_smoke_run_exits_cleanly(script, tmp_path):
     env = {**os.environ, "TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     env.pop("WINNOW_TEST_FAULTS", None)
+    args = [sys.executable, str(BENCHMARKS / script), "--smoke"]
+    if script in ATTACH:  # started on first use, then shared
+        from benchmarks._common import RAY_TOKEN_ENV
+
+        head = request.getfixturevalue("cluster")
+        args += ["--ray-address", head.address, *(a for flag in ATTACH[script] for a in (flag, head.dashboard_url))]
+        env[RAY_TOKEN_ENV] = head.token
     try:
-        proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], capture_output=True, text=True,
+        proc = subprocess.run(args, capture_output=True, text=True,
                               env=env, cwd=str(tmp_path), timeout=900 if script in SLOW else 300)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,7 @@
 """The Ray resource policy on a real multi-node cluster (loopback): a head of 0 CPUs plus two
-worker nodes of 2 CPUs each, so the cluster's sum (4 CPUs) is more than any node holds.
+worker nodes of 2 CPUs each, so the cluster's sum (4 CPUs) is more than any node holds. It is the
+session's shared cluster (``tests/conftest.py``; ``tests/airflow/test_multinode_dag.py`` runs the
+DAG on it too): one cluster start for the suite.
 
 - the policy's rules on given node shapes (no cluster needed);
 - on the cluster: every model-worker request fits one node (the old sizing, by
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pytest
 import ray.cloudpickle
 
-from tests._multinode import multinode_fixture
+from tests._multinode import SHARED_WORKERS, shared_multinode_fixture
 from tests.faults._faultkit import RunOutput, assert_untouched, committed_files
 from tests.storage._runs import SMALL
 from winnow.data.sample import generate_sample
@@ -43,8 +45,9 @@ from winnow.stages.base import RowGroupTask
 
 pytestmark = pytest.mark.timeout(1200)
 
-WORKER_CPUS = (2, 2)
-cluster = multinode_fixture(workers=WORKER_CPUS)
+WORKER_CPUS = SHARED_WORKERS
+assert WORKER_CPUS == (2, 2), "the CPU figures asserted below are for two 2-CPU worker nodes"
+cluster = shared_multinode_fixture()
 
 # ---- the policy on given node shapes -------------------------------------------------------
 
@@ -266,7 +269,8 @@ def test_multinode_run_all_equals_the_local_reference(cluster, sample, reference
 
 @pytest.mark.slow
 def test_multinode_node_lost_mid_partition_ends_with_the_reference_output(cluster, sample, reference, tmp_path):
-    """Keep last in this module: it leaves the cluster one worker node short."""
+    """Keep last in this module: it leaves the cluster one worker node short (the shared
+    cluster's fixture replaces it before the next module that uses the cluster)."""
     cfg = _config(sample, "multinode-node-lost")
     held_rg = 4  # partition 1 (row groups 3, 4, 5): partition 0 is committed by then
     target = CommitStore(cfg.run_root).row_group_path("embed", 1, held_rg)

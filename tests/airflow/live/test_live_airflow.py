@@ -27,12 +27,18 @@ from tests.airflow.live.conftest import RUN_TIMEOUT, set_faults, stage_files
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 # The package's failed run (partition 1's write fails its second row group) is the sparse run.
-# Two backfill dates: the first has partition 1's embed task SIGKILLed after its first row group
-# committed; the last is the fault-free reference.
+# Two backfill dates on the same input and thresholds, in ONE partition (12 + pairwise buckets
+# task instances per run instead of 20 +: what the backfill tests check needs no second
+# partition, and the output does not depend on the partitioning): the first has the embed task
+# SIGKILLed after its first row group committed; the last is the fault-free reference the
+# cleared sparse run (2 partitions) must equal.
 BACKFILL_DATES = ("2025-02-01", "2025-02-02")
+BACKFILL_PARTITIONS = 1
+KILLED = ("partition.embed", 0)  # the backfill's one partition
 PARTITION_TASKS = ("partition.embed", "partition.aesthetic", "partition.nsfw", "write")
 STAGES = ("embed", "aesthetic", "nsfw", "write")
-COUNTS = ("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept", "written")
+COUNTS = ("records", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped", "no_caption",
+          "clip_score_dropped", "duplicates", "kept", "written")
 
 
 def _output(run_root: str) -> dict[str, object]:
@@ -120,14 +126,20 @@ def test_rest_clear_only_failed_recomputes_exactly_the_failed_row_group(live, sp
 
 @pytest.fixture(scope="module")
 def backfill(live, sparse, cleared, tmp_path_factory):
-    """``airflow backfill create`` over two dates with a threshold override in the conf. The
-    first date's embed task of partition 1 is SIGKILLed right after its first row group committed
-    (test-only ``kill_task`` fault, fires once): Airflow must notice and retry it."""
+    """``airflow backfill create`` over two dates with a threshold override in the conf, in one
+    partition. The first date's embed task is SIGKILLed right after its first row group
+    committed (test-only ``kill_task`` fault, fires once): Airflow must notice and retry it."""
+    from winnow.rowgroups.plan import RowGroupPlan
+
     af = live["af"]
-    killed_rg = sparse["p1"][0]
+    plan = RowGroupPlan(num_records=sparse["plan"].num_records, buffer_size=sparse["plan"].buffer_size,
+                        max_partitions=BACKFILL_PARTITIONS)
+    assert plan.num_partitions == 1 and len(plan.partition_row_groups(KILLED[1])) >= 2, plan
+    killed_rg = plan.partition_row_groups(KILLED[1])[0]
     set_faults(live, {"stage": "embed", "row_groups": [killed_rg], "mode": "kill_task",
                       "once_dir": str(tmp_path_factory.mktemp("faults-kill"))})
-    conf = dict(sparse["conf"])  # the sparse run's conf, no run_key: the logical date names the run
+    # The sparse run's conf (no run_key: the logical date names the run) in one partition.
+    conf = {**sparse["conf"], "max_partitions": BACKFILL_PARTITIONS}
     t0 = time.perf_counter()
     af.cli("backfill", "create", "--dag-id", "image_curation", "--from-date", BACKFILL_DATES[0],
            "--to-date", BACKFILL_DATES[-1], "--max-active-runs", "1", "--dag-run-conf", json.dumps(conf))
@@ -144,7 +156,7 @@ def backfill(live, sparse, cleared, tmp_path_factory):
     first = by_date[BACKFILL_DATES[0]]["dag_run_id"]
     tis = {(t["task_id"], t["map_index"]): t for t in af.task_instances(first)}
     return {"runs": by_date, "seconds": time.perf_counter() - t0, "conf": conf, "killed_rg": killed_rg,
-            "killed_ti": tis[("partition.embed", 1)], "killed_summary": af.xcom(first, "partition.embed", 1),
+            "killed_ti": tis[KILLED], "killed_summary": af.xcom(first, *KILLED),
             "ti_seconds": [s for r in runs for s in _ti_seconds(af, r["dag_run_id"])]}
 
 
@@ -157,6 +169,7 @@ def test_backfill_writes_one_run_key_per_date_with_the_overridden_threshold(live
         assert summary["config"]["nsfw_threshold"] == 0.6 and summary["config"]["aesthetic_threshold"] == 3.0
         assert summary["config"]["run_key"] == run_root.name
         assert summary["records"] == sparse["manifest"]["expected"]["records"]
+        assert summary["partitions"] == BACKFILL_PARTITIONS
     print(f"\nbackfill of {len(BACKFILL_DATES)} dates {backfill['seconds']:.0f} s; mapped task instances "
           f"{sorted(round(s) for s in backfill['ti_seconds'])} s")
 
@@ -165,26 +178,28 @@ def test_sigkilled_task_is_retried_by_airflow_and_computes_only_uncommitted_row_
     ti, summary = backfill["killed_ti"], backfill["killed_summary"]
     assert ti["state"] == "success" and ti["try_number"] == 2, ti  # try 1 died by SIGKILL
     run_root = live["out"] / BACKFILL_DATES[0].replace("-", "")
-    killed = run_root / "embed" / "p00001" / f"rg{backfill['killed_rg']:09d}.parquet"
+    partition_dir = run_root / "embed" / f"p{KILLED[1]:05d}"
+    killed = partition_dir / f"rg{backfill['killed_rg']:09d}.parquet"
     assert killed.exists()
     # Try 2 skipped what try 1 had committed before it died (at least the killed row group) and
     # computed the rest: row group files older than try 2's start are exactly the skipped ones.
     start = datetime.fromisoformat(ti["start_date"].replace("Z", "+00:00")).timestamp()
-    older = [p for p in glob.glob(f"{run_root}/embed/p00001/rg*.parquet") if os.stat(p).st_mtime < start]
+    older = [p for p in glob.glob(f"{partition_dir}/rg*.parquet") if os.stat(p).st_mtime < start]
     assert summary["skipped"] == len(older) >= 1
     assert summary["computed"] == summary["row_groups"] - summary["skipped"] and summary["failed"] == []
     assert str(killed) in older
 
 
 def test_cleared_run_output_equals_a_fault_free_run(live, sparse, cleared, backfill):
-    """The sparse run (failed, cleared, resumed) against the last backfill date (no fault)."""
+    """The sparse run (failed, cleared, resumed; 2 partitions) against the last backfill date (no
+    fault; 1 partition): the same kept keys, tar bytes of every row group, counts."""
     resumed = _output(sparse["run_root"])
     clean = _output(str(live["out"] / BACKFILL_DATES[-1].replace("-", "")))
     assert resumed["keys"] == clean["keys"] and resumed["keys"]
     assert resumed["tars"] == clean["tars"]
     assert resumed["counts"] == clean["counts"]
     c = resumed["counts"]
-    assert c["records"] == c["undecodable"] + c["aesthetic_dropped"] + c["nsfw_dropped"] + c["duplicates"] + c["kept"]
+    assert c["records"] == sum(c[k] for k in COUNTS if k not in ("records", "written"))
 
 
 def test_backfill_reprocess_failed_leaves_completed_dates_alone(live, backfill):
