@@ -439,7 +439,7 @@ def run_thresholds(
     fingerprint = stage_fingerprints(cfg, plan)["thresholds"]
     store.ensure_stage(fingerprint, overwrite=False)
     resolve_compute(compute, ray_address)
-    for stage in ("aesthetic", "nsfw", "clip_score"):
+    for stage in stage_spec("thresholds").upstream:
         missing = [rg for p in range(plan.num_partitions) for rg in store.missing(stage, plan, p, clean_temp=False)]
         if missing:
             raise WinnowError(f"thresholds needs every row group of stage {stage!r}; {len(missing)} are not "

@@ -209,12 +209,12 @@ def test_overwrite_recomputes_the_changed_stage_and_later_ones_only(run_env, res
     conf = {**run_env["conf"], "nsfw_threshold": 0.9, "overwrite": True}
     dr = run_env["dag"].test(logical_date=CHANGE_RUN_DATE, run_conf=conf)
     assert dr.state == "success"
-    computed = {t: sum(_xcom(dr, t, p)["computed"] for p in range(3)) for t in PARTITION_TASKS}
-    assert computed["partition.embed"] == 0 and computed["partition.aesthetic"] == 0
-    assert computed["partition.nsfw"] == 8 and computed["write"] == 8
+    computed = {t: sum(_xcom(dr, t, p)["computed"] for p in range(3)) for t in (*PARTITION_TASKS, "status")}
+    # A threshold is the thresholds step's: no score is computed again, only what follows it.
+    assert computed["partition.embed"] == computed["partition.aesthetic"] == computed["partition.nsfw"] == 0
+    assert computed["status"] == computed["write"] == 8
     moved = _xcom(dr, "index", key="summary")["moved_aside"]
-    # The dedup steps read nsfw's flags, so all of them follow it; embed and aesthetic stay.
-    assert set(moved) == {"nsfw", "centroids", "assign", "pairwise", "dedup", "write"}
+    assert set(moved) == {"thresholds", "centroids", "assign", "pairwise", "dedup", "status", "write"}
 
 
 def test_bad_params_fail_fast_without_retries(run_env, tmp_path):

@@ -7,6 +7,7 @@ the engine (the live browser test covers runs made by a real scheduler).
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import json
 import os
@@ -297,10 +298,17 @@ def test_the_runs_storage_connection_is_looked_up_once_per_cache_period_not_per_
     monkeypatch.setattr(plugin.time, "monotonic", lambda: clock[0])
     plugin._CONN_CACHE.clear()
     run = {"conf": {"storage_conn_id": "winnow_cache_probe"}}
+
+    def poll() -> None:
+        # In the api-server each request runs in a context of its own; here, a copy of this one,
+        # so the connection's settings do not leak into the tests after this one.
+        contextvars.copy_context().run(plugin._use_run_storage, run)
+
     for _ in range(5):
-        plugin._use_run_storage(run)
+        poll()
         clock[0] += 3
     assert calls == ["winnow_cache_probe"]
     clock[0] += plugin.CONN_CACHE_S
-    plugin._use_run_storage(run)
+    poll()
     assert calls == ["winnow_cache_probe"] * 2
+    plugin._CONN_CACHE.clear()

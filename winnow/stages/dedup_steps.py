@@ -312,7 +312,9 @@ def run_centroids(
     say = log or (lambda _m: None)
     store = CommitStore(run_root)
     fingerprint = ensure_step(store, plan, config, "centroids")
-    for stage in ("embed", "aesthetic", "nsfw", "clip_score"):
+    from winnow.stages.registry import stage_spec, upstream_closure
+
+    for stage in (s for s in upstream_closure("centroids") if stage_spec(s).scope == "partition"):
         _require_complete(store, plan, stage, "centroids")
     meta = centroids_committed(store, fingerprint.digest)
     if meta is not None:

@@ -149,6 +149,22 @@ def partition_stages() -> tuple[StageSpec, ...]:
     return tuple(s for s in STAGES if s.scope == "partition")
 
 
+def upstream_closure(name: str) -> tuple[str, ...]:
+    """Every stage ``name`` reads, directly or through the stages it reads, in graph order.
+
+    >>> upstream_closure("centroids")
+    ('index', 'embed', 'aesthetic', 'nsfw', 'clip_score', 'thresholds')
+    """
+    wanted: set[str] = set()
+    todo = list(stage_spec(name).upstream)
+    while todo:
+        up = todo.pop()
+        if up not in wanted:
+            wanted.add(up)
+            todo.extend(stage_spec(up).upstream)
+    return tuple(s.name for s in STAGES if s.name in wanted)
+
+
 def task_id(name: str) -> str:
     return stage_spec(name).task_id
 
