@@ -99,15 +99,45 @@ def test_the_lease_is_taken_by_one_run_and_taken_over_only_when_expired(s3):
 
 
 _UPLOADER = """
-import sys
+import sys, time
 from winnow.rowgroups import CommitStore
-CommitStore(sys.argv[1]).commit_bytes("write", 0, 7, b"x" * (48 << 20), suffix=".tar")
+
+# Test-only fault injection: the commit's output stream writes its first 16 MiB (parts go out),
+# then holds at a barrier the test never releases, so the upload is surely not complete when
+# the test kills this process (no race on how fast the rest would upload).
+class HeldStream:
+    def __init__(self, inner):
+        self.inner = inner
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+    def write(self, data):
+        view = memoryview(data)
+        self.inner.write(view[: 16 << 20])
+        self.inner.flush()
+        print("held", flush=True)
+        while True:
+            time.sleep(1)
+
+class HeldFS:
+    def __init__(self, inner):
+        self.inner = inner
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+    def open_output_stream(self, path, *args, **kwargs):
+        return HeldStream(self.inner.open_output_stream(path, *args, **kwargs))
+
+store = CommitStore(sys.argv[1])
+store.fs = HeldFS(store.fs)
+store.commit_bytes("write", 0, 7, b"x" * (48 << 20), suffix=".tar")
 print("completed", flush=True)
 """
 
 
-def test_an_upload_killed_mid_way_leaves_no_object(s3, tmp_path):
-    """SIGKILL a process inside a big row-group commit (a multipart upload): nothing appears."""
+def test_an_upload_killed_mid_way_held_at_a_barrier_leaves_no_object(s3, tmp_path):
+    """SIGKILL a process inside a big row-group commit (a multipart upload whose stream a
+    test-only fault holds after its first parts): nothing appears, and a retry commits."""
     root = f"s3://{BUCKET}/killed"
     mark = s3.mark()
     child = subprocess.Popen([sys.executable, "-c", _UPLOADER, root], cwd=REPO, stdout=subprocess.PIPE,
