@@ -77,12 +77,13 @@ def read_filter_inputs(store: CommitStore, p: int, rg: int) -> FilterInputs:
     error = _aligned_column(embed, "error", ids, "embed", rg)
     exact = twin.is_valid().to_numpy(zero_copy_only=False)
     scores = {}
-    for name in ("aesthetic", "nsfw", "clip_score"):
+    for name in ("aesthetic", "nsfw"):
         column = RULES[name].column
         scores[name] = as_scores(_aligned_column(store.read_table(name, p, rg, columns=["record_id", column]),
                                                  column, ids, name, rg))
-    has_caption = _aligned_column(store.read_table("clip_score", p, rg, columns=["record_id", "has_caption"]),
-                                  "has_caption", ids, "clip_score", rg).fill_null(False).to_numpy(zero_copy_only=False)
+    clip = store.read_table("clip_score", p, rg, columns=["record_id", "clip_score", "has_caption"])  # one read
+    scores["clip_score"] = as_scores(_aligned_column(clip, "clip_score", ids, "clip_score", rg))
+    has_caption = clip.column("has_caption").fill_null(False).to_numpy(zero_copy_only=False)
     return {
         "record_id": ids,
         "exact_duplicate": exact,

@@ -145,10 +145,22 @@ def kth_best(chunks: Callable[[], Any], k: int) -> float:
     >>> [kth_best(lambda: iter(data), k) for k in (1, 2, 3, 4, 5)]
     [3.0, 2.0, 2.0, 0.5, -1.0]
     """
+    return _select(chunks, _high_histogram(chunks), k)
+
+
+def _high_histogram(chunks: Callable[[], Any]) -> np.ndarray:
+    """Pass 1: how many scores have each value of their key's top 16 bits (its sum: how many
+    scores there are)."""
     high = np.zeros(1 << 16, dtype=np.int64)
     for chunk in chunks():
         keys = _keys(chunk[~np.isnan(chunk)])
         high += np.bincount(keys >> 16, minlength=1 << 16)
+    return high
+
+
+def _select(chunks: Callable[[], Any], high: np.ndarray, k: int) -> float:
+    """Pass 2: the k-th best score, from pass 1's histogram and the low 16 bits of the keys in
+    the one bin that holds it."""
     above = np.cumsum(high[::-1])  # above[i]: keys in the top i+1 bins
     top = int(np.searchsorted(above, k))  # first count reaching k, from the top
     if top >= len(above):
@@ -202,10 +214,11 @@ def resolve(store: CommitStore, plan: RowGroupPlan, config: ThresholdsConfig) ->
             entry.update(threshold=entry["absolute"], source=rule.threshold_param)
         else:
             chunks = functools.partial(_score_chunks, store, plan, rule)
-            n = sum(int((~np.isnan(c)).sum()) for c in chunks())
+            high = _high_histogram(chunks)  # its sum counts the scores: two passes in all
+            n = int(high.sum())
             k = keep_count(fraction, n)
             # No scored record at all: None, and nothing passes this filter.
-            threshold = kth_best(chunks, k) if k else None
+            threshold = _select(chunks, high, k) if k else None
             entry.update(threshold=threshold, source=rule.fraction_param, scored=n, keep_count=k)
         out[rule.name] = entry
     return out
