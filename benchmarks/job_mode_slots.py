@@ -51,11 +51,11 @@ def main() -> int:
     import ray
     from airflow.dag_processing.dagbag import DagBag
 
-    from operators.base import CurationOperator
-    from operators.stages import OPERATORS, ReportOperator
     from tests.airflow._ray_jobs import driver_conn, job_conn, start_job_head
     from winnow.data.sample import generate_sample
     from winnow.ray import cluster
+    from winnow_airflow.base import CurationOperator
+    from winnow_airflow.stages import OPERATORS, ReportOperator
 
     root = Path(tempfile.mkdtemp(prefix="winnow-bench-jobs-"))
     generate_sample(str(root / "shards"), shards=1, per_shard=12, seed=0, corrupt=True)

@@ -83,8 +83,6 @@ def airflow_env(home: str) -> dict[str, str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
-        # operators/ must be the regular package for provider discovery (see tests/airflow/conftest.py).
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
 

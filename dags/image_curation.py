@@ -12,11 +12,11 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, Param, chain, task_group
 
-from operators.base import PARTITION_LABEL
-from operators.links import DAG_ID
-from operators.stages import BUCKET_LABEL, OPERATORS, ReportOperator
 from winnow.runkey import PATTERN as RUN_KEY_PATTERN
 from winnow.stages.registry import run_phases
+from winnow_airflow.base import PARTITION_LABEL
+from winnow_airflow.links import DAG_ID
+from winnow_airflow.stages import BUCKET_LABEL, OPERATORS, ReportOperator
 
 CURATED_IMAGES = Asset(name="winnow_curated_images", uri="winnow://image_curation/write", group="winnow")
 CURATION_SUMMARY = Asset(name="winnow_curation_summary", uri="winnow://image_curation/summary", group="winnow")

@@ -1,6 +1,6 @@
 """Airflow operators and the Ray hook for winnow: thin orchestration over ``winnow.pipeline``.
 
-Import operators from their modules (``operators.stages``, ``operators.hooks``). This package
+Import operators from their modules (``winnow_airflow.stages``, ``winnow_airflow.hooks``). This package
 module stays import-free: Airflow's providers manager imports it for ``get_provider_info``.
 """
 
@@ -18,18 +18,18 @@ def get_provider_info() -> dict[str, Any]:
         "filters, semantic dedup, resumable per row group.",
         "versions": ["0.1.0"],
         "connection-types": [
-            {"connection-type": "ray", "hook-class-name": "operators.hooks.RayHook"},
+            {"connection-type": "ray", "hook-class-name": "winnow_airflow.hooks.RayHook"},
         ],
         "operators": [
-            {"integration-name": "winnow", "python-modules": ["operators.stages"]},
+            {"integration-name": "winnow", "python-modules": ["winnow_airflow.stages"]},
         ],
         "hooks": [
-            {"integration-name": "winnow", "python-modules": ["operators.hooks"]},
+            {"integration-name": "winnow", "python-modules": ["winnow_airflow.hooks"]},
         ],
         "triggers": [
-            {"integration-name": "winnow", "python-modules": ["operators.triggers"]},
+            {"integration-name": "winnow", "python-modules": ["winnow_airflow.triggers"]},
         ],
-        "extra-links": ["operators.links.CurationViewLink", "operators.ray_links.RayJobLink"],
+        "extra-links": ["winnow_airflow.links.CurationViewLink", "winnow_airflow.ray_links.RayJobLink"],
         "integrations": [
             {"integration-name": "winnow", "external-doc-url": "https://docs.ray.io/en/latest/data/"},
         ],

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from operators.exceptions import RayJobError, RowGroupsFailedError
-from operators.hooks import RayHook
-from operators.jobs import JobTarget, RayJobRunner
-from operators.links import CurationViewLink
-from operators.progress import PartitionProgress
-from operators.ray_links import RayJobLink
-from operators.storage import use_storage_connection
+from winnow_airflow.exceptions import RayJobError, RowGroupsFailedError
+from winnow_airflow.hooks import RayHook
+from winnow_airflow.jobs import JobTarget, RayJobRunner
+from winnow_airflow.links import CurationViewLink
+from winnow_airflow.progress import PartitionProgress
+from winnow_airflow.ray_links import RayJobLink
+from winnow_airflow.storage import use_storage_connection
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -79,8 +79,8 @@ class CurationOperator(BaseOperator):
 
     Where the work runs is the ``ray`` connection's: an embedded local Ray (no connection), the
     cluster this process attaches to (driver mode), or one Ray Job per step on a remote cluster
-    (job mode: the task submits, defers to :class:`~operators.triggers.RayJobTrigger` and reads
-    the job's summary from storage; see :mod:`operators.jobs`).
+    (job mode: the task submits, defers to :class:`~winnow_airflow.triggers.RayJobTrigger` and reads
+    the job's summary from storage; see :mod:`winnow_airflow.jobs`).
 
     :param input_uri: WebDataset shards (folder, glob or URI); may hold a template such as
         ``s3://bucket/shards/{{ ds }}/``, rendered even when it comes from a param.
@@ -199,7 +199,7 @@ class CurationOperator(BaseOperator):
                 raise AirflowFailException(f"connection {hook.ray_conn_id!r}: {exc}") from exc
         return address
 
-    # ---- job mode: one Ray Job per step (operators.jobs) ----------------------------------
+    # ---- job mode: one Ray Job per step (winnow_airflow.jobs) ----------------------------------
     def run_step(self, context: Context, target: JobTarget, in_process) -> Any:
         """Run this task's step: as a Ray Job in job mode (this try defers), else ``in_process``
         (a callable taking :meth:`engine_target`'s keyword arguments) returning the result."""
@@ -258,7 +258,7 @@ class RowGroupStageOperator(CurationOperator):
     Progress (row groups committed and failed) is kept in the task state store of this map
     index, scoped by the stage fingerprint and reconciled with storage on start. The XCom is
     the small partition summary. When row groups fail, the others still commit and the task
-    raises :class:`~operators.exceptions.RowGroupsFailedError` naming them, so its retry computes only those.
+    raises :class:`~winnow_airflow.exceptions.RowGroupsFailedError` naming them, so its retry computes only those.
 
     With a job-mode ``ray`` connection the partition runs as one Ray Job (``python -m
     winnow.ray.job``) and the task defers while it runs; otherwise this process drives Ray
@@ -359,7 +359,7 @@ class RowGroupStageOperator(CurationOperator):
 
     def finish(self, context: Context, run: PartitionRun, summary: PartitionSummary) -> dict[str, Any]:
         """Record the outcome; return the summary's XCom, or raise
-        :class:`~operators.exceptions.RowGroupsFailedError` naming the failed row groups."""
+        :class:`~winnow_airflow.exceptions.RowGroupsFailedError` naming the failed row groups."""
         from winnow import exceptions as engine
 
         committed = len(run.store.completed(self.stage, run.partition))

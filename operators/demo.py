@@ -1,6 +1,6 @@
 """The README's main job: sample shards -> the image_curation DAG (dag.test, embedded Ray).
 
-Run with ``bash .ci/demo`` (which makes the venv) or ``python -m operators.demo``. Uses the
+Run with ``bash .ci/demo`` (which makes the venv) or ``python -m winnow_airflow.demo``. Uses the
 tiny ``winnow-tiny-vit`` model with random weights, so scores are meaningless: it shows the
 machinery (index, embed, filters, dedup, write, resume), not curation quality.
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"running the DAG (full Airflow log: {log_path})")
     with open(log_path, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "operators.demo", "--out", str(out), "--child-conf", json.dumps(conf)],
+            [sys.executable, "-m", "winnow_airflow.demo", "--out", str(out), "--child-conf", json.dumps(conf)],
             stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env={**os.environ},
         )
         run_id = _follow(db, before, child, t0)
@@ -172,7 +172,6 @@ def _print_ui_command(out: Path, home: Path, run_id: str) -> None:
     port = int(os.environ.get("WINNOW_DEMO_UI_PORT", "8080"))
     env = {**_airflow_env(home), "AIRFLOW__API__PORT": str(port),
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{port}/execution/",
-           "PYTHONPATH": str(REPO),
            # Only to look at runs: no scheduled run of the DAG's defaults starts behind the view.
            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"}
     script = out / "open-ui.sh"

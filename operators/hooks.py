@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from operators.exceptions import RayAuthError, RayJobsApiError
+from winnow_airflow.exceptions import RayAuthError, RayJobsApiError
 
 if TYPE_CHECKING:
     import aiohttp

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from operators.exceptions import RayAuthError
-from operators.hooks import ACTIVE_STATES, RayHook
-from operators.ray_links import RayJobLink
+from winnow_airflow.exceptions import RayAuthError
+from winnow_airflow.hooks import ACTIVE_STATES, RayHook
+from winnow_airflow.ray_links import RayJobLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -112,7 +112,7 @@ class RayJobRunner:
     def run(self, context: Context, target: JobTarget) -> Any:
         # Imported here: the trigger module loads Airflow's trigger machinery, which a DAG
         # file parse does not need.
-        from operators.triggers import RayJobTrigger
+        from winnow_airflow.triggers import RayJobTrigger
 
         base = self.base_id(context, target)
         try:
@@ -148,8 +148,8 @@ class RayJobRunner:
         )
 
     def _submit(self, context: Context, target: JobTarget, base: str, generation: int) -> None:
-        from operators.storage import job_storage_env
         from winnow.ray.job import entrypoint
+        from winnow_airflow.storage import job_storage_env
 
         submission_id = self.submission_id(base, generation)
         resolved = self.hook.resolve()

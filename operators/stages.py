@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from operators.base import CurationOperator, RowGroupStageOperator, engine_errors, step_fingerprint
-from operators.exceptions import BucketsFailedError
-from operators.jobs import JobTarget
-from operators.links import CurationViewLink
 from winnow.stages.registry import STAGES
+from winnow_airflow.base import CurationOperator, RowGroupStageOperator, engine_errors, step_fingerprint
+from winnow_airflow.exceptions import BucketsFailedError
+from winnow_airflow.jobs import JobTarget
+from winnow_airflow.links import CurationViewLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

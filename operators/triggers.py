@@ -14,8 +14,8 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from operators.exceptions import RayAuthError, RayJobsApiError
-from operators.hooks import ENDED_STATES, HTTP_TIMEOUT_S, RayHook
+from winnow_airflow.exceptions import RayAuthError, RayJobsApiError
+from winnow_airflow.hooks import ENDED_STATES, HTTP_TIMEOUT_S, RayHook
 
 #: Prefix of every job log line in the task log (tests and readers find them by it).
 LOG_PREFIX = "[ray job] "
@@ -58,7 +58,7 @@ class RayJobTrigger(BaseTrigger):
         self._storage = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("operators.triggers.RayJobTrigger", {
+        return ("winnow_airflow.triggers.RayJobTrigger", {
             "conn_id": self.conn_id, "submission_id": self.submission_id,
             "poll_interval": self.poll_interval, "log_offset": self.log_offset,
             "checkpoint_uri": self.checkpoint_uri, "cancel_on_kill": self.cancel_on_kill,
@@ -75,7 +75,7 @@ class RayJobTrigger(BaseTrigger):
 
         hook = RayHook(self.conn_id)
         if self.checkpoint_uri and self.storage_conn_id:
-            from operators.storage import astorage_options
+            from winnow_airflow.storage import astorage_options
 
             try:
                 self._storage = await astorage_options(self.storage_conn_id)

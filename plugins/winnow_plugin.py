@@ -22,9 +22,9 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.middleware.gzip import GZipMiddleware
 
-from operators.links import DAG_ID, PARTITION_VIEW_ROUTE, RUN_VIEW_ROUTE
 from winnow.runkey import default_run_key, run_key_of, run_key_problem
 from winnow.stages.registry import STAGES
+from winnow_airflow.links import DAG_ID, PARTITION_VIEW_ROUTE, RUN_VIEW_ROUTE
 
 STATIC = Path(__file__).with_name("winnow_static")
 #: The only files /static serves (and their types): nothing else in the folder is reachable.
@@ -157,8 +157,8 @@ def _use_run_storage(run: dict[str, Any]) -> None:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from operators.storage import options_from_connection
     from winnow.rowgroups.fs import use_context_storage
+    from winnow_airflow.storage import options_from_connection
 
     now = time.monotonic()
     with _CONN_LOCK:

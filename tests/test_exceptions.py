@@ -36,8 +36,8 @@ def test_every_exception_class_is_defined_in_its_layers_exceptions_module():
 def test_engine_errors_are_winnow_errors_and_operator_errors_are_airflow_exceptions():
     from airflow.sdk.exceptions import AirflowException
 
-    import operators.exceptions as op
     import winnow.exceptions as engine
+    import winnow_airflow.exceptions as op
 
     engine_classes = {n: c for n, c in inspect.getmembers(engine, inspect.isclass) if c.__module__ == engine.__name__}
     op_classes = {n: c for n, c in inspect.getmembers(op, inspect.isclass) if c.__module__ == op.__name__}

@@ -26,10 +26,8 @@ AIRFLOW_ENV = {
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME}/airflow.db",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
 }
-# The editable install maps ``operators`` as a namespace package (it was made before
-# operators/__init__.py existed), which hides ``operators.get_provider_info`` from Airflow's
-# provider discovery; putting the repo first on the path makes it the regular package.
-AIRFLOW_ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+# Airflow's processes import winnow as a user's install does (the installed ``winnow`` and
+# ``winnow_airflow``, the DAG and plugin folders): the repo root is not put on their path.
 if str(REPO) not in sys.path[:1]:
     sys.path.insert(0, str(REPO))
 os.environ.update(AIRFLOW_ENV)

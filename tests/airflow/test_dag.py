@@ -89,8 +89,8 @@ def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_r
 
 
 def test_dag_task_ids_and_order_are_the_registry_s(curation_dag):
-    from operators.stages import OPERATORS, ReportOperator
     from winnow.stages.registry import STAGES, partition_stages, run_phases
+    from winnow_airflow.stages import OPERATORS, ReportOperator
 
     dag = curation_dag
     assert {t.task_id for t in dag.tasks} == {s.task_id for s in STAGES} | {"report"}
@@ -184,8 +184,8 @@ def test_params_schema_accepts_a_test_run_conf(curation_dag):
 def test_every_param_is_a_run_parameter_or_one_the_operators_handle(curation_dag):
     import dataclasses
 
-    from operators.base import AIRFLOW_PARAMS
     from winnow.pipeline import CurationConfig
+    from winnow_airflow.base import AIRFLOW_PARAMS
 
     fields = {f.name for f in dataclasses.fields(CurationConfig)}
     assert set(curation_dag.params.keys()) <= fields | AIRFLOW_PARAMS
@@ -195,7 +195,7 @@ def test_every_param_is_a_run_parameter_or_one_the_operators_handle(curation_dag
 def test_a_misspelt_conf_key_is_named_with_the_closest_param_by_the_operator(tmp_path):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from operators.stages import OPERATORS
+    from winnow_airflow.stages import OPERATORS
 
     op = OPERATORS["index"](task_id="index")
     params = {"input_uri": str(tmp_path), "output_root": str(tmp_path / "out"), "run_key": "r",

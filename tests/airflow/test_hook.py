@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from operators.base import default_run_key
-from operators.hooks import RayHook
+from winnow_airflow.base import default_run_key
+from winnow_airflow.hooks import RayHook
 
 
 def _conn_env(monkeypatch, conn_id: str, **conn) -> None:
@@ -86,7 +86,7 @@ def test_provider_entry_point_registers_the_ray_connection_type(airflow_db):
     from airflow.providers_manager import ProvidersManager
 
     info = ProvidersManager().hooks.get("ray")
-    assert info is not None and info.hook_class_name == "operators.hooks.RayHook"
+    assert info is not None and info.hook_class_name == "winnow_airflow.hooks.RayHook"
 
 
 def test_default_run_key_is_the_logical_date_or_a_path_safe_run_id():

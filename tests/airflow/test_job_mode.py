@@ -107,8 +107,8 @@ def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):
     state store record (a plain dict stands in for the emptied store) finds generation 1."""
     from types import SimpleNamespace
 
-    from operators.hooks import RayHook
-    from operators.jobs import RayJobRunner
+    from winnow_airflow.hooks import RayHook
+    from winnow_airflow.jobs import RayJobRunner
 
     with mock.patch.dict(os.environ, {"AIRFLOW_CONN_RAY_PROBE": job_conn(ray_jobs["url"], ray_jobs["token"])}):
         hook = RayHook("ray_probe")
@@ -131,8 +131,8 @@ def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):
 
 
 def test_a_wrong_token_fails_fast_naming_the_connection_and_never_shows_the_token(ray_jobs, curation_dag, tmp_path, capfd):
-    from operators.exceptions import RayAuthError
-    from operators.hooks import RayHook
+    from winnow_airflow.exceptions import RayAuthError
+    from winnow_airflow.hooks import RayHook
 
     bad = "not-the-token-" + "7" * 20
     with mock.patch.dict(os.environ, {"AIRFLOW_CONN_RAY_BADTOK": job_conn(ray_jobs["url"], bad)}):

@@ -8,13 +8,13 @@ import asyncio
 import json
 import re
 
-from operators.triggers import RayJobTrigger
+from winnow_airflow.triggers import RayJobTrigger
 
 
 def _lines(capfd) -> list[str]:
     """The trigger's log lines (Airflow's structlog writes them to stdout, one event a line)."""
     out = capfd.readouterr().out
-    return [m.group(1) for m in re.finditer(r"\[ray job\] (.*?)\s+\[operators\.triggers", out)]
+    return [m.group(1) for m in re.finditer(r"\[ray job\] (.*?)\s+\[winnow_airflow\.triggers", out)]
 
 
 def _shown(lines: list[str]) -> list[str]:
@@ -53,7 +53,7 @@ def test_a_batch_the_dead_triggerer_may_have_half_shown_is_replayed_under_a_mark
 
 def test_the_stored_trigger_carries_only_plain_values_and_no_token(tmp_path):
     path, kwargs = _trigger(tmp_path, poll_interval=2, cancel_on_kill=True).serialize()
-    assert path == "operators.triggers.RayJobTrigger"
+    assert path == "winnow_airflow.triggers.RayJobTrigger"
     assert set(kwargs) == {"conn_id", "submission_id", "poll_interval", "log_offset", "checkpoint_uri",
                            "cancel_on_kill", "storage_conn_id"}
     assert all(isinstance(v, (str, int, float, bool, type(None))) for v in kwargs.values())

@@ -219,7 +219,7 @@ def test_run_root_comes_from_the_index_tasks_xcom_before_the_conf():
 
 
 def test_extra_link_points_at_the_tab_of_the_task_instance():
-    from operators.links import view_url
+    from winnow_airflow.links import view_url
 
     assert view_url("image_curation", "r 1", "write", 2) == \
         "/dags/image_curation/runs/r%201/tasks/write/mapped/2/plugin/winnow-partition"

@@ -227,12 +227,12 @@ def test_run_all_in_process_runs_on_its_own_ray_and_leaves_the_users_head_alone(
 
 
 def test_the_demo_runs_on_its_own_ray_and_leaves_the_users_head_alone(user_ray, tmp_path):
-    """``python -m operators.demo`` (what ``bash .ci/demo`` runs) on one small shard, for a user
+    """``python -m winnow_airflow.demo`` (what ``bash .ci/demo`` runs) on one small shard, for a user
     who also exported ``RAY_ADDRESS`` for their head: the whole DAG under ``dag.test``."""
     env = {**user_ray["env"], "RAY_ADDRESS": user_ray["address"]}
     before = _head_state(user_ray)
     t0 = time.perf_counter()
-    proc = _run_winnow(["-m", "operators.demo", "--out", str(tmp_path / "demo"), "--shards", "1", "--per-shard", "12"],
+    proc = _run_winnow(["-m", "winnow_airflow.demo", "--out", str(tmp_path / "demo"), "--shards", "1", "--per-shard", "12"],
                        env, 900, REPO)
     seconds = time.perf_counter() - t0
     log = tmp_path / "demo" / "airflow.log"

@@ -154,7 +154,7 @@ def test_the_secret_is_in_no_task_log_xcom_trigger_kwargs_or_ray_log(runs, head)
     with create_session() as session:
         kwargs = [ti.next_kwargs for ti in session.query(TaskInstance).filter_by(run_id=runs["dr"].run_id)]
     assert SECRET_KEY not in json.dumps(kwargs, default=str)
-    from operators.triggers import RayJobTrigger
+    from winnow_airflow.triggers import RayJobTrigger
 
     _, trigger_kwargs = RayJobTrigger(conn_id="c", submission_id="s", storage_conn_id=CONN_ID).serialize()
     assert trigger_kwargs["storage_conn_id"] == CONN_ID and SECRET_KEY not in json.dumps(trigger_kwargs)
