@@ -17,6 +17,10 @@ in its own process, same config.
 
     python benchmarks/dedup_scale.py --records 1000000 --reference --json /tmp/winnow-bench/dedup_1m.json
 
+``--ray-address`` (token in ``$WINNOW_BENCH_RAY_TOKEN``) attaches the steps to a running head
+instead of starting one (the test suite's smoke run: its shared head; worker memory is then not
+sampled).
+
 Scripts, not tests: nothing here is collected by pytest.
 """
 
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, add_smoke, apply_smoke, describe, machine  # noqa: F401  (REPO puts the repo on sys.path)
+from _common import RAY_TOKEN_ENV, REPO, add_ray_head, add_smoke, apply_smoke, describe, machine  # noqa: F401  (REPO puts the repo on sys.path)
 
 D = 768
 
@@ -128,7 +132,7 @@ else:
     from winnow.ray.cluster import connect
     for attempt in range(4):  # a loaded machine can miss Ray's 30 s raylet start: the next try restarts the head
         try:
-            connect(None)
+            connect(spec.get("ray_address"))  # attached: the token is in the environment
             break
         except Exception as exc:
             print(f"connect failed (try {attempt + 1}): {exc}", file=sys.stderr)
@@ -261,8 +265,11 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/winnow-bench/dedup_scale")
     ap.add_argument("--json")
     ap.add_argument("--reuse", action="store_true", help="reuse the generated stages of an earlier run with the same data params")
+    add_ray_head(ap)
     add_smoke(ap)
     args = ap.parse_args()
+    if args.ray_address and not os.environ.get(RAY_TOKEN_ENV):
+        ap.error(f"--ray-address needs ${RAY_TOKEN_ENV}")
     apply_smoke(args, records=400, buffer_size=100, max_partitions=2, centres=8, max_iter=5, work=None)
 
     from winnow.ray.cluster import EMBEDDED_ENV, STATE_DIR_ENV, ensure_local_head, head_status, stop_local_head
@@ -301,21 +308,27 @@ def main() -> int:
     spec = {"run_root": run_root, "plan": gen["plan"], "config": config}
     env = {**os.environ, EMBEDDED_ENV: "shared", STATE_DIR_ENV: "/tmp/wdd-bench",
            "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    # The head's workers inherit its environment: this checkout's code, not the installed one.
-    os.environ.update({STATE_DIR_ENV: "/tmp/wdd-bench", "PYTHONPATH": env["PYTHONPATH"]})
-    for attempt in range(3):  # Ray gives a raylet 30 s to register: on a loaded machine, try again
-        try:
-            ensure_local_head()
-            break
-        except RuntimeError as exc:
-            print(f"Ray head start failed (try {attempt + 1}): {str(exc)[-200:]}", flush=True)
-    head_pid = (head_status() or {}).get("pid")
     steps = []
-    try:
+    if args.ray_address:  # a running head (the test suite's shared one): attached to, left running
+        spec["ray_address"] = args.ray_address
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ[RAY_TOKEN_ENV]})
         for step in ("centroids", "assign", "pairwise", "dedup"):
-            steps.append(run_step(step, spec, env, head_pid))
-    finally:
-        stop_local_head()
+            steps.append(run_step(step, spec, env, None))
+    else:
+        # The head's workers inherit its environment: this checkout's code, not the installed one.
+        os.environ.update({STATE_DIR_ENV: "/tmp/wdd-bench", "PYTHONPATH": env["PYTHONPATH"]})
+        for attempt in range(3):  # Ray gives a raylet 30 s to register: on a loaded machine, try again
+            try:
+                ensure_local_head()
+                break
+            except RuntimeError as exc:
+                print(f"Ray head start failed (try {attempt + 1}): {str(exc)[-200:]}", flush=True)
+        head_pid = (head_status() or {}).get("pid")
+        try:
+            for step in ("centroids", "assign", "pairwise", "dedup"):
+                steps.append(run_step(step, spec, env, head_pid))
+        finally:
+            stop_local_head()
     hit, flagged = found_pairs(run_root, gen["plan"], pairs)
     info["distributed"] = {"steps": steps, "planted_pairs_found": hit, "duplicates_flagged": flagged,
                            "seconds": round(sum(s["seconds"] for s in steps), 1)}

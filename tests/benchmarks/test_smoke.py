@@ -26,7 +26,7 @@ COVERED = {"gpu_check.py": "tests/benchmarks/test_gpu_check.py"}
 SLOW = {"dedup_scale.py", "job_mode_slots.py", "pipeline_overhead.py", "resume_cost.py", "ui_scale.py"}
 #: Smoke runs given the session's shared Ray head (``--ray-address``, with ``--ray-url``: its Jobs
 #: API) instead of starting one each.
-ATTACH = {"job_mode_slots.py": ("--ray-url",), "pipeline_overhead.py": ()}
+ATTACH = {"job_mode_slots.py": ("--ray-url",), "pipeline_overhead.py": (), "dedup_scale.py": ()}
 
 cluster = shared_multinode_fixture()
 
