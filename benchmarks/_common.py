@@ -116,6 +116,12 @@ SMOKE_HELP = ("seconds, tiny data: check that the script still runs against toda
 RAY_TOKEN_ENV = "WINNOW_BENCH_RAY_TOKEN"
 
 
+def token_env() -> dict[str, str]:
+    """Ray's token-auth settings for a child attaching to the ``--ray-address`` head (Ray reads
+    them when it is imported), from ``$WINNOW_BENCH_RAY_TOKEN``."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ[RAY_TOKEN_ENV]}
+
+
 def add_ray_head(ap, *, jobs: bool = False) -> None:
     """``--ray-address`` (and with ``jobs``, ``--ray-url``): attach to a running Ray head with token
     auth (token in ``$WINNOW_BENCH_RAY_TOKEN``) instead of starting one, as the test suite's smoke

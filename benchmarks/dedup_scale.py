@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RAY_TOKEN_ENV, REPO, add_ray_head, add_smoke, apply_smoke, describe, machine  # noqa: F401  (REPO puts the repo on sys.path)
+from _common import RAY_TOKEN_ENV, REPO, add_ray_head, add_smoke, apply_smoke, describe, machine, token_env  # noqa: F401  (REPO puts the repo on sys.path)
 
 D = 768
 
@@ -308,12 +308,10 @@ def main() -> int:
     spec = {"run_root": run_root, "plan": gen["plan"], "config": config}
     env = {**os.environ, EMBEDDED_ENV: "shared", STATE_DIR_ENV: "/tmp/wdd-bench",
            "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    steps = []
+    head_pid = None
     if args.ray_address:  # a running head (the test suite's shared one): attached to, left running
         spec["ray_address"] = args.ray_address
-        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ[RAY_TOKEN_ENV]})
-        for step in ("centroids", "assign", "pairwise", "dedup"):
-            steps.append(run_step(step, spec, env, None))
+        env.update(token_env())
     else:
         # The head's workers inherit its environment: this checkout's code, not the installed one.
         os.environ.update({STATE_DIR_ENV: "/tmp/wdd-bench", "PYTHONPATH": env["PYTHONPATH"]})
@@ -324,10 +322,12 @@ def main() -> int:
             except RuntimeError as exc:
                 print(f"Ray head start failed (try {attempt + 1}): {str(exc)[-200:]}", flush=True)
         head_pid = (head_status() or {}).get("pid")
-        try:
-            for step in ("centroids", "assign", "pairwise", "dedup"):
-                steps.append(run_step(step, spec, env, head_pid))
-        finally:
+    steps = []
+    try:
+        for step in ("centroids", "assign", "pairwise", "dedup"):
+            steps.append(run_step(step, spec, env, head_pid))
+    finally:
+        if not args.ray_address:
             stop_local_head()
     hit, flagged = found_pairs(run_root, gen["plan"], pairs)
     info["distributed"] = {"steps": steps, "planted_pairs_found": hit, "duplicates_flagged": flagged,

@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     machine,
     median,
     run_json_child,
+    token_env,
 )
 
 
@@ -68,7 +69,7 @@ def attach_env(variant: str, address: str | None) -> dict[str, str]:
     if not address:
         return {}
     if variant == "ray":
-        return {ATTACH_ENV: address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ[RAY_TOKEN_ENV]}
+        return {ATTACH_ENV: address, **token_env()}
     conn = {"conn_type": "ray", "host": address, "password": os.environ[RAY_TOKEN_ENV], "extra": {"mode": "driver"}}
     return {"AIRFLOW_CONN_RAY_DEFAULT": json.dumps(conn)}
 
