@@ -1,6 +1,8 @@
-"""Shared helpers of the benchmark harnesses: machine description, cached sample shards, medians.
+"""Shared helpers of the benchmark harnesses: machine description, cached sample shards, medians,
+a temp Airflow home, a Ray head with its Jobs API.
 
-Benchmarks are scripts, not tests: nothing here is collected by pytest.
+Benchmarks are scripts, not tests: nothing here is collected by pytest. They never import
+``tests``; the tests import what they share with the benchmarks from here.
 """
 
 from __future__ import annotations
@@ -146,3 +148,77 @@ def apply_smoke(args, **tiny) -> None:
     for name, value in tiny.items():
         setattr(args, name, tempfile.mkdtemp(prefix="winnow-smoke-") if value is None else value)
     print("smoke run: tiny data, the figures are not a measurement", file=sys.stderr, flush=True)
+
+
+# ---- Airflow: a temp AIRFLOW_HOME on SQLite ---------------------------------------------------
+
+AIRFLOW_BIN = str(Path(sys.executable).with_name("airflow"))
+
+
+def airflow_env(home: str, *, logging_level: str = "WARNING") -> dict[str, str]:
+    """Airflow's settings for ``home`` (SQLite in it, this checkout's DAGs and plugins, no
+    examples). Airflow reads them when it is imported: set them first."""
+    return {
+        "AIRFLOW_HOME": home,
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": logging_level,
+    }
+
+
+def airflow_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the ``airflow`` CLI with ``env`` over this process's environment; a failure raises
+    with its output."""
+    proc = subprocess.run([AIRFLOW_BIN, *args], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# ---- a local Ray head with its Jobs API -------------------------------------------------------
+
+def start_job_head(root: Path, *, extra_env: dict[str, str] | None = None) -> dict:
+    """A local Ray head with the dashboard's job server and token auth on loopback ports, whose job
+    drivers and workers run this checkout's code with this venv's Python. Started by pid (stop it
+    with ``winnow.ray.cluster.stop_head(started["head"])``, never ``ray stop``)."""
+    import secrets
+    import uuid
+
+    from winnow.ray import cluster
+
+    token = secrets.token_hex(24)
+    env = {
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+        # The job entrypoint is `python -m winnow.job`: this venv's python, this checkout.
+        "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", ""))),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        **(extra_env or {}),
+    }
+    # Short: Ray puts unix sockets under its temp dir (107-byte path limit).
+    temp_dir = f"/tmp/wj-{uuid.uuid4().hex[:6]}"
+    head = cluster.start_head(temp_dir, root / "ray-head.log", num_cpus=2, env=env,
+                              dashboard=True, extra_args=("--num-gpus=0", "--object-store-memory=300000000"),
+                              timeout_s=300)  # seen: > 120 s at load 15-20 on 2 cores
+    return {"head": head, "token": token, "url": head.dashboard_url, "address": head.address, "temp_dir": temp_dir}
+
+
+def job_conn(url: str, token: str, **extra) -> str:
+    """An Airflow ``ray`` connection (JSON) in job mode: Ray Jobs submitted to the dashboard at ``url``."""
+    return json.dumps({"conn_type": "ray", "host": url, "password": token, "extra": {"mode": "job", **extra}})
+
+
+def driver_conn(address: str, token: str) -> str:
+    """An Airflow ``ray`` connection (JSON) in driver mode: the task attaches to the GCS ``address``."""
+    return json.dumps({"conn_type": "ray", "host": address, "password": token, "extra": {"mode": "driver"}})
+
+
+def jobs_of(url: str, token: str) -> list[dict]:
+    """winnow's Ray Jobs on the head whose dashboard is ``url`` (the Jobs API's records)."""
+    import requests
+
+    r = requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    r.raise_for_status()
+    return [j for j in r.json() if (j.get("submission_id") or "").startswith("winnow-")]

@@ -12,7 +12,7 @@ local Ray head: ``centroids`` (one Ray task), ``assign`` (row-group stage, per p
 step, peak RSS of each step's task process (``ru_maxrss``), peak RSS of the biggest Ray worker
 while the step ran (psutil, sampled every 0.2 s), duplicates found vs planted pairs whose two
 members both passed the filters. ``--reference`` also runs the single-process ``run_dedup`` of
-``tests/_reference/dedup.py`` (all candidates in one process: the tests' oracle) on the same run,
+``benchmarks/_reference/dedup.py`` (all candidates in one process: the tests' oracle) on the same run,
 in its own process, same config.
 
     python benchmarks/dedup_scale.py --records 1000000 --reference --json /tmp/winnow-bench/dedup_1m.json
@@ -99,13 +99,14 @@ def generate(run_root: str, n: int, buffer_size: int, max_partitions: int, centr
             "record_id": ids, "clip_score": pa.nulls(hi - lo, pa.float32()),
             "has_caption": pa.array(np.zeros(hi - lo, bool))}, schema=CLIP_SCORE))
     # The thresholds step over those scores (the defaults: the CLIP-score filter off).
+    from winnow.execution import LOCAL
     from winnow.rowgroups.store import stage_fingerprint
     from winnow.stages.thresholds import ThresholdsConfig, run_thresholds
 
     tconfig = ThresholdsConfig()
     fingerprint = stage_fingerprint(store, "thresholds", tconfig, plan)
     store.ensure_stage(fingerprint, overwrite=True)
-    run_thresholds(run_root, plan, tconfig, fingerprint, backend="local")
+    run_thresholds(run_root, plan, tconfig, fingerprint, execution=LOCAL)
     both = (keep_a & keep_n)[slots].all(axis=1)
     return {"plan": plan.to_dict(), "planted_pairs": planted, "findable_pairs": int(both.sum()),
             "candidates": int((keep_a & keep_n).sum()), "pairs": slots[both].tolist()}
@@ -119,20 +120,22 @@ sys.path.insert(0, sys.argv[1])
 spec = json.loads(sys.argv[2])
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.stages.dedup import DedupConfig
+from winnow.execution import Execution
 plan = RowGroupPlan(**spec["plan"])
 cfg = DedupConfig(**spec["config"])
 run_root, step = spec["run_root"], spec["step"]
 t0 = time.perf_counter()
 out = {}
 if step == "reference":
-    from tests._reference.dedup import run_dedup  # the test oracle (argv[1], the repo root, is on sys.path)
+    from benchmarks._reference.dedup import run_dedup  # the test oracle (argv[1], the repo root, is on sys.path)
     out = run_dedup(run_root, plan, cfg)
 else:
     import ray
     from winnow.ray.cluster import connect
     for attempt in range(4):  # a loaded machine can miss Ray's 30 s raylet start: the next try restarts the head
         try:
-            connect(spec.get("ray_address"))  # attached: the token is in the environment
+            execution = Execution(ray_address=spec.get("ray_address"))
+            connect(execution.ray_address)  # attached: the token is in the environment
             break
         except Exception as exc:
             print(f"connect failed (try {attempt + 1}): {exc}", file=sys.stderr)
@@ -141,16 +144,18 @@ else:
     t0 = time.perf_counter()  # the shared head is running: attaching is not the step's work
     from winnow.stages import dedup_steps as s
     if step == "centroids":
-        out = s.run_centroids(run_root, plan, cfg)
+        fingerprint = s.ensure_step(CommitStore(run_root), plan, cfg, "centroids")
+        out = s.run_centroids(run_root, plan, cfg, fingerprint, execution=execution)
     elif step == "pairwise":
-        out = s.run_pairwise(run_root, plan, cfg).to_dict()
+        out = s.run_pairwise(run_root, plan, cfg, execution=execution).to_dict()
     else:
         from winnow.ray.runner import run_stage_partition
         stage = s.AssignStage(cfg) if step == "assign" else s.DedupFlagsStage(cfg)
         s.ensure_step(CommitStore(run_root), plan, cfg, step)
         failed = {}
         for p in range(plan.num_partitions):
-            r = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, uses_model=step == "assign")
+            r = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, execution=execution,
+                                    uses_model=step == "assign")
             failed.update(r.failed)
         out = {"failed": {str(k): v for k, v in failed.items()}}
 out = {k: v for k, v in out.items() if isinstance(v, (int, float, str, list, dict, type(None)))}

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from winnow.data.index import IndexConfig, build_index  # noqa: E402
+from winnow.execution import Execution  # noqa: E402
 from winnow.stages.decode import PillowPreprocessor, decode_image  # noqa: E402
 from winnow.stages.embed import EmbedConfig, EmbedStage  # noqa: E402
 
@@ -75,7 +76,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_pipeline(stage: EmbedStage, run_root: str, plan, backend: str, ray_address: str | None) -> float:
+def time_pipeline(stage: EmbedStage, run_root: str, plan, execution: Execution) -> float:
     from winnow.ray.runner import run_stage_partition
 
     shutil.rmtree(os.path.join(run_root, stage.name), ignore_errors=True)
@@ -83,8 +84,7 @@ def time_pipeline(stage: EmbedStage, run_root: str, plan, backend: str, ray_addr
     records = 0
     for p in range(plan.num_partitions):
         summary = run_stage_partition(
-            stage, run_root=run_root, plan=plan, partition=p, ray_address=ray_address,
-            backend=backend, log=lambda _line: None,
+            stage, run_root=run_root, plan=plan, partition=p, execution=execution, log=lambda _line: None,
         )
         if summary.failed:
             raise RuntimeError(f"partition {p} failed row groups: {summary.failed}")
@@ -179,21 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     decoded = torch.from_numpy(np.stack([pre.to_uint8(decode_image(b)[0]) for b in images]))
     if stage.device.type == "cuda":
         decoded = decoded.pin_memory()
-    if args.backend == "ray":
+    execution = Execution(backend=args.backend, ray_address=args.ray_address)
+    if execution.backend == "ray":
         from winnow.ray.cluster import connect
 
-        connect(args.ray_address)  # Ray start is a per-process cost, not a per-stage one
+        connect(execution.ray_address)  # Ray start is a per-process cost, not a per-stage one
 
     # Warm-up: first CUDA kernels, Ray worker processes, page cache.
     time_model(stage, decoded[: args.batch_size], args.batch_size)
     time_raw(stage, images[: args.batch_size], args.batch_size)
-    time_pipeline(stage, run_root, plan, args.backend, args.ray_address)
+    time_pipeline(stage, run_root, plan, execution)
 
     runs: dict[str, list[float]] = {"pipeline": [], "raw": [], "model": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits all three alike
         runs["model"].append(len(images) / time_model(stage, decoded, args.batch_size))
         runs["raw"].append(len(images) / time_raw(stage, images, args.batch_size))
-        runs["pipeline"].append(len(images) / time_pipeline(stage, run_root, plan, args.backend, args.ray_address))
+        runs["pipeline"].append(len(images) / time_pipeline(stage, run_root, plan, execution))
     med = {k: statistics.median(v) for k, v in runs.items()}
 
     device = str(stage.device)

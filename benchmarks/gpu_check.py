@@ -12,6 +12,9 @@ On the same generated 512x384 JPEG shards it measures, in this order:
                decode, model, Parquet commits, with nvImageCodec. Ratio = pipeline / model-only
                at the same batch size and compile mode (compiled where that was faster);
   dedup        k-means + pairwise duplicate search on synthetic 768-d embeddings (1M on a GPU);
+  text_tower   the clip_score stage's text tower against the image tower (text_tower.py);
+  watermark    the LAION watermark detector against the image tower, model-only and its
+               256 px preprocessing (watermark_throughput.py);
   cpu decode   the pipeline again with Pillow decoding on all CPU cores, for comparison.
 One copy of the model weights serves every variant. Prints one JSON line (``GPU_CHECK {...}``)
 and writes ``$OUT/gpu_check.json`` when ``OUT`` is set, after every step (a run cut short keeps
@@ -46,6 +49,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from winnow.data.index import IndexConfig, build_index  # noqa: E402
+from winnow.execution import LOCAL  # noqa: E402
 from winnow.ray.runner import run_stage_partition  # noqa: E402
 from winnow.stages.decode import NvImageCodecBatchDecoder, PillowBatchDecoder  # noqa: E402
 from winnow.stages.embed import EmbedConfig, EmbedStage  # noqa: E402
@@ -232,7 +236,7 @@ def pipeline(stage: EmbedStage, decoder, run_root: str, plan, repeats: int) -> d
         t0 = time.perf_counter()
         records = 0
         for p in range(plan.num_partitions):
-            summary = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, backend="local",
+            summary = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, execution=LOCAL,
                                           log=lambda _line: None)
             if summary.failed:
                 raise RuntimeError(f"partition {p}: failed row groups {summary.failed}")
@@ -301,6 +305,23 @@ def text_tower_figure(mode: dict, device: torch.device, workdir: str) -> dict:
     with open(path) as f:
         out = json.load(f)
     return {k: out.get(k) for k in ("records_per_s", "text_over_image", "batch_size", "records", "device")}
+
+
+def watermark_figure(mode: dict, device: torch.device, workdir: str) -> dict:
+    """benchmarks/watermark_throughput.py in this process: images/s of the LAION watermark
+    detector (efficientnet-b3, 256 px, bf16 on a GPU) next to the embed stage's image tower, same
+    batch and device, on decoded images of the check's size."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import watermark_throughput
+
+    path = os.path.join(workdir, "watermark.json")
+    images, batch = (16, 8) if device.type == "cpu" else (4096, mode["batch_sizes"][0])
+    watermark_throughput.main(["--model", mode["model"], "--pretrained", "random", "--images", str(images),
+                               "--image-size", f"{WIDTH}x{HEIGHT}", "--batch-size", str(batch),
+                               "--devices", device.type, "--repeats", "3", "--json", path])
+    with open(path) as f:
+        (out,) = json.load(f)["results"]
+    return {k: out.get(k) for k in ("img_s", "watermark_over_embed", "batch_size", "images", "device")}
 
 
 def save(report: dict) -> str:
@@ -412,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         save(report)
         # The clip_score stage's text tower against the image tower, same model and device.
         report["text_tower"] = attempt("text_tower", lambda: text_tower_figure(mode, device, workdir))
+        save(report)
+        # The watermark filter's image model against the embed stage's, same batch and device.
+        report["watermark"] = attempt("watermark", lambda: watermark_figure(mode, device, workdir))
         save(report)
         # Last: the least important figure, the first to go when time runs short.
         report["pipeline_cpu_decode"] = attempt("pipeline_cpu_decode", lambda: pipeline(

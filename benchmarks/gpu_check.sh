@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 tests_rc=0
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -k "not dali" \
   tests/stages/test_decode.py tests/stages/test_embed.py tests/stages/test_embed_worker.py \
-  tests/stages/test_dedup.py tests/benchmarks/test_gpu_check.py || tests_rc=$?
+  tests/stages/test_dedup.py tests/stages/test_watermark.py tests/benchmarks/test_gpu_check.py || tests_rc=$?
 echo "gpu_check: gpu tests exit status $tests_rc"
 
 # Worst case: 120 s of tests + 350 s here (steps stop starting at 330 s; the JSON is saved

@@ -5,8 +5,10 @@
 #     CUDA_MAJOR=12 benchmarks/gpu_wheels.sh   # the CUDA 12 builds instead (for a cu12 torch)
 # The GPU box already has torch, torchvision, numpy, pyarrow and Pillow. open_clip's hard imports
 # beyond those are ftfy (+ wcwidth), regex and tqdm; huggingface_hub, safetensors and timm are
-# optional imports it skips when absent. pytest (+ pluggy, iniconfig, packaging, pygments) runs
-# the gpu tests. About 34 MB in all with CUDA 13 (the carry limit is 64 MiB).
+# optional imports it skips when absent. timm builds the watermark detector (pure Python; its
+# huggingface_hub, safetensors and pyyaml imports are optional when no weights are downloaded).
+# pytest (+ pluggy, iniconfig, packaging, pygments) runs the gpu tests. About 37 MB in all with
+# CUDA 13 (the carry limit is 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,7 +19,7 @@ case "$CUDA_MAJOR" in
   12) CODEC=(nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12) ;;
   *) echo "CUDA_MAJOR must be 12 or 13, got $CUDA_MAJOR" >&2; exit 2 ;;
 esac
-PACKAGES=(open_clip_torch ftfy wcwidth regex tqdm "${CODEC[@]}" pytest pluggy iniconfig packaging pygments)
+PACKAGES=(open_clip_torch ftfy wcwidth regex tqdm timm "${CODEC[@]}" pytest pluggy iniconfig packaging pygments)
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl
 # One package at a time: some are tagged manylinux_2_28, others only manylinux2014.

@@ -3,7 +3,7 @@
 Writes ``--shards`` tar shards of ``--per-shard`` records each (a small jpg-named member and a
 ``.txt`` per record: the index reads tar headers only, so payload size does not matter), then
 indexes them into fresh run roots: ``serial`` (this process: the serial reference the tests
-check ``build_index`` against, ``tests/_reference/index.py``) and ``ray`` (an embedded local Ray,
+check ``build_index`` against, ``benchmarks/_reference/index.py``) and ``ray`` (an embedded local Ray,
 started before the clock; with ``WINNOW_RAY_EMBEDDED=shared`` it attaches to the shared local
 head). Alternates serial, ray, serial, ray...; reports records/s per run and the median, with
 the load average at the start of each run.
@@ -30,7 +30,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from _common import REPO, add_smoke, apply_smoke, describe, machine
+from _common import add_smoke, apply_smoke, describe, machine
 
 
 def write_shards(folder: Path, shards: int, per_shard: int) -> None:
@@ -53,8 +53,7 @@ def write_shards(folder: Path, shards: int, per_shard: int) -> None:
 def _s3(work: Path, shards: Path):
     """moto's S3 server on loopback (the tests' one), its settings in this process's environment
     (Ray tasks get them from the unit runner), and the shards uploaded once."""
-    sys.path.insert(0, str(REPO))
-    from tests.storage._s3server import S3Server
+    from benchmarks._s3server import S3Server  # the repo root is on sys.path (_common)
     from winnow.rowgroups.fs import resolve_filesystem
 
     server = S3Server(str(work / "s3-requests.log"))
@@ -84,8 +83,9 @@ def main() -> int:
     args = ap.parse_args()
     apply_smoke(args, shards=3, per_shard=4, runs=1, buffer_size=4, work=None, backends="serial,local")
 
-    from tests._reference.index import build_index_serial  # the repo root is on sys.path (_common)
+    from benchmarks._reference.index import build_index_serial  # the repo root is on sys.path (_common)
     from winnow.data.index import IndexConfig, build_index
+    from winnow.execution import Execution
     from winnow.ray.cluster import connect
 
     work = Path(args.work)
@@ -120,7 +120,7 @@ def main() -> int:
                 if backend == "serial":
                     result = build_index_serial(root, config)
                 else:
-                    result = build_index(root, config, backend=backend)
+                    result = build_index(root, config, execution=Execution(backend=backend))
                 seconds = time.perf_counter() - t0
                 run = {"seconds": round(seconds, 2), "records_per_s": round(result.num_records / seconds),
                        "load_at_start": load}

@@ -36,7 +36,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", help="write the raw figures here")
-    from benchmarks._common import RAY_TOKEN_ENV, add_ray_head, add_smoke, apply_smoke
+    from benchmarks._common import (
+        RAY_TOKEN_ENV,
+        add_ray_head,
+        add_smoke,
+        airflow_cli,
+        airflow_env,
+        apply_smoke,
+        driver_conn,
+        job_conn,
+        start_job_head,
+    )
 
     add_ray_head(ap, jobs=True)
     add_smoke(ap)
@@ -47,14 +57,13 @@ def main() -> int:
     # The smoke run makes the job-mode run only: the driver-mode one runs the same lines of this
     # script (the suite runs driver mode on the shared cluster elsewhere), and each run costs a minute.
     modes = (("job", "ray_jobb"),) if args.smoke else (("job", "ray_jobb"), ("driver", "ray_driverb"))
-    os.environ.setdefault("WINNOW_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="winnow-bench-airflow-"))
-    from tests.airflow.conftest import airflow_cli  # sets the Airflow environment first
-
-    airflow_cli("db", "migrate", timeout=300)
+    # Airflow reads its settings when it is imported: set them first (INFO logs, as the tests run it).
+    settings = airflow_env(tempfile.mkdtemp(prefix="winnow-bench-airflow-"), logging_level="INFO")
+    os.environ.update(settings)
+    airflow_cli(settings, "db", "migrate", timeout=300)
     import ray
     from airflow.dag_processing.dagbag import DagBag
 
-    from tests.airflow._ray_jobs import driver_conn, job_conn, start_job_head
     from winnow.data.sample import generate_sample
     from winnow.ray import cluster
     from winnow_airflow.base import CurationOperator
@@ -139,8 +148,8 @@ def job_phases(started: dict, run_id: str) -> list[dict]:
     ``WINNOW_JOB_TIMES`` line."""
     import requests
 
-    from tests.airflow._ray_jobs import jobs_of
-    from winnow.ray.job import TIMES_MARKER
+    from benchmarks._common import jobs_of
+    from winnow.job import TIMES_MARKER
 
     out = []
     headers = {"Authorization": f"Bearer {started['token']}"}

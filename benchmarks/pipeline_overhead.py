@@ -36,8 +36,11 @@ from _common import (  # noqa: E402
     Timer,
     add_ray_head,
     add_smoke,
+    airflow_cli,
+    airflow_env,
     apply_smoke,
     describe,
+    driver_conn,
     ensure_sample,
     machine,
     median,
@@ -70,23 +73,10 @@ def attach_env(variant: str, address: str | None) -> dict[str, str]:
         return {}
     if variant == "ray":
         return {ATTACH_ENV: address, **token_env()}
-    conn = {"conn_type": "ray", "host": address, "password": os.environ[RAY_TOKEN_ENV], "extra": {"mode": "driver"}}
-    return {"AIRFLOW_CONN_RAY_DEFAULT": json.dumps(conn)}
+    return {"AIRFLOW_CONN_RAY_DEFAULT": driver_conn(address, os.environ[RAY_TOKEN_ENV])}
 
 
 # ---- (a) the DAG -----------------------------------------------------------------------------
-
-def airflow_env(home: str) -> dict[str, str]:
-    return {
-        "AIRFLOW_HOME": home,
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-
 
 def child_dag(params: dict) -> dict:
     """Runs in a fresh process whose environment already points at the migrated AIRFLOW_HOME."""
@@ -109,7 +99,7 @@ def child_dag(params: dict) -> dict:
                 engine[key] = engine.get(key, 0.0) + time.perf_counter() - t0
         return wrapper
 
-    for name in ("run_index", "run_partition", "run_centroids", "run_buckets", "run_report"):
+    for name in ("run_index", "run_partition", "run_global", "run_buckets", "run_report"):
         setattr(pipeline, name, timed(name, getattr(pipeline, name)))
     cluster.connect = timed("ray_connect", cluster.connect)  # Ray start, inside the first embed task
 
@@ -206,10 +196,12 @@ class _Heads:
     """Ray Data actor: aesthetic and NSFW scores and keeps."""
 
     def __init__(self, aesthetic_threshold: float, nsfw_threshold: float) -> None:
+        from winnow.stages.aesthetic import AESTHETIC_HEAD
         from winnow.stages.heads import load_head
+        from winnow.stages.nsfw import NSFW_HEAD
 
-        self.aesthetic, _ = load_head("aesthetic", None, embed_dim=768, allow_random_weights=True, device="cpu")
-        self.nsfw, _ = load_head("nsfw", None, embed_dim=768, allow_random_weights=True, device="cpu")
+        self.aesthetic, _ = load_head(AESTHETIC_HEAD, None, embed_dim=768, allow_random_weights=True, device="cpu")
+        self.nsfw, _ = load_head(NSFW_HEAD, None, embed_dim=768, allow_random_weights=True, device="cpu")
         self.aesthetic_threshold, self.nsfw_threshold = aesthetic_threshold, nsfw_threshold
 
     def __call__(self, batch: dict) -> dict:
@@ -369,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_sample(input_dir, shards=args.shards, per_shard=per_shard, seed=0)
     home = work / "airflow-home"
     home.mkdir(parents=True, exist_ok=True)
-    env = airflow_env(str(home))
+    env = {**airflow_env(str(home)), "RAY_USAGE_STATS_ENABLED": "0"}
     if not (home / "airflow.db").exists():
-        subprocess_run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env)
+        airflow_cli(env, "db", "migrate", timeout=600)
 
     runs_root = work / "overhead-runs"
     shutil.rmtree(runs_root, ignore_errors=True)
@@ -413,14 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
-
-
-def subprocess_run(cmd: list[str], env: dict) -> None:
-    import subprocess
-
-    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
 
 
 if __name__ == "__main__":

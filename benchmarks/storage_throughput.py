@@ -30,10 +30,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO, TINY_CURATION, Timer, add_smoke, apply_smoke, describe, ensure_sample, machine, median  # noqa: E402
+from _common import TINY_CURATION, Timer, add_smoke, apply_smoke, describe, ensure_sample, machine, median  # noqa: E402
 
-sys.path.insert(0, str(REPO))
-from tests.storage._s3server import S3Server  # noqa: E402  (the tests' server, same settings)
+from benchmarks._s3server import S3Server  # noqa: E402  (the tests' server, same settings; _common put the repo on sys.path)
 
 
 def _upload(local_dir: str, uri: str) -> None:
@@ -101,8 +100,9 @@ def bench_requests(server: S3Server, input_uri: str, output_root: str) -> dict:
     ``run_all`` walks them), each engine call with the local backend."""
     from winnow import pipeline
     from winnow.exceptions import BucketsFailedError, RowGroupsFailedError
+    from winnow.execution import LOCAL
     from winnow.pipeline import CurationConfig
-    from winnow.stages.registry import run_phases
+    from winnow.registry import run_phases
 
     params = {k: v for k, v in TINY_CURATION.items() if k in {f for f in CurationConfig.__dataclass_fields__}}
     params.update(buffer_size=25, max_partitions=4)
@@ -117,17 +117,17 @@ def bench_requests(server: S3Server, input_uri: str, output_root: str) -> dict:
             names = [s.name for s in specs]
             mark = server.mark()
             if scope == "global":
-                result = pipeline.GLOBAL_STAGE_RUNNERS[names[0]](cfg, owner=owner, backend="local")
+                result = pipeline.run_global(cfg, names[0], owner=owner, execution=LOCAL)
                 if names[0] == "index":
                     partitions = list(result["partitions"])
             elif scope == "bucket":
-                failed = pipeline.run_buckets(cfg, names[0], owner=owner, backend="local").failed
+                failed = pipeline.run_buckets(cfg, names[0], owner=owner, execution=LOCAL).failed
                 if failed:
                     raise BucketsFailedError(names[0], failed)
             else:
                 for p in partitions:
                     for name in names:
-                        s = pipeline.run_partition(cfg, name, p, backend="local", owner=owner)
+                        s = pipeline.run_partition(cfg, name, p, execution=LOCAL, owner=owner)
                         if not s.ok:
                             raise RowGroupsFailedError([s])
                         summaries.append(s.to_dict())

@@ -12,8 +12,9 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, Param, chain, task_group
 
+from winnow.filters import PARAMS as FILTER_PARAMS
+from winnow.registry import run_phases
 from winnow.runkey import PATTERN as RUN_KEY_PATTERN
-from winnow.stages.registry import run_phases
 from winnow_airflow.base import PARTITION_LABEL
 from winnow_airflow.links import DAG_ID
 from winnow_airflow.stages import BUCKET_LABEL, OPERATORS, ReportOperator
@@ -39,11 +40,7 @@ with its row-group range. Committed row groups are never computed again.
 | `buffer_size`, `max_partitions` | records per row group; most mapped task instances per stage (<= 1024) |
 | `model`, `pretrained`, `model_dir` | open_clip model, its weights tag or file, where weight files live |
 | `aesthetic_weights`, `nsfw_weights` | head weight files (the LAION heads expect ViT-L/14 OpenAI embeddings) |
-| `aesthetic_threshold` | keep images scoring at least this (LAION scale 1-10; 5.0 is typical) |
-| `aesthetic_keep_fraction` | instead keep this fraction (0-1] of the scored images: the threshold becomes the run's (1 - f) quantile |
-| `nsfw_threshold` | drop images whose NSFW probability is at least this (0-1) |
-| `clip_score_threshold` | keep records whose CLIP score (cosine of caption and image, 0-1) is at least this; 0: the filter is off |
-| `clip_score_keep_fraction` | instead keep this fraction (0-1] of the records with a CLIP score (DataComp's baseline keeps 0.3); records without a caption are then dropped as `no_caption` |
+FILTER_ROWS
 | `caption_field` | the `.json` sidecar field read as the caption when a record has no `.txt` |
 | `dedup_eps`, `dedup_clusters` | near-duplicates have cosine similarity >= 1 - eps, eps in (0, 1]; k-means clusters (0: automatic) |
 | `decode_backend`, `batch_size` | image decoder (`auto`, `nvimgcodec`, `dali-gpu`, `dali-cpu`, `pillow`); images per embed model call |
@@ -53,6 +50,9 @@ with its row-group range. Committed row groups are never computed again.
 | `skip_bad_shards` | index what can be read and record unreadable shards instead of failing |
 | `ray_conn_id` | Airflow connection of type `ray`; none by that id means an embedded local Ray |
 | `storage_conn_id` | Airflow connection of type `aws` for `s3://` input and output (login/password = key id/secret, extras `endpoint_url`, `region_name`); empty: the `AWS_*` environment variables |
+
+The filter params (thresholds and keep fractions) come from the filter declarations
+(`winnow.filters.FILTERS`): a filter declared there is a param here.
 
 Changing a model or eps on an existing run key fails fast with the changed keys named; pick a new
 run key or set `overwrite`. Thresholds and keep fractions are applied after the scores: with
@@ -76,6 +76,9 @@ failed row groups run again; the run then continues to dedup, write and report.
 Each date is its own run key (`YYYYMMDD`); runs that succeeded are left alone and failed ones
 resume from what storage holds.
 """
+
+
+DOC_MD = DOC_MD.replace("FILTER_ROWS\n", "".join(f"| `{p.name}` | {p.description} |\n" for p in FILTER_PARAMS))
 
 
 def _nullable_string(title: str, description: str) -> Param:
@@ -106,18 +109,8 @@ PARAMS = {
     "model_dir": _nullable_string("Model directory", "Folder with local weight files (no downloads)."),
     "aesthetic_weights": _nullable_string("Aesthetic head weights", "LAION improved-aesthetic MLP weights file."),
     "nsfw_weights": _nullable_string("NSFW head weights", "LAION CLIP-based NSFW detector weights file."),
-    "aesthetic_threshold": Param(5.0, type="number", minimum=0, maximum=10, title="Aesthetic threshold",
-                                 description="Keep images whose aesthetic score (1-10) is at least this."),
-    "aesthetic_keep_fraction": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
-                                     title="Aesthetic keep fraction",
-                                     description="Keep this fraction of the scored images instead of a fixed threshold."),
-    "nsfw_threshold": Param(0.5, type="number", minimum=0, maximum=1, title="NSFW threshold",
-                            description="Drop images whose NSFW probability is at least this."),
-    "clip_score_threshold": Param(0.0, type="number", minimum=0, maximum=1, title="CLIP score threshold",
-                                  description="Keep records whose caption-image cosine is at least this; 0 = off."),
-    "clip_score_keep_fraction": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1,
-                                      title="CLIP score keep fraction",
-                                      description="Keep this fraction of the captioned records by CLIP score."),
+    # One param per filter knob, as declared (range, default, title) in winnow.filters.
+    **{p.name: Param(p.default, **p.json_schema(), title=p.title, description=p.description) for p in FILTER_PARAMS},
     "caption_field": Param("caption", type="string", minLength=1, title="Caption field",
                            description="Field of the .json sidecar read as the caption when there is no .txt."),
     # Ranges are those of the stage configs that own the knobs (a test keeps them equal).
@@ -170,7 +163,7 @@ def _partition_group(specs, partitions):
 
 with DAG(
     dag_id=DAG_ID,
-    description="Curate WebDataset images: CLIP embed, aesthetic + NSFW filters, semantic dedup.",
+    description="Curate WebDataset images: CLIP embed, score filters (aesthetic, NSFW, CLIP score), semantic dedup.",
     schedule="@daily",
     start_date=datetime(2025, 1, 1),
     catchup=False,

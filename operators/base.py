@@ -6,7 +6,6 @@ file that uses these operators parses without loading torch, Ray or storage clie
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ from winnow_airflow.storage import use_storage_connection
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from winnow.execution import Execution
     from winnow.pipeline import CurationConfig
-    from winnow.ray.results import PartitionSummary
+    from winnow.results import PartitionSummary
 
 
 #: Labels a mapped instance with its row-group range, e.g. "p3: row groups 12-15" (the operator
@@ -164,25 +164,25 @@ class CurationOperator(BaseOperator):
         self._ray_hook = hook
         return hook
 
-    def worker_resources(self, context: Context) -> tuple[float | None, float | None]:
-        """(CPUs, GPUs) of one model worker: this task's arguments over the connection's extras."""
-        resolved = self.ray_hook(context).resolve()
+    def execution(self, context: Context) -> Execution:
+        """Where this try's step runs, as the engine's one value (built once per call). Job mode:
+        the job's (:func:`winnow.job.job_execution`: the cluster the job runs on, a model actor
+        per partition). Otherwise this process: attached to the connection's cluster (driver
+        mode) or an embedded local Ray (no connection), model stages as tasks that keep their
+        model across partitions on a Ray this process started for itself, one model actor per
+        partition on a Ray other drivers share (:func:`winnow.execution.default_compute`). Model
+        workers of ``worker_cpus`` CPUs and ``worker_gpus`` GPUs: this task's arguments over the
+        connection's extras."""
+        from winnow.execution import Execution
+        from winnow.job import job_execution
+
+        hook = self.ray_hook(context)
+        resolved = hook.resolve()
         cpus = self.worker_cpus if self.worker_cpus is not None else (resolved.worker_cpus if resolved else None)
         gpus = self.worker_gpus if self.worker_gpus is not None else (resolved.worker_gpus if resolved else None)
-        return cpus, gpus
-
-    def engine_target(self, context: Context) -> dict[str, Any]:
-        """Where this process drives the engine (driver mode or an embedded Ray): the keyword
-        arguments of the engine's ``run_*`` calls. ``compute`` is chosen here, by the caller: a
-        Ray this process started for itself runs model stages as tasks that keep their model
-        across partitions; a Ray other drivers share gets one model actor per partition."""
-        from winnow.ray.cluster import EMBEDDED_ENV
-
-        address = self.ray_address(context)
-        shared = address is not None or os.environ.get(EMBEDDED_ENV, "process") == "shared"
-        cpus, gpus = self.worker_resources(context)
-        return {"ray_address": address, "backend": "ray", "compute": "actors" if shared else "tasks",
-                "worker_cpus": cpus, "worker_gpus": gpus}
+        if hook.mode == "job":
+            return job_execution(worker_cpus=cpus, worker_gpus=gpus)
+        return Execution(ray_address=self.ray_address(context), worker_cpus=cpus, worker_gpus=gpus)
 
     def ray_address(self, context: Context) -> str | None:
         """Attach this process to the connection's cluster (driver mode); its GCS address."""
@@ -202,13 +202,13 @@ class CurationOperator(BaseOperator):
     # ---- job mode: one Ray Job per step (winnow_airflow.jobs) ----------------------------------
     def run_step(self, context: Context, target: JobTarget, in_process) -> Any:
         """Run this task's step: as a Ray Job in job mode (this try defers), else ``in_process``
-        (a callable taking :meth:`engine_target`'s keyword arguments) returning the result."""
+        (the engine call, taking ``execution=``: :meth:`execution`) returning the result."""
         hook = self.ray_hook(context)
         if hook.mode == "job":
             return RayJobRunner(self, hook).run(context, target)
         RayJobLink.persist(context, "")  # no Ray Job in this mode: the link is empty, not missing
         with engine_errors():
-            return in_process(**self.engine_target(context))
+            return in_process(execution=self.execution(context))
 
     def job_target(self, context: Context) -> JobTarget:
         """This task's step as a Ray Job target (job mode's ``execute_complete`` rebuilds it)."""
@@ -223,7 +223,7 @@ class CurationOperator(BaseOperator):
         SUCCEEDED: its summary in storage is the result), else None."""
         if status != "SUCCEEDED":
             return None
-        from winnow.ray.job import read_summary
+        from winnow.job import read_summary
 
         self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
         RayJobLink.persist(context, self.ray_hook(context).job_url(submission_id))
@@ -261,7 +261,7 @@ class RowGroupStageOperator(CurationOperator):
     raises :class:`~winnow_airflow.exceptions.RowGroupsFailedError` naming them, so its retry computes only those.
 
     With a job-mode ``ray`` connection the partition runs as one Ray Job (``python -m
-    winnow.ray.job``) and the task defers while it runs; otherwise this process drives Ray
+    winnow.job``) and the task defers while it runs; otherwise this process drives Ray
     itself. Takes the :class:`CurationOperator` arguments.
 
     :param partition: the partition index (mapped: one task instance per partition).
@@ -318,7 +318,7 @@ class RowGroupStageOperator(CurationOperator):
         return self.run_step(context, target, in_process)
 
     def job_shortcut(self, context: Context, target: JobTarget, status: str | None, submission_id: str | None) -> Any:
-        from winnow.ray.job import read_summary
+        from winnow.job import read_summary
 
         run: PartitionRun = target.state
         missing = run.store.missing(self.stage, run.plan, run.partition)
@@ -328,8 +328,8 @@ class RowGroupStageOperator(CurationOperator):
             return super().job_shortcut(context, target, status, submission_id)
         previous = read_summary(target.summary_uri(submission_id)) if submission_id else None
         if previous is None:
-            # Run by the job of an earlier stage of this partition (winnow.ray.job --chain).
-            from winnow.ray.job import chained_summary_uri
+            # Run by the job of an earlier stage of this partition (winnow.job --chain).
+            from winnow.job import chained_summary_uri
 
             previous = read_summary(chained_summary_uri(run.cfg.run_root, self.stage, run.partition, run.fingerprint))
             if previous is not None:
@@ -347,7 +347,7 @@ class RowGroupStageOperator(CurationOperator):
         missing = run.store.missing(self.stage, run.plan, run.partition)
         self.log.info("storage: %d of %d row groups of %s committed", run.row_groups - len(missing),
                       run.row_groups, run.label)
-        from winnow.ray.results import PartitionSummary
+        from winnow.results import PartitionSummary
 
         errors = (summary or {}).get("errors") or {}
         reason = f"not committed: {reason}"
@@ -375,7 +375,7 @@ class RowGroupStageOperator(CurationOperator):
 
     def _skipped_summary(self, run: PartitionRun, previous: dict[str, Any] | None) -> PartitionSummary:
         """The summary of a partition with nothing left to do: the job's that did it, else all skipped."""
-        from winnow.ray.results import PartitionSummary
+        from winnow.results import PartitionSummary
 
         if previous and not previous.get("failed"):
             return PartitionSummary.from_dict(previous)

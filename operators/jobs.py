@@ -48,12 +48,12 @@ class JobTarget:
 
     @property
     def unit(self) -> str:
-        from winnow.ray.job import unit_name
+        from winnow.job import unit_name
 
         return unit_name(self.partition, self.bucket)
 
     def summary_uri(self, submission_id: str) -> str:
-        from winnow.ray.job import summary_uri
+        from winnow.job import summary_uri
 
         return summary_uri(self.cfg.run_root, self.stage, self.unit, submission_id)
 
@@ -148,7 +148,7 @@ class RayJobRunner:
         )
 
     def _submit(self, context: Context, target: JobTarget, base: str, generation: int) -> None:
-        from winnow.ray.job import entrypoint
+        from winnow.job import entrypoint
         from winnow_airflow.storage import job_storage_env
 
         submission_id = self.submission_id(base, generation)
@@ -167,11 +167,10 @@ class RayJobRunner:
         }
         if target.partition is not None:
             metadata["winnow_partition"] = str(target.partition)
-        cpus, gpus = self.op.worker_resources(context)
         command = entrypoint(stage=target.stage, partition=target.partition, bucket=target.bucket,
-                             config=target.cfg.to_dict(), summary=target.summary_uri(submission_id),
-                             owner=self.op.lease_owner(context), python=resolved.entrypoint_python,
-                             worker_cpus=cpus, worker_gpus=gpus, chain=target.partition is not None)
+                             config=target.cfg.to_dict(), execution=self.op.execution(context),
+                             summary=target.summary_uri(submission_id), owner=self.op.lease_owner(context),
+                             python=resolved.entrypoint_python, chain=target.partition is not None)
         # Saved before submitting: a try that dies right after the submit still finds its job.
         self._record(context, target, base, generation)
         self.op._submitted = (self.hook, submission_id)
@@ -185,7 +184,7 @@ class RayJobRunner:
 
     def complete(self, context: Context, target: JobTarget, event: dict[str, Any]) -> Any:
         """The job ended: its summary (from storage) and its own error line go to the operator."""
-        from winnow.ray.job import error_line, read_summary
+        from winnow.job import error_line, read_summary
 
         status, submission_id = event.get("status"), event["submission_id"]
         RayJobLink.persist(context, self.hook.job_url(submission_id))

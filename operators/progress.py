@@ -1,8 +1,11 @@
 """A partition's progress in Airflow's task state store, scoped by the stage fingerprint.
 
-Storage is the source of truth; this record is what the UI and a later try see at a glance (job
-mode keeps its Ray job ids in a record of its own, see ``operators/base.py``). A cleared task keeps its store (Airflow
-3.3.2), so a record made under another stage fingerprint is ignored rather than trusted.
+``RowGroupStageOperator`` saves it when a try starts and when it ends (row groups committed, the
+failed ones and their first error); the next try of the same map index reads it back, compares it
+with storage and logs what it resumes. Storage is the source of truth: the record is never used to
+skip work, and the Curation view reads storage and the task states, not this record. Job mode keeps
+its Ray job ids in a record of its own (``winnow_airflow.jobs.RayJobRunner``). A cleared task keeps
+its store (Airflow 3.3.2), so a record made under another stage fingerprint is ignored.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ class PartitionProgress:
     """Read, reconcile and save one stage's progress for one mapped task instance.
 
     :param state_store: ``context["task_state_store"]`` (``None`` outside a task: no-op).
-    :param stage: the stage folder name (``embed``, ``output`` ...).
+    :param stage: the stage's name, its folder under the run root (``embed``, ``write`` ...).
     :param fingerprint: the digest in the stage's ``_stage.json``; the record's scope.
     :param log: where reconciliation notes go.
     """
@@ -67,7 +70,7 @@ class PartitionProgress:
              try_number: int | None = None) -> None:
         if self.state_store is None:
             return
-        from winnow.ray.results import failure_view  # here: the DAG file parses without the engine
+        from winnow.results import failure_view  # here: the DAG file parses without the engine
 
         value: dict[str, Any] = {
             "fingerprint": self.fingerprint,

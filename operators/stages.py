@@ -1,14 +1,18 @@
 """One operator per curation stage; each delegates to ``winnow.pipeline`` and stays small.
 
-The stage graph is the engine's registry (``winnow.stages.registry``): ``OPERATORS`` gives the
-operator of each registered stage, and the DAG wires them in the registry's order.
+The stage graph is the engine's registry (``winnow.registry``): ``OPERATORS`` gives the
+operator of each registered stage, and the DAG wires them in the registry's order. Importing this
+module checks that ``OPERATORS`` names exactly the registry's stages: a stage added there needs
+its operator here (most are three lines: a ``RowGroupStageOperator`` or ``GlobalStageOperator``
+subclass naming its ``stage``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from winnow.stages.registry import STAGES
+from winnow.registry import STAGES
 from winnow_airflow.base import CurationOperator, RowGroupStageOperator, engine_errors, step_fingerprint
 from winnow_airflow.exceptions import BucketsFailedError
 from winnow_airflow.jobs import JobTarget
@@ -31,6 +35,7 @@ class IndexOperator(CurationOperator):
     process only plans. Takes the :class:`CurationOperator` params.
     """
 
+
     def job_target(self, context: Context) -> JobTarget:
         import hashlib
         import json
@@ -39,7 +44,7 @@ class IndexOperator(CurationOperator):
         # The index has no stage folder yet: its job is scoped by the whole config.
         digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
         self._run_root = cfg.run_root
-        return JobTarget(stage="index", cfg=cfg, fingerprint=digest, label="the run",
+        return JobTarget(stage=self.stage, cfg=cfg, fingerprint=digest, label="the run",
                          try_number=getattr(context.get("ti"), "try_number", None))
 
     def execute(self, context: Context) -> list[int]:
@@ -59,14 +64,63 @@ class IndexOperator(CurationOperator):
         return list(summary["partitions"])
 
 
+# ---- partition stages: the row groups of one partition per task instance ------------------------
+# (mapped over the partition list the index task returns)
 
 
+class EmbedOperator(RowGroupStageOperator):
+    """Decodes each record's image and embeds it with the CLIP image tower (model workers, on GPUs
+    where the cluster has them): an L2-normalised float16 embedding, or the decode error."""
+
+
+
+class AestheticOperator(RowGroupStageOperator):
+    """Scores each embedding with the LAION aesthetic head (the ``thresholds`` step decides who passes)."""
+
+
+
+class NsfwOperator(RowGroupStageOperator):
+    """Scores each embedding with the LAION CLIP NSFW head (the ``thresholds`` step decides who passes)."""
+
+
+
+class ClipScoreOperator(RowGroupStageOperator):
+    """Scores how well each record's caption describes its image: the cosine of the CLIP text
+    embedding of the caption and the image embedding."""
+
+
+
+class AssignOperator(RowGroupStageOperator):
+    """Dedup step 2: each kept record's nearest centroid, written bucket by bucket for the
+    pairwise step."""
+
+
+
+class DedupOperator(RowGroupStageOperator):
+    """Dedup step 4: each row group's duplicate flags, from its partition's pairwise results."""
+
+
+
+class StatusOperator(RowGroupStageOperator):
+    """One row per input record: its outcome (kept, or why it was dropped) and every score."""
+
+
+
+class WriteOperator(RowGroupStageOperator):
+    """Writes the kept records of each row group: a WebDataset tar of their original bytes and the
+    curated Parquet beside it."""
+
+
+
+# ---- global stages: one task over the whole run -------------------------------------------------
 
 
 class GlobalStageOperator(CurationOperator):
     """A global step of the registry with no Airflow behaviour of its own (e.g. ``thresholds``):
-    its engine call (``winnow.pipeline.GLOBAL_STAGE_RUNNERS``) in a Ray task, or as a Ray Job in
+    its engine call (``winnow.pipeline.run_global``) in a Ray task, or as a Ray Job in
     job mode. Returns the step's summary (XCom)."""
+
+    stage: ClassVar[str]
 
     def job_target(self, context: Context) -> JobTarget:
         cfg = self.curation_config(context)
@@ -77,14 +131,17 @@ class GlobalStageOperator(CurationOperator):
         from winnow import pipeline
 
         target = self.job_target(context)
-        runner = pipeline.GLOBAL_STAGE_RUNNERS[self.stage]
-        return self.run_step(context, target, lambda **where: self.step_result(context, runner(
-            target.cfg, owner=self.lease_owner(context), log=self.log.info, **where)))
+        return self.run_step(context, target, lambda **where: self.step_result(context, pipeline.run_global(
+            target.cfg, self.stage, owner=self.lease_owner(context), log=self.log.info, **where)))
 
     def step_result(self, context: Context, summary: dict[str, Any]) -> dict[str, Any]:
         self.log.info("%s: %s", self.stage, summary)
         return summary
 
+
+class ThresholdsOperator(GlobalStageOperator):
+    """Fixes the threshold each score filter uses over the whole run: the absolute one given, or
+    the score a keep fraction picks."""
 
 
 
@@ -93,7 +150,6 @@ class CentroidsOperator(CurationOperator):
     task or a Ray Job (this process holds none of it). Returns the bucket list ``range(B)`` the
     pairwise step is mapped over; the small summary goes under XCom key ``summary``."""
 
-    stage = "centroids"
 
     def job_target(self, context: Context) -> JobTarget:
         cfg = self.curation_config(context)
@@ -104,16 +160,15 @@ class CentroidsOperator(CurationOperator):
         from winnow import pipeline
 
         target = self.job_target(context)
-        return self.run_step(context, target, lambda **where: self.step_result(context, pipeline.run_centroids(
-            target.cfg, owner=self.lease_owner(context), log=self.log.info, **where)))
+        return self.run_step(context, target, lambda **where: self.step_result(context, pipeline.run_global(
+            target.cfg, self.stage, owner=self.lease_owner(context), log=self.log.info, **where)))
 
     def step_result(self, context: Context, summary: dict[str, Any]) -> list[int]:
         result = dict(summary)
-        buckets = result.pop("bucket_list")
+        buckets = list(range(result["buckets"]))
         context["ti"].xcom_push(key="summary", value=result)
         self.log.info("centroids: %s", result)
         return buckets
-
 
 
 #: Labels a mapped pairwise instance with its bucket.
@@ -134,7 +189,6 @@ class PairwiseOperator(CurationOperator):
         super().__init__(**kwargs)
         self.bucket = bucket
 
-    stage = "pairwise"
 
     def job_target(self, context: Context) -> JobTarget:
         cfg = self.curation_config(context)
@@ -162,12 +216,11 @@ class PairwiseOperator(CurationOperator):
         self.log.info("pairwise bucket %s: %s", self.bucket, summary)
         if summary.get("failed_count"):
             from winnow import exceptions as engine
-            from winnow.ray.results import UnitSummary
+            from winnow.results import UnitSummary
 
             cause = engine.BucketsFailedError(self.stage, UnitSummary.from_dict(summary).failed)
             raise BucketsFailedError(str(cause)) from cause
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool, type(None)))}
-
 
 
 class ReportOperator(CurationOperator):
@@ -183,7 +236,7 @@ class ReportOperator(CurationOperator):
     def __init__(self, *, partition_task_ids: list[str] | tuple[str, ...] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if partition_task_ids is None:
-            from winnow.stages.registry import partition_stages
+            from winnow.registry import partition_stages
 
             partition_task_ids = [spec.task_id for spec in partition_stages()]
         self.partition_task_ids = list(partition_task_ids)
@@ -202,36 +255,47 @@ class ReportOperator(CurationOperator):
         return summary
 
 
-#: The stages whose operators have Airflow behaviour of their own (what they return to map over).
-_OWN_OPERATORS: dict[str, type[CurationOperator]] = {
-    "index": IndexOperator,
-    "centroids": CentroidsOperator,
-    "pairwise": PairwiseOperator,
-}
+def stage_of(operator_name: str) -> str:
+    """The stage an operator class runs, from its name: ``DedupFlagsOperator`` would run ``dedup_flags``.
+
+    >>> stage_of("DedupFlagsOperator"), stage_of("EmbedOperator")
+    ('dedup_flags', 'embed')
+    """
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", operator_name.removesuffix("Operator")).lower()
 
 
-def _operator_for(spec: Any) -> type[CurationOperator]:
-    """The operator of a registry stage without one of its own: a row-group stage operator (a
-    partition stage) or a global step operator, named after the stage (``clip_score`` ->
-    ``ClipScoreOperator``) and importable from this module, as Airflow expects of an operator."""
-    if spec.name in _OWN_OPERATORS:
-        return _OWN_OPERATORS[spec.name]
-    if spec.scope == "bucket":
-        raise TypeError(f"bucket stage {spec.name!r} needs an operator of its own (what it maps over)")
-    base = RowGroupStageOperator if spec.scope == "partition" else GlobalStageOperator
-    name = "".join(part.title() for part in spec.name.split("_")) + "Operator"
-    where = "over the row groups of one partition" if spec.scope == "partition" else "over the whole run"
-    cls = type(name, (base,), {
-        "stage": spec.name, "__module__": __name__,
-        "__doc__": f"Runs the ``{spec.name}`` stage ({spec.compute}) {where}.",
-    })
-    globals()[name] = cls
-    return cls
+def _by_stage(*operators: type[CurationOperator]) -> dict[str, type[CurationOperator]]:
+    for op in operators:
+        op.stage = stage_of(op.__name__)
+    return {op.stage: op for op in operators}
 
 
-#: The operator of every stage of the engine's registry, derived from it: adding a stage needs
-#: an operator only where it has Airflow behaviour of its own.
-OPERATORS: dict[str, type[CurationOperator]] = {spec.name: _operator_for(spec) for spec in STAGES}
+#: The operator of every stage of the engine's registry (``winnow.registry.STAGES``), by
+#: stage name, in the registry's order; each runs the stage its class is named after.
+OPERATORS: dict[str, type[CurationOperator]] = _by_stage(
+    IndexOperator, EmbedOperator, AestheticOperator, NsfwOperator, ClipScoreOperator, ThresholdsOperator,
+    CentroidsOperator, AssignOperator, PairwiseOperator, DedupOperator, StatusOperator, WriteOperator,
+)
+
+
+def _check_operators() -> None:
+    """Every registry stage has an operator of its kind running that stage, and nothing else does."""
+    names = {spec.name for spec in STAGES}
+    if set(OPERATORS) != names:
+        raise AssertionError(
+            f"winnow_airflow.stages.OPERATORS does not match the stage registry: no operator for "
+            f"{sorted(names - set(OPERATORS))}, operators of unknown stages {sorted(set(OPERATORS) - names)}"
+        )
+    for spec in STAGES:
+        op = OPERATORS[spec.name]
+        if getattr(op, "stage", None) != spec.name:
+            raise AssertionError(f"OPERATORS[{spec.name!r}] ({op.__name__}) runs stage {getattr(op, 'stage', None)!r}")
+        if (spec.scope == "partition") != issubclass(op, RowGroupStageOperator):
+            raise AssertionError(f"{op.__name__} runs {spec.scope} stage {spec.name!r}: partition stages, and "
+                                 "only they, take a RowGroupStageOperator")
+
+
+_check_operators()
 
 
 def _counts(summary: dict[str, Any]) -> dict[str, Any]:

@@ -165,7 +165,7 @@ class RayJobTrigger(BaseTrigger):
 
 
 def _finishing(logs: str) -> bool:
-    from winnow.ray.job import ERROR_MARKER, SUMMARY_MARKER
+    from winnow.job import ERROR_MARKER, SUMMARY_MARKER
 
     tail = logs[-20000:]
     return SUMMARY_MARKER in tail or ERROR_MARKER in tail

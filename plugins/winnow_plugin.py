@@ -22,8 +22,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.middleware.gzip import GZipMiddleware
 
+from winnow.registry import STAGES
 from winnow.runkey import default_run_key, run_key_of, run_key_problem
-from winnow.stages.registry import STAGES
 from winnow_airflow.links import DAG_ID, PARTITION_VIEW_ROUTE, RUN_VIEW_ROUTE
 
 STATIC = Path(__file__).with_name("winnow_static")
@@ -203,6 +203,17 @@ def asset(name: str) -> FileResponse:
 
 # ---- data ------------------------------------------------------------------------------------
 
+@app.get("/api/filters", dependencies=[READ_ACCESS])
+def filter_list() -> dict[str, Any]:
+    """The filters as declared (:func:`winnow.filters.describe`), every outcome with its words
+    and summary count, in the order they are decided: the view builds its menus, histograms,
+    sliders and summary rows from this and names no filter itself."""
+    from winnow.filters import COUNT_NAMES, describe, outcome_labels
+
+    return {"filters": describe(),
+            "outcomes": [{"name": o, "label": label, "count": COUNT_NAMES[o]} for o, label in outcome_labels().items()]}
+
+
 @app.get("/api/runs/{run_id}/progress", dependencies=[READ_ACCESS])
 def progress(run_id: str, request: Request) -> Response:
     """Stage x row-group map (run-length encoded), counts, records/s, errors, summary; each
@@ -267,10 +278,10 @@ SCORES_TTL_S = 15.0
 @app.get("/api/runs/{run_id}/scores", dependencies=[READ_ACCESS])
 def scores(run_id: str) -> dict[str, Any]:
     """Histograms of committed scores and what other thresholds would keep
-    (:func:`winnow.report.scores.score_histograms`): the aesthetic x nsfw joint histogram, the
-    CLIP-score histogram, the thresholds the run used (and whether its CLIP-score filter is on),
-    the kept count, and for the aesthetic and CLIP-score keep fractions 0.01..1.00 the threshold
-    each picks and how many records it keeps."""
+    (:func:`winnow.report.scores.score_histograms`): one histogram per filter with the threshold
+    the run used (and whether the filter is on), the what-if cells (every combination of
+    thresholds), the kept count, and for each filter with a keep fraction the threshold each
+    fraction 0.01..1.00 picks and how many records it keeps."""
     from winnow.report.scores import score_histograms
 
     run, root = _resolved(run_id)

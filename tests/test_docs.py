@@ -59,7 +59,7 @@ def _architecture() -> str:
 def test_architecture_stage_table_is_the_registry():
     """The table under "The stage graph, declared once": one row per registry stage, in order,
     with its scope, upstream stages, model use and compute as registered."""
-    from winnow.stages.registry import STAGES
+    from winnow.registry import STAGES
 
     rows = re.findall(r"^\| `(\w+)` \| (\w+)[^|]* \| ([^|]*) \| (yes|no) \| `([\w.:]+)` \|$", _architecture(), flags=re.M)
     assert [r[0] for r in rows] == [s.name for s in STAGES]
@@ -69,7 +69,7 @@ def test_architecture_stage_table_is_the_registry():
 
 
 def test_architecture_names_every_stage_and_every_engine_package():
-    from winnow.stages.registry import STAGES
+    from winnow.registry import STAGES
 
     doc = _architecture()
     for spec in STAGES:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from winnow.ray.results import PartitionSummary
+    from winnow.results import PartitionSummary
 
 
 class WinnowError(Exception):
@@ -103,7 +103,7 @@ class BucketsFailedError(WinnowError):
     """Some buckets of a bucket stage failed; the others are committed and a rerun does only these."""
 
     def __init__(self, stage: str, failed: Mapping[int, str]) -> None:
-        from winnow.ray.results import failure_line
+        from winnow.results import failure_line
 
         self.stage, self.failed = stage, dict(failed)
         super().__init__(f"stage {stage!r}: {failure_line(self.failed, unit='bucket')}. "

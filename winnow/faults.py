@@ -10,7 +10,9 @@ group committed, i.e. mid-partition. ``"release": "/path/file"`` is a barrier: t
 waits just before its commit (in the process that commits it) until that file exists, then
 goes on to its fault; ``"mode": "hold"`` is the barrier alone (no fault), so a test can keep a
 job or task running until it has done what it must do while it runs (``"hold_timeout_s"``,
-default 1800: a barrier never released fails the row group instead of hanging it). A value
+default 1800: a barrier never released fails the row group instead of hanging it);
+``"held": "/path/file"`` gets a JSON line ``{"pid", "stage", "row_group"}`` appended as a row group
+starts waiting there, so the test knows which process holds what. A value
 ``@/path/spec.json`` reads the spec from that file
 each time a partition starts (a missing file: no faults), so tests against long-running Airflow
 services can change it between DAG runs. Never set it in production: it exists for the fault tests
@@ -42,6 +44,7 @@ class FaultSpec:
     times: int = 1
     release: str | None = None
     hold_timeout_s: float = 1800.0
+    held: str | None = None
 
     @classmethod
     def from_env(cls) -> FaultSpec | None:
@@ -63,6 +66,7 @@ class FaultSpec:
             times=int(spec.get("times", 1)),
             release=spec.get("release"),
             hold_timeout_s=float(spec.get("hold_timeout_s", 1800.0)),
+            held=spec.get("held"),
         )
 
     def fire(self, stage: str, row_group: int) -> None:
@@ -81,6 +85,9 @@ class FaultSpec:
             return
         print(f"test fault hold: stage {stage!r} row group {row_group} waits for {self.release}",
               file=sys.stderr, flush=True)
+        if self.held is not None:
+            with open(self.held, "a") as f:  # one short append: a reader sees whole lines
+                f.write(json.dumps({"pid": os.getpid(), "stage": stage, "row_group": row_group}) + "\n")
         deadline = time.monotonic() + self.hold_timeout_s
         while not os.path.exists(self.release):
             if time.monotonic() > deadline:

@@ -8,40 +8,56 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from winnow.exceptions import BucketsFailedError, ConfigError, RowGroupsFailedError, WinnowError
-from winnow.ray.resources import Compute, resolve_compute
-from winnow.ray.results import PartitionSummary
+from winnow.execution import Backend, Compute, Execution
+from winnow.filters import PARAMS as FILTER_PARAMS
 from winnow.ray.runner import run_stage_partition
+from winnow.registry import STAGES, partition_stages, run_phases, stage_spec
+from winnow.results import PartitionSummary, UnitSummary
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, lease
 from winnow.rowgroups.store import stage_fingerprint, write_json
-from winnow.stages.registry import STAGES, partition_stages, run_phases, stage_spec
 
 if TYPE_CHECKING:
-    from winnow.stages.base import Stage
+    from winnow.rowgroups.task import Stage
     from winnow.stages.decode import DecodeBackend
     from winnow.stages.models import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"
-#: Where the engine runs a partition's row groups: a Ray Data job, or a loop in this process.
-Backend = Literal["ray", "local"]
+
+
+def _with_filter_params(cls: type) -> type:
+    """Give ``cls`` one field per filter param (:data:`winnow.filters.PARAMS`: each filter's
+    threshold and keep fraction, with its declared default), after the field ``nsfw_weights``."""
+    annotations: dict[str, Any] = {}
+    for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+        annotations[name] = annotation
+        if name == "nsfw_weights":
+            for param in FILTER_PARAMS:
+                kind = "int" if param.integer else "float"
+                annotations[param.name] = f"{kind} | None" if param.nullable else kind
+                setattr(cls, param.name, param.default)
+    cls.__annotations__ = annotations
+    return cls
 
 
 @dataclass(frozen=True, kw_only=True)
+@_with_filter_params
 class CurationConfig:
     """Everything a curation run needs; the DAG's params map onto these fields one to one.
 
     Each knob is checked by the config of the stage that owns it (``EmbedConfig``,
     ``AestheticConfig``, ``DedupConfig``...); :meth:`validate` builds them all and reports every
-    problem at once.
+    problem at once. Besides the fields written here, every filter param of
+    :data:`winnow.filters.PARAMS` is a field (``aesthetic_threshold``, ``nsfw_threshold``,
+    ``clip_score_keep_fraction``...), with its declared default.
     """
 
     input_uri: str
@@ -54,11 +70,6 @@ class CurationConfig:
     model_dir: str | None = None
     aesthetic_weights: str | None = None
     nsfw_weights: str | None = None
-    aesthetic_threshold: float = 5.0
-    aesthetic_keep_fraction: float | None = None
-    nsfw_threshold: float = 0.5
-    clip_score_threshold: float = 0.0
-    clip_score_keep_fraction: float | None = None
     caption_field: str = "caption"
     dedup_eps: float = 0.05
     dedup_clusters: int = 0
@@ -94,8 +105,8 @@ class CurationConfig:
         if unknown:
             raise ConfigError(_unknown_keys(unknown, known | set(also_accepted)))
         values = {k: v for k, v in params.items() if k in known}
-        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights", "aesthetic_keep_fraction",
-                         "clip_score_keep_fraction"):
+        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights",
+                         *(p.name for p in FILTER_PARAMS if p.nullable)):
             if values.get(optional) in ("", None):
                 values[optional] = None
         missing = [k for k in ("input_uri", "output_root", "run_key") if not values.get(k)]
@@ -132,20 +143,22 @@ class CurationConfig:
 
         if run_key_problem(self.run_key):
             problems.append(run_key_problem(self.run_key))
-        model_ok = True
+        model_error = ""
         try:
             _ = self.model_spec  # resolving it checks the model name and weights
         except WinnowError as exc:
-            model_ok = False
+            model_error = str(exc)
             problems.append(f"model/pretrained: {exc}")
         by_message: dict[str, list[str]] = {}  # stages sharing one config report its problem once
         for spec in STAGES:
-            if spec.name in ("aesthetic", "nsfw", "clip_score") and not model_ok:
-                continue  # their embedding width comes from the model
             try:
-                self.stage_config(spec.name)
+                stage_config = self.stage_config(spec.name)
             except (ValueError, TypeError, WinnowError) as exc:
-                by_message.setdefault(str(exc), []).append(spec.name)
+                if str(exc) != model_error:  # said once above, not again per stage of that model
+                    by_message.setdefault(str(exc), []).append(spec.name)
+                continue
+            # A stage whose config names files (a head's weights) checks them here, once.
+            problems += getattr(stage_config, "file_problems", lambda: [])()
         problems += [f"{', '.join(names)}: {message}" for message, names in by_message.items()]
         try:
             from winnow.data.shards import list_shards
@@ -153,22 +166,6 @@ class CurationConfig:
             list_shards(self.input_uri)
         except WinnowError as exc:
             problems.append(f"input_uri: {exc}")
-        for name in ("aesthetic", "nsfw"):
-            path = getattr(self, f"{name}_weights")
-            if path is None and not self.allow_random_weights:
-                problems.append(
-                    f"{name}_weights is not set: give the path of the head's weights file, or set "
-                    "allow_random_weights=true for a test run (scores are then meaningless)"
-                )
-            elif path is not None and "://" not in path and not os.path.isfile(path):
-                problems.append(f"{name}_weights: no such file {path!r}")
-            elif path is not None and model_ok:
-                from winnow.stages.heads import check_head_width
-
-                try:
-                    check_head_width(name, path, model=self.model, embed_dim=self.model_spec.embed_dim)
-                except WinnowError as exc:
-                    problems.append(f"{name}_weights: {exc}")
         if problems:
             raise ConfigError("invalid curation parameters:\n  - " + "\n  - ".join(problems))
 
@@ -193,7 +190,7 @@ def make_stage(cfg: CurationConfig, name: str) -> Stage:
     if spec.scope != "partition":
         partition = ", ".join(s.name for s in partition_stages())
         raise ConfigError(f"stage {name!r} runs over the whole run, not per partition; row-group stages are {partition}")
-    return spec.load()(cfg.stage_config(name))
+    return spec.load_compute()(cfg.stage_config(name))
 
 
 def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan) -> dict[str, StageFingerprint]:
@@ -230,6 +227,9 @@ def prepare_stages(cfg: CurationConfig, plan: RowGroupPlan, *, log: Callable[[st
 
 
 # ---- the run -------------------------------------------------------------------------------
+#
+# Every step below takes the run's ``execution`` (where it runs: backend, Ray address, compute,
+# worker sizes), built once by its caller: run_all, an operator's try, the Ray Job entry.
 
 def _hold_lease(cfg: CurationConfig, owner: str | None) -> None:
     """Take or renew the run root's lease (``owner`` = the DAG run id); None skips it."""
@@ -237,22 +237,21 @@ def _hold_lease(cfg: CurationConfig, owner: str | None) -> None:
         lease.acquire(CommitStore(cfg.run_root), owner)
 
 
-def run_index(
-    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
-    ray_address: str | None = None, backend: Backend = "ray",
-    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
-) -> dict[str, Any]:
+def run_index(cfg: CurationConfig, *, execution: Execution, owner: str | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate, index the shards (resumable; scanned by Ray tasks in shard groups), fix the
     plan and check every stage's fingerprint.
 
-    ``compute`` / ``worker_cpus`` / ``worker_gpus`` are the model workers' (the scan tasks take
-    1 CPU each): checked here, before any work, against the alive Ray nodes."""
+    The execution's worker sizes are the model workers' (the scan tasks take 1 CPU each):
+    checked here, before any work, against the alive Ray nodes."""
+    from winnow.ray.resources import check_fits
+
     log = log or logger.info
     cfg.validate()
-    _check_workers(compute, worker_cpus, worker_gpus, ray_address=ray_address, backend=backend)
+    check_fits(execution)
     _hold_lease(cfg, owner)
     try:
-        return _index_and_prepare(cfg, log, ray_address=ray_address, backend=backend)
+        return _index_and_prepare(cfg, log, execution)
     except WinnowError:
         # Failing fast (changed config, bad shard) must not lock the run root against the
         # corrected rerun, which comes under a new run id.
@@ -261,27 +260,10 @@ def run_index(
         raise
 
 
-def _check_workers(compute: str | None, worker_cpus: float | None, worker_gpus: float | None, *,
-                   ray_address: str | None, backend: Backend) -> None:
-    """Fail fast on a ``compute`` that is not one of Ray Data's, or a worker size no alive node
-    holds (the run would otherwise wait forever at its first model stage)."""
-    from winnow.ray.resources import check_knobs, model_worker_request
-
-    compute = resolve_compute(compute, ray_address)
-    check_knobs(worker_cpus, worker_gpus)
-    if backend == "ray" and (worker_cpus is not None or worker_gpus is not None):
-        from winnow.ray.cluster import connect
-
-        connect(ray_address)
-        model_worker_request(compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
-
-
-def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None], *, ray_address: str | None,
-                       backend: Backend) -> dict[str, Any]:
-    from winnow.data.index import build_index
-
+def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None], execution: Execution) -> dict[str, Any]:
+    build_index = stage_spec("index").load_compute()
     result = build_index(cfg.run_root, cfg.stage_config("index"), overwrite=cfg.overwrite, log=log,
-                         backend=backend, ray_address=ray_address)
+                         execution=execution)
     plan = result.plan
     moved = prepare_stages(cfg, plan, log=log)
     partitions = list(range(plan.num_partitions))
@@ -306,25 +288,13 @@ def load_plan(cfg: CurationConfig) -> RowGroupPlan:
     return load_index(cfg.run_root).plan
 
 
-def run_partition(
-    cfg: CurationConfig,
-    stage: str,
-    partition: int,
-    *,
-    ray_address: str | None = None,
-    backend: Backend = "ray",
-    owner: str | None = None,
-    log: Callable[[str], None] | None = None,
-    compute: Compute | None = None,
-    worker_cpus: float | None = None,
-    worker_gpus: float | None = None,
-) -> PartitionSummary:
+def run_partition(cfg: CurationConfig, stage: str, partition: int, *, execution: Execution,
+                  owner: str | None = None, log: Callable[[str], None] | None = None) -> PartitionSummary:
     """Run one row-group stage over one partition; failures are in ``summary.failed``.
 
-    A model stage runs as ``compute`` (``"tasks"`` / ``"actors"``; None: the default of
-    :func:`winnow.ray.resources.default_compute`), each model worker of ``worker_cpus`` CPUs and
-    ``worker_gpus`` GPUs (None: the policy of :mod:`winnow.ray.resources`), never more than one
-    alive node holds."""
+    A model stage runs as the execution's ``compute``, each model worker of its ``worker_cpus``
+    CPUs and ``worker_gpus`` GPUs (None: the policy of :mod:`winnow.ray.resources`), never more
+    than one alive node holds."""
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     stage_obj = make_stage(cfg, stage)
@@ -332,50 +302,54 @@ def run_partition(
     # Never overwrite here: prepare_stages did that once for the run. This only refuses a
     # partition task whose config differs from what the stage folder was made with.
     store.ensure_stage(stage_fingerprints(cfg, plan)[stage], overwrite=False)
-    return run_stage_partition(
-        stage_obj, run_root=cfg.run_root, plan=plan, partition=partition,
-        uses_model=stage_spec(stage).uses_model, ray_address=ray_address, backend=backend, log=log,
-        compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
-    )
+    return run_stage_partition(stage_obj, run_root=cfg.run_root, plan=plan, partition=partition, execution=execution,
+                               uses_model=stage_spec(stage).uses_model, log=log)
 
 
-def run_centroids(
-    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
-    ray_address: str | None = None, backend: Backend = "ray",
-    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
-) -> dict[str, Any]:
-    """Dedup step 1: k-means on a bounded sample, in a Ray task of ``worker_cpus`` CPUs (default:
-    the largest alive node's, 1 beside a GPU) and ``worker_gpus`` GPUs. Returns its summary with
-    ``buckets``: the list ``range(B)`` the pairwise step is mapped over. (``compute`` is checked;
-    the step is one plain task either way.)"""
-    from winnow.stages.dedup_steps import run_centroids as centroids
+def run_global(cfg: CurationConfig, stage: str, *, execution: Execution, owner: str | None = None,
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run a global stage (one task over the whole run) and return its summary.
 
+    The index makes the plan (:func:`run_index`). Every other global stage gets the run root's
+    lease, the plan, its fingerprint checked (never overwriting: :func:`prepare_stages` did that
+    once for the run) and every row group of the partition stages it reads; then the compute its
+    registry entry names runs: ``fn(run_root, plan, config, fingerprint, *, execution, log)``
+    (``thresholds``: the threshold each filter uses; ``centroids``: dedup's k-means, whose
+    ``buckets`` is the number of pairwise units)."""
+    spec = stage_spec(stage)
+    if spec.scope != "global":
+        raise ConfigError(f"stage {stage!r} is not a global stage; global stages are "
+                          f"{', '.join(s.name for s in STAGES if s.scope == 'global')}")
+    if stage == "index":
+        return run_index(cfg, execution=execution, owner=owner, log=log)
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
-    resolve_compute(compute, ray_address)
-    # The step checks its fingerprint itself (never overwriting: prepare_stages did that once).
-    result = centroids(cfg.run_root, plan, cfg.dedup_config(), backend=backend, ray_address=ray_address, log=log,
-                       worker_cpus=worker_cpus, worker_gpus=worker_gpus)
-    return {**result, "bucket_list": list(range(result["buckets"]))}
+    store = CommitStore(cfg.run_root)
+    fingerprint = stage_fingerprints(cfg, plan)[stage]
+    store.ensure_stage(fingerprint, overwrite=False)
+    for up in spec.upstream:
+        if stage_spec(up).scope != "partition":
+            continue
+        missing = [rg for p in range(plan.num_partitions) for rg in store.missing(up, plan, p, clean_temp=False)]
+        if missing:
+            raise WinnowError(f"{stage} needs every row group of stage {up!r}; {len(missing)} are not "
+                              f"committed (first: {missing[:10]}). Run stage {up!r} for all partitions first.")
+    compute = spec.load_compute()
+    return compute(cfg.run_root, plan, cfg.stage_config(stage), fingerprint, log=log, execution=execution)
 
 
-def run_buckets(
-    cfg: CurationConfig, stage: str, buckets: list[int] | None = None, *, owner: str | None = None,
-    log: Callable[[str], None] | None = None, ray_address: str | None = None, backend: Backend = "ray",
-    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
-) -> Any:
-    """A bucket stage (dedup's ``pairwise``: its registry ``compute``) over ``buckets`` (all when None): a Ray task per
-    bucket not committed yet, of ``worker_cpus`` CPUs (default 1) and ``worker_gpus`` GPUs
-    (default 1 where a node has GPUs). Returns the :class:`~winnow.ray.results.UnitSummary`."""
+def run_buckets(cfg: CurationConfig, stage: str, buckets: list[int] | None = None, *, execution: Execution,
+                owner: str | None = None, log: Callable[[str], None] | None = None) -> UnitSummary:
+    """A bucket stage (dedup's ``pairwise``: its registry ``compute``) over ``buckets`` (all when
+    None): a Ray task per bucket not committed yet, of the execution's ``worker_cpus`` CPUs
+    (default 1) and ``worker_gpus`` GPUs (default 1 where a node has GPUs)."""
     spec = stage_spec(stage)
     if spec.scope != "bucket":
         raise ConfigError(f"stage {stage!r} is not mapped over buckets")
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
-    resolve_compute(compute, ray_address)
     # The stage's compute checks its fingerprint itself (never overwriting: prepare_stages did).
-    return spec.load()(cfg.run_root, plan, cfg.stage_config(stage), buckets, backend=backend,
-                       ray_address=ray_address, log=log, worker_cpus=worker_cpus, worker_gpus=worker_gpus)
+    return spec.load_compute()(cfg.run_root, plan, cfg.stage_config(stage), buckets, execution=execution, log=log)
 
 
 def run_report(
@@ -423,38 +397,6 @@ def run_report(
     return summary
 
 
-def run_thresholds(
-    cfg: CurationConfig, *, owner: str | None = None, log: Callable[[str], None] | None = None,
-    ray_address: str | None = None, backend: Backend = "ray",
-    compute: Compute | None = None, worker_cpus: float | None = None, worker_gpus: float | None = None,
-) -> dict[str, Any]:
-    """The threshold each filter uses over the whole run (absolute, or what a keep fraction
-    picks: an exact quantile of the committed scores, read in a Ray task one row group at a
-    time); committed once per configuration. Returns ``{"thresholds": {filter: value}, ...}``."""
-    from winnow.stages import thresholds
-
-    _hold_lease(cfg, owner)
-    plan = load_plan(cfg)
-    store = CommitStore(cfg.run_root)
-    fingerprint = stage_fingerprints(cfg, plan)["thresholds"]
-    store.ensure_stage(fingerprint, overwrite=False)
-    resolve_compute(compute, ray_address)
-    for stage in stage_spec("thresholds").upstream:
-        missing = [rg for p in range(plan.num_partitions) for rg in store.missing(stage, plan, p, clean_temp=False)]
-        if missing:
-            raise WinnowError(f"thresholds needs every row group of stage {stage!r}; {len(missing)} are not "
-                              f"committed (first: {missing[:10]}). Run stage {stage!r} for all partitions first.")
-    return thresholds.run_thresholds(cfg.run_root, plan, cfg.stage_config("thresholds"), fingerprint,
-                                     backend=backend, ray_address=ray_address, log=log)
-
-
-#: The engine call of each global stage, as the registry names it (its ``compute``): ``(cfg,
-#: owner=, log=, ray_address=, backend=, compute=, worker_cpus=, worker_gpus=) -> summary dict``.
-GLOBAL_STAGE_RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
-    spec.name: spec.load() for spec in STAGES if spec.scope == "global"
-}
-
-
 def run_all(
     cfg: CurationConfig,
     *,
@@ -469,11 +411,12 @@ def run_all(
     """The whole curation without Airflow, in the DAG's order (the registry's phases; the
     stages of a partition phase run depth-first per partition).
 
-    Model workers run as ``compute``: by default ``"tasks"`` when this call starts its own
-    embedded Ray (no ``ray_address`` and ``WINNOW_RAY_EMBEDDED`` is not ``shared``), else
-    ``"actors"`` (:func:`winnow.ray.resources.default_compute`); each of ``worker_cpus`` CPUs
-    and ``worker_gpus`` GPUs, or the policy of :mod:`winnow.ray.resources` (never more than one
-    alive node holds).
+    Where it runs is one :class:`~winnow.execution.Execution`, built (and checked) here from
+    ``backend``, ``ray_address``, ``compute``, ``worker_cpus`` and ``worker_gpus``. Model workers
+    run as ``compute``: by default ``"tasks"`` when this call starts its own embedded Ray (no
+    ``ray_address`` and ``WINNOW_RAY_EMBEDDED`` is not ``shared``), else ``"actors"``
+    (:func:`winnow.execution.default_compute`); each of ``worker_cpus`` CPUs and ``worker_gpus``
+    GPUs, or the policy of :mod:`winnow.ray.resources` (never more than one alive node holds).
 
     Raises :class:`RowGroupsFailedError` after every stage that could run has run, when any
     row group failed. ``owner`` names the run-root lease. By default it is this process: if it
@@ -483,31 +426,29 @@ def run_all(
     """
     log = log or logger.info
     t0 = time.perf_counter()
-    compute = resolve_compute(compute, ray_address)
-    workers = {"compute": compute, "worker_cpus": worker_cpus, "worker_gpus": worker_gpus}
+    execution = Execution(backend=backend, ray_address=ray_address, compute=compute, worker_cpus=worker_cpus,
+                          worker_gpus=worker_gpus)
     owner = owner or lease.process_owner()
+    step = {"execution": execution, "owner": owner, "log": log}
     partitions: list[int] = []
     summaries: list[dict[str, Any]] = []
     try:
         for scope, specs in run_phases():
             if scope == "global":
-                result = GLOBAL_STAGE_RUNNERS[specs[0].name](cfg, owner=owner, log=log, ray_address=ray_address,
-                                                             backend=backend, **workers)
+                result = run_global(cfg, specs[0].name, **step)
                 if specs[0].name == "index":
                     partitions = list(result["partitions"])
                 continue
             if scope == "bucket":
                 (spec,) = specs
-                bs = run_buckets(cfg, spec.name, owner=owner, log=log, ray_address=ray_address, backend=backend,
-                                 **workers)
+                bs = run_buckets(cfg, spec.name, **step)
                 if bs.failed:
                     raise BucketsFailedError(spec.name, bs.failed)
                 continue
             failed: list[PartitionSummary] = []
             for p in partitions:
                 for spec in specs:
-                    s = run_partition(cfg, spec.name, p, ray_address=ray_address, backend=backend, owner=owner, log=log,
-                                      **workers)
+                    s = run_partition(cfg, spec.name, p, **step)
                     summaries.append(s.to_dict())
                     if not s.ok:
                         failed.append(s)
@@ -521,4 +462,3 @@ def run_all(
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['write_dir']}")
     return summary
-

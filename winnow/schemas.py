@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from winnow.filters import OUTCOMES as FILTER_OUTCOMES
+from winnow.filters import VALUE_COLUMNS as _VALUE_COLUMNS
+
 #: Image member extensions the index accepts (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -63,16 +66,6 @@ NSFW = pa.schema(
     ]
 )
 
-CLIP_SCORE = pa.schema(
-    [
-        ("record_id", pa.int64()),
-        # cosine of the image embedding and the caption's text embedding (same CLIP model, so
-        # one space), in [-1, 1]; null when there is no image embedding or no caption
-        ("clip_score", pa.float32()),
-        ("has_caption", pa.bool_()),  # a caption was found (.txt sidecar, else the .json field)
-    ]
-)
-
 DEDUP = pa.schema(
     [
         ("record_id", pa.int64()),
@@ -82,8 +75,13 @@ DEDUP = pa.schema(
 )
 
 
-#: Every outcome a record can have, in the order they are decided (first match wins).
-OUTCOMES = ("exact_duplicate", "undecodable", "aesthetic", "nsfw", "no_caption", "clip_score", "duplicate", "kept")
+#: The columns the filters compare (winnow.filters.VALUE_COLUMNS), with their Arrow types: status
+#: rows, the curated Parquet and the gallery carry them.
+VALUE_FIELDS: tuple[tuple[str, pa.DataType], ...] = tuple((n, pa.type_for_alias(t)) for n, t in _VALUE_COLUMNS)
+
+#: Every outcome a record can have, in the order they are decided (first match wins): the
+#: filters' outcomes (winnow.filters) between the facts of the index, decode and dedup.
+OUTCOMES = FILTER_OUTCOMES
 #: Outcomes of members the index skipped (they have no record_id).
 SKIPPED_OUTCOMES = ("no_image", "duplicate_key")
 
@@ -95,9 +93,7 @@ STATUS = pa.schema(
         ("uid", pa.string()),  # null for a member without an image
         ("outcome", pa.string()),  # one of OUTCOMES or SKIPPED_OUTCOMES
         ("reason", pa.string()),  # why, in words (the decode error, the score and threshold...)
-        ("aesthetic_score", pa.float32()),
-        ("nsfw_score", pa.float32()),
-        ("clip_score", pa.float32()),
+        *VALUE_FIELDS,  # what each filter compared (aesthetic_score, nsfw_score, clip_score...)
         ("duplicate_of", pa.int64()),  # record_id of the kept twin (exact or near duplicate)
         ("duplicate_of_key", pa.string()),
     ]
@@ -114,9 +110,7 @@ def write_schema(dim: int) -> pa.Schema:
             ("shard", pa.string()),
             ("caption", pa.string()),
             ("json", pa.string()),
-            ("aesthetic_score", pa.float32()),
-            ("nsfw_score", pa.float32()),
-            ("clip_score", pa.float32()),
+            *VALUE_FIELDS,
             ("embedding", embedding_type(dim)),
         ]
     )

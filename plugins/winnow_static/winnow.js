@@ -14,7 +14,8 @@
   const $ = (id) => document.getElementById(id);
 
   const state = { progress: null, etag: null, timer: null, finished: false, maps: {}, scores: null,
-                  galleryNext: 0, galleryLoaded: false, scoresLoaded: false, firstPaint: null };
+                  galleryNext: 0, galleryLoaded: false, scoresLoaded: false, firstPaint: null,
+                  filters: [], outcomes: [] };
 
   function text(el, value) { el.textContent = value; return el; }
   function el(tag, cls, content) {
@@ -146,8 +147,9 @@
     const t = $("summary");
     $("summary-title").hidden = t.hidden = !summary;
     if (!summary) return;
-    const keys = ["records", "kept", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped", "no_caption",
-      "clip_score_dropped", "duplicates", "written",
+    // Every outcome's count as the server lists them (kept first), then the run's other numbers.
+    const counts = state.outcomes.map((o) => o.count);
+    const keys = ["records", "kept", ...counts.filter((k) => k !== "kept"), "written",
       "members_without_image", "row_groups", "partitions", "row_groups_computed", "row_groups_skipped", "output"];
     const body = t.tBodies[0];
     body.replaceChildren();
@@ -335,9 +337,15 @@
     const cap = el("figcaption");
     cap.append(el("div", "key", item.key), el("div", "reason", item.reason));
     const scores = [];
-    if (item.aesthetic_score !== null) scores.push("aesthetic " + item.aesthetic_score.toFixed(3));
-    if (item.nsfw_score !== null) scores.push("nsfw " + item.nsfw_score.toFixed(3));
-    if (item.clip_score !== null && item.clip_score !== undefined) scores.push("clip " + item.clip_score.toFixed(3));
+    const seen = new Set();
+    for (const f of state.filters) {
+      for (const c of f.columns) {
+        if (seen.has(c)) continue;
+        seen.add(c);
+        const v = item[c];
+        if (v !== null && v !== undefined) scores.push(c + " " + (Number.isInteger(v) ? String(v) : v.toFixed(3)));
+      }
+    }
     cap.append(el("div", "muted", scores.join(" · ") + " · row group " + item.row_group));
     c.append(cap);
     return c;
@@ -346,107 +354,138 @@
   $("more").addEventListener("click", () => loadGallery(false));
 
   // ---- score histograms, what-if thresholds and keep fractions ---------------------------
+  // One figure per filter the server lists: its histogram, a what-if threshold slider (and an
+  // on/off box where the filter can be off), and a keep-fraction slider where it has one.
   function known(v) { return v !== null && v !== undefined; }
   function num(v, digits) { return known(v) ? Number(v).toFixed(digits) : "–"; }
+  const KEPT_SIDE = { ">=": "kept: at least the threshold", "<": "kept: below the threshold", "<=": "kept: at most the threshold" };
+  function passesBin(f, b, t) {
+    if (b < 0) return false;
+    return f.keep === ">=" ? f.edges[b] >= t - 1e-12 : f.edges[b + 1] <= t + 1e-12;
+  }
   async function loadScores() {
     const r = await fetch(api + "/scores", { credentials: "same-origin" });
     const body = await r.json().catch(() => ({}));
     if (!r.ok) { text($("scores-note"), body.detail || ("HTTP " + r.status)); return; }
     state.scores = body;
-    const s = body, clip = s.clip || {};
-    const th = s.thresholds || {};
-    const filter = s.clip_filter_on === true ? "on (kept: at least " + num(th.clip_score, 3) + ")"
-      : s.clip_filter_on === false ? "off: no record is dropped for its CLIP score or for having no caption"
-      : "not known yet (the run has not reached its thresholds step)";
-    text($("scores-note"), fmt(s.scored) + " decoded, non-duplicate records scored in " + fmt(s.row_groups) + " row groups" +
+    const s = body;
+    const off = s.filters.filter((f) => f.enabled === false).map((f) => f.label);
+    const unknown = s.filters.some((f) => f.enabled === null);
+    text($("scores-note"), fmt(s.population) + " records in " + fmt(s.row_groups) + " row groups are neither exact duplicates, " +
+      "undecodable nor near duplicates: the histograms show those that have each value" +
       (s.sampled ? " (estimated from an even sample of the run's " + fmt(s.row_groups_total) + " row groups)" : "") +
       "; " + fmt(s.exact_duplicates) + " exact duplicates, " + fmt(s.undecodable) + " undecodable and " + fmt(s.duplicates) +
-      " near duplicates not shown. Duplicate flags are as the run's dedup found them. The CLIP-score histogram shows the " +
-      fmt(clip.scored) + " records with a caption and a CLIP score (" + fmt(clip.no_caption) + " decoded records have no caption)" +
-      (clip.row_groups_without_clip_score ? "; " + fmt(clip.row_groups_without_clip_score) + " row groups have no CLIP scores yet" : "") +
-      ". CLIP-score filter: " + filter + ".");
-    text($("clip-caption"), "CLIP score of caption and image (" + (s.clip_filter_on === true ? "kept: at least the threshold"
-      : s.clip_filter_on === false ? "filter off" : "filter not known yet") + ")");
-    // Without the run's thresholds (not reached yet) the sliders start where they keep everything.
-    setupSlider("ta", s.aesthetic_edges, th.aesthetic, 0);
-    setupSlider("tn", s.nsfw_edges, th.nsfw, s.nsfw_edges.length - 1);
-    setupFraction("fa", (s.keep_fractions || {}).aesthetic);
-    setupFraction("fc", (s.keep_fractions || {}).clip_score);
+      " near duplicates are not shown. Duplicate flags are as the run's dedup found them; records a filter dropped before " +
+      "decoding have no scores. " + (unknown ? "The run has not reached its thresholds step: its thresholds are not known yet."
+        : off.length ? "Filters off in this run: " + off.join(", ") + "." : "Every filter is on in this run."));
+    const hists = $("hists");
+    hists.replaceChildren();
+    for (const f of s.filters) hists.append(filterFigure(f));
     const sampleNote = s.sampled ? " Estimated from a sample of row groups: counts are of the records read (≈ × " + num(s.scale, 1) + " for the whole run)." : "";
-    text($("fractions-note"), "A keep fraction f keeps the round(f × n) best of the n records that have the score, over the whole run: " +
-      "the threshold is the score of the last of them, and every record scoring at least it is kept (ties included), " +
+    text($("fractions-note"), "A keep fraction f keeps the round(f × n) best of the n records that have the value, over the whole run: " +
+      "the threshold is the value of the last of them, and every record at least it is kept (ties included), " +
       "before the other filters and dedup." + sampleNote);
     drawScores();
   }
-  function setupSlider(id, edges, value, fallback) {
-    const input = $(id);
-    input.min = "0"; input.max = String(edges.length - 1); input.step = "1";
-    let best = known(value) ? 0 : fallback;
-    if (known(value)) edges.forEach((e, i) => { if (Math.abs(e - value) < Math.abs(edges[best] - value)) best = i; });
+  function filterFigure(f) {
+    const fig = el("figure");
+    fig.dataset.filter = f.name;
+    const cap = el("figcaption", "", f.label + " (" + (f.enabled === false ? "filter off in this run" : KEPT_SIDE[f.keep]) + ")");
+    const canvas = el("canvas");
+    canvas.id = "hist-" + f.name; canvas.width = 560; canvas.height = 240;
+    fig.append(cap, canvas);
+    const box = el("div", "whatif");
+    const label = el("label", "", "what-if " + f.threshold_param + " ");
+    const input = el("input");
+    input.type = "range"; input.id = "t-" + f.name;
+    input.min = "0"; input.max = String(f.edges.length - 1); input.step = "1";
+    // Start at the run's threshold; without one, where the filter keeps everything.
+    let best = f.keep === ">=" ? 0 : f.edges.length - 1;
+    if (known(f.threshold) && f.enabled !== false) f.edges.forEach((e, i) => { if (Math.abs(e - f.threshold) < Math.abs(f.edges[best] - f.threshold)) best = i; });
     input.value = String(best);
     input.addEventListener("input", drawScores);
-  }
-  // The slider starts at the run's keep fraction, else at the smallest fraction keeping all the run's threshold keeps.
-  function setupFraction(id, q) {
-    const input = $(id);
-    let start = 50;
-    if (q && q.table && q.table.length) {
-      if (known(q.run_fraction)) start = Math.round(q.run_fraction * 100);
-      else if (known(q.run_threshold)) {
-        const i = q.table.findIndex((row) => row.threshold <= q.run_threshold);
-        start = i < 0 ? 100 : i + 1;
-      }
+    const out = el("output"); out.id = "t-" + f.name + "-value";
+    label.append(input, out);
+    box.append(label);
+    if (known(f.off)) {
+      const on = el("label", "", " on ");
+      const check = el("input");
+      check.type = "checkbox"; check.id = "on-" + f.name; check.checked = f.enabled === true;
+      check.addEventListener("change", drawScores);
+      on.append(check);
+      box.append(on);
     }
-    input.value = String(Math.min(100, Math.max(1, start)));
-    input.addEventListener("input", drawScores);
+    if (f.fraction_param) {
+      const fl = el("label", "", f.fraction_param + " ");
+      const fr = el("input");
+      fr.type = "range"; fr.id = "f-" + f.name; fr.min = "1"; fr.max = "100"; fr.step = "1";
+      let start = 50;
+      const q = f.fraction_table;
+      if (q && q.length) {
+        if (known(f.run_fraction)) start = Math.round(f.run_fraction * 100);
+        else if (known(f.threshold)) {
+          const i = q.findIndex((row) => row.threshold <= f.threshold);
+          start = i < 0 ? 100 : i + 1;
+        }
+      }
+      fr.value = String(Math.min(100, Math.max(1, start)));
+      fr.addEventListener("input", drawScores);
+      const fo = el("output"); fo.id = "f-" + f.name + "-value";
+      fl.append(fr, fo);
+      const ft = el("p"); ft.id = "f-" + f.name + "-text";
+      box.append(fl, ft);
+    }
+    fig.append(box);
+    return fig;
   }
-  function fractionRow(id, q) {
-    const f = Number($(id).value);
-    text($(id + "-value"), (f / 100).toFixed(2));
-    return q && q.table && q.table.length ? q.table[f - 1] : null;
+  function whatIf(f) {
+    const check = $("on-" + f.name);
+    const on = check ? check.checked : true;
+    const t = f.edges[Number($("t-" + f.name).value)];
+    return { on, t };
   }
-  function fractionText(id, label, q, row, off) {
+  function fractionText(f, row) {
     const s = state.scores;
-    if (!row) { text($(id + "-text"), "No record has " + label + " yet."); return; }
+    const id = "f-" + f.name;
+    text($(id + "-value"), (Number($(id).value) / 100).toFixed(2));
+    if (!row) { text($(id + "-text"), "No record has a " + f.label + " yet."); return; }
     const est = s.sampled ? " (≈ " + fmt(Math.round(row.keeps * s.scale)) + " in the whole run)" : "";
     let run = "";
-    if (off) run = " The run's CLIP-score filter is off.";
-    else if (known(q.run_fraction)) run = " The run used keep fraction " + num(q.run_fraction, 2) + ": threshold " + num(q.run_threshold, 4) + ".";
-    else if (known(q.run_threshold)) run = " The run used an absolute threshold " + num(q.run_threshold, 4) + ".";
-    text($(id + "-text"), "Keep fraction " + row.fraction.toFixed(2) + " picks " + label + " ≥ " + row.threshold.toFixed(4) + ": it keeps " +
-      fmt(row.keeps) + " of " + fmt(q.scored) + " records with " + label + est + "." + run);
+    if (f.enabled === false) run = " The filter is off in this run.";
+    else if (known(f.run_fraction)) run = " The run used keep fraction " + num(f.run_fraction, 2) + ": threshold " + num(f.threshold, 4) + ".";
+    else if (known(f.threshold)) run = " The run used an absolute threshold " + num(f.threshold, 4) + ".";
+    text($(id + "-text"), "Keep fraction " + row.fraction.toFixed(2) + " picks " + f.label + " ≥ " + row.threshold.toFixed(4) + ": it keeps " +
+      fmt(row.keeps) + " of " + fmt(f.fraction_scored) + " records with a " + f.label + est + "." + run);
   }
   function drawScores() {
     const s = state.scores;
     if (!s) return;
-    const th = s.thresholds || {}, clip = s.clip || { edges: [0, 1], counts: [0] }, fr = s.keep_fractions || {};
-    const ia = Number($("ta").value), inn = Number($("tn").value);
-    const ta = s.aesthetic_edges[ia], tn = s.nsfw_edges[inn];
-    text($("ta-value"), ta.toFixed(3)); text($("tn-value"), tn.toFixed(3));
-    const rowA = fractionRow("fa", fr.aesthetic), rowC = fractionRow("fc", fr.clip_score);
-    const aHist = s.joint.map((row) => row.reduce((x, y) => x + y, 0));
-    const nHist = s.nsfw_edges.slice(1).map((_, j) => s.joint.reduce((x, row) => x + row[j], 0));
-    drawHist($("hist-aesthetic"), s.aesthetic_edges, aHist, { whatIf: ta, run: th.aesthetic, fraction: rowA && rowA.threshold, keptAbove: true,
-      isKept: (i) => s.aesthetic_edges[i] >= ta - 1e-12 });
-    drawHist($("hist-nsfw"), s.nsfw_edges, nHist, { whatIf: tn, run: th.nsfw, keptAbove: false,
-      isKept: (j) => s.nsfw_edges[j + 1] <= tn + 1e-12 });
-    const clipOn = s.clip_filter_on === true && known(clip.threshold);
-    drawHist($("hist-clip"), clip.edges, clip.counts, { run: clipOn ? clip.threshold : null, fraction: rowC && rowC.threshold, keptAbove: true,
-      isKept: (i) => !clipOn || clip.edges[i] >= clip.threshold - 1e-12,
-      note: s.clip_filter_on === false ? "filter off: none dropped for its CLIP score"
-        : clipOn ? null : "threshold not known yet" });
-    // With the run's CLIP-score filter on, the what-if counts only the records that pass it.
-    const joint = s.clip_filter_on === true && s.joint_clip_passed ? s.joint_clip_passed : s.joint;
+    const wi = s.filters.map(whatIf);
+    s.filters.forEach((f, k) => {
+      const { on, t } = wi[k];
+      text($("t-" + f.name + "-value"), on ? Number(t).toFixed(3) : "off");
+      const row = f.fraction_param && f.fraction_table && f.fraction_table.length ? f.fraction_table[Number($("f-" + f.name).value) - 1] : null;
+      if (f.fraction_param) fractionText(f, row);
+      drawHist($("hist-" + f.name), f.edges, f.counts, {
+        whatIf: on ? t : null, run: f.enabled === false ? null : f.threshold, fraction: row && row.threshold,
+        keptAbove: f.keep === ">=", isKept: (b) => !on || passesBin(f, b, t),
+        note: f.scored ? null : "no record has this value",
+      });
+    });
+    // The what-if: every cell (one bin per filter) that each filter turned on keeps.
+    const n = s.filters.length;
     let kept = 0;
-    joint.forEach((row, i) => row.forEach((n, j) => {
-      if (s.aesthetic_edges[i] >= ta - 1e-12 && s.nsfw_edges[j + 1] <= tn + 1e-12) kept += n;
-    }));
-    const share = s.scored ? (100 * kept / s.scored).toFixed(1) : "0";
-    const withClip = s.clip_filter_on === true ? " (and the run's CLIP-score filter, ≥ " + num(clip.threshold, 3) + ")" : "";
-    text($("whatif"), "With aesthetic ≥ " + ta.toFixed(3) + " and nsfw < " + tn.toFixed(3) + withClip + ": " + fmt(kept) + " of " + fmt(s.scored) +
-      " kept (" + share + "%); the run's thresholds keep " + fmt(s.kept_at_thresholds) + ".");
-    fractionText("fa", "aesthetic score", fr.aesthetic, rowA);
-    fractionText("fc", "CLIP score", fr.clip_score, rowC, s.clip_filter_on === false);
+    for (const cell of s.whatif.cells) {
+      let ok = true;
+      for (let k = 0; k < n && ok; k++) if (wi[k].on) ok = passesBin(s.filters[k], cell[k], wi[k].t);
+      if (ok) kept += cell[n];
+    }
+    kept = Math.round(kept * s.whatif.scale);
+    const parts = s.filters.map((f, k) => wi[k].on ? f.threshold_param + " " + Number(wi[k].t).toFixed(3) : f.name + " off");
+    const share = s.population ? (100 * kept / s.population).toFixed(1) : "0";
+    text($("whatif"), "With " + parts.join(", ") + ": " + fmt(kept) + " of " + fmt(s.population) + " kept (" + share + "%)" +
+      (s.whatif.sampled ? ", estimated from " + fmt(s.whatif.records) + " records" : "") +
+      "; the run's thresholds keep " + fmt(s.kept_at_thresholds) + ".");
     document.body.dataset.histDrawn = "1";
   }
   // opts: whatIf (red line), run (dashed: the run's threshold), fraction (blue: a keep fraction's
@@ -490,6 +529,24 @@
     ctx.fillText(rightLabel + " →", W - pad - ctx.measureText(rightLabel + " →").width, 12);
   }
 
+  // ---- the filters, as the engine declares them ----------------------------------------------
+  async function loadFilters() {
+    try {
+      const r = await fetch("../api/filters", { credentials: "same-origin" });
+      if (!r.ok) return;
+      const body = await r.json();
+      state.filters = body.filters || [];
+      state.outcomes = body.outcomes || [];
+    } catch (e) { return; }
+    const select = $("outcome");
+    const kept = state.outcomes.filter((o) => o.name === "kept");
+    for (const o of [...kept, ...state.outcomes.filter((o) => o.name !== "kept")]) {
+      const opt = el("option", "", o.name === "kept" ? o.label : "dropped: " + o.label);
+      opt.value = o.name;
+      select.append(opt);
+    }
+  }
+
   // ---- start ------------------------------------------------------------------------------
   if (dagId !== "image_curation") {
     message("This view shows image_curation runs only; this run belongs to " + dagId + ".");
@@ -497,6 +554,6 @@
   } else if (!runId) {
     message("No run_id in the address.");
   } else {
-    poll();
+    loadFilters().then(poll);
   }
 })();

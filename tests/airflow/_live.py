@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import requests
 
 from tests._procs import kill_until_gone
 from winnow.ray import cluster
+from winnow.ray.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_BIN = str(Path(sys.executable).with_name("airflow"))
@@ -34,12 +34,6 @@ FINISHED = ("success", "failed")
 
 class LiveAirflowError(AssertionError):
     """The live Airflow did not do what a test waited for; the message carries the log tail."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ray_head(temp_dir: Path, env: dict[str, str], *, num_cpus: int = 2) -> str:

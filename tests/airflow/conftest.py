@@ -16,33 +16,23 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# Tests import this module by name too; the env var keeps one AIRFLOW_HOME per session.
-AIRFLOW_HOME = os.environ.setdefault("WINNOW_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="winnow-airflow-"))
-AIRFLOW_ENV = {
-    "AIRFLOW_HOME": AIRFLOW_HOME,
-    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME}/airflow.db",
-    "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-}
 # Airflow's processes import winnow as a user's install does (the installed ``winnow`` and
 # ``winnow_airflow``, the DAG and plugin folders): the repo root is not put on their path.
 if str(REPO) not in sys.path[:1]:
     sys.path.insert(0, str(REPO))
+from benchmarks import _common  # noqa: E402  (the benchmarks set Airflow up the same way)
+from tests._tiny import TINY_MODEL  # noqa: E402
+
+# Tests import this module by name too; the env var keeps one AIRFLOW_HOME per session.
+AIRFLOW_HOME = os.environ.setdefault("WINNOW_TEST_AIRFLOW_HOME", tempfile.mkdtemp(prefix="winnow-airflow-"))
+AIRFLOW_ENV = _common.airflow_env(AIRFLOW_HOME, logging_level="INFO")
 os.environ.update(AIRFLOW_ENV)
-AIRFLOW_BIN = str(Path(sys.executable).with_name("airflow"))
+AIRFLOW_BIN = _common.AIRFLOW_BIN
 
 
 def airflow_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the ``airflow`` CLI against this test's AIRFLOW_HOME; fail with its output."""
-    proc = subprocess.run(
-        [AIRFLOW_BIN, *args], env={**os.environ, **AIRFLOW_ENV}, capture_output=True, text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return _common.airflow_cli(AIRFLOW_ENV, *args, timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -86,8 +76,7 @@ def curation_dag(dagbag):
 
 
 #: The shared cluster's DAG runs (``cluster_dag_runs``): 19 records in 4 row groups, 2 partitions.
-CLUSTER_RUNS_CONF = {"buffer_size": 5, "max_partitions": 2, "model": "winnow-tiny-vit", "pretrained": "random",
-                     "allow_random_weights": True, "aesthetic_threshold": 0.0}
+CLUSTER_RUNS_CONF = {"buffer_size": 5, "max_partitions": 2, **TINY_MODEL, "aesthetic_threshold": 0.0}
 
 
 @pytest.fixture(scope="session")
@@ -105,8 +94,9 @@ def cluster_dag_runs(shared_multinode, curation_dag, tmp_path_factory):
 
     import ray
 
+    from benchmarks._common import driver_conn, job_conn, jobs_of
     from tests._multinode import SHARED_WORKERS
-    from tests.airflow._ray_jobs import driver_conn, job_conn, jobs_of, timed_run
+    from tests.airflow._ray_jobs import timed_run
     from winnow.data.sample import generate_sample
     from winnow.pipeline import CurationConfig, run_all
 

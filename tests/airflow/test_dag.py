@@ -45,7 +45,7 @@ def test_dag_file_parses_without_engine_imports():
     assert probe["seconds"] < 5, probe
     # Only the engine's stage registry (pure Python) is read at parse time: neither the engine's
     # compute nor Ray, torch or storage clients are loaded.
-    assert probe["heavy"] == ["winnow", "winnow.runkey", "winnow.stages", "winnow.stages.registry"], probe["heavy"]
+    assert probe["heavy"] == ["winnow", "winnow.filters", "winnow.registry", "winnow.runkey"], probe["heavy"]
 
 
 def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_report(curation_dag):
@@ -89,7 +89,7 @@ def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_r
 
 
 def test_dag_task_ids_and_order_are_the_registry_s(curation_dag):
-    from winnow.stages.registry import STAGES, partition_stages, run_phases
+    from winnow.registry import STAGES, partition_stages, run_phases
     from winnow_airflow.stages import OPERATORS, ReportOperator
 
     dag = curation_dag
@@ -108,20 +108,37 @@ def test_dag_task_ids_and_order_are_the_registry_s(curation_dag):
             assert op.stage == name
 
 
+def test_operators_are_exactly_the_registry_s_stages_each_a_class_written_out():
+    import inspect
+    import re
+
+    import winnow_airflow.stages as stages
+    from winnow.registry import STAGES
+    from winnow_airflow.base import RowGroupStageOperator
+
+    assert list(stages.OPERATORS) == [spec.name for spec in STAGES]
+    source = inspect.getsource(stages)
+    for spec in STAGES:
+        op = stages.OPERATORS[spec.name]
+        assert op.stage == spec.name and issubclass(op, RowGroupStageOperator) == (spec.scope == "partition")
+        # Found by grep and by an IDE: a class statement of its own in the module, with a docstring.
+        assert re.search(rf"^class {op.__name__}\(", source, re.M), op.__name__
+        assert getattr(stages, op.__name__) is op and op.__module__ == "winnow_airflow.stages" and op.__doc__
+
+
 def test_param_ranges_are_those_of_the_configs_that_own_them(curation_dag):
+    from winnow.filters import PARAMS
     from winnow.stages.decode import DECODE_BACKENDS
     from winnow.stages.dedup import EPS_RANGE
-    from winnow.stages.thresholds import FILTERS
 
     params = curation_dag.params
     eps = params.get_param("dedup_eps").schema
     assert (eps["exclusiveMinimum"], eps["maximum"]) == EPS_RANGE
-    for rule in FILTERS:
-        schema = params.get_param(rule.threshold_param).schema
-        assert (schema["minimum"], schema["maximum"]) == (rule.low, rule.high), rule.threshold_param
-        if rule.fraction_param:
-            schema = params.get_param(rule.fraction_param).schema
-            assert (schema["exclusiveMinimum"], schema["maximum"], schema["type"]) == (0, 1, ["null", "number"])
+    for declared in PARAMS:  # every filter param is a DAG param with the declared range and default
+        param = params.get_param(declared.name)
+        schema = param.schema
+        assert {k: schema[k] for k in declared.json_schema()} == declared.json_schema(), declared.name
+        assert param.value == declared.default and schema["title"] == declared.title, declared.name
     assert tuple(params.get_param("decode_backend").schema["enum"]) == DECODE_BACKENDS
 
 

@@ -20,8 +20,9 @@ from unittest import mock
 
 import pytest
 
+from benchmarks._common import job_conn
 from tests._multinode import shared_multinode_fixture
-from tests.airflow._ray_jobs import job_conn, output
+from tests.airflow._ray_jobs import output
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -75,8 +76,8 @@ def test_every_step_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_j
     each phase: one job per task instance, no resubmission. The later stages of a phase (aesthetic,
     nsfw and clip_score after embed, status and write after dedup) ran in that job and their tasks
     submitted none."""
-    from winnow.ray.job import chained_stages
-    from winnow.stages.registry import STAGES
+    from winnow.job import chained_stages
+    from winnow.registry import STAGES
 
     chained = {c for spec in STAGES for c in chained_stages(spec.name)}
     assert chained == {"aesthetic", "nsfw", "clip_score", "status", "write"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import importlib
 import json
-import os
 from datetime import UTC, datetime
 
 import pytest
@@ -21,21 +20,11 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory):
     """A run whose write stage failed on row group 1 (test-only fault hook)."""
-    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
-    from winnow.exceptions import RowGroupsFailedError
-    from winnow.pipeline import CurationConfig, run_all
+    from tests.report._runs import failed_write_run
     from winnow.stages.write import STAGE
 
     root = tmp_path_factory.mktemp("plugin")
-    generate_sample(str(root / "in"), shards=1, per_shard=14, seed=5, corrupt=True)
-    cfg = CurationConfig(input_uri=str(root / "in"), output_root=str(root / "out"), run_key="r1", buffer_size=5,
-                         max_partitions=2, **{**TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6})
-    os.environ["WINNOW_TEST_FAULTS"] = json.dumps({"stage": STAGE, "row_groups": [1]})
-    try:
-        with pytest.raises(RowGroupsFailedError):
-            run_all(cfg, backend="local")
-    finally:
-        del os.environ["WINNOW_TEST_FAULTS"]
+    cfg = failed_write_run(root, run_key="r1", shards=1, per_shard=14, seed=5, max_partitions=2, failed_row_group=1)
     return {"out": str(root / "out"), "run_root": cfg.run_root, "stage": STAGE}
 
 
@@ -117,8 +106,9 @@ def http(airflow_db):
 
 
 def _paths(run_id: str) -> list[str]:
-    return [f"/ui/run?dag_id=image_curation&run_id={run_id}", "/static/winnow.js", f"/api/runs/{run_id}/progress",
-            f"/api/runs/{run_id}/gallery", f"/api/runs/{run_id}/scores", f"/api/runs/{run_id}/thumbs/0/0/100"]
+    return [f"/ui/run?dag_id=image_curation&run_id={run_id}", "/static/winnow.js", "/api/filters",
+            f"/api/runs/{run_id}/progress", f"/api/runs/{run_id}/gallery", f"/api/runs/{run_id}/scores",
+            f"/api/runs/{run_id}/thumbs/0/0/100"]
 
 
 def test_plugin_loads_and_declares_its_tabs(airflow_db):
@@ -201,11 +191,19 @@ def test_gallery_pages_filter_and_thumbnails_come_as_jpeg_by_offset(http, dag_ru
     assert client.get(f"{base}/thumbs/0/-1/100", headers=admin).status_code in (404, 422)
 
 
-def test_scores_give_a_joint_histogram_that_adds_up(http, dag_runs):
+def test_scores_give_histograms_and_whatif_cells_that_add_up_to_the_runs_kept_count(http, dag_runs, curated):
+    from tests.report.test_report import _consistent, run_limits, whatif_kept
+    from winnow.data.index import load_index
+    from winnow.stages.status import count_outcomes
+
     _, client, admin, _ = http
     s = client.get(f"/api/runs/{dag_runs['ok']}/scores", headers=admin).json()
-    assert sum(map(sum, s["joint"])) == s["scored"] > 0
-    assert s["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0} and s["clip_filter_on"] is False
+    _consistent(s)
+    assert s["population"] > 0 and all(f["scored"] > 0 for f in s["filters"] if f["enabled"])
+    assert s["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0}
+    assert s["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    counts = count_outcomes(curated["run_root"], load_index(curated["run_root"]).plan)
+    assert whatif_kept(s, run_limits(s)) == s["kept_at_thresholds"] == counts["kept"]
 
 
 def test_run_root_comes_from_the_index_tasks_xcom_before_the_conf():
@@ -229,42 +227,54 @@ def test_extra_link_points_at_the_tab_of_the_task_instance():
 def test_scores_give_the_clip_histogram_and_keep_fraction_tables_the_thresholds_step_would_pick(http, built):
     import numpy as np
 
+    from tests.report.test_report import _by_name, _consistent, run_limits, whatif_kept
     from winnow.stages.thresholds import keep_count, kth_best
 
     _, client, admin, _ = http
     m = built["fractions"]
     r = m["records"]
     s = client.get(f"/api/runs/{m['run_id']}/scores", headers=admin).json()
-    clip = s["clip"]
-    assert s["clip_filter_on"] is True and clip["enabled"] is True and s["filters"]["clip_score"]["keep_fraction"] == 0.7
-    assert sum(clip["counts"]) == clip["scored"] == int((~np.isnan(r.clip)).sum()) > 0
+    _consistent(s)
+    by = _by_name(s)
+    clip = by["clip_score"]
+    assert s["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True} and clip["enabled"] is True
+    assert s["entries"]["clip_score"]["keep_fraction"] == clip["run_fraction"] == 0.7
+    assert sum(clip["counts"]) == clip["scored"] == int((~np.isnan(r.clip) & r.population).sum()) > 0
     assert clip["threshold"] == s["thresholds"]["clip_score"] and clip["threshold"] in clip["edges"]
     assert sum(clip["counts"][clip["edges"].index(clip["threshold"]):]) == clip["kept_at_threshold"]
+    assert not s["sampled"] and not s["whatif"]["sampled"]
     for name, values in (("aesthetic", r.aesthetic), ("clip_score", r.clip)):
-        q = s["keep_fractions"][name]
+        f = by[name]
+        q = f["fraction_table"]
         n = int((~np.isnan(values)).sum())
-        assert q["scored"] == n and len(q["table"]) == 100 and not q["sampled"]
-        for row in q["table"]:
+        assert f["fraction_scored"] == n and len(q) == 100
+        for row in q:
             assert row["threshold"] == kth_best(lambda v=values: iter([v]), keep_count(row["fraction"], n)), (name, row)
             assert row["keeps"] == int((values[~np.isnan(values)] >= row["threshold"]).sum())
-        run_row = q["table"][round(q["run_fraction"] * 100) - 1]
-        assert run_row["fraction"] == q["run_fraction"] and run_row["threshold"] == s["thresholds"][name]
-    assert s["kept_at_thresholds"] == np.array(s["joint_clip_passed"])[
-        s["aesthetic_edges"].index(s["thresholds"]["aesthetic"]):, :s["nsfw_edges"].index(0.5)].sum()
+        run_row = q[round(f["run_fraction"] * 100) - 1]
+        assert run_row["fraction"] == f["run_fraction"] and run_row["threshold"] == s["thresholds"][name] == f["threshold"]
+    assert by["aesthetic"]["run_fraction"] == 0.4 and s["thresholds"]["nsfw"] == 0.5
+    assert s["kept_at_thresholds"] == whatif_kept(s, run_limits(s)) == r.kept_by(run_limits(s))
 
 
 def test_scores_of_a_run_with_the_clip_filter_off_say_so(http, built):
+    from tests.report.test_report import _by_name, _consistent, run_limits, whatif_kept
+
     _, client, admin, _ = http
-    s = client.get(f"/api/runs/{built['clipoff']['run_id']}/scores", headers=admin).json()
-    assert s["clip_filter_on"] is False and s["clip"]["enabled"] is False and s["clip"]["kept_at_threshold"] is None
+    m = built["clipoff"]
+    s = client.get(f"/api/runs/{m['run_id']}/scores", headers=admin).json()
+    _consistent(s)
+    clip = _by_name(s)["clip_score"]
+    assert s["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    assert clip["enabled"] is False and clip["kept_at_threshold"] is None and clip["run_fraction"] is None
     assert s["thresholds"] == {"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.0}
-    assert s["joint_clip_passed"] == s["joint"] and s["keep_fractions"]["clip_score"]["run_fraction"] is None
-    assert sum(s["clip"]["counts"]) == s["clip"]["scored"] > 0
+    assert sum(clip["counts"]) == clip["scored"] > 0
+    # Off: it drops nothing, records without a caption included.
+    assert run_limits(s)["clip_score"] is None and clip["missing"]["records"] > 0
+    assert s["kept_at_thresholds"] == whatif_kept(s, run_limits(s)) == m["records"].kept_by(run_limits(s))
 
 
 def test_the_gallery_filters_and_explains_every_outcome_and_the_page_lists_them(http, built):
-    import re
-
     from tests.report.test_report import GALLERY_ROWS
     from winnow.stages.thumbnails import OUTCOMES
 
@@ -272,14 +282,62 @@ def test_the_gallery_filters_and_explains_every_outcome_and_the_page_lists_them(
     base = f"/api/runs/{built['fractions']['run_id']}"
     page = client.get(f"{base}/gallery?limit=200", headers=admin).json()
     assert [i["outcome"] for i in page["items"]] == [row["outcome"] for row in GALLERY_ROWS]
-    assert page["outcomes"] == list(OUTCOMES) and page["clip_filter_on"] is True
+    assert page["outcomes"] == list(OUTCOMES)
+    assert page["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True}
     for outcome in OUTCOMES:
         items = client.get(f"{base}/gallery?outcome={outcome}", headers=admin).json()["items"]
         assert [i["outcome"] for i in items] == [outcome] and items[0]["reason"], outcome
-    html = client.get(f"/ui/run?dag_id=image_curation&run_id={built['fractions']['run_id']}", headers=admin).text
-    assert re.findall(r'<option value="(\w+)">', html) == list(OUTCOMES)
-    for element in ('id="hist-clip"', 'id="fa"', 'id="fc"'):
-        assert element in html
+    # The page's outcome menu is made from /api/filters: see the test after this one.
+    html = client.get(f"/ui/run?dag_id=image_curation&run_id={built['fractions']['run_id']}", headers=admin)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+
+
+def _filter_words() -> dict[str, str]:
+    """Every word that belongs to one filter (its name, outcome, summary count, params and
+    columns) -> the filter."""
+    from winnow.filters import FILTERS
+
+    words: dict[str, str] = {}
+    for spec in FILTERS:
+        own = [spec.name, spec.outcome, spec.count, *(p.name for p in spec.params), *spec.column_names]
+        if spec.missing is not None:
+            own += [spec.missing.outcome, spec.missing.count, spec.missing.column]
+        words.update(dict.fromkeys(own, spec.name))
+    return words
+
+
+def test_the_filter_list_comes_from_the_declarations_and_the_view_names_no_filter(http):
+    import re
+    from pathlib import Path
+
+    from winnow.filters import COUNT_NAMES, FILTERS, OUTCOMES, PARAMS, describe
+
+    plugin, client, admin, _ = http
+    r = client.get("/api/filters", headers=admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["filters"] == json.loads(json.dumps(describe()))
+    assert [f["name"] for f in body["filters"]] == [spec.name for spec in FILTERS]
+    for f, spec in zip(body["filters"], FILTERS):
+        assert (f["keep"], f["label"], f["outcome"], f["count"], f["columns"], f["off"]) == \
+            (spec.keep, spec.label, spec.outcome, spec.count, list(spec.column_names), spec.off)
+        assert [f["threshold_param"], f["fraction_param"]] == [p.name for p in spec.params] + [None] * (2 - len(spec.params))
+    assert [p for f in body["filters"] for p in (f["threshold_param"], f["fraction_param"]) if p] == [p.name for p in PARAMS]
+    assert [o["name"] for o in body["outcomes"]] == list(OUTCOMES)
+    assert all(o["count"] == COUNT_NAMES[o["name"]] and o["label"] for o in body["outcomes"])
+    # The view builds its menus, histograms and sliders from that list: neither the page nor its
+    # script writes a filter's word as a string, an option value or (the script) a property.
+    static = Path(plugin.__file__).with_name("winnow_static")
+    found = []
+    for name in ("winnow.js", "run.html"):
+        text = (static / name).read_text()
+        for word, spec in _filter_words().items():
+            w = re.escape(word)
+            patterns = [rf"([\"'`]){w}\1", rf"<option[^>]*value\s*=\s*[\"']?{w}\b"]
+            if name.endswith(".js"):
+                patterns.append(rf"\.{w}\b")
+            found += [(name, spec, word, m.group(0)) for p in patterns for m in re.finditer(p, text)]
+    assert not found, found
 
 
 def test_the_runs_storage_connection_is_looked_up_once_per_cache_period_not_per_poll(airflow_db, monkeypatch):

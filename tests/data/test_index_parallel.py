@@ -1,5 +1,5 @@
 """The parallel index (shard groups, key partitions and row groups as Ray tasks, record ids by
-prefix sums) against the serial index (the reference, ``tests/_reference/index.py``): the same
+prefix sums) against the serial index (the reference, ``benchmarks/_reference/index.py``): the same
 rows and counts, the same bad shard named."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import os
 import pyarrow as pa
 import pytest
 
-from tests._reference.index import build_index_serial
+from benchmarks._reference.index import build_index_serial
 from tests.data._shards import write_tar
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index, read_skipped
 from winnow.data.sample import generate_sample
-from winnow.exceptions import ShardError
+from winnow.exceptions import ConfigError, ShardError
+from winnow.execution import LOCAL, Execution
 from winnow.rowgroups.store import CommitStore
 
 pytestmark = pytest.mark.timeout(300)
@@ -45,7 +46,7 @@ def shards(tmp_path_factory) -> str:
 def test_parallel_index_equals_the_serial_index_row_for_row(shards, tmp_path, group_size):
     config = IndexConfig(input_uri=shards, buffer_size=4, max_partitions=3, skip_bad_shards=True)
     serial = build_index_serial(str(tmp_path / "serial"), config)
-    parallel = build_index(str(tmp_path / "par"), config, backend="local", group_size=group_size)
+    parallel = build_index(str(tmp_path / "par"), config, execution=LOCAL, group_size=group_size)
     assert _rows(str(tmp_path / "par")).equals(_rows(str(tmp_path / "serial")))
     assert parallel.counts == serial.counts and parallel.plan == serial.plan
     skipped = [pa.concat_tables(read_skipped(str(tmp_path / name))) for name in ("serial", "par")]
@@ -63,7 +64,7 @@ def test_parallel_index_on_ray_equals_the_serial_index(shards, tmp_path):
     connect(None)
     config = IndexConfig(input_uri=shards, buffer_size=5, max_partitions=4, skip_bad_shards=True)
     serial = build_index_serial(str(tmp_path / "serial"), config)
-    parallel = build_index(str(tmp_path / "par"), config, backend="ray", group_size=2)
+    parallel = build_index(str(tmp_path / "par"), config, execution=Execution(), group_size=2)
     assert _rows(str(tmp_path / "par")).equals(_rows(str(tmp_path / "serial")))
     assert parallel.counts == serial.counts
 
@@ -73,7 +74,7 @@ def test_a_bad_shard_fails_both_naming_the_same_first_bad_shard(shards, tmp_path
     with pytest.raises(ShardError) as serial:
         build_index_serial(str(tmp_path / "serial"), config)
     with pytest.raises(ShardError) as parallel:
-        build_index(str(tmp_path / "par"), config, backend="local", group_size=3)
+        build_index(str(tmp_path / "par"), config, execution=LOCAL, group_size=3)
     assert parallel.value.shard == serial.value.shard and serial.value.shard in str(parallel.value)
     assert not (tmp_path / "par" / "index").exists()
 
@@ -81,12 +82,12 @@ def test_a_bad_shard_fails_both_naming_the_same_first_bad_shard(shards, tmp_path
 def test_rerun_scans_nothing_and_a_lost_group_or_row_group_is_redone_alone(shards, tmp_path):
     run_root = str(tmp_path / "run")
     config = IndexConfig(input_uri=shards, buffer_size=4, max_partitions=3, skip_bad_shards=True)
-    first = build_index(run_root, config, backend="local", group_size=3)
+    first = build_index(run_root, config, execution=LOCAL, group_size=3)
     assert first.shards_scanned == len(first.shards) and first.row_groups_committed == first.plan.num_row_groups
     rows = _rows(run_root)
     written = {name: (os.stat(path).st_mtime_ns, open(path, "rb").read())
                for name in ("_index.json", "_stage.json") for path in [os.path.join(run_root, "index", name)]}
-    again = build_index(run_root, config, backend="local", group_size=3)
+    again = build_index(run_root, config, execution=LOCAL, group_size=3)
     assert (again.shards_scanned, again.row_groups_committed) == (0, 0)
     # Nothing changed, so nothing is rewritten: the index's committed objects stay as they were.
     assert {name: (os.stat(path).st_mtime_ns, open(path, "rb").read())
@@ -94,16 +95,15 @@ def test_rerun_scans_nothing_and_a_lost_group_or_row_group_is_redone_alone(shard
     (digest,) = os.listdir(os.path.join(run_root, SCAN_DIR))
     os.unlink(os.path.join(run_root, SCAN_DIR, digest, "v2-g3", "g000001.parquet"))
     os.unlink(CommitStore(run_root).row_group_path("index", first.plan.partition_of(2), 2))
-    third = build_index(run_root, config, backend="local", group_size=3)
+    third = build_index(run_root, config, execution=LOCAL, group_size=3)
     assert (third.shards_scanned, third.row_groups_committed) == (3, 1)
     assert _rows(run_root).equals(rows) and third.counts == first.counts
 
 
 def test_build_index_runs_the_parallel_algorithm_only(shards, tmp_path):
     config = IndexConfig(input_uri=shards, buffer_size=4, max_partitions=3, skip_bad_shards=True)
-    with pytest.raises(ValueError, match="'ray'.*'local'.*'serial'"):
-        build_index(str(tmp_path / "run"), config, backend="serial")
-    assert not (tmp_path / "run").exists()  # refused before any I/O
+    with pytest.raises(ConfigError, match="'ray'.*'local'.*'serial'"):
+        Execution(backend="serial")  # the serial index is the tests' reference, not a backend
     build_index(str(tmp_path / "run"), config)  # the default: the parallel algorithm in this process
     (digest,) = os.listdir(tmp_path / "run" / SCAN_DIR)
     assert any(name.startswith("v2-g") for name in os.listdir(tmp_path / "run" / SCAN_DIR / digest))

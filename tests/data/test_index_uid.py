@@ -1,5 +1,5 @@
 """Stable 128-bit image ids, exact duplicates and the skipped members' rows of the index, on real
-tar files: the serial index (the reference, ``tests/_reference/index.py``) and the parallel one (``local``: in this process;
+tar files: the serial index (the reference, ``benchmarks/_reference/index.py``) and the parallel one (``local``: in this process;
 ``ray``: Ray tasks) give the same rows, counts and skipped rows."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import re
 import pyarrow as pa
 import pytest
 
-from tests._reference.index import build_index_serial
+from benchmarks._reference.index import build_index_serial
 from tests.data._shards import tree_snapshot, write_tar
 from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index, read_skipped
 from winnow.data.tarscan import image_uid
 from winnow.exceptions import StageConfigMismatch
+from winnow.execution import Execution
 from winnow.rowgroups.store import CommitStore
 from winnow.schemas import INDEX
 
@@ -45,7 +46,7 @@ def _build(run_root, input_dir, backend, group_size=None, **kw):
                          skip_bad_shards=True)
     if backend == "serial":
         return build_index_serial(str(run_root), config, **kw)
-    return build_index(str(run_root), config, backend=backend, group_size=group_size, **kw)
+    return build_index(str(run_root), config, execution=Execution(backend=backend), group_size=group_size, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ def main() -> int:
         os.replace = replace_that_hangs
 
     from winnow.exceptions import WinnowError
+    from winnow.execution import LOCAL
     from winnow.pipeline import CurationConfig, run_all, run_partition
 
     cfg = CurationConfig(**spec["cfg"])
@@ -45,7 +46,7 @@ def main() -> int:
             result = run_all(cfg, backend="local", owner=spec.get("owner"))
         else:
             result = run_partition(
-                cfg, spec["stage"], int(spec["partition"]), backend="local", owner=spec.get("owner")
+                cfg, spec["stage"], int(spec["partition"]), execution=LOCAL, owner=spec.get("owner")
             ).to_dict()
     except WinnowError as exc:
         print(json.dumps({"ok": False, "error_type": type(exc).__name__, "error": str(exc)}), flush=True)

@@ -14,18 +14,18 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
 from PIL import Image
 
+from tests._tiny import tiny_config
 from winnow.data.sample import _picture
 from winnow.pipeline import CurationConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from winnow.stages.registry import partition_stages  # noqa: E402
+from winnow.registry import partition_stages  # noqa: E402
 
 RUNNER_STAGES = tuple(s.name for s in partition_stages())  # the stages the row-group runner commits
 #: Summary fields a recovered run must share with the reference.
@@ -72,14 +72,6 @@ def _extra_shard_members() -> list[tuple[str, bytes]]:
     return members
 
 
-def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
-            tar.addfile(info, io.BytesIO(data))
-
-
 @dataclass
 class Sample:
     base: str  # the session's folder: input/, out/ and the cases' scratch live under it
@@ -87,22 +79,8 @@ class Sample:
     manifest: dict[str, Any]
 
     def config(self, run_key: str, **overrides: Any) -> CurationConfig:
-        values: dict[str, Any] = dict(
-            input_uri=self.input,
-            output_root=os.path.join(self.base, "out"),
-            run_key=run_key,
-            buffer_size=8,
-            max_partitions=3,
-            model="winnow-tiny-vit",
-            pretrained="random",
-            allow_random_weights=True,
-            aesthetic_threshold=0.0,  # keep all (random-weight scores are ~5 +- 1): dedup is the filter whose output we compare
-            nsfw_threshold=1.0,
-            dedup_eps=0.0002,  # the random tiny model puts distinct images at cosine ~0.97-0.9995
-            batch_size=8,
-        )
-        values.update(overrides)
-        return CurationConfig(**values)
+        return tiny_config(**{"input_uri": self.input, "output_root": os.path.join(self.base, "out"), "run_key": run_key,
+                              "buffer_size": 8, "max_partitions": 3, "batch_size": 8, **overrides})
 
 
 @dataclass
@@ -168,6 +146,20 @@ def committed_files(run_root: str) -> dict[str, tuple[int, int]]:
             if name.startswith("rg") and ".tmp-" not in name and f"{name[:11]}.parquet" in names:
                 st = os.stat(os.path.join(dirpath, name))
                 out[os.path.relpath(os.path.join(dirpath, name), run_root)] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def read_commit_log(log: str | os.PathLike, run_root: str) -> list[tuple[int, str]]:
+    """``(pid, path relative to run_root)`` of each commit a commit-log audit hook wrote to
+    ``log`` (lines ``<pid> <path>``, one per rename of a row group into place), in order."""
+    if not os.path.exists(log):
+        return []
+    out = []
+    with open(log) as f:
+        for line in f:
+            pid, path = line.rstrip("\n").split(" ", 1)
+            if path.startswith(run_root + "/"):
+                out.append((int(pid), os.path.relpath(path, run_root)))
     return out
 
 

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from tests.faults._faultkit import EXTRA_SHARD, Reference, RunOutput, Sample, _extra_shard_members, tree_state, write_tar
+from tests.data._shards import write_tar
+from tests.faults._faultkit import EXTRA_SHARD, Reference, RunOutput, Sample, _extra_shard_members, tree_state
 from winnow.data.sample import generate_sample
 from winnow.pipeline import run_all
 

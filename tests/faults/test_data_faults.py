@@ -24,6 +24,7 @@ from tests.faults._faultkit import (
 from winnow.data.index import load_index
 from winnow.data.tarscan import split_key
 from winnow.exceptions import ShardError
+from winnow.execution import Execution
 from winnow.pipeline import run_all, run_index
 from winnow.schemas import IMAGE_EXTENSIONS
 from winnow.stages.write import member_key
@@ -103,7 +104,7 @@ def test_bad_shard_fails_the_index_naming_the_shard(sample, tmp_path, kind):
             os.unlink(path)
     cfg = sample.config(f"bad-{kind}", input_uri=str(folder), output_root=str(tmp_path / "out"))
     with pytest.raises(ShardError) as err:
-        run_index(cfg, owner="dag-run-1")
+        run_index(cfg, execution=Execution(), owner="dag-run-1")
     assert err.value.shard == bad[kind]
     assert bad[kind] in str(err.value)
     assert "skip_bad_shards" in str(err.value) or "readable" in str(err.value)  # says what to do

@@ -1,6 +1,8 @@
 """Fault matrix on a real local Ray: a worker process SIGKILLed mid-row-group (kill hook) and a
-model worker SIGKILLed mid-partition after its first commit. Ray retries what the dead process
-held; nothing is lost and nothing committed is computed again.
+model worker SIGKILLed by the test mid-partition, after its first commit, while it waits at a
+barrier of the fault hook (``winnow.faults``: ``hold``, ``release``) that the test releases once the
+worker is gone. Ray retries what the dead process held; nothing is lost and nothing committed is
+computed again.
 
 Every commit (the rename of a row group's ``.parquet`` into place) in Ray's worker processes is
 recorded by an audit hook installed through ``worker_process_setup_hook``: the proof that each
@@ -14,15 +16,15 @@ import os
 import re
 import signal
 import sys
-import threading
-import time
 from collections import Counter
 
 import pytest
 import ray
 import ray.cloudpickle
 
-from tests.faults._faultkit import assert_same_as_reference, assert_untouched, committed_files
+from tests._procs import Background, wait_gone
+from tests.faults._faultkit import assert_same_as_reference, assert_untouched, committed_files, read_commit_log
+from winnow.execution import Execution
 from winnow.faults import ENV_VAR
 from winnow.pipeline import load_plan, make_stage, run_all, run_index
 from winnow.ray.runner import run_stage_partition
@@ -31,9 +33,8 @@ from winnow.rowgroups import CommitStore
 pytestmark = pytest.mark.timeout(400)
 
 LOG_ENV = "WINNOW_TEST_COMMIT_LOG"
-#: Run keys whose commits the hook delays by this long, so a kill lands between two commits.
-DELAY_S = 1.5
-DELAYED_RUN = "ray-actor-killed"
+#: The module's Ray (started by ``commit_log`` with the audit hook), attached to as the embedded one.
+ON_RAY = Execution()
 _COMMIT = re.compile(r"/rg\d{9}\.parquet$")
 
 
@@ -41,7 +42,6 @@ def _install_commit_log() -> None:
     """Runs in every Ray worker process: log each row-group commit (pid, path) to a file."""
     import os
     import sys
-    import time
 
     path = os.environ.get(LOG_ENV)
 
@@ -49,8 +49,6 @@ def _install_commit_log() -> None:
         if event == "os.rename" and path and _COMMIT.search(str(args[1])):
             with open(path, "a") as f:
                 f.write(f"{os.getpid()} {args[1]}\n")
-            if f"/{DELAYED_RUN}/" in str(args[1]):
-                time.sleep(DELAY_S)  # test-only delay before the rename: widens the kill window
 
     sys.addaudithook(audit)
 
@@ -74,18 +72,6 @@ def commit_log(tmp_path_factory):
     ray.shutdown()
 
 
-def _commits(log: str, run_root: str) -> list[tuple[int, str]]:
-    if not os.path.exists(log):
-        return []
-    out = []
-    with open(log) as f:
-        for line in f:
-            pid, path = line.split(" ", 1)
-            if path.startswith(run_root + "/"):
-                out.append((int(pid), os.path.relpath(path.strip(), run_root)))
-    return out
-
-
 def _finish_and_compare(cfg, reference, before) -> None:
     summary = run_all(cfg, backend="local")
     assert summary["row_groups_by_stage"]["embed"] == {"computed": 5, "skipped": 3}  # partitions 0 and 1
@@ -95,59 +81,61 @@ def _finish_and_compare(cfg, reference, before) -> None:
 
 def test_ray_worker_sigkilled_by_kill_hook_mid_row_group_is_retried_none_lost(sample, reference, commit_log, tmp_path, monkeypatch):
     cfg = sample.config("ray-worker-killed")
-    run_index(cfg)
+    run_index(cfg, execution=ON_RAY)
     once = tmp_path / "once"
     monkeypatch.setenv(ENV_VAR, json.dumps({"stage": "embed", "row_groups": [6], "mode": "kill", "once_dir": str(once)}))
     summary = run_stage_partition(
-        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, uses_model=True
+        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, execution=ON_RAY,
+        uses_model=True,
     )
     assert os.listdir(once) == ["embed-rg6"]  # the worker computing rg 6 was SIGKILLed before its commit
     assert summary.ok and (summary.computed, summary.skipped) == (3, 0)
     assert CommitStore(cfg.run_root).completed("embed", 2) == {5, 6, 7}
     # (the index's row groups are committed from Ray workers too: count the embed stage's)
-    commits = Counter(path for _, path in _commits(commit_log, cfg.run_root) if path.startswith("embed/"))
+    commits = Counter(path for _, path in read_commit_log(commit_log, cfg.run_root) if path.startswith("embed/"))
     assert commits == {f"embed/p00002/rg{rg:09d}.parquet": 1 for rg in (5, 6, 7)}  # each committed once
     monkeypatch.delenv(ENV_VAR)
     _finish_and_compare(cfg, reference, committed_files(cfg.run_root))
 
 
-def test_ray_model_worker_sigkilled_mid_partition_its_row_groups_are_retried_none_lost(sample, reference, commit_log):
-    cfg = sample.config(DELAYED_RUN)
-    run_index(cfg)
-    part = os.path.join(cfg.run_root, "embed", "p00002")
-    seen: dict = {}
+def _identity(path: str) -> tuple[int, int]:
+    """(inode, mtime_ns): a commit renames a new file into place, so a rewrite changes both."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
 
-    def kill_the_worker_after_its_first_commit():
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            done = sorted(n for n in os.listdir(part) if _COMMIT.search("/" + n)) if os.path.isdir(part) else []
-            if done:
-                first = os.path.join(part, done[0])
-                st = os.stat(first)
-                seen["first"], seen["stat"] = done[0], (st.st_ino, st.st_mtime_ns)
-                pids = {pid for pid, path in _commits(commit_log, cfg.run_root) if path.endswith(done[0])}
-                seen["pid"] = pids.pop()
-                seen["committed_at_kill"] = len(done)
-                os.kill(seen["pid"], signal.SIGKILL)  # the model worker process dies mid-partition
-                return
-            time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_the_worker_after_its_first_commit)
-    killer.start()
-    summary = run_stage_partition(
-        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, uses_model=True
-    )
-    killer.join()
-    assert seen.get("committed_at_kill") == 1, seen  # killed with two row groups still to do
-    # The kill can land after the first commit but before its task replied: Ray then retries
-    # that task too, and the runner finds it committed and skips it instead of redoing it.
-    assert summary.ok and summary.computed + summary.skipped == 3 and summary.computed >= 2
+def test_ray_model_worker_sigkilled_mid_partition_its_row_groups_are_retried_none_lost(
+        sample, reference, commit_log, tmp_path, monkeypatch):
+    cfg = sample.config("ray-actor-killed")
+    run_index(cfg, execution=ON_RAY)
+    part = os.path.join(cfg.run_root, "embed", "p00002")  # row groups 5, 6 and 7
+    # The barrier: row groups 6 and 7 wait before their commit until the test releases them, so
+    # the worker is killed holding one of them, after exactly one commit (row group 5).
+    held, release = tmp_path / "held.jsonl", tmp_path / "release"
+    monkeypatch.setenv(ENV_VAR, json.dumps({"stage": "embed", "row_groups": [6, 7], "mode": "hold",
+                                            "release": str(release), "held": str(held)}))
+    run = Background(lambda: run_stage_partition(
+        make_stage(cfg, "embed"), run_root=cfg.run_root, plan=load_plan(cfg), partition=2, execution=ON_RAY,
+        uses_model=True))
+    try:
+        lines = run.wait_for("a row group at the barrier", lambda: held.exists() and held.read_text().splitlines())
+        holder = json.loads(lines[0])
+        committed = sorted(n for n in os.listdir(part) if _COMMIT.search("/" + n))
+        assert committed == ["rg000000005.parquet"], committed  # one commit; two row groups still to do
+        first = _identity(os.path.join(part, committed[0]))
+        os.kill(holder["pid"], signal.SIGKILL)  # the model worker process dies mid-partition
+        wait_gone(holder["pid"])
+    finally:
+        release.touch()  # the retries (and, on a failure above, the held worker) go on
+    run.join(timeout=300)
+    monkeypatch.delenv(ENV_VAR)
+    assert run.error is None, run.error
+    summary = run.result
+    assert summary.ok and (summary.computed, summary.skipped) == (3, 0), summary
     assert CommitStore(cfg.run_root).completed("embed", 2) == {5, 6, 7}
-    st = os.stat(os.path.join(part, seen["first"]))
-    assert (st.st_ino, st.st_mtime_ns) == seen["stat"]  # the committed one was not redone
-    commits = _commits(commit_log, cfg.run_root)
-    renamed = Counter(path for _, path in commits)
-    assert renamed[f"embed/p00002/{seen['first']}"] == 1
-    redone = [pid for pid, path in commits if not path.endswith(seen["first"])]
-    assert redone and seen["pid"] not in redone[-2:]  # the rest committed by a restarted worker
+    assert _identity(os.path.join(part, committed[0])) == first  # the committed one was not redone
+    commits = [(pid, path) for pid, path in read_commit_log(commit_log, cfg.run_root) if path.startswith("embed/")]
+    assert Counter(path for _, path in commits) == {f"embed/p00002/rg{rg:09d}.parquet": 1 for rg in (5, 6, 7)}
+    redone = f"embed/p00002/rg{holder['row_group']:09d}.parquet"
+    assert [pid for pid, path in commits if path == redone] != [holder["pid"]]  # by the worker Ray restarted
     _finish_and_compare(cfg, reference, committed_files(cfg.run_root))

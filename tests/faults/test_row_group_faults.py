@@ -29,6 +29,7 @@ from tests.faults._faultkit import (
     run_child,
 )
 from winnow.exceptions import RowGroupsFailedError, RunLocked
+from winnow.execution import LOCAL
 from winnow.faults import ENV_VAR
 from winnow.pipeline import run_all, run_partition
 from winnow.rowgroups import CommitStore
@@ -144,7 +145,7 @@ def test_task_process_sigkilled_while_hanging_inside_a_commit_leaves_no_partial_
     # rg 3's tar (side file, written before its .parquet marker) is not a commit: it is redone.
     before = {k: v for k, v in committed_files(cfg.run_root).items() if "rg000000003.tar" not in k}
 
-    retry = run_partition(cfg, "write", 1, backend="local", owner="dag-run-7")
+    retry = run_partition(cfg, "write", 1, execution=LOCAL, owner="dag-run-7")
     assert (retry.computed, retry.skipped, retry.failed) == (2, 1, {})
     assert not [n for n in os.listdir(part) if ".tmp-" in n]  # stray temp removed at task start
     summary = run_all(cfg, backend="local", owner="dag-run-7")

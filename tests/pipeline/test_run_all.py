@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests._tiny import tiny_config
 from winnow.data.sample import generate_sample
 from winnow.exceptions import ConfigError
 from winnow.pipeline import CurationConfig, run_all
@@ -43,22 +44,9 @@ def ray_local():
 
 
 def config(root, run_key, **overrides):
-    base = dict(
-        input_uri=str(root / "input"),
-        output_root=str(root / "out"),
-        run_key=run_key,
-        buffer_size=16,
-        max_partitions=3,
-        model="winnow-tiny-vit",
-        pretrained="random",
-        allow_random_weights=True,
-        aesthetic_threshold=0.0,  # keep everything (random-weight scores are ~5 +- 1): phase one looks at dedup alone
-        nsfw_threshold=1.0,
-        dedup_eps=0.0002,  # the random tiny model puts distinct images at cosine ~0.97-0.9995
-        batch_size=16,
-    )
-    base.update(overrides)
-    return CurationConfig(**base)
+    # The tiny model where only dedup drops records: phase one looks at dedup alone.
+    return tiny_config(**{"input_uri": str(root / "input"), "output_root": str(root / "out"), "run_key": run_key,
+                          "buffer_size": 16, "max_partitions": 3, "batch_size": 16, **overrides})
 
 
 def column(run_root, stage, name):

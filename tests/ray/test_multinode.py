@@ -23,8 +23,6 @@ import json
 import os
 import re
 import sys
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -33,15 +31,17 @@ import pytest
 import ray.cloudpickle
 
 from tests._multinode import SHARED_WORKERS, shared_multinode_fixture
-from tests.faults._faultkit import RunOutput, assert_untouched, committed_files
-from tests.storage._runs import SMALL
+from tests._procs import Background, wait_gone
+from tests._tiny import tiny_config
+from tests.faults._faultkit import RunOutput, assert_untouched, committed_files, read_commit_log
 from winnow.data.sample import generate_sample
 from winnow.exceptions import ResourceRequestError
+from winnow.execution import Execution, default_compute
 from winnow.pipeline import CurationConfig, run_all
-from winnow.ray.resources import Node, alive_nodes, default_compute, largest_node, model_worker_request, resolve_compute, unit_request
+from winnow.ray.resources import Node, alive_nodes, largest_node, model_worker_request, unit_request
 from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import CommitStore, RowGroupPlan
-from winnow.stages.base import RowGroupTask
+from winnow.rowgroups.task import RowGroupTask
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -98,9 +98,10 @@ def test_compute_is_the_callers_choice_with_one_documented_default(monkeypatch):
     assert default_compute("127.0.0.1:6379") == default_compute("auto") == "actors"
     monkeypatch.setenv("WINNOW_RAY_EMBEDDED", "shared")
     assert default_compute(None) == "actors"
-    assert resolve_compute("tasks", "auto") == "tasks"
+    assert Execution(ray_address="auto", compute="tasks").compute == "tasks"  # the caller's choice wins
+    assert Execution(compute=None).compute == "actors"  # None: the default, fixed when the value is built
     with pytest.raises(ResourceRequestError, match="compute must be 'tasks' or 'actors'"):
-        resolve_compute("actor", None)
+        Execution(compute="actor")
 
 
 # ---- on the cluster ------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_multinode_model_worker_fits_a_node_and_its_torch_threads_match(cluster,
     plan = RowGroupPlan(40, 10, max_partitions=1)
     root = str(tmp_path / "run")
     s = run_stage_partition(ProbeModelStage(), run_root=root, plan=plan, partition=0, uses_model=True,
-                            ray_address=cluster.address, compute=compute)
+                            execution=Execution(ray_address=cluster.address, compute=compute))
     assert s.ok and s.computed == 4, s.failed
     store = CommitStore(root)
     rows = [r for rg in range(4) for r in store.read_table("probe", 0, rg).to_pylist()]
@@ -162,7 +163,8 @@ def test_multinode_model_worker_fits_a_node_and_its_torch_threads_match(cluster,
     assert {r["node"] for r in rows} <= set(cluster.node_ids())  # worker nodes (the head has no CPU)
     with pytest.raises(ResourceRequestError, match="worker_cpus=3"):
         run_stage_partition(ProbeModelStage(), run_root=str(tmp_path / "again"), plan=plan, partition=0,
-                            uses_model=True, ray_address=cluster.address, compute=compute, worker_cpus=3)
+                            uses_model=True, execution=Execution(ray_address=cluster.address, compute=compute,
+                                                                 worker_cpus=3))
 
 
 # ---- whole runs ---------------------------------------------------------------------------
@@ -206,13 +208,7 @@ def _commit_hook() -> None:
 
 def _commits(log: Path, run_root: str) -> Counter:
     """How many times each row-group file under ``run_root`` was committed (relative paths)."""
-    out: Counter = Counter()
-    if log.exists():
-        for line in log.read_text().splitlines():
-            path = line.split(" ", 1)[1]
-            if path.startswith(run_root + "/"):
-                out[os.path.relpath(path, run_root)] += 1
-    return out
+    return Counter(path for _, path in read_commit_log(log, run_root))
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +221,8 @@ def sample(tmp_path_factory):
 def _config(base: Path, run_key: str) -> CurationConfig:
     # 24 records in 6 row groups of 4, 2 partitions; thresholds that keep everything but dedup
     # (the random tiny model's scores carry no meaning).
-    values = {**SMALL, "max_partitions": 2, "nsfw_threshold": 1.0, "dedup_eps": 0.0002, "batch_size": 4}
-    return CurationConfig(input_uri=str(base / "input"), output_root=str(base / "out"), run_key=run_key, **values)
+    return tiny_config(input_uri=str(base / "input"), output_root=str(base / "out"), run_key=run_key, buffer_size=4,
+                       max_partitions=2, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -276,56 +272,28 @@ def test_multinode_node_lost_mid_partition_ends_with_the_reference_output(cluste
     target = CommitStore(cfg.run_root).row_group_path("embed", 1, held_rg)
     hold = {"path": target, "held": str(tmp_path / "held.json"), "release": str(tmp_path / "release")}
     log = _attach(cluster, tmp_path, hold)
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["summary"] = run_all(cfg, ray_address=cluster.address)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            outcome["error"] = exc
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
+    run = Background(lambda: run_all(cfg, ray_address=cluster.address))
     try:
-        deadline = time.monotonic() + 600
-        while not os.path.exists(hold["held"]):  # the barrier: the model worker waits before its commit
-            assert runner.is_alive(), f"the run ended before reaching the barrier: {outcome}"
-            assert time.monotonic() < deadline, "the run never reached the barrier"
-            time.sleep(0.1)
+        # The barrier: the model worker waits before its commit.
+        run.wait_for("the barrier", lambda: os.path.exists(hold["held"]))
         held = json.loads(Path(hold["held"]).read_text())
         before = committed_files(cfg.run_root)
         assert any(p.startswith("embed/p00000/") for p in before)  # mid-run: partition 0 committed
         victim = cluster.node_named(cluster.node_ids()[held["node"]])
         survivor = next(n for n in cluster.nodes if n is not victim and not n.killed)
         cluster.kill_node(victim)  # its raylet, object store and workers (the held one too)
-        gone = time.monotonic() + 30
-        while _pid_alive(held["pid"]):  # SIGKILLed above: only its teardown is left
-            assert time.monotonic() < gone, f"the held worker {held['pid']} outlived its node"
-            time.sleep(0.05)
+        wait_gone(held["pid"])
     finally:
         Path(hold["release"]).touch()
-    runner.join(timeout=900)
-    assert not runner.is_alive(), "the run did not end after the node was lost"
-    reruns = 0
-    if "error" in outcome:  # allowed: a rerun resumes (committed row groups are skipped)
+    run.join(timeout=900)
+    reruns, summary = 0, run.result
+    if run.error is not None:  # allowed: a rerun resumes (committed row groups are skipped)
         reruns = 1
-        outcome["summary"] = run_all(cfg, ray_address=cluster.address)
-    _assert_same_output(cfg, outcome["summary"], reference)
+        summary = run_all(cfg, ray_address=cluster.address)
+    _assert_same_output(cfg, summary, reference)
     assert_untouched(before, cfg.run_root)  # nothing committed before the loss was written again
     commits = _commits(log, cfg.run_root)
     assert set(commits.values()) == {1}, {p: n for p, n in commits.items() if n != 1}
     assert commits[os.path.relpath(target, cfg.run_root)] == 1  # the held row group: once, elsewhere
     assert cluster.node_ids() == {nid: survivor.name for nid in cluster.node_ids()}
-    print(f"node {victim.name} lost mid-partition; reruns: {reruns}; error: {outcome.get('error')!r}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    print(f"node {victim.name} lost mid-partition; reruns: {reruns}; error: {run.error!r}")

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pytest
 import ray.cloudpickle
 
+from winnow.execution import LOCAL, Execution
 from winnow.faults import ENV_VAR
 from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import CommitStore, RowGroupPlan
-from winnow.stages.base import RowGroupTask
+from winnow.rowgroups.task import RowGroupTask
 
 
 class RecordRangeStage:
@@ -66,14 +67,16 @@ def test_runner_computes_only_uncommitted_row_groups_on_ray(tmp_path, ray_local,
     store = CommitStore(str(tmp_path))
     stage = stage_cls()
     store.commit_table(stage.name, 1, 6, pa.table({"record_id": [-1]}))  # pre-committed: must be skipped
-    summary = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, uses_model=uses_model)
+    summary = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, uses_model=uses_model,
+                                  execution=Execution())
     assert summary.ok, summary.failed
     assert (summary.row_groups, summary.computed, summary.skipped) == (5, 4, 1)
     assert store.completed(stage.name, 1) == {5, 6, 7, 8, 9}
     assert store.read_table(stage.name, 1, 6).column("record_id").to_pylist() == [-1]  # untouched
     assert store.read_table(stage.name, 1, 9).column("record_id").to_pylist() == list(range(90, 100))
     assert summary.records_in == 40
-    again = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, uses_model=uses_model)
+    again = run_stage_partition(stage, run_root=str(tmp_path), plan=plan, partition=1, uses_model=uses_model,
+                                execution=Execution())
     assert (again.computed, again.skipped) == (0, 5)
 
 
@@ -81,20 +84,21 @@ def test_runner_isolates_failing_row_groups_with_injected_fault(tmp_path, ray_lo
     plan = RowGroupPlan(60, 10, max_partitions=1)
     monkeypatch.setenv(ENV_VAR, json.dumps({"stage": "ranges", "row_groups": [2, 4], "once_dir": str(tmp_path / "once")}))
     root = str(tmp_path / "run")
-    first = run_stage_partition(RecordRangeStage(), run_root=root, plan=plan, partition=0)
+    first = run_stage_partition(RecordRangeStage(), run_root=root, plan=plan, partition=0, execution=Execution())
     assert sorted(first.failed) == [2, 4]
     assert "injected test fault" in first.failed[2]
     assert first.computed == 4
     assert CommitStore(root).completed("ranges", 0) == {0, 1, 3, 5}
-    second = run_stage_partition(RecordRangeStage(), run_root=root, plan=plan, partition=0)
+    second = run_stage_partition(RecordRangeStage(), run_root=root, plan=plan, partition=0, execution=Execution())
     assert second.ok and second.computed == 2 and second.skipped == 4
     assert second.to_dict()["failed_count"] == 0
 
 
 def test_local_backend_matches_ray_output(tmp_path, ray_local):
     plan = RowGroupPlan(35, 10, max_partitions=1)
-    a = run_stage_partition(RecordRangeStage(), run_root=str(tmp_path / "a"), plan=plan, partition=0, backend="local")
-    b = run_stage_partition(RecordRangeStage(), run_root=str(tmp_path / "b"), plan=plan, partition=0)
+    a = run_stage_partition(RecordRangeStage(), run_root=str(tmp_path / "a"), plan=plan, partition=0, execution=LOCAL)
+    b = run_stage_partition(RecordRangeStage(), run_root=str(tmp_path / "b"), plan=plan, partition=0,
+                            execution=Execution())
     assert a.computed == b.computed == 4
     for rg in range(4):
         ta = CommitStore(str(tmp_path / "a")).read_table("ranges", 0, rg, columns=["record_id"])
@@ -121,7 +125,8 @@ def test_task_pool_sets_a_model_stage_up_once_per_worker_across_partitions(tmp_p
     log_path = tmp_path / "setups.log"
     for p in range(plan.num_partitions):
         s = run_stage_partition(
-            CountingSetupStage(str(log_path)), run_root=str(tmp_path / "run"), plan=plan, partition=p, uses_model=True
+            CountingSetupStage(str(log_path)), run_root=str(tmp_path / "run"), plan=plan, partition=p, uses_model=True,
+            execution=Execution(),
         )
         assert s.ok and s.computed == 2
     pids = log_path.read_text().split()
@@ -132,18 +137,18 @@ def test_on_a_shared_ray_a_model_stage_is_set_up_once_per_partition_in_an_actor(
     """WINNOW_RAY_EMBEDDED=shared (what an Airflow task on the shared local head, or on a
     cluster, sees): other drivers compete for the workers, so each partition's model worker is a
     Ray Data actor that keeps its set-up stage for all of the partition's row groups."""
-    from winnow.ray.cluster import EMBEDDED_ENV
-    from winnow.ray.runner import owns_its_ray
+    from winnow.execution import EMBEDDED_ENV
 
     monkeypatch.setenv(EMBEDDED_ENV, "shared")  # this process stays attached to the module's Ray
-    assert not owns_its_ray(None) and not owns_its_ray("127.0.0.1:6379")
+    shared = Execution()
+    assert shared.compute == Execution(ray_address="127.0.0.1:6379").compute == "actors"
     plan = RowGroupPlan(60, 10, max_partitions=2)  # 3 row groups per partition
     log_path = tmp_path / "setups.log"
     root = str(tmp_path / "run")
     CommitStore(root).commit_table("counting", 1, 4, pa.table({"record_id": [-1]}))  # committed: skipped
     for p in range(plan.num_partitions):
         s = run_stage_partition(CountingSetupStage(str(log_path)), run_root=root, plan=plan, partition=p,
-                                uses_model=True)
+                                uses_model=True, execution=shared)
         assert s.ok and (s.computed, s.skipped) == ((3, 0) if p == 0 else (2, 1))
     pids = log_path.read_text().split()
     assert len(pids) == 2 and len(set(pids)) == 2  # one actor per partition, set up once each
@@ -154,11 +159,13 @@ def test_on_a_shared_ray_a_model_stage_is_set_up_once_per_partition_in_an_actor(
 
 KILL_CHILD = """
 import json, os, sys
+from winnow.execution import LOCAL
 from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import RowGroupPlan
 sys.path.insert(0, sys.argv[2])
 from test_runner import RecordRangeStage
-run_stage_partition(RecordRangeStage(), run_root=sys.argv[1], plan=RowGroupPlan(50, 10, max_partitions=1), partition=0, backend="local")
+run_stage_partition(RecordRangeStage(), run_root=sys.argv[1], plan=RowGroupPlan(50, 10, max_partitions=1), partition=0,
+                    execution=LOCAL)
 """
 
 
@@ -173,5 +180,5 @@ def test_task_process_killed_mid_partition_resumes_with_only_the_rest(tmp_path):
     assert child.returncode == -9
     assert CommitStore(str(root)).completed("ranges", 0) == {0, 1}
     plan = RowGroupPlan(50, 10, max_partitions=1)
-    again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=plan, partition=0, backend="local")
+    again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=plan, partition=0, execution=LOCAL)
     assert (again.computed, again.skipped) == (3, 2)

@@ -1,13 +1,17 @@
 """Small run roots built directly with CommitStore: the stage files the report reads (index,
 embed, aesthetic, nsfw, clip_score, dedup, the thresholds step and gallery files), with scores
-the tests choose, so the report's numbers can be checked against them exactly."""
+the tests choose, so the report's numbers can be checked against them exactly; and a real small
+run whose write stage failed on one row group (:func:`failed_write_run`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +20,9 @@ from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.rowgroups.store import STAGE_FILE, table_to_parquet_bytes, write_json
 from winnow.stages.thresholds import STAGE as THRESHOLDS
 from winnow.stages.thresholds import THRESHOLDS_FILE, ThresholdsConfig, resolve
+
+if TYPE_CHECKING:
+    from winnow.pipeline import CurationConfig
 
 
 @dataclass
@@ -33,6 +40,37 @@ class Records:
     @property
     def n(self) -> int:
         return len(self.aesthetic)
+
+    @property
+    def exact(self) -> np.ndarray:
+        return np.array([e is not None for e in self.exact_of])
+
+    @property
+    def decoded(self) -> np.ndarray:
+        return ~self.exact & np.array([e is None for e in self.error])
+
+    @property
+    def population(self) -> np.ndarray:
+        """The records the score histograms show: decoded, not near duplicates."""
+        return self.decoded & ~self.duplicate
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The filter inputs by column name, as :func:`winnow.stages.kept.filter_outcomes` takes them."""
+        return {"exact_duplicate": self.exact, "decoded": self.decoded, "aesthetic_score": self.aesthetic,
+                "nsfw_score": self.nsfw, "clip_score": self.clip, "has_caption": self.has_caption}
+
+    def kept_by(self, limits: dict[str, float | None]) -> int:
+        """Brute force: records of the population every filter keeps at ``limits`` ({filter:
+        threshold}; None: the filter is off), each score compared in float32 as the engine
+        compares a stored score."""
+        keep = self.population.copy()
+        if limits.get("aesthetic") is not None:
+            keep &= self.aesthetic >= np.float32(limits["aesthetic"])
+        if limits.get("nsfw") is not None:
+            keep &= self.nsfw < np.float32(limits["nsfw"])
+        if limits.get("clip_score") is not None:
+            keep &= self.has_caption & (self.clip >= np.float32(limits["clip_score"]))
+        return int(keep.sum())
 
 
 def random_records(n: int, *, seed: int = 0, exact_every: int = 9, error_every: int = 11,
@@ -114,3 +152,26 @@ def commit_gallery(store: CommitStore, plan: RowGroupPlan, rg: int, rows: list[d
     store.commit_bytes("write", p, rg, table_to_parquet_bytes(pa.Table.from_pylist(full, schema=GALLERY_SCHEMA)),
                        suffix=GALLERY_SUFFIX)
     store.commit_table("write", p, rg, pa.table({"record_id": pa.array([], pa.int64())}))
+
+
+def failed_write_run(root: Path, *, run_key: str, shards: int, per_shard: int, seed: int, max_partitions: int,
+                     failed_row_group: int) -> CurationConfig:
+    """A real run (tiny model, local backend) of a generated sample with corrupt records, under
+    ``root`` (``in/`` and ``out/``), whose write stage failed on ``failed_row_group`` through the
+    test-only fault hook; everything else committed. Row groups of 5 records."""
+    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
+    from winnow.exceptions import RowGroupsFailedError
+    from winnow.faults import ENV_VAR
+    from winnow.pipeline import CurationConfig, run_all
+    from winnow.stages.write import STAGE
+
+    generate_sample(str(root / "in"), shards=shards, per_shard=per_shard, seed=seed, corrupt=True)
+    cfg = CurationConfig(input_uri=str(root / "in"), output_root=str(root / "out"), run_key=run_key, buffer_size=5,
+                         max_partitions=max_partitions,
+                         **{**TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6})
+    with mock.patch.dict(os.environ, {ENV_VAR: json.dumps({"stage": STAGE, "row_groups": [failed_row_group]})}):
+        try:
+            run_all(cfg, backend="local")
+        except RowGroupsFailedError:
+            return cfg
+    raise AssertionError(f"the write stage of {cfg.run_root} did not fail on row group {failed_row_group}")

@@ -6,8 +6,6 @@ test-only fault hook: the map must show it failed with its error, everything els
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -18,25 +16,12 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    import os
-
+    from tests.report._runs import failed_write_run
     from winnow.data.index import load_index
-    from winnow.data.sample import TINY_MODEL_PARAMS, generate_sample
-    from winnow.exceptions import RowGroupsFailedError
-    from winnow.pipeline import CurationConfig, run_all
     from winnow.stages.write import STAGE
 
     root = tmp_path_factory.mktemp("report")
-    generate_sample(str(root / "in"), shards=2, per_shard=12, seed=3, corrupt=True)
-    cfg = CurationConfig(input_uri=str(root / "in"), output_root=str(root / "out"), run_key="r", buffer_size=5,
-                         max_partitions=3, **{**TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6})
-    spec = {"stage": STAGE, "row_groups": [2], "times": 1, "once_dir": str(root / "once")}
-    os.environ["WINNOW_TEST_FAULTS"] = json.dumps(spec)
-    try:
-        with pytest.raises(RowGroupsFailedError):
-            run_all(cfg, backend="local")
-    finally:
-        del os.environ["WINNOW_TEST_FAULTS"]
+    cfg = failed_write_run(root, run_key="r", shards=2, per_shard=12, seed=3, max_partitions=3, failed_row_group=2)
     return {"root": cfg.run_root, "plan": load_index(cfg.run_root).plan, "stage": STAGE, "cfg": cfg}
 
 
@@ -110,9 +95,9 @@ def test_task_states_say_running_failed_or_not_run_where_storage_cannot(run):
 
 def test_a_finished_run_has_no_pending_stage_and_its_gallery_fills_as_write_commits(unwritten):
     from winnow.pipeline import run_all
+    from winnow.registry import stage_order
     from winnow.report.gallery import gallery_page
     from winnow.report.progress import row_group_map
-    from winnow.stages.registry import stage_order
 
     plan, g = unwritten["plan"], unwritten["plan"].num_row_groups
     before = gallery_page(unwritten["root"], plan, limit=1000)
@@ -149,6 +134,7 @@ def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(ru
     from PIL import Image
 
     from winnow.exceptions import GalleryError
+    from winnow.filters import VALUE_COLUMNS
     from winnow.report.gallery import gallery_page, read_thumbnail
     from winnow.stages.thumbnails import OUTCOMES
 
@@ -178,8 +164,9 @@ def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(ru
             assert i["reason"].startswith("same image bytes as record") and i["thumb_size"] and i["duplicate_of_key"], i
         if i["outcome"] != "kept":
             assert i["reason"] and i["reason"] != "kept"
-        assert "clip_score" in i
-    assert page["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0} and page["clip_filter_on"] is False
+        assert all(name in i for name, _ in VALUE_COLUMNS)  # every filter's value, None where it has none
+    assert page["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0}
+    assert page["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
     assert page["written"] == plan.num_row_groups - 1 and f"{plan.num_row_groups - 1} of" in page["waiting"]
     kept = gallery_page(run["root"], plan, outcome="kept", limit=2)
     assert kept["items"] and all(i["outcome"] == "kept" for i in kept["items"]) and kept["next"] is not None
@@ -191,25 +178,85 @@ def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(ru
         read_thumbnail(run["root"], plan, shown[0]["row_group"], shown[0]["thumb_offset"] + 1, 10)
 
 
+# ---- score histograms and the what-if --------------------------------------------------------
+
+def whatif_kept(h, limits):
+    """What the run view counts for a what-if (a Python twin of winnow.js): the records of the
+    what-if cells that every filter on keeps. ``limits``: {filter: threshold, on an edge of that
+    filter's histogram; None or absent: the filter is off}. A threshold on an edge keeps whole
+    bins: for keep ">=" the bins whose lower edge is at least it, for "<" and "<=" the bins whose
+    upper edge is at most it; bin -1 (no value) fails a filter that is on."""
+    keeps = []
+    for f in h["filters"]:
+        t = limits.get(f["name"])
+        if t is None:
+            keeps.append(lambda b: True)
+            continue
+        edges = f["edges"]
+        assert t in edges, (f["name"], t, edges)
+        if f["keep"] == ">=":
+            keeps.append(lambda b, e=edges, t=t: b >= 0 and e[b] >= t)
+        else:
+            keeps.append(lambda b, e=edges, t=t: b >= 0 and e[b + 1] <= t)
+    return sum(cell[-1] for cell in h["whatif"]["cells"] if all(k(b) for k, b in zip(keeps, cell[:-1])))
+
+
+def run_limits(h):
+    """The run's own thresholds as what-if limits: each filter's threshold while it is on."""
+    return {f["name"]: f["threshold"] if h["enabled"][f["name"]] else None for f in h["filters"]}
+
+
+def _by_name(h):
+    return {f["name"]: f for f in h["filters"]}
+
+
+def _consistent(h):
+    """What holds for every payload: one histogram per filter in FILTERS order adding up to its
+    scored records, the run's threshold on an edge, the what-if cells made of the same records
+    (each filter's bins adding up to its histogram), and each filter's own kept count the cells'."""
+    from winnow.filters import FILTERS
+
+    assert [f["name"] for f in h["filters"]] == [spec.name for spec in FILTERS] == list(h["enabled"])
+    assert h["population"] == h["records"] - h["exact_duplicates"] - h["undecodable"] - h["duplicates"]
+    cells = h["whatif"]["cells"]
+    assert not h["whatif"]["sampled"] and h["whatif"]["scale"] == 1.0
+    assert sum(c[-1] for c in cells) == h["whatif"]["records"] == h["population"]
+    assert all(len(c) == len(FILTERS) + 1 for c in cells) and len({tuple(c[:-1]) for c in cells}) == len(cells)
+    for i, (f, spec) in enumerate(zip(h["filters"], FILTERS)):
+        assert (f["keep"], f["outcome"], f["enabled"]) == (spec.keep, spec.outcome, h["enabled"][spec.name])
+        assert f["threshold"] == h["thresholds"][spec.name]
+        assert len(f["counts"]) == len(f["edges"]) - 1 and f["edges"] == sorted(f["edges"])
+        assert sum(f["counts"]) == f["scored"]
+        per_bin = [0] * len(f["counts"])
+        for c in cells:
+            if c[i] >= 0:
+                per_bin[c[i]] += c[-1]
+        assert per_bin == f["counts"], spec.name  # the cells hold the histogram's records, bin for bin
+        if f["enabled"] and f["threshold"] is not None:
+            assert f["threshold"] in f["edges"], spec.name  # on an edge: the kept share is exact
+            assert f["kept_at_threshold"] == whatif_kept(h, {spec.name: f["threshold"]})
+        else:
+            assert f["kept_at_threshold"] is None
+        assert (f["fraction_table"] is None) == (spec.fraction is None) == (f["fraction_scored"] is None)
+
+
 def test_histograms_count_every_scored_record_and_the_kept_share_matches_the_run(run):
     from winnow.report.scores import score_histograms
-
-    h = score_histograms(run["root"], run["plan"])
-    joint = np.array(h["joint"])
-    assert joint.sum() == h["scored"] == h["records"] - h["exact_duplicates"] - h["undecodable"] - h["duplicates"]
-    # The same numbers as the run's status stage (the outcome rule's own counts).
     from winnow.stages.status import count_outcomes
 
+    h = score_histograms(run["root"], run["plan"])
+    _consistent(h)
+    # The same numbers as the run's status stage (the outcome rule's own counts).
     counts = count_outcomes(run["root"], run["plan"])
     assert (h["records"], h["exact_duplicates"], h["undecodable"], h["duplicates"], h["kept_at_thresholds"]) == \
         (counts["records"], counts["exact_duplicates"], counts["undecodable"], counts["duplicates"], counts["kept"])
-    assert sum(h["clip"]["counts"]) == h["clip"]["scored"]
+    assert h["population"] > 0 and h["row_groups"] == h["row_groups_total"] == run["plan"].num_row_groups
     assert h["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0}
-    assert h["clip_filter_on"] is False and h["clip"]["enabled"] is False and h["joint_clip_passed"] == h["joint"]
-    assert 3.0 in h["aesthetic_edges"]  # the threshold is a bin edge: the kept share is exact
-    ia = h["aesthetic_edges"].index(3.0)
-    jn = h["nsfw_edges"].index(0.6)
-    assert joint[ia:, :jn].sum() == h["kept_at_thresholds"]
+    assert h["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    by = _by_name(h)
+    assert by["clip_score"]["enabled"] is False and by["clip_score"]["kept_at_threshold"] is None
+    assert 3.0 in by["aesthetic"]["edges"] and 0.6 in by["nsfw"]["edges"]
+    assert whatif_kept(h, run_limits(h)) == h["kept_at_thresholds"] == counts["kept"]
     sampled = score_histograms(run["root"], run["plan"], max_row_groups=2)
     assert sampled["sampled"] and sampled["row_groups"] < h["row_groups"]
 
@@ -228,6 +275,15 @@ def _built(tmp_path, config, records=None, **kw):
     return root, build_run(root, records, config, **kw), records
 
 
+def _status_kept(root, r):
+    """The run's kept count by the engine's outcome rule with the committed thresholds."""
+    from winnow.stages.kept import filter_outcomes
+    from winnow.stages.thresholds import load_thresholds
+
+    out = filter_outcomes(load_thresholds(CommitStore(root)), r.columns())
+    return int(((out == "") & ~r.duplicate).sum())
+
+
 def test_quantile_tables_pick_exactly_what_the_thresholds_step_picks(tmp_path):
     from winnow.report.scores import FRACTIONS, score_histograms
     from winnow.stages.thresholds import ThresholdsConfig, keep_count, kth_best
@@ -235,54 +291,70 @@ def test_quantile_tables_pick_exactly_what_the_thresholds_step_picks(tmp_path):
     config = ThresholdsConfig(aesthetic_keep_fraction=0.37, clip_score_keep_fraction=0.6, nsfw_threshold=0.7)
     root, plan, r = _built(tmp_path, config)
     h = score_histograms(root, plan)
+    _consistent(h)
     assert h["row_groups"] == plan.num_row_groups and not h["sampled"] and h["scale"] == 1.0
+    by = _by_name(h)
     for name, values in (("aesthetic", r.aesthetic), ("clip_score", r.clip)):
-        q = h["keep_fractions"][name]
+        f = by[name]
+        q = f["fraction_table"]
         scores = _all_scores(values)
         n = len(scores)
-        assert q["scored"] == n and q["keep"] == ">=" and [row["fraction"] for row in q["table"]] == list(FRACTIONS)
+        assert f["fraction_scored"] == n and f["keep"] == ">=" and [row["fraction"] for row in q] == list(FRACTIONS)
         chunks = np.array_split(values, 7)  # as the step reads them: a chunk at a time
-        for row in q["table"]:
+        for row in q:
             k = keep_count(row["fraction"], n)
             assert row["threshold"] == kth_best(lambda c=chunks: iter(c), k), row  # the step's own selection
             assert row["keeps"] == int((scores >= row["threshold"]).sum()) >= k
-        assert [row["threshold"] for row in q["table"]] == sorted((row["threshold"] for row in q["table"]), reverse=True)
+        assert [row["threshold"] for row in q] == sorted((row["threshold"] for row in q), reverse=True)
         # The run's own fraction: the table's threshold is the one the run used.
-        run_row = next(row for row in q["table"] if row["fraction"] == q["run_fraction"])
-        assert run_row["threshold"] == q["run_threshold"] == h["thresholds"][name] == h["filters"][name]["threshold"]
-    assert h["thresholds"]["nsfw"] == 0.7 and h["clip_filter_on"] is True
+        run_row = next(row for row in q if row["fraction"] == f["run_fraction"])
+        assert run_row["threshold"] == f["threshold"] == h["thresholds"][name] == h["entries"][name]["threshold"]
+        assert h["entries"][name]["keep_fraction"] == f["run_fraction"]
+    assert (by["aesthetic"]["run_fraction"], by["clip_score"]["run_fraction"], by["nsfw"]["run_fraction"]) == (0.37, 0.6, None)
+    assert by["nsfw"]["fraction_table"] is None and by["nsfw"]["fraction_scored"] is None
+    assert h["thresholds"]["nsfw"] == 0.7 and h["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True}
     # Same table from a table-only check: ties make "keeps" exceed k (aesthetic scores are rounded).
-    assert any(row["keeps"] > keep_count(row["fraction"], h["keep_fractions"]["aesthetic"]["scored"])
-               for row in h["keep_fractions"]["aesthetic"]["table"])
+    assert any(row["keeps"] > keep_count(row["fraction"], by["aesthetic"]["fraction_scored"])
+               for row in by["aesthetic"]["fraction_table"])
+    assert whatif_kept(h, run_limits(h)) == h["kept_at_thresholds"] == _status_kept(root, r) == r.kept_by(h["thresholds"])
 
 
 def test_clip_histogram_and_the_kept_count_use_the_thresholds_the_run_used(tmp_path):
     from winnow.report.scores import score_histograms
-    from winnow.stages.kept import filter_outcomes
-    from winnow.stages.thresholds import ThresholdsConfig, load_thresholds
+    from winnow.stages.thresholds import ThresholdsConfig
 
     config = ThresholdsConfig(aesthetic_keep_fraction=0.5, clip_score_threshold=0.24, nsfw_threshold=0.8)
     root, plan, r = _built(tmp_path, config)
     h = score_histograms(root, plan)
-    clip = h["clip"]
+    _consistent(h)
+    clip = _by_name(h)["clip_score"]
+    population = r.population
     assert clip["enabled"] is True and clip["threshold"] == 0.24 == h["thresholds"]["clip_score"]
-    assert sum(clip["counts"]) == clip["scored"] == int((~np.isnan(r.clip)).sum())
+    assert sum(clip["counts"]) == clip["scored"] == int((~np.isnan(r.clip) & population).sum())
     assert clip["threshold"] in clip["edges"] and len(clip["counts"]) == len(clip["edges"]) - 1
     i = clip["edges"].index(clip["threshold"])
-    assert sum(clip["counts"][i:]) == clip["kept_at_threshold"] == int((_all_scores(r.clip) >= 0.24).sum())
-    exact = np.array([e is not None for e in r.exact_of])
-    decoded = ~exact & np.array([e is None for e in r.error])
-    assert clip["no_caption"] == int((decoded & ~r.has_caption).sum()) > 0
-    assert (h["records"], h["exact_duplicates"], h["undecodable"]) == (r.n, int(exact.sum()), int((~exact & ~decoded).sum()))
+    assert sum(clip["counts"][i:]) == clip["kept_at_threshold"] == int((r.clip[population] >= np.float32(0.24)).sum())
+    # Records shown without a caption: dropped as no_caption while the filter is on.
+    assert clip["missing"] == {"outcome": "no_caption", "records": int((population & ~r.has_caption).sum())}
+    assert clip["missing"]["records"] > 0 and clip["row_groups_without"] == 0
+    assert (h["records"], h["exact_duplicates"], h["undecodable"], h["duplicates"], h["population"]) == \
+        (r.n, int(r.exact.sum()), int((~r.exact & ~r.decoded).sum()), int((r.decoded & r.duplicate).sum()),
+         int(population.sum()))
     # The run's kept count is the engine's outcome rule with the committed thresholds.
-    out = filter_outcomes(load_thresholds(CommitStore(root)), exact_duplicate=exact, decoded=decoded,
-                          aesthetic=r.aesthetic, nsfw=r.nsfw, has_caption=r.has_caption, clip=r.clip)
-    kept = int(((out == "") & ~r.duplicate).sum())
-    assert h["kept_at_thresholds"] == kept > 0
-    ia = h["aesthetic_edges"].index(h["thresholds"]["aesthetic"])
-    jn = h["nsfw_edges"].index(0.8)
-    assert np.array(h["joint_clip_passed"])[ia:, :jn].sum() == kept < np.array(h["joint"])[ia:, :jn].sum()
-    assert np.array(h["joint"]).sum() == h["scored"] == int((decoded & ~r.duplicate).sum())
+    kept = _status_kept(root, r)
+    assert h["kept_at_thresholds"] == kept == whatif_kept(h, run_limits(h)) == r.kept_by(h["thresholds"]) > 0
+    # The clip filter drops records: without it the same thresholds keep more.
+    assert whatif_kept(h, {**run_limits(h), "clip_score": None}) == r.kept_by({**h["thresholds"], "clip_score": None}) > kept
+    # Other thresholds (each on an edge of its histogram, as the view's sliders): the same count
+    # as the records themselves give.
+    by = _by_name(h)
+    other = {name: by[name]["edges"][len(by[name]["edges"]) // k] for name, k in
+             (("aesthetic", 3), ("nsfw", 2), ("clip_score", 4))}
+    assert other != h["thresholds"]
+    assert whatif_kept(h, other) == r.kept_by(other) > 0
+    for name in other:  # one filter at a time too
+        alone = {name: other[name]}
+        assert whatif_kept(h, alone) == r.kept_by(alone)
 
 
 def test_a_run_with_the_clip_filter_off_says_so(tmp_path):
@@ -291,13 +363,20 @@ def test_a_run_with_the_clip_filter_off_says_so(tmp_path):
 
     root, plan, r = _built(tmp_path, ThresholdsConfig(aesthetic_threshold=4.5))
     h = score_histograms(root, plan)
-    assert h["clip_filter_on"] is False and h["clip"]["enabled"] is False and h["clip"]["kept_at_threshold"] is None
-    assert h["filters"]["clip_score"]["enabled"] is False and h["joint_clip_passed"] == h["joint"]
-    assert sum(h["clip"]["counts"]) == h["clip"]["scored"] > 0  # scores are shown all the same
-    assert h["keep_fractions"]["clip_score"]["run_fraction"] is None and h["keep_fractions"]["clip_score"]["table"]
-    ia = h["aesthetic_edges"].index(4.5)
-    jn = h["nsfw_edges"].index(0.5)
-    assert np.array(h["joint"])[ia:, :jn].sum() == h["kept_at_thresholds"]
+    _consistent(h)
+    clip = _by_name(h)["clip_score"]
+    assert h["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    assert h["entries"]["clip_score"]["enabled"] is False
+    assert clip["enabled"] is False and clip["kept_at_threshold"] is None
+    assert sum(clip["counts"]) == clip["scored"] > 0  # scores are shown all the same
+    assert clip["run_fraction"] is None and len(clip["fraction_table"]) == 100
+    assert 4.5 in _by_name(h)["aesthetic"]["edges"] and 0.5 in _by_name(h)["nsfw"]["edges"]
+    kept = _status_kept(root, r)
+    assert whatif_kept(h, run_limits(h)) == h["kept_at_thresholds"] == kept == r.kept_by(run_limits(h))
+    # Records without a caption are kept while the filter is off: the what-if that turns it on
+    # (at an edge of its histogram) drops them.
+    on = {**run_limits(h), "clip_score": clip["edges"][1]}
+    assert whatif_kept(h, on) == r.kept_by(on) < kept
 
 
 def test_a_run_before_its_thresholds_step_has_histograms_but_no_thresholds(tmp_path):
@@ -305,27 +384,49 @@ def test_a_run_before_its_thresholds_step_has_histograms_but_no_thresholds(tmp_p
     from winnow.report.scores import score_histograms
     from winnow.stages.thresholds import ThresholdsConfig
 
-    root, plan, _ = _built(tmp_path, ThresholdsConfig(), thresholds=False)
+    root, plan, r = _built(tmp_path, ThresholdsConfig(), thresholds=False)
     h = score_histograms(root, plan)
-    assert h["thresholds"] == {"aesthetic": None, "nsfw": None, "clip_score": None} and h["filters"] is None
-    assert h["clip_filter_on"] is None and h["kept_at_thresholds"] is None and h["clip"]["kept_at_threshold"] is None
-    assert np.array(h["joint"]).sum() == h["scored"] > 0 and len(h["keep_fractions"]["aesthetic"]["table"]) == 100
+    _consistent(h)
+    assert h["thresholds"] == {"aesthetic": None, "nsfw": None, "clip_score": None} and h["entries"] is None
+    assert h["enabled"] == {"aesthetic": None, "nsfw": None, "clip_score": None} and h["kept_at_thresholds"] is None
+    for f in h["filters"]:
+        assert f["threshold"] is None and f["kept_at_threshold"] is None and f["run_fraction"] is None
+        assert sum(f["counts"]) == f["scored"] > 0
+    assert h["population"] == int(r.population.sum()) > 0
+    assert len(_by_name(h)["aesthetic"]["fraction_table"]) == 100
     page = gallery_page(root, plan)
-    assert page["thresholds"] == h["thresholds"] and page["clip_filter_on"] is None and page["items"] == []
+    assert page["thresholds"] == h["thresholds"] and page["enabled"] == h["enabled"] and page["items"] == []
 
 
 def test_missing_clip_scores_leave_the_kept_count_unknown_while_the_filter_is_on_and_sampling_says_so(tmp_path):
     from winnow.report.scores import score_histograms
     from winnow.stages.thresholds import ThresholdsConfig
 
-    root, plan, _ = _built(tmp_path, ThresholdsConfig(clip_score_threshold=0.2), skip_clip=(3,))
+    root, plan, r = _built(tmp_path, ThresholdsConfig(clip_score_threshold=0.2), skip_clip=(3,))
     h = score_histograms(root, plan)  # row group 3's clip_score not committed (yet)
-    assert h["clip"]["row_groups_without_clip_score"] == 1 and h["row_groups"] == plan.num_row_groups
-    assert h["clip_filter_on"] is True and h["kept_at_thresholds"] is None and h["clip"]["kept_at_threshold"] >= 0
+    _consistent(h)
+    by = _by_name(h)
+    assert by["clip_score"]["row_groups_without"] == 1 and h["row_groups"] == plan.num_row_groups
+    assert by["aesthetic"]["row_groups_without"] == by["nsfw"]["row_groups_without"] == 0
+    assert h["enabled"]["clip_score"] is True and h["kept_at_thresholds"] is None
+    lo, hi = plan.row_group_range(3)
+    read = np.ones(r.n, bool)
+    read[lo:hi] = False
+    assert by["clip_score"]["scored"] == int((r.population & read & ~np.isnan(r.clip)).sum())
+    assert by["clip_score"]["kept_at_threshold"] == int((r.population & read & (r.clip >= np.float32(0.2))).sum()) > 0
     sampled = score_histograms(root, plan, max_row_groups=4)
-    assert sampled["sampled"] and sampled["row_groups"] < plan.num_row_groups
+    step = -(-plan.num_row_groups // 4)
+    read = np.zeros(r.n, bool)
+    for rg in range(0, plan.num_row_groups, step):
+        lo, hi = plan.row_group_range(rg)
+        read[lo:hi] = True
+    assert sampled["sampled"] and sampled["row_groups"] == len(range(0, plan.num_row_groups, step)) < plan.num_row_groups
     assert sampled["scale"] == plan.num_row_groups / sampled["row_groups"]
-    assert all(q["sampled"] for q in sampled["keep_fractions"].values())
+    # The quantile tables of a sample: of the scores of the row groups read.
+    s_by = _by_name(sampled)
+    assert s_by["aesthetic"]["fraction_scored"] == int((read & ~np.isnan(r.aesthetic)).sum()) < \
+        by["aesthetic"]["fraction_scored"]
+    assert sampled["records"] == int(read.sum()) and sampled["population"] == int((read & r.population).sum())
 
 
 GALLERY_ROWS = [
@@ -343,12 +444,14 @@ GALLERY_ROWS = [
 
 def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
     from tests.report._runs import commit_gallery
+    from winnow.filters import BY_NAME, VALUE_COLUMNS
     from winnow.report.gallery import gallery_page
     from winnow.schemas import OUTCOMES as STATUS_OUTCOMES
     from winnow.stages.thresholds import ThresholdsConfig
     from winnow.stages.thumbnails import OUTCOMES
 
     assert set(OUTCOMES) == set(STATUS_OUTCOMES) and OUTCOMES[0] == "kept"
+    assert {row["outcome"] for row in GALLERY_ROWS} == set(OUTCOMES)
     root, plan, _ = _built(tmp_path, ThresholdsConfig(aesthetic_threshold=4.0, clip_score_threshold=0.2))
     store = CommitStore(root)
     stored = {"exact_duplicate": "same image bytes as record 0 ('a'); not decoded",
@@ -359,7 +462,8 @@ def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
     commit_gallery(store, plan, 0, [{**row, "error": stored.get(row["outcome"], row.get("error"))} for row in GALLERY_ROWS])
     commit_gallery(store, plan, 1, GALLERY_ROWS)
     page = gallery_page(root, plan, limit=100)
-    assert page["clip_filter_on"] is True and page["thresholds"] == {"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.2}
+    assert page["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True}
+    assert page["thresholds"] == {"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.2}
     by = {(i["row_group"], i["outcome"]): i for i in page["items"]}
     assert len(by) == 2 * len(OUTCOMES) and page["written"] == 2
     for outcome in OUTCOMES:
@@ -367,13 +471,60 @@ def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
         if outcome in stored:
             assert new["reason"] == stored[outcome]
         assert old["reason"] and (old["reason"] == "kept") == (outcome == "kept")
-    assert by[(0, "undecodable")]["reason"] == "undecodable: truncated: 10 bytes"
+        assert all(name in new and name in old for name, _ in VALUE_COLUMNS)
+    assert by[(0, "kept")]["reason"] == "kept"
+    assert by[(0, "undecodable")]["reason"] == by[(1, "undecodable")]["reason"] == "undecodable: truncated: 10 bytes"
+    # Old galleries: the reason in the words of the run's thresholds.
     assert by[(1, "exact_duplicate")]["reason"] == "same image bytes as a; not decoded"
-    assert by[(1, "aesthetic")]["reason"] == "aesthetic 1.500 below threshold 4.0"
-    assert by[(1, "no_caption")]["reason"] == "no caption while the CLIP-score filter is on"
-    assert by[(1, "clip_score")]["reason"] == "clip score 0.110 below threshold 0.2"
+    assert by[(1, "aesthetic")]["reason"] == f"{BY_NAME['aesthetic'].label} 1.500: dropped at threshold 4.0"
+    assert by[(1, "nsfw")]["reason"] == f"{BY_NAME['nsfw'].label} 0.900: dropped at threshold 0.5"
+    assert by[(1, "no_caption")]["reason"] == BY_NAME["clip_score"].missing.reason
+    assert by[(1, "clip_score")]["reason"] == f"{BY_NAME['clip_score'].label} 0.110: dropped at threshold 0.2"
     assert by[(1, "duplicate")]["reason"] == "near duplicate of a"
     assert by[(0, "clip_score")]["clip_score"] == pytest.approx(0.11) and by[(0, "nsfw")]["clip_score"] is None
     for outcome in OUTCOMES:
         only = gallery_page(root, plan, outcome=outcome)["items"]
         assert [i["outcome"] for i in only] == [outcome, outcome]
+
+
+
+@pytest.mark.parametrize("case", ["score_equal_to_an_absolute_threshold", "fraction_keeping_the_top_score",
+                                  "nsfw_scores_of_1_at_threshold_1"])
+def test_scores_at_the_threshold_are_on_the_side_the_run_put_them(tmp_path, case):
+    from tests.report._runs import random_records
+    from winnow.report.scores import score_histograms
+    from winnow.stages.thresholds import ThresholdsConfig
+
+    r = random_records(157, seed=11)
+    every = np.arange(r.n) % 3 == 0
+    if case == "score_equal_to_an_absolute_threshold":
+        # A CLIP score stored as float32(0.24): 0.24 >= 0.24 in float32, as status compares it.
+        config = ThresholdsConfig(clip_score_threshold=0.24)
+        r.clip[r.has_caption & every] = np.float32(0.24)
+    elif case == "fraction_keeping_the_top_score":
+        config = ThresholdsConfig(clip_score_keep_fraction=0.001)  # k = 1: the threshold is the best score
+    else:
+        # A saturated nsfw probability (1.0 in float32) is dropped by nsfw_threshold = 1.0.
+        config = ThresholdsConfig(nsfw_threshold=1.0)
+        r.nsfw[r.decoded & every] = np.float32(1.0)
+    root, plan, r = _built(tmp_path, config, records=r)
+    h = score_histograms(root, plan)
+    assert h["kept_at_thresholds"] == _status_kept(root, r) == r.kept_by(run_limits(h))
+    assert whatif_kept(h, run_limits(h)) == h["kept_at_thresholds"]
+    _consistent(h)
+
+
+@pytest.mark.parametrize("config", [{"aesthetic_threshold": 4.5},
+                                    {"aesthetic_keep_fraction": 0.37, "clip_score_threshold": 0.2}])
+def test_a_what_if_at_any_edge_keeps_what_that_threshold_keeps(tmp_path, config):
+    """The view's sliders stop on the edges: at each, the cells it sums are the records a run with
+    that threshold would keep."""
+    from tests.report._runs import random_records
+    from winnow.report.scores import score_histograms
+    from winnow.stages.thresholds import ThresholdsConfig
+
+    root, plan, r = _built(tmp_path, ThresholdsConfig(**config), records=random_records(157, seed=3))
+    h = score_histograms(root, plan)
+    wrong = [(f["name"], e, whatif_kept(h, {f["name"]: e}), r.kept_by({f["name"]: e}))
+             for f in h["filters"] for e in f["edges"]]
+    assert [w for w in wrong if w[2] != w[3]] == []

@@ -80,7 +80,8 @@ def commit_filters(run_root: str, plan: RowGroupPlan, aesthetic_keep: np.ndarray
     ``nsfw_keep`` under the default thresholds (aesthetic 6.0 / 4.0 against 5.0; nsfw 0.1 / 0.9
     against 0.5; clip score NaN = no caption), then the thresholds step (``thresholds``: its
     config, default the defaults: CLIP-score filter off). Commits index rows first if missing."""
-    from winnow.schemas import CLIP_SCORE
+    from winnow.execution import LOCAL
+    from winnow.stages.clip_score import CLIP_SCORE
     from winnow.stages.thresholds import ThresholdsConfig, run_thresholds
 
     commit_index_rows(run_root, plan)
@@ -106,4 +107,4 @@ def commit_filters(run_root: str, plan: RowGroupPlan, aesthetic_keep: np.ndarray
     fingerprint = StageFingerprint(stage="thresholds", config=config.fingerprint_config(), upstream=upstream,
                                    num_records=plan.num_records, buffer_size=plan.buffer_size)
     store.ensure_stage(fingerprint, overwrite=True)
-    run_thresholds(run_root, plan, config, fingerprint, backend="local")
+    run_thresholds(run_root, plan, config, fingerprint, execution=LOCAL)

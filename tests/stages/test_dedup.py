@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tests._reference.dedup import run_dedup
+from benchmarks._reference.dedup import run_dedup
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.exceptions import DedupError, StageConfigMismatch
 from winnow.rowgroups import CommitStore, RowGroupPlan

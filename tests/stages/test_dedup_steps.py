@@ -15,20 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests._reference.dedup import read_candidates
+from benchmarks._reference.dedup import read_candidates
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.exceptions import StageConfigMismatch
+from winnow.execution import LOCAL, Execution
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import DEDUP
 from winnow.stages.dedup import DedupConfig, dedup_clusters, nearest_centroid
 from winnow.stages.dedup_steps import (
     AssignStage,
+    DedupFlagsStage,
     ensure_step,
     load_centroids,
     read_bucket,
     run_centroids,
     run_pairwise,
-    run_semdedup,
     sample_quotas,
 )
 
@@ -110,6 +111,32 @@ def _reference_on_committed_centroids(run_root: str) -> dict[int, int]:
     return dict(zip(ref.record_id.tolist(), ref.duplicate_of.tolist()))
 
 
+def _centroids(run_root: str, config: DedupConfig, execution: Execution = LOCAL) -> dict:
+    """The centroids step as a direct engine call makes it: its fingerprint checked, then the step."""
+    return run_centroids(run_root, PLAN, config, ensure_step(CommitStore(run_root), PLAN, config, "centroids"),
+                         execution=execution)
+
+
+def _run_steps(run_root: str, *, execution: Execution = LOCAL) -> dict:
+    """The four steps in order, as ``run_all`` runs them between the filters and status: centroids
+    and pairwise where ``execution`` says, the two row-group steps in this process (the pipeline
+    tests cover the runner's Ray path). Returns the centroids and pairwise summaries."""
+    from winnow.ray.runner import run_stage_partition
+
+    def row_group_step(step: str, stage) -> None:
+        ensure_step(CommitStore(run_root), PLAN, CONFIG, step)
+        for p in range(PLAN.num_partitions):
+            summary = run_stage_partition(stage, run_root=run_root, plan=PLAN, partition=p, execution=LOCAL)
+            assert summary.ok, summary.failed
+
+    centroids = _centroids(run_root, CONFIG, execution)
+    row_group_step("assign", AssignStage(CONFIG))
+    pairwise = run_pairwise(run_root, PLAN, CONFIG, execution=execution)
+    assert not pairwise.failed, pairwise.failed
+    row_group_step("dedup", DedupFlagsStage(CONFIG))
+    return {"centroids": centroids, "pairwise": pairwise.to_dict()}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     from winnow.ray.cluster import connect
@@ -119,9 +146,7 @@ def ray_local():
 
 def test_distributed_steps_on_ray_flag_exactly_what_the_reference_flags(base_run, tmp_path, ray_local):
     run_root = _copy(base_run, tmp_path)
-    # Centroids and pairwise run as Ray tasks here; the two row-group steps go through the
-    # row-group runner, whose Ray path the pipeline tests cover, so they run in-process.
-    out = run_semdedup(run_root, PLAN, CONFIG, backend="ray", partition_backend="local")
+    out = _run_steps(run_root, execution=Execution())  # centroids and pairwise as Ray tasks
     assert out["centroids"]["k"] == 12 and out["centroids"]["sample"] == 500 and out["centroids"]["buckets"] == 5
     assert out["pairwise"]["computed"] == 5
     got = _flags(run_root)
@@ -136,7 +161,7 @@ def test_distributed_steps_on_ray_flag_exactly_what_the_reference_flags(base_run
 
 def test_assign_writes_one_record_batch_per_bucket_and_a_bucket_is_read_alone(base_run, tmp_path):
     run_root = _copy(base_run, tmp_path)
-    run_semdedup(run_root, PLAN, CONFIG, backend="local")
+    _run_steps(run_root)
     store = CommitStore(run_root)
     _, meta = load_centroids(store)
     bucket_of = np.asarray(meta["bucket_of_cluster"])
@@ -164,19 +189,19 @@ def test_assign_writes_one_record_batch_per_bucket_and_a_bucket_is_read_alone(ba
 def test_kill_during_pairwise_then_rerun_computes_only_uncommitted_buckets(base_run, tmp_path):
     run_root = _copy(base_run, tmp_path)
     clean = _copy(base_run, tmp_path, "clean")
-    run_semdedup(clean, PLAN, CONFIG, backend="local")
-    run_centroids(run_root, PLAN, CONFIG, backend="local")
+    _run_steps(clean)
+    _centroids(run_root, CONFIG)
     ensure_step(CommitStore(run_root), PLAN, CONFIG, "assign")
     from winnow.ray.runner import run_stage_partition
 
     for p in range(PLAN.num_partitions):
-        assert run_stage_partition(AssignStage(CONFIG), run_root=run_root, plan=PLAN, partition=p, backend="local").ok
+        assert run_stage_partition(AssignStage(CONFIG), run_root=run_root, plan=PLAN, partition=p, execution=LOCAL).ok
     # A fresh process runs pairwise and is SIGKILLed right after bucket 1 committed (test hook).
     script = (
         "import sys, json; from winnow.rowgroups import RowGroupPlan; from winnow.stages.dedup import DedupConfig; "
-        "from winnow.stages.dedup_steps import run_pairwise; "
+        "from winnow.stages.dedup_steps import run_pairwise; from winnow.execution import LOCAL; "
         f"run_pairwise({run_root!r}, RowGroupPlan(**{PLAN.to_dict()!r}), DedupConfig(eps=0.05, n_clusters=12, "
-        "device='cpu', buckets=5, sample_size=500), backend='local')"
+        "device='cpu', buckets=5, sample_size=500), execution=LOCAL)"
     )
     spec = {"stage": "pairwise", "row_groups": [1], "mode": "kill_task", "once_dir": str(tmp_path / "once")}
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "WINNOW_TEST_FAULTS": json.dumps(spec)},
@@ -187,26 +212,26 @@ def test_kill_during_pairwise_then_rerun_computes_only_uncommitted_buckets(base_
     assert committed == ["b00000.parquet", "b00001.parquet"]
     before = {f: (os.stat(os.path.join(pw, f)).st_ino, os.stat(os.path.join(pw, f)).st_mtime_ns) for f in committed}
 
-    summary = run_pairwise(run_root, PLAN, CONFIG, backend="local")
+    summary = run_pairwise(run_root, PLAN, CONFIG, execution=LOCAL)
     assert (summary.computed, summary.skipped) == (3, 2)
     assert {f: (os.stat(os.path.join(pw, f)).st_ino, os.stat(os.path.join(pw, f)).st_mtime_ns) for f in committed} == before
-    again = run_pairwise(run_root, PLAN, CONFIG, backend="local")
+    again = run_pairwise(run_root, PLAN, CONFIG, execution=LOCAL)
     assert (again.computed, again.skipped) == (0, 5)
-    run_semdedup(run_root, PLAN, CONFIG, backend="local")  # the flags step; everything else is committed
+    _run_steps(run_root)  # the flags step: everything else is committed
     assert _flags(run_root) == _flags(clean)
 
 
 def test_changed_eps_is_a_mismatch_for_pairwise_only_centroids_and_assign_are_reused(base_run, tmp_path):
     run_root = _copy(base_run, tmp_path)
-    run_semdedup(run_root, PLAN, CONFIG, backend="local")
+    _run_steps(run_root)
     store = CommitStore(run_root)
     centroids_file = os.path.join(run_root, "centroids", "centroids.parquet")
     mtime = os.stat(centroids_file).st_mtime_ns
     changed = DedupConfig(**{**CONFIG.__dict__, "eps": 0.1})
-    assert run_centroids(run_root, PLAN, changed, backend="local")["computed"] == 0
+    assert _centroids(run_root, changed)["computed"] == 0
     ensure_step(store, PLAN, changed, "assign")  # same fingerprint: no mismatch
     with pytest.raises(StageConfigMismatch, match="eps") as info:
-        run_pairwise(run_root, PLAN, changed, backend="local")
+        run_pairwise(run_root, PLAN, changed, execution=LOCAL)
     assert info.value.stage == "pairwise"
     assert os.stat(centroids_file).st_mtime_ns == mtime
 
@@ -235,8 +260,9 @@ def test_pipeline_overwrite_after_an_eps_change_moves_aside_pairwise_and_later_s
 
 
 def test_each_pipeline_step_call_checks_its_fingerprint_once(base_run, tmp_path, monkeypatch):
-    """The pipeline's centroids and pairwise calls leave the check to the step they run (which a
-    direct engine call makes too): one ensure_stage per call, never two."""
+    """The pipeline's centroids and pairwise calls check each step's fingerprint once: the run-level
+    wrapper for centroids (the step takes the checked fingerprint), the step itself for pairwise
+    (which a direct engine call makes too): one ensure_stage per call, never two."""
     from winnow import pipeline
     from winnow.ray.runner import run_stage_partition
 
@@ -254,22 +280,22 @@ def test_each_pipeline_step_call_checks_its_fingerprint_once(base_run, tmp_path,
         return ensure_stage(self, fingerprint, **kw)
 
     monkeypatch.setattr(CommitStore, "ensure_stage", counting)
-    assert pipeline.run_centroids(cfg, backend="local")["bucket_list"] == list(range(CONFIG.buckets))
+    assert pipeline.run_global(cfg, "centroids", execution=LOCAL)["buckets"] == CONFIG.buckets
     assert checked == ["centroids"]
     ensure_step(CommitStore(run_root), PLAN, cfg.dedup_config(), "assign")
     for p in range(PLAN.num_partitions):
         assert run_stage_partition(AssignStage(cfg.dedup_config()), run_root=run_root, plan=PLAN, partition=p,
-                                   backend="local").ok
+                                   execution=LOCAL).ok
     checked.clear()
-    assert not pipeline.run_buckets(cfg, "pairwise", backend="local").failed
+    assert not pipeline.run_buckets(cfg, "pairwise", execution=LOCAL).failed
     assert checked == ["pairwise"]
 
 
 def test_centroids_sample_is_bounded_and_deterministic(base_run, tmp_path):
     a, b = _copy(base_run, tmp_path, "a"), _copy(base_run, tmp_path, "b")
     cfg = DedupConfig(n_clusters=6, device="cpu", sample_size=0)  # automatic: min(all, 100 * k)
-    ra = run_centroids(a, PLAN, cfg, backend="local")
-    rb = run_centroids(b, PLAN, cfg, backend="local")
+    ra = _centroids(a, cfg)
+    rb = _centroids(b, cfg)
     ids, _ = read_candidates(CommitStore(a), PLAN)
     assert ra["sample"] == min(len(ids), 600) == rb["sample"]
     ca, _ = load_centroids(CommitStore(a))
@@ -278,6 +304,6 @@ def test_centroids_sample_is_bounded_and_deterministic(base_run, tmp_path):
     quotas = sample_quotas(np.array([40, 0, 17, 40, 3]), 50)
     assert quotas.sum() == 50 and (quotas <= np.array([40, 0, 17, 40, 3])).all()
     small = DedupConfig(n_clusters=6, device="cpu", sample_size=100)
-    assert run_centroids(_copy(base_run, tmp_path, "c"), PLAN, small, backend="local")["sample"] == 100
+    assert _centroids(_copy(base_run, tmp_path, "c"), small)["sample"] == 100
     with pq.ParquetFile(os.path.join(a, "centroids", "centroids.parquet")) as f:
         assert f.metadata.num_rows == 6

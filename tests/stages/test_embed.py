@@ -14,8 +14,8 @@ from PIL import Image
 from tests.data._shards import write_tar
 from winnow.data.index import IndexConfig, build_index
 from winnow.exceptions import ModelError
+from winnow.rowgroups.task import RowGroupTask, Stage
 from winnow.schemas import embed_schema
-from winnow.stages.base import RowGroupTask, Stage
 from winnow.stages.decode import dali_available
 from winnow.stages.embed import EmbedConfig, EmbedStage
 from winnow.stages.models import TINY_MODEL

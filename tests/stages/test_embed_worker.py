@@ -16,10 +16,11 @@ import torch
 
 from winnow.data.index import IndexConfig, build_index
 from winnow.data.sample import generate_sample
+from winnow.execution import LOCAL
 from winnow.faults import ENV_VAR
 from winnow.ray.runner import run_stage_partition
 from winnow.rowgroups import CommitStore
-from winnow.stages.base import RowGroupTask
+from winnow.rowgroups.task import RowGroupTask
 from winnow.stages.embed import EmbedConfig, EmbedStage
 from winnow.stages.embed_worker import HOST_BUFFERS, EmbedPipeline
 from winnow.stages.models import TINY_MODEL
@@ -75,7 +76,7 @@ def test_local_backend_output_equals_the_per_row_group_stage_bit_for_bit(indexed
     _, run_root, plan = indexed
     fresh_stage_dir(run_root)
     for p in range(plan.num_partitions):
-        summary = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, backend="local")
+        summary = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, execution=LOCAL)
         assert summary.ok and summary.computed == len(plan.partition_row_groups(p)), summary.to_dict()
         for rg, expected in reference_tables(stage, run_root, plan, p).items():
             got = committed(run_root, p, rg)
@@ -129,10 +130,10 @@ def test_injected_commit_fault_fails_only_that_row_group_through_the_runner(inde
     fresh_stage_dir(run_root)
     rgs = plan.partition_row_groups(0)
     monkeypatch.setenv(ENV_VAR, json.dumps({"stage": "embed", "row_groups": [rgs[1]], "once_dir": str(tmp_path)}))
-    summary = run_stage_partition(stage, run_root=run_root, plan=plan, partition=0, backend="local")
+    summary = run_stage_partition(stage, run_root=run_root, plan=plan, partition=0, execution=LOCAL)
     assert list(summary.failed) == [rgs[1]] and "InjectedFault" in summary.failed[rgs[1]]
     assert summary.computed == len(rgs) - 1
-    again = run_stage_partition(stage, run_root=run_root, plan=plan, partition=0, backend="local")
+    again = run_stage_partition(stage, run_root=run_root, plan=plan, partition=0, execution=LOCAL)
     assert again.ok and again.computed == 1 and again.skipped == len(rgs) - 1
 
 
@@ -183,7 +184,7 @@ def test_fused_worker_on_gpu_is_close_to_the_cpu_stage_with_the_same_errors(inde
     _, run_root, plan = indexed
     fresh_stage_dir(run_root)
     gpu = tiny(device="cuda", decode_backend="nvimgcodec" if nvimgcodec_available() else "pillow")
-    summary = run_stage_partition(gpu, run_root=run_root, plan=plan, partition=0, backend="local")
+    summary = run_stage_partition(gpu, run_root=run_root, plan=plan, partition=0, execution=LOCAL)
     assert summary.ok, summary.to_dict()
     stats = gpu.row_group_pipeline().stats
     assert stats.padded_slots > 0 and stats.gpu_busy is not None and 0 < stats.gpu_busy <= 1.0

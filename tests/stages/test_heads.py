@@ -13,11 +13,13 @@ from safetensors.torch import save_file
 from tests.stages._stage_rows import commit_embed, unit_rows
 from winnow.exceptions import HeadError
 from winnow.rowgroups import RowGroupPlan
+from winnow.rowgroups.task import RowGroupTask, Stage
 from winnow.schemas import AESTHETIC, NSFW
-from winnow.stages.aesthetic import AestheticConfig, AestheticStage
-from winnow.stages.base import RowGroupTask, Stage
+from winnow.stages.aesthetic import AESTHETIC_HEAD, AestheticConfig, AestheticStage
 from winnow.stages.heads import AestheticMLP, NsfwHead, load_head, nsfw_state_dict_from_keras, score_embeddings
-from winnow.stages.nsfw import NsfwConfig, NsfwStage
+from winnow.stages.nsfw import NSFW_HEAD, NsfwConfig, NsfwStage
+
+KINDS = {"aesthetic": AESTHETIC_HEAD, "nsfw": NSFW_HEAD}
 
 
 def test_aesthetic_mlp_matches_published_state_dict_layout():
@@ -89,7 +91,7 @@ def test_load_head_round_trips_weights_from_file(tmp_path, kind, cls, suffix):
     path = str(tmp_path / f"{kind}{suffix}")
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
-    loaded, digest = load_head(kind, path, embed_dim=768, allow_random_weights=False, device="cpu")
+    loaded, digest = load_head(KINDS[kind], path, embed_dim=768, allow_random_weights=False, device="cpu")
     assert digest.startswith("sha256:") and len(digest) == len("sha256:") + 64
     assert not loaded.training
     x = unit_rows(7, 768, seed=1).astype(np.float16)
@@ -100,29 +102,29 @@ def test_load_head_rejects_weights_for_another_embedding_width(tmp_path):
     path = str(tmp_path / "a.safetensors")
     save_file(AestheticMLP(embed_dim=512).state_dict(), path)
     with pytest.raises(HeadError, match=r"expect 512-d embeddings .* gives 768-d"):
-        load_head("aesthetic", path, embed_dim=768, allow_random_weights=False, device="cpu")
+        load_head(AESTHETIC_HEAD, path, embed_dim=768, allow_random_weights=False, device="cpu")
 
 
 def test_load_head_names_missing_keys_of_a_wrong_file(tmp_path):
     path = str(tmp_path / "n.safetensors")
     save_file(AestheticMLP().state_dict(), path)  # aesthetic weights given to the nsfw head
     with pytest.raises(HeadError, match=r"missing keys \['norm.mean', 'norm.variance'"):
-        load_head("nsfw", path, embed_dim=768, allow_random_weights=False, device="cpu")
+        load_head(NSFW_HEAD, path, embed_dim=768, allow_random_weights=False, device="cpu")
 
 
 def test_missing_weights_file_is_named(tmp_path):
     path = str(tmp_path / "nope.pth")
     with pytest.raises(HeadError, match=rf"{path}.*'aesthetic_weights'"):
-        load_head("aesthetic", path, embed_dim=768, allow_random_weights=True, device="cpu")
+        load_head(AESTHETIC_HEAD, path, embed_dim=768, allow_random_weights=True, device="cpu")
 
 
 def test_random_weights_refused_without_flag_and_seeded_with_it(caplog):
     with pytest.raises(HeadError, match="allow_random_weights"):
-        load_head("nsfw", None, embed_dim=768, allow_random_weights=False, device="cpu")
+        load_head(NSFW_HEAD, None, embed_dim=768, allow_random_weights=False, device="cpu")
     x = unit_rows(50, 768, seed=2).astype(np.float16)
     with caplog.at_level(logging.WARNING, logger="winnow.stages.heads"):
-        a, digest_a = load_head("aesthetic", None, embed_dim=768, allow_random_weights=True, device="cpu")
-        b, digest_b = load_head("aesthetic", None, embed_dim=768, allow_random_weights=True, device="cpu")
+        a, digest_a = load_head(AESTHETIC_HEAD, None, embed_dim=768, allow_random_weights=True, device="cpu")
+        b, digest_b = load_head(AESTHETIC_HEAD, None, embed_dim=768, allow_random_weights=True, device="cpu")
     assert digest_a == digest_b == "random-seed0"
     assert sum("RANDOM weights" in r.message for r in caplog.records) == 2  # warned on every load
     np.testing.assert_array_equal(score_embeddings(a, x), score_embeddings(b, x))
@@ -155,7 +157,7 @@ def test_aesthetic_and_nsfw_stages_score_committed_embed_row_groups(tmp_path):
     n = pa.concat_tables(_run_stage(nsfw, run_root, plan))
     assert a.schema == AESTHETIC and n.schema == NSFW
     assert a.column("record_id").to_pylist() == list(range(10))
-    head, _ = load_head("aesthetic", None, embed_dim=768, allow_random_weights=True, device="cpu")
+    head, _ = load_head(AESTHETIC_HEAD, None, embed_dim=768, allow_random_weights=True, device="cpu")
     want = score_embeddings(head, emb.astype(np.float16))
     got = a.column("aesthetic_score").to_numpy(zero_copy_only=False)
     np.testing.assert_allclose(got[~bad], want[~bad], rtol=1e-5)

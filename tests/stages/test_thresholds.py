@@ -9,8 +9,8 @@ import pytest
 
 from tests.stages._stage_rows import commit_embed, commit_filters, commit_index_rows, unit_rows
 from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups.task import RowGroupTask
 from winnow.schemas import AESTHETIC, OUTCOMES, STATUS
-from winnow.stages.base import RowGroupTask
 from winnow.stages.dedup import DedupResult, dedup_table
 from winnow.stages.status import COUNT_NAMES, StatusStage, count_outcomes
 from winnow.stages.thresholds import committed, keep_count, kth_best, load_thresholds, thresholds_units
@@ -77,12 +77,13 @@ def test_keep_fraction_half_keeps_half_of_the_scored_records_plus_ties(tmp_path)
     store = CommitStore(run_root)
     # The committed thresholds were computed from the old scores: recompute them for the new.
     store.fs.delete_file(store.path("thresholds", "thresholds.json"))
+    from winnow.execution import LOCAL
     from winnow.stages.thresholds import ThresholdsConfig, run_thresholds
 
     fingerprint_digest = store.fingerprint_digest("thresholds")
     fp = type("F", (), {"digest": fingerprint_digest})()
     assert thresholds_units(store) == (1, set())
-    out = run_thresholds(run_root, plan, ThresholdsConfig(aesthetic_keep_fraction=0.5), fp, backend="local")
+    out = run_thresholds(run_root, plan, ThresholdsConfig(aesthetic_keep_fraction=0.5), fp, execution=LOCAL)
     assert out["computed"] == 1 and thresholds_units(store) == (1, {0})
     scored = scores[~np.isnan(scores)]
     k = keep_count(0.5, len(scored))
@@ -93,7 +94,7 @@ def test_keep_fraction_half_keeps_half_of_the_scored_records_plus_ties(tmp_path)
     assert k <= kept_by_aesthetic <= k + ties - 1
     # Committed once: a rerun reads nothing and computes nothing.
     assert run_thresholds(run_root, plan, ThresholdsConfig(aesthetic_keep_fraction=0.5), fp,
-                          backend="local")["computed"] == 0
+                          execution=LOCAL)["computed"] == 0
 
     status = _status(run_root, plan)
     assert status.schema == STATUS and status.column("record_id").to_pylist() == list(range(n))

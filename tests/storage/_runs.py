@@ -9,13 +9,13 @@ import os
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from tests._tiny import TINY_MODEL
 from winnow.pipeline import CurationConfig, run_all
+from winnow.registry import stage_order
 from winnow.rowgroups import CommitStore
-from winnow.stages.registry import stage_order
 
 #: Run settings for every S3 run test: tiny model, 6 row groups in 3 partitions.
-SMALL = dict(buffer_size=4, max_partitions=3, model="winnow-tiny-vit", pretrained="random",
-             allow_random_weights=True, aesthetic_threshold=0.0)
+SMALL = dict(buffer_size=4, max_partitions=3, **TINY_MODEL, aesthetic_threshold=0.0)
 #: The write stage's folder (the last stage of the run).
 WRITE_STAGE = stage_order()[-1]
 #: What a summary says about where it ran or how long it took, not what it found.

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.storage._s3server import S3Server
+from benchmarks._s3server import S3Server
 
 BUCKET = "winnow"
 

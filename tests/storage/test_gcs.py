@@ -23,10 +23,10 @@ from tests.storage._runs import (
     run_local,
     upload_folder,
 )
-from tests.storage._s3server import free_port
 from tests.storage.conftest import _reset_storage
 from winnow.data.shards import list_shards
 from winnow.exceptions import RunLocked
+from winnow.ray.cluster import free_port
 from winnow.rowgroups import CommitStore, lease
 from winnow.rowgroups.fs import GCS_EMULATOR_ENV, conditional_writes
 

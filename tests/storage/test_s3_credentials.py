@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.storage._s3server import SECRET_KEY, S3Server
+from benchmarks._s3server import SECRET_KEY, S3Server
 from tests.storage.conftest import _reset_storage
 from winnow.data.shards import list_shards
 from winnow.exceptions import ConfigError, InputError, StorageError

@@ -15,6 +15,7 @@ from unittest import mock
 import pyarrow.fs as pafs
 import pytest
 
+from benchmarks._s3server import ACCESS_KEY, SECRET_KEY
 from tests.airflow.conftest import airflow_db, curation_dag, dagbag, retries_set  # noqa: F401  (fixtures)
 from tests.storage._runs import (
     SMALL,
@@ -24,7 +25,6 @@ from tests.storage._runs import (
     parquet_rows,
     upload_folder,
 )
-from tests.storage._s3server import ACCESS_KEY, SECRET_KEY
 from tests.storage.conftest import BUCKET, _reset_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -22,11 +22,11 @@ from unittest import mock
 
 import pytest
 
+from benchmarks._common import job_conn, jobs_of
+from benchmarks._s3server import ACCESS_KEY, SECRET_KEY
 from tests._multinode import DROPPED_PREFIXES, shared_multinode_fixture
-from tests.airflow._ray_jobs import job_conn, jobs_of
 from tests.airflow.conftest import airflow_db, curation_dag, dagbag, retries_set  # noqa: F401  (fixtures)
 from tests.storage._runs import counts_of, upload_folder
-from tests.storage._s3server import ACCESS_KEY, SECRET_KEY
 from tests.storage.conftest import BUCKET, _reset_storage
 from tests.storage.test_s3_dag import _output_to, _xcoms
 
@@ -121,8 +121,8 @@ def test_job_mode_on_s3_with_only_the_connection_succeeds_with_the_local_counts(
 def test_every_step_ran_as_a_ray_job_on_the_cluster(runs):
     """Index, centroids and each pairwise bucket too: the Airflow worker scanned, clustered and
     compared nothing itself."""
-    from winnow.ray.job import chained_stages
-    from winnow.stages.registry import STAGES
+    from winnow.job import chained_stages
+    from winnow.registry import STAGES
 
     jobs = _jobs_of_run(runs, runs["dr"])
     stages = {j["metadata"]["winnow_stage"] for j in jobs}

@@ -22,8 +22,9 @@ from tests.storage._runs import (
 )
 from tests.storage.conftest import BUCKET
 from winnow import pipeline
+from winnow.execution import LOCAL
 from winnow.pipeline import CurationConfig
-from winnow.stages.registry import partition_stages, run_phases, stage_order
+from winnow.registry import partition_stages, run_phases, stage_order
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -81,16 +82,16 @@ def test_a_rerun_lists_per_partition_and_reads_no_data(runs, s3):
     summaries = []
     for scope, specs in run_phases():  # the DAG's tasks, in its order
         if scope == "global":
-            result = pipeline.GLOBAL_STAGE_RUNNERS[specs[0].name](cfg, owner=owner, backend="local")
+            result = pipeline.run_global(cfg, specs[0].name, owner=owner, execution=LOCAL)
             info = info or result
             continue
         if scope == "bucket":
-            summary = pipeline.run_buckets(cfg, specs[0].name, owner=owner, backend="local")
+            summary = pipeline.run_buckets(cfg, specs[0].name, owner=owner, execution=LOCAL)
             assert summary.computed == 0, summary
             continue
         for p in info["partitions"]:
             for spec in specs:
-                summaries.append(pipeline.run_partition(cfg, spec.name, p, backend="local", owner=owner))
+                summaries.append(pipeline.run_partition(cfg, spec.name, p, execution=LOCAL, owner=owner))
     assert sum(s.computed for s in summaries) == 0
     reqs = s3.requests(mark)
     run_prefix = cfg.run_root[len(f"s3://{BUCKET}/"):]

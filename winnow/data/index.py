@@ -12,9 +12,10 @@ embedded. Members the scan skipped (no image, a key repeated inside a shard or a
 committed as rows under ``index/_skipped/`` (:func:`read_skipped`), for the status rows.
 
 One algorithm (below: shard groups, key partitions and row groups as units), run as Ray tasks
-(``backend="ray"``, what the pipeline uses) or as a loop in this process (``"local"``). The
+(an :class:`~winnow.execution.Execution` with ``backend="ray"``, what the pipeline uses) or as a
+loop in this process (``"local"``). The
 tests check it row for row against a serial reference that scans every shard in one process
-(``tests/_reference/index.py``, not part of the package).
+(``benchmarks/_reference/index.py``, not part of the package).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 from winnow.data.shards import list_shard_infos
 from winnow.data.tarscan import SCAN_SCHEMA, SKIPPED_SCHEMA, UID_ALGORITHM, scan_shard
 from winnow.exceptions import ShardError, StageConfigMismatch, StorageError
+from winnow.execution import LOCAL, Execution
 from winnow.rowgroups.plan import MAX_MAP_LENGTH, RowGroupPlan
 from winnow.rowgroups.store import (
     CommitStore,
@@ -150,31 +152,26 @@ def build_index(
     *,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
+    execution: Execution = LOCAL,
     group_size: int | None = None,
 ) -> IndexResult:
     """Index ``config.input_uri`` into ``<run_root>/index``; resume whatever is already there.
 
-    ``backend``: ``"ray"`` scans shard groups (of ``group_size`` shards, default
-    :func:`default_group_size`) in Ray tasks and commits row groups from Ray tasks, this process
-    only plans and sums counts; ``"local"`` (the default) is the same algorithm as a loop in this
-    process, without Ray. Both give the same rows and counts (and the same as the serial
-    reference the tests check them against, ``tests/_reference/index.py``).
+    ``execution``: with ``backend="ray"`` shard groups (of ``group_size`` shards, default
+    :func:`default_group_size`) are scanned in Ray tasks and row groups committed from Ray tasks,
+    this process only plans and sums counts; the local backend (the default) is the same
+    algorithm as a loop in this process, without Ray. Both give the same rows and counts (and the same as the serial
+    reference the tests check them against, ``benchmarks/_reference/index.py``).
 
     Raises :class:`~winnow.exceptions.InputError` when there are no shards,
     :class:`~winnow.exceptions.ShardError` for a bad shard unless ``skip_bad_shards``, and
     :class:`~winnow.exceptions.StageConfigMismatch` when the run root was indexed with
     another input, listing, buffer size or partition bound (``overwrite`` moves it aside).
     """
-    if backend not in ("ray", "local"):
-        raise ValueError(f"backend must be 'ray' (Ray tasks) or 'local' (the same algorithm in this process), "
-                         f"got {backend!r}")
     say = log or _log.info
     store, shards, digest = _start(run_root, config, overwrite=overwrite)
     plan, counts, scanned, committed, fingerprint = _build_parallel(
-        store, config, shards, digest, overwrite=overwrite, say=say, backend=backend,
-        ray_address=ray_address, group_size=group_size)
+        store, config, shards, digest, overwrite=overwrite, say=say, execution=execution, group_size=group_size)
     return _finish(store, config, shards, plan, counts, fingerprint, scanned=scanned, committed=committed, say=say)
 
 
@@ -630,7 +627,7 @@ def _first_rows(store: CommitStore, digest: str, group_size: int, partitions: in
 
 def _build_parallel(
     store: CommitStore, config: IndexConfig, shards: list[str], digest: str, *, overwrite: bool,
-    say: Callable[[str], None], backend: str, ray_address: str | None, group_size: int | None,
+    say: Callable[[str], None], execution: Execution, group_size: int | None,
 ) -> tuple[RowGroupPlan, dict[str, Any], int, int, StageFingerprint]:
     from winnow.ray.units import run_units
 
@@ -640,7 +637,7 @@ def _build_parallel(
     metas: list[list[dict[str, Any]] | None] = [_group_meta(store, f"{gdir}/g{g:06d}.parquet") for g in range(num_groups)]
     todo = [g for g, m in enumerate(metas) if m is None]
     summary = run_units("index scan", functools.partial(_scan_group_unit, shards, store.run_root, digest, gs), todo,
-                        skipped=num_groups - len(todo), backend=backend, ray_address=ray_address, log=say)
+                        skipped=num_groups - len(todo), execution=execution, log=say)
     if summary.failed:
         g = min(summary.failed)
         raise StorageError(f"index: scanning shard group {g} (shards {g * gs}..{min((g + 1) * gs, len(shards)) - 1}) "
@@ -670,14 +667,14 @@ def _build_parallel(
     have = {info.base_name for info in store._list(gdir)}
     key_todo = [h for h in range(parts) if f"drops-{parts}-{h:03d}.parquet" not in have]
     keys = run_units("index keys", functools.partial(_keys_unit, store.run_root, digest, gs, num_groups, parts),
-                     key_todo, skipped=parts - len(key_todo), backend=backend, ray_address=ray_address, log=say)
+                     key_todo, skipped=parts - len(key_todo), execution=execution, log=say)
     if keys.failed:
         raise StorageError(f"index: the cross-shard key check failed: {keys.failed[min(keys.failed)]}. Rerun to retry.")
     # After the drops (a record dropped by its key is nobody's twin). Every file here is a
     # function of the listing and the group size, so a redone one equals the lost one.
     uid_todo = [h for h in range(parts) if f"exact-{parts}-{h:03d}.parquet" not in have]
     uids = run_units("index uids", functools.partial(_uids_unit, store.run_root, digest, gs, num_groups, parts),
-                     uid_todo, skipped=parts - len(uid_todo), backend=backend, ray_address=ray_address, log=say)
+                     uid_todo, skipped=parts - len(uid_todo), execution=execution, log=say)
     if uids.failed:
         raise StorageError(f"index: the exact-duplicate check failed: {uids.failed[min(uids.failed)]}. Rerun to retry.")
     drops = _read_drops(store, digest, gs, parts, columns=["shard_pos"])
@@ -705,15 +702,14 @@ def _build_parallel(
     missing = {p: rgs for p, rgs in missing.items() if rgs}
     rows = run_units("index rows", functools.partial(_rows_unit, store.run_root, plan.to_dict(), shards,
                                                        first_id.tolist(), digest, gs, parts, missing),
-                     sorted(missing), backend=backend, ray_address=ray_address, log=say)
+                     sorted(missing), execution=execution, log=say)
     if rows.failed:
         p = min(rows.failed)
         raise StorageError(f"index: committing the row groups of partition {p} failed: {rows.failed[p]}. Rerun to retry.")
     committed = sum(int(r.get("committed", 0)) for r in rows.results)
     skipped_todo = _missing_skipped(store, len(shards))
     sk = run_units("index skipped", functools.partial(_skipped_unit, store.run_root, shards, digest, gs, parts),
-                   skipped_todo, skipped=_skipped_files(len(shards))[1] - len(skipped_todo), backend=backend,
-                   ray_address=ray_address, log=say)
+                   skipped_todo, skipped=_skipped_files(len(shards))[1] - len(skipped_todo), execution=execution, log=say)
     if sk.failed:
         j = min(sk.failed)
         raise StorageError(f"index: committing the skipped-member rows file {j} failed: {sk.failed[j]}. Rerun to retry.")

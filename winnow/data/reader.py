@@ -9,12 +9,15 @@ instead of one per record.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from winnow.data.shards import open_shard_filesystem
 from winnow.exceptions import ShardError
+from winnow.filters import passes_before_decode
 
 #: Member name -> (offset column, size column) of :data:`winnow.schemas.INDEX`.
 #: Members closer than this are read in one request (the bytes between are read and dropped).
@@ -85,6 +88,38 @@ def read_members(
                         )
                     out[row] = data
     return out
+
+
+
+def embedded_rows(index: pa.Table, before_decode: tuple[tuple[str, Any], ...] = ()) -> np.ndarray | None:
+    """Positions of the index rows to read, decode and embed: all but the exact duplicates
+    (index ``exact_duplicate_of`` set) and the records a before-decode filter drops (its params
+    in ``before_decode``, see :func:`winnow.filters.before_decode_params`: their values are index
+    columns). ``None`` when that is every row (the common case: no copy is made)."""
+    keep = None
+    if "exact_duplicate_of" in index.column_names:
+        twins = index.column("exact_duplicate_of")
+        if twins.null_count != len(twins):
+            keep = twins.is_null().to_numpy(zero_copy_only=False)
+    if before_decode:
+        columns = {name: _as_float(index.column(name)) for name in index.column_names
+                   if pa.types.is_integer(index.column(name).type) or pa.types.is_floating(index.column(name).type)}
+        passed = passes_before_decode(dict(before_decode), columns)
+        if passed is not None:
+            keep = passed if keep is None else keep & passed
+    return None if keep is None or keep.all() else np.flatnonzero(keep)
+
+
+def _as_float(column: pa.ChunkedArray) -> np.ndarray:
+    return column.cast(pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
+
+
+def read_images(index: pa.Table, before_decode: tuple[tuple[str, Any], ...] = ()) -> tuple[list[bytes | None], np.ndarray | None]:
+    """The image bytes of the rows to embed (:func:`embedded_rows`) and their positions (None:
+    all rows): the one place that decides an exact duplicate's bytes, or those of a record a
+    before-decode filter drops, are not read."""
+    rows = embedded_rows(index, before_decode)
+    return read_members(index if rows is None else index.take(pa.array(rows, pa.int64())), "image"), rows
 
 
 def _spans(rows: list[int], offsets: list, sizes: list) -> list[list[int]]:

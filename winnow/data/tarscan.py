@@ -158,33 +158,6 @@ class ShardScan:
         cols = list(zip(*self.skipped)) if self.skipped else [(), (), ()]
         return pa.Table.from_arrays([pa.array(list(c), pa.string()) for c in cols], schema=SKIPPED_SCHEMA)
 
-    @classmethod
-    def from_table(cls, table: pa.Table) -> ShardScan:
-        meta = json.loads(table.schema.metadata[b"winnow.scan"])
-        scan = cls(
-            shard=meta["shard"],
-            size=meta["size"],
-            members=meta["members"],
-            members_without_image=meta["members_without_image"],
-            duplicate_keys=meta["duplicate_keys"],
-            extra_images=meta["extra_images"],
-            ignored_members=meta["ignored_members"],
-            zero_byte=meta["zero_byte"],
-            examples=meta.get("examples", {}),
-            skipped=[tuple(row) for row in meta["skipped"]],
-        )
-        cols = table.to_pydict()
-        scan.keys = cols["key"]
-        scan.image_ext = cols["image_ext"]
-        scan.image_offset = cols["image_offset"]
-        scan.image_size = cols["image_size"]
-        scan.txt_offset = cols["txt_offset"]
-        scan.txt_size = cols["txt_size"]
-        scan.json_offset = cols["json_offset"]
-        scan.json_size = cols["json_size"]
-        scan.uid = cols["uid"]
-        return scan
-
     def _example(self, kind: str, key: str) -> None:
         bucket = self.examples.setdefault(kind, [])
         if len(bucket) < MAX_EXAMPLES:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from winnow.exceptions import RayAuthError
+from winnow.execution import EMBEDDED_ENV
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_ENV = "WINNOW_RAY_EMBEDDED"
 STATE_DIR_ENV = "WINNOW_RAY_DIR"
 HEAD_START_TIMEOUT_S = 120
 
@@ -133,13 +133,6 @@ def redact(address: str) -> str:
         scheme, rest = address.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return address
-
-
-def gpu_count() -> int:
-    """GPUs Ray can schedule onto (0 on a CPU-only machine)."""
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
 
 
 # ---- the shared local head ---------------------------------------------------------------

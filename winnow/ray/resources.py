@@ -15,8 +15,9 @@ here reads the alive nodes (``ray.nodes()``) instead, so that:
 ``compute`` says how a partition's model worker runs on Ray Data, as in Ray Data's own
 ``map_batches(compute=...)``: ``"tasks"`` (reused worker processes that cache the loaded model:
 right when this process owns the Ray) or ``"actors"`` (one actor pool per partition that holds
-the model for all of its row groups: right when other drivers share the Ray). The caller chooses;
-:func:`default_compute` is the one default (``run_all``, the operators).
+the model for all of its row groups: right when other drivers share the Ray). It is part of the
+run's :class:`~winnow.execution.Execution`; :func:`~winnow.execution.default_compute` is the one
+default.
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from winnow.exceptions import ResourceRequestError
-
-Compute = Literal["tasks", "actors"]
-COMPUTE_CHOICES: tuple[str, ...] = ("tasks", "actors")
+from winnow.execution import COMPUTE_CHOICES, Compute, Execution, check_knobs
 
 
 @dataclass(frozen=True)
@@ -105,41 +103,18 @@ def cluster_has_gpus(nodes: Sequence[Node] | None = None) -> bool:
     return any(n.gpus > 0 for n in nodes)
 
 
-# ---- compute: tasks or actors ------------------------------------------------------------
-
-def default_compute(ray_address: str | None) -> Compute:
-    """``"tasks"`` when this process runs its own embedded Ray (no address, and
-    ``WINNOW_RAY_EMBEDDED`` is not ``shared``): no other driver competes for its workers, so a
-    task's worker process stays and keeps the loaded model for the whole run. ``"actors"``
-    otherwise (a cluster, the shared local head): every Airflow task is a driver of its own, a
-    plain task's worker may be ended between row groups, so each partition holds its model in an
-    actor instead."""
-    from winnow.ray.cluster import EMBEDDED_ENV
-
-    embedded = ray_address is None and os.environ.get(EMBEDDED_ENV, "process") != "shared"
-    return "tasks" if embedded else "actors"
-
-
-def resolve_compute(compute: str | None, ray_address: str | None) -> Compute:
-    """The caller's ``compute``, checked, or :func:`default_compute` when it is None."""
-    if compute is None:
-        return default_compute(ray_address)
-    if compute not in COMPUTE_CHOICES:
-        raise ResourceRequestError(f"compute must be 'tasks' or 'actors', got {compute!r}")
-    return compute  # type: ignore[return-value]
-
-
 # ---- worker sizes ------------------------------------------------------------------------
 
-def check_knobs(worker_cpus: float | None = None, worker_gpus: float | None = None) -> None:
-    """The knobs' own sanity, before any cluster is looked at."""
-    for name, value, low in (("worker_cpus", worker_cpus, "> 0"), ("worker_gpus", worker_gpus, ">= 0")):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ResourceRequestError(f"{name} must be a number, got {value!r}")
-        if (value <= 0) if low == "> 0" else (value < 0):
-            raise ResourceRequestError(f"{name} must be {low}, got {value!r}")
+def check_fits(execution: Execution) -> None:
+    """Fail fast on an explicit worker size no alive node holds (the run would otherwise wait
+    forever at its first model stage); attaches to the execution's Ray to look."""
+    if execution.backend != "ray" or not execution.sized:
+        return
+    from winnow.ray.cluster import connect
+
+    connect(execution.ray_address)
+    model_worker_request(compute=execution.compute, worker_cpus=execution.worker_cpus,
+                         worker_gpus=execution.worker_gpus)
 
 
 def model_worker_request(*, compute: Compute, worker_cpus: float | None = None, worker_gpus: float | None = None,

@@ -4,11 +4,12 @@ One Ray Data block per remaining row group (never a whole partition in one block
 fused worker (embed: reads, decode, model and commits overlapped) gets a few row groups per block,
 each still committed alone. Model stages
 use a GPU per worker where there are GPUs; light stages run as plain tasks. Each row group
-commits as soon as it is done; one that raises does not stop the others. ``backend="local"``
-runs the same loop in this process, without Ray.
+commits as soon as it is done; one that raises does not stop the others. The run's
+:class:`~winnow.execution.Execution` says where: ``backend="local"`` runs the same loop in this
+process, without Ray (the chassis, :mod:`winnow.ray.chassis`, is shared with the unit runner).
 
-How a model stage runs is the caller's ``compute`` (as in Ray Data's ``map_batches``; the
-default, :func:`winnow.ray.resources.default_compute`, follows who else uses the Ray):
+How a model stage runs is the execution's ``compute`` (as in Ray Data's ``map_batches``; the
+default, :func:`winnow.execution.default_compute`, follows who else uses the Ray):
 
 - ``"tasks"``, for an embedded Ray this process owns (``WINNOW_RAY_EMBEDDED=process``:
   ``run_all``, ``airflow dags test``): Ray Data tasks on Ray's reused worker processes, each
@@ -32,14 +33,15 @@ import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
+from winnow.execution import Execution
 from winnow.faults import FaultSpec
-from winnow.ray.resources import Compute, match_torch_threads, resolve_compute
-from winnow.ray.results import PartitionSummary, RowGroupResult
+from winnow.ray.chassis import Driver, dispatch, set_up_worker
+from winnow.results import PartitionSummary, RowGroupResult
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.rowgroups.failures import record_failure
-from winnow.stages.base import RowGroupTask, Stage
+from winnow.rowgroups.task import RowGroupTask, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,7 @@ class _RowGroupWorker:
         self, stage: Stage, run_root: str, plan: dict, partition: int, faults: FaultSpec | None,
         cache_key: str | None = None, storage=None,
     ):
-        if storage is not None:  # a Ray worker: use the driver's object-store settings
-            from winnow.rowgroups.fs import use_storage
-
-            use_storage(storage)
-        match_torch_threads()  # in a Ray worker: torch threads = the CPUs Ray gave this task/actor
+        set_up_worker(storage)
         self.stage = _set_up(stage, cache_key)
         self.run_root = run_root
         self.plan = RowGroupPlan(**plan)
@@ -84,7 +82,7 @@ class _RowGroupWorker:
             return RowGroupResult(row_group=row_group, records_in=records_in, records_out=table.num_rows,
                                   seconds=time.perf_counter() - t0)
         except Exception as exc:  # a row group's failure is isolated and reported
-            return RowGroupResult.from_error(self.stage.name, task, exc, time.perf_counter() - t0)
+            return RowGroupResult.from_error(self.stage.name, row_group, records_in, exc, time.perf_counter() - t0)
 
     def _committed_rows(self, row_group: int) -> int | None:
         """Rows of the row group's committed file, or None when it is not committed."""
@@ -155,61 +153,26 @@ def stage_cache_key(stage: Stage) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class _Progress:
-    def __init__(self, stage: str, partition: int, total: int, skipped: int, log: Callable[[str], None]):
-        self.stage, self.partition, self.total, self.skipped, self.log = stage, partition, total, skipped, log
-        self.t0 = time.perf_counter()
-        self.done = 0
-        self.failed = 0
-        self.records = 0
-        self.last = 0.0
-
-    def update(self, result: RowGroupResult) -> None:
-        if result.error:
-            self.failed += 1
-        else:
-            self.done += 1
-            self.records += result.records_in
-        now = time.perf_counter()
-        finished = self.done + self.failed + self.skipped
-        if now - self.last >= 2.0 or finished == self.total:
-            self.last = now
-            rate = self.records / max(now - self.t0, 1e-9)
-            self.log(
-                f"{self.stage} partition {self.partition}: {finished}/{self.total} row groups "
-                f"({self.done} computed, {self.skipped} skipped, {self.failed} failed), "
-                f"{rate:.1f} records/s"
-            )
-
-
 def run_stage_partition(
     stage: Stage,
     *,
     run_root: str,
     plan: RowGroupPlan,
     partition: int,
+    execution: Execution,
     uses_model: bool = False,
-    ray_address: str | None = None,
-    backend: Literal["ray", "local"] = "ray",
     log: Callable[[str], None] | None = None,
-    compute: Compute | None = None,
-    worker_cpus: float | None = None,
-    worker_gpus: float | None = None,
 ) -> PartitionSummary:
     """Run ``stage`` over the uncommitted row groups of ``partition`` and return a summary.
 
-    ``uses_model`` (the registry's flag) makes the stage a model worker: ``compute`` (``"tasks"``
-    or ``"actors"``; None: :func:`~winnow.ray.resources.default_compute` of ``ray_address``),
-    each of ``worker_cpus`` CPUs and ``worker_gpus`` GPUs (None: the policy of
-    :func:`~winnow.ray.resources.model_worker_request`: 1 GPU + 1 CPU where there are GPUs, else
-    a CPU share of the largest node), never more than one node holds. Row-group failures never
-    raise: they are in ``summary.failed`` (the Airflow operator turns them into a task failure
-    after everything else committed).
+    ``uses_model`` (the registry's flag) makes the stage a model worker: the execution's
+    ``compute`` (``"tasks"`` or ``"actors"``), each of its ``worker_cpus`` CPUs and
+    ``worker_gpus`` GPUs (None: the policy of :func:`~winnow.ray.resources.model_worker_request`:
+    1 GPU + 1 CPU where there are GPUs, else a CPU share of the largest node), never more than one
+    node holds. Row-group failures never raise: they are in ``summary.failed`` (the Airflow
+    operator turns them into a task failure after everything else committed).
     """
     log = log or logger.info
-    if backend not in ("ray", "local"):
-        raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
-    compute = resolve_compute(compute, ray_address)
     t0 = time.perf_counter()
     store = CommitStore(run_root)
     row_groups = plan.partition_row_groups(partition)
@@ -217,64 +180,54 @@ def run_stage_partition(
     summary = PartitionSummary(
         stage=stage.name, partition=partition, row_groups=len(row_groups), skipped=len(row_groups) - len(todo)
     )
-    progress = _Progress(stage.name, partition, len(row_groups), summary.skipped, log)
     if not todo:
         log(f"{stage.name} partition {partition}: all {len(row_groups)} row groups already committed")
         summary.seconds = time.perf_counter() - t0
         return summary
-    faults = FaultSpec.from_env()
-    args = (stage, run_root, plan.to_dict(), partition, faults)
-    if backend == "local":
-        worker = _RowGroupWorker(*args, stage_cache_key(stage))
-        results = worker.run_many(todo)
-    else:
-        results = _ray_results(stage, args, todo, ray_address, uses_model, compute=compute,
-                               worker_cpus=worker_cpus, worker_gpus=worker_gpus, log=log)
+    driver = Driver(stage.name, f"{stage.name} partition {partition}", "row groups", total=len(row_groups),
+                    skipped=summary.skipped, log=log, rate=True)
+    args = (stage, run_root, plan.to_dict(), partition, driver.faults)
+    results = dispatch(
+        execution, todo,
+        local=lambda: _RowGroupWorker(*args, stage_cache_key(stage)).run_many(todo),
+        remote=lambda storage: _ray_results(stage, args, todo, execution, uses_model, storage=storage, log=log),
+    )
     for result in results:
-        progress.update(result)
         summary.add(result)
         if result.error:
             record_failure(store, stage.name, partition, result.row_group, result.error)
-        elif faults is not None and not result.skipped:
-            faults.fire_driver(stage.name, result.row_group)
+        driver.finished(result.row_group, error=result.error, committed_before=result.skipped,
+                        records=result.records_in)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _ray_results(stage: Stage, args: tuple, todo: list[int], ray_address: str | None, uses_model: bool, *,
-                 compute: Compute, worker_cpus: float | None = None, worker_gpus: float | None = None,
-                 log: Callable[[str], None] = logger.info):
+def _ray_results(stage: Stage, args: tuple, todo: list[int], execution: Execution, uses_model: bool, *,
+                 storage: Any, log: Callable[[str], None]) -> Iterator[RowGroupResult]:
     import ray.data
 
-    from winnow.ray.cluster import connect
-
-    connect(ray_address)
-    from winnow.rowgroups.fs import current_storage
-
-    # Object-store settings go to the workers as a task argument, not in the runtime env:
-    # secrets stay out of Ray's job metadata and logs.
-    storage = {"storage": current_storage()}
+    storage_kwargs = {"storage": storage}
     if not uses_model:
         ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(_run_cached, fn_args=(*args, None), fn_kwargs=storage, batch_size=1, num_cpus=1)
+        ds = ds.map_batches(_run_cached, fn_args=(*args, None), fn_kwargs=storage_kwargs, batch_size=1, num_cpus=1)
     else:
-        ds = _model_dataset(stage, args, todo, compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
-                            storage=storage, log=log)
+        ds = _model_dataset(stage, args, todo, execution, storage=storage_kwargs, log=log)
     # Ray Data rows are dicts of columns: back to results here, where they leave Ray.
     for row in ds.iter_rows():
         yield RowGroupResult.from_row(row)
 
 
-def _model_dataset(stage: Stage, args: tuple, todo: list[int], *, compute: Compute, worker_cpus: float | None,
-                   worker_gpus: float | None, storage: dict[str, Any], log: Callable[[str], None]):
+def _model_dataset(stage: Stage, args: tuple, todo: list[int], execution: Execution, *, storage: dict[str, Any],
+                   log: Callable[[str], None]):
     """The model workers' Ray Data pipeline over ``todo``: tasks or actors, sized by the alive nodes."""
     import ray.data
 
     from winnow.ray.resources import model_worker_request
 
+    compute = execution.compute
     # Sized by the alive nodes, never by their sum: a request no node holds waits forever.
-    request = model_worker_request(compute=compute, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
-                                   max_width=len(todo))
+    request = model_worker_request(compute=compute, worker_cpus=execution.worker_cpus,
+                                   worker_gpus=execution.worker_gpus, max_width=len(todo))
     per_block = row_groups_per_block(stage, len(todo), request.width)
     blocks = -(-len(todo) // per_block)
     width = min(request.width, blocks)
@@ -292,14 +245,6 @@ def _model_dataset(stage: Stage, args: tuple, todo: list[int], *, compute: Compu
             batch_size=per_block, compute=ray.data.ActorPoolStrategy(size=width), **request.ray_args(),
         )  # Ray Data restarts a dead actor and retries its row groups (commits are idempotent).
     return ds
-
-
-def owns_its_ray(ray_address: str | None) -> bool:
-    """True when this process's Ray is an embedded one it started for itself (no other driver
-    competes for its workers): where ``compute`` defaults to ``"tasks"``."""
-    from winnow.ray.resources import default_compute
-
-    return default_compute(ray_address) == "tasks"
 
 
 class _RowGroupActor:

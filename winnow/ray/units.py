@@ -1,11 +1,13 @@
 """Run independent units of work (dedup buckets, index shard groups, one k-means) as Ray tasks.
 
 The row-group runner (:mod:`winnow.ray.runner`) maps a stage over a partition's row groups;
-the units here are not row groups, so this is its small sibling: one Ray task per unit, at most
-``width`` in flight, each unit committing its own output. A unit that raises does not stop the
-others: its error is in ``summary.failed``. ``backend="local"`` runs the same loop in this
-process. The caller decides what is still to do (it lists what storage holds); a Ray task whose
-worker died is retried by Ray, and a unit must be idempotent (commit = one atomic write).
+the units here are not row groups, so this is its small sibling on the same chassis
+(:mod:`winnow.ray.chassis`): one Ray task per unit, at most ``width`` in flight, each unit
+committing its own output. A unit that raises does not stop the others: its error is in
+``summary.failed``. The run's :class:`~winnow.execution.Execution` says where (``backend="local"``
+runs the same loop in this process). The caller decides what is still to do (it lists what
+storage holds); a Ray task whose worker died is retried by Ray, and a unit must be idempotent
+(commit = one atomic write).
 
 The driver (an Airflow task process) holds only the unit ids and the small per-unit results.
 """
@@ -16,10 +18,13 @@ import logging
 import resource
 import time
 import traceback
-from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from winnow.ray.results import UnitSummary, error_text
+from winnow.execution import Execution
+from winnow.ray.chassis import Driver, dispatch, set_up_worker
+from winnow.results import UnitSummary, error_text
+from winnow.rowgroups.fs import StorageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +34,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _call(fn: Callable[[int], dict[str, Any]], unit: int, storage=None) -> dict[str, Any]:
-    if storage is not None:  # a Ray worker: use the driver's object-store settings
-        from winnow.rowgroups.fs import use_storage
-
-        use_storage(storage)
-    from winnow.ray.resources import match_torch_threads
-
-    match_torch_threads()  # in a Ray worker: torch threads = the CPUs Ray gave this task
+def _call(fn: Callable[[int], dict[str, Any]], unit: int, storage: StorageOptions | None = None) -> dict[str, Any]:
+    set_up_worker(storage)
     t0 = time.perf_counter()
     try:
         out = dict(fn(unit) or {})
@@ -54,9 +53,8 @@ def run_units(
     fn: Callable[[int], dict[str, Any]],
     units: Iterable[int],
     *,
+    execution: Execution,
     skipped: int = 0,
-    backend: Literal["ray", "local"] = "ray",
-    ray_address: str | None = None,
     use_gpu: bool = False,
     num_cpus: float | None = None,
     num_gpus: float | None = None,
@@ -67,6 +65,8 @@ def run_units(
 
     :param fn: computes and commits one unit; must be picklable (a module-level function or a
         ``functools.partial`` of one) and return a small dict.
+    :param execution: where they run (its worker sizes are the model workers'; a unit's size is
+        ``num_cpus`` / ``num_gpus``).
     :param skipped: units the caller found committed already (only counted).
     :param use_gpu: ``num_gpus`` GPUs (default 1) per task where a node has GPUs.
     :param num_cpus: CPUs per task (default 1; a single heavy unit may ask for a whole node).
@@ -75,19 +75,16 @@ def run_units(
     :param width: most tasks in flight (default: as many as the alive nodes hold at once).
     """
     log = log or logger.info
-    if backend not in ("ray", "local"):
-        raise ValueError(f"backend must be 'ray' or 'local', got {backend!r}")
     todo = list(units)
     summary = UnitSummary(stage=stage, units=len(todo) + skipped, skipped=skipped)
     t0 = time.perf_counter()
-    if backend == "local":
-        results: Iterable[dict[str, Any]] = (_call(fn, u) for u in todo)
-    else:
-        results = _ray_results(fn, todo, ray_address, use_gpu, num_cpus, width, num_gpus)
-    from winnow.faults import FaultSpec
-
-    faults = FaultSpec.from_env()  # test-only: kill this driver after a chosen unit committed
-    last = 0.0
+    driver = Driver(stage, stage, "units", total=summary.units, skipped=skipped, log=log)
+    results = dispatch(
+        execution, todo,
+        local=lambda: (_call(fn, u) for u in todo),
+        remote=lambda storage: _ray_results(fn, todo, storage, use_gpu=use_gpu, num_cpus=num_cpus,
+                                            num_gpus=num_gpus, width=width),
+    )
     for r in results:
         summary.results.append(r)
         summary.worker_peak_rss_mb = max(summary.worker_peak_rss_mb, float(r.get("peak_rss_mb", 0.0)))
@@ -95,39 +92,25 @@ def run_units(
             summary.failed[int(r["unit"])] = r["error"]
         else:
             summary.computed += 1
-            if faults is not None:
-                faults.fire_driver(stage, int(r["unit"]))
-        now = time.perf_counter()
-        if now - last >= 2.0 or len(summary.results) == len(todo):
-            last = now
-            log(f"{stage}: {len(summary.results) + skipped}/{summary.units} units "
-                f"({summary.computed} computed, {skipped} skipped, {len(summary.failed)} failed)")
+        driver.finished(int(r["unit"]), error=r["error"])
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _ray_results(fn, todo: list[int], ray_address: str | None, use_gpu: bool, num_cpus: float | None,
-                 width: int | None, num_gpus: float | None = None):
-    if not todo:
-        return
+def _ray_results(fn, todo: list[int], storage: StorageOptions, *, use_gpu: bool, num_cpus: float | None,
+                 num_gpus: float | None, width: int | None) -> Iterator[dict[str, Any]]:
     import ray
 
-    from winnow.ray.cluster import connect
     from winnow.ray.resources import unit_request
 
-    connect(ray_address)
     # Each task fits one alive node; width = how many the nodes hold at once (not the sum of
     # their CPUs divided, which counts cores no single task can combine).
     request = unit_request(use_gpu=use_gpu, worker_cpus=num_cpus, worker_gpus=num_gpus, max_width=len(todo))
     if width is None:
         width = request.width
-    from winnow.rowgroups.fs import current_storage
-
     remote = ray.remote(_call).options(**request.ray_args(), max_retries=3)
     fn_ref = ray.put(fn)
-    # Object-store settings go as a task argument, not in the runtime env: secrets stay out of
-    # Ray's job metadata and logs (as in the row-group runner).
-    storage_ref = ray.put(current_storage())
+    storage_ref = ray.put(storage)
     pending: list = []
     queue = list(todo)
     while queue or pending:

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from winnow.exceptions import GalleryError, WinnowError
+from winnow.filters import FILTERS, VALUE_COLUMNS
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.stages.thumbnails import GALLERY_SUFFIX, OUTCOMES, THUMBS_SUFFIX
 
@@ -23,10 +24,6 @@ from winnow.stages.thumbnails import GALLERY_SUFFIX, OUTCOMES, THUMBS_SUFFIX
 MAX_FILES_PER_PAGE = 64
 #: No thumbnail is larger than this; a bigger request is refused.
 MAX_THUMB_BYTES = 2_000_000
-
-
-#: The score filters, in the order a record's outcome checks them (winnow.stages.thresholds).
-FILTER_NAMES = ("aesthetic", "nsfw", "clip_score")
 
 
 def filters(store: CommitStore) -> dict[str, Any] | None:
@@ -42,25 +39,23 @@ def filters(store: CommitStore) -> dict[str, Any] | None:
 
 
 def thresholds(store: CommitStore, entries: dict[str, Any] | None = None) -> dict[str, float | None]:
-    """The threshold each score filter actually uses (the absolute one, or the one its keep
-    fraction picked), from the thresholds step; None values before the run has reached it."""
+    """The threshold each filter actually uses (the absolute one, or the one its keep fraction
+    picked), from the thresholds step; None values before the run has reached it."""
     entries = filters(store) if entries is None else entries
     out: dict[str, float | None] = {}
-    for name in FILTER_NAMES:
-        value = ((entries or {}).get(name) or {}).get("threshold")
-        out[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    for spec in FILTERS:
+        value = ((entries or {}).get(spec.name) or {}).get("threshold")
+        out[spec.name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     return out
 
 
-def clip_filter_on(entries: dict[str, Any] | None) -> bool | None:
-    """Whether the run drops records for their CLIP score (None: not known yet)."""
-    if entries is None or "clip_score" not in entries:
-        return None
-    return bool(entries["clip_score"].get("enabled", True))
-
-
-def _score(value: Any, digits: int = 3) -> str:
-    return "none" if value is None else f"{value:.{digits}f}"
+def enabled(entries: dict[str, Any] | None) -> dict[str, bool | None]:
+    """Whether each filter drops records in this run (None: not known yet)."""
+    if entries is None:
+        return {spec.name: None for spec in FILTERS}
+    # A filter the run's thresholds do not list came after the run: it was off.
+    return {spec.name: bool(entries[spec.name].get("enabled", True)) if spec.name in entries else False
+            for spec in FILTERS}
 
 
 def reason(row: dict[str, Any], limits: dict[str, float | None]) -> str:
@@ -79,16 +74,15 @@ def reason(row: dict[str, Any], limits: dict[str, float | None]) -> str:
     twin = row.get("duplicate_of_key") or row.get("duplicate_of")
     if outcome == "exact_duplicate":
         return f"same image bytes as {twin}; not decoded"
-    if outcome == "aesthetic":
-        return f"aesthetic {_score(row.get('aesthetic_score'))} below threshold {limits.get('aesthetic')}"
-    if outcome == "nsfw":
-        return f"nsfw {_score(row.get('nsfw_score'))} at or above threshold {limits.get('nsfw')}"
-    if outcome == "no_caption":
-        return "no caption while the CLIP-score filter is on"
-    if outcome == "clip_score":
-        return f"clip score {_score(row.get('clip_score'))} below threshold {limits.get('clip_score')}"
     if outcome == "duplicate":
         return f"near duplicate of {twin}"
+    for spec in FILTERS:
+        if spec.missing is not None and spec.missing.outcome == outcome:
+            return spec.missing.reason
+        if spec.outcome == outcome:
+            value = row.get(spec.column_names[0])
+            shown = "none" if value is None else f"{value:.3f}"
+            return f"{spec.label} {shown}: dropped at threshold {limits.get(spec.name)}"
     return outcome
 
 
@@ -144,7 +138,8 @@ def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = Non
                 for row in table.to_pylist():
                     if outcome is None or row["outcome"] == outcome:
                         row["row_group"] = rg
-                        row.setdefault("clip_score", None)  # galleries written before it existed
+                        for name, _ in VALUE_COLUMNS:  # galleries written before a filter existed
+                            row.setdefault(name, None)
                         row["reason"] = reason(row, limits)
                         items.append(row)
         rg += 1
@@ -152,7 +147,7 @@ def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = Non
     # ``limit``), so the cursor is just a row-group id.
     done, waiting = written(store, plan)
     return {"items": items, "next": rg if rg < plan.num_row_groups else None, "thresholds": limits,
-            "clip_filter_on": clip_filter_on(entries), "outcomes": list(OUTCOMES), "written": done,
+            "enabled": enabled(entries), "outcomes": list(OUTCOMES), "written": done,
             "row_groups": plan.num_row_groups, "waiting": waiting}
 
 

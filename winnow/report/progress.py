@@ -348,7 +348,7 @@ def row_group_map(run_root: str, stages: tuple[str, ...] | None = None, *, cache
     """
     from winnow.data.index import load_index
     from winnow.pipeline import SUMMARY_FILE
-    from winnow.stages.registry import stage_order, stage_spec
+    from winnow.registry import stage_order, stage_spec
 
     store = CommitStore(run_root)
     plan = load_index(run_root).plan

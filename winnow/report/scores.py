@@ -1,21 +1,24 @@
-"""Score histograms of a run and what other thresholds would keep, from committed scores.
+"""Score histograms of a run and what other thresholds would keep, from committed files.
 
-A 2-D histogram (aesthetic x nsfw) of the decoded, non-duplicate records answers "how many would
-be kept with thresholds (a, n)" exactly up to the bin width, without recomputing anything; a
-second one holds only the records that also pass the run's CLIP-score filter (the same while it
-is off), so the run's own thresholds reproduce its kept count. Duplicate flags stay as the run's
-dedup found them (dedup ran on the records the run's thresholds kept).
+One histogram per filter of :data:`winnow.filters.FILTERS` (its value over the records that are
+neither exact duplicates, undecodable nor near duplicates), with the run's threshold on a bin
+edge, so "how many does this threshold keep" is exact. The what-if counts every combination of
+thresholds at once: each record of the same population is a tuple of bin indices (one per
+filter; -1 where it has no value), and ``whatif.cells`` lists each distinct tuple with how many
+records have it: a threshold on a bin edge keeps or drops whole bins, so the client sums the
+cells every filter keeps. Duplicate flags stay as the run's dedup found them (dedup ran on the
+records the run's thresholds kept), and records a before-decode filter dropped were never
+scored (they have no score to keep them by a later filter).
 
-The CLIP-score histogram holds every record that has a CLIP score (exact duplicates and
-undecodable records have none, nor do records without a caption). For the two filters that take
-a keep fraction (aesthetic, clip_score), a quantile table says which threshold each fraction
-0.01, 0.02 ... 1.00 would pick and how many records that threshold keeps, computed exactly as
-the thresholds step does (:func:`winnow.stages.thresholds.keep_count`, the k-th best score) over
-the scores read. The thresholds shown are the ones the run actually used (its thresholds step),
-None while the run has not reached that step.
+For a filter with a keep fraction, a quantile table says which threshold each fraction 0.01,
+0.02 ... 1.00 would pick and how many records that threshold keeps, computed exactly as the
+thresholds step does (:func:`winnow.stages.thresholds.keep_count`, the k-th best) over every
+record that has the value. The thresholds shown are the ones the run used (its thresholds
+step), None while the run has not reached that step.
 
 Runs with more row groups than ``max_row_groups`` are estimated from an evenly spaced sample of
-row groups, and say so (``sampled``; ``scale``: row groups of the run per row group read).
+row groups, and say so (``sampled``; ``scale``: row groups of the run per row group read); the
+what-if cells hold at most :data:`MAX_WHATIF_RECORDS` records (``whatif.scale`` likewise).
 """
 
 from __future__ import annotations
@@ -26,18 +29,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.report.gallery import clip_filter_on, filters, thresholds
+from winnow.filters import FILTERS
+from winnow.report.gallery import enabled, filters, thresholds
 from winnow.rowgroups import CommitStore, RowGroupPlan
-from winnow.stages.thresholds import RULES, as_scores, keep_count
+from winnow.stages.kept import filter_columns
+from winnow.stages.thresholds import as_scores, keep_count
 
-AESTHETIC_BINS = 60
-NSFW_BINS = 40
-CLIP_BINS = 50
+BINS = 50
+#: Most records the what-if cells are made of (an even sample of the records read beyond it).
+MAX_WHATIF_RECORDS = 50_000
 #: The keep fractions of the quantile tables: 0.01, 0.02 ... 1.00 (i / 100 is the double nearest
 #: each decimal, the same value a DAG param of that decimal holds).
 FRACTIONS = tuple(i / 100 for i in range(1, 101))
-#: The filters a keep fraction can set (their scores are kept when at least the threshold).
-FRACTION_FILTERS = ("aesthetic", "clip_score")
 
 
 def _read(store: CommitStore, stage: str, p: int, rg: int, columns: list[str]) -> pa.Table | None:
@@ -53,43 +56,46 @@ def _read(store: CommitStore, stage: str, p: int, rg: int, columns: list[str]) -
         return None
 
 
-def _row_group(store: CommitStore, p: int, rg: int, with_clip: bool, with_dedup: bool) -> dict[str, np.ndarray] | None:
-    """One row group's scores (NaN: none) and flags in record order; None when a stage's records
-    differ from the index's (computed from another index) or a file is unreadable."""
-    index = _read(store, "index", p, rg, ["exact_duplicate_of"])
+def _row_group(store: CommitStore, p: int, rg: int, committed: Any) -> dict[str, Any] | None:
+    """One row group's filter columns (NaN: none; booleans for a missing-value rule) and flags in
+    record order, and which filter stages it had committed; None when the index or embed is not
+    readable or a stage holds other records than the index (computed from another index)."""
+    wanted = filter_columns()
+    index = _read(store, "index", p, rg, ["exact_duplicate_of", *wanted.get("index", [])])
     embed = _read(store, "embed", p, rg, ["error"])
-    aes = _read(store, "aesthetic", p, rg, ["aesthetic_score"])
-    nsfw = _read(store, "nsfw", p, rg, ["nsfw_score"])
-    clip = _read(store, "clip_score", p, rg, ["clip_score", "has_caption"]) if with_clip else None
-    dedup = _read(store, "dedup", p, rg, ["duplicate"]) if with_dedup else None
-    tables = [t for t in (index, embed, aes, nsfw, clip, dedup) if t is not None]
-    if index is None or embed is None or aes is None or nsfw is None or (with_clip and clip is None):
+    if index is None or embed is None:
         return None
     ids = index.column("record_id").to_numpy()
-    if any(not np.array_equal(t.column("record_id").to_numpy(), ids) for t in tables):
-        return None
     n = len(ids)
+    tables = {"index": index}
+    for stage in wanted:
+        if stage != "index" and rg in committed(stage, p):
+            tables[stage] = _read(store, stage, p, rg, wanted[stage])
+    dedup = _read(store, "dedup", p, rg, ["duplicate"]) if rg in committed("dedup", p) else None
+    for t in (embed, dedup, *tables.values()):
+        if t is not None and not np.array_equal(t.column("record_id").to_numpy(), ids):
+            return None
+    missing_columns = {f.missing.column for f in FILTERS if f.missing is not None}
+    x: dict[str, Any] = {}
+    for stage, columns in wanted.items():
+        table = tables.get(stage)
+        for name in columns:
+            present = table is not None and name in table.column_names
+            if name in missing_columns:
+                x[name] = (np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), bool)
+                           if present else np.zeros(n, bool))
+            else:
+                x[name] = as_scores(table.column(name)) if present else np.full(n, np.nan, np.float32)
     exact = (index.column("exact_duplicate_of").is_valid().to_numpy(zero_copy_only=False)
              if "exact_duplicate_of" in index.column_names else np.zeros(n, bool))
     failed = embed.column("error").is_valid().to_numpy(zero_copy_only=False)
-    if clip is not None and "clip_score" in clip.column_names:
-        c = as_scores(clip.column("clip_score"))
-        has_caption = (clip.column("has_caption").fill_null(False).to_numpy(zero_copy_only=False)
-                       if "has_caption" in clip.column_names else ~np.isnan(c))
-    else:
-        c, has_caption = np.full(n, np.nan, np.float32), np.zeros(n, bool)
     dup = (dedup.column("duplicate").fill_null(False).to_numpy(zero_copy_only=False)
            if dedup is not None and "duplicate" in dedup.column_names else np.zeros(n, bool))
-    return {
-        "exact": np.asarray(exact, bool),
-        "decoded": ~np.asarray(exact, bool) & ~np.asarray(failed, bool),
-        "aesthetic": as_scores(aes.column("aesthetic_score")),
-        "nsfw": as_scores(nsfw.column("nsfw_score")),
-        "clip": c,
-        "has_caption": np.asarray(has_caption, bool),
-        "clip_read": np.full(n, clip is not None),
-        "duplicate": np.asarray(dup, bool),
-    }
+    x["exact"] = np.asarray(exact, bool)
+    x["undecodable"] = ~x["exact"] & np.asarray(failed, bool)
+    x["duplicate"] = np.asarray(dup, bool) & ~x["exact"] & ~x["undecodable"]
+    x["stages_read"] = {stage: stage in tables for stage in wanted}
+    return x
 
 
 def quantile_table(scores: np.ndarray) -> list[dict[str, Any]]:
@@ -114,16 +120,22 @@ def quantile_table(scores: np.ndarray) -> list[dict[str, Any]]:
     return rows
 
 
+def _bins(values: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Each value's bin (edges[i] <= v < edges[i+1]), -1 for NaN. Compared in the values' own
+    precision against the edges as published, as the filters compare (a float32 score with a
+    float32 threshold), so a slider on an edge counts exactly what that threshold keeps."""
+    cut = np.asarray(edges, dtype=values.dtype if values.dtype.kind == "f" else np.float64)
+    b = np.clip(np.searchsorted(cut, values, side="right") - 1, 0, len(cut) - 2)
+    return np.where(np.isnan(values), -1, b).astype(np.int32)
+
+
 def score_histograms(run_root: str, plan: RowGroupPlan, *, max_row_groups: int = 2000) -> dict[str, Any]:
-    """Histograms of the row groups whose embed, aesthetic and nsfw are all committed (the
-    CLIP-score columns of those whose clip_score is committed too), and the quantile tables."""
+    """Histograms of the row groups whose index and embed are committed (each filter's columns
+    from the row groups whose stage of that filter is committed too), the what-if cells and
+    the quantile tables."""
     store = CommitStore(run_root)
     g = plan.num_row_groups
     step = max(1, -(-g // max_row_groups))
-    chosen = range(0, g, step)
-    parts: list[dict[str, np.ndarray]] = []
-    counts = {"records": 0, "exact_duplicates": 0, "undecodable": 0, "duplicates": 0, "row_groups": 0}
-    clip_missing = 0
     listed: dict[tuple[str, int], set[int]] = {}
 
     def committed(stage: str, p: int) -> set[int]:
@@ -131,93 +143,93 @@ def score_histograms(run_root: str, plan: RowGroupPlan, *, max_row_groups: int =
             listed[(stage, p)] = store.completed(stage, p)
         return listed[(stage, p)]
 
-    for rg in chosen:
+    parts: list[dict[str, Any]] = []
+    without: dict[str, int] = {}
+    for rg in range(0, g, step):
         p = plan.partition_of(rg)
-        if not all(rg in committed(s, p) for s in ("embed", "aesthetic", "nsfw")):
+        if rg not in committed("embed", p):
             continue
-        with_clip = rg in committed("clip_score", p)
-        x = _row_group(store, p, rg, with_clip, rg in committed("dedup", p))
+        x = _row_group(store, p, rg, committed)
         if x is None:
             continue
-        clip_missing += not with_clip
-        counts["row_groups"] += 1
-        counts["records"] += len(x["exact"])
-        counts["exact_duplicates"] += int(x["exact"].sum())
-        counts["undecodable"] += int((~x["exact"] & ~x["decoded"]).sum())
-        counts["duplicates"] += int((x["decoded"] & x["duplicate"]).sum())
+        for stage, read in x.pop("stages_read").items():
+            without[stage] = without.get(stage, 0) + (not read)
         parts.append(x)
 
     def cat(name: str, dtype: Any) -> np.ndarray:
         return np.concatenate([x[name] for x in parts]) if parts else np.empty(0, dtype)
 
-    a, n, c = cat("aesthetic", np.float32), cat("nsfw", np.float32), cat("clip", np.float32)
-    decoded, dup = cat("decoded", bool), cat("duplicate", bool)
-    has_caption, clip_read = cat("has_caption", bool), cat("clip_read", bool)
-
+    columns = {name: cat(name, np.float32) for name in (parts[0] if parts else {})
+               if name not in ("exact", "undecodable", "duplicate")}
+    exact, undecodable, duplicate = cat("exact", bool), cat("undecodable", bool), cat("duplicate", bool)
+    shown = ~exact & ~undecodable & ~duplicate
     entries = filters(store)
     limits = thresholds(store, entries)
-    clip_on = clip_filter_on(entries)
-    ta, tn, tc = limits["aesthetic"], limits["nsfw"], limits["clip_score"]
-
-    # The aesthetic x nsfw joint histograms: decoded, non-duplicate records with both scores.
-    shown = decoded & ~dup & ~np.isnan(a) & ~np.isnan(n)
-    a_all, n_all = a[shown].astype(np.float64), n[shown].astype(np.float64)
-    clip_pass = RULES["clip_score"].passes(c[shown], tc) if clip_on else np.ones(len(a_all), bool)
-    a_edges = _edges(a_all, ta, AESTHETIC_BINS)
-    n_edges = np.linspace(0.0, 1.0, NSFW_BINS + 1)
-
-    def joint(mask: np.ndarray) -> list[list[int]]:
-        h, _, _ = np.histogram2d(np.clip(a_all[mask], a_edges[0], a_edges[-1]), np.clip(n_all[mask], 0.0, 1.0),
-                                 bins=[a_edges, n_edges])
-        return h.astype(int).tolist()
-
-    # The run's kept count needs every filter's threshold, and the CLIP scores when that filter is on.
-    known = ta is not None and tn is not None and clip_on is not None and not (clip_on and clip_missing)
-    kept_now = int(((a_all >= ta) & (n_all < tn) & clip_pass).sum()) if known else None
-
-    # The CLIP-score histogram: every record that has a CLIP score.
-    c_all = c[~np.isnan(c)].astype(np.float64)
-    c_edges = _edges(c_all, tc if clip_on else None, CLIP_BINS)
-    c_counts, _ = np.histogram(np.clip(c_all, c_edges[0], c_edges[-1]), bins=c_edges)
-    scored_decoded = decoded & clip_read
-
+    on = enabled(entries)
     sampled = step > 1
-    fractions: dict[str, Any] = {}
-    for name, values in (("aesthetic", a), ("clip_score", c)):
-        entry = (entries or {}).get(name) or {}
-        fractions[name] = {
-            "keep": RULES[name].keep,
-            "scored": int((~np.isnan(values)).sum()),
-            "run_fraction": entry.get("keep_fraction"),
-            "run_threshold": limits[name],
-            "sampled": sampled,
-            # fraction -> the threshold it picks and how many records (of "scored") that keeps
-            "table": quantile_table(values),
-        }
+
+    out_filters: list[dict[str, Any]] = []
+    bins: list[np.ndarray] = []
+    keeps_all = np.ones(int(shown.sum()), bool)
+    known = entries is not None
+    for spec in FILTERS:
+        values = spec.values_of(columns) if parts else np.empty(0, np.float32)
+        entry = (entries or {}).get(spec.name) or {}
+        t = limits[spec.name]
+        mine = values[shown]
+        have = mine[~np.isnan(mine)].astype(np.float64)
+        run_t = t if on[spec.name] else None
+        edges = _rounded(_edges(have, run_t, BINS, spec.edges_range), run_t)
+        has_value = (np.asarray(columns[spec.missing.column], bool)[shown] if spec.missing is not None and parts
+                     else np.ones(len(mine), bool))
+        b = _bins(mine, edges)
+        counts = np.bincount(b[b >= 0], minlength=len(edges) - 1)
+        passes = spec.passes(mine, t) & has_value
+        unread = without.get(spec.stage, 0)
+        if on[spec.name]:
+            keeps_all &= passes
+            known = known and not unread and t is not None
+        b[~has_value] = -1
+        bins.append(b)
+        out_filters.append({
+            "name": spec.name, "label": spec.label, "keep": spec.keep, "outcome": spec.outcome,
+            "before_decode": spec.before_decode, "threshold_param": spec.threshold.name,
+            "fraction_param": spec.fraction.name if spec.fraction else None, "off": spec.off,
+            "enabled": on[spec.name], "threshold": t, "run_fraction": entry.get("keep_fraction"),
+            "edges": edges,
+            "counts": counts.astype(int).tolist(),
+            "scored": int(len(have)),
+            # by this filter alone, of the records shown; None while it is off or not known
+            "kept_at_threshold": int(passes.sum()) if on[spec.name] and t is not None else None,
+            "missing": None if spec.missing is None else {
+                "outcome": spec.missing.outcome, "records": int((~has_value).sum())},
+            "row_groups_without": unread,
+            # fraction -> the threshold it picks and how many records (of every scored one) it keeps
+            "fraction_table": quantile_table(values) if spec.fraction is not None else None,
+            "fraction_scored": int((~np.isnan(values)).sum()) if spec.fraction is not None else None,
+        })
+
+    population = int(shown.sum())
+    take = np.arange(population)
+    if population > MAX_WHATIF_RECORDS:
+        take = np.linspace(0, population - 1, MAX_WHATIF_RECORDS).round().astype(np.int64)
+    cells: list[list[int]] = []
+    if population and bins:
+        matrix = np.stack([b[take] for b in bins], axis=1)
+        unique, freq = np.unique(matrix, axis=0, return_counts=True)
+        cells = [[*map(int, row), int(c)] for row, c in zip(unique, freq)]
+    counts = {"records": int(len(exact)), "exact_duplicates": int(exact.sum()), "undecodable": int(undecodable.sum()),
+              "duplicates": int(duplicate.sum()), "row_groups": len(parts)}
     return {
-        "aesthetic_edges": _rounded(a_edges, ta),
-        "nsfw_edges": [round(float(x), 6) for x in n_edges],
-        # joint[i][j]: records with aesthetic in bin i and nsfw in bin j
-        "joint": joint(np.ones(len(a_all), bool)),
-        # the same, of the records that also pass the run's CLIP-score filter (= joint while it is off)
-        "joint_clip_passed": joint(clip_pass),
+        "filters": out_filters,
         "thresholds": limits,
-        "filters": entries,
-        "clip_filter_on": clip_on,
-        "scored": int(len(a_all)),
-        "kept_at_thresholds": kept_now,
-        "clip": {
-            "edges": _rounded(c_edges, tc if clip_on else None),
-            "counts": c_counts.astype(int).tolist(),
-            "scored": int(len(c_all)),
-            "threshold": tc,
-            "enabled": clip_on,
-            # by the CLIP-score filter alone; None while it is off or not known
-            "kept_at_threshold": int((c_all >= tc).sum()) if clip_on and tc is not None else None,
-            "no_caption": int((scored_decoded & ~has_caption).sum()),
-            "row_groups_without_clip_score": clip_missing,
-        },
-        "keep_fractions": fractions,
+        "entries": entries,
+        "enabled": on,
+        # records neither exact duplicates, undecodable nor near duplicates: what the histograms show
+        "population": population,
+        "kept_at_thresholds": int(keeps_all.sum()) if known else None,
+        "whatif": {"cells": cells, "records": int(len(take)), "sampled": len(take) < population,
+                   "scale": population / len(take) if len(take) else 1.0},
         **counts,
         "sampled": sampled,
         # row groups of the run per row group read: multiply a count by it to estimate the run's
@@ -231,10 +243,14 @@ def _rounded(edges: np.ndarray, threshold: float | None) -> list[float]:
     return [float(x) if threshold is not None and x == threshold else round(float(x), 6) for x in edges]
 
 
-def _edges(values: np.ndarray, threshold: float | None, bins: int) -> np.ndarray:
-    """Bin edges spanning the scores and the threshold, with the threshold on an edge."""
-    lo = float(values.min()) if len(values) else 0.0
-    hi = float(values.max()) if len(values) else 1.0
+def _edges(values: np.ndarray, threshold: float | None, bins: int, fixed: tuple[float, float] | None = None) -> np.ndarray:
+    """About ``bins`` bin edges spanning the values (or the ``fixed`` range) and the threshold,
+    with the threshold on an edge that is never the last one (a value equal to the threshold
+    falls in the bin that starts at it), and the last edge above every value."""
+    lo, hi = fixed if fixed is not None else (0.0, 1.0)
+    if len(values):
+        lo, hi = min(lo, float(values.min())) if fixed else float(values.min()), \
+            max(hi, float(values.max())) if fixed else float(values.max())
     if threshold is not None:
         lo, hi = min(lo, threshold), max(hi, threshold)
     if hi - lo < 1e-9:
@@ -242,12 +258,9 @@ def _edges(values: np.ndarray, threshold: float | None, bins: int) -> np.ndarray
     width = (hi - lo) / bins
     if threshold is not None:
         # Shift the grid so the threshold is an edge: the kept share at it is then exact.
-        k = np.floor((threshold - lo) / width)
-        lo = threshold - k * width
-        if lo > float(values.min() if len(values) else lo):
-            lo -= width
-    edges = lo + width * np.arange(bins + 2)
-    edges = edges[: bins + 1] if edges[bins] >= hi else edges
+        lo = threshold - np.ceil((threshold - lo) / width) * width
+    count = int(np.floor((hi - lo) / width)) + 2  # the last edge strictly above hi
+    edges = lo + width * np.arange(count)
     if threshold is not None:
         # Exactly the threshold (not within rounding of it): a score equal to it counts as kept.
         edges[int(np.argmin(np.abs(edges - threshold)))] = threshold

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from winnow.ray.results import MAX_ERROR_CHARS
+from winnow.results import MAX_ERROR_CHARS
 from winnow.rowgroups.store import CommitStore, write_atomic
 
 FAILED_SUFFIX = ".failed.json"

@@ -199,7 +199,7 @@ def stage_fingerprint(
     '7ecd1b96128cea49'
     """
     if upstream is None:
-        from winnow.stages.registry import stage_spec  # the registry is import-free: cheap
+        from winnow.registry import stage_spec  # the registry is import-free: cheap
 
         upstream = stage_spec(stage).upstream
     known = digests or {}
@@ -285,10 +285,6 @@ class CommitStore:
                 f"row group {row_group} of stage {stage!r} (partition {partition}) is not committed: "
                 f"{path} is missing. Run stage {stage!r} for that partition first."
             ) from exc
-
-    def read_bytes(self, stage: str, partition: int, row_group: int, suffix: str) -> bytes:
-        with self.fs.open_input_stream(self.row_group_path(stage, partition, row_group, suffix)) as f:
-            return f.read()
 
     def _list(self, folder: str) -> list[pafs.FileInfo]:
         """One listing of ``folder`` (on an object store: one LIST of its prefix)."""

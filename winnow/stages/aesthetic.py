@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from winnow.schemas import AESTHETIC
-from winnow.stages.heads import HeadConfig, HeadStage
+from winnow.stages.heads import AestheticMLP, HeadConfig, HeadKind, HeadStage
+
+AESTHETIC_HEAD = HeadKind("aesthetic", AestheticMLP, "aesthetic_weights", seed=0, target=5.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,22 +20,23 @@ class AestheticConfig(HeadConfig):
     :param embed_dim: width of the embedding model's embeddings (768 for ViT-L/14).
     """
 
+    head = AESTHETIC_HEAD
+
 
 class AestheticStage(HeadStage):
     """Row group of ``embed`` -> ``AESTHETIC`` table (record_id, aesthetic_score)."""
 
-    name = "aesthetic"
+    name = AESTHETIC_HEAD.name
     schema = AESTHETIC
 
     def __init__(self, config: AestheticConfig | None = None) -> None:
         super().__init__(config or AestheticConfig())
 
 
-def aesthetic_config(run, _name: str = "aesthetic") -> AestheticConfig:
+def aesthetic_config(run, _name: str = AESTHETIC_HEAD.name) -> AestheticConfig:
     """The stage's config from a run's ``CurationConfig`` (the registry's ``config`` factory);
     the head's width is the embedding model's."""
-    return AestheticConfig(weights=run.aesthetic_weights, allow_random_weights=run.allow_random_weights,
-                           embed_dim=run.model_spec.embed_dim)
+    return AestheticConfig.for_run(run)
 
 
-__all__ = ["AestheticConfig", "AestheticStage", "aesthetic_config"]
+__all__ = ["AESTHETIC_HEAD", "AestheticConfig", "AestheticStage", "aesthetic_config"]

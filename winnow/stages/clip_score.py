@@ -22,8 +22,7 @@ import pyarrow.compute as pc
 import torch
 
 from winnow.exceptions import ModelError, WinnowError
-from winnow.schemas import CLIP_SCORE
-from winnow.stages.base import RowGroupTask
+from winnow.rowgroups.task import RowGroupTask
 from winnow.stages.device import resolve_device
 from winnow.stages.embedding_io import embedding_matrix
 from winnow.stages.models import (
@@ -41,6 +40,18 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: What ``precision="auto"`` means, as recorded in the stage fingerprint (as the embed stage's).
 AUTO_PRECISION = "auto: bf16 autocast on CUDA, fp32 on CPU"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+CLIP_SCORE = pa.schema(
+    [
+        ("record_id", pa.int64()),
+        # cosine of the image embedding and the caption's text embedding (same CLIP model, so
+        # one space), in [-1, 1]; null when there is no image embedding or no caption
+        ("clip_score", pa.float32()),
+        ("has_caption", pa.bool_()),  # a caption was found (.txt sidecar, else the .json field)
+    ]
+)
+
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """Semantic dedup (SemDeDup) kernels: spherical k-means on the embeddings of records that passed
 the filters, then within each cluster drop members too close to a higher-ranked one. The
 pipeline runs them as the distributed steps of :mod:`winnow.stages.dedup_steps`; the exact
-in-process reference they are tested against is ``tests/_reference/dedup.py`` (not part of the
+in-process reference they are tested against is ``benchmarks/_reference/dedup.py`` (not part of the
 package).
 
 Rule, per cluster: members are ranked by distance to the centroid, farthest first (ties by

@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,11 +43,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from winnow.exceptions import DedupError
+from winnow.execution import Execution
 from winnow.faults import FaultSpec
+from winnow.results import UnitSummary
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
 from winnow.rowgroups.store import stage_fingerprint, table_to_parquet_bytes, write_atomic
+from winnow.rowgroups.task import RowGroupTask
 from winnow.schemas import DEDUP
-from winnow.stages.base import RowGroupTask
 from winnow.stages.dedup import DedupConfig, DedupResult, auto_clusters, dedup_table
 from winnow.stages.kept import passed_filters
 
@@ -63,8 +65,6 @@ MAX_BUCKETS = 1024
 TARGET_BUCKET_RECORDS = 1 << 16
 _META = b"winnow.centroids"
 _BUCKETS_META = b"winnow.buckets"
-
-Backend = Literal["ray", "local"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def _row_group_keep(store: CommitStore, p: int, rg: int) -> tuple[np.ndarray, np
 
 def row_group_candidates(store: CommitStore, p: int, rg: int) -> tuple[np.ndarray, np.ndarray]:
     """``(record_ids int64, embeddings float16 (c, d))`` of one row group's candidates, in
-    record order: exactly the rows the in-process reference (``tests/_reference/dedup.py``,
+    record order: exactly the rows the in-process reference (``benchmarks/_reference/dedup.py``,
     ``read_candidates``) takes from it."""
     from winnow.stages.embedding_io import embedding_matrix
 
@@ -298,21 +298,23 @@ def centroids_units(store: CommitStore) -> tuple[int, set[int]]:
 
 
 def run_centroids(
-    run_root: str, plan: RowGroupPlan, config: DedupConfig, *, backend: Backend = "ray",
-    ray_address: str | None = None, log: Callable[[str], None] | None = None,
-    worker_cpus: float | None = None, worker_gpus: float | None = None,
+    run_root: str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, fingerprint: StageFingerprint, *,
+    execution: Execution, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Step 1: k-means on the sample, in one Ray task (with a GPU where there is one); a no-op
-    when committed for this fingerprint. Returns k, candidates, sample size and ``buckets``.
+    when committed for ``fingerprint`` (the step's, checked: :func:`ensure_step`). Returns k,
+    candidates, sample size and ``buckets``.
 
-    The task asks for ``worker_cpus`` CPUs, or by default every CPU of the largest alive node
-    (1 next to a GPU), and ``worker_gpus`` GPUs (default 1 where a node has GPUs)."""
+    The task asks for the execution's ``worker_cpus`` CPUs, or by default every CPU of the
+    largest alive node (1 next to a GPU), and its ``worker_gpus`` GPUs (default 1 where a node
+    has GPUs)."""
     from winnow.ray.units import run_units
 
     say = log or (lambda _m: None)
+    if isinstance(config, DedupStepConfig):
+        config = config.dedup
     store = CommitStore(run_root)
-    fingerprint = ensure_step(store, plan, config, "centroids")
-    from winnow.stages.registry import stage_spec, upstream_closure
+    from winnow.registry import stage_spec, upstream_closure
 
     for stage in (s for s in upstream_closure("centroids") if stage_spec(s).scope == "partition"):
         _require_complete(store, plan, stage, "centroids")
@@ -325,9 +327,9 @@ def run_centroids(
     # One unit that may use every core (torch threads) or a GPU.
     import os
 
-    cpus = _unit_cpus(ray_address, worker_cpus, worker_gpus) if backend == "ray" else None
-    summary = run_units("centroids", fn, [0], backend=backend, ray_address=ray_address, use_gpu=True,
-                        num_cpus=cpus, num_gpus=worker_gpus, log=say)
+    cpus = _unit_cpus(execution) if execution.backend == "ray" else None
+    summary = run_units("centroids", fn, [0], execution=execution, use_gpu=True, num_cpus=cpus,
+                        num_gpus=execution.worker_gpus, log=say)
     if summary.failed:
         raise DedupError(f"centroids failed: {summary.failed[0]}")
     out = {k: v for k, v in summary.results[0].items() if k not in ("unit", "error")}
@@ -336,14 +338,15 @@ def run_centroids(
     return {**out, "computed": 1, "worker_peak_rss_mb": summary.worker_peak_rss_mb}
 
 
-def _unit_cpus(ray_address: str | None, worker_cpus: float | None, worker_gpus: float | None) -> float:
+def _unit_cpus(execution: Execution) -> float:
     """CPUs of the one k-means task: ``worker_cpus``, else 1 beside a GPU, else every CPU of the
     largest alive node (never the cluster's sum: no single node would hold that task)."""
     from winnow.ray.cluster import connect
     from winnow.ray.resources import alive_nodes, cluster_has_gpus, largest_node_cpus
 
-    connect(ray_address)
+    connect(execution.ray_address)
     nodes = alive_nodes()
+    worker_cpus, worker_gpus = execution.worker_cpus, execution.worker_gpus
     if worker_cpus is not None:
         return largest_node_cpus(worker_cpus, nodes)  # checked to fit a node
     on_gpu = cluster_has_gpus(nodes) if worker_gpus is None else worker_gpus > 0
@@ -523,12 +526,11 @@ def pairwise_units(store: CommitStore) -> tuple[int | None, set[int]]:
 
 def run_pairwise(
     run_root: str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, buckets: list[int] | None = None, *,
-    backend: Backend = "ray", ray_address: str | None = None, log: Callable[[str], None] | None = None,
-    worker_cpus: float | None = None, worker_gpus: float | None = None,
-):
-    """Step 3 over ``buckets`` (all when None): one Ray task per bucket not yet committed, of
-    ``worker_cpus`` CPUs (default 1) and ``worker_gpus`` GPUs (default 1 where a node has GPUs).
-    Returns the :class:`~winnow.ray.results.UnitSummary` (failures in ``failed``)."""
+    execution: Execution, log: Callable[[str], None] | None = None,
+) -> UnitSummary:
+    """Step 3 over ``buckets`` (all when None): one Ray task per bucket not yet committed, of the
+    execution's ``worker_cpus`` CPUs (default 1) and ``worker_gpus`` GPUs (default 1 where a node
+    has GPUs). Returns the :class:`~winnow.results.UnitSummary` (failures in ``failed``)."""
     from winnow.ray.units import run_units
 
     say = log or (lambda _m: None)
@@ -546,8 +548,8 @@ def run_pairwise(
     done = committed_buckets(store)
     todo = [b for b in wanted if b not in done]
     fn = functools.partial(_pairwise_unit, run_root, plan.to_dict(), config)
-    summary = run_units("pairwise", fn, todo, skipped=len(wanted) - len(todo), backend=backend,
-                        ray_address=ray_address, use_gpu=True, num_cpus=worker_cpus, num_gpus=worker_gpus, log=say)
+    summary = run_units("pairwise", fn, todo, skipped=len(wanted) - len(todo), execution=execution, use_gpu=True,
+                        num_cpus=execution.worker_cpus, num_gpus=execution.worker_gpus, log=say)
     return summary
 
 
@@ -578,50 +580,3 @@ class DedupFlagsStage(_DedupRowGroupStage):
         table = dedup_table(ids.astype(np.int64), result)
         assert table.schema == DEDUP
         return table
-
-
-# ---- all four, for scripts and tests -----------------------------------------------------
-
-def run_semdedup(
-    run_root: str, plan: RowGroupPlan, config: DedupConfig, *, backend: Backend = "ray",
-    ray_address: str | None = None, log: Callable[[str], None] | None = None,
-    partition_backend: Backend | None = None,
-) -> dict[str, Any]:
-    """The four steps in order over a run whose embed/aesthetic/nsfw are committed (what
-    ``run_all`` does between nsfw and write, without the other stages). ``partition_backend``
-    (default ``backend``) runs the two row-group steps."""
-    pbackend = partition_backend or backend
-    from winnow.ray.runner import run_stage_partition
-
-    store = CommitStore(run_root)
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
-    cent = run_centroids(run_root, plan, config, backend=backend, ray_address=ray_address, log=log)
-    t["centroids"] = time.perf_counter() - t0
-    failed = []
-    for step, stage in (("assign", AssignStage(config)),):
-        ensure_step(store, plan, config, step)
-        t0 = time.perf_counter()
-        for p in range(plan.num_partitions):
-            s = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, uses_model=True,
-                                    ray_address=ray_address, backend=pbackend, log=log)
-            failed += [f"{step} rg {rg}: {e}" for rg, e in s.failed.items()]
-        t[step] = time.perf_counter() - t0
-    if failed:
-        raise DedupError("; ".join(failed[:5]))
-    t0 = time.perf_counter()
-    pw = run_pairwise(run_root, plan, config, backend=backend, ray_address=ray_address, log=log)
-    t["pairwise"] = time.perf_counter() - t0
-    if pw.failed:
-        raise DedupError(f"pairwise buckets failed: {pw.failed}")
-    ensure_step(store, plan, config, "dedup")
-    t0 = time.perf_counter()
-    stage = DedupFlagsStage(config)
-    for p in range(plan.num_partitions):
-        s = run_stage_partition(stage, run_root=run_root, plan=plan, partition=p, ray_address=ray_address,
-                                backend=pbackend, log=log)
-        if s.failed:
-            raise DedupError(f"dedup row groups failed: {s.failed}")
-    t["dedup"] = time.perf_counter() - t0
-    duplicates = sum(int(r.get("duplicates", 0)) for r in pw.results)
-    return {"centroids": cent, "pairwise": pw.to_dict(), "seconds": t, "duplicates_found_now": duplicates}

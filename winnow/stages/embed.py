@@ -5,7 +5,8 @@ could not be decoded) and the decode error. An undecodable image is data, never 
 
 An exact duplicate (index ``exact_duplicate_of`` set: the same image bytes as an earlier record)
 is never read, decoded nor embedded: its row has a null embedding and a null error (its twin's
-embedding is the one that counts). :func:`read_images` is the one place this is decided.
+embedding is the one that counts). :func:`winnow.data.reader.read_images` is the one place this
+is decided.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from winnow.data.reader import read_images
+from winnow.filters import PARAMS as FILTER_PARAMS
+from winnow.filters import before_decode_params
+from winnow.rowgroups.task import RowGroupTask
 from winnow.schemas import embed_schema, embedding_type
-from winnow.stages.base import RowGroupTask
 from winnow.stages.decode import (
     DEFAULT_MAX_PIXELS,
     BatchDecoder,
@@ -35,25 +39,6 @@ from winnow.stages.models import LoadedModel, ModelSpec, load_image_model, valid
 
 logger = logging.getLogger(__name__)
 
-
-def embedded_rows(index: pa.Table) -> np.ndarray | None:
-    """Positions of the index rows to read, decode and embed: all but the exact duplicates.
-    ``None`` when that is every row (the common case: no copy is made)."""
-    if "exact_duplicate_of" not in index.column_names:
-        return None
-    twins = index.column("exact_duplicate_of")
-    if twins.null_count == len(twins):
-        return None
-    return np.flatnonzero(twins.is_null().to_numpy(zero_copy_only=False))
-
-
-def read_images(index: pa.Table) -> tuple[list[bytes | None], np.ndarray | None]:
-    """The image bytes of the rows to embed (:func:`embedded_rows`) and their positions (None:
-    all rows). Exact duplicates' bytes are not read."""
-    from winnow.data.reader import read_members
-
-    rows = embedded_rows(index)
-    return read_members(index if rows is None else index.take(pa.array(rows, pa.int64())), "image"), rows
 
 PRECISIONS = ("auto", "fp32", "bf16")
 #: What ``precision="auto"`` means, as recorded in the stage fingerprint.
@@ -79,6 +64,9 @@ class EmbedConfig:
         for large models, costs a compile of tens of seconds per worker).
     :param read_ahead: row groups whose bytes are read ahead of the model (the bounded queue of
         the pipelined worker); as many reads run at once.
+    :param before_decode: the params of the before-decode filters that are on (sorted pairs,
+        :func:`winnow.filters.before_decode_params`): the records they drop are never read nor
+        decoded (null embedding, null error).
     """
 
     model: str = "ViT-L-14-quickgelu"
@@ -93,6 +81,7 @@ class EmbedConfig:
     decode_threads: int = 2
     compile: bool = False
     read_ahead: int = 4
+    before_decode: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -122,7 +111,8 @@ def embed_config(run: Any, _name: str = "embed") -> EmbedConfig:
     """The embed stage's config from a run's ``CurationConfig`` (the registry's ``config`` factory)."""
     return EmbedConfig(model=run.model, pretrained=run.pretrained, model_dir=run.model_dir,
                        allow_random_weights=run.allow_random_weights, batch_size=run.batch_size,
-                       decode_backend=run.decode_backend)
+                       decode_backend=run.decode_backend,
+                       before_decode=before_decode_params({p.name: getattr(run, p.name) for p in FILTER_PARAMS}))
 
 
 class EmbedStage:
@@ -171,6 +161,8 @@ class EmbedStage:
             "preprocess": self.spec.preprocess.to_dict(),
             "precision": AUTO_PRECISION if self.config.precision == "auto" else self.config.precision,
             "max_pixels": self.config.max_pixels,
+            # Only while a before-decode filter is on: which records are embedded at all.
+            **({"before_decode": dict(self.config.before_decode)} if self.config.before_decode else {}),
         }
 
     @property
@@ -178,6 +170,12 @@ class EmbedStage:
         if self._device is None:
             self._device = resolve_device(self.config.device)
         return self._device
+
+    @property
+    def decoder(self) -> BatchDecoder:
+        """The batch decoder :meth:`setup` built."""
+        assert self._decoder is not None, "call setup() first"
+        return self._decoder
 
     @property
     def decode_backend(self) -> str:
@@ -309,7 +307,7 @@ class EmbedStage:
         """The stage's output table from embeddings (NaN rows where ``errors`` is set).
 
         With ``rows``, ``embeddings`` and ``errors`` are those of the records at these positions
-        only (:func:`embedded_rows`); every other record (an exact duplicate) gets a null
+        only (:func:`~winnow.data.reader.embedded_rows`); every other record (an exact duplicate) gets a null
         embedding and a null error.
         """
         null = np.array([e is not None for e in errors], dtype=bool)
@@ -348,7 +346,7 @@ class EmbedStage:
 
     def process(self, task: RowGroupTask) -> pa.Table:
         index = task.store().read_table("index", task.partition, task.row_group)
-        images, rows = read_images(index)
+        images, rows = read_images(index, self.config.before_decode)
         table = self.embed_table(index.column("record_id").combine_chunks(), index.column("key").combine_chunks(),
                                  images, rows)
         undecodable = table.num_rows - table.column("error").null_count

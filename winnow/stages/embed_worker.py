@@ -16,7 +16,7 @@ so the output is bit-identical to the per-row-group stage. Either way a row grou
 file, and one that fails (a read, a decode or model error on its rows, its commit) fails alone.
 
 Exact duplicates (index ``exact_duplicate_of`` set) are not read, decoded nor embedded: the record
-stream holds the other rows only (:func:`winnow.stages.embed.read_images`), and each row group's
+stream holds the other rows only (:func:`winnow.data.reader.read_images`), and each row group's
 table gets a null embedding and a null error at a duplicate's row when it is committed.
 """
 
@@ -30,18 +30,16 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from winnow.ray.results import RowGroupResult
-from winnow.stages.base import RowGroupTask
-from winnow.stages.decode import DecodedBatch
-
-if TYPE_CHECKING:
-    from winnow.stages.embed import EmbedStage
+from winnow.data.reader import read_images
+from winnow.results import RowGroupResult
+from winnow.rowgroups.task import RowGroupTask
+from winnow.stages.decode import BatchDecoder, DecodedBatch
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +115,34 @@ class _Features:
 _DONE = object()
 
 
+class FusedStage(Protocol):
+    """What the fused worker needs of its stage, :class:`~winnow.stages.embed.EmbedStage` (which
+    builds the worker in ``row_group_pipeline()``: the worker names the stage's interface here
+    instead of importing the stage)."""
+
+    name: ClassVar[str]
+    config: Any  # its ``read_ahead`` and ``batch_size``
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def fixed_batches(self) -> bool: ...
+
+    @property
+    def embed_dim(self) -> int: ...
+
+    @property
+    def decoder(self) -> BatchDecoder: ...
+
+    def setup(self) -> None: ...
+
+    def forward(self, pixels: torch.Tensor, *, fixed: bool | None = None) -> torch.Tensor: ...
+
+    def build_table(self, record_ids: pa.Array, keys: pa.Array, embeddings: np.ndarray, errors: list[str | None],
+                    rows: np.ndarray | None = None) -> pa.Table: ...
+
+
 class EmbedPipeline:
     """Runs an :class:`EmbedStage` over many row groups with reads, decode, model and commits
     overlapped. One per set-up stage (``stage.row_group_pipeline()``); not re-entrant.
@@ -129,7 +155,7 @@ class EmbedPipeline:
     """
 
     def __init__(
-        self, stage: EmbedStage, *, read_ahead: int | None = None, fixed_batches: bool | None = None
+        self, stage: FusedStage, *, read_ahead: int | None = None, fixed_batches: bool | None = None
     ) -> None:
         stage.setup()
         self.stage = stage
@@ -153,7 +179,7 @@ class EmbedPipeline:
     def run(
         self, tasks: Sequence[RowGroupTask], commit: Callable[[RowGroupTask, pa.Table], None]
     ) -> Iterator[RowGroupResult]:
-        """Embed and commit every row group of ``tasks``; yields one :class:`~winnow.ray.results.RowGroupResult` per row
+        """Embed and commit every row group of ``tasks``; yields one :class:`~winnow.results.RowGroupResult` per row
         group in the order they finish. ``commit(task, table)`` runs on the writer thread (it may raise: that
         row group fails, the others go on). Never raises for a row group's failure."""
         if not tasks:
@@ -203,7 +229,8 @@ class EmbedPipeline:
             yield from self._drain(outcomes, reported)
             for task in tasks:
                 if task.row_group not in reported:
-                    yield RowGroupResult.from_error(self.stage.name, task, exc, time.perf_counter() - t0)
+                    yield RowGroupResult.from_error(self.stage.name, task.row_group, task.num_records, exc,
+                                                    time.perf_counter() - t0)
             return
         finally:
             if producer.is_alive() or writer.is_alive():  # closed early (GeneratorExit) or failed
@@ -235,10 +262,8 @@ class EmbedPipeline:
         writer.join(timeout=60)
 
     def _read(self, task: RowGroupTask) -> tuple[pa.Table, list[bytes | None], np.ndarray | None]:
-        from winnow.stages.embed import read_images
-
         index = task.store().read_table("index", task.partition, task.row_group)
-        return index, *read_images(index)
+        return index, *read_images(index, self.stage.config.before_decode)
 
     def _produce(self, tasks: list[RowGroupTask], out: queue.Queue, stop: threading.Event) -> None:
         """Decode thread: reads run ahead on a pool; records are cut into batches and decoded."""
@@ -319,8 +344,7 @@ class EmbedPipeline:
     def _decode(self, segments: list[tuple[_RowGroup, int, int]], images: list[bytes | None]) -> list[Any]:
         """A decoded batch; on a batch-level error, each row group's part is retried alone so
         only the row group whose rows break the decoder fails."""
-        decoder = self.stage._decoder
-        assert decoder is not None
+        decoder = self.stage.decoder
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -454,7 +478,8 @@ class EmbedPipeline:
         rg.embeddings = None  # the table holds the data now
 
     def _failed(self, rg: _RowGroup, exc: BaseException) -> RowGroupResult:
-        return RowGroupResult.from_error(self.stage.name, rg.task, exc, time.perf_counter() - rg.t0)
+        return RowGroupResult.from_error(self.stage.name, rg.task.row_group, rg.task.num_records, exc,
+                                         time.perf_counter() - rg.t0)
 
 
 def _split(batch: _Batch) -> list[_Batch]:

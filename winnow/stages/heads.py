@@ -19,8 +19,8 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from winnow.exceptions import HeadError
-from winnow.stages.base import RowGroupTask
+from winnow.exceptions import ConfigError, HeadError
+from winnow.rowgroups.task import RowGroupTask
 from winnow.stages.device import resolve_device
 from winnow.stages.embedding_io import embedding_matrix
 
@@ -29,10 +29,23 @@ log = logging.getLogger(__name__)
 #: Embedding width of ViT-L/14, the model both published heads were trained on.
 VIT_L14_DIM = 768
 
-#: Seeds of the random stand-in weights (one per head, so the two heads differ).
-RANDOM_SEEDS: dict[str, int] = {"aesthetic": 0, "nsfw": 1}
-#: Mean pre-activation output of the random stand-ins on isotropic unit vectors.
-RANDOM_TARGETS: dict[str, float] = {"aesthetic": 5.0, "nsfw": -1.5}
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """One head, declared by its stage module: its name (the stage's), its architecture, the
+    param naming its weights file, and its random stand-in (for tests and demos).
+
+    :param seed: seed of the random stand-in weights (one per head, so two heads differ).
+    :param target: mean pre-activation output of the random stand-in on isotropic unit vectors.
+    """
+
+    name: str
+    module: type[nn.Module]
+    weights_param: str
+    seed: int
+    target: float
+
 
 # Rows scored per forward pass: bounds the activations (rows x 1024 floats) of a big row group.
 _BATCH_ROWS = 65536
@@ -43,7 +56,7 @@ class AestheticMLP(nn.Module):
 
     Input: L2-normalised ViT-L/14 image embeddings (768-d). Output: one score per image on
     roughly a 1-10 scale (the AVA mean-opinion scale it was trained on; ~5 is average, >= 6
-    is the usual "aesthetic" cut). The published model has no activations between its linear
+    is the usual cut for an aesthetic image). The published model has no activations between its linear
     layers, so neither has this one; dropout acts only in training (``eval()`` turns it off).
     State-dict keys match the published ``sac+logos+ava1-l14-linearMSE.pth``:
     ``layers.{0,2,4,6,7}.{weight,bias}``.
@@ -116,9 +129,6 @@ class NsfwHead(nn.Module):
         return torch.sigmoid(self.layers(self.norm(x))).squeeze(-1)
 
 
-_HEADS: dict[str, type[nn.Module]] = {"aesthetic": AestheticMLP, "nsfw": NsfwHead}
-
-
 def nsfw_state_dict_from_keras(weights: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """Convert the Keras NSFW detector's ``model.get_weights()`` to :class:`NsfwHead` keys.
 
@@ -145,27 +155,21 @@ def nsfw_state_dict_from_keras(weights: list[np.ndarray]) -> dict[str, torch.Ten
     return state
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in _HEADS:
-        raise HeadError(f"unknown head kind {kind!r}; choose one of {sorted(_HEADS)}")
-
-
-def weights_digest(kind: str, weights: str | None, *, allow_random_weights: bool) -> str:
+def weights_digest(kind: HeadKind, weights: str | None, *, allow_random_weights: bool) -> str:
     """What identifies a head's weights in a stage fingerprint: ``sha256:<hex>`` of the file,
     or ``random-seed<k>``. Raises :class:`HeadError` for a missing file or unasked-for random
     weights, so a misconfigured run fails before any row group is touched."""
-    _check_kind(kind)
     if weights is None:
         if not allow_random_weights:
             raise HeadError(
-                f"no weights given for the {kind} head (param '{kind}_weights'). Point it at a "
-                f"local .safetensors/.pt file of the published LAION {kind} head, or set "
+                f"no weights given for the {kind.name} head (param '{kind.weights_param}'). Point it at a "
+                f"local .safetensors/.pt file of the published LAION {kind.name} head, or set "
                 "allow_random_weights=true for a test or demo run (scores are then meaningless)."
             )
-        return f"random-seed{RANDOM_SEEDS[kind]}"
+        return f"random-seed{kind.seed}"
     if not os.path.isfile(weights):
         raise HeadError(
-            f"{kind} head weights not found: {weights} (param '{kind}_weights') is not a file. "
+            f"{kind.name} head weights not found: {weights} (param '{kind.weights_param}') is not a file. "
             "Give the path of a local .safetensors, .pt or .pth file."
         )
     h = hashlib.sha256()
@@ -175,7 +179,7 @@ def weights_digest(kind: str, weights: str | None, *, allow_random_weights: bool
     return f"sha256:{h.hexdigest()}"
 
 
-def _read_state_dict(kind: str, path: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(kind: HeadKind, path: str) -> dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -185,18 +189,18 @@ def _read_state_dict(kind: str, path: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise HeadError(
-                f"{kind} head weights {path} (param '{kind}_weights'): unknown file type; use "
+                f"{kind.name} head weights {path} (param '{kind.weights_param}'): unknown file type; use "
                 ".safetensors, .pt or .pth"
             )
     except HeadError:
         raise
     except Exception as exc:  # a corrupt file surfaces as many different exception types
-        raise HeadError(f"could not read {kind} head weights {path}: {exc}") from exc
+        raise HeadError(f"could not read {kind.name} head weights {path}: {exc}") from exc
     # Some checkpoints wrap the state dict, e.g. {"state_dict": {...}}.
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise HeadError(f"{kind} head weights {path} hold no tensor state dict")
+        raise HeadError(f"{kind.name} head weights {path} hold no tensor state dict")
     return state
 
 
@@ -205,47 +209,46 @@ def _pre_activation(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.layers(module.norm(x) if isinstance(module, NsfwHead) else x).squeeze(-1)
 
 
-def _random_head(kind: str, embed_dim: int) -> nn.Module:
+def _random_head(kind: HeadKind, embed_dim: int) -> nn.Module:
     # A private RNG state, so the weights depend on the seed only, not on what ran before.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEEDS[kind])
-        module = _HEADS[kind](embed_dim)
+        torch.manual_seed(kind.seed)
+        module = kind.module(embed_dim)
     module.eval()
     # Put the untrained output in the head's usual range, so a demo with thresholds near the
     # targets shows both outcomes: on seeded isotropic unit vectors the pre-activation output
-    # gets mean RANDOM_TARGETS[kind] and std 1 (aesthetic ~ 5 +- 1; nsfw logit -1.5, p ~ 0.18).
+    # gets mean kind.target and std 1 (aesthetic ~ 5 +- 1; nsfw logit -1.5, p ~ 0.18).
     # Only the last linear layer is rescaled, so the head's layout stays the published one.
-    probe = torch.randn(4096, embed_dim, generator=torch.Generator().manual_seed(RANDOM_SEEDS[kind]))
+    probe = torch.randn(4096, embed_dim, generator=torch.Generator().manual_seed(kind.seed))
     probe = nn.functional.normalize(probe, dim=1)
     last = module.layers[-1]
     with torch.no_grad():
         raw = _pre_activation(module, probe)
         last.weight.div_(raw.std().clamp_min(1e-12))
         last.bias.zero_()
-        last.bias.add_(RANDOM_TARGETS[kind] - _pre_activation(module, probe).mean())
+        last.bias.add_(kind.target - _pre_activation(module, probe).mean())
     return module
 
 
-def _check_width(kind: str, weights: str, state: dict[str, torch.Tensor], *, model: str, embed_dim: int) -> None:
+def _check_width(kind: HeadKind, weights: str, state: dict[str, torch.Tensor], *, model: str, embed_dim: int) -> None:
     first = state.get("layers.0.weight")
     if first is not None and first.ndim == 2 and first.shape[1] != embed_dim:
         raise HeadError(
-            f"{kind} head weights {weights} expect {first.shape[1]}-d embeddings but {model} "
+            f"{kind.name} head weights {weights} expect {first.shape[1]}-d embeddings but {model} "
             f"gives {embed_dim}-d ones. Use head weights trained on this model's embeddings, or "
             f"the model they were trained on (ViT-L-14-quickgelu for the published LAION heads, "
             f"{VIT_L14_DIM}-d)."
         )
 
 
-def check_head_width(kind: str, weights: str, *, model: str, embed_dim: int) -> None:
+def check_head_width(kind: HeadKind, weights: str, *, model: str, embed_dim: int) -> None:
     """Raise :class:`HeadError` naming the model, its width and the head file when the head's
     weights were trained on embeddings of another width: checked before any row group runs."""
-    _check_kind(kind)
     _check_width(kind, weights, _read_state_dict(kind, weights), model=f"model {model!r}", embed_dim=embed_dim)
 
 
 def load_head(
-    kind: str,
+    kind: HeadKind,
     weights: str | None,
     *,
     embed_dim: int,
@@ -262,20 +265,20 @@ def load_head(
         log.warning(
             "%s head: using RANDOM weights (seed %d) because allow_random_weights is set; its "
             "scores mean nothing. Give real weights for a production run.",
-            kind, RANDOM_SEEDS[kind],
+            kind.name, kind.seed,
         )
         module = _random_head(kind, embed_dim)
     else:
         state = _read_state_dict(kind, weights)
         _check_width(kind, weights, state, model="the embedding model", embed_dim=embed_dim)
-        module = _HEADS[kind](embed_dim)
+        module = kind.module(embed_dim)
         expected = module.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
         if missing or unexpected or wrong:
             raise HeadError(
-                f"{kind} head weights {weights} do not fit the {type(module).__name__} layout: "
+                f"{kind.name} head weights {weights} do not fit the {type(module).__name__} layout: "
                 f"missing keys {missing}, unexpected keys {unexpected}, wrong shapes "
                 f"{[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong]}. "
                 "See the docstring of winnow.stages.heads for the expected keys."
@@ -307,20 +310,54 @@ class HeadConfig:
     ``embed_dim`` is the embedding model's width (the pipeline passes the model's own).
     """
 
+    head: ClassVar[HeadKind]
+
     weights: str | None = None
     allow_random_weights: bool = False
     device: str = "auto"
     embed_dim: int = VIT_L14_DIM
+    #: the embedding model's name, for messages
+    model: str = "the embedding model"
 
     def __post_init__(self) -> None:
         if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:
             raise HeadError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
 
+    @classmethod
+    def for_run(cls, run: Any) -> HeadConfig:
+        """The config from a run's ``CurationConfig``: its weights param, random-weights flag and
+        the embedding model's width. A weights param that is unset (without
+        ``allow_random_weights``) or names no file is a :class:`ConfigError` naming the param,
+        raised before the model is resolved, so it is reported even when the model is wrong."""
+        param = cls.head.weights_param
+        path = getattr(run, param)
+        if path is None and not run.allow_random_weights:
+            raise ConfigError(f"{param} is not set: give the path of the head's weights file, or set "
+                              "allow_random_weights=true for a test run (scores are then meaningless)")
+        if path is not None and "://" not in path and not os.path.isfile(path):
+            raise ConfigError(f"{param}: no such file {path!r}")
+        return cls(weights=path, allow_random_weights=run.allow_random_weights, embed_dim=run.model_spec.embed_dim,
+                   model=run.model)
+
+    def file_problems(self) -> list[str]:
+        """What is wrong with the weights file for this model (its embedding width), checked
+        before a run starts (the pipeline's ``validate`` asks every stage config that has this
+        method)."""
+        param, path = self.head.weights_param, self.weights
+        if path is None:
+            return []
+        try:
+            check_head_width(self.head, path, model=self.model, embed_dim=self.embed_dim)
+        except HeadError as exc:
+            return [f"{param}: {exc}"]
+        return []
+
 
 class HeadStage:
     """A stage that scores each record's embedding with a head.
 
-    Subclasses set ``name`` (also the head kind) and ``schema``. Records without an embedding
+    Subclasses set ``name`` (the stage's) and ``schema``; their config class names the head
+    (:class:`HeadKind`). Records without an embedding
     (undecodable, exact duplicates) get a null score.
     """
 
@@ -333,12 +370,12 @@ class HeadStage:
 
     def fingerprint_config(self) -> dict[str, Any]:
         c = self.config
-        return {"weights_digest": weights_digest(self.name, c.weights, allow_random_weights=c.allow_random_weights)}
+        return {"weights_digest": weights_digest(c.head, c.weights, allow_random_weights=c.allow_random_weights)}
 
     def setup(self) -> None:
         c = self.config
         self._module, _ = load_head(
-            self.name, c.weights, embed_dim=c.embed_dim,
+            c.head, c.weights, embed_dim=c.embed_dim,
             allow_random_weights=c.allow_random_weights, device=c.device,
         )
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from winnow.schemas import NSFW
-from winnow.stages.heads import HeadConfig, HeadStage
+from winnow.stages.heads import HeadConfig, HeadKind, HeadStage, NsfwHead
+
+NSFW_HEAD = HeadKind("nsfw", NsfwHead, "nsfw_weights", seed=1, target=-1.5)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,19 +21,20 @@ class NsfwConfig(HeadConfig):
     :param embed_dim: width of the embedding model's embeddings (768 for ViT-L/14).
     """
 
+    head = NSFW_HEAD
+
 
 class NsfwStage(HeadStage):
     """Row group of ``embed`` -> ``NSFW`` table (record_id, nsfw_score)."""
 
-    name = "nsfw"
+    name = NSFW_HEAD.name
     schema = NSFW
 
     def __init__(self, config: NsfwConfig | None = None) -> None:
         super().__init__(config or NsfwConfig())
 
 
-def nsfw_config(run, _name: str = "nsfw") -> NsfwConfig:
+def nsfw_config(run, _name: str = NSFW_HEAD.name) -> NsfwConfig:
     """The stage's config from a run's ``CurationConfig`` (the registry's ``config`` factory);
     the head's width is the embedding model's."""
-    return NsfwConfig(weights=run.nsfw_weights, allow_random_weights=run.allow_random_weights,
-                      embed_dim=run.model_spec.embed_dim)
+    return NsfwConfig.for_run(run)

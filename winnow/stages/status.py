@@ -17,24 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from winnow.filters import COUNT_NAMES, FILTERS
 from winnow.rowgroups import CommitStore, RowGroupPlan
-from winnow.schemas import OUTCOMES, SKIPPED_OUTCOMES, STATUS
-from winnow.stages.base import RowGroupTask
+from winnow.rowgroups.task import RowGroupTask
+from winnow.schemas import OUTCOMES, SKIPPED_OUTCOMES, STATUS, VALUE_FIELDS
 from winnow.stages.kept import row_group_filters
 from winnow.stages.thresholds import load_thresholds
 
 STAGE = "status"
-#: The run summary's name for the count of each outcome.
-COUNT_NAMES = {
-    "exact_duplicate": "exact_duplicates",
-    "undecodable": "undecodable",
-    "aesthetic": "aesthetic_dropped",
-    "nsfw": "nsfw_dropped",
-    "no_caption": "no_caption",
-    "clip_score": "clip_score_dropped",
-    "duplicate": "duplicates",
-    "kept": "kept",
-}
 
 
 @dataclass(frozen=True)
@@ -90,10 +80,6 @@ class StatusStage:
         thresholds = load_thresholds(store)
         reasons = [_reason(o, i, x, thresholds, twins[i], twin_keys) for i, o in enumerate(outcome)]
 
-        def score(name: str) -> pa.Array:
-            values = x[name]
-            return pa.array(values, pa.float32(), mask=np.isnan(values))
-
         return pa.table(
             {
                 "record_id": index.column("record_id"),
@@ -102,9 +88,7 @@ class StatusStage:
                 "uid": index.column("uid"),
                 "outcome": pa.array(outcome.tolist(), pa.string()),
                 "reason": pa.array(reasons, pa.string()),
-                "aesthetic_score": score("aesthetic"),
-                "nsfw_score": score("nsfw"),
-                "clip_score": score("clip"),
+                **{name: value_array(x[name], t) for name, t in VALUE_FIELDS},
                 "duplicate_of": pa.array(twins, pa.int64()),
                 "duplicate_of_key": pa.array([twin_keys.get(t) if t is not None else None for t in twins], pa.string()),
             },
@@ -126,6 +110,23 @@ def _keys_of(store: CommitStore, plan: RowGroupPlan, record_ids: set[int]) -> di
     return out
 
 
+def value_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A filter column for a status row or the curated Parquet: its type, null where NaN."""
+    nan = np.isnan(values)
+    if pa.types.is_integer(type_):
+        values = np.where(nan, 0, values).astype(type_.to_pandas_dtype())
+    return pa.array(values, type_, mask=nan)
+
+
+def _row(x: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """Record ``i``'s filter columns as Python values (integers where the column is one)."""
+    row: dict[str, Any] = {}
+    for name, type_ in VALUE_FIELDS:
+        v = float(x[name][i])
+        row[name] = None if np.isnan(v) else (int(v) if pa.types.is_integer(type_) else v)
+    return row
+
+
 def _reason(outcome: str, i: int, x: dict[str, np.ndarray], thresholds: dict[str, Any], twin: int | None,
             twin_keys: dict[int, str]) -> str | None:
     def t(name: str) -> str:
@@ -140,17 +141,19 @@ def _reason(outcome: str, i: int, x: dict[str, np.ndarray], thresholds: dict[str
         return f"same image bytes as record {twin} ({twin_keys.get(twin)!r}); not decoded"
     if outcome == "undecodable":
         return str(x["error"][i])
-    if outcome == "aesthetic":
-        return f"aesthetic_score {x['aesthetic'][i]:.4f} < threshold {t('aesthetic')}"
-    if outcome == "nsfw":
-        return f"nsfw_score {x['nsfw'][i]:.4f} >= threshold {t('nsfw')}"
-    if outcome == "no_caption":
-        return "no caption (.txt, or the json caption field) while the CLIP-score filter is on"
-    if outcome == "clip_score":
-        return f"clip_score {x['clip'][i]:.4f} < threshold {t('clip_score')}"
     if outcome == "duplicate":
         return f"near duplicate of record {twin} ({twin_keys.get(twin)!r})"
-    raise AssertionError(f"unknown outcome {outcome!r}")
+    for spec in FILTERS:
+        entry = thresholds.get(spec.name)
+        if entry is None or not entry.get("enabled", True):
+            continue
+        if spec.missing is not None and spec.missing.outcome == outcome and not x[spec.missing.column][i]:
+            return spec.missing.reason
+        if spec.outcome == outcome:
+            value = spec.values_of({name: x[name][i : i + 1] for name in spec.column_names})
+            if not spec.passes(value, entry["threshold"])[0]:
+                return spec.reason_for(float(value[0]), t(spec.name), _row(x, i))
+    raise AssertionError(f"no filter explains outcome {outcome!r} of row {i}")
 
 
 def _skipped_tables(run_root: str) -> Iterator[pa.Table]:

@@ -26,13 +26,14 @@ import functools
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from winnow.exceptions import ConfigError, StorageError
+from winnow.execution import Execution
+from winnow.filters import FILTERS, PARAMS, FilterSpec
 from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
 from winnow.rowgroups.store import read_json, write_json
 
@@ -40,87 +41,76 @@ STAGE = "thresholds"
 THRESHOLDS_FILE = "thresholds.json"
 
 
-@dataclass(frozen=True)
-class FilterRule:
-    """One score filter: the stage and column holding the score, which side is kept, the range
-    of its absolute threshold (the DAG form uses the same) and its keep-fraction param, if any."""
-
-    name: str  # the stage, and the outcome of a record it drops
-    column: str
-    keep: Literal[">=", "<"]
-    threshold_param: str
-    low: float
-    high: float
-    fraction_param: str | None = None
-
-    def passes(self, scores: np.ndarray, threshold: float | None) -> np.ndarray:
-        """Keep flags of float scores (NaN = no score: never kept; threshold None: none kept)."""
-        if threshold is None:
-            return np.zeros(len(scores), dtype=bool)
-        with np.errstate(invalid="ignore"):
-            return scores >= threshold if self.keep == ">=" else scores < threshold
-
-
-#: Every score filter, in the order a record's outcome checks them.
-FILTERS: tuple[FilterRule, ...] = (
-    FilterRule("aesthetic", "aesthetic_score", ">=", "aesthetic_threshold", 0.0, 10.0, "aesthetic_keep_fraction"),
-    FilterRule("nsfw", "nsfw_score", "<", "nsfw_threshold", 0.0, 1.0),
-    FilterRule("clip_score", "clip_score", ">=", "clip_score_threshold", 0.0, 1.0, "clip_score_keep_fraction"),
-)
-RULES = {r.name: r for r in FILTERS}
-
-
-@dataclass(frozen=True, kw_only=True)
 class ThresholdsConfig:
-    """The filters' knobs, checked here (the one owner of their ranges).
+    """The filters' knobs (:data:`winnow.filters.PARAMS`: each filter's threshold and keep
+    fraction), checked here against each param's declared range: every problem in one
+    :class:`ConfigError`. Unset params take their declared defaults.
 
-    :param aesthetic_threshold: keep ``aesthetic_score >= it``; in [0, 10].
-    :param aesthetic_keep_fraction: keep this fraction of the scored records instead (0 < f <= 1);
-        None: use ``aesthetic_threshold``.
-    :param nsfw_threshold: keep ``nsfw_score < it``; in [0, 1].
-    :param clip_score_threshold: keep ``clip_score >= it``; in [0, 1]; 0 (with no fraction) turns
-        the CLIP-score filter off.
-    :param clip_score_keep_fraction: keep this fraction of the records that have a CLIP score
-        (0 < f <= 1); None: use ``clip_score_threshold``.
+    >>> ThresholdsConfig(aesthetic_keep_fraction=0.5).aesthetic_keep_fraction
+    0.5
+    >>> ThresholdsConfig(nsfw_threshold=2)
+    Traceback (most recent call last):
+    ...
+    winnow.exceptions.ConfigError: nsfw_threshold must be a number in [0, 1], got 2
     """
 
-    RULES: ClassVar[dict[str, FilterRule]] = RULES
+    __slots__ = ("values",)
 
-    aesthetic_threshold: float = 5.0
-    aesthetic_keep_fraction: float | None = None
-    nsfw_threshold: float = 0.5
-    clip_score_threshold: float = 0.0
-    clip_score_keep_fraction: float | None = None
-
-    def __post_init__(self) -> None:
-        problems = []
-        for rule in FILTERS:
-            t = getattr(self, rule.threshold_param)
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not rule.low <= t <= rule.high:
-                problems.append(f"{rule.threshold_param} must be a number in [{rule.low:g}, {rule.high:g}], got {t!r}")
-            if rule.fraction_param:
-                f = getattr(self, rule.fraction_param)
-                if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
-                    problems.append(f"{rule.fraction_param} must be a number in (0, 1] or unset, got {f!r}")
+    def __init__(self, **values: Any) -> None:
+        known = {p.name: p for p in PARAMS}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown filter param(s) {', '.join(unknown)}; they are {', '.join(known)}")
+        full = {name: values.get(name, p.default) for name, p in known.items()}
+        problems = [msg for name, p in known.items() if (msg := p.problem(full[name]))]
         if problems:
             raise ConfigError("; ".join(problems))
+        object.__setattr__(self, "values", full)
 
-    @property
-    def clip_filter_on(self) -> bool:
-        return self.clip_score_threshold > 0 or self.clip_score_keep_fraction is not None
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return object.__getattribute__(self, "values")[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
-    def fraction(self, rule: FilterRule) -> float | None:
-        return getattr(self, rule.fraction_param) if rule.fraction_param else None
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ThresholdsConfig is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ThresholdsConfig) and self.values == other.values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.values.items())))
+
+    def __repr__(self) -> str:
+        return f"ThresholdsConfig({', '.join(f'{k}={v!r}' for k, v in self.values.items())})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "values", state)
+
+    def enabled(self, spec: FilterSpec) -> bool:
+        return spec.enabled(self.values)
+
+    def fraction(self, spec: FilterSpec) -> float | None:
+        return self.values[spec.fraction.name] if spec.fraction else None
+
+    def threshold(self, spec: FilterSpec) -> float:
+        return self.values[spec.threshold.name]
 
     def fingerprint_config(self) -> dict[str, Any]:
-        return {**asdict(self), "selection": "exact-radix-v1"}
+        # A filter newer than the first three joins the fingerprint only while it is on, so run
+        # roots made before it existed keep their fingerprints.
+        params = {p.name: self.values[p.name] for f in FILTERS if f.always_fingerprinted or self.enabled(f)
+                  for p in f.params}
+        return {**params, "selection": "exact-radix-v1"}
 
 
 def thresholds_config(run: Any, _name: str = STAGE) -> ThresholdsConfig:
     """The step's config from a run's ``CurationConfig`` (the registry's ``config`` factory)."""
-    return ThresholdsConfig(**{name: getattr(run, name) for name in (
-        "aesthetic_threshold", "aesthetic_keep_fraction", "nsfw_threshold", "clip_score_threshold",
-        "clip_score_keep_fraction")})
+    return ThresholdsConfig(**{p.name: getattr(run, p.name) for p in PARAMS})
 
 
 # ---- exact k-th best of float32 scores in bounded memory -------------------------------------
@@ -188,39 +178,46 @@ def keep_count(fraction: float, n: int) -> int:
 
 
 def as_scores(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Float32 scores of an Arrow column, null as NaN (no score)."""
+    """Float32 scores of an Arrow column, null as NaN (no score). An integer column (a width, a
+    word count) comes as float64, exact for every integer a filter compares."""
+    if pa.types.is_integer(values.type):
+        return values.cast(pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
     return values.fill_null(float("nan")).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
 
 
 # ---- the step ------------------------------------------------------------------------------------
 
-def _score_chunks(store: CommitStore, plan: RowGroupPlan, rule: FilterRule):
+def filter_values(spec: FilterSpec, table: pa.Table) -> np.ndarray:
+    """A filter's float64 values (NaN: none) from a table holding its columns."""
+    return spec.values_of({name: as_scores(table.column(name)) for name in spec.column_names})
+
+
+def _score_chunks(store: CommitStore, plan: RowGroupPlan, spec: FilterSpec):
     for p in range(plan.num_partitions):
         for rg in plan.partition_row_groups(p):
-            col = store.read_table(rule.name, p, rg, columns=[rule.column]).column(rule.column)
-            yield as_scores(col)
+            table = store.read_table(spec.stage, p, rg, columns=list(spec.column_names))
+            yield filter_values(spec, table).astype(np.float32)
 
 
 def resolve(store: CommitStore, plan: RowGroupPlan, config: ThresholdsConfig) -> dict[str, Any]:
     """The threshold every filter uses: the absolute one, or the one its keep fraction picks."""
     out: dict[str, Any] = {}
-    for rule in FILTERS:
-        fraction = config.fraction(rule)
-        entry: dict[str, Any] = {"keep": rule.keep, "keep_fraction": fraction,
-                                 "absolute": getattr(config, rule.threshold_param)}
-        if rule.name == "clip_score":
-            entry["enabled"] = config.clip_filter_on
+    for spec in FILTERS:
+        fraction = config.fraction(spec)
+        entry: dict[str, Any] = {"keep": spec.keep, "keep_fraction": fraction, "absolute": config.threshold(spec)}
+        if spec.off is not None:
+            entry["enabled"] = config.enabled(spec)
         if fraction is None:
-            entry.update(threshold=entry["absolute"], source=rule.threshold_param)
+            entry.update(threshold=entry["absolute"], source=spec.threshold.name)
         else:
-            chunks = functools.partial(_score_chunks, store, plan, rule)
+            chunks = functools.partial(_score_chunks, store, plan, spec)
             high = _high_histogram(chunks)  # its sum counts the scores: two passes in all
             n = int(high.sum())
             k = keep_count(fraction, n)
             # No scored record at all: None, and nothing passes this filter.
             threshold = _select(chunks, high, k) if k else None
-            entry.update(threshold=threshold, source=rule.fraction_param, scored=n, keep_count=k)
-        out[rule.name] = entry
+            entry.update(threshold=threshold, source=spec.fraction.name, scored=n, keep_count=k)
+        out[spec.name] = entry
     return out
 
 
@@ -266,8 +263,7 @@ def load_thresholds(store: CommitStore) -> dict[str, Any]:
 
 def run_thresholds(
     run_root: str, plan: RowGroupPlan, config: ThresholdsConfig, fingerprint: StageFingerprint, *,
-    backend: Literal["ray", "local"] = "ray", ray_address: str | None = None,
-    log: Callable[[str], None] | None = None, worker_cpus: float | None = None,
+    execution: Execution, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Resolve and commit the run's thresholds in one unit (a Ray task: it reads every row
     group's score columns); a no-op when committed for this fingerprint."""
@@ -280,13 +276,13 @@ def run_thresholds(
         result = {name: e["threshold"] for name, e in data["filters"].items()}
         say(f"thresholds: committed already {result}")
         return {"thresholds": result, "computed": 0}
-    needs_scores = any(config.fraction(r) is not None for r in FILTERS)
+    needs_scores = any(config.fraction(f) is not None for f in FILTERS)
     if not needs_scores:  # absolute thresholds: nothing to read
         result = _thresholds_unit(run_root, plan.to_dict(), config, fingerprint.digest, 0)
     else:
         fn = functools.partial(_thresholds_unit, run_root, plan.to_dict(), config, fingerprint.digest)
-        summary = run_units(STAGE, fn, [0], backend=backend, ray_address=ray_address,
-                            num_cpus=1 if backend == "ray" else None, log=say)
+        summary = run_units(STAGE, fn, [0], execution=execution, num_cpus=1 if execution.backend == "ray" else None,
+                            log=say)
         if summary.failed:
             raise StorageError(f"thresholds failed: {summary.failed[0]}")
         result = {k: v for k, v in summary.results[0].items() if k == "thresholds"}
@@ -294,6 +290,6 @@ def run_thresholds(
     return {**result, "computed": 1}
 
 
-__all__ = ["FILTERS", "RULES", "FilterRule", "ThresholdsConfig", "keep_count", "kth_best", "load_thresholds",
-           "run_thresholds", "thresholds_units"]
+__all__ = ["ThresholdsConfig", "filter_values", "keep_count", "kth_best", "load_thresholds", "run_thresholds",
+           "thresholds_units"]
 

@@ -16,12 +16,15 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
+from winnow.schemas import OUTCOMES as SCHEMA_OUTCOMES
+from winnow.schemas import VALUE_FIELDS
+
 # Not ".parquet": a reader globbing the curated rg*.parquet files must never pick it up.
 GALLERY_SUFFIX = ".gallery"
 THUMBS_SUFFIX = ".thumbs"
 #: The gallery's outcomes in display order: kept, then the reasons to drop a record in the order
-#: they are decided (the same set as :data:`winnow.schemas.OUTCOMES`).
-OUTCOMES = ("kept", "exact_duplicate", "undecodable", "aesthetic", "nsfw", "no_caption", "clip_score", "duplicate")
+#: they are decided (:data:`winnow.schemas.OUTCOMES`, kept moved first).
+OUTCOMES = ("kept", *(o for o in SCHEMA_OUTCOMES if o != "kept"))
 #: Larger inputs are not decoded for a thumbnail (the embed stage's own bomb limit is higher).
 MAX_THUMB_SOURCE_PIXELS = 40_000_000
 
@@ -30,9 +33,7 @@ GALLERY_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("outcome", pa.string()),
     ("error", pa.string()),
-    ("aesthetic_score", pa.float32()),
-    ("nsfw_score", pa.float32()),
-    ("clip_score", pa.float32()),  # null without a caption or image embedding
+    *VALUE_FIELDS,  # what each filter compared (winnow.filters)
     ("duplicate_of", pa.int64()),
     ("duplicate_of_key", pa.string()),
     ("thumb_offset", pa.int64()),

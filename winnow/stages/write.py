@@ -17,10 +17,12 @@ import pyarrow as pa
 from winnow.data.reader import read_members
 from winnow.exceptions import WriteError
 from winnow.rowgroups import CommitStore
-from winnow.schemas import write_schema
-from winnow.stages.base import RowGroupTask
+from winnow.rowgroups.task import RowGroupTask
+from winnow.schemas import VALUE_FIELDS, write_schema
 
 STAGE = "write"
+#: The filter columns (winnow.filters) the curated Parquet and the gallery carry.
+VALUE_NAMES = tuple(name for name, _ in VALUE_FIELDS)
 #: Bumped when the tar layout changes, so old output is not mixed with new (fingerprint).
 TAR_FORMAT = "webdataset-v1"
 #: Fixed member mtime (2000-01-01T00:00:00Z): the tar's bytes depend on its records only.
@@ -129,7 +131,8 @@ class WriteStage:
         status = _aligned(ids, store.read_table("status", p, rg), "status", rg)
         for name in ("embedding", "error"):
             index = index.append_column(name, embed.column(name))
-        for name in ("outcome", "reason", "aesthetic_score", "nsfw_score", "clip_score", "duplicate_of",
+        # A filter column the index holds already (an image's width...) is the index's own.
+        for name in ("outcome", "reason", *(v for v in VALUE_NAMES if v not in index.column_names), "duplicate_of",
                      "duplicate_of_key"):
             index = index.append_column(name, status.column(name))
         return index
@@ -173,9 +176,7 @@ class WriteStage:
                 "shard": kept.column("shard"),
                 "caption": pa.array([_decode(t) for t in texts], pa.string()),
                 "json": pa.array([_decode(j) for j in jsons], pa.string()),
-                "aesthetic_score": kept.column("aesthetic_score"),
-                "nsfw_score": kept.column("nsfw_score"),
-                "clip_score": kept.column("clip_score"),
+                **{name: kept.column(name) for name in VALUE_NAMES},
                 "embedding": embedding,
             },
             schema=write_schema(dim),
@@ -214,17 +215,14 @@ def write_gallery(store: CommitStore, task: RowGroupTask, joined: pa.Table, conf
     keys = joined.column("key").to_pylist()
     errors = [r if r is not None else e for e, r in zip(joined.column("error").to_pylist(),
                                                           joined.column("reason").to_pylist())]
-    a_scores = joined.column("aesthetic_score").to_pylist()
-    n_scores = joined.column("nsfw_score").to_pylist()
-    c_scores = joined.column("clip_score").to_pylist()
+    values = {name: joined.column(name).to_pylist() for name in VALUE_NAMES}
     twin_keys = joined.column("duplicate_of_key").to_pylist()
     for j, r in enumerate(rows):
         off, size = put(images[j]) if kinds[r] != "undecodable" else (None, None)
         of = dup_of[r]
         (o_off, o_size), o_key = orig_thumbs.get(of, ((None, None), None)) if of is not None else ((None, None), None)
         for name, value in (("record_id", int(ids[r])), ("key", keys[r]), ("outcome", kinds[r]), ("error", errors[r]),
-                            ("aesthetic_score", a_scores[r]), ("nsfw_score", n_scores[r]),
-                            ("clip_score", c_scores[r]), ("duplicate_of", of),
+                            *((name, column[r]) for name, column in values.items()), ("duplicate_of", of),
                             ("duplicate_of_key", o_key if o_key is not None else twin_keys[r]),
                             ("thumb_offset", off), ("thumb_size", size),
                             ("original_thumb_offset", o_off), ("original_thumb_size", o_size)):

@@ -28,8 +28,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from benchmarks._common import job_conn, jobs_of, start_job_head
 from tests.airflow._live import AIRFLOW_BIN, LiveAirflow, LiveAirflowError
-from tests.airflow._ray_jobs import job_conn, jobs_of, start_job_head
 from winnow.ray import cluster
 from winnow.rowgroups.plan import RowGroupPlan
 

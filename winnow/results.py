@@ -17,10 +17,7 @@ import logging
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar
-
-if TYPE_CHECKING:
-    from winnow.stages.base import RowGroupTask
+from typing import Any, ClassVar
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +71,13 @@ class RowGroupResult:
         return not self.error
 
     @classmethod
-    def from_error(cls, stage: str, task: RowGroupTask, exc: BaseException, seconds: float) -> RowGroupResult:
-        """A row group that raised: logged with its traceback, reported with its error (it fails alone)."""
+    def from_error(cls, stage: str, row_group: int, records_in: int, exc: BaseException, seconds: float) -> RowGroupResult:
+        """A row group (of ``records_in`` records) that raised: logged with its traceback,
+        reported with its error (it fails alone)."""
         text = error_text(exc)
-        logger.warning("stage %s row group %d failed: %s\n%s", stage, task.row_group, text,
+        logger.warning("stage %s row group %d failed: %s\n%s", stage, row_group, text,
                        "".join(traceback.format_exception(exc, limit=5)))
-        return cls(row_group=task.row_group, error=text, records_in=task.plan.row_group_size(task.row_group),
-                   seconds=seconds)
+        return cls(row_group=row_group, error=text, records_in=records_in, seconds=seconds)
 
     @staticmethod
     def to_columns(results: Iterable[RowGroupResult]) -> dict[str, list[Any]]:

@@ -1,4 +1,5 @@
-"""The contract every curation stage keeps: plain classes the runner drives row group by row group.
+"""The stage contract: :class:`RowGroupTask`, one row group of a run, and :class:`Stage`, what
+every row-group stage is (a plain class the runner drives row group by row group).
 
 A stage reads its inputs from the commit store (the index, upstream stages' row groups), returns
 one output table per row group, and never commits by itself: the runner does, so commit
@@ -13,7 +14,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups.plan import RowGroupPlan
+from winnow.rowgroups.store import CommitStore
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class RowGroupTask:
     def record_range(self) -> tuple[int, int]:
         return self.plan.row_group_range(self.row_group)
 
+    @property
+    def num_records(self) -> int:
+        return self.plan.row_group_size(self.row_group)
+
     def store(self) -> CommitStore:
         return CommitStore(self.run_root)
 
@@ -37,7 +43,7 @@ class RowGroupTask:
 class Stage(Protocol):
     """What the runner needs of a stage.
 
-    ``name`` is the stage's name in the registry (``winnow.stages.registry``), which also
+    ``name`` is the stage's name in the registry (``winnow.registry``), which also
     holds what it reads and whether it uses a model.
     """
 

@@ -1,11 +1,12 @@
-"""The Ray Job entrypoint: one step of a run on the cluster, run by the engine.
+"""The Ray Job entry point: one step of a run on the cluster, run by the engine.
 
-What a job-mode Airflow task submits: ``python -m winnow.ray.job --stage embed --partition 3
---config <base64 JSON> --summary <uri>`` for a partition stage, ``--stage index`` or ``--stage
-centroids`` for a global step, ``--stage pairwise --bucket 2`` for one bucket (``--chain``: a
-partition job also runs the partition stages after its own in the run's phase, e.g. embed's job
-runs aesthetic and nsfw too, see :func:`chained_stages`). It attaches to
-the cluster it runs on, skips committed work as every run does, writes its summary as JSON to
+What a job-mode Airflow task submits: ``python -m winnow.job --stage embed --partition 3
+--config <base64 JSON> --execution <base64 JSON> --summary <uri>`` for a partition stage,
+``--stage index`` or ``--stage centroids`` for a global step, ``--stage pairwise --bucket 2`` for
+one bucket (``--chain``: a partition job also runs the partition stages after its own in the
+run's phase, e.g. embed's job runs aesthetic and nsfw too, see :func:`chained_stages`). It runs
+where ``--execution`` says (the task's :class:`~winnow.execution.Execution`, see
+:func:`job_execution`), skips committed work as every run does, writes its summary as JSON to
 storage and prints it as its last line (``WINNOW_JOB_SUMMARY {...}``). A step that fails prints
 one line ``WINNOW_JOB_ERROR <message>`` (the task log shows it as the failure). Exit codes: 0
 done, 3 some units failed (the others are committed), 2 bad config, 1 anything else.
@@ -23,6 +24,8 @@ import json
 import sys
 import time
 from typing import Any
+
+from winnow.execution import Execution
 
 SUMMARY_MARKER = "WINNOW_JOB_SUMMARY "
 #: Epoch seconds of the job's milestones (driver start, Ray attached, done), for the overhead benchmark.
@@ -52,22 +55,26 @@ def encode_config(config: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(config, sort_keys=True).encode()).decode()
 
 
-def entrypoint(*, stage: str, config: dict[str, Any], summary: str, owner: str | None,
+def job_execution(*, worker_cpus: float | None = None, worker_gpus: float | None = None) -> Execution:
+    """Where a job's step runs: Ray on the cluster the job runs on (Ray sets ``RAY_ADDRESS`` for
+    its driver), model workers as one Ray Data actor per partition (a Ray shared with other jobs),
+    of the task's worker sizes."""
+    return Execution(backend="ray", ray_address="auto", compute="actors", worker_cpus=worker_cpus,
+                     worker_gpus=worker_gpus)
+
+
+def entrypoint(*, stage: str, config: dict[str, Any], execution: Execution, summary: str, owner: str | None,
                partition: int | None = None, bucket: int | None = None, python: str = "python",
-               worker_cpus: float | None = None, worker_gpus: float | None = None, chain: bool = False) -> str:
+               chain: bool = False) -> str:
     """The job's shell command (no secret: storage settings travel in the runtime env)."""
-    cmd = f"{python} -m winnow.ray.job --stage {stage}"
+    cmd = f"{python} -m winnow.job --stage {stage}"
     if partition is not None:
         cmd += f" --partition {int(partition)}"
     if bucket is not None:
         cmd += f" --bucket {int(bucket)}"
-    if worker_cpus is not None:
-        cmd += f" --worker-cpus {float(worker_cpus):g}"
-    if worker_gpus is not None:
-        cmd += f" --worker-gpus {float(worker_gpus):g}"
     if chain:
         cmd += " --chain"
-    cmd += f" --config {encode_config(config)} --summary {summary}"
+    cmd += f" --config {encode_config(config)} --execution {encode_config(execution.to_dict())} --summary {summary}"
     if owner:
         cmd += f" --owner {base64.urlsafe_b64encode(owner.encode()).decode()}"
     return cmd
@@ -101,16 +108,15 @@ def _fail(exc: BaseException) -> None:
     print(ERROR_MARKER + text[:2000], file=sys.stderr, flush=True)
 
 
-def _run(args: argparse.Namespace, cfg: Any, owner: str | None) -> tuple[dict[str, Any], dict[int, str]]:
+def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | None
+         ) -> tuple[dict[str, Any], dict[int, str]]:
     """Run the step; its summary dict and the failed units (row groups or buckets) with errors."""
     from winnow import pipeline
     from winnow.exceptions import ConfigError
-    from winnow.stages.registry import stage_spec
+    from winnow.registry import stage_spec
 
     scope = stage_spec(args.stage).scope
-    knobs = {"worker_cpus": args.worker_cpus, "worker_gpus": args.worker_gpus}
-    # Named, not left to the default: a Ray shared with other jobs gets a model actor per partition.
-    common = {"ray_address": "auto", "backend": "ray", "owner": owner, "log": _log, "compute": "actors", **knobs}
+    common = {"execution": execution, "owner": owner, "log": _log}
     if scope == "partition":
         if args.partition is None:
             raise ConfigError(f"stage {args.stage!r} runs per partition: give --partition")
@@ -126,14 +132,14 @@ def _run(args: argparse.Namespace, cfg: Any, owner: str | None) -> tuple[dict[st
         result.update({k: v for k, v in next(iter(summary.results), {}).items()
                        if isinstance(v, (int, float, str, bool, type(None)))})
         return result, dict(summary.failed)
-    return pipeline.GLOBAL_STAGE_RUNNERS[args.stage](cfg, **common), {}
+    return pipeline.run_global(cfg, args.stage, **common), {}
 
 
 def chained_stages(stage: str) -> list[str]:
     """The partition stages after ``stage`` in its phase of the run (``embed`` -> ``aesthetic``,
     ``nsfw``): a job runs them too, on the driver and cluster it already has, so their tasks find
     their row groups committed and need no job of their own."""
-    from winnow.stages.registry import run_phases
+    from winnow.registry import run_phases
 
     for scope, specs in run_phases():
         names = [s.name for s in specs]
@@ -165,15 +171,14 @@ def _run_chain(args: argparse.Namespace, cfg: Any, common: dict[str, Any]) -> No
 
 def main(argv: list[str] | None = None) -> int:
     times = {"main": time.time()}
-    ap = argparse.ArgumentParser(prog="python -m winnow.ray.job", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m winnow.job", description=__doc__.split("\n")[0])
     ap.add_argument("--stage", required=True)
     ap.add_argument("--partition", type=int, help="the partition (partition stages)")
     ap.add_argument("--bucket", type=int, help="the bucket (bucket stages)")
     ap.add_argument("--config", required=True, help="CurationConfig as base64 JSON")
+    ap.add_argument("--execution", required=True, help="Execution (where the step runs) as base64 JSON")
     ap.add_argument("--summary", required=True, help="URI the summary JSON is written to")
     ap.add_argument("--owner", help="the run root's lease owner, base64")
-    ap.add_argument("--worker-cpus", type=float, help="CPUs of one model worker (default: winnow's policy)")
-    ap.add_argument("--worker-gpus", type=float, help="GPUs of one model worker (default: 1 where there are GPUs)")
     ap.add_argument("--chain", action="store_true",
                     help="also run the partition stages after --stage in its phase (see chained_stages)")
     args = ap.parse_args(argv)
@@ -186,12 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     owner = base64.urlsafe_b64decode(args.owner).decode() if args.owner else None
     try:
         cfg = pipeline.CurationConfig.from_params(json.loads(base64.urlsafe_b64decode(args.config)))
+        execution = Execution.from_dict(json.loads(base64.urlsafe_b64decode(args.execution)))
         unit = f", partition {args.partition}" if args.partition is not None else (
             f", bucket {args.bucket}" if args.bucket is not None else "")
         _log(f"stage {args.stage}{unit} of run {cfg.run_root}")
-        connect("auto")  # the cluster this job runs on (Ray sets RAY_ADDRESS for the driver)
+        if execution.backend == "ray":
+            connect(execution.ray_address)  # the cluster this job runs on ("auto": Ray sets RAY_ADDRESS)
         times["attached"] = time.time()
-        result, failed = _run(args, cfg, owner)
+        result, failed = _run(args, cfg, execution, owner)
         times["done"] = time.time()
         # Every failed unit with its error (the XCom summary keeps only the first ones).
         result["errors"] = {str(u): msg[:2000] for u, msg in sorted(failed.items())}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from winnow.exceptions import BucketsFailedError, RowGroupsFailedError
-from winnow.ray.results import (
+from winnow.results import (
     MAX_FAILED_SHOWN,
     PartitionSummary,
     RowGroupResult,

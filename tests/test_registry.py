@@ -1,7 +1,7 @@
 """The stage graph is declared once: every place that needs it derives it from the registry.
 
 Each test fails when one of the derived copies (stage classes, configs, fingerprint chain, run
-order, report, operators) drifts from ``winnow.stages.registry``; the DAG's side is pinned in
+order, report, operators) drifts from ``winnow.registry``; the DAG's side is pinned in
 ``tests/airflow/test_dag.py``.
 """
 
@@ -12,8 +12,8 @@ import pytest
 from winnow import pipeline
 from winnow.data.sample import TINY_MODEL_PARAMS
 from winnow.exceptions import ConfigError
+from winnow.registry import STAGES, partition_stages, run_phases, stage_order, stage_spec
 from winnow.rowgroups import RowGroupPlan
-from winnow.stages.registry import STAGES, partition_stages, run_phases, stage_order, stage_spec
 
 
 @pytest.fixture()
@@ -25,15 +25,23 @@ def cfg(tmp_path):
 def test_every_partition_stage_class_carries_its_registry_name(cfg):
     for spec in partition_stages():
         stage = pipeline.make_stage(cfg, spec.name)
-        assert type(stage) is spec.load(), spec
+        assert type(stage) is spec.load_compute(), spec
         assert stage.name == spec.name
 
 
-def test_every_global_stage_has_an_engine_runner_and_a_loadable_compute():
-    globals_ = [s.name for s in STAGES if s.scope == "global"]
-    assert sorted(pipeline.GLOBAL_STAGE_RUNNERS) == sorted(globals_)
-    for name in globals_:
-        assert callable(stage_spec(name).load())
+def test_every_global_stage_binds_a_function_of_its_own_stage_module():
+    """A global stage's compute is its stage module's (never the pipeline's): the one run-level
+    wrapper, ``pipeline.run_global``, does the lease, the plan and the fingerprint for all."""
+    for spec in (s for s in STAGES if s.scope == "global"):
+        assert callable(spec.load_compute())
+        assert spec.compute.split(":")[0].startswith(("winnow.stages.", "winnow.data.")), spec.compute
+
+
+def test_run_global_refuses_a_stage_that_is_not_global(cfg):
+    from winnow.execution import LOCAL
+
+    with pytest.raises(ConfigError, match="not a global stage; global stages are index, thresholds, centroids"):
+        pipeline.run_global(cfg, "embed", execution=LOCAL)
 
 
 def test_fingerprint_chain_follows_the_registry_upstreams(cfg):

@@ -1,7 +1,8 @@
-"""A real S3-compatible server on 127.0.0.1 for the storage tests (moto's standalone server),
-and its request log read back as LIST/GET/HEAD/PUT/POST/DELETE counts.
+"""A real S3-compatible server on 127.0.0.1 for the storage tests and benchmarks (moto's standalone
+server), and its request log read back as LIST/GET/HEAD/PUT/POST/DELETE counts.
 
-Nothing in winnow knows about this server: tests point the standard AWS environment at it.
+Nothing in winnow knows about this server: tests and benchmarks point the standard AWS environment
+at it. It lives here because benchmarks never import ``tests`` (the tests import it from here).
 The log is the server's own (one line per request, whichever process sent it: the test, a
 child process or a Ray worker), so the counts include every request of a run.
 """
@@ -12,7 +13,6 @@ import collections
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +20,13 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from winnow.ray.cluster import free_port
+
 _LINE = re.compile(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP/[0-9.]+(?:\x1b\[[0-9;]*m)*" (\d{3})')
 
 ACCESS_KEY = "winnowtestkey"
 SECRET_KEY = "winnow-test-secret-Zq7x9"  # distinctive, so tests can prove it is never printed
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,7 @@ class S3Server:
         env = dict(os.environ)
         if auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # check signatures: unknown keys are refused
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -1,8 +1,12 @@
-"""The stage graph, declared once: every stage's name, class, upstream, scope and model use.
+"""The stage graph, declared once: every stage's name, compute, upstream, scope and model use.
 
 Everything that needs the graph derives it from here: :func:`winnow.pipeline.make_stage`, the
 fingerprint chain, the run order of ``run_all``, the report, and the DAG's task ids. Importing
 this module is cheap (no torch, Ray or Airflow), so a DAG file may read it at parse time.
+
+It is data: each stage's compute, config factory and unit reader are ``"module:attribute"``
+strings, imported only when a caller asks (``spec.load_compute()``, ``load_config()``,
+``load_units()``); the callers are above the stages (the pipeline, the report), never below.
 
 >>> [s.name for s in STAGES]
 ['index', 'embed', 'aesthetic', 'nsfw', 'clip_score', 'thresholds', 'centroids', 'assign', 'pairwise', 'dedup', 'status', 'write']
@@ -18,6 +22,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from winnow.filters import FILTERS
+
 Scope = Literal["partition", "global", "bucket"]
 
 #: The mapped task group that runs a partition's filter stages depth-first in the DAG.
@@ -30,12 +36,13 @@ class StageSpec:
 
     :param name: the one word for the stage: its folder under the run root, its task id (inside
         ``group`` when set), its name in logs, fingerprints and the summary.
-    :param compute: ``module:attribute`` of its compute, imported on demand: the stage class
-        of a partition stage (``process`` per row group); the run-level entry of a global one
-        (``fn(run_config, owner=, log=, ray_address=, backend=, compute=, worker_cpus=,
-        worker_gpus=) -> summary dict``: ``winnow.pipeline.GLOBAL_STAGE_RUNNERS`` is these); the
-        unit runner of a bucket one (``fn(run_root, plan, config, units, backend=, ray_address=,
-        log=, worker_cpus=, worker_gpus=) -> UnitSummary``).
+    :param compute: ``module:attribute`` of its compute, in the stage's own module, imported on
+        demand: the stage class of a partition stage (``process`` per row group); the function of
+        a global one, ``fn(run_root, plan, config, fingerprint, *, execution, log) -> summary
+        dict``, which :func:`winnow.pipeline.run_global` calls once it holds the run root's lease,
+        loaded the plan and checked the fingerprint (the index makes the plan: its
+        ``build_index`` is called by :func:`winnow.pipeline.run_index`); the unit runner of a
+        bucket one, ``fn(run_root, plan, config, units, *, execution, log) -> UnitSummary``.
     :param upstream: stages whose output it reads; their fingerprints feed its own.
     :param scope: ``partition`` (a row-group stage mapped over partitions), ``global`` (one
         task over the whole run) or ``bucket`` (units that are not row groups, e.g. buckets of
@@ -76,7 +83,8 @@ class StageSpec:
         """Commits one file per row group (every partition stage, and the index)."""
         return self.units is None
 
-    def load(self) -> Any:
+    def load_compute(self) -> Any:
+        """The stage's compute (see ``compute``)."""
         return _load(self.compute)
 
     def load_config(self) -> Any:
@@ -95,9 +103,12 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
+#: The stages whose scores the filters read (winnow.filters; the index's columns come first anyway).
+FILTER_STAGES: tuple[str, ...] = tuple(dict.fromkeys(f.stage for f in FILTERS if f.stage != "index"))
+
 #: Topological order: every stage comes after the stages it reads.
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("index", "winnow.pipeline:run_index", (), "global", config="winnow.data.index:index_config"),
+    StageSpec("index", "winnow.data.index:build_index", (), "global", config="winnow.data.index:index_config"),
     StageSpec("embed", "winnow.stages.embed:EmbedStage", ("index",), "partition", True, PARTITION_GROUP,
               config="winnow.stages.embed:embed_config"),
     StageSpec("aesthetic", "winnow.stages.aesthetic:AestheticStage", ("embed",), "partition", True, PARTITION_GROUP,
@@ -108,11 +119,11 @@ STAGES: tuple[StageSpec, ...] = (
               PARTITION_GROUP, config="winnow.stages.clip_score:clip_score_config"),
     # The thresholds actually used (absolute, or the quantile a keep fraction picks over the
     # whole run): the one place a score becomes a keep decision (winnow.stages.kept).
-    StageSpec("thresholds", "winnow.pipeline:run_thresholds", ("aesthetic", "nsfw", "clip_score"), "global",
+    StageSpec("thresholds", "winnow.stages.thresholds:run_thresholds", FILTER_STAGES, "global",
               units="winnow.stages.thresholds:thresholds_units", config="winnow.stages.thresholds:thresholds_config"),
     # Semantic dedup as four steps (winnow.stages.dedup_steps): k-means on a sample, per row
     # group cluster assignment, per bucket pairwise, per row group duplicate flags.
-    StageSpec("centroids", "winnow.pipeline:run_centroids", ("embed", "thresholds"), "global",
+    StageSpec("centroids", "winnow.stages.dedup_steps:run_centroids", ("embed", "thresholds"), "global",
               units="winnow.stages.dedup_steps:centroids_units", config="winnow.stages.dedup_steps:step_config"),
     StageSpec("assign", "winnow.stages.dedup_steps:AssignStage", ("embed", "thresholds", "centroids"), "partition", True,
               config="winnow.stages.dedup_steps:step_config"),
@@ -124,7 +135,7 @@ STAGES: tuple[StageSpec, ...] = (
     # One row per input record with its outcome and scores: what write, the counts and the
     # report read (the outcome rule is applied here only).
     StageSpec("status", "winnow.stages.status:StatusStage",
-              ("index", "embed", "aesthetic", "nsfw", "clip_score", "thresholds", "dedup"), "partition",
+              ("index", "embed", *FILTER_STAGES, "thresholds", "dedup"), "partition",
               config="winnow.stages.status:status_config"),
     StageSpec("write", "winnow.stages.write:WriteStage", ("index", "embed", "status"), "partition",
               config="winnow.stages.write:write_config"),
@@ -188,6 +199,10 @@ def run_phases() -> list[tuple[Scope, tuple[StageSpec, ...]]]:
 
 
 def _check_graph() -> None:
+    for f in FILTERS:
+        if f.stage not in _BY_NAME or not _BY_NAME[f.stage].has_row_groups:
+            raise AssertionError(f"filter {f.name!r} reads stage {f.stage!r}, which is no stage committing row groups "
+                                 f"(they are {', '.join(s.name for s in STAGES if s.has_row_groups)})")
     seen: set[str] = set()
     for spec in STAGES:
         unknown = [u for u in spec.upstream if u not in seen]

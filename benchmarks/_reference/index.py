@@ -13,6 +13,7 @@ groups.
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,11 +124,24 @@ def _scan_all(
 def _read_scan(store: CommitStore, path: str) -> ShardScan | None:
     try:
         with store.fs.open_input_file(path) as f:
-            return ShardScan.from_table(pq.read_table(io.BytesIO(f.read())))
+            return _scan_from_table(pq.read_table(io.BytesIO(f.read())))
     except FileNotFoundError:
         return None
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None  # an unreadable cached scan is rescanned, never trusted
+
+
+def _scan_from_table(table: pa.Table) -> ShardScan:
+    """The :class:`ShardScan` that ``scan.table()`` wrote (records and counts), for the scan cache."""
+    meta = json.loads(table.schema.metadata[b"winnow.scan"])
+    scan = ShardScan(**{k: meta[k] for k in ("shard", "size", "members", "members_without_image", "duplicate_keys",
+                                             "extra_images", "ignored_members", "zero_byte")},
+                     examples=meta.get("examples", {}), skipped=[tuple(row) for row in meta["skipped"]])
+    cols = table.to_pydict()
+    scan.keys = cols.pop("key")
+    for name, values in cols.items():  # image_ext, image_offset ... uid: the ShardScan field of that name
+        setattr(scan, name, values)
+    return scan
 
 
 def _assemble(scans: list[ShardScan], counts: dict[str, Any]) -> tuple[pa.Table, dict[str, list[tuple]]]:
