@@ -51,7 +51,8 @@ def generate(run_root: str, n: int, buffer_size: int, max_partitions: int, centr
     import pyarrow as pa
 
     from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
-    from winnow.schemas import AESTHETIC, CLIP_SCORE, INDEX, NSFW, embed_schema
+    from winnow.schemas import AESTHETIC, INDEX, NSFW, embed_schema
+    from winnow.stages.clip_score import CLIP_SCORE
     from winnow.stages.embedding_io import embedding_array
 
     plan = RowGroupPlan(n, buffer_size, max_partitions)
