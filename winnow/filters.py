@@ -7,12 +7,12 @@ counts, the gallery's outcomes and the write schema's columns, the scores view's
 sliders, ``CurationConfig``'s fields and the DAG's params. Nothing outside a filter's own module,
 this list and the stage registry names a filter.
 
->>> [f.name for f in FILTERS]
-['aesthetic', 'nsfw', 'clip_score']
->>> OUTCOMES
-('exact_duplicate', 'undecodable', 'aesthetic', 'nsfw', 'no_caption', 'clip_score', 'duplicate', 'kept')
->>> COUNT_NAMES["no_caption"], COUNT_NAMES["kept"]
-('no_caption', 'kept')
+>>> [f.name for f in BUILTIN]
+['min_image_side', 'max_aspect_ratio', 'aesthetic', 'nsfw', 'clip_score']
+>>> OUTCOMES[:3], OUTCOMES[-2:]
+(('exact_duplicate', 'image_size', 'undecodable'), ('duplicate', 'kept'))
+>>> COUNT_NAMES["image_size"], COUNT_NAMES["no_caption"], COUNT_NAMES["kept"]
+('image_size_dropped', 'no_caption', 'kept')
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ class FilterSpec:
     :param label: what the value is, for people (histogram captions, slider labels).
     :param off: the threshold value that turns the filter off (None: always on).
     :param missing: what happens to a record without a value while the filter is on; None: it
-        fails the comparison (NaN is never kept).
+        fails the comparison (NaN is never kept), unless ``unknown_passes``.
+    :param unknown_passes: a record whose value is unknown (NaN: an image header no one could
+        read) passes this filter and goes on to be judged by the others (the decoder, for one).
     :param value: the value from the columns (default: the first column as float).
     :param before_decode: decided from the index alone: a record it drops is never decoded nor
         embedded (its threshold has no keep fraction: that needs every score first).
@@ -127,6 +129,7 @@ class FilterSpec:
     missing: MissingRule | None = None
     value: Callable[[Mapping[str, np.ndarray]], np.ndarray] | None = field(default=None, compare=False)
     before_decode: bool = False
+    unknown_passes: bool = False
     always_fingerprinted: bool = False
     edges_range: tuple[float, float] | None = None
 
@@ -148,11 +151,11 @@ class FilterSpec:
         return (self.threshold,) if self.fraction is None else (self.threshold, self.fraction)
 
     def enabled(self, values: Mapping[str, Any]) -> bool:
-        """Whether the filter drops anything with these param values."""
+        """Whether the filter drops anything with these param values (an absent param: off)."""
         if self.off is None:
             return True
         fraction = values.get(self.fraction.name) if self.fraction else None
-        return fraction is not None or values.get(self.threshold.name) != self.off
+        return fraction is not None or values.get(self.threshold.name, self.off) != self.off
 
     def values_of(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
         """The value compared with the threshold (NaN: none), from float arrays of the columns
@@ -163,16 +166,18 @@ class FilterSpec:
         return np.asarray(columns[self.column_names[0]])
 
     def passes(self, values: np.ndarray, threshold: float | None) -> np.ndarray:
-        """Keep flags (NaN: never kept; threshold None: none kept)."""
+        """Keep flags (NaN: never kept, unless ``unknown_passes``; threshold None: none kept)."""
         if threshold is None:
             return np.zeros(len(values), dtype=bool)
         threshold = float(threshold)  # a Python float: compared in the values' own precision
         with np.errstate(invalid="ignore"):
             if self.keep == ">=":
-                return values >= threshold
-            if self.keep == "<":
-                return values < threshold
-            return values <= threshold
+                kept = values >= threshold
+            elif self.keep == "<":
+                kept = values < threshold
+            else:
+                kept = values <= threshold
+        return kept | np.isnan(values) if self.unknown_passes else kept
 
     def reason_for(self, value: float, threshold_text: str, row: Mapping[str, Any]) -> str:
         return self.reason.format(value=value, threshold=threshold_text, param=self.threshold.name, **row)
@@ -180,8 +185,41 @@ class FilterSpec:
 
 # ---- the filters -------------------------------------------------------------------------------
 
+def _shorter_side(c: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.minimum(np.asarray(c["width"], np.float64), np.asarray(c["height"], np.float64))
+
+
+def _aspect_ratio(c: Mapping[str, np.ndarray]) -> np.ndarray:
+    w, h = np.asarray(c["width"], np.float64), np.asarray(c["height"], np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.maximum(w, h) / np.minimum(w, h)
+
+
+#: The image's size, from its header (the index's columns).
+_SIZE = (("width", "int32"), ("height", "int32"))
+
 #: The filters winnow ships, in the order a record's outcome checks them.
 BUILTIN: tuple[FilterSpec, ...] = (
+    # DataComp's basic filter: shorter side >= 200 px, aspect ratio <= 3. Decided from the
+    # image header the index read: a record dropped for its size is never decoded.
+    FilterSpec(
+        "min_image_side", "index", _SIZE, ">=",
+        FilterParam("min_image_side", 0, 0, None, "Min image side",
+                    "Drop images whose shorter side has fewer pixels (from the image header: never decoded); "
+                    "0 = off. DataComp's basic filter uses 200.", integer=True),
+        reason="{width}x{height} px: shorter side {value:.0f} < {param} {threshold}",
+        label="shorter image side (px)", outcome="image_size", off=0, value=_shorter_side, before_decode=True,
+        unknown_passes=True,
+    ),
+    FilterSpec(
+        "max_aspect_ratio", "index", _SIZE, "<=",
+        FilterParam("max_aspect_ratio", 0.0, 0, None, "Max aspect ratio",
+                    "Drop images whose longer side is more than this many times the shorter (from the image "
+                    "header: never decoded); 0 = off. DataComp's basic filter uses 3."),
+        reason="{width}x{height} px: aspect ratio {value:.3g} > {param} {threshold}",
+        label="aspect ratio (longer / shorter side)", outcome="image_size", count="image_size_dropped", off=0.0,
+        value=_aspect_ratio, before_decode=True, unknown_passes=True,
+    ),
     FilterSpec(
         "aesthetic", "aesthetic", (("aesthetic_score", "float32"),), ">=",
         FilterParam("aesthetic_threshold", 5.0, 0, 10, "Aesthetic threshold",

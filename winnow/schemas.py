@@ -32,6 +32,9 @@ INDEX = pa.schema(
         # record_id of the first indexed record with the same image bytes (the kept twin); null
         # for a first occurrence. Exact duplicates are never decoded nor embedded.
         ("exact_duplicate_of", pa.int64()),
+        # The image's size from its header (never decoded); null when the header is unreadable.
+        ("width", pa.int32()),
+        ("height", pa.int32()),
     ]
 )
 

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from winnow.data.image_size import HEADER_SIZE
 from winnow.data.shards import list_shard_infos
 from winnow.data.tarscan import SCAN_SCHEMA, SKIPPED_SCHEMA, UID_ALGORITHM, scan_shard
 from winnow.exceptions import ShardError, StageConfigMismatch, StorageError
@@ -141,6 +142,8 @@ def _fingerprint(config: IndexConfig, digest: str, num_records: int) -> StageFin
             "max_partitions": config.max_partitions,
             # What the uid column is (an index without one is refused, not mixed with).
             "uid": UID_ALGORITHM,
+            # What the width and height columns are (an index without them is not mixed with).
+            "image_size": HEADER_SIZE,
         },
         RowGroupPlan(num_records, config.buffer_size, config.max_partitions),
     )
@@ -345,8 +348,9 @@ MAX_GROUP_SIZE = 64
 #: Most key partitions (Ray tasks of the cross-shard key check; as many uid partitions).
 MAX_KEY_PARTITIONS = 64
 _GROUP_META = b"winnow.scan_group"
-#: Layout version of the parallel scan cache (v2: uid column, skipped siblings, uid drops).
-_GROUP_LAYOUT = "v2"
+#: Layout version of the parallel scan cache (v2: uid column, skipped siblings, uid drops; v3:
+#: width and height).
+_GROUP_LAYOUT = "v3"
 
 
 def default_group_size(num_shards: int) -> int:
@@ -631,12 +635,15 @@ def _build_parallel(
 ) -> tuple[RowGroupPlan, dict[str, Any], int, int, StageFingerprint]:
     from winnow.ray.units import run_units
 
+    scan_key = digest
+
     gs = group_size or default_group_size(len(shards))
     num_groups = -(-len(shards) // gs)
-    gdir = _group_dir(store, digest, gs)
+    gdir = _group_dir(store, scan_key, gs)
     metas: list[list[dict[str, Any]] | None] = [_group_meta(store, f"{gdir}/g{g:06d}.parquet") for g in range(num_groups)]
     todo = [g for g, m in enumerate(metas) if m is None]
-    summary = run_units("index scan", functools.partial(_scan_group_unit, shards, store.run_root, digest, gs), todo,
+    scan = functools.partial(_scan_group_unit, shards, store.run_root, scan_key, gs)
+    summary = run_units("index scan", scan, todo,
                         skipped=num_groups - len(todo), execution=execution, log=say)
     if summary.failed:
         g = min(summary.failed)
@@ -666,30 +673,30 @@ def _build_parallel(
     parts = max(1, min(MAX_KEY_PARTITIONS, num_groups))
     have = {info.base_name for info in store._list(gdir)}
     key_todo = [h for h in range(parts) if f"drops-{parts}-{h:03d}.parquet" not in have]
-    keys = run_units("index keys", functools.partial(_keys_unit, store.run_root, digest, gs, num_groups, parts),
+    keys = run_units("index keys", functools.partial(_keys_unit, store.run_root, scan_key, gs, num_groups, parts),
                      key_todo, skipped=parts - len(key_todo), execution=execution, log=say)
     if keys.failed:
         raise StorageError(f"index: the cross-shard key check failed: {keys.failed[min(keys.failed)]}. Rerun to retry.")
     # After the drops (a record dropped by its key is nobody's twin). Every file here is a
     # function of the listing and the group size, so a redone one equals the lost one.
     uid_todo = [h for h in range(parts) if f"exact-{parts}-{h:03d}.parquet" not in have]
-    uids = run_units("index uids", functools.partial(_uids_unit, store.run_root, digest, gs, num_groups, parts),
+    uids = run_units("index uids", functools.partial(_uids_unit, store.run_root, scan_key, gs, num_groups, parts),
                      uid_todo, skipped=parts - len(uid_todo), execution=execution, log=say)
     if uids.failed:
         raise StorageError(f"index: the exact-duplicate check failed: {uids.failed[min(uids.failed)]}. Rerun to retry.")
-    drops = _read_drops(store, digest, gs, parts, columns=["shard_pos"])
+    drops = _read_drops(store, scan_key, gs, parts, columns=["shard_pos"])
     dropped_per_shard = np.bincount(drops.column("shard_pos").to_numpy(), minlength=len(shards)) if drops.num_rows else 0
     counts["duplicate_keys_across_shards"] = drops.num_rows
     counts["duplicate_keys"] += drops.num_rows
     del drops
     if counts["duplicate_keys_across_shards"]:
         # Examples in shard then member order, as the serial index gives them.
-        counts["duplicate_key_examples"] = _first_rows(store, digest, gs, parts, "drops", MAX_EXAMPLES)[1]
+        counts["duplicate_key_examples"] = _first_rows(store, scan_key, gs, parts, "drops", MAX_EXAMPLES)[1]
     kept = records - dropped_per_shard
     first_id = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
     n = int(first_id[-1])
     counts["records"] = n
-    counts["exact_duplicates"], exact_examples = _first_rows(store, digest, gs, parts, "exact", MAX_EXAMPLES)
+    counts["exact_duplicates"], exact_examples = _first_rows(store, scan_key, gs, parts, "exact", MAX_EXAMPLES)
     if exact_examples:
         counts["exact_duplicate_examples"] = exact_examples
 
@@ -701,14 +708,14 @@ def _build_parallel(
     missing = {p: store.missing(STAGE, plan, p) for p in range(plan.num_partitions)}
     missing = {p: rgs for p, rgs in missing.items() if rgs}
     rows = run_units("index rows", functools.partial(_rows_unit, store.run_root, plan.to_dict(), shards,
-                                                       first_id.tolist(), digest, gs, parts, missing),
+                                                       first_id.tolist(), scan_key, gs, parts, missing),
                      sorted(missing), execution=execution, log=say)
     if rows.failed:
         p = min(rows.failed)
         raise StorageError(f"index: committing the row groups of partition {p} failed: {rows.failed[p]}. Rerun to retry.")
     committed = sum(int(r.get("committed", 0)) for r in rows.results)
     skipped_todo = _missing_skipped(store, len(shards))
-    sk = run_units("index skipped", functools.partial(_skipped_unit, store.run_root, shards, digest, gs, parts),
+    sk = run_units("index skipped", functools.partial(_skipped_unit, store.run_root, shards, scan_key, gs, parts),
                    skipped_todo, skipped=_skipped_files(len(shards))[1] - len(skipped_todo), execution=execution, log=say)
     if sk.failed:
         j = min(sk.failed)

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from winnow.data.image_size import HEADER_BYTES, header_size
 from winnow.data.reader import open_for_scan
 from winnow.data.shards import open_shard_filesystem
 from winnow.exceptions import ShardError
@@ -51,6 +52,9 @@ SCAN_SCHEMA = pa.schema(
         ("json_offset", pa.int64()),
         ("json_size", pa.int64()),
         ("uid", pa.string()),
+        # From the image header (winnow.data.image_size: never decoded); null when unreadable.
+        ("width", pa.int32()),
+        ("height", pa.int32()),
     ]
 )
 
@@ -109,6 +113,8 @@ class ShardScan:
     json_offset: list[int | None] = field(default_factory=list)
     json_size: list[int | None] = field(default_factory=list)
     uid: list[str] = field(default_factory=list)
+    width: list[int | None] = field(default_factory=list)
+    height: list[int | None] = field(default_factory=list)
     #: (key, outcome, reason) of each skipped record or member, in member order.
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     members: int = 0  # file members seen (not directories, not long-name/pax blocks)
@@ -148,6 +154,8 @@ class ShardScan:
             self.json_offset,
             self.json_size,
             self.uid,
+            self.width,
+            self.height,
         ]
         meta = {"shard": self.shard, **self.counts(), "skipped": [list(row) for row in self.skipped]}
         schema = SCAN_SCHEMA.with_metadata({"winnow.scan": json.dumps(meta)})
@@ -286,23 +294,27 @@ def _iter_members(f: pafs.NativeFile, file_size: int, shard: str) -> Iterator[tu
         pos = next_pos
 
 
-def _hash_member(f: Any, offset: int, size: int) -> str:
-    """:func:`image_uid` of ``size`` bytes at ``offset``, read in chunks of :data:`HASH_CHUNK`."""
+def _hash_member(f: Any, offset: int, size: int) -> tuple[str, tuple[int, int] | None]:
+    """:func:`image_uid` of ``size`` bytes at ``offset``, read in chunks of :data:`HASH_CHUNK`, and
+    the image's ``(width, height)`` from the header in its first bytes (None: not readable)."""
     if size <= HASH_CHUNK:
         data = f.read_at(size, offset) if size else b""
         if len(data) != size:
             raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
-        return image_uid(data)
+        return image_uid(data), header_size(data[:HEADER_BYTES])
     h = hashlib.blake2b(digest_size=16)
     pos, end = offset, offset + size
+    wh = None
     while pos < end:
         n = min(HASH_CHUNK, end - pos)
         data = f.read_at(n, pos)
         if len(data) != n:
             raise OSError(f"short read: {len(data)} of {n} bytes at offset {pos}")
+        if pos == offset:
+            wh = header_size(data[:HEADER_BYTES])
         h.update(data)
         pos += n
-    return h.hexdigest()
+    return h.hexdigest(), wh
 
 
 def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> ShardScan:
@@ -311,7 +323,8 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
     Records are runs of consecutive members with the same key (WebDataset's rule). A record
     needs an image member (first of :data:`IMAGE_EXTENSIONS` present, the rest counted); its
     ``.txt`` and ``.json`` siblings are kept, and its ``uid`` is :func:`image_uid` of the image
-    bytes (read once, in the same pass as the headers). A key seen before in the shard is dropped
+    bytes (read once, in the same pass as the headers), and its ``width`` and ``height`` come from
+    the image header in those bytes. A key seen before in the shard is dropped
     and counted. Records without an image and repeated keys are listed in ``scan.skipped``.
     Raises :class:`ShardError` for an unreadable or truncated shard.
     """
@@ -331,8 +344,9 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
             return scan
         seen: set[str] = set()
         cur_key: str | None = None
-        # ext -> (data offset, size, uid of the data: image members only, None when not hashed)
-        cur: dict[str, tuple[int, int, str | None]] = {}
+        # ext -> (data offset, size, (uid, header size) of the data: image members only, None
+        # when not hashed)
+        cur: dict[str, tuple[int, int, tuple[str, tuple[int, int] | None] | None]] = {}
 
         def flush() -> None:
             if cur_key is None:
@@ -354,12 +368,15 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
             seen.add(cur_key)
             scan.extra_images += len(images) - 1
             ext = images[0]
-            offset, size, uid = cur[ext]
+            offset, size, hashed = cur[ext]
             scan.keys.append(cur_key)
             scan.image_ext.append(ext)
             scan.image_offset.append(offset)
             scan.image_size.append(size)
-            scan.uid.append(uid if uid is not None else _hash_member(f, offset, size))
+            uid, wh = hashed if hashed is not None else _hash_member(f, offset, size)
+            scan.uid.append(uid)
+            scan.width.append(wh[0] if wh else None)
+            scan.height.append(wh[1] if wh else None)
             for side, offsets, sizes in (
                 ("txt", scan.txt_offset, scan.txt_size),
                 ("json", scan.json_offset, scan.json_size),
@@ -392,8 +409,8 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
                     continue
                 # Image data is hashed now, while the scan passes it (a record whose key was
                 # seen is dropped whole: nothing to hash).
-                uid = _hash_member(f, offset, size) if ext in IMAGE_EXTENSIONS and key not in seen else None
-                cur[ext] = (offset, size, uid)
+                hashed = _hash_member(f, offset, size) if ext in IMAGE_EXTENSIONS and key not in seen else None
+                cur[ext] = (offset, size, hashed)
             flush()
         except OSError as exc:
             raise ShardError(shard, f"shard {shard} could not be read: {exc}") from exc
