@@ -8,9 +8,9 @@ sliders, ``CurationConfig``'s fields and the DAG's params. Nothing outside a fil
 this list and the stage registry names a filter.
 
 >>> [f.name for f in BUILTIN]
-['min_image_side', 'max_aspect_ratio', 'aesthetic', 'nsfw', 'clip_score']
->>> OUTCOMES[:3], OUTCOMES[-2:]
-(('exact_duplicate', 'image_size', 'undecodable'), ('duplicate', 'kept'))
+['min_image_side', 'max_aspect_ratio', 'min_caption_words', 'aesthetic', 'nsfw', 'clip_score']
+>>> OUTCOMES[:4], OUTCOMES[-2:]
+(('exact_duplicate', 'image_size', 'caption_length', 'undecodable'), ('duplicate', 'kept'))
 >>> COUNT_NAMES["image_size"], COUNT_NAMES["no_caption"], COUNT_NAMES["kept"]
 ('image_size_dropped', 'no_caption', 'kept')
 """
@@ -195,6 +195,11 @@ def _aspect_ratio(c: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.maximum(w, h) / np.minimum(w, h)
 
 
+def _words(c: Mapping[str, np.ndarray]) -> np.ndarray:
+    words = np.asarray(c["caption_words"], np.float64)
+    return np.where(np.isnan(words), 0.0, words)  # no caption: no words
+
+
 #: The image's size, from its header (the index's columns).
 _SIZE = (("width", "int32"), ("height", "int32"))
 
@@ -219,6 +224,16 @@ BUILTIN: tuple[FilterSpec, ...] = (
         reason="{width}x{height} px: aspect ratio {value:.3g} > {param} {threshold}",
         label="aspect ratio (longer / shorter side)", outcome="image_size", count="image_size_dropped", off=0.0,
         value=_aspect_ratio, before_decode=True, unknown_passes=True,
+    ),
+    # DataComp's basic filter keeps captions of more than 2 words. The words come from the
+    # index (which read the sidecars): a record dropped for its caption is never decoded.
+    FilterSpec(
+        "min_caption_words", "index", (("caption_words", "int32"),), ">=",
+        FilterParam("min_caption_words", 0, 0, None, "Min caption words",
+                    "Drop records whose caption has fewer words (no caption: 0 words; never decoded); 0 = off. "
+                    "DataComp's basic filter keeps more than 2 (3).", integer=True),
+        reason="caption of {value:.0f} words < {param} {threshold}", label="caption words", outcome="caption_length",
+        off=0, value=_words, before_decode=True,
     ),
     FilterSpec(
         "aesthetic", "aesthetic", (("aesthetic_score", "float32"),), ">=",

@@ -35,6 +35,8 @@ INDEX = pa.schema(
         # The image's size from its header (never decoded); null when the header is unreadable.
         ("width", pa.int32()),
         ("height", pa.int32()),
+        # Words of the caption (.txt, else the caption field of the .json); null without one.
+        ("caption_words", pa.int32()),
     ]
 )
 

@@ -101,3 +101,46 @@ def test_image_size_drops_exactly_the_records_whose_header_breaks_it_and_never_d
     assert all(e["embedding"] is not None or e["error"] is not None for e in tried)
     assert sum(e["embedding"] is not None for e in tried) > len(tried) // 2
 
+
+def _captions(input_dir: Path) -> dict[str, str | None]:
+    """Each record key's caption, read here from its sidecars: the .txt, else the .json's
+    "caption" field (the first record of a repeated key)."""
+    import json
+
+    sidecars: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(input_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and m.name.endswith((".txt", ".json")):
+                    key, ext = m.name.rsplit(".", 1)
+                    sidecars.setdefault(key, {}).setdefault(ext, tar.extractfile(m).read())
+    out: dict[str, str | None] = {}
+    for key, sc in sidecars.items():
+        text = sc.get("txt", b"").decode("utf-8", "replace").strip() or None
+        if text is None and "json" in sc:
+            try:
+                value = json.loads(sc["json"]).get("caption")
+            except ValueError:
+                value = None
+            text = value.strip() or None if isinstance(value, str) else None
+        out[key] = text
+    return out
+
+
+def test_caption_length_drops_exactly_the_records_with_fewer_words_and_never_decodes_them(sample):
+    captions = _captions(sample / "input")
+    summary, rows, embed = _run(sample, "words", min_caption_words=3)
+    expected = {k for k, r in rows.items() if r["outcome"] != "exact_duplicate"
+                and len((captions.get(k) or "").split()) < 3}
+    dropped = {k for k, r in rows.items() if r["outcome"] == "caption_length"}
+    assert expected and dropped == expected and len(expected) < len(rows)
+    assert summary["caption_length_dropped"] == len(expected)
+    assert any(captions.get(k) is None for k in expected)  # no caption at all: 0 words
+    for k in dropped:
+        r, words = rows[k], len((captions.get(k) or "").split())
+        assert r["caption_words"] == (None if captions.get(k) is None else words)
+        assert r["reason"] == f"caption of {words} words < min_caption_words 3", r["reason"]
+        assert embed[r["record_id"]]["embedding"] is None and embed[r["record_id"]]["error"] is None
+    for r in rows.values():
+        if r["outcome"] not in ("caption_length", "exact_duplicate"):
+            assert r["caption_words"] >= 3

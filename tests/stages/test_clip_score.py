@@ -17,12 +17,13 @@ from PIL import Image
 
 import winnow.stages.clip_score as clip_score_module
 from tests.data._shards import write_tar
+from winnow.data.captions import caption_from_json, caption_from_txt
 from winnow.data.index import IndexConfig, build_index
 from winnow.data.sample import generate_sample
 from winnow.exceptions import ModelError
 from winnow.rowgroups import CommitStore, StageFingerprint
 from winnow.rowgroups.task import RowGroupTask, Stage
-from winnow.stages.clip_score import CLIP_SCORE, ClipScoreConfig, ClipScoreStage, caption_from_json, caption_from_txt
+from winnow.stages.clip_score import CLIP_SCORE, ClipScoreConfig, ClipScoreStage
 from winnow.stages.embed import EmbedConfig, EmbedStage
 from winnow.stages.embedding_io import embedding_array, embedding_matrix
 from winnow.stages.models import TINY_MODEL, register_model_configs

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from winnow.data.captions import CAPTION_WORDS
 from winnow.data.image_size import HEADER_SIZE
 from winnow.data.shards import list_shard_infos
 from winnow.data.tarscan import SCAN_SCHEMA, SKIPPED_SCHEMA, UID_ALGORITHM, scan_shard
@@ -83,12 +84,15 @@ class IndexConfig:
     :param buffer_size: records per row group (B).
     :param max_partitions: upper bound on partitions (mapped task instances).
     :param skip_bad_shards: skip and count a truncated or unreadable shard instead of failing.
+    :param caption_field: the ``.json`` sidecar field that is a record's caption when it has no
+        ``.txt`` (:mod:`winnow.data.captions`): the index records its caption's words.
     """
 
     input_uri: str
     buffer_size: int
     max_partitions: int = 256
     skip_bad_shards: bool = False
+    caption_field: str = "caption"
 
     def __post_init__(self) -> None:
         for name in ("buffer_size", "max_partitions"):
@@ -104,7 +108,7 @@ class IndexConfig:
 def index_config(run: Any, _name: str = STAGE) -> IndexConfig:
     """The index's config from a run's ``CurationConfig`` (the registry's ``config`` factory)."""
     return IndexConfig(input_uri=run.input_uri, buffer_size=run.buffer_size, max_partitions=run.max_partitions,
-                       skip_bad_shards=run.skip_bad_shards)
+                       skip_bad_shards=run.skip_bad_shards, caption_field=run.caption_field)
 
 
 @dataclass
@@ -144,6 +148,9 @@ def _fingerprint(config: IndexConfig, digest: str, num_records: int) -> StageFin
             "uid": UID_ALGORITHM,
             # What the width and height columns are (an index without them is not mixed with).
             "image_size": HEADER_SIZE,
+            # What caption_words counts, and in which sidecar field.
+            "caption_words": CAPTION_WORDS,
+            "caption_field": config.caption_field,
         },
         RowGroupPlan(num_records, config.buffer_size, config.max_partitions),
     )
@@ -349,7 +356,7 @@ MAX_GROUP_SIZE = 64
 MAX_KEY_PARTITIONS = 64
 _GROUP_META = b"winnow.scan_group"
 #: Layout version of the parallel scan cache (v2: uid column, skipped siblings, uid drops; v3:
-#: width and height).
+#: width, height and caption_words).
 _GROUP_LAYOUT = "v3"
 
 
@@ -369,14 +376,15 @@ def _group_dir(store: CommitStore, digest: str, group_size: int) -> str:
 _GROUP_SKIPPED = pa.schema([pa.field("shard_pos", pa.int32()), *SKIPPED_SCHEMA])
 
 
-def _scan_group_unit(shards: list[str], run_root: str, digest: str, group_size: int, group: int) -> dict[str, Any]:
+def _scan_group_unit(shards: list[str], run_root: str, digest: str, group_size: int, caption_field: str,
+                     group: int) -> dict[str, Any]:
     store = CommitStore(run_root)
     first = group * group_size
     names = shards[first : first + group_size]
     tables, skipped, meta = [], [], []
     for i, shard in enumerate(names, start=first):
         try:
-            scan = scan_shard(shard)
+            scan = scan_shard(shard, caption_field=caption_field)
         except ShardError as exc:
             meta.append({"pos": i, "shard": shard, "error": str(exc)})
             continue
@@ -635,14 +643,15 @@ def _build_parallel(
 ) -> tuple[RowGroupPlan, dict[str, Any], int, int, StageFingerprint]:
     from winnow.ray.units import run_units
 
-    scan_key = digest
+    # The scan cache holds what the scan read with this caption field (the caption words).
+    scan_key = f"{digest}-{hashlib.sha256(config.caption_field.encode()).hexdigest()[:8]}"
 
     gs = group_size or default_group_size(len(shards))
     num_groups = -(-len(shards) // gs)
     gdir = _group_dir(store, scan_key, gs)
     metas: list[list[dict[str, Any]] | None] = [_group_meta(store, f"{gdir}/g{g:06d}.parquet") for g in range(num_groups)]
     todo = [g for g, m in enumerate(metas) if m is None]
-    scan = functools.partial(_scan_group_unit, shards, store.run_root, scan_key, gs)
+    scan = functools.partial(_scan_group_unit, shards, store.run_root, scan_key, gs, config.caption_field)
     summary = run_units("index scan", scan, todo,
                         skipped=num_groups - len(todo), execution=execution, log=say)
     if summary.failed:

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from winnow.data.captions import caption_of, caption_words
 from winnow.data.image_size import HEADER_BYTES, header_size
 from winnow.data.reader import open_for_scan
 from winnow.data.shards import open_shard_filesystem
@@ -55,6 +56,8 @@ SCAN_SCHEMA = pa.schema(
         # From the image header (winnow.data.image_size: never decoded); null when unreadable.
         ("width", pa.int32()),
         ("height", pa.int32()),
+        # Words of the caption (winnow.data.captions); null without one.
+        ("caption_words", pa.int32()),
     ]
 )
 
@@ -115,6 +118,7 @@ class ShardScan:
     uid: list[str] = field(default_factory=list)
     width: list[int | None] = field(default_factory=list)
     height: list[int | None] = field(default_factory=list)
+    caption_words: list[int | None] = field(default_factory=list)
     #: (key, outcome, reason) of each skipped record or member, in member order.
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     members: int = 0  # file members seen (not directories, not long-name/pax blocks)
@@ -156,6 +160,7 @@ class ShardScan:
             self.uid,
             self.width,
             self.height,
+            self.caption_words,
         ]
         meta = {"shard": self.shard, **self.counts(), "skipped": [list(row) for row in self.skipped]}
         schema = SCAN_SCHEMA.with_metadata({"winnow.scan": json.dumps(meta)})
@@ -317,14 +322,22 @@ def _hash_member(f: Any, offset: int, size: int) -> tuple[str, tuple[int, int] |
     return h.hexdigest(), wh
 
 
-def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> ShardScan:
+def _read_member(f: Any, offset: int, size: int) -> bytes:
+    data = f.read_at(size, offset) if size else b""
+    if len(data) != size:
+        raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+    return data
+
+
+def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None, caption_field: str = "caption") -> ShardScan:
     """Scan one shard's tar headers and image data and group its members into records.
 
     Records are runs of consecutive members with the same key (WebDataset's rule). A record
     needs an image member (first of :data:`IMAGE_EXTENSIONS` present, the rest counted); its
     ``.txt`` and ``.json`` siblings are kept, and its ``uid`` is :func:`image_uid` of the image
-    bytes (read once, in the same pass as the headers), and its ``width`` and ``height`` come from
-    the image header in those bytes. A key seen before in the shard is dropped
+    bytes (read once, in the same pass as the headers), its ``width`` and ``height`` come from the
+    image header in those bytes, and its ``caption_words`` from its ``.txt``, else the
+    ``caption_field`` of its ``.json`` (:mod:`winnow.data.captions`). A key seen before in the shard is dropped
     and counted. Records without an image and repeated keys are listed in ``scan.skipped``.
     Raises :class:`ShardError` for an unreadable or truncated shard.
     """
@@ -377,6 +390,7 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
             scan.uid.append(uid)
             scan.width.append(wh[0] if wh else None)
             scan.height.append(wh[1] if wh else None)
+            sidecars: dict[str, bytes | None] = {}
             for side, offsets, sizes in (
                 ("txt", scan.txt_offset, scan.txt_size),
                 ("json", scan.json_offset, scan.json_size),
@@ -384,6 +398,8 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None) -> Shar
                 where = cur.get(side)
                 offsets.append(where[0] if where else None)
                 sizes.append(where[1] if where else None)
+                sidecars[side] = _read_member(f, where[0], where[1]) if where else None
+            scan.caption_words.append(caption_words(caption_of(sidecars["txt"], sidecars["json"], caption_field)))
 
         try:
             for name, typeflag, offset, size in _iter_members(f, scan.size, shard):

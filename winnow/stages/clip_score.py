@@ -10,7 +10,6 @@ never a failure. No threshold is applied here: keeping or dropping by score is d
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from winnow.data.captions import read_captions
 from winnow.exceptions import ModelError, WinnowError
 from winnow.rowgroups.task import RowGroupTask
 from winnow.stages.device import resolve_device
@@ -94,56 +94,6 @@ class ClipScoreConfig:
             )
         if problems:
             raise ValueError("; ".join(problems))
-
-
-def caption_from_txt(data: bytes | None) -> str | None:
-    """A ``.txt`` sidecar's caption: UTF-8 (bad bytes replaced), stripped; None when empty."""
-    if data is None:
-        return None
-    text = data.decode("utf-8", errors="replace").strip()
-    return text or None
-
-
-def caption_from_json(data: bytes | None, field: str) -> str | None:
-    """The string at ``field`` of a ``.json`` sidecar, stripped; None when the sidecar is missing
-    or not JSON, the field is absent or not a string, or the string is blank.
-
-    ``field`` is first looked up as one key (keys may contain dots), then as a dotted path.
-    """
-    if not data:
-        return None
-    try:
-        obj = json.loads(data.decode("utf-8", errors="replace"))
-    except ValueError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    value: Any = obj.get(field)
-    if value is None and "." in field:
-        value = obj
-        for part in field.split("."):
-            if not isinstance(value, dict):
-                return None
-            value = value.get(part)
-    if not isinstance(value, str):
-        return None
-    return value.strip() or None
-
-
-def read_captions(index: pa.Table, caption_field: str) -> list[str | None]:
-    """Each index row's caption (``.txt`` first, then ``caption_field`` of the ``.json``)."""
-    from winnow.data.reader import read_members
-
-    captions = [caption_from_txt(b) for b in read_members(index, "txt")]
-    need_json = [i for i, c in enumerate(captions) if c is None]
-    if need_json:
-        has_json = index.column("json_offset").is_valid().to_numpy(zero_copy_only=False)
-        need_json = [i for i in need_json if has_json[i]]
-    if need_json:
-        sub = index.take(pa.array(need_json, pa.int64()))
-        for i, data in zip(need_json, read_members(sub, "json")):
-            captions[i] = caption_from_json(data, caption_field)
-    return captions
 
 
 def clip_score_config(run: Any, _name: str = "clip_score") -> ClipScoreConfig:
