@@ -80,6 +80,29 @@ def ensure_sample(folder: str, *, shards: int, per_shard: int, seed: int = 0) ->
     return manifest
 
 
+def sync(device) -> None:
+    """Wait for a CUDA device's queued work (timings end when the device has finished)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def time_image_tower(stage, pixels, batch_size: int) -> float:
+    """Seconds the embed stage's image tower takes over ``pixels`` (already preprocessed), in
+    ``batch_size`` batches, ending with the copy of every output to the host."""
+    import torch
+
+    sync(stage.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        outs = [stage.forward(pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)]
+        for o in outs:
+            o.cpu()
+    sync(stage.device)
+    return time.perf_counter() - t0
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -71,9 +71,6 @@ def write_shards(folder: str, images: list[bytes], per_shard: int = 1000) -> Non
                 tar.addfile(info, io.BytesIO(images[i]))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_pipeline(stage: EmbedStage, run_root: str, plan, execution: Execution) -> float:
@@ -100,8 +97,10 @@ def _timed_forward(stage: EmbedStage, pixel_batches) -> float:
 
     ``pixel_batches`` is lazy, so whatever produces a batch (decoding) is inside the clock.
     """
+    from _common import sync
+
     device = stage.device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     outs = []
     with torch.inference_mode():
@@ -110,7 +109,7 @@ def _timed_forward(stage: EmbedStage, pixel_batches) -> float:
             outs.append(stage.forward(pixels))
         for o in outs:
             o.cpu()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 

@@ -46,21 +46,8 @@ def captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(r.choice(WORDS) for _ in range(r.randint(4, 20))) for _ in range(n)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def time_image(stage: EmbedStage, pixels: torch.Tensor, batch_size: int) -> float:
-    device = stage.device
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        outs = [stage.forward(pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)]
-        for o in outs:
-            o.cpu()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def time_text(stage: ClipScoreStage, texts: list[str]) -> float:
@@ -70,20 +57,24 @@ def time_text(stage: ClipScoreStage, texts: list[str]) -> float:
 
 
 def time_text_model(stage: ClipScoreStage, tokens: torch.Tensor, batch_size: int) -> float:
+    from _common import sync
+
     loaded = stage.loaded
     device = stage.device
     tokens = tokens.to(device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         outs = [loaded.model.encode_text(tokens[s : s + batch_size]) for s in range(0, len(tokens), batch_size)]
         for o in outs:
             o.cpu()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _common import time_image_tower
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--pretrained", default="random", help="weights file, tag (with --model-dir) or 'random'")
@@ -121,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     tokens = text_stage.loaded.tokenize(texts)
 
     # Warm-up: first kernels, allocator, tokenizer cache.
-    time_image(image_stage, pixels[: args.batch_size], args.batch_size)
+    time_image_tower(image_stage, pixels[: args.batch_size], args.batch_size)
     time_text(text_stage, texts[: args.batch_size])
     time_text_model(text_stage, tokens[: args.batch_size], args.batch_size)
 
     runs: dict[str, list[float]] = {"image_model": [], "text": [], "text_model": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
-        runs["image_model"].append(args.records / time_image(image_stage, pixels, args.batch_size))
+        runs["image_model"].append(args.records / time_image_tower(image_stage, pixels, args.batch_size))
         runs["text"].append(args.records / time_text(text_stage, texts))
         runs["text_model"].append(args.records / time_text_model(text_stage, tokens, args.batch_size))
     med = {k: statistics.median(v) for k, v in runs.items()}

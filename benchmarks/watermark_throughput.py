@@ -61,9 +61,6 @@ def photo(seed: int, width: int, height: int) -> bytes:
     return out.getvalue()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_preprocess(images: list[Image.Image], threads: int) -> float:
@@ -73,27 +70,21 @@ def time_preprocess(images: list[Image.Image], threads: int) -> float:
 
 
 def time_watermark(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    _sync(device)
+    from _common import sync
+
+    sync(device)
     t0 = time.perf_counter()
     score_watermark(model, pixels, batch_size=batch_size)  # ends with the copy to host
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
-def time_embed(stage: EmbedStage, pixels: torch.Tensor, batch_size: int) -> float:
-    device = stage.device
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        outs = [stage.forward(pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)]
-        for o in outs:
-            o.cpu()
-    _sync(device)
-    return time.perf_counter() - t0
 
 
 def measure(args, device: torch.device, decoded: list[Image.Image]) -> dict:
     """Every figure for one device."""
+    from _common import time_image_tower
+
     threads = torch.get_num_threads()
     n, batch = len(decoded), args.batch_size
     model, digest = load_watermark_model(args.weights, allow_random_weights=args.weights is None, device=device)
@@ -113,14 +104,14 @@ def measure(args, device: torch.device, decoded: list[Image.Image]) -> dict:
 
     # Warm-up: first kernels, allocator, cuDNN algorithm choice.
     time_watermark(model, wm_pixels[:batch], batch, device)
-    time_embed(stage, embed_pixels[:batch], batch)
+    time_image_tower(stage, embed_pixels[:batch], batch)
     time_preprocess(decoded[:batch], threads)
 
     runs: dict[str, list[float]] = {"watermark_preprocess": [], "watermark_model": [], "embed_model": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits all three alike
         runs["watermark_preprocess"].append(n / time_preprocess(decoded, threads))
         runs["watermark_model"].append(n / time_watermark(model, wm_pixels, batch, device))
-        runs["embed_model"].append(n / time_embed(stage, embed_pixels, batch))
+        runs["embed_model"].append(n / time_image_tower(stage, embed_pixels, batch))
     med = {k: statistics.median(v) for k, v in runs.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.machine()})"
     result = {

@@ -94,7 +94,10 @@ def failed_run(shared_airflow, tmp_path_factory):
     assert plan.num_partitions == 2 and len(plan.partition_row_groups(1)) >= 2, plan
     faulty = plan.partition_row_groups(1)[1]
     conf = {"input_uri": str(root / "shards"), "buffer_size": BUFFER, "max_partitions": PARTITIONS,
-            **TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6}
+            **TINY_MODEL_PARAMS, "aesthetic_threshold": 3.0, "nsfw_threshold": 0.6,
+            # The filters decided before decode on (image size, caption words): the browser test
+            # looks for their outcomes in the gallery, the scores view and the summary.
+            "min_image_side": 64, "max_aspect_ratio": 3, "min_caption_words": 3}
     set_faults(shared_airflow, {"stage": STAGE, "row_groups": [faulty], "times": 3, "once_dir": str(root / "once")})
     t0 = time.perf_counter()
     try:

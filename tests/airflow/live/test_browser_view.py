@@ -131,6 +131,21 @@ def test_login_open_the_run_tab_and_see_failed_row_groups_thumbnails_and_histogr
     reasons = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .reason")]
     # Everything but one row group of partition 1 was written.
     assert any(r == "kept" for r in reasons) and any(r != "kept" for r in reasons), reasons
+    # The outcome menu is built from the engine's filter list: every outcome is there, and the
+    # filters decided before decode (on in this run) show their records and words.
+    from winnow.filters import OUTCOMES
+
+    options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#outcome option")]
+    assert options[1:] == ["kept", *[o for o in OUTCOMES if o != "kept"]], options
+    from selenium.webdriver.support.ui import Select
+
+    for outcome, words in (("image_size", " px: "), ("caption_length", "words < min_caption_words 3")):
+        Select(browser.find_element(By.ID, "outcome")).select_by_value(outcome)
+        _wait(browser, lambda d, w=words: d.find_elements(By.CSS_SELECTOR, "#gallery .reason")
+              and all(w in e.text for e in d.find_elements(By.CSS_SELECTOR, "#gallery .reason")), f"{outcome} cards")
+        cards = browser.find_elements(By.CSS_SELECTOR, f"#gallery figure.card.{outcome}")
+        assert cards and len(cards) == len(browser.find_elements(By.CSS_SELECTOR, "#gallery figure.card")), outcome
+    Select(browser.find_element(By.ID, "outcome")).select_by_value("image_size")
     browser.switch_to.default_content()
     _shot(browser, "gallery.png")
 
@@ -143,8 +158,24 @@ def test_login_open_the_run_tab_and_see_failed_row_groups_thumbnails_and_histogr
         "let n=0;for(let i=0;i<d.length;i+=4){if(d[i]===46&&d[i+1]===125&&d[i+2]===50)n++;}return n;")
     assert green > 0, "the aesthetic histogram drew no kept bars"
     assert "kept" in browser.find_element(By.ID, "whatif").text
+    # One histogram and what-if slider per declared filter, the new ones included.
+    from winnow.filters import FILTERS
+
+    for f in FILTERS:
+        assert browser.find_element(By.ID, f"hist-{f.name}") and browser.find_element(By.ID, f"t-{f.name}"), f.name
+    drawn = browser.execute_script(
+        "const c=document.getElementById('hist-min_image_side'),d=c.getContext('2d').getImageData(0,0,c.width,c.height).data;"
+        "let n=0;for(let i=0;i<d.length;i+=4){if((d[i]===46&&d[i+1]===125&&d[i+2]===50)||(d[i]===158&&d[i+1]===158&&d[i+2]===158))n++;}"
+        "return n;")
+    assert drawn > 0, "the image-size histogram drew no bars"
     browser.switch_to.default_content()
     _shot(browser, "scores.png")
+    browser.switch_to.frame(frame)
+    before = browser.find_element(By.ID, "whatif").text
+    slider = browser.find_element(By.ID, "t-min_image_side")
+    browser.execute_script("arguments[0].value = arguments[0].max; arguments[0].dispatchEvent(new Event('input'))", slider)
+    assert browser.find_element(By.ID, "whatif").text != before  # the what-if follows the new slider
+    browser.switch_to.default_content()
 
     # The task-instance tab of the failed partition highlights its row groups.
     browser.get(f"{af.base}/dags/image_curation/runs/{quote(run_id, safe='')}/tasks/write/mapped/1/plugin/winnow-partition")

@@ -23,6 +23,7 @@ import pytest
 
 from tests.airflow._live import LiveAirflow, LiveAirflowError
 from tests.airflow.live.conftest import RUN_TIMEOUT, set_faults, stage_files
+from winnow.filters import COUNT_NAMES
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -39,8 +40,7 @@ BACKFILL_PARTITIONS = 1
 KILLED = ("partition.embed", 0)  # the backfill's one partition
 PARTITION_TASKS = ("partition.embed", "partition.aesthetic", "partition.nsfw", "write")
 STAGES = ("embed", "aesthetic", "nsfw", "write")
-COUNTS = ("records", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped", "no_caption",
-          "clip_score_dropped", "duplicates", "kept", "written")
+COUNTS = ("records", *COUNT_NAMES.values(), "written")
 
 
 def _output(run_root: str) -> dict[str, object]:
