@@ -52,14 +52,14 @@ def write_shards(folder: Path, shards: int, per_shard: int) -> None:
 
 def _s3(work: Path, shards: Path):
     """moto's S3 server on loopback (the tests' one), its settings in this process's environment
-    (Ray tasks get them from the unit runner), and the shards uploaded once."""
+    (where main reads them, once: Ray tasks get them inside their work), and the shards uploaded once."""
     from benchmarks._s3server import S3Server  # the repo root is on sys.path (_common)
-    from winnow.rowgroups.fs import resolve_filesystem
+    from winnow.rowgroups.fs import StorageOptions, resolve_filesystem
 
     server = S3Server(str(work / "s3-requests.log"))
     os.environ.update(server.env())
     server.create_bucket("bench")
-    fs, root = resolve_filesystem("s3://bench/index-scale")
+    fs, root = resolve_filesystem("s3://bench/index-scale", StorageOptions.from_env())
     for tar in sorted(shards.glob("*.tar")):
         with fs.open_output_stream(f"{root}/{tar.name}") as dst:
             dst.write(tar.read_bytes())
@@ -87,6 +87,7 @@ def main() -> int:
     from winnow.data.index import IndexConfig, build_index
     from winnow.execution import Execution
     from winnow.ray.cluster import connect
+    from winnow.rowgroups.fs import RunRoot, StorageOptions
 
     work = Path(args.work)
     shards = work / "input"
@@ -109,12 +110,13 @@ def main() -> int:
         server = _s3(work, shards)
         input_uri, out = "s3://bench/index-scale/*.tar", f"s3://bench/out-{time.time_ns()}"
     config = IndexConfig(input_uri=input_uri, buffer_size=args.buffer_size, max_partitions=64)
+    storage = StorageOptions.from_env()  # the S3 server's, set by _s3 (where the runs store)
     runs: dict[str, list[dict]] = {b: [] for b in backends}
     try:
         for i in range(args.runs):
             for backend in backends:
-                root = f"{out}/run-{backend}-{i}"
-                shutil.rmtree(root, ignore_errors=True)
+                root = RunRoot(f"{out}/run-{backend}-{i}", storage)
+                shutil.rmtree(root.uri, ignore_errors=True)
                 load = [round(x, 2) for x in os.getloadavg()]
                 t0 = time.perf_counter()
                 if backend == "serial":
@@ -126,7 +128,7 @@ def main() -> int:
                        "load_at_start": load}
                 runs[backend].append(run)
                 print(backend, json.dumps(run), flush=True)
-                shutil.rmtree(root, ignore_errors=True)
+                shutil.rmtree(root.uri, ignore_errors=True)
     finally:
         if server is not None:
             server.stop()

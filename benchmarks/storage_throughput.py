@@ -35,10 +35,16 @@ from _common import TINY_CURATION, Timer, add_smoke, apply_smoke, describe, ensu
 from benchmarks._s3server import S3Server  # noqa: E402  (the tests' server, same settings; _common put the repo on sys.path)
 
 
-def _upload(local_dir: str, uri: str) -> None:
-    from winnow.rowgroups.fs import resolve_filesystem
+def _root(uri: str):
+    """``uri`` as a run root reached with the AWS_* environment main set (the S3 server's), or
+    a local folder: this benchmark is the run's entry point."""
+    from winnow.rowgroups.fs import RunRoot, StorageOptions
 
-    fs, root = resolve_filesystem(uri)
+    return RunRoot(uri, StorageOptions.from_env())
+
+
+def _upload(local_dir: str, uri: str) -> None:
+    fs, root = _root(uri).filesystem()
     for name in sorted(os.listdir(local_dir)):
         if name.endswith(".tar"):
             with open(os.path.join(local_dir, name), "rb") as src, fs.open_output_stream(f"{root}/{name}") as dst:
@@ -51,7 +57,7 @@ def bench_index(input_uri: str, out_root: str, runs: int) -> dict:
     rates, records = [], 0
     for i in range(runs):
         with Timer() as t:
-            result = build_index(f"{out_root}/index-{i}-{time.time_ns()}",
+            result = build_index(_root(f"{out_root}/index-{i}-{time.time_ns()}"),
                                  IndexConfig(input_uri=input_uri, buffer_size=256, max_partitions=8))
         records = result.num_records
         rates.append(records / t.seconds)
@@ -74,7 +80,7 @@ def bench_commits(run_root: str, commits: int, runs: int, tar_mb: int = 8) -> di
     tar = rng.integers(0, 255, tar_mb << 20, dtype=np.uint8).tobytes()
     small, big = [], []
     for i in range(runs):
-        store = CommitStore(f"{run_root}/commit-{i}-{time.time_ns()}")
+        store = CommitStore(_root(f"{run_root}/commit-{i}-{time.time_ns()}"))
         with Timer() as t:
             for rg in range(commits):
                 store.commit_table("embed", rg // 16, rg, table)
@@ -106,7 +112,8 @@ def bench_requests(server: S3Server, input_uri: str, output_root: str) -> dict:
 
     params = {k: v for k, v in TINY_CURATION.items() if k in {f for f in CurationConfig.__dataclass_fields__}}
     params.update(buffer_size=25, max_partitions=4)
-    cfg = CurationConfig(input_uri=input_uri, output_root=output_root, run_key=f"run-{time.time_ns()}", **params)
+    cfg = CurationConfig(input_uri=input_uri, output_root=output_root, run_key=f"run-{time.time_ns()}", **params,
+                         storage=_root(output_root).storage)
     out = {}
     for label in ("first run", "rerun"):
         owner = f"bench/{label}"

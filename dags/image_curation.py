@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Asset, Param, chain, task_group
 
+from winnow.checks import DEFAULT_MAX_PARTITIONS, MAX_MAP_LENGTH
 from winnow.filters import PARAMS as FILTER_PARAMS
 from winnow.registry import run_phases
 from winnow.runkey import PATTERN as RUN_KEY_PATTERN
@@ -25,7 +26,8 @@ CURATION_SUMMARY = Asset(name="winnow_curation_summary", uri="winnow://image_cur
 DOC_MD = """
 # Image curation
 
-Curates WebDataset shards: exact duplicates dropped by their bytes, CLIP embeddings, LAION
+Curates WebDataset shards: exact duplicates dropped by their bytes, image size and caption
+length filters (from the headers and sidecars, before any decode), CLIP embeddings, LAION
 aesthetic and NSFW filters, a CLIP score filter (caption vs image), semantic dedup, then writes
 the kept images (original bytes) as WebDataset tars plus Parquet, and one status row per input
 record (`status/`: outcome, reason, scores), under `<output_root>/<run_key>/`. Work is done per **row group** (`buffer_size` records) and committed
@@ -37,14 +39,15 @@ with its row-group range. Committed row groups are never computed again.
 |---|---|
 | `input_uri` | shard folder, glob or URI; may hold `{{ ds }}` (e.g. `s3://bucket/shards/{{ ds }}/`) |
 | `output_root`, `run_key` | the run root is `<output_root>/<run_key>`; an empty run key is the logical date (`YYYYMMDD`), or the run id for a manual run without one |
-| `buffer_size`, `max_partitions` | records per row group; most mapped task instances per stage (<= 1024) |
+| `buffer_size`, `max_partitions` | records per row group; most mapped task instances per stage (<= MAX_MAP_LENGTH, Airflow's max_map_length) |
 | `model`, `pretrained`, `model_dir` | open_clip model, its weights tag or file, where weight files live |
 | `aesthetic_weights`, `nsfw_weights` | head weight files (the LAION heads expect ViT-L/14 OpenAI embeddings) |
+| `watermark_weights` | LAION watermark detector weights file, loaded by the embed stage while the watermark filter is on |
 FILTER_ROWS
 | `caption_field` | the `.json` sidecar field read as the caption when a record has no `.txt` |
 | `dedup_eps`, `dedup_clusters` | near-duplicates have cosine similarity >= 1 - eps, eps in (0, 1]; k-means clusters (0: automatic) |
 | `decode_backend`, `batch_size` | image decoder (`auto`, `nvimgcodec`, `dali-gpu`, `dali-cpu`, `pillow`); images per embed model call |
-| `dedup_sample_size`, `dedup_buckets` | rows k-means clusters (0: min(all, 100 x k)); buckets of clusters the pairwise task is mapped over (0: one per ~65k kept records, at most 1024) |
+| `dedup_sample_size`, `dedup_buckets` | rows k-means clusters (0: min(all, 100 x k)); buckets of clusters the pairwise task is mapped over (0: one per ~65k kept records, at most MAX_MAP_LENGTH) |
 | `allow_random_weights` | only for tests and demos: allow a model with random weights |
 | `overwrite` | a stage whose config changed is moved aside (`<stage>.replaced-<time>`) and recomputed with the stages after it |
 | `skip_bad_shards` | index what can be read and record unreadable shards instead of failing |
@@ -79,6 +82,7 @@ resume from what storage holds.
 
 
 DOC_MD = DOC_MD.replace("FILTER_ROWS\n", "".join(f"| `{p.name}` | {p.description} |\n" for p in FILTER_PARAMS))
+DOC_MD = DOC_MD.replace("MAX_MAP_LENGTH", str(MAX_MAP_LENGTH))
 
 
 def _nullable_string(title: str, description: str) -> Param:
@@ -100,8 +104,8 @@ PARAMS = {
     ),
     "buffer_size": Param(256, type="integer", minimum=1, maximum=1_000_000, title="Buffer size",
                          description="Records per row group: the unit of work, commit and retry."),
-    "max_partitions": Param(64, type="integer", minimum=1, maximum=1024, title="Max partitions",
-                            description="Most mapped task instances per stage (Airflow's max_map_length is 1024)."),
+    "max_partitions": Param(DEFAULT_MAX_PARTITIONS, type="integer", minimum=1, maximum=MAX_MAP_LENGTH, title="Max partitions",
+                            description=f"Most mapped task instances per stage (Airflow's max_map_length is {MAX_MAP_LENGTH})."),
     "model": Param("ViT-L-14-quickgelu", type="string", minLength=1, title="Embedding model",
                    description="open_clip model name; the LAION heads expect ViT-L-14 embeddings."),
     "pretrained": Param("openai", type="string", minLength=1, title="Pretrained weights",
@@ -109,6 +113,9 @@ PARAMS = {
     "model_dir": _nullable_string("Model directory", "Folder with local weight files (no downloads)."),
     "aesthetic_weights": _nullable_string("Aesthetic head weights", "LAION improved-aesthetic MLP weights file."),
     "nsfw_weights": _nullable_string("NSFW head weights", "LAION CLIP-based NSFW detector weights file."),
+    "watermark_weights": _nullable_string("Watermark detector weights",
+                                          "LAION watermark detector weights file (watermark_model_v1.pt); read "
+                                          "only while the watermark filter is on."),
     # One param per filter knob, as declared (range, default, title) in winnow.filters.
     **{p.name: Param(p.default, **p.json_schema(), title=p.title, description=p.description) for p in FILTER_PARAMS},
     "caption_field": Param("caption", type="string", minLength=1, title="Caption field",
@@ -125,7 +132,7 @@ PARAMS = {
                         description="Images per model call in the embed stage."),
     "dedup_sample_size": Param(0, type="integer", minimum=0, title="Dedup k-means sample",
                                description="Kept records k-means is fitted on; 0 = min(all, 100 x clusters)."),
-    "dedup_buckets": Param(0, type="integer", minimum=0, maximum=1024, title="Dedup buckets",
+    "dedup_buckets": Param(0, type="integer", minimum=0, maximum=MAX_MAP_LENGTH, title="Dedup buckets",
                            description="Buckets of clusters (one mapped pairwise task each); 0 = automatic."),
     "allow_random_weights": Param(False, type="boolean", title="Allow random weights",
                                   description="Tests and demos only: run a model with random weights."),

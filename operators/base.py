@@ -20,7 +20,7 @@ from winnow_airflow.jobs import JobTarget, RayJobRunner
 from winnow_airflow.links import CurationViewLink
 from winnow_airflow.progress import PartitionProgress
 from winnow_airflow.ray_links import RayJobLink
-from winnow_airflow.storage import use_storage_connection
+from winnow_airflow.storage import run_storage
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from winnow.execution import Execution
     from winnow.pipeline import CurationConfig
     from winnow.results import PartitionSummary
+    from winnow.rowgroups.fs import StorageOptions
 
 
 #: Labels a mapped instance with its row-group range, e.g. "p3: row groups 12-15" (the operator
@@ -66,7 +67,7 @@ def step_fingerprint(cfg: CurationConfig, stage: str) -> str:
     """The digest in a stage's ``_stage.json`` (the index task wrote it); ``"unset"`` before."""
     from winnow.rowgroups import CommitStore
 
-    return CommitStore(cfg.run_root).fingerprint_digest(stage)
+    return CommitStore(cfg.root).fingerprint_digest(stage)
 
 
 class CurationOperator(BaseOperator):
@@ -124,6 +125,8 @@ class CurationOperator(BaseOperator):
         self.runtime_env, self.entrypoint_num_cpus = runtime_env, entrypoint_num_cpus
 
     def curation_config(self, context: Context) -> CurationConfig:
+        """The run's config, with where it stores (:meth:`run_storage`): the value this try's
+        engine calls, Ray workers and Ray Jobs all work from."""
         from winnow.pipeline import CurationConfig
 
         merged: dict[str, Any] = {**(context.get("params") or {}), **(self.stage_config or {})}
@@ -135,11 +138,25 @@ class CurationOperator(BaseOperator):
         if not merged.get("run_key"):
             merged["run_key"] = default_run_key(context)
         # Full validation (it lists the input) runs once, in the index task.
+        storage = self.run_storage(context)
         with engine_errors():
-            cfg = CurationConfig.from_params(merged, also_accepted=AIRFLOW_PARAMS)
+            cfg = CurationConfig.from_params(merged, also_accepted=AIRFLOW_PARAMS, storage=storage)
         self.log.info("run root %s", cfg.run_root)
-        use_storage_connection(merged.get("storage_conn_id"), self.log)
         return cfg
+
+    def run_storage(self, context: Context) -> StorageOptions:
+        """How this run reaches its object store: the connection named by ``storage_conn_id``,
+        else the AWS_* environment (:func:`winnow_airflow.storage.run_storage`); looked up once
+        per try. Never in the config's params, so no fingerprint, summary or XCom holds it."""
+        conn_id = self.storage_conn_id(context)
+        cached = getattr(self, "_run_storage", None)
+        if cached is not None and cached[0] == conn_id:
+            return cached[1]
+        options = run_storage(conn_id)
+        if conn_id:
+            self.log.info("object storage: connection %r, endpoint %s", conn_id, options.endpoint)
+        self._run_storage = (conn_id, options)
+        return options
 
     def storage_conn_id(self, context: Context) -> str | None:
         """The run's ``storage_conn_id`` (this task's ``stage_config``, else the run's params)."""
@@ -227,7 +244,8 @@ class CurationOperator(BaseOperator):
 
         self.log.info("Ray job %s already SUCCEEDED: completing from storage", submission_id)
         RayJobLink.persist(context, self.ray_hook(context).job_url(submission_id))
-        return self.job_result(context, target, status, read_summary(target.summary_uri(submission_id)),
+        return self.job_result(context, target, status,
+                               read_summary(target.summary_uri(submission_id), target.cfg.storage),
                                f"Ray job {submission_id} ended SUCCEEDED")
 
     def job_result(self, context: Context, target: JobTarget, status: str, summary: dict[str, Any] | None,
@@ -289,7 +307,7 @@ class RowGroupStageOperator(CurationOperator):
                 f"{plan.num_partitions} partitions; map this task over the index task's output"
             )
         context["partition_label"] = plan.describe_partition(partition)  # map_index_template
-        store = CommitStore(cfg.run_root)
+        store = CommitStore(cfg.root)
         fingerprint = step_fingerprint(cfg, self.stage)
         progress = PartitionProgress(context.get("task_state_store"), self.stage, fingerprint, self.log)
         return PartitionRun(cfg=cfg, plan=plan, partition=partition, store=store, fingerprint=fingerprint,
@@ -326,12 +344,13 @@ class RowGroupStageOperator(CurationOperator):
             return None
         if status == "SUCCEEDED":
             return super().job_shortcut(context, target, status, submission_id)
-        previous = read_summary(target.summary_uri(submission_id)) if submission_id else None
+        previous = read_summary(target.summary_uri(submission_id), run.cfg.storage) if submission_id else None
         if previous is None:
             # Run by the job of an earlier stage of this partition (winnow.job --chain).
             from winnow.job import chained_summary_uri
 
-            previous = read_summary(chained_summary_uri(run.cfg.run_root, self.stage, run.partition, run.fingerprint))
+            previous = read_summary(chained_summary_uri(run.cfg.run_root, self.stage, run.partition, run.fingerprint),
+                                    run.cfg.storage)
             if previous is not None:
                 self.log.info("every row group of %s was committed by the Ray job of an earlier stage of this "
                               "partition: no Ray job needed", run.label)

@@ -185,18 +185,19 @@ class RayJobRunner:
     def complete(self, context: Context, target: JobTarget, event: dict[str, Any]) -> Any:
         """The job ended: its summary (from storage) and its own error line go to the operator."""
         from winnow.job import error_line, read_summary
+        from winnow.results import MAX_ERROR_CHARS
 
         status, submission_id = event.get("status"), event["submission_id"]
         RayJobLink.persist(context, self.hook.job_url(submission_id))
         if status == "ERROR":
             raise AirflowFailException(f"Ray job {submission_id}: {event.get('message')}")
-        summary = read_summary(target.summary_uri(submission_id))
+        summary = read_summary(target.summary_uri(submission_id), target.cfg.storage)
         message = event.get("message") or ""
         error = error_line(message)
         if error is None and status != "SUCCEEDED":
             # No line of ours: Ray's own words (a lost job, a driver killed), its last line only.
             tail = [line.strip() for line in message.strip().splitlines() if line.strip()]
-            error = tail[-1][:500] if tail else ""
+            error = tail[-1][:MAX_ERROR_CHARS] if tail else ""
         reason = f"Ray job {submission_id} ended {status}" + (f": {error}" if error else "")
         self.log.info("Ray job %s ended %s", submission_id, status)
         return self.op.job_result(context, target, status, summary, reason)

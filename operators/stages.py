@@ -179,7 +179,8 @@ class PairwiseOperator(CurationOperator):
     """Dedup step 3 for one bucket of clusters (mapped over the centroids task's bucket list):
     one Ray task reads that bucket's rows and flags near-duplicates; a committed bucket is skipped.
 
-    :param bucket: the bucket id (mapped: one task instance per bucket, at most 1024).
+    :param bucket: the bucket id (mapped: one task instance per bucket, at most
+        :data:`winnow.checks.MAX_MAP_LENGTH`).
     """
 
     template_fields = (*CurationOperator.template_fields, "bucket")

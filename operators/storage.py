@@ -1,12 +1,14 @@
 """Object-store settings from the Airflow connection a run names (``storage_conn_id``).
 
-One value per run, handed to every process that touches the run root: the task process
-(:func:`use_storage_connection`), the Ray workers it drives (the runner ships the options as a
-task argument), a job-mode Ray Job (:func:`job_storage_env`: environment variables in the job's
-runtime env), the triggerer's log checkpoints and the plugin's reads (:func:`storage_options`,
-used in a :func:`winnow.rowgroups.fs.storage_scope`). The connection's secret key never leaves
-the Airflow processes: a Ray Job gets short-lived credentials minted from it, or none at all
-when the connection says the cluster uses its own identity.
+One value per run (:class:`~winnow.rowgroups.fs.StorageOptions`, carried by the run's
+``CurationConfig`` and its :class:`~winnow.rowgroups.fs.RunRoot`), found by one lookup,
+:func:`run_storage`, in every Airflow process that touches the run root: a task's try, the
+triggerer's log checkpoints (:func:`arun_storage`) and the plugin's reads (a
+:class:`CachedRunStorage`). The Ray workers a task drives get it inside their work; a job-mode
+Ray Job gets it as environment variables in its runtime env (:func:`job_storage_env`). The
+connection's secret key never leaves the Airflow processes: a Ray Job gets short-lived
+credentials minted from it, or none at all when the connection says the cluster uses its own
+identity.
 
 Connection (type ``aws``): login = access key id, password = secret access key; extras
 ``endpoint_url``, ``region_name``, ``aws_session_token`` and, for job mode, ``cluster_credentials``:
@@ -22,9 +24,15 @@ Connection (type ``aws``): login = access key id, password = secret access key; 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowFailException
+
+if TYPE_CHECKING:
+    from winnow.rowgroups.fs import StorageOptions
 
 #: How a job-mode Ray Job gets its object-store credentials.
 CLUSTER_CREDENTIALS = ("session", "cluster")
@@ -65,17 +73,26 @@ def _get_connection(conn_id: str) -> Any:
         raise _missing(conn_id) from exc
 
 
-def storage_options(conn_id: str | None):
-    """The options of connection ``conn_id`` (``None`` when no connection is named)."""
+def run_storage(conn_id: str | None, *, get_connection: Callable[[str], Any] | None = None) -> StorageOptions:
+    """How a run reaches its object store: the settings of the Airflow connection ``conn_id``,
+    or with none named this process's AWS_* environment
+    (:meth:`~winnow.rowgroups.fs.StorageOptions.from_env`). A value for the caller to pass along
+    (``CurationConfig(storage=...)``, a ``RunRoot``): nothing is installed anywhere.
+
+    :param get_connection: fetches a connection by id (default: the task SDK's, for a task
+        process); the api-server passes its own. It raises for an unknown connection.
+    """
+    from winnow.rowgroups.fs import StorageOptions
+
     if not conn_id:
-        return None
-    return options_from_connection(conn_id, _get_connection(conn_id))
+        return StorageOptions.from_env()
+    return options_from_connection(conn_id, (get_connection or _get_connection)(conn_id))
 
 
-async def astorage_options(conn_id: str | None):
-    """:func:`storage_options` without blocking the event loop (the triggerer's way)."""
+async def arun_storage(conn_id: str | None) -> StorageOptions:
+    """:func:`run_storage` without blocking the event loop (the triggerer's way)."""
     if not conn_id:
-        return None
+        return run_storage(None)
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
@@ -86,16 +103,37 @@ async def astorage_options(conn_id: str | None):
     return options_from_connection(conn_id, conn)
 
 
-def use_storage_connection(conn_id: str | None, log) -> None:
-    """Object-store settings for this task's engine calls and its Ray workers: the Airflow
-    connection ``conn_id``, or with none the AWS_* environment variables. The settings never
-    enter the run's config, so no fingerprint, summary or XCom holds them."""
-    from winnow.rowgroups.fs import use_storage
+class CachedRunStorage:
+    """:func:`run_storage` for a process that serves many runs and many requests (the
+    api-server): each connection is looked up at most once per ``ttl_s`` seconds (an edited
+    connection is seen within it), and each call still returns a value for its caller alone.
 
-    options = storage_options(conn_id)
-    use_storage(options)
-    if options is not None:
-        log.info("object storage: connection %r, endpoint %s", conn_id, options.endpoint)
+    :param ttl_s: how long one connection's settings are reused.
+    :param get_connection: as for :func:`run_storage`.
+    """
+
+    def __init__(self, ttl_s: float, *, get_connection: Callable[[str], Any] | None = None) -> None:
+        self.ttl_s = ttl_s
+        self.get_connection = get_connection
+        self._seen: dict[str, tuple[float, StorageOptions]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, conn_id: str | None) -> StorageOptions:
+        if not conn_id:
+            return run_storage(None)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._seen.get(conn_id)
+        if hit is not None and now - hit[0] < self.ttl_s:
+            return hit[1]
+        options = run_storage(conn_id, get_connection=self.get_connection)
+        with self._lock:
+            self._seen[conn_id] = (now, options)
+        return options
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
 
 
 def job_storage_env(conn_id: str | None, *, session_name: str, log) -> dict[str, str]:

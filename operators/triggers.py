@@ -74,11 +74,11 @@ class RayJobTrigger(BaseTrigger):
         import aiohttp
 
         hook = RayHook(self.conn_id)
-        if self.checkpoint_uri and self.storage_conn_id:
-            from winnow_airflow.storage import astorage_options
+        if self.checkpoint_uri:
+            from winnow_airflow.storage import arun_storage
 
-            try:
-                self._storage = await astorage_options(self.storage_conn_id)
+            try:  # this trigger's run only: the triggerer serves many runs, each with its own value
+                self._storage = await arun_storage(self.storage_conn_id)
             except Exception as exc:  # noqa: BLE001 - the checkpoint is a nicety; the job goes on
                 self.log.warning("log checkpoints off: %s", exc)
                 self.checkpoint_uri = None
@@ -171,22 +171,18 @@ def _finishing(logs: str) -> bool:
     return SUMMARY_MARKER in tail or ERROR_MARKER in tail
 
 
-def _read_checkpoint(uri: str, storage=None) -> dict[str, Any] | None:
-    from winnow.rowgroups.fs import storage_scope
+def _read_checkpoint(uri: str, storage) -> dict[str, Any] | None:
     from winnow.rowgroups.store import read_json, resolve_filesystem
 
-    with storage_scope(storage):  # this trigger's run only: the triggerer serves many runs
-        fs, path = resolve_filesystem(uri)
-        try:
-            return read_json(fs, path)
-        except (OSError, ValueError):
-            return None
+    fs, path = resolve_filesystem(uri, storage)
+    try:
+        return read_json(fs, path)
+    except (OSError, ValueError):
+        return None
 
 
-def _write_checkpoint(uri: str, value: dict[str, Any], storage=None) -> None:
-    from winnow.rowgroups.fs import storage_scope
+def _write_checkpoint(uri: str, value: dict[str, Any], storage) -> None:
     from winnow.rowgroups.store import resolve_filesystem, write_atomic
 
-    with storage_scope(storage):
-        fs, path = resolve_filesystem(uri)
-        write_atomic(fs, path, json.dumps(value).encode())
+    fs, path = resolve_filesystem(uri, storage)
+    write_atomic(fs, path, json.dumps(value).encode())

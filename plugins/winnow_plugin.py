@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
@@ -25,6 +25,10 @@ from starlette.middleware.gzip import GZipMiddleware
 from winnow.registry import STAGES
 from winnow.runkey import default_run_key, run_key_of, run_key_problem
 from winnow_airflow.links import DAG_ID, PARTITION_VIEW_ROUTE, RUN_VIEW_ROUTE
+from winnow_airflow.storage import CachedRunStorage
+
+if TYPE_CHECKING:
+    from winnow.rowgroups.fs import RunRoot, StorageOptions
 
 STATIC = Path(__file__).with_name("winnow_static")
 #: The only files /static serves (and their types): nothing else in the folder is reachable.
@@ -33,8 +37,6 @@ MAX_RUN_ID = 250
 #: A run's storage connection is looked up once per this many seconds, not on every poll (the
 #: run view polls every 3 s); an edited connection is seen within it.
 CONN_CACHE_S = 30.0
-_CONN_CACHE: dict[str, tuple[float, Any]] = {}
-_CONN_LOCK = threading.Lock()
 #: Task id -> stage, for the "running" colour on the map (from the engine's stage registry).
 TASK_STAGES = {spec.task_id: spec.name for spec in STAGES}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -137,46 +139,45 @@ def _checked(run_root: str) -> str:
     return run_root
 
 
-def _resolved(run_id: str) -> tuple[dict[str, Any], str]:
+def _resolved(run_id: str) -> tuple[dict[str, Any], RunRoot]:
+    """The run and where it stores (its run root with the settings that reach it), for this
+    request only: the api-server serves many runs at once."""
+    from winnow.rowgroups.fs import RunRoot
+
     run = _dag_run(run_id)
-    _use_run_storage(run)
+    storage = run_storage(run)
     root = run_root_of(run)
     if root is None:
         raise HTTPException(status_code=404, detail=f"run {run_id!r} has no run root yet: its index task has not "
                                                      "reported one and its conf names no output_root")
-    return run, root
+    return run, RunRoot(root, storage)
 
 
-def _use_run_storage(run: dict[str, Any]) -> None:
-    """The object-store settings of the run's ``storage_conn_id`` for this request only (the
-    api-server serves many runs; each request runs in a context of its own). No connection named:
-    the api-server's own AWS_* environment."""
-    conn_id = run["conf"].get("storage_conn_id")
-    if not conn_id:
-        return
+def _api_server_connection(conn_id: str) -> Any:
+    """A connection as the api-server reads it (its metadata DB and secrets backends); a name
+    that is no connection answers 404."""
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from winnow.rowgroups.fs import use_context_storage
-    from winnow_airflow.storage import options_from_connection
-
-    now = time.monotonic()
-    with _CONN_LOCK:
-        hit = _CONN_CACHE.get(str(conn_id))
-    if hit is not None and now - hit[0] < CONN_CACHE_S:
-        use_context_storage(hit[1])
-        return
     try:
-        conn = Connection.get_connection_from_secrets(str(conn_id))
+        return Connection.get_connection_from_secrets(conn_id)
     except AirflowNotFoundException as exc:
         raise HTTPException(status_code=404, detail=f"the run's storage_conn_id {conn_id!r} is no Airflow connection") from exc
-    options = options_from_connection(str(conn_id), conn)
-    with _CONN_LOCK:
-        _CONN_CACHE[str(conn_id)] = (now, options)
-    use_context_storage(options)
 
 
-def _plan(run_root: str):
+#: The operators' lookup (:func:`winnow_airflow.storage.run_storage`), each connection read at
+#: most once per CONN_CACHE_S.
+_RUN_STORAGE = CachedRunStorage(CONN_CACHE_S, get_connection=_api_server_connection)
+
+
+def run_storage(run: dict[str, Any]) -> StorageOptions:
+    """How the run reaches its object store: the settings of its ``storage_conn_id`` (the same
+    lookup as its tasks'), else the api-server's own AWS_* environment."""
+    conn_id = run["conf"].get("storage_conn_id")
+    return _RUN_STORAGE(str(conn_id) if conn_id else None)
+
+
+def _plan(run_root: RunRoot):
     from winnow.data.index import load_index
     from winnow.exceptions import WinnowError
 
@@ -229,7 +230,7 @@ def progress(run_id: str, request: Request) -> Response:
         body = {**row_group_map(root), **base}
         with_task_states(body["stages"], run["tasks"], run["state"])
     except WinnowError as exc:
-        body = {**base, "run_root": root, "waiting": f"waiting for the index: {exc}", "stages": [],
+        body = {**base, "run_root": root.uri, "waiting": f"waiting for the index: {exc}", "stages": [],
                 "row_groups": 0, "partitions": 0, "records": 0, "summary": None}
         if run["state"] in ("success", "failed"):
             raise HTTPException(status_code=404, detail=str(exc)) from exc
@@ -288,13 +289,13 @@ def scores(run_id: str) -> dict[str, Any]:
     plan = _plan(root)
     finished = run["state"] in ("success", "failed")
     with _SCORES_LOCK:
-        hit = _SCORES.get(root)
+        hit = _SCORES.get(root.uri)
     # A finished run's scores do not change; a running one's are reread at most every TTL.
     if hit and (hit[1] == (finished, plan.to_dict()) and (finished or time.monotonic() - hit[0] < SCORES_TTL_S)):
         return hit[2]
     result = score_histograms(root, plan)
     with _SCORES_LOCK:
-        _SCORES[root] = (time.monotonic(), (finished, plan.to_dict()), result)
+        _SCORES[root.uri] = (time.monotonic(), (finished, plan.to_dict()), result)
         while len(_SCORES) > 16:
             _SCORES.pop(next(iter(_SCORES)))
     return result

@@ -26,8 +26,10 @@ class WinnowError(Exception):
 
 
 # ---- run parameters -------------------------------------------------------------------------
-class ConfigError(WinnowError):
-    """A run parameter is invalid; the message names the parameter and the fix."""
+class ConfigError(WinnowError, ValueError):
+    """A run parameter (a knob) is invalid; the message names the parameter, the value and the
+    fix. Every knob check raises it, through :func:`winnow.checks.check`; a ``ValueError`` too,
+    so a caller that catches bad values that way still does."""
 
 
 # ---- storage and the run root ---------------------------------------------------------------
@@ -82,7 +84,8 @@ class HeadError(WinnowError):
 
 
 class DedupError(WinnowError):
-    """Dedup cannot run: upstream stages missing or inconsistent, or a bad config."""
+    """Dedup cannot run: upstream stages missing or inconsistent (a bad dedup knob is a
+    :class:`ConfigError`)."""
 
 
 class WriteError(WinnowError):
@@ -116,7 +119,8 @@ class RayAuthError(WinnowError):
 
 
 class ResourceRequestError(WinnowError, ValueError):
-    """A worker size that no alive Ray node can hold (or a malformed knob)."""
+    """A worker size that no alive Ray node can hold, or a cluster with no alive node (a
+    malformed size is a :class:`ConfigError`: it is wrong on every cluster)."""
 
 
 # ---- the curation UI's read side ------------------------------------------------------------

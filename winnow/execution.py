@@ -11,17 +11,16 @@ True
 >>> Execution(worker_gpus=-1)
 Traceback (most recent call last):
 ...
-winnow.exceptions.ResourceRequestError: worker_gpus must be >= 0, got -1
+winnow.exceptions.ConfigError: worker_gpus must be a number >= 0, got -1
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from winnow.exceptions import ConfigError, ResourceRequestError
+from winnow.checks import check, choice_problem, number_problem
 
 #: Where the engine runs a stage's row groups and units: Ray (Ray Data, Ray tasks) or a loop in
 #: this process, without Ray (tests, laptops).
@@ -46,16 +45,15 @@ def default_compute(ray_address: str | None) -> Compute:
     return "tasks" if embedded else "actors"
 
 
-def check_knobs(worker_cpus: float | None = None, worker_gpus: float | None = None) -> None:
-    """The worker-size knobs' own sanity, before any cluster is looked at (whether a node holds
-    them is :mod:`winnow.ray.resources`' check)."""
-    for name, value, low in (("worker_cpus", worker_cpus, "> 0"), ("worker_gpus", worker_gpus, ">= 0")):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ResourceRequestError(f"{name} must be a number, got {value!r}")
-        if (value <= 0) if low == "> 0" else (value < 0):
-            raise ResourceRequestError(f"{name} must be {low}, got {value!r}")
+def check_knobs(worker_cpus: float | None = None, worker_gpus: float | None = None,
+                compute: str | None = None) -> None:
+    """The worker knobs' own sanity, before any cluster is looked at (whether a node holds
+    them is :mod:`winnow.ray.resources`' check); None is "not given"."""
+    check(
+        None if worker_cpus is None else number_problem("worker_cpus", worker_cpus, low=0, low_open=True),
+        None if worker_gpus is None else number_problem("worker_gpus", worker_gpus, low=0),
+        None if compute is None else choice_problem("compute", compute, COMPUTE_CHOICES),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,12 +78,9 @@ class Execution:
     worker_gpus: float | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be 'ray' (Ray Data and Ray tasks) or 'local' (the same loops in this "
-                              f"process), got {self.backend!r}")
-        if self.compute is not None and self.compute not in COMPUTE_CHOICES:
-            raise ResourceRequestError(f"compute must be 'tasks' or 'actors', got {self.compute!r}")
-        check_knobs(self.worker_cpus, self.worker_gpus)
+        check(choice_problem("backend", self.backend, BACKENDS,
+                             hint="ray: Ray Data and Ray tasks; local: the same loops in this process"))
+        check_knobs(self.worker_cpus, self.worker_gpus, self.compute)
         if self.compute is None and self.backend == "ray":
             object.__setattr__(self, "compute", default_compute(self.ray_address))
 

@@ -8,7 +8,7 @@ sliders, ``CurationConfig``'s fields and the DAG's params. Nothing outside a fil
 this list and the stage registry names a filter.
 
 >>> [f.name for f in BUILTIN]
-['min_image_side', 'max_aspect_ratio', 'min_caption_words', 'aesthetic', 'nsfw', 'clip_score']
+['min_image_side', 'max_aspect_ratio', 'min_caption_words', 'aesthetic', 'nsfw', 'clip_score', 'watermark']
 >>> OUTCOMES[:4], OUTCOMES[-2:]
 (('exact_duplicate', 'image_size', 'caption_length', 'undecodable'), ('duplicate', 'kept'))
 >>> COUNT_NAMES["image_size"], COUNT_NAMES["no_caption"], COUNT_NAMES["kept"]
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+from winnow.checks import number_problem
 
 Keep = Literal[">=", "<", "<="]
 
@@ -45,20 +47,10 @@ class FilterParam:
     low_open: bool = False
 
     def problem(self, value: Any) -> str | None:
-        """What is wrong with ``value`` for this param, in words; None when it is fine."""
-        if value is None and self.nullable:
-            return None
-        number = not isinstance(value, bool) and isinstance(value, (int, float))
-        if self.integer:
-            number = number and float(value).is_integer()
-        ok = number and (value > self.low if self.low_open else value >= self.low)
-        ok = ok and (self.high is None or value <= self.high)
-        if ok:
-            return None
-        kind = "an integer" if self.integer else "a number"
-        bounds = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]" if self.high is not None else f">= {self.low:g}"
-        unset = " or unset" if self.nullable else ""
-        return f"{self.name} must be {kind} in {bounds}{unset}, got {value!r}"
+        """What is wrong with ``value`` for this param, in words; None when it is fine (the one
+        knob check, :func:`winnow.checks.number_problem`)."""
+        return number_problem(self.name, value, low=self.low, high=self.high, low_open=self.low_open,
+                              integer=self.integer, nullable=self.nullable)
 
     def json_schema(self) -> dict[str, Any]:
         """The DAG param's JSON schema keywords."""
@@ -264,6 +256,19 @@ BUILTIN: tuple[FilterSpec, ...] = (
         missing=MissingRule("has_caption", "no_caption", "no_caption",
                             "no caption (.txt, or the json caption field) while the CLIP-score filter is on",
                             "no caption (CLIP-score filter on)"),
+    ),
+    # The LAION watermark detector: a second image model the embed stage runs on the same
+    # decoded images as the CLIP tower (winnow.stages.watermark), so its column is embed's.
+    FilterSpec(
+        "watermark", "embed", (("watermark_score", "float32"),), "<",
+        FilterParam("watermark_threshold", 0.0, 0, 1, "Watermark threshold",
+                    "Drop images whose watermark probability (LAION watermark detector, 0-1) is at least this; "
+                    "0 = off. Turning it on runs the detector in the embed stage (param watermark_weights)."),
+        fraction=FilterParam("watermark_keep_fraction", None, 0, 1, "Watermark keep fraction",
+                             "Keep this fraction (0-1] of the scored images, those least likely watermarked, "
+                             "instead; turns the filter on.", nullable=True, low_open=True),
+        reason="watermark_score {value:.4f} >= threshold {threshold}", label="watermark probability",
+        off=0.0, edges_range=(0.0, 1.0),
     ),
 )
 

@@ -13,7 +13,9 @@ done, 3 some units failed (the others are committed), 2 bad config, 1 anything e
 
 Storage settings come from the job's environment: job mode passes the ones of the run's
 ``storage_conn_id`` connection as short-lived credentials in the job's runtime env, or nothing
-when the cluster uses its own identity (``winnow.rowgroups.fs``).
+when the cluster uses its own identity. :func:`main` reads them once
+(:meth:`~winnow.rowgroups.fs.StorageOptions.from_env`) into the run's config, which carries them
+to every step and Ray worker of the job.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ import base64
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from winnow.execution import Execution
+
+if TYPE_CHECKING:
+    from winnow.rowgroups.fs import StorageOptions
+from winnow.results import MAX_ERROR_CHARS
 
 SUMMARY_MARKER = "WINNOW_JOB_SUMMARY "
 #: Epoch seconds of the job's milestones (driver start, Ray attached, done), for the overhead benchmark.
@@ -80,11 +86,12 @@ def entrypoint(*, stage: str, config: dict[str, Any], execution: Execution, summ
     return cmd
 
 
-def read_summary(uri: str) -> dict[str, Any] | None:
-    """The summary a job left at ``uri`` (``None``: it never got that far)."""
+def read_summary(uri: str, storage: StorageOptions | None) -> dict[str, Any] | None:
+    """The summary a job left at ``uri`` (``None``: it never got that far), read with the run's
+    ``storage`` settings."""
     from winnow.rowgroups.store import read_json, resolve_filesystem
 
-    fs, path = resolve_filesystem(uri)
+    fs, path = resolve_filesystem(uri, storage)
     return read_json(fs, path)
 
 
@@ -105,7 +112,7 @@ def _log(line: str) -> None:
 def _fail(exc: BaseException) -> None:
     # One line, last: what the Airflow task shows as the job's error.
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    print(ERROR_MARKER + text[:2000], file=sys.stderr, flush=True)
+    print(ERROR_MARKER + text[:MAX_ERROR_CHARS], file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | None
@@ -157,12 +164,12 @@ def _run_chain(args: argparse.Namespace, cfg: Any, common: dict[str, Any]) -> No
     from winnow import pipeline
     from winnow.rowgroups.store import CommitStore, resolve_filesystem, write_json
 
-    store = CommitStore(cfg.run_root)
+    store = CommitStore(cfg.root)
     for stage in chained_stages(args.stage):
         summary = pipeline.run_partition(cfg, stage, args.partition, **common)
         fingerprint = store.fingerprint_digest(stage)
         result = summary.to_dict(errors=True)
-        fs, path = resolve_filesystem(chained_summary_uri(cfg.run_root, stage, args.partition, fingerprint))
+        fs, path = resolve_filesystem(chained_summary_uri(cfg.run_root, stage, args.partition, fingerprint), cfg.storage)
         write_json(fs, path, result)
         if summary.failed:
             _log(f"{stage} partition {args.partition}: {len(summary.failed)} row groups failed; its task retries them")
@@ -186,11 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     from winnow import pipeline
     from winnow.exceptions import ConfigError, StageConfigMismatch, WinnowError
     from winnow.ray.cluster import connect
-    from winnow.rowgroups.store import resolve_filesystem, write_json
+    from winnow.rowgroups.store import StorageOptions, resolve_filesystem, write_json
 
     owner = base64.urlsafe_b64decode(args.owner).decode() if args.owner else None
     try:
-        cfg = pipeline.CurationConfig.from_params(json.loads(base64.urlsafe_b64decode(args.config)))
+        # Where the run stores: the settings job mode put in this job's environment (never in
+        # its arguments, which Ray's dashboard shows), read once, here.
+        cfg = pipeline.CurationConfig.from_params(json.loads(base64.urlsafe_b64decode(args.config)),
+                                                  storage=StorageOptions.from_env())
         execution = Execution.from_dict(json.loads(base64.urlsafe_b64decode(args.execution)))
         unit = f", partition {args.partition}" if args.partition is not None else (
             f", bucket {args.bucket}" if args.bucket is not None else "")
@@ -201,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         result, failed = _run(args, cfg, execution, owner)
         times["done"] = time.time()
         # Every failed unit with its error (the XCom summary keeps only the first ones).
-        result["errors"] = {str(u): msg[:2000] for u, msg in sorted(failed.items())}
-        fs, path = resolve_filesystem(args.summary)
+        result["errors"] = {str(u): msg[:MAX_ERROR_CHARS] for u, msg in sorted(failed.items())}
+        fs, path = resolve_filesystem(args.summary, cfg.storage)
         write_json(fs, path, result)
     except (ConfigError, StageConfigMismatch) as exc:
         _fail(exc)

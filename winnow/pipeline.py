@@ -10,17 +10,18 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from winnow.checks import DEFAULT_MAX_PARTITIONS, bool_problem
 from winnow.exceptions import BucketsFailedError, ConfigError, RowGroupsFailedError, WinnowError
 from winnow.execution import Backend, Compute, Execution
 from winnow.filters import PARAMS as FILTER_PARAMS
 from winnow.ray.runner import run_stage_partition
 from winnow.registry import STAGES, partition_stages, run_phases, stage_spec
 from winnow.results import PartitionSummary, UnitSummary
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint, lease
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot, StageFingerprint, StorageOptions, lease
 from winnow.rowgroups.store import stage_fingerprint, write_json
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_summary.json"
+#: Fields of :class:`CurationConfig` that are not run parameters (not in params, run conf,
+#: ``to_dict`` or fingerprints): where the run's storage is reached, which may hold secrets.
+NOT_PARAMS = frozenset({"storage"})
 
 
 def _with_filter_params(cls: type) -> type:
@@ -64,12 +68,13 @@ class CurationConfig:
     output_root: str
     run_key: str
     buffer_size: int = 256
-    max_partitions: int = 64
+    max_partitions: int = DEFAULT_MAX_PARTITIONS
     model: str = "ViT-L-14-quickgelu"
     pretrained: str = "openai"
     model_dir: str | None = None
     aesthetic_weights: str | None = None
     nsfw_weights: str | None = None
+    watermark_weights: str | None = None
     caption_field: str = "caption"
     dedup_eps: float = 0.05
     dedup_clusters: int = 0
@@ -80,14 +85,27 @@ class CurationConfig:
     skip_bad_shards: bool = False
     decode_backend: DecodeBackend = "auto"
     batch_size: int = 64
+    #: How the run's object store (its input and its run root) is reached: built once by the
+    #: run's entry point (``run_all``: the AWS environment unless given; an operator's try: its
+    #: ``storage_conn_id``; the Ray Job entry: its environment). Not a run parameter: never in
+    #: :meth:`to_dict`, a fingerprint, a summary or a log line.
+    storage: StorageOptions | None = field(default=None, repr=False, compare=False)
 
     @property
     def run_root(self) -> str:
         return f"{self.output_root.rstrip('/')}/{self.run_key}"
 
+    @property
+    def root(self) -> RunRoot:
+        """Where the run stores, as the one value its work carries: the run root's URI and
+        :attr:`storage`."""
+        return RunRoot(self.run_root, self.storage)
+
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], *, also_accepted: Collection[str] = ()) -> CurationConfig:
+    def from_params(cls, params: Mapping[str, Any], *, also_accepted: Collection[str] = (),
+                    storage: StorageOptions | None = None) -> CurationConfig:
         """Build from DAG params / run conf; empty strings mean "not set" for optional paths.
+        ``storage``: how the run's object store is reached (never a param: see :attr:`storage`).
 
         ``also_accepted``: keys the caller handles itself (the operators' connection ids); they
         are left out of the config. Any other key that is not a field is a :class:`ConfigError`
@@ -100,22 +118,24 @@ class CurationConfig:
         ...
         winnow.exceptions.ConfigError: unknown parameter 'aesthetic_treshold' (did you mean 'aesthetic_threshold'?); ...
         """
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - NOT_PARAMS
         unknown = sorted(set(params) - known - set(also_accepted))
         if unknown:
             raise ConfigError(_unknown_keys(unknown, known | set(also_accepted)))
         values = {k: v for k, v in params.items() if k in known}
-        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights",
+        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights", "watermark_weights",
                          *(p.name for p in FILTER_PARAMS if p.nullable)):
             if values.get(optional) in ("", None):
                 values[optional] = None
         missing = [k for k in ("input_uri", "output_root", "run_key") if not values.get(k)]
         if missing:
             raise ConfigError(f"missing required parameter(s): {', '.join(missing)}")
-        return cls(**values)
+        return cls(**values, storage=storage)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The run parameters (what a Ray Job's arguments and the summary carry): every field
+        but :attr:`storage`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_PARAMS}
 
     @cached_property
     def model_spec(self) -> ModelSpec:
@@ -143,6 +163,8 @@ class CurationConfig:
 
         if run_key_problem(self.run_key):
             problems.append(run_key_problem(self.run_key))
+        # The run's own flags; every other knob is its stage config's (built below).
+        problems += filter(None, (bool_problem(name, getattr(self, name)) for name in ("overwrite", "allow_random_weights")))
         model_error = ""
         try:
             _ = self.model_spec  # resolving it checks the model name and weights
@@ -163,7 +185,7 @@ class CurationConfig:
         try:
             from winnow.data.shards import list_shards
 
-            list_shards(self.input_uri)
+            list_shards(self.input_uri, self.storage)
         except WinnowError as exc:
             problems.append(f"input_uri: {exc}")
         if problems:
@@ -197,7 +219,7 @@ def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan) -> dict[str, Sta
     """Fingerprints of every stage after the index, each chained to the stages it reads: the
     index's stored digest (``""`` before the index is recorded), then the digests of this
     chain, so a changed stage changes every stage after it before anything is recorded."""
-    store = CommitStore(cfg.run_root)
+    store = CommitStore(cfg.root)
     digests = {"index": (store.read_fingerprint("index") or {}).get("digest", "")}
     out: dict[str, StageFingerprint] = {}
     for spec in STAGES[1:]:
@@ -216,7 +238,7 @@ def prepare_stages(cfg: CurationConfig, plan: RowGroupPlan, *, log: Callable[[st
     after them) are moved aside, the stages before them are kept.
     """
     log = log or logger.info
-    store = CommitStore(cfg.run_root)
+    store = CommitStore(cfg.root)
     moved: dict[str, str] = {}
     for name, f in stage_fingerprints(cfg, plan).items():
         target = store.ensure_stage(f, overwrite=cfg.overwrite)
@@ -229,12 +251,13 @@ def prepare_stages(cfg: CurationConfig, plan: RowGroupPlan, *, log: Callable[[st
 # ---- the run -------------------------------------------------------------------------------
 #
 # Every step below takes the run's ``execution`` (where it runs: backend, Ray address, compute,
-# worker sizes), built once by its caller: run_all, an operator's try, the Ray Job entry.
+# worker sizes) and reads where it stores from ``cfg.root`` (the run root with ``cfg.storage``),
+# both built once by its caller: run_all, an operator's try, the Ray Job entry.
 
 def _hold_lease(cfg: CurationConfig, owner: str | None) -> None:
     """Take or renew the run root's lease (``owner`` = the DAG run id); None skips it."""
     if owner:
-        lease.acquire(CommitStore(cfg.run_root), owner)
+        lease.acquire(CommitStore(cfg.root), owner)
 
 
 def run_index(cfg: CurationConfig, *, execution: Execution, owner: str | None = None,
@@ -256,13 +279,13 @@ def run_index(cfg: CurationConfig, *, execution: Execution, owner: str | None = 
         # Failing fast (changed config, bad shard) must not lock the run root against the
         # corrected rerun, which comes under a new run id.
         if owner:
-            lease.release(CommitStore(cfg.run_root), owner)
+            lease.release(CommitStore(cfg.root), owner)
         raise
 
 
 def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None], execution: Execution) -> dict[str, Any]:
     build_index = stage_spec("index").load_compute()
-    result = build_index(cfg.run_root, cfg.stage_config("index"), overwrite=cfg.overwrite, log=log,
+    result = build_index(cfg.root, cfg.stage_config("index"), overwrite=cfg.overwrite, log=log,
                          execution=execution)
     plan = result.plan
     moved = prepare_stages(cfg, plan, log=log)
@@ -285,7 +308,7 @@ def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None], executio
 def load_plan(cfg: CurationConfig) -> RowGroupPlan:
     from winnow.data.index import load_index
 
-    return load_index(cfg.run_root).plan
+    return load_index(cfg.root).plan
 
 
 def run_partition(cfg: CurationConfig, stage: str, partition: int, *, execution: Execution,
@@ -298,11 +321,11 @@ def run_partition(cfg: CurationConfig, stage: str, partition: int, *, execution:
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     stage_obj = make_stage(cfg, stage)
-    store = CommitStore(cfg.run_root)
+    store = CommitStore(cfg.root)
     # Never overwrite here: prepare_stages did that once for the run. This only refuses a
     # partition task whose config differs from what the stage folder was made with.
     store.ensure_stage(stage_fingerprints(cfg, plan)[stage], overwrite=False)
-    return run_stage_partition(stage_obj, run_root=cfg.run_root, plan=plan, partition=partition, execution=execution,
+    return run_stage_partition(stage_obj, run_root=cfg.root, plan=plan, partition=partition, execution=execution,
                                uses_model=stage_spec(stage).uses_model, log=log)
 
 
@@ -324,7 +347,7 @@ def run_global(cfg: CurationConfig, stage: str, *, execution: Execution, owner: 
         return run_index(cfg, execution=execution, owner=owner, log=log)
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
-    store = CommitStore(cfg.run_root)
+    store = CommitStore(cfg.root)
     fingerprint = stage_fingerprints(cfg, plan)[stage]
     store.ensure_stage(fingerprint, overwrite=False)
     for up in spec.upstream:
@@ -335,7 +358,7 @@ def run_global(cfg: CurationConfig, stage: str, *, execution: Execution, owner: 
             raise WinnowError(f"{stage} needs every row group of stage {up!r}; {len(missing)} are not "
                               f"committed (first: {missing[:10]}). Run stage {up!r} for all partitions first.")
     compute = spec.load_compute()
-    return compute(cfg.run_root, plan, cfg.stage_config(stage), fingerprint, log=log, execution=execution)
+    return compute(cfg.root, plan, cfg.stage_config(stage), fingerprint, log=log, execution=execution)
 
 
 def run_buckets(cfg: CurationConfig, stage: str, buckets: list[int] | None = None, *, execution: Execution,
@@ -349,7 +372,7 @@ def run_buckets(cfg: CurationConfig, stage: str, buckets: list[int] | None = Non
     _hold_lease(cfg, owner)
     plan = load_plan(cfg)
     # The stage's compute checks its fingerprint itself (never overwriting: prepare_stages did).
-    return spec.load_compute()(cfg.run_root, plan, cfg.stage_config(stage), buckets, execution=execution, log=log)
+    return spec.load_compute()(cfg.root, plan, cfg.stage_config(stage), buckets, execution=execution, log=log)
 
 
 def run_report(
@@ -363,9 +386,9 @@ def run_report(
     from winnow.data.index import load_index
     from winnow.stages.status import count_outcomes
 
-    index = load_index(cfg.run_root)
+    index = load_index(cfg.root)
     plan = index.plan
-    counts = count_outcomes(cfg.run_root, plan)
+    counts = count_outcomes(cfg.root, plan)
     computed = skipped = 0
     per_stage: dict[str, dict[str, int]] = {}
     for s in summaries:
@@ -374,7 +397,7 @@ def run_report(
         st = per_stage.setdefault(s["stage"], {"computed": 0, "skipped": 0})
         st["computed"] += int(s.get("computed", 0))
         st["skipped"] += int(s.get("skipped", 0))
-    store = CommitStore(cfg.run_root)
+    store = CommitStore(cfg.root)
     summary = {
         **counts,
         "members_without_image": index.counts.get("members_without_image", 0),
@@ -418,6 +441,10 @@ def run_all(
     (:func:`winnow.execution.default_compute`); each of ``worker_cpus`` CPUs and ``worker_gpus``
     GPUs, or the policy of :mod:`winnow.ray.resources` (never more than one alive node holds).
 
+    Where it stores is ``cfg.storage``; when the config names none, the AWS environment
+    (:meth:`~winnow.rowgroups.fs.StorageOptions.from_env`), read once here and carried with the
+    run to every step and worker.
+
     Raises :class:`RowGroupsFailedError` after every stage that could run has run, when any
     row group failed. ``owner`` names the run-root lease. By default it is this process: if it
     dies (SIGKILL, power loss of a laptop run), the next run_all on this host takes the run
@@ -428,6 +455,8 @@ def run_all(
     t0 = time.perf_counter()
     execution = Execution(backend=backend, ray_address=ray_address, compute=compute, worker_cpus=worker_cpus,
                           worker_gpus=worker_gpus)
+    if cfg.storage is None:
+        cfg = replace(cfg, storage=StorageOptions.from_env())
     owner = owner or lease.process_owner()
     step = {"execution": execution, "owner": owner, "log": log}
     partitions: list[int] = []
@@ -458,7 +487,7 @@ def run_all(
         summary = run_report(cfg, summaries, owner=owner)
     finally:
         # A failed run_all leaves no lease behind: rerunning it resumes at once.
-        lease.release(CommitStore(cfg.run_root), owner)
+        lease.release(CommitStore(cfg.root), owner)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['write_dir']}")
     return summary

@@ -103,8 +103,10 @@ def _load(target: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-#: The stages whose scores the filters read (winnow.filters; the index's columns come first anyway).
-FILTER_STAGES: tuple[str, ...] = tuple(dict.fromkeys(f.stage for f in FILTERS if f.stage != "index"))
+#: The stages whose scores the filters read (winnow.filters), less ``index`` and ``embed``: every
+#: score stage reads both already, so they are upstream of the thresholds step through it (a filter
+#: on embed's own columns, the watermark, adds nothing to the graph nor to existing fingerprints).
+FILTER_STAGES: tuple[str, ...] = tuple(dict.fromkeys(f.stage for f in FILTERS if f.stage not in ("index", "embed")))
 
 #: Topological order: every stage comes after the stages it reads.
 STAGES: tuple[StageSpec, ...] = (

@@ -5,13 +5,19 @@ skipped row against it.
 
 It writes what ``build_index`` writes (the index row groups, ``index/_skipped/``, ``_stage.json``
 and ``_index.json``, through the package's own helpers), so a run root it built is an ordinary
-one; its scan cache (``<SCAN_DIR>/<listing digest>/s<shard>.parquet``, one file per shard) is its
-own. Resumable: a rerun scans only the shards whose scan is missing and commits only missing row
-groups.
+one; its scan cache (``<SCAN_DIR>/<listing digest>-serial-<caption field digest>/s<shard>.parquet``,
+one file per shard) is its own. Resumable: a rerun scans only the shards whose scan is missing and
+commits only missing row groups. A cached scan of another layout than :data:`SCAN_SCHEMA` (one from
+before a column was added: the image size, the caption words) is rescanned, never trusted.
+
+Each row comes from :func:`winnow.data.tarscan.scan_shard` (the uid, the image size read from the
+header, the caption words from the sidecars): what the reference checks is the assembly (shard
+order, cross-shard key drops, record ids, exact duplicates, skipped rows), not the member scan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -42,12 +48,12 @@ from winnow.data.index import (
 from winnow.data.tarscan import SCAN_SCHEMA, ShardScan, scan_shard
 from winnow.exceptions import ShardError
 from winnow.rowgroups.plan import RowGroupPlan
-from winnow.rowgroups.store import CommitStore, read_json, table_to_parquet_bytes, write_atomic, write_json
+from winnow.rowgroups.store import CommitStore, RunRoot, read_json, table_to_parquet_bytes, write_atomic, write_json
 from winnow.schemas import INDEX
 
 
 def build_index_serial(
-    run_root: str,
+    run_root: RunRoot | str,
     config: IndexConfig,
     *,
     overwrite: bool = False,
@@ -57,7 +63,7 @@ def build_index_serial(
     fingerprint), scanning every shard in this process."""
     say = log or _log.info
     store, shards, digest = _start(run_root, config, overwrite=overwrite)
-    scans, counts, scanned = _scan_all(store, shards, digest, config.skip_bad_shards, say)
+    scans, counts, scanned = _scan_all(store, shards, digest, config.skip_bad_shards, say, config.caption_field)
     table, skipped = _assemble(scans, counts)
     n = table.num_rows
     plan = RowGroupPlan(n, config.buffer_size, config.max_partitions)
@@ -76,15 +82,18 @@ def build_index_serial(
 
 
 def _scan_all(
-    store: CommitStore, shards: list[str], digest: str, skip_bad: bool, say: Callable[[str], None]
+    store: CommitStore, shards: list[str], digest: str, skip_bad: bool, say: Callable[[str], None],
+    caption_field: str = "caption",
 ) -> tuple[list[ShardScan], dict[str, Any], int]:
     counts = _empty_counts(len(shards))
     scans: list[ShardScan] = []
     scanned = 0
     started = last = time.monotonic()
+    # The cached scans hold the caption words counted in this caption field.
+    cache = f"{digest}-serial-{hashlib.sha256(caption_field.encode()).hexdigest()[:8]}"
     for i, shard in enumerate(shards):
-        path = store.path(SCAN_DIR, digest, f"s{i:06d}.parquet")
-        bad_path = store.path(SCAN_DIR, digest, f"s{i:06d}.bad.json")
+        path = store.path(SCAN_DIR, cache, f"s{i:06d}.parquet")
+        bad_path = store.path(SCAN_DIR, cache, f"s{i:06d}.bad.json")
         scan = _read_scan(store, path)
         if scan is None or scan.shard != shard:
             # A shard found bad before is not rescanned: the digest pins its name and size.
@@ -92,7 +101,7 @@ def _scan_all(
             error = bad["error"] if bad and bad.get("shard") == shard else None
             if error is None:
                 try:
-                    scan = scan_shard(shard)
+                    scan = scan_shard(shard, caption_field=caption_field, storage=store.run_root.storage)
                 except ShardError as exc:
                     error = str(exc)
                     write_json(store.fs, bad_path, {"shard": shard, "error": error})
@@ -133,6 +142,8 @@ def _read_scan(store: CommitStore, path: str) -> ShardScan | None:
 
 def _scan_from_table(table: pa.Table) -> ShardScan:
     """The :class:`ShardScan` that ``scan.table()`` wrote (records and counts), for the scan cache."""
+    if not table.schema.remove_metadata().equals(SCAN_SCHEMA.remove_metadata()):
+        raise ValueError("a cached scan of another layout")  # rescanned by the caller
     meta = json.loads(table.schema.metadata[b"winnow.scan"])
     scan = ShardScan(**{k: meta[k] for k in ("shard", "size", "members", "members_without_image", "duplicate_keys",
                                              "extra_images", "ignored_members", "zero_byte")},

@@ -358,9 +358,12 @@
   // on/off box where the filter can be off), and a keep-fraction slider where it has one.
   function known(v) { return v !== null && v !== undefined; }
   function num(v, digits) { return known(v) ? Number(v).toFixed(digits) : "–"; }
+  const SIDE = { ">=": "≥", "<": "<", "<=": "≤" };
   const KEPT_SIDE = { ">=": "kept: at least the threshold", "<": "kept: below the threshold", "<=": "kept: at most the threshold" };
+  // b: the record's bin; -1: no value (fails while the filter is on); -2: a value no one knows
+  // that the filter lets pass (an unreadable image header).
   function passesBin(f, b, t) {
-    if (b < 0) return false;
+    if (b < 0) return b === -2;
     return f.keep === ">=" ? f.edges[b] >= t - 1e-12 : f.edges[b + 1] <= t + 1e-12;
   }
   async function loadScores() {
@@ -382,8 +385,9 @@
     hists.replaceChildren();
     for (const f of s.filters) hists.append(filterFigure(f));
     const sampleNote = s.sampled ? " Estimated from a sample of row groups: counts are of the records read (≈ × " + num(s.scale, 1) + " for the whole run)." : "";
-    text($("fractions-note"), "A keep fraction f keeps the round(f × n) best of the n records that have the value, over the whole run: " +
-      "the threshold is the value of the last of them, and every record at least it is kept (ties included), " +
+    text($("fractions-note"), "A keep fraction f keeps the round(f × n) best of the n records that have the value (the lowest, for a filter " +
+      "that keeps low values), over the whole run: " +
+      "the threshold is the value of the last of them, and every record on its side is kept (ties included), " +
       "before the other filters and dedup." + sampleNote);
     drawScores();
   }
@@ -424,7 +428,8 @@
       if (q && q.length) {
         if (known(f.run_fraction)) start = Math.round(f.run_fraction * 100);
         else if (known(f.threshold)) {
-          const i = q.findIndex((row) => row.threshold <= f.threshold);
+          // Thresholds fall as the fraction grows for a filter keeping high values, rise for one keeping low ones.
+          const i = q.findIndex((row) => f.keep === ">=" ? row.threshold <= f.threshold : row.threshold >= f.threshold);
           start = i < 0 ? 100 : i + 1;
         }
       }
@@ -438,6 +443,8 @@
     fig.append(box);
     return fig;
   }
+  // A threshold in the param's own terms: an integer param keeps values of at least the next integer.
+  function shown(f, t) { return f.integer ? String(Math.ceil(Number(t) - 1e-9)) : Number(t).toFixed(3); }
   function whatIf(f) {
     const check = $("on-" + f.name);
     const on = check ? check.checked : true;
@@ -454,7 +461,7 @@
     if (f.enabled === false) run = " The filter is off in this run.";
     else if (known(f.run_fraction)) run = " The run used keep fraction " + num(f.run_fraction, 2) + ": threshold " + num(f.threshold, 4) + ".";
     else if (known(f.threshold)) run = " The run used an absolute threshold " + num(f.threshold, 4) + ".";
-    text($(id + "-text"), "Keep fraction " + row.fraction.toFixed(2) + " picks " + f.label + " ≥ " + row.threshold.toFixed(4) + ": it keeps " +
+    text($(id + "-text"), "Keep fraction " + row.fraction.toFixed(2) + " picks " + f.label + " " + SIDE[f.keep] + " " + row.threshold.toFixed(4) + ": it keeps " +
       fmt(row.keeps) + " of " + fmt(f.fraction_scored) + " records with a " + f.label + est + "." + run);
   }
   function drawScores() {
@@ -463,7 +470,7 @@
     const wi = s.filters.map(whatIf);
     s.filters.forEach((f, k) => {
       const { on, t } = wi[k];
-      text($("t-" + f.name + "-value"), on ? Number(t).toFixed(3) : "off");
+      text($("t-" + f.name + "-value"), on ? shown(f, t) : "off");
       const row = f.fraction_param && f.fraction_table && f.fraction_table.length ? f.fraction_table[Number($("f-" + f.name).value) - 1] : null;
       if (f.fraction_param) fractionText(f, row);
       drawHist($("hist-" + f.name), f.edges, f.counts, {
@@ -481,7 +488,7 @@
       if (ok) kept += cell[n];
     }
     kept = Math.round(kept * s.whatif.scale);
-    const parts = s.filters.map((f, k) => wi[k].on ? f.threshold_param + " " + Number(wi[k].t).toFixed(3) : f.name + " off");
+    const parts = s.filters.map((f, k) => wi[k].on ? f.threshold_param + " " + shown(f, wi[k].t) : f.name + " off");
     const share = s.population ? (100 * kept / s.population).toFixed(1) : "0";
     text($("whatif"), "With " + parts.join(", ") + ": " + fmt(kept) + " of " + fmt(s.population) + " kept (" + share + "%)" +
       (s.whatif.sampled ? ", estimated from " + fmt(s.whatif.records) + " records" : "") +

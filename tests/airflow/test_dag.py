@@ -45,7 +45,8 @@ def test_dag_file_parses_without_engine_imports():
     assert probe["seconds"] < 5, probe
     # Only the engine's stage registry (pure Python) is read at parse time: neither the engine's
     # compute nor Ray, torch or storage clients are loaded.
-    assert probe["heavy"] == ["winnow", "winnow.filters", "winnow.registry", "winnow.runkey"], probe["heavy"]
+    assert probe["heavy"] == ["winnow", "winnow.checks", "winnow.exceptions", "winnow.filters", "winnow.registry",
+                              "winnow.runkey"], probe["heavy"]
 
 
 def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_report(curation_dag):
@@ -153,12 +154,16 @@ def test_dag_declares_assets_retries_and_docs(curation_dag):
 
 
 def test_every_param_has_a_title_and_description(curation_dag):
+    from winnow.filters import PARAMS
+
+    # The run's own params, then one per declared filter param (their title and description come
+    # from the declaration).
     expected = {"input_uri", "output_root", "run_key", "buffer_size", "max_partitions", "model",
-                "pretrained", "model_dir", "aesthetic_weights", "nsfw_weights",
-                "aesthetic_threshold", "nsfw_threshold", "dedup_eps", "dedup_clusters",
-                "aesthetic_keep_fraction", "clip_score_threshold", "clip_score_keep_fraction", "caption_field",
-                "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id", "decode_backend",
-                "batch_size", "storage_conn_id", "dedup_sample_size", "dedup_buckets"}
+                "pretrained", "model_dir", "aesthetic_weights", "nsfw_weights", "watermark_weights", "dedup_eps",
+                "dedup_clusters",
+                "caption_field", "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id",
+                "decode_backend", "batch_size", "storage_conn_id", "dedup_sample_size", "dedup_buckets",
+                *(p.name for p in PARAMS)}
     params = curation_dag.params
     assert set(params.keys()) == expected
     for name in expected:
@@ -221,6 +226,26 @@ def test_a_misspelt_conf_key_is_named_with_the_closest_param_by_the_operator(tmp
     with pytest.raises(AirflowFailException, match=r"unknown parameter 'aesthetic_treshold' \(did you mean "
                                                     r"'aesthetic_threshold'\?\)"):
         op.curation_config({"params": {**params, "aesthetic_treshold": 5}})
+
+
+@pytest.mark.parametrize("knob, bad", [("buffer_size", 0), ("max_partitions", 5000), ("dedup_eps", 2.0),
+                                       ("nsfw_threshold", 7.0), ("batch_size", 1.5), ("overwrite", "no"),
+                                       ("worker_cpus", 0), ("worker_gpus", -1), ("compute", "actor")])
+def test_a_bad_knob_fails_the_task_at_once(tmp_path, knob, bad):
+    """Every knob check raises ``ConfigError``; the operators turn it into Airflow's no-retry failure."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from winnow.data.sample import TINY_MODEL_PARAMS
+    from winnow.execution import Execution
+    from winnow.pipeline import CurationConfig
+    from winnow_airflow.base import engine_errors
+
+    with pytest.raises(AirflowFailException, match=rf"(?s)ConfigError: .*{knob}"), engine_errors():
+        if knob in ("worker_cpus", "worker_gpus", "compute"):  # an operator's Execution, built in engine_errors
+            Execution(**{knob: bad})
+        else:
+            CurationConfig(input_uri=str(tmp_path), output_root=str(tmp_path / "out"), run_key="r",
+                           **{**TINY_MODEL_PARAMS, knob: bad}).validate()
 
 
 def test_a_dag_run_with_a_misspelt_conf_key_fails_its_index_task_at_once_and_writes_nothing(curation_dag, tmp_path, capfd):

@@ -7,12 +7,13 @@ the engine (the live browser test covers runs made by a real scheduler).
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import json
 from datetime import UTC, datetime
 
 import pytest
+
+from tests._tiny import all_filters, off_threshold
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -200,8 +201,8 @@ def test_scores_give_histograms_and_whatif_cells_that_add_up_to_the_runs_kept_co
     s = client.get(f"/api/runs/{dag_runs['ok']}/scores", headers=admin).json()
     _consistent(s)
     assert s["population"] > 0 and all(f["scored"] > 0 for f in s["filters"] if f["enabled"])
-    assert s["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0}
-    assert s["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    assert s["thresholds"] == all_filters({"aesthetic": 3.0, "nsfw": 0.6}, off_threshold)
+    assert s["enabled"] == all_filters({"aesthetic": True, "nsfw": True}, False)
     counts = count_outcomes(curated["run_root"], load_index(curated["run_root"]).plan)
     assert whatif_kept(s, run_limits(s)) == s["kept_at_thresholds"] == counts["kept"]
 
@@ -237,7 +238,8 @@ def test_scores_give_the_clip_histogram_and_keep_fraction_tables_the_thresholds_
     _consistent(s)
     by = _by_name(s)
     clip = by["clip_score"]
-    assert s["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True} and clip["enabled"] is True
+    assert s["enabled"] == all_filters({"aesthetic": True, "nsfw": True, "clip_score": True}, False)
+    assert clip["enabled"] is True
     assert s["entries"]["clip_score"]["keep_fraction"] == clip["run_fraction"] == 0.7
     assert sum(clip["counts"]) == clip["scored"] == int((~np.isnan(r.clip) & r.population).sum()) > 0
     assert clip["threshold"] == s["thresholds"]["clip_score"] and clip["threshold"] in clip["edges"]
@@ -265,9 +267,9 @@ def test_scores_of_a_run_with_the_clip_filter_off_say_so(http, built):
     s = client.get(f"/api/runs/{m['run_id']}/scores", headers=admin).json()
     _consistent(s)
     clip = _by_name(s)["clip_score"]
-    assert s["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    assert s["enabled"] == all_filters({"aesthetic": True, "nsfw": True}, False)
     assert clip["enabled"] is False and clip["kept_at_threshold"] is None and clip["run_fraction"] is None
-    assert s["thresholds"] == {"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.0}
+    assert s["thresholds"] == all_filters({"aesthetic": 4.0, "nsfw": 0.5}, off_threshold)
     assert sum(clip["counts"]) == clip["scored"] > 0
     # Off: it drops nothing, records without a caption included.
     assert run_limits(s)["clip_score"] is None and clip["missing"]["records"] > 0
@@ -283,13 +285,19 @@ def test_the_gallery_filters_and_explains_every_outcome_and_the_page_lists_them(
     page = client.get(f"{base}/gallery?limit=200", headers=admin).json()
     assert [i["outcome"] for i in page["items"]] == [row["outcome"] for row in GALLERY_ROWS]
     assert page["outcomes"] == list(OUTCOMES)
-    assert page["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True}
+    assert page["enabled"] == all_filters({"aesthetic": True, "nsfw": True, "clip_score": True}, False)
     for outcome in OUTCOMES:
         items = client.get(f"{base}/gallery?outcome={outcome}", headers=admin).json()["items"]
         assert [i["outcome"] for i in items] == [outcome] and items[0]["reason"], outcome
     # The page's outcome menu is made from /api/filters: see the test after this one.
     html = client.get(f"/ui/run?dag_id=image_curation&run_id={built['fractions']['run_id']}", headers=admin)
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+
+
+#: Words of a filter that are the browser's own property names too (the ``width`` and ``height``
+#: of a canvas, a style, a DOMRect, a TextMetrics: the image-size filters' columns): the script may
+#: write them as a property. As a string or an option value it may not, as any filter word.
+DOM_PROPERTIES = frozenset({"width", "height"})
 
 
 def _filter_words() -> dict[str, str]:
@@ -334,7 +342,7 @@ def test_the_filter_list_comes_from_the_declarations_and_the_view_names_no_filte
         for word, spec in _filter_words().items():
             w = re.escape(word)
             patterns = [rf"([\"'`]){w}\1", rf"<option[^>]*value\s*=\s*[\"']?{w}\b"]
-            if name.endswith(".js"):
+            if name.endswith(".js") and word not in DOM_PROPERTIES:
                 patterns.append(rf"\.{w}\b")
             found += [(name, spec, word, m.group(0)) for p in patterns for m in re.finditer(p, text)]
     assert not found, found
@@ -354,13 +362,13 @@ def test_the_runs_storage_connection_is_looked_up_once_per_cache_period_not_per_
                         classmethod(lambda cls, conn_id: calls.append(conn_id) or conn))
     clock = [1000.0]
     monkeypatch.setattr(plugin.time, "monotonic", lambda: clock[0])
-    plugin._CONN_CACHE.clear()
+    plugin._RUN_STORAGE.clear()
     run = {"conf": {"storage_conn_id": "winnow_cache_probe"}}
 
     def poll() -> None:
-        # In the api-server each request runs in a context of its own; here, a copy of this one,
-        # so the connection's settings do not leak into the tests after this one.
-        contextvars.copy_context().run(plugin._use_run_storage, run)
+        # Each request gets the run's settings as a value of its own; nothing is installed.
+        options = plugin.run_storage(run)
+        assert options.endpoint_url == "http://127.0.0.1:9" and options.access_key_id == "AKIDPROBE"
 
     for _ in range(5):
         poll()
@@ -369,4 +377,4 @@ def test_the_runs_storage_connection_is_looked_up_once_per_cache_period_not_per_
     clock[0] += plugin.CONN_CACHE_S
     poll()
     assert calls == ["winnow_cache_probe"] * 2
-    plugin._CONN_CACHE.clear()
+    plugin._RUN_STORAGE.clear()

@@ -151,17 +151,21 @@ def test_zero_byte_shard_is_counted_not_an_error(tmp_path):
     assert scan.zero_byte and scan.records == 0
 
 
-def test_scan_reads_each_image_once_and_never_other_member_data(tmp_path):
-    """Fault-injection-style wrapper around the real pyarrow file: it records every read."""
+def test_scan_reads_each_image_and_caption_once_and_never_other_member_data(tmp_path):
+    """Fault-injection-style wrapper around the real pyarrow file: it records every read. The
+    scan reads the image (its uid and header size) and the caption (its words, for the
+    caption-length filter), once each; a member it has no use for (a .cls label) never."""
     import pyarrow.fs as pafs
 
     from winnow.data.tarscan import image_uid
 
     big = b"\xff" * 1_000_000
-    caption = b"c" * 700_000
+    caption = b"c " * 350_000  # 700 kB, 350000 words
+    label = b"\x00" * 600_000
     members = []
     for i in range(5):
-        members += [(f"{i:03d}.jpg", big[: len(big) - i] + bytes([i])), (f"{i:03d}.txt", caption)]
+        members += [(f"{i:03d}.jpg", big[: len(big) - i] + bytes([i])), (f"{i:03d}.txt", caption),
+                    (f"{i:03d}.cls", label)]
     shard = write_tar(str(tmp_path / "s.tar"), members)
     read: list[tuple[int, int]] = []
 
@@ -189,9 +193,11 @@ def test_scan_reads_each_image_once_and_never_other_member_data(tmp_path):
     scan = scan_shard(shard, filesystem=CountingFS())
     assert scan.records == 5
     assert scan.uid == [image_uid(data) for name, data in members if name.endswith(".jpg")]
-    image_reads = [(o, n) for o, n in read if n > 512]
-    assert image_reads == list(zip(scan.image_offset, scan.image_size))  # each image once, in order
-    assert sum(n for _, n in read) <= sum(scan.image_size) + 512 * 11  # headers; no caption data
+    assert scan.caption_words == [350_000] * 5
+    data_reads = sorted((o, n) for o, n in read if n > 512)
+    # Each image and each caption once; nothing of the labels.
+    assert data_reads == sorted([*zip(scan.image_offset, scan.image_size), *zip(scan.txt_offset, scan.txt_size)])
+    assert sum(n for _, n in read) <= sum(scan.image_size) + sum(scan.txt_size) + 512 * 16  # and the headers
 
 
 # ---- listing -------------------------------------------------------------------------------

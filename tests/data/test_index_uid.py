@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks._reference.index import build_index_serial
 from tests.data._shards import tree_snapshot, write_tar
-from winnow.data.index import SCAN_DIR, IndexConfig, build_index, load_index, read_skipped
+from winnow.data.index import _GROUP_LAYOUT, SCAN_DIR, IndexConfig, build_index, load_index, read_skipped
 from winnow.data.tarscan import image_uid
 from winnow.exceptions import StageConfigMismatch
 from winnow.execution import Execution
@@ -190,7 +190,7 @@ def test_rerun_commits_nothing_and_a_lost_file_is_redone_alone(mixed, tmp_path, 
     os.unlink(CommitStore(run_root).row_group_path("index", first.plan.partition_of(twin_rg), twin_rg))
     if backend == "local":
         (digest,) = os.listdir(os.path.join(run_root, SCAN_DIR))
-        scan_dir = os.path.join(run_root, SCAN_DIR, digest, "v2-g2")
+        scan_dir = os.path.join(run_root, SCAN_DIR, digest, f"{_GROUP_LAYOUT}-g2")
         for name in os.listdir(scan_dir):
             if name.startswith("exact-"):
                 os.unlink(os.path.join(scan_dir, name))

@@ -9,8 +9,10 @@ import pytest
 from safetensors.torch import save_file
 
 from tests.data._shards import write_tar
+from winnow.checks import DEFAULT_MAX_PARTITIONS, MAX_MAP_LENGTH
 from winnow.data.sample import TINY_MODEL_PARAMS
-from winnow.exceptions import ConfigError, DedupError
+from winnow.exceptions import ConfigError, WinnowError
+from winnow.filters import PARAMS as FILTER_PARAMS
 from winnow.pipeline import CurationConfig
 from winnow.stages.decode import DECODE_BACKENDS
 from winnow.stages.dedup import EPS_RANGE, DedupConfig
@@ -33,7 +35,7 @@ def test_dedup_eps_range_is_open_at_zero_closed_at_one(eps, ok):
     if ok:
         DedupConfig(eps=eps)
     else:
-        with pytest.raises(DedupError, match=r"dedup_eps must be in \(0, 1\]"):
+        with pytest.raises(ConfigError, match=r"dedup_eps must be a number in \(0, 1\]"):
             DedupConfig(eps=eps)
 
 
@@ -120,3 +122,85 @@ def test_unknown_params_are_refused_naming_each_and_the_closest_known_one():
     cfg = CurationConfig.from_params({**base, "ray_conn_id": "ray_default"}, also_accepted={"ray_conn_id"})
     assert cfg.aesthetic_threshold == 5.0 and not hasattr(cfg, "ray_conn_id")
     assert CurationConfig.from_params(CurationConfig(**base).to_dict()) == CurationConfig(**base)
+
+
+def _bad_filter_values(param) -> list:
+    outside = param.high + 1 if param.high is not None else param.low - 1
+    return [outside, "5", True] + ([] if param.nullable else [None])
+
+
+#: The run parameters (what ``to_dict`` holds: params, run conf, fingerprints).
+_KNOBS = set(CurationConfig(input_uri="i", output_root="o", run_key="r").to_dict())
+#: Every knob of ``CurationConfig`` with values it refuses. ``output_root`` is only required
+#: (``from_params``): any string names a folder.
+BAD_KNOBS: list[tuple[str, object]] = [
+    ("run_key", "a/b"), ("run_key", ""),
+    ("buffer_size", 0), ("buffer_size", -1), ("buffer_size", 2.5), ("buffer_size", True), ("buffer_size", "256"),
+    ("max_partitions", 0), ("max_partitions", MAX_MAP_LENGTH + 1), ("max_partitions", 8.0), ("max_partitions", None),
+    ("model", "no-such-model"), ("pretrained", "no-such-tag"), ("model_dir", "/no/such/models"),
+    *((name, f"/no/such/{name}.safetensors") for name in _KNOBS if name.endswith("_weights")),  # every head's
+    *((p.name, bad) for p in FILTER_PARAMS for bad in _bad_filter_values(p)),
+    ("caption_field", ""), ("caption_field", "meta..caption"), ("caption_field", 5),
+    ("dedup_eps", 0), ("dedup_eps", 1.5), ("dedup_eps", float("nan")), ("dedup_eps", "0.05"),
+    ("dedup_clusters", -1), ("dedup_clusters", 1.5), ("dedup_sample_size", -1), ("dedup_sample_size", "0"),
+    ("dedup_buckets", -1), ("dedup_buckets", MAX_MAP_LENGTH + 1),
+    ("allow_random_weights", "yes"), ("overwrite", "false"), ("skip_bad_shards", 1),
+    ("decode_backend", "gpu-magic"), ("decode_backend", None),
+    ("batch_size", 0), ("batch_size", 64.0), ("batch_size", True),
+    ("input_uri", "/no/such/shards"),
+]
+
+
+def test_the_bad_knob_table_covers_every_knob():
+    assert _KNOBS - {"output_root"} == {name for name, _ in BAD_KNOBS}
+
+
+def _reading(knob: str) -> dict:
+    """The other params under which ``knob`` is read at all: model_dir only for a weights tag (the
+    tiny model's "random" weights need no file), a head's weights only while its filter is on."""
+    from winnow.filters import FILTERS
+
+    if knob == "model_dir":
+        return {"pretrained": "openai"}
+    spec = next((f for f in FILTERS if f"{f.name}_weights" == knob), None)
+    if spec is None or spec.off is None:
+        return {}
+    return {spec.threshold.name: (spec.threshold.low + spec.threshold.high) / 2}
+
+
+@pytest.mark.parametrize("knob, bad", BAD_KNOBS, ids=[f"{k}={v!r}" for k, v in BAD_KNOBS])
+def test_every_bad_knob_is_a_config_error_naming_it_and_the_value(tmp_path, knob, bad):
+    cfg = _cfg(tmp_path, **{knob: bad}, **_reading(knob))
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    text = str(err.value)
+    assert knob in text, text
+    if knob not in ("model", "pretrained", "input_uri"):  # these name what was looked for instead
+        assert repr(bad) in text, text
+    assert isinstance(err.value, ValueError) and isinstance(err.value, WinnowError)
+
+
+@pytest.mark.parametrize("stage", ["index", "embed", "clip_score", "dedup"])
+def test_a_stage_config_refuses_a_bad_knob_with_a_config_error(tmp_path, stage):
+    bad = {"index": {"max_partitions": 0}, "embed": {"batch_size": 0}, "clip_score": {"caption_field": ""},
+           "dedup": {"dedup_buckets": -1}}[stage]
+    cfg = _cfg(tmp_path, **bad)
+    build = cfg.dedup_config if stage == "dedup" else lambda: cfg.stage_config(stage)
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        build()
+
+
+def test_max_partitions_has_one_default_and_one_check():
+    import inspect
+
+    from winnow.data.index import IndexConfig
+    from winnow.rowgroups.plan import RowGroupPlan
+
+    assert DEFAULT_MAX_PARTITIONS == 64
+    assert CurationConfig(input_uri="i", output_root="o", run_key="r").max_partitions == DEFAULT_MAX_PARTITIONS
+    assert IndexConfig(input_uri="i", buffer_size=8).max_partitions == DEFAULT_MAX_PARTITIONS
+    assert RowGroupPlan(10, 2).max_partitions == DEFAULT_MAX_PARTITIONS
+    # The plan checks it; the index config makes an empty plan rather than checking it again.
+    assert "MAX_MAP_LENGTH" not in inspect.getsource(IndexConfig)
+    with pytest.raises(ConfigError, match="max_map_length"):
+        IndexConfig(input_uri="i", buffer_size=8, max_partitions=MAX_MAP_LENGTH + 1)

@@ -11,20 +11,25 @@ from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
 from winnow.stages.dedup_steps import ensure_step
 
 PLAN = RowGroupPlan(20, 8, 4)
-#: Today's digests of the config below (index: a fixed listing digest).
+#: Today's digests of the config below (index: a fixed listing digest). Each stage's digest chains
+#: its upstream digests, so a change of the index's fingerprint moves every digest once, on
+#: purpose: the index layout gained the ``width`` and ``height`` columns (key ``image_size``: the
+#: image-size filters) and the ``caption_words`` column (keys ``caption_words`` and
+#: ``caption_field``: the caption-length filter), and every chained digest was pinned anew then.
+#: Any other move is an accident that turns every existing run root into a StageConfigMismatch.
 PINNED = {
-    "index": "266bd4c8ae8bdb94",
-    "embed": "b5cb2594f02a6acb",
-    "aesthetic": "14f753708578f392",
-    "nsfw": "57473c7a11f8398e",
-    "clip_score": "08060bb4e625962a",
-    "thresholds": "5d1e2e8323bf2654",
-    "centroids": "206cb8d64cc182cc",
-    "assign": "3a9c953908afc3fd",
-    "pairwise": "5dfb55a3e2ab521c",
-    "dedup": "5b225957d0f23f7c",
-    "status": "f77935e32ee866d4",
-    "write": "ec19f2791c6d6f21",
+    "index": "d7a1d92f3d285207",
+    "embed": "d7ad7dec58ec2242",
+    "aesthetic": "d15d998acab31612",
+    "nsfw": "163d0cd5402e7959",
+    "clip_score": "7587b5c432d6fa10",
+    "thresholds": "3761d37afd71e3dc",
+    "centroids": "3a4a7d754d8b0cd8",
+    "assign": "9521cfea35c07ec7",
+    "pairwise": "3f1145114f3131b6",
+    "dedup": "956ae6b0bcf28e6c",
+    "status": "1a2c7c62a89f7a2c",
+    "write": "1832d5cd1f7f9d53",
 }
 
 

@@ -35,7 +35,7 @@ from tests._procs import Background, wait_gone
 from tests._tiny import tiny_config
 from tests.faults._faultkit import RunOutput, assert_untouched, committed_files, read_commit_log
 from winnow.data.sample import generate_sample
-from winnow.exceptions import ResourceRequestError
+from winnow.exceptions import ConfigError, ResourceRequestError
 from winnow.execution import Execution, default_compute
 from winnow.pipeline import CurationConfig, run_all
 from winnow.ray.resources import Node, alive_nodes, largest_node, model_worker_request, unit_request
@@ -71,7 +71,7 @@ def test_a_knob_larger_than_every_node_is_an_error_naming_it_and_the_largest_nod
     gpu_box = [Node("g", 4, 2), Node("c", 16, 0)]  # each knob fits some node, never both on one
     with pytest.raises(ResourceRequestError, match=r"no alive Ray node holds a worker of 8 CPU\(s\) and 1 GPU"):
         model_worker_request(compute="actors", nodes=gpu_box, worker_cpus=8)
-    with pytest.raises(ResourceRequestError, match="worker_cpus must be > 0"):
+    with pytest.raises(ConfigError, match="worker_cpus must be a number > 0"):
         model_worker_request(compute="actors", nodes=HEAD1_WORKER2, worker_cpus=0)
     with pytest.raises(ResourceRequestError, match="1 CPU.*the default worker size.*0 CPUs"):
         model_worker_request(compute="actors", nodes=[Node("head", 0, 0)])  # only a 0-CPU head is up
@@ -100,7 +100,7 @@ def test_compute_is_the_callers_choice_with_one_documented_default(monkeypatch):
     assert default_compute(None) == "actors"
     assert Execution(ray_address="auto", compute="tasks").compute == "tasks"  # the caller's choice wins
     assert Execution(compute=None).compute == "actors"  # None: the default, fixed when the value is built
-    with pytest.raises(ResourceRequestError, match="compute must be 'tasks' or 'actors'"):
+    with pytest.raises(ConfigError, match="compute must be one of tasks, actors"):
         Execution(compute="actor")
 
 

@@ -128,7 +128,7 @@ def test_listings_counted_by_a_counting_local_fs_complete_stage_is_not_listed(tm
     root = str(tmp_path / "run")
     store, plan = make_run(root, sample)
     fs = CountingLocalFS()
-    monkeypatch.setattr(store_mod, "resolve_filesystem", lambda uri: (fs, os.path.abspath(uri)))
+    monkeypatch.setattr(store_mod, "resolve_filesystem", lambda uri, storage=None: (fs, os.path.abspath(uri)))
     stage_dir = store.stage_dir(STAGE)
 
     def listings() -> list[tuple[str, bool]]:
@@ -141,7 +141,7 @@ def test_listings_counted_by_a_counting_local_fs_complete_stage_is_not_listed(tm
     monkeypatch.setattr(progress, "MAX_PARTITION_LISTINGS", 2)
     assert listings() == [(stage_dir, True)]  # 3 open partitions > 2: the recursive listing again
     monkeypatch.undo()
-    monkeypatch.setattr(store_mod, "resolve_filesystem", lambda uri: (fs, os.path.abspath(uri)))
+    monkeypatch.setattr(store_mod, "resolve_filesystem", lambda uri, storage=None: (fs, os.path.abspath(uri)))
     # Partition 0 is settled: only partitions 1..3 are listed, one level each.
     assert listings() == [(store.partition_dir(STAGE, p), False) for p in (1, 2, 3)]
     commit(store, plan, *range(5, 12))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests._tiny import all_filters, off_threshold
+from tests.report._runs import gallery_rows
 from winnow.rowgroups import CommitStore
 
 pytestmark = pytest.mark.timeout(600)
@@ -165,8 +167,8 @@ def test_gallery_holds_a_bounded_sample_with_reasons_and_thumbnails_by_offset(ru
         if i["outcome"] != "kept":
             assert i["reason"] and i["reason"] != "kept"
         assert all(name in i for name, _ in VALUE_COLUMNS)  # every filter's value, None where it has none
-    assert page["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0}
-    assert page["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    assert page["thresholds"] == all_filters({"aesthetic": 3.0, "nsfw": 0.6}, off_threshold)
+    assert page["enabled"] == all_filters({"aesthetic": True, "nsfw": True}, False)
     assert page["written"] == plan.num_row_groups - 1 and f"{plan.num_row_groups - 1} of" in page["waiting"]
     kept = gallery_page(run["root"], plan, outcome="kept", limit=2)
     assert kept["items"] and all(i["outcome"] == "kept" for i in kept["items"]) and kept["next"] is not None
@@ -185,7 +187,8 @@ def whatif_kept(h, limits):
     what-if cells that every filter on keeps. ``limits``: {filter: threshold, on an edge of that
     filter's histogram; None or absent: the filter is off}. A threshold on an edge keeps whole
     bins: for keep ">=" the bins whose lower edge is at least it, for "<" and "<=" the bins whose
-    upper edge is at most it; bin -1 (no value) fails a filter that is on."""
+    upper edge is at most it; bin -1 (no value) fails a filter that is on, bin -2 (a value no one
+    knows, which the filter lets pass) passes it."""
     keeps = []
     for f in h["filters"]:
         t = limits.get(f["name"])
@@ -195,9 +198,9 @@ def whatif_kept(h, limits):
         edges = f["edges"]
         assert t in edges, (f["name"], t, edges)
         if f["keep"] == ">=":
-            keeps.append(lambda b, e=edges, t=t: b >= 0 and e[b] >= t)
+            keeps.append(lambda b, e=edges, t=t: b == -2 or (b >= 0 and e[b] >= t))
         else:
-            keeps.append(lambda b, e=edges, t=t: b >= 0 and e[b + 1] <= t)
+            keeps.append(lambda b, e=edges, t=t: b == -2 or (b >= 0 and e[b + 1] <= t))
     return sum(cell[-1] for cell in h["whatif"]["cells"] if all(k(b) for k, b in zip(keeps, cell[:-1])))
 
 
@@ -251,8 +254,8 @@ def test_histograms_count_every_scored_record_and_the_kept_share_matches_the_run
     assert (h["records"], h["exact_duplicates"], h["undecodable"], h["duplicates"], h["kept_at_thresholds"]) == \
         (counts["records"], counts["exact_duplicates"], counts["undecodable"], counts["duplicates"], counts["kept"])
     assert h["population"] > 0 and h["row_groups"] == h["row_groups_total"] == run["plan"].num_row_groups
-    assert h["thresholds"] == {"aesthetic": 3.0, "nsfw": 0.6, "clip_score": 0.0}
-    assert h["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    assert h["thresholds"] == all_filters({"aesthetic": 3.0, "nsfw": 0.6}, off_threshold)
+    assert h["enabled"] == all_filters({"aesthetic": True, "nsfw": True}, False)
     by = _by_name(h)
     assert by["clip_score"]["enabled"] is False and by["clip_score"]["kept_at_threshold"] is None
     assert 3.0 in by["aesthetic"]["edges"] and 0.6 in by["nsfw"]["edges"]
@@ -312,11 +315,12 @@ def test_quantile_tables_pick_exactly_what_the_thresholds_step_picks(tmp_path):
         assert h["entries"][name]["keep_fraction"] == f["run_fraction"]
     assert (by["aesthetic"]["run_fraction"], by["clip_score"]["run_fraction"], by["nsfw"]["run_fraction"]) == (0.37, 0.6, None)
     assert by["nsfw"]["fraction_table"] is None and by["nsfw"]["fraction_scored"] is None
-    assert h["thresholds"]["nsfw"] == 0.7 and h["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True}
+    assert h["thresholds"]["nsfw"] == 0.7
+    assert h["enabled"] == all_filters({"aesthetic": True, "nsfw": True, "clip_score": True}, False)
     # Same table from a table-only check: ties make "keeps" exceed k (aesthetic scores are rounded).
     assert any(row["keeps"] > keep_count(row["fraction"], by["aesthetic"]["fraction_scored"])
                for row in by["aesthetic"]["fraction_table"])
-    assert whatif_kept(h, run_limits(h)) == h["kept_at_thresholds"] == _status_kept(root, r) == r.kept_by(h["thresholds"])
+    assert whatif_kept(h, run_limits(h)) == h["kept_at_thresholds"] == _status_kept(root, r) == r.kept_by(run_limits(h))
 
 
 def test_clip_histogram_and_the_kept_count_use_the_thresholds_the_run_used(tmp_path):
@@ -342,9 +346,9 @@ def test_clip_histogram_and_the_kept_count_use_the_thresholds_the_run_used(tmp_p
          int(population.sum()))
     # The run's kept count is the engine's outcome rule with the committed thresholds.
     kept = _status_kept(root, r)
-    assert h["kept_at_thresholds"] == kept == whatif_kept(h, run_limits(h)) == r.kept_by(h["thresholds"]) > 0
+    assert h["kept_at_thresholds"] == kept == whatif_kept(h, run_limits(h)) == r.kept_by(run_limits(h)) > 0
     # The clip filter drops records: without it the same thresholds keep more.
-    assert whatif_kept(h, {**run_limits(h), "clip_score": None}) == r.kept_by({**h["thresholds"], "clip_score": None}) > kept
+    assert whatif_kept(h, {**run_limits(h), "clip_score": None}) == r.kept_by({**run_limits(h), "clip_score": None}) > kept
     # Other thresholds (each on an edge of its histogram, as the view's sliders): the same count
     # as the records themselves give.
     by = _by_name(h)
@@ -365,7 +369,7 @@ def test_a_run_with_the_clip_filter_off_says_so(tmp_path):
     h = score_histograms(root, plan)
     _consistent(h)
     clip = _by_name(h)["clip_score"]
-    assert h["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": False}
+    assert h["enabled"] == all_filters({"aesthetic": True, "nsfw": True}, False)
     assert h["entries"]["clip_score"]["enabled"] is False
     assert clip["enabled"] is False and clip["kept_at_threshold"] is None
     assert sum(clip["counts"]) == clip["scored"] > 0  # scores are shown all the same
@@ -387,8 +391,8 @@ def test_a_run_before_its_thresholds_step_has_histograms_but_no_thresholds(tmp_p
     root, plan, r = _built(tmp_path, ThresholdsConfig(), thresholds=False)
     h = score_histograms(root, plan)
     _consistent(h)
-    assert h["thresholds"] == {"aesthetic": None, "nsfw": None, "clip_score": None} and h["entries"] is None
-    assert h["enabled"] == {"aesthetic": None, "nsfw": None, "clip_score": None} and h["kept_at_thresholds"] is None
+    assert h["thresholds"] == all_filters({}, None) and h["entries"] is None
+    assert h["enabled"] == all_filters({}, None) and h["kept_at_thresholds"] is None
     for f in h["filters"]:
         assert f["threshold"] is None and f["kept_at_threshold"] is None and f["run_fraction"] is None
         assert sum(f["counts"]) == f["scored"] > 0
@@ -429,7 +433,9 @@ def test_missing_clip_scores_leave_the_kept_count_unknown_while_the_filter_is_on
     assert sampled["records"] == int(read.sum()) and sampled["population"] == int((read & r.population).sum())
 
 
-GALLERY_ROWS = [
+#: One gallery row of every outcome: these, and one more of each outcome they do not name (an
+#: outcome a filter added later).
+NAMED_GALLERY_ROWS = [
     {"record_id": 0, "key": "a", "outcome": "kept", "aesthetic_score": 6.0, "nsfw_score": 0.1, "clip_score": 0.3},
     {"record_id": 1, "key": "b", "outcome": "exact_duplicate", "duplicate_of": 0, "duplicate_of_key": "a"},
     {"record_id": 2, "key": "c", "outcome": "undecodable", "error": "truncated: 10 bytes"},
@@ -440,30 +446,33 @@ GALLERY_ROWS = [
     {"record_id": 7, "key": "h", "outcome": "duplicate", "duplicate_of": 0, "duplicate_of_key": "a",
      "aesthetic_score": 6.0, "nsfw_score": 0.1, "clip_score": 0.3},
 ]
+GALLERY_ROWS = gallery_rows(NAMED_GALLERY_ROWS)
 
 
 def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
     from tests.report._runs import commit_gallery
-    from winnow.filters import BY_NAME, VALUE_COLUMNS
+    from winnow.filters import BY_NAME, FILTERS, VALUE_COLUMNS
     from winnow.report.gallery import gallery_page
     from winnow.schemas import OUTCOMES as STATUS_OUTCOMES
     from winnow.stages.thresholds import ThresholdsConfig
     from winnow.stages.thumbnails import OUTCOMES
 
     assert set(OUTCOMES) == set(STATUS_OUTCOMES) and OUTCOMES[0] == "kept"
-    assert {row["outcome"] for row in GALLERY_ROWS} == set(OUTCOMES)
+    assert {row["outcome"] for row in GALLERY_ROWS} == set(OUTCOMES) and len(GALLERY_ROWS) == len(OUTCOMES)
     root, plan, _ = _built(tmp_path, ThresholdsConfig(aesthetic_threshold=4.0, clip_score_threshold=0.2))
     store = CommitStore(root)
+    named = {row["outcome"] for row in NAMED_GALLERY_ROWS}
     stored = {"exact_duplicate": "same image bytes as record 0 ('a'); not decoded",
               "aesthetic": "aesthetic_score 1.5000 < threshold 4", "nsfw": "nsfw_score 0.9000 >= threshold 0.5",
               "no_caption": "no caption (.txt, or the json caption field) while the CLIP-score filter is on",
-              "clip_score": "clip_score 0.1100 < threshold 0.2", "duplicate": "near duplicate of record 0 ('a')"}
+              "clip_score": "clip_score 0.1100 < threshold 0.2", "duplicate": "near duplicate of record 0 ('a')",
+              **{o: f"the reason the status stage gave for {o}" for o in OUTCOMES if o not in named}}
     # Row group 0: written by the status-era write stage (reasons stored); row group 1: older, none stored.
     commit_gallery(store, plan, 0, [{**row, "error": stored.get(row["outcome"], row.get("error"))} for row in GALLERY_ROWS])
     commit_gallery(store, plan, 1, GALLERY_ROWS)
     page = gallery_page(root, plan, limit=100)
-    assert page["enabled"] == {"aesthetic": True, "nsfw": True, "clip_score": True}
-    assert page["thresholds"] == {"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.2}
+    assert page["enabled"] == all_filters({"aesthetic": True, "nsfw": True, "clip_score": True}, False)
+    assert page["thresholds"] == all_filters({"aesthetic": 4.0, "nsfw": 0.5, "clip_score": 0.2}, off_threshold)
     by = {(i["row_group"], i["outcome"]): i for i in page["items"]}
     assert len(by) == 2 * len(OUTCOMES) and page["written"] == 2
     for outcome in OUTCOMES:
@@ -481,6 +490,11 @@ def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
     assert by[(1, "no_caption")]["reason"] == BY_NAME["clip_score"].missing.reason
     assert by[(1, "clip_score")]["reason"] == f"{BY_NAME['clip_score'].label} 0.110: dropped at threshold 0.2"
     assert by[(1, "duplicate")]["reason"] == "near duplicate of a"
+    for outcome in set(OUTCOMES) - named:  # the rows gallery_rows added: each a filter's, its value 1
+        spec = next(f for f in FILTERS if outcome in (f.outcome, f.missing and f.missing.outcome))
+        assert by[(1, outcome)]["reason"] == (
+            spec.missing.reason if spec.missing is not None and spec.missing.outcome == outcome
+            else f"{spec.label} 1.000: dropped at threshold {page['thresholds'][spec.name]}"), outcome
     assert by[(0, "clip_score")]["clip_score"] == pytest.approx(0.11) and by[(0, "nsfw")]["clip_score"] is None
     for outcome in OUTCOMES:
         only = gallery_page(root, plan, outcome=outcome)["items"]
@@ -489,7 +503,8 @@ def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["score_equal_to_an_absolute_threshold", "fraction_keeping_the_top_score",
-                                  "nsfw_scores_of_1_at_threshold_1"])
+                                  "nsfw_scores_of_1_at_threshold_1", "aspect_ratio_equal_to_a_max_aspect_ratio",
+                                  "image_size_unknown_while_the_size_filters_are_on"])
 def test_scores_at_the_threshold_are_on_the_side_the_run_put_them(tmp_path, case):
     from tests.report._runs import random_records
     from winnow.report.scores import score_histograms
@@ -503,6 +518,14 @@ def test_scores_at_the_threshold_are_on_the_side_the_run_put_them(tmp_path, case
         r.clip[r.has_caption & every] = np.float32(0.24)
     elif case == "fraction_keeping_the_top_score":
         config = ThresholdsConfig(clip_score_keep_fraction=0.001)  # k = 1: the threshold is the best score
+    elif case == "aspect_ratio_equal_to_a_max_aspect_ratio":
+        # 3:1 images at DataComp's max_aspect_ratio = 3: kept ("<="), their ratio on the threshold's edge.
+        config = ThresholdsConfig(max_aspect_ratio=3.0)
+        r.other["width"][every], r.other["height"][every] = 600, 200
+    elif case == "image_size_unknown_while_the_size_filters_are_on":
+        # Decoded images whose header the index could not read: the size filters pass them (unknown_passes).
+        config = ThresholdsConfig(min_image_side=200, max_aspect_ratio=3.0)
+        r.other["width"][r.decoded & every] = r.other["height"][r.decoded & every] = np.nan
     else:
         # A saturated nsfw probability (1.0 in float32) is dropped by nsfw_threshold = 1.0.
         config = ThresholdsConfig(nsfw_threshold=1.0)
@@ -528,3 +551,16 @@ def test_a_what_if_at_any_edge_keeps_what_that_threshold_keeps(tmp_path, config)
     wrong = [(f["name"], e, whatif_kept(h, {f["name"]: e}), r.kept_by({f["name"]: e}))
              for f in h["filters"] for e in f["edges"]]
     assert [w for w in wrong if w[2] != w[3]] == []
+
+
+def test_a_keep_fraction_of_a_filter_keeping_low_values_picks_the_lowest_as_the_thresholds_step_does():
+    from winnow.filters import BY_NAME
+    from winnow.report.scores import quantile_table
+
+    low = next(f for f in BY_NAME.values() if f.fraction is not None and f.keep != ">=")
+    values = np.array([1, 3, 3, 2, np.nan], np.float32)
+    table = {round(r["fraction"], 2): r for r in quantile_table(values, low)}
+    for f, k_lowest, keeps in ((0.26, 1.0, 1), (0.51, 2.0, 2), (0.76, 3.0, 4)):
+        row = table[f]
+        assert row["keeps"] == keeps and int(low.passes(values, row["threshold"]).sum()) == keeps
+        assert low.passes(np.array([k_lowest], np.float32), row["threshold"])[0]

@@ -405,3 +405,136 @@ def test_nvimgcodec_on_gpu_keeps_pillow_accounting_for_every_record_kind():
 @needs_nvimgcodec
 def test_auto_prefers_nvimgcodec_for_a_gpu_model():
     assert make_batch_decoder("auto", OPENAI_224, allow_gpu_decode=True).backend == "nvimgcodec"
+
+
+# ---- extra preprocessings: one decode, several models' inputs --------------------------------------
+
+#: A second model's input, as the watermark detector takes it: 256 x 256 squash, bilinear.
+SQUASH_256 = PreprocessConfig(size=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                              interpolation="bilinear", resize_mode="squash")
+
+
+def extra_view_records() -> list[bytes | None]:
+    good = encode(picture(640, 480, seed=1), quality=90)
+    return [
+        good,
+        encode(picture(64, 48).convert("RGBA"), "PNG"),  # Pillow path on the bulk decoders
+        good[: len(good) * 2 // 3],  # header intact, body cut off
+        b"junk",
+        None,
+        encode(picture(100, 60).convert("L"), quality=90),
+        encode(picture(300, 700, seed=3), quality=90),
+    ]
+
+
+def assert_views_match_pillow(got, want, pillow_rows: set[int]) -> None:
+    """Same records, errors and row order as Pillow's; every view within resampling noise of
+    Pillow's, bit-identical on the records the bulk decoder handed to Pillow."""
+    assert got.index == want.index and got.errors == want.errors
+    assert len(got.views) == len(want.views) == 1
+    assert got.views[0].shape == want.views[0].shape == (len(want.index), 256, 256, 3)
+    for k, i in enumerate(got.index):
+        diff = (got.views[0][k].cpu().int() - want.views[0][k].int()).abs()
+        if i in pillow_rows:
+            assert diff.max().item() == 0, i
+        else:
+            assert diff.float().mean().item() < 0.5 and diff.max().item() <= 8, (i, diff.float().mean().item())
+
+
+def test_pillow_decoder_gives_each_extra_preprocessing_from_one_decode(monkeypatch):
+    import winnow.stages.decode as decode
+
+    calls: list[object] = []
+    real = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda data, **kw: (calls.append(data), real(data, **kw))[1])
+    images = extra_view_records()
+    plain = PillowBatchDecoder(OPENAI_224).decode(images)
+    calls.clear()
+    batch = PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode(images)
+    assert len(calls) == len(images)  # one decode per record for both preprocessings
+    assert batch.index == plain.index and batch.errors == plain.errors and torch.equal(batch.pixels, plain.pixels)
+    (view,) = batch.views
+    for k, i in enumerate(batch.index):
+        img, _ = real(images[i])
+        assert torch.equal(view[k], torch.from_numpy(PillowPreprocessor(SQUASH_256).to_uint8(img)))
+    empty = PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode([b"junk"])
+    assert empty.index == [] and empty.views[0].shape == (0, 256, 256, 3)
+
+
+def test_nvimgcodec_decoder_resizes_the_one_decoded_tensor_for_each_preprocessing_cpu_stand_in():
+    from winnow.stages.decode import NvImageCodecBatchDecoder
+
+    images = extra_view_records()
+    decoded: list[int] = []
+
+    def stand_in(datas):
+        decoded.extend(id(d) for d in datas)
+        return torchvision_jpeg(datas)
+
+    got = NvImageCodecBatchDecoder(OPENAI_224, jpeg_decoder=stand_in, extra=(SQUASH_256,)).decode(images)
+    # The complete RGB/grey JPEGs were decoded once, by the tensor path, for both preprocessings.
+    assert sorted(decoded) == sorted(id(images[i]) for i in (0, 5, 6))
+    plain = NvImageCodecBatchDecoder(OPENAI_224, jpeg_decoder=torchvision_jpeg).decode(images)
+    assert torch.equal(got.pixels, plain.pixels)
+    assert_views_match_pillow(got, PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode(images), {1})
+
+
+def test_nvimgcodec_decoder_keeps_views_on_their_records_when_pillow_redoes_one():
+    from winnow.stages.decode import NvImageCodecBatchDecoder
+
+    images = [encode(picture(120, 90, seed=i), quality=90) for i in range(4)]
+
+    def fails_second(datas):
+        out = torchvision_jpeg(datas)
+        out[1] = None
+        return out
+
+    got = NvImageCodecBatchDecoder(OPENAI_224, jpeg_decoder=fails_second, extra=(SQUASH_256,)).decode(images)
+    want = PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode(images)
+    assert_views_match_pillow(got, want, {1})
+
+
+@needs_dali_cpu
+def test_dali_gives_each_extra_preprocessing_as_an_output_of_the_one_decode():
+    images = extra_view_records()
+    got = DaliBatchDecoder(OPENAI_224, max_batch_size=4, extra=(SQUASH_256,)).decode(images)
+    plain = DaliBatchDecoder(OPENAI_224, max_batch_size=4).decode(images)
+    assert torch.equal(got.pixels, plain.pixels)  # the main output is untouched by the extra one
+    want = PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode(images)
+    assert_views_match_pillow(got, want, {1})
+
+
+@needs_dali_cpu
+def test_dali_batch_failure_redoes_the_views_with_pillow_too():
+    good = [encode(picture(120, 90, seed=i), quality=90) for i in range(3)]
+    truncated = good[0][: len(good[0]) * 2 // 3]
+    dec = DaliBatchDecoder(OPENAI_224, max_batch_size=4, extra=(SQUASH_256,))
+    got = dec.decode([good[0], truncated, *good[1:]])
+    assert dec.failed_batches == 1
+    want = PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode([good[0], truncated, *good[1:]])
+    assert_views_match_pillow(got, want, {0, 2, 3})
+
+
+@pytest.mark.gpu
+@needs_nvimgcodec
+def test_nvimgcodec_on_gpu_gives_the_extra_view_of_the_same_decode():
+    images = extra_view_records()
+    got = make_batch_decoder("nvimgcodec", OPENAI_224, extra=(SQUASH_256,)).decode(images)
+    assert got.pixels.is_cuda and got.views[0].is_cuda
+    want = PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode(images)
+    assert got.index == want.index and got.errors == want.errors
+    diff = (got.views[0].cpu().int() - want.views[0].int()).abs()
+    assert diff.float().mean().item() < 1.0  # nvJPEG's IDCT differs slightly from libjpeg-turbo's
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_dali_cpu
+def test_dali_mixed_on_gpu_gives_the_extra_view_of_the_same_decode():
+    images = extra_view_records()
+    got = make_batch_decoder("dali-gpu", OPENAI_224, max_batch_size=8, extra=(SQUASH_256,)).decode(images)
+    assert got.pixels.is_cuda and got.views[0].is_cuda
+    want = PillowBatchDecoder(OPENAI_224, extra=(SQUASH_256,)).decode(images)
+    assert got.index == want.index and got.errors == want.errors
+    diff = (got.views[0].cpu().int() - want.views[0].int()).abs()
+    assert diff.float().mean().item() < 1.0

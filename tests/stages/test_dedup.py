@@ -11,7 +11,7 @@ import torch
 
 from benchmarks._reference.dedup import run_dedup
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
-from winnow.exceptions import DedupError, StageConfigMismatch
+from winnow.exceptions import ConfigError, DedupError, StageConfigMismatch
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.schemas import DEDUP
 from winnow.stages.dedup import DedupConfig, DedupResult, dedup_cluster, dedup_clusters, find_duplicates, spherical_kmeans
@@ -173,9 +173,9 @@ def test_clusters_farmed_out_in_subsets_merge_to_the_same_result():
 
 
 def test_config_is_validated():
-    with pytest.raises(DedupError, match="eps"):
+    with pytest.raises(ConfigError, match="eps"):
         DedupConfig(eps=-0.1)
-    with pytest.raises(DedupError, match="dedup_clusters"):
+    with pytest.raises(ConfigError, match="dedup_clusters"):
         DedupConfig(n_clusters=-1)
 
 

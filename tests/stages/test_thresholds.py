@@ -143,3 +143,60 @@ def test_no_scored_record_keeps_none_by_that_filter(tmp_path):
     assert data["filters"]["clip_score"]["threshold"] is None and data["filters"]["clip_score"]["scored"] == 0
     outcomes = _status(run_root, plan).column("outcome").to_pylist()
     assert "kept" not in outcomes and "no_caption" in outcomes
+
+
+def _add_watermark_scores(run_root: str, plan: RowGroupPlan, scores: np.ndarray) -> None:
+    """Give the committed embed row groups a ``watermark_score`` column (the embed stage writes one
+    while the watermark filter is on)."""
+    store = CommitStore(run_root)
+    for rg in range(plan.num_row_groups):
+        a, b = plan.row_group_range(rg)
+        p = plan.partition_of(rg)
+        table = store.read_table("embed", p, rg)
+        column = pa.array(scores[a:b], pa.float32(), mask=np.isnan(scores[a:b]))
+        store.commit_table("embed", p, rg, table.append_column("watermark_score", column))
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 1.0])
+def test_keep_fraction_of_a_filter_keeping_low_values_keeps_the_lowest_plus_ties(tmp_path, fraction):
+    """The watermark filter keeps ``watermark_score < t``: a keep fraction keeps the k lowest
+    scores (and the ties of the k-th), its threshold the next float32 above the k-th smallest."""
+    run_root, plan, bad = _run_root(tmp_path)
+    n = plan.num_records
+    scores = np.round(np.random.default_rng(1).uniform(0, 1, n), 2).astype(np.float32)
+    no_score = bad.copy()
+    no_score[[5, 30]] = True  # no embedding: no score
+    scores[no_score] = np.nan
+    scored = np.sort(scores[~no_score])
+    k = keep_count(fraction, len(scored))
+    scores[np.flatnonzero(~no_score)[:3]] = scored[k - 1]  # ties of the k-th smallest
+    scored = np.sort(scores[~no_score])
+    kth = scored[k - 1]
+    _add_watermark_scores(run_root, plan, scores)
+    keep = np.ones(n, bool)
+    commit_filters(run_root, plan, keep, keep, thresholds={"watermark_keep_fraction": fraction})
+
+    entry = load_thresholds(CommitStore(run_root))["watermark"]
+    t = entry["threshold"]
+    assert entry["enabled"] is True and entry["keep"] == "<" and entry["keep_count"] == k
+    assert t == float(np.nextafter(kth, np.float32(np.inf)))  # the next float32 above the k-th smallest
+    kept = scored < t  # compared in float32, as the filter compares
+    assert np.array_equal(kept, scored <= kth) and kept.sum() >= k
+    rows = _status(run_root, plan).to_pylist()
+    dropped = [r for r in rows if r["outcome"] == "watermark"]
+    assert len(dropped) == len(scored) - kept.sum()
+    for r in dropped:
+        assert r["watermark_score"] > kth and "(watermark_keep_fraction=" in r["reason"]
+        assert r["reason"].startswith(f"watermark_score {r['watermark_score']:.4f} >= threshold ")
+    assert all(r["watermark_score"] <= kth for r in rows if r["outcome"] in ("kept", "duplicate"))
+
+
+def test_without_a_watermark_column_the_filter_reads_no_score(tmp_path):
+    """Embed files without ``watermark_score`` (the filter off, or a run made before it): status
+    rows carry a null score and the filter, off, drops nothing."""
+    run_root, plan, _ = _run_root(tmp_path, n=16)
+    keep = np.ones(16, bool)
+    commit_filters(run_root, plan, keep, keep)
+    status = _status(run_root, plan)
+    assert status.column("watermark_score").null_count == 16
+    assert "watermark" not in status.column("outcome").to_pylist()

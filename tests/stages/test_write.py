@@ -15,8 +15,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from tests._tiny import all_counts, all_filters, off_threshold
 from tests.stages._stage_rows import commit_embed, commit_filters, unit_rows
 from winnow.data.index import IndexConfig, build_index
+from winnow.filters import COUNT_NAMES
 from winnow.rowgroups import CommitStore, RowGroupPlan
 from winnow.rowgroups.task import RowGroupTask, Stage
 from winnow.schemas import write_schema
@@ -168,16 +170,13 @@ def test_tar_bytes_are_reproducible_and_headers_are_neutral(tmp_path):
 def test_count_outcomes_adds_up_and_matches_what_was_written(tmp_path):
     run_root, plan, _, _, kept = _run(tmp_path)
     before = count_outcomes(run_root, plan)
-    assert {k: before[k] for k in ("records", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped",
-                                   "no_caption", "clip_score_dropped", "duplicates", "kept", "written")} == {
-        "records": 20, "exact_duplicates": 0, "undecodable": 2, "aesthetic_dropped": 2, "nsfw_dropped": 1,
-        "no_caption": 0, "clip_score_dropped": 0, "duplicates": 2, "kept": 13, "written": 0}
-    assert before["thresholds"] == {"aesthetic": 5.0, "nsfw": 0.5, "clip_score": 0.0}
+    # Every outcome's count (COUNT_NAMES): the ones named here, 0 for the rest (filters off).
+    expected = all_counts({"undecodable": 2, "aesthetic_dropped": 2, "nsfw_dropped": 1, "duplicates": 2, "kept": 13})
+    assert {k: before[k] for k in ("records", *expected, "written")} == {"records": 20, **expected, "written": 0}
+    assert before["thresholds"] == all_filters({"aesthetic": 5.0, "nsfw": 0.5}, off_threshold)
     _write_all(WriteStage(), run_root, plan)
     counts = count_outcomes(run_root, plan)
-    assert counts["records"] == sum(counts[k] for k in ("exact_duplicates", "undecodable", "aesthetic_dropped",
-                                                        "nsfw_dropped", "no_caption", "clip_score_dropped",
-                                                        "duplicates", "kept"))
+    assert counts["records"] == sum(counts[k] for k in COUNT_NAMES.values())
     assert counts["kept"] == counts["written"] == len(kept)
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from tests._tiny import TINY_MODEL
 from winnow.pipeline import CurationConfig, run_all
 from winnow.registry import stage_order
-from winnow.rowgroups import CommitStore
+from winnow.rowgroups import CommitStore, RunRoot, StorageOptions
 
 #: Run settings for every S3 run test: tiny model, 6 row groups in 3 partitions.
 SMALL = dict(buffer_size=4, max_partitions=3, **TINY_MODEL, aesthetic_threshold=0.0)
@@ -23,11 +23,14 @@ NOT_COUNTS = {"run_root", "write_dir", "config", "seconds", "row_groups_computed
               "row_groups_skipped", "row_groups_by_stage"}
 
 
+def env_root(uri: str) -> RunRoot:
+    """``uri`` reached with this process's AWS_* environment (the module's S3 server)."""
+    return RunRoot(uri, StorageOptions.from_env())
+
+
 def upload_folder(local_dir: str, uri: str) -> None:
     """Copy every file under ``local_dir`` to the prefix ``uri`` (``s3://bucket/prefix``)."""
-    from winnow.rowgroups.fs import resolve_filesystem
-
-    fs, root = resolve_filesystem(uri)
+    fs, root = env_root(uri).filesystem()
     for folder, _, names in os.walk(local_dir):
         for name in names:
             rel = os.path.relpath(os.path.join(folder, name), local_dir)
@@ -44,7 +47,7 @@ def run_local(cfg: CurationConfig, **kwargs):
 
 def output_files(run_root: str, stage: str) -> dict[str, bytes]:
     """{path relative to the run root: bytes} of every file of one stage's folder."""
-    store = CommitStore(run_root)
+    store = CommitStore(env_root(run_root))
     infos = store.fs.get_file_info(pafs.FileSelector(store.path(stage), recursive=True))
     out = {}
     for info in infos:

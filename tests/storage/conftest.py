@@ -14,7 +14,6 @@ BUCKET = "winnow"
 def _reset_storage() -> None:
     from winnow.rowgroups import fs
 
-    fs.use_storage(None)
     fs._FS_CACHE.clear()
     fs._COND_CACHE.clear()
 

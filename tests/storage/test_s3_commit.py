@@ -16,18 +16,23 @@ import pyarrow.fs as pafs
 import pytest
 
 from benchmarks._s3server import SECRET_KEY
+from tests.storage._runs import env_root
 from tests.storage.conftest import BUCKET, _reset_storage
 from winnow.data.shards import list_shards
 from winnow.exceptions import InputError, RunLocked, StageConfigMismatch, StorageError
 from winnow.ray.cluster import free_port
 from winnow.rowgroups import CommitStore, StageFingerprint, lease
-from winnow.rowgroups.fs import conditional_writes, create_if_absent
+from winnow.rowgroups.fs import StorageOptions, conditional_writes, create_if_absent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _store(name: str) -> CommitStore:
-    return CommitStore(f"s3://{BUCKET}/{name}")
+    return CommitStore(env_root(f"s3://{BUCKET}/{name}"))
+
+
+def _shards(uri: str) -> list[str]:
+    return list_shards(uri, StorageOptions.from_env())
 
 
 def test_a_row_group_commit_is_one_put_of_its_final_key(s3):
@@ -101,7 +106,7 @@ def test_the_lease_is_taken_by_one_run_and_taken_over_only_when_expired(s3):
 
 _UPLOADER = """
 import sys, time
-from winnow.rowgroups import CommitStore
+from winnow.rowgroups import CommitStore, RunRoot, StorageOptions
 
 # Test-only fault injection: the commit's output stream writes its first 16 MiB (parts go out),
 # then holds at a barrier the test never releases, so the upload is surely not complete when
@@ -129,7 +134,7 @@ class HeldFS:
     def open_output_stream(self, path, *args, **kwargs):
         return HeldStream(self.inner.open_output_stream(path, *args, **kwargs))
 
-store = CommitStore(sys.argv[1])
+store = CommitStore(RunRoot(sys.argv[1], StorageOptions.from_env()))
 store.fs = HeldFS(store.fs)
 store.commit_bytes("write", 0, 7, b"x" * (48 << 20), suffix=".tar")
 print("completed", flush=True)
@@ -151,7 +156,7 @@ def test_an_upload_killed_mid_way_held_at_a_barrier_leaves_no_object(s3, tmp_pat
     child.wait()
     reqs = s3.requests(mark)
     assert not any(r.method == "POST" and "uploadId" in r.query for r in reqs), "upload completed before the kill"
-    store = CommitStore(root)
+    store = CommitStore(env_root(root))
     path = store.row_group_path("write", 0, 7, ".tar")
     assert store.fs.get_file_info(path).type == pafs.FileType.NotFound
     assert store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True, allow_not_found=True)) == []
@@ -166,23 +171,23 @@ def test_a_glob_on_s3_is_one_listing(s3):
         with store.fs.open_output_stream(store.path("shards", name)) as f:
             f.write(b"t")
     mark = s3.mark()
-    assert list_shards(f"s3://{BUCKET}/glob/shards/part-*.tar") == [
+    assert _shards(f"s3://{BUCKET}/glob/shards/part-*.tar") == [
         f"s3://{BUCKET}/glob/shards/part-00{i}.tar" for i in range(3)]
     assert s3.counts(mark) == {"LIST": 1}
-    assert list_shards(f"s3://{BUCKET}/glob/shards/part-{{001..002}}.tar") == [
+    assert _shards(f"s3://{BUCKET}/glob/shards/part-{{001..002}}.tar") == [
         f"s3://{BUCKET}/glob/shards/part-00{i}.tar" for i in (1, 2)]
     with pytest.raises(InputError, match=r"matched nothing.*part-9\*"):
-        list_shards(f"s3://{BUCKET}/glob/shards/part-9*.tar")
+        _shards(f"s3://{BUCKET}/glob/shards/part-9*.tar")
 
 
 def test_a_missing_bucket_is_named_for_input_and_output(s3):
     with pytest.raises(InputError) as err:
-        list_shards("s3://no-such-bucket/shards/")
+        _shards("s3://no-such-bucket/shards/")
     assert "bucket 'no-such-bucket' does not exist" in str(err.value) and s3.endpoint in str(err.value)
     with pytest.raises(InputError, match="bucket 'no-such-bucket' does not exist"):
-        list_shards("s3://no-such-bucket/shards/*.tar")
+        _shards("s3://no-such-bucket/shards/*.tar")
     with pytest.raises(StorageError) as err:
-        lease.acquire(CommitStore("s3://no-such-bucket/out/run"), "dag/run")
+        lease.acquire(CommitStore(env_root("s3://no-such-bucket/out/run")), "dag/run")
     text = str(err.value)
     assert "s3://no-such-bucket/out/run/_lease.json" in text and "Create the bucket" in text
     assert SECRET_KEY not in text
@@ -194,7 +199,7 @@ def test_an_unreachable_endpoint_names_the_setting(s3, monkeypatch):
     try:
         t0 = time.monotonic()
         with pytest.raises(InputError) as err:
-            list_shards(f"s3://{BUCKET}/shards/")
+            _shards(f"s3://{BUCKET}/shards/")
         assert "cannot reach the object store" in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
         with pytest.raises(StorageError) as err:
             _store("unreachable").ensure_stage(StageFingerprint("embed"))
@@ -224,7 +229,7 @@ def test_indexing_a_shard_reads_it_in_blocks_not_per_member(s3):
     with store.fs.open_output_stream(store.path("shard-0.tar")) as f:
         f.write(buf.getvalue())
     mark = s3.mark()
-    scan = scan_shard(f"s3://{store.root}/shard-0.tar")
+    scan = scan_shard(f"s3://{store.root}/shard-0.tar", storage=StorageOptions.from_env())
     assert scan.table().num_rows == 40
     counts = s3.counts(mark)
     assert counts["GET"] == 1 and counts["HEAD"] <= 1, counts
@@ -239,9 +244,9 @@ def test_an_index_rerun_that_changes_nothing_puts_nothing(s3, tmp_path):
     generate_sample(str(tmp_path / "in"), shards=1, per_shard=6, seed=2)
     config = IndexConfig(input_uri=str(tmp_path / "in"), buffer_size=2, max_partitions=2)
     run_root = f"s3://{BUCKET}/index-rerun"
-    build_index(run_root, config)
+    build_index(env_root(run_root), config)
     mark = s3.mark()
-    again = build_index(run_root, config)
+    again = build_index(env_root(run_root), config)
     assert again.row_groups_committed == 0
     puts = [r.key for r in s3.requests(mark) if r.kind in ("PUT", "POST", "DELETE")]
     assert puts == [], puts

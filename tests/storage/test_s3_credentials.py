@@ -13,7 +13,7 @@ from winnow.data.shards import list_shards
 from winnow.exceptions import ConfigError, InputError, StorageError
 from winnow.pipeline import CurationConfig
 from winnow.rowgroups import CommitStore, lease
-from winnow.rowgroups.fs import StorageOptions, use_storage
+from winnow.rowgroups.fs import RunRoot, StorageOptions
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,14 @@ def strict_s3(tmp_path_factory):
 
 def test_refused_credentials_from_the_environment_name_the_variables(strict_s3):
     with pytest.raises(InputError) as err:
-        list_shards("s3://curation/shards/")
+        list_shards("s3://curation/shards/", StorageOptions.from_env())
     text = str(err.value)
     assert "s3://curation/shards/" in text and "refused the credentials" in text
     assert "AWS_ACCESS_KEY_ID" in text and "AWS_SECRET_ACCESS_KEY" in text
     assert SECRET_KEY not in text
 
     with pytest.raises(StorageError) as err:
-        lease.acquire(CommitStore("s3://curation/out/run1"), "dag/run")
+        lease.acquire(CommitStore(RunRoot("s3://curation/out/run1", StorageOptions.from_env())), "dag/run")
     text = str(err.value)
     assert "s3://curation/out/run1/_lease.json" in text and "AWS_ACCESS_KEY_ID" in text
     assert SECRET_KEY not in text
@@ -49,11 +49,11 @@ def test_refused_credentials_from_the_environment_name_the_variables(strict_s3):
 
 def test_refused_credentials_from_a_connection_name_the_connection(strict_s3):
     secret = "conn-secret-Wx81"
-    use_storage(StorageOptions(endpoint_url=strict_s3.endpoint, region="us-east-1", access_key_id="AKIACONN",
-                               secret_access_key=secret, source="the Airflow connection 's3_lake' (storage_conn_id)"))
+    options = StorageOptions(endpoint_url=strict_s3.endpoint, region="us-east-1", access_key_id="AKIACONN",
+                             secret_access_key=secret, source="the Airflow connection 's3_lake' (storage_conn_id)")
     try:
         with pytest.raises(StorageError) as err:
-            CommitStore("s3://curation/out/run2").read_fingerprint("index")
+            CommitStore(RunRoot("s3://curation/out/run2", options)).read_fingerprint("index")
         text = str(err.value)
         assert "s3://curation/out/run2/index/_stage.json" in text
         assert "the login (access key id) and password (secret access key) of the Airflow connection 's3_lake'" in text
@@ -64,7 +64,8 @@ def test_refused_credentials_from_a_connection_name_the_connection(strict_s3):
 
 def test_validation_reports_the_refused_input_before_any_work(strict_s3, tmp_path):
     cfg = CurationConfig(input_uri="s3://curation/shards/*.tar", output_root=str(tmp_path), run_key="r",
-                         model="winnow-tiny-vit", pretrained="random", allow_random_weights=True)
+                         model="winnow-tiny-vit", pretrained="random", allow_random_weights=True,
+                         storage=StorageOptions.from_env())
     with pytest.raises(ConfigError) as err:
         cfg.validate()
     assert "input_uri" in str(err.value) and "refused the credentials" in str(err.value)

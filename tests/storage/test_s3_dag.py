@@ -21,6 +21,7 @@ from tests.storage._runs import (
     SMALL,
     WRITE_STAGE,
     counts_of,
+    env_root,
     output_files,
     parquet_rows,
     upload_folder,
@@ -108,9 +109,7 @@ def test_the_secret_is_in_no_xcom_summary_or_fingerprint(runs):
     text = json.dumps(_xcoms(runs["dr"]), default=str)
     assert SECRET_KEY not in text and ACCESS_KEY not in text
     assert "storage_conn_id" not in text or CONN_ID in text  # the id may show, never its values
-    from winnow.rowgroups.fs import resolve_filesystem
-
-    fs, root = resolve_filesystem(runs["s3_root"])
+    fs, root = env_root(runs["s3_root"]).filesystem()
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if info.type == pafs.FileType.File and info.base_name.endswith(".json"):
             with fs.open_input_stream(info.path) as f:

@@ -25,6 +25,7 @@ from winnow import pipeline
 from winnow.execution import LOCAL
 from winnow.pipeline import CurationConfig
 from winnow.registry import partition_stages, run_phases, stage_order
+from winnow.rowgroups import StorageOptions
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -38,7 +39,9 @@ def sample(local_run, s3):
 
 
 def _cfg(input_uri: str, output_root: str, run_key: str) -> CurationConfig:
-    return CurationConfig(input_uri=input_uri, output_root=output_root, run_key=run_key, **SMALL)
+    # This test is the run's entry point: it says where the run stores (the S3 server's AWS_* environment).
+    return CurationConfig(input_uri=input_uri, output_root=output_root, run_key=run_key, **SMALL,
+                          storage=StorageOptions.from_env())
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,7 @@ def test_a_run_killed_mid_partition_resumes_with_only_what_is_missing(sample, ru
     assert proc.returncode == -9, proc.stderr[-2000:]
     from winnow.rowgroups import CommitStore
 
-    store = CommitStore(cfg.run_root)
+    store = CommitStore(cfg.root)
     assert store.completed("embed", 0) == {0, 1}
     resumed = run_local(cfg)
     by_stage = resumed["row_groups_by_stage"]
@@ -136,11 +139,11 @@ def test_member_reads_are_one_get_per_shard_of_a_row_group(runs, s3):
     from winnow.data.reader import read_members
     from winnow.rowgroups import CommitStore
 
-    store = CommitStore(runs["s3_cfg"].run_root)
+    store = CommitStore(runs["s3_cfg"].root)
     index = store.read_table("index", 0, 0)
     shards = set(index.column("shard").to_pylist())
     mark = s3.mark()
-    images = read_members(index, "image")
+    images = read_members(index, "image", storage=runs["s3_cfg"].storage)
     gets = [r for r in s3.requests(mark) if r.kind == "GET"]
     assert index.num_rows >= 4 and sum(1 for i in images if i is not None) >= 3
     assert len(gets) == len(shards), [r.key for r in gets]

@@ -3,7 +3,7 @@ sidecar; and its length in words, which the index records for the caption-length
 (``min_caption_words``: DataComp's "more than 2 words"), so a record dropped for its caption is
 never decoded.
 
->>> caption_of(b"  a red  circle ", None, "caption"), caption_of(None, b'{"meta": {"c": "two words"}}', "meta.c")
+>>> caption_from_txt(b"  a red  circle "), caption_from_json(b'{"meta": {"c": "two words"}}', "meta.c")
 ('a red  circle', 'two words')
 >>> caption_words("a red  circle"), caption_words(None)
 (3, None)
@@ -12,12 +12,22 @@ never decoded.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+if TYPE_CHECKING:
+    from winnow.rowgroups.fs import StorageOptions
+
 #: What the index's ``caption_words`` column is, as recorded in its fingerprint.
 CAPTION_WORDS = "whitespace-words-v1"
+
+
+def caption_field_problem(field: object) -> str | None:
+    """What is wrong with a ``caption_field`` knob, in words; None when it names a field."""
+    if isinstance(field, str) and field.strip() and all(part.strip() for part in field.split(".")):
+        return None
+    return f"caption_field must name a .json field, e.g. 'caption' or 'meta.caption' (no empty parts), got {field!r}"
 
 
 def caption_from_txt(data: bytes | None) -> str | None:
@@ -54,28 +64,23 @@ def caption_from_json(data: bytes | None, field: str) -> str | None:
     return value.strip() or None
 
 
-def caption_of(txt: bytes | None, json_data: bytes | None, field: str) -> str | None:
-    """The caption of a record from its sidecars' bytes: the ``.txt``, else ``field`` of the ``.json``."""
-    return caption_from_txt(txt) or caption_from_json(json_data, field)
-
-
 def caption_words(caption: str | None) -> int | None:
     """Words of a caption (runs of non-whitespace); None without a caption."""
     return None if caption is None else len(caption.split())
 
 
-def read_captions(index: pa.Table, caption_field: str) -> list[str | None]:
+def read_captions(index: pa.Table, caption_field: str, *, storage: StorageOptions | None = None) -> list[str | None]:
     """Each index row's caption (``.txt`` first, then ``caption_field`` of the ``.json``), read
-    by ranged reads of the sidecars."""
+    by ranged reads of the sidecars (an object store's with the run's ``storage`` settings)."""
     from winnow.data.reader import read_members
 
-    captions = [caption_from_txt(b) for b in read_members(index, "txt")]
+    captions = [caption_from_txt(b) for b in read_members(index, "txt", storage=storage)]
     need_json = [i for i, c in enumerate(captions) if c is None]
     if need_json:
         has_json = index.column("json_offset").is_valid().to_numpy(zero_copy_only=False)
         need_json = [i for i in need_json if has_json[i]]
     if need_json:
         sub = index.take(pa.array(need_json, pa.int64()))
-        for i, data in zip(need_json, read_members(sub, "json")):
+        for i, data in zip(need_json, read_members(sub, "json", storage=storage)):
             captions[i] = caption_from_json(data, caption_field)
     return captions

@@ -33,15 +33,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.data.captions import CAPTION_WORDS
+from winnow.checks import DEFAULT_MAX_PARTITIONS, bool_problem, check
+from winnow.data.captions import CAPTION_WORDS, caption_field_problem
 from winnow.data.image_size import HEADER_SIZE
 from winnow.data.shards import list_shard_infos
 from winnow.data.tarscan import SCAN_SCHEMA, SKIPPED_SCHEMA, UID_ALGORITHM, scan_shard
 from winnow.exceptions import ShardError, StageConfigMismatch, StorageError
 from winnow.execution import LOCAL, Execution
-from winnow.rowgroups.plan import MAX_MAP_LENGTH, RowGroupPlan
+from winnow.rowgroups.plan import RowGroupPlan
 from winnow.rowgroups.store import (
     CommitStore,
+    RunRoot,
     StageFingerprint,
     read_json,
     stage_fingerprint,
@@ -90,19 +92,13 @@ class IndexConfig:
 
     input_uri: str
     buffer_size: int
-    max_partitions: int = 256
+    max_partitions: int = DEFAULT_MAX_PARTITIONS
     skip_bad_shards: bool = False
     caption_field: str = "caption"
 
     def __post_init__(self) -> None:
-        for name in ("buffer_size", "max_partitions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_partitions > MAX_MAP_LENGTH:
-            raise ValueError(
-                f"max_partitions must be <= {MAX_MAP_LENGTH} (Airflow's max_map_length), got {self.max_partitions}"
-            )
+        RowGroupPlan(0, self.buffer_size, self.max_partitions)  # the plan checks its own knobs
+        check(bool_problem("skip_bad_shards", self.skip_bad_shards), caption_field_problem(self.caption_field))
 
 
 def index_config(run: Any, _name: str = STAGE) -> IndexConfig:
@@ -157,7 +153,7 @@ def _fingerprint(config: IndexConfig, digest: str, num_records: int) -> StageFin
 
 
 def build_index(
-    run_root: str,
+    run_root: RunRoot | str,
     config: IndexConfig,
     *,
     overwrite: bool = False,
@@ -166,6 +162,8 @@ def build_index(
     group_size: int | None = None,
 ) -> IndexResult:
     """Index ``config.input_uri`` into ``<run_root>/index``; resume whatever is already there.
+    The input and the run root are both reached with the run root's storage settings (a
+    :class:`~winnow.rowgroups.fs.RunRoot`; a plain string is a local path).
 
     ``execution``: with ``backend="ray"`` shard groups (of ``group_size`` shards, default
     :func:`default_group_size`) are scanned in Ray tasks and row groups committed from Ray tasks,
@@ -185,12 +183,11 @@ def build_index(
     return _finish(store, config, shards, plan, counts, fingerprint, scanned=scanned, committed=committed, say=say)
 
 
-def _start(run_root: str, config: IndexConfig, *, overwrite: bool) -> tuple[CommitStore, list[str], str]:
+def _start(run_root: RunRoot | str, config: IndexConfig, *, overwrite: bool) -> tuple[CommitStore, list[str], str]:
     """List the shards and fail before any scan when the stored fingerprint already disagrees on
     anything but N. Returns the store, the shards and their listing digest."""
-    RowGroupPlan(0, config.buffer_size, config.max_partitions)  # validate knobs before any I/O
     store = CommitStore(run_root)
-    listing = list_shard_infos(config.input_uri)
+    listing = list_shard_infos(config.input_uri, store.run_root.storage)
     shards = [name for name, _ in listing]
     sizes = [size for _, size in listing]
     digest = _listing_digest(shards, sizes)
@@ -240,7 +237,7 @@ def _finish(
     )
 
 
-def load_index(run_root: str) -> IndexResult:
+def load_index(run_root: RunRoot | str) -> IndexResult:
     """The index a previous :func:`build_index` committed under ``run_root``."""
     store = CommitStore(run_root)
     path = store.path(STAGE, INDEX_FILE)
@@ -306,7 +303,7 @@ def _skipped_table(shard_names: list[str], rows: list[tuple]) -> pa.Table:
                                 schema=SKIPPED_ROWS)
 
 
-def read_skipped(run_root: str) -> Iterator[pa.Table]:
+def read_skipped(run_root: RunRoot | str) -> Iterator[pa.Table]:
     """The members the index skipped, as tables of :data:`SKIPPED_ROWS` (``shard``, ``key``,
     ``outcome`` ``no_image`` | ``duplicate_key``, ``reason``, ``duplicate_of_key``), one per
     file of ``index/_skipped/`` (shard order; in a shard its scan's skips in member order, then
@@ -376,7 +373,7 @@ def _group_dir(store: CommitStore, digest: str, group_size: int) -> str:
 _GROUP_SKIPPED = pa.schema([pa.field("shard_pos", pa.int32()), *SKIPPED_SCHEMA])
 
 
-def _scan_group_unit(shards: list[str], run_root: str, digest: str, group_size: int, caption_field: str,
+def _scan_group_unit(shards: list[str], run_root: RunRoot | str, digest: str, group_size: int, caption_field: str,
                      group: int) -> dict[str, Any]:
     store = CommitStore(run_root)
     first = group * group_size
@@ -384,7 +381,7 @@ def _scan_group_unit(shards: list[str], run_root: str, digest: str, group_size: 
     tables, skipped, meta = [], [], []
     for i, shard in enumerate(names, start=first):
         try:
-            scan = scan_shard(shard, caption_field=caption_field)
+            scan = scan_shard(shard, caption_field=caption_field, storage=store.run_root.storage)
         except ShardError as exc:
             meta.append({"pos": i, "shard": shard, "error": str(exc)})
             continue
@@ -437,7 +434,7 @@ def _read_group(store: CommitStore, digest: str, group_size: int, g: int, column
         return pq.read_table(f, columns=columns, filters=filters).replace_schema_metadata(None)
 
 
-def _keys_unit(run_root: str, digest: str, group_size: int, num_groups: int, partitions: int, part: int) -> dict[str, Any]:
+def _keys_unit(run_root: RunRoot | str, digest: str, group_size: int, num_groups: int, partitions: int, part: int) -> dict[str, Any]:
     """Drops of the keys of one hash partition: a key seen in an earlier shard is dropped."""
     store = CommitStore(run_root)
     seen: dict[str, int] = {}  # key -> position of the shard that kept it
@@ -490,7 +487,7 @@ def _read_drops(store: CommitStore, digest: str, group_size: int, partitions: in
     return _read_parts(store, digest, group_size, partitions, "drops", columns, filters)
 
 
-def _uids_unit(run_root: str, digest: str, group_size: int, num_groups: int, partitions: int, part: int) -> dict[str, Any]:
+def _uids_unit(run_root: RunRoot | str, digest: str, group_size: int, num_groups: int, partitions: int, part: int) -> dict[str, Any]:
     """Twins of the uids of one partition: a record (not dropped by its key) whose uid an
     earlier such record has is an exact duplicate of the first one."""
     store = CommitStore(run_root)
@@ -541,7 +538,7 @@ def _record_ids(store: CommitStore, digest: str, group_size: int, partitions: in
                        np.int64, len(pos))
 
 
-def _rows_unit(run_root: str, plan_dict: dict, shards: list[str], first_id: list[int], digest: str, group_size: int,
+def _rows_unit(run_root: RunRoot | str, plan_dict: dict, shards: list[str], first_id: list[int], digest: str, group_size: int,
                partitions: int, todo: dict[int, list[int]], partition: int) -> dict[str, Any]:
     """Commit the missing index row groups of one partition."""
     store = CommitStore(run_root)
@@ -591,7 +588,7 @@ def _rows_unit(run_root: str, plan_dict: dict, shards: list[str], first_id: list
     return {"committed": committed}
 
 
-def _skipped_unit(run_root: str, shards: list[str], digest: str, group_size: int, partitions: int, j: int) -> dict[str, Any]:
+def _skipped_unit(run_root: RunRoot | str, shards: list[str], digest: str, group_size: int, partitions: int, j: int) -> dict[str, Any]:
     """Commit ``index/_skipped/g<j>.parquet``: the skipped rows of its shards, each shard's scan
     skips (member order) then its records dropped by the cross-shard key rule (member order)."""
     store = CommitStore(run_root)

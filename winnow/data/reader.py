@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 from winnow.data.shards import open_shard_filesystem
 from winnow.exceptions import ShardError
 from winnow.filters import passes_before_decode
+from winnow.rowgroups.fs import StorageOptions
 
 #: Member name -> (offset column, size column) of :data:`winnow.schemas.INDEX`.
 #: Members closer than this are read in one request (the bytes between are read and dropped).
@@ -37,13 +38,15 @@ def read_members(
     member: str = "image",
     *,
     filesystem: pafs.FileSystem | None = None,
+    storage: StorageOptions | None = None,
 ) -> list[bytes | None]:
     """The bytes of one member (``"image"``, ``"txt"`` or ``"json"``) of every row of an index
     table, in row order; ``None`` where a record has no such member.
 
     Rows are grouped by shard so each shard is opened once and read in offset order. With
     ``filesystem`` the ``shard`` column holds paths in it; without, each shard is resolved from
-    its path or URI. Raises :class:`ShardError` naming the shard and key when data is missing.
+    its path or URI, an object store's with the run's ``storage`` settings. Raises
+    :class:`ShardError` naming the shard and key when data is missing.
     """
     if member not in MEMBER_COLUMNS:
         raise ValueError(f"member must be one of {sorted(MEMBER_COLUMNS)}, got {member!r}")
@@ -59,7 +62,7 @@ def read_members(
             by_shard[shard].append(row)
     for shard, rows in by_shard.items():
         rows.sort(key=lambda r: offsets[r])
-        fs, path = open_shard_filesystem(shard, filesystem)
+        fs, path = open_shard_filesystem(shard, filesystem, storage)
         try:
             f = fs.open_input_file(path)
         except (OSError, ValueError) as exc:
@@ -114,12 +117,14 @@ def _as_float(column: pa.ChunkedArray) -> np.ndarray:
     return column.cast(pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
 
 
-def read_images(index: pa.Table, before_decode: tuple[tuple[str, Any], ...] = ()) -> tuple[list[bytes | None], np.ndarray | None]:
+def read_images(index: pa.Table, before_decode: tuple[tuple[str, Any], ...] = (), *,
+                storage: StorageOptions | None = None) -> tuple[list[bytes | None], np.ndarray | None]:
     """The image bytes of the rows to embed (:func:`embedded_rows`) and their positions (None:
     all rows): the one place that decides an exact duplicate's bytes, or those of a record a
-    before-decode filter drops, are not read."""
+    before-decode filter drops, are not read. ``storage``: as for :func:`read_members`."""
     rows = embedded_rows(index, before_decode)
-    return read_members(index if rows is None else index.take(pa.array(rows, pa.int64())), "image"), rows
+    chosen = index if rows is None else index.take(pa.array(rows, pa.int64()))
+    return read_members(chosen, "image", storage=storage), rows
 
 
 def _spans(rows: list[int], offsets: list, sizes: list) -> list[list[int]]:

@@ -16,7 +16,7 @@ from collections import defaultdict
 import pyarrow.fs as pafs
 
 from winnow.exceptions import InputError, StorageError
-from winnow.rowgroups.fs import check_bucket, explain, is_local, resolve_filesystem
+from winnow.rowgroups.fs import StorageOptions, check_bucket, explain, is_local, resolve_filesystem, storage_of
 
 SHARD_SUFFIX = ".tar"
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -50,11 +50,13 @@ def shard_uri(input_uri: str, path: str) -> str:
     return f"{prefix}{path.lstrip('/')}{'?' + query if query else ''}"
 
 
-def open_shard_filesystem(shard: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a shard named as :func:`list_shards` names it."""
+def open_shard_filesystem(shard: str, filesystem: pafs.FileSystem | None = None,
+                          storage: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a shard named as :func:`list_shards` names it, reached with the
+    run's ``storage`` settings (an object store needs them)."""
     if filesystem is not None:
         return filesystem, shard
-    return resolve_filesystem(shard)
+    return resolve_filesystem(shard, storage)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -133,25 +135,26 @@ def expand_input(input_uri: str) -> list[str]:
     return expand_braces(input_uri)
 
 
-def list_shards(input_uri: str) -> list[str]:
+def list_shards(input_uri: str, storage: StorageOptions | None = None) -> list[str]:
     """All ``*.tar`` files under ``input_uri`` (a folder, searched recursively, one tar, a glob
-    or a brace list: see :func:`expand_input`), sorted by path. Raises :class:`InputError`
-    when the input is missing, a pattern matches nothing, or no tar is found."""
-    return [name for name, _ in list_shard_infos(input_uri)]
+    or a brace list: see :func:`expand_input`), sorted by path; an object store is reached with
+    the run's ``storage`` settings. Raises :class:`InputError` when the input is missing, a
+    pattern matches nothing, or no tar is found."""
+    return [name for name, _ in list_shard_infos(input_uri, storage)]
 
 
-def list_shard_infos(input_uri: str) -> list[tuple[str, int]]:
+def list_shard_infos(input_uri: str, storage: StorageOptions | None = None) -> list[tuple[str, int]]:
     """(shard, size in bytes) of every shard :func:`list_shards` lists, from one listing per
     folder (one LIST per prefix on an object store)."""
     patterns = expand_input(input_uri)
     if len(patterns) == 1 and not _MAGIC.search(_split_uri(patterns[0])[1]):
-        return _list_one(input_uri)
-    return _list_patterns(input_uri, patterns)
+        return _list_one(input_uri, storage)
+    return _list_patterns(input_uri, patterns, storage)
 
 
-def _open(input_uri: str, uri: str) -> tuple[pafs.FileSystem, str]:
+def _open(input_uri: str, uri: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, str]:
     try:
-        return resolve_filesystem(uri)
+        return resolve_filesystem(uri, storage)
     except (OSError, ValueError, StorageError) as exc:
         raise InputError(
             input_uri,
@@ -164,7 +167,7 @@ def _info(input_uri: str, fs: pafs.FileSystem, what) -> object:
     try:
         return fs.get_file_info(what)
     except OSError as exc:
-        raise InputError(input_uri, f"input {explain(input_uri, exc)}") from exc
+        raise InputError(input_uri, f"input {explain(input_uri, exc, storage_of(fs))}") from exc
 
 
 def _missing(input_uri: str, fs: pafs.FileSystem, path: str) -> None:
@@ -175,8 +178,8 @@ def _missing(input_uri: str, fs: pafs.FileSystem, path: str) -> None:
         raise InputError(input_uri, f"input {exc}") from exc
 
 
-def _list_one(input_uri: str) -> list[tuple[str, int]]:
-    fs, root = _open(input_uri, input_uri)
+def _list_one(input_uri: str, storage: StorageOptions | None) -> list[tuple[str, int]]:
+    fs, root = _open(input_uri, input_uri, storage)
     info = _info(input_uri, fs, root)
     if info.type == pafs.FileType.NotFound:
         _missing(input_uri, fs, root)
@@ -213,7 +216,7 @@ def _tars_under(input_uri: str, fs: pafs.FileSystem, folder: str) -> list[pafs.F
     ]
 
 
-def _list_patterns(input_uri: str, patterns: list[str]) -> list[tuple[str, int]]:
+def _list_patterns(input_uri: str, patterns: list[str], storage: StorageOptions | None) -> list[tuple[str, int]]:
     """Globs and brace lists: each distinct parent folder is listed once."""
     fs = None
     by_base: dict[str, list[tuple[str, str]]] = defaultdict(list)  # base path -> (pattern, its path)
@@ -225,7 +228,7 @@ def _list_patterns(input_uri: str, patterns: list[str]) -> list[tuple[str, int]]
         cut = rest.rfind("/", 0, magic.start() if magic else len(rest.rstrip("/")))
         base_rest = rest[:cut] if cut > 0 else ("/" if rest.startswith("/") else "")
         base_uri = f"{prefix}{base_rest}{'?' + query if query else ''}"
-        fs, base = _open(input_uri, base_uri)
+        fs, base = _open(input_uri, base_uri, storage)
         tail = rest[cut + 1:].rstrip("/") if cut >= 0 else rest.rstrip("/")
         by_base[base].append((pattern, f"{base.rstrip('/')}/{tail}" if base not in ("", "/") else f"{base}{tail}"))
     assert fs is not None

@@ -20,11 +20,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from winnow.data.captions import caption_of, caption_words
+from winnow.data.captions import caption_from_json, caption_from_txt, caption_words
 from winnow.data.image_size import HEADER_BYTES, header_size
 from winnow.data.reader import open_for_scan
 from winnow.data.shards import open_shard_filesystem
 from winnow.exceptions import ShardError
+from winnow.rowgroups.fs import StorageOptions
 from winnow.schemas import IMAGE_EXTENSIONS
 
 BLOCK = 512
@@ -329,7 +330,8 @@ def _read_member(f: Any, offset: int, size: int) -> bytes:
     return data
 
 
-def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None, caption_field: str = "caption") -> ShardScan:
+def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None, caption_field: str = "caption",
+               storage: StorageOptions | None = None) -> ShardScan:
     """Scan one shard's tar headers and image data and group its members into records.
 
     Records are runs of consecutive members with the same key (WebDataset's rule). A record
@@ -339,9 +341,10 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None, caption
     image header in those bytes, and its ``caption_words`` from its ``.txt``, else the
     ``caption_field`` of its ``.json`` (:mod:`winnow.data.captions`). A key seen before in the shard is dropped
     and counted. Records without an image and repeated keys are listed in ``scan.skipped``.
-    Raises :class:`ShardError` for an unreadable or truncated shard.
+    Raises :class:`ShardError` for an unreadable or truncated shard. An object store's shard is
+    reached with the run's ``storage`` settings.
     """
-    fs, path = open_shard_filesystem(shard, filesystem)
+    fs, path = open_shard_filesystem(shard, filesystem, storage)
     scan = ShardScan(shard=shard)
     try:
         f = open_for_scan(fs, path)  # one GET per block on object stores, not one per member
@@ -390,7 +393,6 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None, caption
             scan.uid.append(uid)
             scan.width.append(wh[0] if wh else None)
             scan.height.append(wh[1] if wh else None)
-            sidecars: dict[str, bytes | None] = {}
             for side, offsets, sizes in (
                 ("txt", scan.txt_offset, scan.txt_size),
                 ("json", scan.json_offset, scan.json_size),
@@ -398,8 +400,12 @@ def scan_shard(shard: str, *, filesystem: pafs.FileSystem | None = None, caption
                 where = cur.get(side)
                 offsets.append(where[0] if where else None)
                 sizes.append(where[1] if where else None)
-                sidecars[side] = _read_member(f, where[0], where[1]) if where else None
-            scan.caption_words.append(caption_words(caption_of(sidecars["txt"], sidecars["json"], caption_field)))
+            # The caption: the .txt, and only without one the .json (read from the blocks the scan fetched).
+            txt, js = cur.get("txt"), cur.get("json")
+            caption = caption_from_txt(_read_member(f, txt[0], txt[1])) if txt else None
+            if caption is None and js:
+                caption = caption_from_json(_read_member(f, js[0], js[1]), caption_field)
+            scan.caption_words.append(caption_words(caption))
 
         try:
             for name, typeflag, offset, size in _iter_members(f, scan.size, shard):

@@ -3,8 +3,9 @@
 driver's side of each finished unit (the progress line, test faults).
 
 Where the work runs is the run's :class:`~winnow.execution.Execution`: a loop in this process
-(``backend="local"``), or this process attached to its Ray, handing its workers the object-store
-settings as a task argument (never in the runtime env: secrets stay out of Ray's job metadata).
+(``backend="local"``), or this process attached to its Ray. Where the work stores travels inside
+the work itself (its :class:`~winnow.rowgroups.fs.RunRoot` is a task argument, never in the
+runtime env: secrets stay out of Ray's job metadata), so a worker installs nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import TypeVar
 from winnow.execution import Execution
 from winnow.faults import FaultSpec
 from winnow.ray.resources import match_torch_threads
-from winnow.rowgroups.fs import StorageOptions, current_storage, use_storage
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,10 @@ PROGRESS_EVERY_S = 2.0
 
 
 def dispatch(execution: Execution, todo: Sized, *, local: Callable[[], Iterable[R]],
-             remote: Callable[[StorageOptions], Iterable[R]]) -> Iterable[R]:
+             remote: Callable[[], Iterable[R]]) -> Iterable[R]:
     """The results of ``todo`` as its units finish: ``local()`` runs them in this process (the
-    local backend); else this process attaches to the execution's Ray and ``remote(storage)``
-    runs them there, ``storage`` being the settings its workers pass to :func:`set_up_worker`.
-    Nothing to do attaches to nothing."""
+    local backend); else this process attaches to the execution's Ray and ``remote()`` runs them
+    there. Nothing to do attaches to nothing."""
     if not len(todo):
         return ()
     if execution.backend == "local":
@@ -39,14 +38,11 @@ def dispatch(execution: Execution, todo: Sized, *, local: Callable[[], Iterable[
     from winnow.ray.cluster import connect
 
     connect(execution.ray_address)
-    return remote(current_storage())
+    return remote()
 
 
-def set_up_worker(storage: StorageOptions | None) -> None:
-    """In a worker, before its units: the driver's object-store settings (None: this process's
-    own, the local backend), and torch threads = the CPUs Ray gave the task or actor."""
-    if storage is not None:
-        use_storage(storage)
+def set_up_worker() -> None:
+    """In a worker, before its units: torch threads = the CPUs Ray gave the task or actor."""
     match_torch_threads()
 
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from winnow.exceptions import ResourceRequestError
-from winnow.execution import COMPUTE_CHOICES, Compute, Execution, check_knobs
+from winnow.execution import Compute, Execution, check_knobs
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,7 @@ def model_worker_request(*, compute: Compute, worker_cpus: float | None = None, 
     No request exceeds one node: a knob no alive node can hold is a
     :class:`ResourceRequestError` naming it and the largest node.
     """
-    check_knobs(worker_cpus, worker_gpus)
-    if compute not in COMPUTE_CHOICES:
-        raise ResourceRequestError(f"compute must be 'tasks' or 'actors', got {compute!r}")
+    check_knobs(worker_cpus, worker_gpus, compute)
     nodes = alive_nodes() if nodes is None else list(nodes)
     biggest = largest_node(nodes)
     gpus = float(worker_gpus) if worker_gpus is not None else (1.0 if cluster_has_gpus(nodes) else 0.0)

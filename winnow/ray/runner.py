@@ -39,7 +39,7 @@ from winnow.execution import Execution
 from winnow.faults import FaultSpec
 from winnow.ray.chassis import Driver, dispatch, set_up_worker
 from winnow.results import PartitionSummary, RowGroupResult
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.rowgroups.failures import record_failure
 from winnow.rowgroups.task import RowGroupTask, Stage
 
@@ -54,16 +54,16 @@ class _RowGroupWorker:
     """Computes and commits row groups: the body of one Ray Data task, or of the local loop."""
 
     def __init__(
-        self, stage: Stage, run_root: str, plan: dict, partition: int, faults: FaultSpec | None,
-        cache_key: str | None = None, storage=None,
+        self, stage: Stage, run_root: RunRoot, plan: dict, partition: int, faults: FaultSpec | None,
+        cache_key: str | None = None,
     ):
-        set_up_worker(storage)
+        set_up_worker()
         self.stage = _set_up(stage, cache_key)
-        self.run_root = run_root
+        self.store = CommitStore(run_root)
+        self.run_root = self.store.run_root
         self.plan = RowGroupPlan(**plan)
         self.partition = partition
         self.faults = faults
-        self.store = CommitStore(run_root)
 
     def run_one(self, row_group: int) -> RowGroupResult:
         t0 = time.perf_counter()
@@ -156,14 +156,15 @@ def stage_cache_key(stage: Stage) -> str:
 def run_stage_partition(
     stage: Stage,
     *,
-    run_root: str,
+    run_root: RunRoot | str,
     plan: RowGroupPlan,
     partition: int,
     execution: Execution,
     uses_model: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> PartitionSummary:
-    """Run ``stage`` over the uncommitted row groups of ``partition`` and return a summary.
+    """Run ``stage`` over the uncommitted row groups of ``partition`` of the run at ``run_root``
+    (where it stores: the value travels to every worker) and return a summary.
 
     ``uses_model`` (the registry's flag) makes the stage a model worker: the execution's
     ``compute`` (``"tasks"`` or ``"actors"``), each of its ``worker_cpus`` CPUs and
@@ -186,11 +187,11 @@ def run_stage_partition(
         return summary
     driver = Driver(stage.name, f"{stage.name} partition {partition}", "row groups", total=len(row_groups),
                     skipped=summary.skipped, log=log, rate=True)
-    args = (stage, run_root, plan.to_dict(), partition, driver.faults)
+    args = (stage, store.run_root, plan.to_dict(), partition, driver.faults)
     results = dispatch(
         execution, todo,
         local=lambda: _RowGroupWorker(*args, stage_cache_key(stage)).run_many(todo),
-        remote=lambda storage: _ray_results(stage, args, todo, execution, uses_model, storage=storage, log=log),
+        remote=lambda: _ray_results(stage, args, todo, execution, uses_model, log=log),
     )
     for result in results:
         summary.add(result)
@@ -203,21 +204,20 @@ def run_stage_partition(
 
 
 def _ray_results(stage: Stage, args: tuple, todo: list[int], execution: Execution, uses_model: bool, *,
-                 storage: Any, log: Callable[[str], None]) -> Iterator[RowGroupResult]:
+                 log: Callable[[str], None]) -> Iterator[RowGroupResult]:
     import ray.data
 
-    storage_kwargs = {"storage": storage}
     if not uses_model:
         ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(_run_cached, fn_args=(*args, None), fn_kwargs=storage_kwargs, batch_size=1, num_cpus=1)
+        ds = ds.map_batches(_run_cached, fn_args=(*args, None), batch_size=1, num_cpus=1)
     else:
-        ds = _model_dataset(stage, args, todo, execution, storage=storage_kwargs, log=log)
+        ds = _model_dataset(stage, args, todo, execution, log=log)
     # Ray Data rows are dicts of columns: back to results here, where they leave Ray.
     for row in ds.iter_rows():
         yield RowGroupResult.from_row(row)
 
 
-def _model_dataset(stage: Stage, args: tuple, todo: list[int], execution: Execution, *, storage: dict[str, Any],
+def _model_dataset(stage: Stage, args: tuple, todo: list[int], execution: Execution, *,
                    log: Callable[[str], None]):
     """The model workers' Ray Data pipeline over ``todo``: tasks or actors, sized by the alive nodes."""
     import ray.data
@@ -236,13 +236,13 @@ def _model_dataset(stage: Stage, args: tuple, todo: list[int], execution: Execut
     ds = ray.data.from_items([{"row_group": rg} for rg in todo], override_num_blocks=blocks)
     if compute == "tasks":
         ds = ds.map_batches(
-            _run_cached, fn_args=(*args, stage_cache_key(stage)), fn_kwargs=storage, batch_size=per_block,
+            _run_cached, fn_args=(*args, stage_cache_key(stage)), batch_size=per_block,
             compute=ray.data.TaskPoolStrategy(size=width), **request.ray_args(),
         )  # a task whose worker dies is retried by Ray (commits are idempotent).
     else:
         ds = ds.map_batches(
-            _RowGroupActor, fn_constructor_args=(*args, None), fn_constructor_kwargs=storage,
-            batch_size=per_block, compute=ray.data.ActorPoolStrategy(size=width), **request.ray_args(),
+            _RowGroupActor, fn_constructor_args=(*args, None), batch_size=per_block,
+            compute=ray.data.ActorPoolStrategy(size=width), **request.ray_args(),
         )  # Ray Data restarts a dead actor and retries its row groups (commits are idempotent).
     return ds
 
@@ -251,8 +251,8 @@ class _RowGroupActor:
     """A model stage's worker for one partition on a shared Ray: set up once, then every row
     group of the partition that Ray Data sends it."""
 
-    def __init__(self, *args: Any, storage=None) -> None:
-        self.worker = _RowGroupWorker(*args, storage=storage)
+    def __init__(self, *args: Any) -> None:
+        self.worker = _RowGroupWorker(*args)
 
     def __call__(self, batch: dict) -> dict:
         return self.worker(batch)
@@ -271,6 +271,5 @@ def row_groups_per_block(stage: Stage, row_groups: int, workers: int) -> int:
     return max(1, min(MAX_ROW_GROUPS_PER_BLOCK, row_groups // (2 * max(1, workers))))
 
 
-def _run_cached(batch: dict, stage: Stage, run_root: str, plan: dict, partition: int, faults, cache_key,
-                storage=None) -> dict:
-    return _RowGroupWorker(stage, run_root, plan, partition, faults, cache_key, storage)(batch)
+def _run_cached(batch: dict, stage: Stage, run_root: RunRoot, plan: dict, partition: int, faults, cache_key) -> dict:
+    return _RowGroupWorker(stage, run_root, plan, partition, faults, cache_key)(batch)

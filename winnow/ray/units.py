@@ -24,7 +24,6 @@ from typing import Any
 from winnow.execution import Execution
 from winnow.ray.chassis import Driver, dispatch, set_up_worker
 from winnow.results import UnitSummary, error_text
-from winnow.rowgroups.fs import StorageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +33,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _call(fn: Callable[[int], dict[str, Any]], unit: int, storage: StorageOptions | None = None) -> dict[str, Any]:
-    set_up_worker(storage)
+def _call(fn: Callable[[int], dict[str, Any]], unit: int) -> dict[str, Any]:
+    set_up_worker()
     t0 = time.perf_counter()
     try:
         out = dict(fn(unit) or {})
@@ -64,7 +63,8 @@ def run_units(
     """Run ``fn(unit)`` for every unit, one Ray task each, and collect their result dicts.
 
     :param fn: computes and commits one unit; must be picklable (a module-level function or a
-        ``functools.partial`` of one) and return a small dict.
+        ``functools.partial`` of one, with the run's :class:`~winnow.rowgroups.fs.RunRoot` among
+        its arguments: that is how a worker knows where the run stores) and return a small dict.
     :param execution: where they run (its worker sizes are the model workers'; a unit's size is
         ``num_cpus`` / ``num_gpus``).
     :param skipped: units the caller found committed already (only counted).
@@ -82,8 +82,7 @@ def run_units(
     results = dispatch(
         execution, todo,
         local=lambda: (_call(fn, u) for u in todo),
-        remote=lambda storage: _ray_results(fn, todo, storage, use_gpu=use_gpu, num_cpus=num_cpus,
-                                            num_gpus=num_gpus, width=width),
+        remote=lambda: _ray_results(fn, todo, use_gpu=use_gpu, num_cpus=num_cpus, num_gpus=num_gpus, width=width),
     )
     for r in results:
         summary.results.append(r)
@@ -97,7 +96,7 @@ def run_units(
     return summary
 
 
-def _ray_results(fn, todo: list[int], storage: StorageOptions, *, use_gpu: bool, num_cpus: float | None,
+def _ray_results(fn, todo: list[int], *, use_gpu: bool, num_cpus: float | None,
                  num_gpus: float | None, width: int | None) -> Iterator[dict[str, Any]]:
     import ray
 
@@ -110,12 +109,11 @@ def _ray_results(fn, todo: list[int], storage: StorageOptions, *, use_gpu: bool,
         width = request.width
     remote = ray.remote(_call).options(**request.ray_args(), max_retries=3)
     fn_ref = ray.put(fn)
-    storage_ref = ray.put(storage)
     pending: list = []
     queue = list(todo)
     while queue or pending:
         while queue and len(pending) < width:
-            pending.append(remote.remote(fn_ref, queue.pop(0), storage_ref))
+            pending.append(remote.remote(fn_ref, queue.pop(0)))
         done, pending = ray.wait(pending, num_returns=1)
         for ref in done:
             yield ray.get(ref)

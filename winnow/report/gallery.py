@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from winnow.exceptions import GalleryError, WinnowError
 from winnow.filters import FILTERS, VALUE_COLUMNS
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.stages.thumbnails import GALLERY_SUFFIX, OUTCOMES, THUMBS_SUFFIX
 
 #: Most gallery files one page request opens (a rare reason may need many pages).
@@ -80,8 +81,9 @@ def reason(row: dict[str, Any], limits: dict[str, float | None]) -> str:
         if spec.missing is not None and spec.missing.outcome == outcome:
             return spec.missing.reason
         if spec.outcome == outcome:
-            value = row.get(spec.column_names[0])
-            shown = "none" if value is None else f"{value:.3f}"
+            columns = {c: np.array([np.nan if row.get(c) is None else row[c]], np.float64) for c in spec.column_names}
+            value = float(spec.values_of(columns)[0])
+            shown = "none" if np.isnan(value) else f"{value:.3f}"
             return f"{spec.label} {shown}: dropped at threshold {limits.get(spec.name)}"
     return outcome
 
@@ -108,7 +110,7 @@ def written(store: CommitStore, plan: RowGroupPlan) -> tuple[int, str | None]:
     return done, f"{done} of {g} row groups written so far: the gallery shows those and fills as {stage} commits"
 
 
-def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = None, cursor: int = 0,
+def gallery_page(run_root: RunRoot | str, plan: RowGroupPlan, *, outcome: str | None = None, cursor: int = 0,
                  limit: int = 24) -> dict[str, Any]:
     """Up to ``limit`` gallery items from row group ``cursor`` on, and the cursor of the next page
     (None at the end). ``outcome`` filters: one of :data:`~winnow.stages.thumbnails.OUTCOMES`.
@@ -151,7 +153,7 @@ def gallery_page(run_root: str, plan: RowGroupPlan, *, outcome: str | None = Non
             "row_groups": plan.num_row_groups, "waiting": waiting}
 
 
-def read_thumbnail(run_root: str, plan: RowGroupPlan, row_group: int, offset: int, size: int) -> bytes:
+def read_thumbnail(run_root: RunRoot | str, plan: RowGroupPlan, row_group: int, offset: int, size: int) -> bytes:
     """The JPEG at ``offset`` in a committed row group's thumbnails file."""
     if not 0 <= row_group < plan.num_row_groups:
         raise GalleryError(f"row group {row_group} is not in this run (it has {plan.num_row_groups})")

@@ -40,7 +40,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.rowgroups.failures import FAILED_SUFFIX, read_failure
 from winnow.rowgroups.fs import read_small
 from winnow.rowgroups.store import STAGE_FILE, TEMP_MARK, parse_partition_folder, parse_row_group_name, read_json
@@ -333,7 +333,7 @@ def with_task_states(stages: list[dict[str, Any]], tasks: dict[str, dict[int, st
             s["status"] = "not run"
 
 
-def row_group_map(run_root: str, stages: tuple[str, ...] | None = None, *, cache: bool = True) -> dict[str, Any]:
+def row_group_map(run_root: RunRoot | str, stages: tuple[str, ...] | None = None, *, cache: bool = True) -> dict[str, Any]:
     """Per stage: its units (row groups, or the stage's own units), counts, status, records/s,
     the run-length encoded map and the failed row groups' errors.
 
@@ -361,7 +361,7 @@ def row_group_map(run_root: str, stages: tuple[str, ...] | None = None, *, cache
             out_stages.append(_unit_stage(store, spec))
     summary = read_json(store.fs, store.path(SUMMARY_FILE))
     return {
-        "run_root": run_root,
+        "run_root": store.run_root.uri,
         "records": plan.num_records,
         "buffer_size": plan.buffer_size,
         "row_groups": plan.num_row_groups,

@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.filters import FILTERS
+from winnow.filters import FILTERS, FilterSpec
 from winnow.report.gallery import enabled, filters, thresholds
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.stages.kept import filter_columns
 from winnow.stages.thresholds import as_scores, keep_count
 
@@ -98,38 +98,49 @@ def _row_group(store: CommitStore, p: int, rg: int, committed: Any) -> dict[str,
     return x
 
 
-def quantile_table(scores: np.ndarray) -> list[dict[str, Any]]:
+def quantile_table(scores: np.ndarray, spec: FilterSpec | None = None) -> list[dict[str, Any]]:
     """For each keep fraction f of :data:`FRACTIONS`: the threshold it picks over ``scores``
-    (float32, NaN skipped) — the ``keep_count(f, n)``-th best score, what the thresholds step
-    picks — and how many scores are at least it (the ties of the k-th included). Empty without
-    any score.
+    (float32, NaN skipped) as the thresholds step picks it (``keep_count(f, n)`` records: the
+    best, or for a filter that keeps low values (``spec.keep`` ``<``/``<=``) the lowest; the
+    threshold that keeps them and their ties), and how many scores that threshold keeps. Empty
+    without any score.
 
     >>> [(r["fraction"], r["threshold"], r["keeps"]) for r in quantile_table(np.array([1, 3, 3, 2], np.float32))][::25]
     [(0.01, 3.0, 2), (0.26, 3.0, 2), (0.51, 3.0, 2), (0.76, 2.0, 3)]
     """
+    from winnow.stages.thresholds import lowest_kept_threshold
+
     values = np.sort(np.asarray(scores, np.float32)[~np.isnan(scores)])  # ascending
     n = len(values)
     if n == 0:
         return []
+    low_kept = spec is not None and spec.keep != ">="
     rows = []
     for f in FRACTIONS:
         k = keep_count(f, n)
-        t = values[n - k]  # the k-th best
-        keeps = n - int(np.searchsorted(values, t, side="left"))
+        if low_kept:
+            t = lowest_kept_threshold(spec, float(values[k - 1]))  # keeps the k lowest and their ties
+            keeps = int(spec.passes(values, t).sum())
+        else:
+            t = float(values[n - k])  # the k-th best
+            keeps = n - int(np.searchsorted(values, t, side="left"))
         rows.append({"fraction": f, "threshold": float(t), "keeps": keeps})
     return rows
 
 
-def _bins(values: np.ndarray, edges: list[float]) -> np.ndarray:
-    """Each value's bin (edges[i] <= v < edges[i+1]), -1 for NaN. Compared in the values' own
+def _bins(values: np.ndarray, edges: list[float], *, closed_right: bool = False, unknown: int = -1) -> np.ndarray:
+    """Each value's bin: edges[i] <= v < edges[i+1], or with ``closed_right`` edges[i] < v <=
+    edges[i+1] (a filter keeping values at most the threshold keeps the bin that ends at it,
+    the threshold's own value included); ``unknown`` for NaN. Compared in the values' own
     precision against the edges as published, as the filters compare (a float32 score with a
     float32 threshold), so a slider on an edge counts exactly what that threshold keeps."""
     cut = np.asarray(edges, dtype=values.dtype if values.dtype.kind == "f" else np.float64)
-    b = np.clip(np.searchsorted(cut, values, side="right") - 1, 0, len(cut) - 2)
-    return np.where(np.isnan(values), -1, b).astype(np.int32)
+    side = "left" if closed_right else "right"
+    b = np.clip(np.searchsorted(cut, values, side=side) - 1, 0, len(cut) - 2)
+    return np.where(np.isnan(values), unknown, b).astype(np.int32)
 
 
-def score_histograms(run_root: str, plan: RowGroupPlan, *, max_row_groups: int = 2000) -> dict[str, Any]:
+def score_histograms(run_root: RunRoot | str, plan: RowGroupPlan, *, max_row_groups: int = 2000) -> dict[str, Any]:
     """Histograms of the row groups whose index and embed are committed (each filter's columns
     from the row groups whose stage of that filter is committed too), the what-if cells and
     the quantile tables."""
@@ -179,10 +190,12 @@ def score_histograms(run_root: str, plan: RowGroupPlan, *, max_row_groups: int =
         mine = values[shown]
         have = mine[~np.isnan(mine)].astype(np.float64)
         run_t = t if on[spec.name] else None
-        edges = _rounded(_edges(have, run_t, BINS, spec.edges_range), run_t)
+        closed_right = spec.keep == "<="
+        edges = _rounded(_edges(have, run_t, BINS, spec.edges_range, closed_right=closed_right), run_t)
         has_value = (np.asarray(columns[spec.missing.column], bool)[shown] if spec.missing is not None and parts
                      else np.ones(len(mine), bool))
-        b = _bins(mine, edges)
+        # A value no one knows (an unreadable image header) is -2 where the filter lets it pass.
+        b = _bins(mine, edges, closed_right=closed_right, unknown=-2 if spec.unknown_passes else -1)
         counts = np.bincount(b[b >= 0], minlength=len(edges) - 1)
         passes = spec.passes(mine, t) & has_value
         unread = without.get(spec.stage, 0)
@@ -195,7 +208,7 @@ def score_histograms(run_root: str, plan: RowGroupPlan, *, max_row_groups: int =
             "name": spec.name, "label": spec.label, "keep": spec.keep, "outcome": spec.outcome,
             "before_decode": spec.before_decode, "threshold_param": spec.threshold.name,
             "fraction_param": spec.fraction.name if spec.fraction else None, "off": spec.off,
-            "enabled": on[spec.name], "threshold": t, "run_fraction": entry.get("keep_fraction"),
+            "integer": spec.threshold.integer, "enabled": on[spec.name], "threshold": t, "run_fraction": entry.get("keep_fraction"),
             "edges": edges,
             "counts": counts.astype(int).tolist(),
             "scored": int(len(have)),
@@ -205,7 +218,7 @@ def score_histograms(run_root: str, plan: RowGroupPlan, *, max_row_groups: int =
                 "outcome": spec.missing.outcome, "records": int((~has_value).sum())},
             "row_groups_without": unread,
             # fraction -> the threshold it picks and how many records (of every scored one) it keeps
-            "fraction_table": quantile_table(values) if spec.fraction is not None else None,
+            "fraction_table": quantile_table(values, spec) if spec.fraction is not None else None,
             "fraction_scored": int((~np.isnan(values)).sum()) if spec.fraction is not None else None,
         })
 
@@ -243,10 +256,13 @@ def _rounded(edges: np.ndarray, threshold: float | None) -> list[float]:
     return [float(x) if threshold is not None and x == threshold else round(float(x), 6) for x in edges]
 
 
-def _edges(values: np.ndarray, threshold: float | None, bins: int, fixed: tuple[float, float] | None = None) -> np.ndarray:
+def _edges(values: np.ndarray, threshold: float | None, bins: int, fixed: tuple[float, float] | None = None, *,
+           closed_right: bool = False) -> np.ndarray:
     """About ``bins`` bin edges spanning the values (or the ``fixed`` range) and the threshold,
     with the threshold on an edge that is never the last one (a value equal to the threshold
-    falls in the bin that starts at it), and the last edge above every value."""
+    falls in the bin that starts at it), and the last edge above every value; with
+    ``closed_right`` (bins that end at their upper edge) also the first edge below every value
+    and the threshold."""
     lo, hi = fixed if fixed is not None else (0.0, 1.0)
     if len(values):
         lo, hi = min(lo, float(values.min())) if fixed else float(values.min()), \
@@ -259,6 +275,8 @@ def _edges(values: np.ndarray, threshold: float | None, bins: int, fixed: tuple[
     if threshold is not None:
         # Shift the grid so the threshold is an edge: the kept share at it is then exact.
         lo = threshold - np.ceil((threshold - lo) / width) * width
+    if closed_right and lo >= min(float(values.min()) if len(values) else lo, threshold if threshold is not None else lo):
+        lo -= width  # the first edge strictly below every value and the threshold
     count = int(np.floor((hi - lo) / width)) + 2  # the last edge strictly above hi
     edges = lo + width * np.arange(count)
     if threshold is not None:

@@ -2,22 +2,21 @@
 ``pyarrow.fs`` filesystems, the object store's settings, conditional writes, and errors that
 name the URI and the setting to fix.
 
-Settings come from the standard AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``) unless a caller installs
-explicit :class:`StorageOptions` for the process with :func:`use_storage` (the Airflow operators
-do, from the connection named by ``storage_conn_id``). The Ray runner ships
-:func:`current_storage` to its workers as a task argument, so a remote cluster uses the same
-settings; nothing here logs a secret, and the options never enter a fingerprint or summary.
+Where a run stores is one value, :class:`RunRoot` (its URI and its :class:`StorageOptions`),
+built once by the run's entry point (``run_all``, an operator's try from its ``storage_conn_id``,
+the Ray Job entry from its environment, a plugin request) and carried to every process that
+touches the run: Ray workers get it inside their task arguments. Nothing here holds settings for
+a process; :meth:`StorageOptions.from_env` (the standard AWS environment) is the default an entry
+point chooses when nothing else is configured. Nothing here logs a secret, and the options never
+enter a fingerprint or summary.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -95,48 +94,32 @@ class StorageOptions:
         return names[0] if env else names[1]
 
 
-_process_options: StorageOptions | None = None
-#: Options scoped to one context (a trigger's asyncio task and the threads it starts, one
-#: request of the api-server): they win over the process's for that context only.
-_scoped_options: contextvars.ContextVar[StorageOptions | None] = contextvars.ContextVar("winnow_storage", default=None)
+@dataclass(frozen=True)
+class RunRoot:
+    """Where a run stores: the run root's URI (a local path, ``s3://``, ``gs://``) and the
+    settings that reach its store (``None``: none given, enough for a local path or a URI that
+    carries its own options). Picklable, so it travels with the work to Ray workers; ``str()``
+    is the URI, and secrets never show in ``repr``.
 
+    >>> root = RunRoot("s3://bucket/runs/20250101", StorageOptions(secret_access_key="s3cr3t"))
+    >>> str(root), "s3cr3t" in repr(root)
+    ('s3://bucket/runs/20250101', False)
+    """
 
-def use_storage(options: StorageOptions | None) -> None:
-    """Install ``options`` for every filesystem this process resolves from now on; ``None``
-    goes back to the environment. Resolved filesystems are cached per options."""
-    global _process_options
-    _process_options = options
+    uri: str
+    storage: StorageOptions | None = None
 
+    def __str__(self) -> str:
+        return self.uri
 
-@contextlib.contextmanager
-def storage_scope(options: StorageOptions | None) -> Iterator[None]:
-    """``options`` for what runs inside this block in this context only (``None``: no change).
-    For processes that serve several runs at once, each with its own settings (the triggerer,
-    the api-server): a process-wide :func:`use_storage` there would leak one run's settings
-    into another's."""
-    if options is None:
-        yield
-        return
-    token = _scoped_options.set(options)
-    try:
-        yield
-    finally:
-        _scoped_options.reset(token)
+    @classmethod
+    def of(cls, run_root: RunRoot | str) -> RunRoot:
+        """``run_root`` as a value; a plain string is a root without settings (a local path)."""
+        return run_root if isinstance(run_root, RunRoot) else cls(str(run_root))
 
-
-def use_context_storage(options: StorageOptions | None) -> None:
-    """``options`` for the rest of the current context only: for a context that ends by itself,
-    such as one request of a web server (each runs in a context of its own)."""
-    _scoped_options.set(options)
-
-
-def current_storage() -> StorageOptions:
-    """The options in force: this context's (:func:`storage_scope`), else those installed by
-    :func:`use_storage`, else the environment's."""
-    scoped = _scoped_options.get()
-    if scoped is not None:
-        return scoped
-    return _process_options if _process_options is not None else StorageOptions.from_env()
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, path) of the run root: :func:`resolve_filesystem` with its settings."""
+        return resolve_filesystem(self.uri, self.storage)
 
 
 _FS_CACHE: dict[StorageOptions, pafs.FileSystem] = {}
@@ -170,22 +153,30 @@ def _s3_filesystem(options: StorageOptions) -> pafs.FileSystem:
         return fs
 
 
-def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve_filesystem(uri: str, storage: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI such as ``s3://bucket/prefix``.
 
-    ``s3://`` URIs without a query use :func:`current_storage`; a URI with query options
-    (``s3://bucket/x?endpoint_override=...``) is taken as the caller wrote it. Other schemes
-    (``gs://``, ``file://``, ``hdfs://``) go to ``pyarrow.fs.FileSystem.from_uri``.
+    ``s3://`` URIs without a query are reached with ``storage``, which the caller must give (an
+    entry point builds it once per run: :meth:`StorageOptions.from_env` for the AWS environment);
+    a URI with query options (``s3://bucket/x?endpoint_override=...``) is taken as the caller
+    wrote it. Other schemes (``gs://``, ``file://``, ``hdfs://``) go to
+    ``pyarrow.fs.FileSystem.from_uri``.
     """
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     parts = urlsplit(uri)
     if parts.scheme == "s3" and not parts.query:
-        options = current_storage()
+        if storage is None:
+            raise StorageError(
+                f"{uri}: no object-store settings came with this URI. Whoever starts the run builds them "
+                "once and passes them along (RunRoot(uri, storage), CurationConfig(storage=...)): "
+                "StorageOptions.from_env() for the AWS_* environment, or the Airflow connection named by "
+                "storage_conn_id."
+            )
         try:
-            fs = _s3_filesystem(options)
+            fs = _s3_filesystem(storage)
         except (OSError, ValueError) as exc:
-            raise storage_error(uri, exc, options) from exc
+            raise storage_error(uri, exc, storage) from exc
         return fs, f"{parts.netloc}{parts.path}".rstrip("/")
     if parts.scheme in ("gs", "gcs") and not parts.query and os.environ.get(GCS_EMULATOR_ENV):
         return _gcs_emulator(os.environ[GCS_EMULATOR_ENV]), f"{parts.netloc}{parts.path}".rstrip("/")
@@ -263,8 +254,9 @@ def _scrub(text: str, options: StorageOptions) -> str:
 
 
 def explain(uri: str, exc: BaseException, options: StorageOptions | None = None) -> str:
-    """What went wrong reaching ``uri``, and which setting fixes it; never a secret."""
-    options = options or current_storage()
+    """What went wrong reaching ``uri``, and which setting fixes it; never a secret.
+    ``options``: the settings ``uri`` was reached with (None: the standard environment's names)."""
+    options = options or StorageOptions()
     kind = classify(exc)
     cause = _scrub(str(exc), options).split(" (Request ID")[0]
     if kind == "credentials":
@@ -286,6 +278,21 @@ def storage_error(uri: str, exc: BaseException, options: StorageOptions | None =
     return StorageError(explain(uri, exc, options))
 
 
+def fs_error(fs: pafs.FileSystem, path: str, exc: BaseException) -> StorageError:
+    """:func:`storage_error` for ``path`` on ``fs``, in the words of the settings ``fs`` was
+    made from."""
+    return storage_error(display_uri(fs, path), exc, storage_of(fs))
+
+
+def storage_of(fs: pafs.FileSystem) -> StorageOptions | None:
+    """The settings an S3 filesystem of :func:`resolve_filesystem` was made from (None for
+    any other filesystem): error messages name the setting to fix in their words."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return None
+    with _FS_LOCK:
+        return next((options for options, made in _FS_CACHE.items() if made is fs), None)
+
+
 def check_bucket(fs: pafs.FileSystem, path: str, uri: str) -> None:
     """On an object store, raise a clear error when ``path``'s bucket does not exist (a
     missing prefix and a missing bucket both look like "not found" to a key lookup)."""
@@ -295,9 +302,9 @@ def check_bucket(fs: pafs.FileSystem, path: str, uri: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as exc:
-        raise storage_error(uri, exc) from exc
+        raise storage_error(uri, exc, storage_of(fs)) from exc
     if info.type == pafs.FileType.NotFound:
-        raise storage_error(uri, OSError(f"NoSuchBucket: {bucket}"))
+        raise storage_error(uri, OSError(f"NoSuchBucket: {bucket}"), storage_of(fs))
 
 
 # ---- conditional writes ------------------------------------------------------------------------
@@ -371,9 +378,10 @@ class ConditionalWrites:
                                "to read-then-write", uri, code)
                 self.supported = False
                 raise ConditionalWritesUnsupported() from exc
-            raise storage_error(uri, OSError(f"{code} ({status}): {error.get('Message', '')}")) from exc
+            raise storage_error(uri, OSError(f"{code} ({status}): {error.get('Message', '')}"),
+                                storage_of(self.fs)) from exc
         except BotoCoreError as exc:
-            raise storage_error(uri, OSError(f"{type(exc).__name__}: {exc}")) from exc
+            raise storage_error(uri, OSError(f"{type(exc).__name__}: {exc}"), storage_of(self.fs)) from exc
 
     def create(self, path: str, data: bytes) -> bool:
         """Create ``path`` holding ``data`` unless it exists; True when this call created it."""
@@ -479,7 +487,7 @@ def create_if_absent(fs: pafs.FileSystem, path: str, data: bytes) -> bool:
         with fs.open_output_stream(path) as out:
             out.write(data)
     except OSError as exc:
-        raise storage_error(display_uri(fs, path), exc) from exc
+        raise fs_error(fs, path, exc) from exc
     return True
 
 

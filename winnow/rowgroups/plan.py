@@ -8,16 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Airflow's default ``[core] max_map_length``: a partition is one mapped task instance.
-MAX_MAP_LENGTH = 1024
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
+from winnow.checks import DEFAULT_MAX_PARTITIONS, MAX_MAP_LENGTH, check, int_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,21 +29,19 @@ class RowGroupPlan:
 
     num_records: int
     buffer_size: int
-    max_partitions: int = 256
+    max_partitions: int = DEFAULT_MAX_PARTITIONS
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_records, bool) or not isinstance(self.num_records, int):
-            raise ValueError(f"num_records must be an integer, got {self.num_records!r}")
-        if self.num_records < 0:
-            raise ValueError(f"num_records must be >= 0, got {self.num_records}")
-        _check_positive_int("buffer_size", self.buffer_size)
-        _check_positive_int("max_partitions", self.max_partitions)
-        if self.max_partitions > MAX_MAP_LENGTH:
-            raise ValueError(
-                f"max_partitions={self.max_partitions} exceeds {MAX_MAP_LENGTH}, Airflow's default "
-                "[core] max_map_length: one partition is one mapped task instance. Use a value "
-                f"<= {MAX_MAP_LENGTH} (a larger buffer_size makes fewer, bigger row groups)."
-            )
+        # The one check of the knobs ``buffer_size`` and ``max_partitions`` (the index config
+        # makes an empty plan to check them); N is counted, not given, so it is no knob.
+        if problem := int_problem("num_records", self.num_records, low=0):
+            raise ValueError(problem)
+        check(
+            int_problem("buffer_size", self.buffer_size, low=1),
+            int_problem("max_partitions", self.max_partitions, low=1, high=MAX_MAP_LENGTH,
+                        hint="one partition is one mapped task instance and Airflow's default [core] "
+                             "max_map_length is the most; a larger buffer_size makes fewer, bigger row groups"),
+        )
 
     @property
     def num_row_groups(self) -> int:

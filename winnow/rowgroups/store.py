@@ -24,13 +24,14 @@ import pyarrow.parquet as pq
 
 from winnow.exceptions import StageConfigMismatch, StorageError
 from winnow.rowgroups.fs import (
+    RunRoot,
+    StorageOptions,
     create_if_absent,
     delete_file,
-    display_uri,
+    fs_error,
     is_local,
     read_small,
     resolve_filesystem,
-    storage_error,
 )
 
 STAGE_FILE = "_stage.json"
@@ -61,8 +62,8 @@ LEGACY_FOLDERS = {"write": "output"}
 
 
 __all__ = [
-    "CommitStore", "StageFingerprint", "is_local", "read_json", "resolve_filesystem", "stage_fingerprint", "write_atomic",
-    "write_json",
+    "CommitStore", "RunRoot", "StageFingerprint", "StorageOptions", "is_local", "read_json", "resolve_filesystem",
+    "stage_fingerprint", "write_atomic", "write_json",
 ]
 
 
@@ -93,7 +94,7 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         with fs.open_output_stream(path) as out:
             out.write(data)
     except OSError as exc:
-        raise storage_error(display_uri(fs, path), exc) from exc
+        raise fs_error(fs, path, exc) from exc
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -109,7 +110,7 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     except OSError as exc:
         if is_local(fs):
             raise
-        raise storage_error(display_uri(fs, path), exc) from exc
+        raise fs_error(fs, path, exc) from exc
 
 
 def _json_bytes(payload: dict[str, Any]) -> bytes:
@@ -224,7 +225,8 @@ def stage_fingerprint(
 
 
 class CommitStore:
-    """Row-group commits for one run root.
+    """Row-group commits for one run root: a :class:`RunRoot` (its URI and the settings that
+    reach its store, built once by the run's entry point), or a plain local path.
 
     >>> import tempfile, pyarrow as pa
     >>> store = CommitStore(tempfile.mkdtemp())
@@ -233,12 +235,14 @@ class CommitStore:
     [3]
     """
 
-    def __init__(self, run_root: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+    def __init__(self, run_root: RunRoot | str, *, filesystem: pafs.FileSystem | None = None) -> None:
+        #: Where the run stores (its URI and settings): what this store's callers hand on to
+        #: the work they start, so that every process reaches the store the same way.
+        self.run_root = RunRoot.of(run_root)
         if filesystem is None:
-            self.fs, self.root = resolve_filesystem(run_root)
+            self.fs, self.root = resolve_filesystem(self.run_root.uri, self.run_root.storage)
         else:
-            self.fs, self.root = filesystem, run_root.rstrip("/")
-        self.run_root = run_root
+            self.fs, self.root = filesystem, self.run_root.uri.rstrip("/")
         self._folders: dict[str, str] = {}
 
     # ---- paths -------------------------------------------------------------------------
@@ -295,7 +299,7 @@ class CommitStore:
         except OSError as exc:
             if is_local(self.fs):
                 raise
-            raise storage_error(display_uri(self.fs, folder), exc) from exc
+            raise fs_error(self.fs, folder, exc) from exc
 
     def completed(self, stage: str, partition: int, *, clean_temp: bool = False) -> set[int]:
         """Committed row-group ids of one partition. Lists only that partition's prefix.
@@ -387,6 +391,6 @@ class CommitStore:
                 if info.type == pafs.FileType.File:
                     delete_file(self.fs, info.path)
         except OSError as exc:
-            raise storage_error(display_uri(self.fs, source), exc) from exc
+            raise fs_error(self.fs, source, exc) from exc
         self._folders.pop(stage, None)
         return target

@@ -15,14 +15,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import pyarrow as pa
 
 from winnow.rowgroups.plan import RowGroupPlan
-from winnow.rowgroups.store import CommitStore
+from winnow.rowgroups.store import CommitStore, RunRoot, StorageOptions
 
 
 @dataclass(frozen=True)
 class RowGroupTask:
-    """One unit of work: a row group of a partition of a run."""
+    """One unit of work: a row group of a partition of a run. ``run_root`` carries where the
+    run stores (a :class:`~winnow.rowgroups.fs.RunRoot`; a plain string is a local path)."""
 
-    run_root: str
+    run_root: RunRoot | str
     plan: RowGroupPlan
     partition: int
     row_group: int
@@ -34,6 +35,11 @@ class RowGroupTask:
     @property
     def num_records(self) -> int:
         return self.plan.row_group_size(self.row_group)
+
+    @property
+    def storage(self) -> StorageOptions | None:
+        """The settings that reach the run's store (and its input's): for the stage's reads."""
+        return RunRoot.of(self.run_root).storage
 
     def store(self) -> CommitStore:
         return CommitStore(self.run_root)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,10 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from winnow.data.captions import read_captions
+from winnow.checks import check, choice_problem, int_problem
+from winnow.data.captions import caption_field_problem, read_captions
 from winnow.exceptions import ModelError, WinnowError
 from winnow.rowgroups.task import RowGroupTask
-from winnow.stages.device import resolve_device
+from winnow.stages.device import device_problem, resolve_device
 from winnow.stages.embedding_io import embedding_matrix
 from winnow.stages.models import (
     LoadedTextModel,
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 #: What ``precision="auto"`` means, as recorded in the stage fingerprint (as the embed stage's).
 AUTO_PRECISION = "auto: bf16 autocast on CUDA, fp32 on CPU"
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 CLIP_SCORE = pa.schema(
@@ -79,21 +78,12 @@ class ClipScoreConfig:
     caption_field: str = "caption"
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not _DEVICE.match(str(self.device)):
-            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        field = self.caption_field
-        if not isinstance(field, str) or not field.strip() or not all(p.strip() for p in field.split(".")):
-            problems.append(
-                f"caption_field must name a .json field, e.g. 'caption' or 'meta.caption' (no empty "
-                f"parts), got {field!r}"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
+        check(
+            int_problem("batch_size", self.batch_size, low=1),
+            device_problem(self.device),
+            choice_problem("precision", self.precision, PRECISIONS),
+            caption_field_problem(self.caption_field),
+        )
 
 
 def clip_score_config(run: Any, _name: str = "clip_score") -> ClipScoreConfig:
@@ -258,7 +248,7 @@ class ClipScoreStage:
 
         # Every record's sidecars are read (has_caption is then true or false for each): they lie
         # inside the coalesced ranged reads anyway. Only records with an embedding are encoded.
-        captions = read_captions(index, self.config.caption_field)
+        captions = read_captions(index, self.config.caption_field, storage=task.storage)
         has_caption = np.array([c is not None for c in captions], dtype=bool)
         scored = np.flatnonzero(has_caption & (image_row >= 0))
         scores = np.full(n, np.nan, dtype=np.float32)

@@ -3,6 +3,10 @@
 Undecodable images are reported as strings, never raised. Pillow is the reference path (it
 reproduces open_clip's eval transform exactly); DALI and nvImageCodec decode the plain 8-bit
 images in bulk and hand anything unusual to Pillow, record by record.
+
+A decoder may feed more than one model: besides the main preprocessing it takes ``extra`` ones
+(the watermark detector's 256 px squash) and returns each as a view of the same decoded image
+(:attr:`DecodedBatch.views`). Every record is read and decoded once, whatever the backend.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
@@ -215,10 +219,14 @@ class DecodedBatch:
     pixels: torch.Tensor  # (len(index), H, W, 3) uint8, normalise with normalize_batch
     index: list[int]  # positions in the input list that ``pixels`` rows belong to
     errors: list[str | None]  # one per input record; None where it decoded
+    # The same decoded images under each extra preprocessing the decoder was made with, in that
+    # order: (len(index), h, w, 3) uint8 each, rows as ``pixels``, on the same device.
+    views: tuple[torch.Tensor, ...] = ()
 
 
 class BatchDecoder(Protocol):
     backend: str
+    extra: tuple[PreprocessConfig, ...]  # the preprocessings of DecodedBatch.views, in order
 
     def decode(self, images: list[bytes | None]) -> DecodedBatch: ...
 
@@ -229,30 +237,42 @@ def _stack(rows: list[np.ndarray], hw: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
+def _empty(preprocess: PreprocessConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.empty((0, *preprocess.height_width, 3), dtype=torch.uint8, device=device)
+
+
 class PillowBatchDecoder:
-    """Decode and preprocess with Pillow on a small thread pool (Pillow releases the GIL)."""
+    """Decode and preprocess with Pillow on a small thread pool (Pillow releases the GIL).
+
+    :param extra: more preprocessings of the same decoded image (:attr:`DecodedBatch.views`).
+    """
 
     backend = "pillow"
 
-    def __init__(self, preprocess: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS, num_threads: int = 2) -> None:
+    def __init__(self, preprocess: PreprocessConfig, *, max_pixels: int = DEFAULT_MAX_PIXELS, num_threads: int = 2,
+                 extra: Sequence[PreprocessConfig] = ()) -> None:
         self.preprocessor = PillowPreprocessor(preprocess)
+        self.extra = tuple(extra)
+        self._extra_preprocessors = [PillowPreprocessor(p) for p in self.extra]
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(max_workers=num_threads) if num_threads > 1 else None
 
-    def _one(self, data: bytes | None) -> tuple[np.ndarray | None, str | None]:
+    def _one(self, data: bytes | None) -> tuple[list[np.ndarray] | None, str | None]:
+        """The record's pixels under every preprocessing, from one decode of its bytes."""
         img, error = decode_image(data, max_pixels=self.max_pixels)
         if img is None:
             return None, error
         try:
-            return self.preprocessor.to_uint8(img), None
+            return [pre.to_uint8(img) for pre in (self.preprocessor, *self._extra_preprocessors)], None
         except Exception as exc:  # noqa: BLE001 - a resize failure is still a record error
             return None, f"corrupt image: preprocessing failed: {_reason(exc)}"
 
     def decode(self, images: list[bytes | None]) -> DecodedBatch:
         results = list(self._pool.map(self._one, images)) if self._pool else [self._one(d) for d in images]
-        index = [i for i, (arr, _) in enumerate(results) if arr is not None]
-        pixels = _stack([results[i][0] for i in index], self.preprocessor.preprocess.height_width)
-        return DecodedBatch(pixels, index, [err for _, err in results])
+        index = [i for i, (arrays, _) in enumerate(results) if arrays is not None]
+        stacks = [_stack([results[i][0][k] for i in index], pre.height_width)  # type: ignore[index]
+                  for k, pre in enumerate((self.preprocessor.preprocess, *self.extra))]
+        return DecodedBatch(stacks[0], index, [err for _, err in results], tuple(stacks[1:]))
 
 
 def dali_available(device: str = "cpu") -> bool:
@@ -269,7 +289,8 @@ class DaliBatchDecoder:
 
     DALI fails a whole batch on one bad image, so records are screened first with a Pillow header
     parse (format, mode, pixel limit); unusual images go to Pillow; and if DALI still fails a
-    batch, that batch is redone with Pillow per record.
+    batch, that batch is redone with Pillow per record. Each ``extra`` preprocessing is one more
+    output of the pipeline: a resize and crop of the same decoded image.
     """
 
     def __init__(
@@ -281,16 +302,19 @@ class DaliBatchDecoder:
         max_batch_size: int = 64,
         num_threads: int = 2,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        extra: Sequence[PreprocessConfig] = (),
     ) -> None:
-        check_tensor_preprocess(preprocess, "dali")
+        for pre in (preprocess, *extra):
+            check_tensor_preprocess(pre, "dali")
         self.backend = f"dali-{device}"
         self.preprocess = preprocess
+        self.extra = tuple(extra)
         self.device = device
         self.device_id = (0 if device_id is None else device_id) if device == "gpu" else None
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads
         self.max_pixels = max_pixels
-        self.fallback = PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads)
+        self.fallback = PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads, extra=extra)
         self.failed_batches = 0  # DALI batches redone with Pillow
         self._pipe = self._build()
 
@@ -299,11 +323,9 @@ class DaliBatchDecoder:
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
 
-        h, w = self.preprocess.height_width
-        interp = types.INTERP_CUBIC if self.preprocess.interpolation == "bicubic" else types.INTERP_LINEAR
         decode_device = "mixed" if self.device == "gpu" else "cpu"
+        preprocessings = (self.preprocess, *self.extra)
 
-        # prefetch depth 1: we feed one batch and run it, batches may be short.
         @pipeline_def(
             batch_size=self.max_batch_size,
             num_threads=self.num_threads,
@@ -312,53 +334,60 @@ class DaliBatchDecoder:
         )
         def pipe() -> Any:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            # Per-record resize target and crop position, computed from the header exactly as
-            # torchvision's Resize and CenterCrop do, so both backends cut the same window.
-            size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
-            crop_y = fn.external_source(name="crop_y", dtype=types.FLOAT, ndim=0)
-            crop_x = fn.external_source(name="crop_x", dtype=types.FLOAT, ndim=0)
             # adjust_orientation off: open_clip (Pillow) ignores EXIF rotation too.
             img = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False)
-            img = fn.resize(img, size=size, interp_type=interp, antialias=True)
-            # Crop only; normalisation is shared with the Pillow path (normalize_batch).
-            return fn.crop_mirror_normalize(
-                img, crop=(h, w), crop_pos_x=crop_x, crop_pos_y=crop_y, dtype=types.UINT8, output_layout="HWC"
-            )
+            outputs = []
+            # One output per preprocessing, each a resize + crop of the one decoded image.
+            for k, pre in enumerate(preprocessings):
+                h, w = pre.height_width
+                interp = types.INTERP_CUBIC if pre.interpolation == "bicubic" else types.INTERP_LINEAR
+                # Per-record resize target and crop position, computed from the header exactly as
+                # torchvision's Resize and CenterCrop do, so both backends cut the same window.
+                size = fn.external_source(name=f"size{k}", dtype=types.FLOAT, ndim=1)
+                crop_y = fn.external_source(name=f"crop_y{k}", dtype=types.FLOAT, ndim=0)
+                crop_x = fn.external_source(name=f"crop_x{k}", dtype=types.FLOAT, ndim=0)
+                resized = fn.resize(img, size=size, interp_type=interp, antialias=True)
+                # Crop only; normalisation is shared with the Pillow path (normalize_batch).
+                outputs.append(fn.crop_mirror_normalize(
+                    resized, crop=(h, w), crop_pos_x=crop_x, crop_pos_y=crop_y, dtype=types.UINT8, output_layout="HWC"
+                ))
+            return tuple(outputs)
 
         p = pipe()
         p.build()
         return p
 
-    def _geometry(self, header: ImageHeader) -> tuple[np.ndarray, np.float32, np.float32]:
+    @staticmethod
+    def _geometry(header: ImageHeader, preprocess: PreprocessConfig) -> tuple[np.ndarray, np.float32, np.float32]:
         """(resize target [h, w], crop_y, crop_x) as torchvision computes them for this size."""
-        th, tw = self.preprocess.height_width
-        if self.preprocess.resize_mode == "squash":
+        th, tw = preprocess.height_width
+        if preprocess.resize_mode == "squash":
             return np.array([th, tw], np.float32), np.float32(0.5), np.float32(0.5)
-        width, height = header.width, header.height
-        if width <= height:  # torchvision: the short side gets the size, the long one truncates
-            nw, nh = th, int(th * height / width)
-        else:
-            nh, nw = th, int(th * width / height)
-        top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+        nh, nw, top, left = resize_geometry(header.height, header.width, preprocess)
         crop_y = top / (nh - th) if nh > th else 0.5
         crop_x = left / (nw - tw) if nw > tw else 0.5
         return np.array([nh, nw], np.float32), np.float32(crop_y), np.float32(crop_x)
 
-    def _run_dali(self, encoded: list[bytes], headers: list[ImageHeader]) -> torch.Tensor:
-        geometry = [self._geometry(hd) for hd in headers]
+    def _run_dali(self, encoded: list[bytes], headers: list[ImageHeader]) -> list[torch.Tensor]:
+        """The pipeline's outputs for one batch: the main preprocessing's pixels, then each extra's."""
         self._pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in encoded])
-        self._pipe.feed_input("size", [g[0] for g in geometry])
-        self._pipe.feed_input("crop_y", [g[1] for g in geometry])
-        self._pipe.feed_input("crop_x", [g[2] for g in geometry])
-        (out,) = self._pipe.run()
+        for k, pre in enumerate((self.preprocess, *self.extra)):
+            geometry = [self._geometry(hd, pre) for hd in headers]
+            self._pipe.feed_input(f"size{k}", [g[0] for g in geometry])
+            self._pipe.feed_input(f"crop_y{k}", [g[1] for g in geometry])
+            self._pipe.feed_input(f"crop_x{k}", [g[2] for g in geometry])
+        outputs = self._pipe.run()
         if self.device == "gpu":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            tensor = out.as_tensor()
-            pixels = torch.empty(tensor.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-            feed_ndarray(tensor, pixels, cuda_stream=torch.cuda.current_stream(self.device_id))
-            return pixels
-        return torch.from_numpy(np.array(out.as_array()))
+            tensors = []
+            for out in outputs:
+                tensor = out.as_tensor()
+                pixels = torch.empty(tensor.shape(), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+                feed_ndarray(tensor, pixels, cuda_stream=torch.cuda.current_stream(self.device_id))
+                tensors.append(pixels)
+            return tensors
+        return [torch.from_numpy(np.array(out.as_array())) for out in outputs]
 
     def decode(self, images: list[bytes | None]) -> DecodedBatch:
         errors: list[str | None] = [None] * len(images)
@@ -374,39 +403,34 @@ class DaliBatchDecoder:
                 headers[i] = header
             else:
                 to_pillow.append(i)
-        parts: list[tuple[list[int], torch.Tensor]] = []
+        parts: list[_Part] = []
         for start in range(0, len(to_dali), self.max_batch_size):
             chunk = to_dali[start : start + self.max_batch_size]
             try:
-                parts.append((chunk, self._run_dali([images[i] for i in chunk], [headers[i] for i in chunk])))  # type: ignore[misc]
+                outputs = self._run_dali([images[i] for i in chunk], [headers[i] for i in chunk])  # type: ignore[misc]
+                parts.append((chunk, outputs[0], tuple(outputs[1:])))
             except Exception as exc:  # noqa: BLE001 - one bad image fails DALI's whole batch
                 self.failed_batches += 1
                 first_line = str(exc).splitlines()[0] if str(exc) else exc
                 logger.info("DALI failed a batch of %d (%s); decoding it with Pillow", len(chunk), first_line)
                 self._pipe = self._build()  # a failed pipeline is not reusable
                 to_pillow.extend(chunk)
+        device = parts[0][1].device if parts else torch.device("cpu")
         redone = _decode_with_pillow(self.fallback, images, to_pillow, errors)
         if redone is not None:
-            decoded, pixels = redone
-            if parts and parts[0][1].is_cuda:
-                pixels = pixels.to(parts[0][1].device)
-            parts.append((decoded, pixels))
-        if not parts:
-            return DecodedBatch(_stack([], self.preprocess.height_width), [], errors)
-        index = [i for idx, _ in parts for i in idx]
-        pixels = torch.cat([p for _, p in parts]) if len(parts) > 1 else parts[0][1]
-        order = sorted(range(len(index)), key=index.__getitem__)
-        if order != list(range(len(index))):
-            pixels = pixels[torch.tensor(order, device=pixels.device)]
-            index = [index[k] for k in order]
-        return DecodedBatch(pixels, index, errors)
+            parts.append(redone)
+        return _assemble(parts, errors, (self.preprocess, *self.extra), device)
+
+
+#: Decoded records of one batch from one path: (their positions, pixels, views).
+_Part = tuple[list[int], torch.Tensor, tuple[torch.Tensor, ...]]
 
 
 def _decode_with_pillow(fallback: PillowBatchDecoder, images: list, positions: list[int],
-                        errors: list[str | None]) -> tuple[list[int], torch.Tensor] | None:
+                        errors: list[str | None]) -> _Part | None:
     """Decode the records at ``positions`` (of ``images``) with Pillow, for a GPU or DALI decoder
     that could not: their errors go into ``errors`` by position; returns the positions decoded
-    and their pixels, or None when there is nothing to show."""
+    with their pixels and views, or None when there is nothing to show."""
     if not positions:
         return None
     positions.sort()
@@ -415,7 +439,26 @@ def _decode_with_pillow(fallback: PillowBatchDecoder, images: list, positions: l
         errors[positions[j]] = err
     if not redone.index:
         return None
-    return [positions[j] for j in redone.index], redone.pixels
+    return [positions[j] for j in redone.index], redone.pixels, redone.views
+
+
+def _assemble(parts: list[_Part], errors: list[str | None], preprocessings: tuple[PreprocessConfig, ...],
+              device: torch.device) -> DecodedBatch:
+    """One batch from the parts the decode paths gave (bulk, Pillow), on ``device``, in record
+    order; every view's rows follow the pixels' rows."""
+    if not parts:
+        empty = [_empty(pre, device) for pre in preprocessings]
+        return DecodedBatch(empty[0], [], errors, tuple(empty[1:]))
+    index = [i for idx, _, _ in parts for i in idx]
+    columns = [[pixels for _, pixels, _ in parts]] + [[views[k] for _, _, views in parts]
+                                                     for k in range(len(preprocessings) - 1)]
+    stacked = [torch.cat([t.to(device) for t in ts]) if len(ts) > 1 else ts[0].to(device) for ts in columns]
+    order = sorted(range(len(index)), key=index.__getitem__)
+    if order != list(range(len(index))):
+        rows = torch.tensor(order, device=device)
+        stacked = [t[rows] for t in stacked]
+        index = [index[k] for k in order]
+    return DecodedBatch(stacked[0], index, errors, tuple(stacked[1:]))
 
 
 def check_tensor_preprocess(preprocess: PreprocessConfig, backend: str) -> None:
@@ -507,7 +550,8 @@ class NvImageCodecBatchDecoder:
     record keeps the accounting (pixels or error text) the Pillow path gives it.
 
     ``jpeg_decoder`` replaces nvImageCodec by another JPEG decoder (tests run this class on CPU
-    with torchvision's); ``device`` is where the pixels come out.
+    with torchvision's); ``device`` is where the pixels come out. Each ``extra`` preprocessing
+    resizes the same decoded tensors once more (:attr:`DecodedBatch.views`).
     """
 
     backend = "nvimgcodec"
@@ -521,11 +565,14 @@ class NvImageCodecBatchDecoder:
         num_threads: int = 2,
         jpeg_decoder: JpegDecodeFn | None = None,
         device: str | torch.device | None = None,
+        extra: Sequence[PreprocessConfig] = (),
     ) -> None:
-        check_tensor_preprocess(preprocess, self.backend)
+        for pre in (preprocess, *extra):
+            check_tensor_preprocess(pre, self.backend)
         self.preprocess = preprocess
+        self.extra = tuple(extra)
         self.max_pixels = max_pixels
-        self.fallback = PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads)
+        self.fallback = PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads, extra=extra)
         self.gpu_failed = 0  # records the GPU decoder returned nothing for (redone by Pillow)
         if jpeg_decoder is not None:
             self.device = torch.device(device or "cpu")
@@ -588,8 +635,7 @@ class NvImageCodecBatchDecoder:
                 to_gpu.append(i)
             else:
                 to_pillow.append(i)
-        index: list[int] = []
-        pixels = torch.empty((0, *self.preprocess.height_width, 3), dtype=torch.uint8, device=self.device)
+        parts: list[_Part] = []
         if to_gpu:
             stream_ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
             with stream_ctx:
@@ -600,8 +646,10 @@ class NvImageCodecBatchDecoder:
                     tensors = [None] * len(to_gpu)
                 ok = [(i, t) for i, t in zip(to_gpu, tensors) if t is not None]
                 if ok:
-                    pixels = resize_center_crop([t for _, t in ok], self.preprocess)
-                    index = [i for i, _ in ok]
+                    # Each preprocessing resizes the same decoded tensors: one decode, several views.
+                    decoded = [t for _, t in ok]
+                    parts.append(([i for i, _ in ok], resize_center_crop(decoded, self.preprocess),
+                                  tuple(resize_center_crop(decoded, pre) for pre in self.extra)))
             if self._stream is not None:
                 # The decoded images are released next: their buffers must have been read.
                 self._stream.synchronize()
@@ -611,13 +659,8 @@ class NvImageCodecBatchDecoder:
             to_pillow.extend(failed)
         redone = _decode_with_pillow(self.fallback, images, to_pillow, errors)
         if redone is not None:
-            index += redone[0]
-            pixels = torch.cat([pixels, redone[1].to(self.device)])
-        order = sorted(range(len(index)), key=index.__getitem__)
-        if order != list(range(len(index))):
-            pixels = pixels[torch.tensor(order, device=pixels.device)]
-            index = [index[k] for k in order]
-        return DecodedBatch(pixels, index, errors)
+            parts.append(redone)
+        return _assemble(parts, errors, (self.preprocess, *self.extra), self.device)
 
 
 def backend_available(backend: str, *, gpu: bool) -> bool:
@@ -640,9 +683,12 @@ def make_batch_decoder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     device_id: int | None = None,
     allow_gpu_decode: bool = True,
+    extra: Sequence[PreprocessConfig] = (),
 ) -> BatchDecoder:
     """The decoder for ``backend``; ``auto`` takes the first of :data:`AUTO_ORDER` that is
     installed and works here (GPU decoders only when ``allow_gpu_decode``), Pillow at worst.
+    ``extra``: more preprocessings of each decoded image (:attr:`DecodedBatch.views`), e.g. a
+    second model's input; every backend decodes each record once for all of them.
 
     Only the backend asked for is imported: ``pillow`` (or ``auto`` where neither nvImageCodec nor
     DALI is installed) never imports DALI.
@@ -653,7 +699,7 @@ def make_batch_decoder(
             if not backend_available(candidate, gpu=allow_gpu_decode):
                 continue
             try:
-                return _make(candidate, preprocess, max_batch_size, num_threads, max_pixels, device_id)
+                return _make(candidate, preprocess, max_batch_size, num_threads, max_pixels, device_id, extra)
             except Exception as exc:  # noqa: BLE001 - auto falls through to the next backend
                 logger.warning("decode backend %s unavailable (%s); trying the next one", candidate, exc)
         raise AssertionError("unreachable: pillow always works")
@@ -664,19 +710,20 @@ def make_batch_decoder(
             "dali-cpu": "nvidia-dali (pip install nvidia-dali-cuda120)",
         }[backend]
         raise RuntimeError(f"decode_backend {backend!r} needs {needs}; use decode_backend='auto' or 'pillow'")
-    return _make(backend, preprocess, max_batch_size, num_threads, max_pixels, device_id)
+    return _make(backend, preprocess, max_batch_size, num_threads, max_pixels, device_id, extra)
 
 
 def _make(
     backend: str, preprocess: PreprocessConfig, max_batch_size: int, num_threads: int, max_pixels: int,
-    device_id: int | None,
+    device_id: int | None, extra: Sequence[PreprocessConfig] = (),
 ) -> BatchDecoder:
     if backend == "pillow":
-        return PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads)
+        return PillowBatchDecoder(preprocess, max_pixels=max_pixels, num_threads=num_threads, extra=extra)
     if backend == "nvimgcodec":
-        return NvImageCodecBatchDecoder(preprocess, device_id=device_id, max_pixels=max_pixels, num_threads=num_threads)
+        return NvImageCodecBatchDecoder(preprocess, device_id=device_id, max_pixels=max_pixels, num_threads=num_threads,
+                                        extra=extra)
     device = backend.removeprefix("dali-")
     return DaliBatchDecoder(
         preprocess, device=device, device_id=device_id,  # type: ignore[arg-type]
-        max_batch_size=max_batch_size, num_threads=num_threads, max_pixels=max_pixels,
+        max_batch_size=max_batch_size, num_threads=num_threads, max_pixels=max_pixels, extra=extra,
     )

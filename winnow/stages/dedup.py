@@ -36,6 +36,7 @@ import pyarrow as pa
 if TYPE_CHECKING:
     import torch
 
+from winnow.checks import MAX_MAP_LENGTH, check, int_problem, number_problem
 from winnow.exceptions import DedupError
 from winnow.schemas import DEDUP
 
@@ -60,7 +61,8 @@ class DedupConfig:
     :param sample_size: (distributed steps) rows the ``centroids`` step clusters; 0 picks
         ``min(candidates, 100 * k)`` (param ``dedup_sample_size``).
     :param buckets: (distributed steps) buckets of clusters the ``pairwise`` step is mapped
-        over, at most 1024; 0 picks one per ~65k candidates (param ``dedup_buckets``).
+        over, at most :data:`~winnow.checks.MAX_MAP_LENGTH`; 0 picks one per ~65k candidates
+        (param ``dedup_buckets``).
     """
 
     eps: float = 0.05
@@ -74,25 +76,17 @@ class DedupConfig:
 
     def __post_init__(self) -> None:
         low, high = EPS_RANGE
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not low < self.eps <= high:
-            raise DedupError(
-                f"dedup_eps must be in ({low:g}, {high:g}] (duplicates have cosine similarity >= 1 - eps), got {self.eps!r}"
-            )
-        if isinstance(self.n_clusters, bool) or not isinstance(self.n_clusters, int) or self.n_clusters < 0:
-            raise DedupError(f"dedup_clusters must be an integer >= 0 (0 = automatic), got {self.n_clusters!r}")
-        for name, param in (("sample_size", "dedup_sample_size"), ("buckets", "dedup_buckets")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise DedupError(f"{param} must be an integer >= 0 (0 = automatic), got {value!r}")
-        if self.buckets > 1024:
-            raise DedupError(
-                f"dedup_buckets must be <= 1024 (one mapped pairwise task per bucket; Airflow's "
-                f"max_map_length), got {self.buckets}"
-            )
-        if self.max_iter < 1:
-            raise DedupError(f"max_iter must be >= 1, got {self.max_iter}")
-        if self.block_size < 1:
-            raise DedupError(f"block_size must be >= 1, got {self.block_size}")
+        auto = "0 = automatic"
+        check(
+            number_problem("dedup_eps", self.eps, low=low, high=high, low_open=True,
+                           hint="duplicates have cosine similarity >= 1 - eps"),
+            int_problem("dedup_clusters", self.n_clusters, low=0, hint=auto),
+            int_problem("dedup_sample_size", self.sample_size, low=0, hint=auto),
+            int_problem("dedup_buckets", self.buckets, low=0, high=MAX_MAP_LENGTH,
+                        hint=f"{auto}; one mapped pairwise task per bucket, at most Airflow's max_map_length"),
+            int_problem("max_iter", self.max_iter, low=1),
+            int_problem("block_size", self.block_size, low=1),
+        )
 
     def fingerprint_config(self) -> dict[str, Any]:
         """The knobs that change which records are duplicates."""

@@ -42,11 +42,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from winnow.exceptions import DedupError
+from winnow.checks import MAX_MAP_LENGTH
+from winnow.exceptions import ConfigError, DedupError
 from winnow.execution import Execution
 from winnow.faults import FaultSpec
 from winnow.results import UnitSummary
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot, StageFingerprint
 from winnow.rowgroups.store import stage_fingerprint, table_to_parquet_bytes, write_atomic
 from winnow.rowgroups.task import RowGroupTask
 from winnow.schemas import DEDUP
@@ -59,8 +60,6 @@ CENTROIDS_FILE = "centroids.parquet"
 SAMPLE_PER_K = 100
 #: The sample reads this many times the row groups it needs (spread over more of the run).
 SAMPLE_OVERREAD = 4
-#: At most this many buckets: one mapped pairwise task each (Airflow's max_map_length).
-MAX_BUCKETS = 1024
 #: Automatic bucket count: about this many candidates per bucket (~100 MB of 768-d float16).
 TARGET_BUCKET_RECORDS = 1 << 16
 _META = b"winnow.centroids"
@@ -204,12 +203,13 @@ def bucket_map(sizes: np.ndarray, buckets: int) -> np.ndarray:
 def resolve_buckets(param: int, k: int, candidates: int) -> int:
     if param:
         return max(1, min(param, k))
-    return max(1, min(k, MAX_BUCKETS, math.ceil(candidates / TARGET_BUCKET_RECORDS)))
+    # One mapped pairwise task per bucket: at most Airflow's max_map_length of them.
+    return max(1, min(k, MAX_MAP_LENGTH, math.ceil(candidates / TARGET_BUCKET_RECORDS)))
 
 
 # ---- step 1: centroids --------------------------------------------------------------------
 
-def _centroids_unit(run_root: str, plan_dict: dict, config: DedupConfig, digest: str, _unit: int) -> dict[str, Any]:
+def _centroids_unit(run_root: RunRoot | str, plan_dict: dict, config: DedupConfig, digest: str, _unit: int) -> dict[str, Any]:
     import torch
 
     from winnow.stages.dedup import spherical_kmeans
@@ -227,7 +227,7 @@ def _centroids_unit(run_root: str, plan_dict: dict, config: DedupConfig, digest:
     k = min(config.n_clusters or auto_clusters(n), n)
     s = min(n, config.sample_size or SAMPLE_PER_K * k)
     if s < k:
-        raise DedupError(f"dedup_sample_size={config.sample_size} is below the {k} clusters; use at least {k} or 0")
+        raise ConfigError(f"dedup_sample_size={config.sample_size} is below the {k} clusters; use at least {k} or 0")
     quotas = sample_row_groups(counts, s, seed=config.seed)
     parts = []
     for rg in np.nonzero(quotas)[0].tolist():  # pass 2: one row group's embeddings at a time
@@ -298,7 +298,7 @@ def centroids_units(store: CommitStore) -> tuple[int, set[int]]:
 
 
 def run_centroids(
-    run_root: str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, fingerprint: StageFingerprint, *,
+    run_root: RunRoot | str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, fingerprint: StageFingerprint, *,
     execution: Execution, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Step 1: k-means on the sample, in one Ray task (with a GPU where there is one); a no-op
@@ -449,7 +449,7 @@ def _pairwise_part_path(store: CommitStore, partition: int, bucket: int) -> str:
     return store.path("pairwise", f"p{partition:05d}", f"b{bucket:05d}.parquet")
 
 
-def _pairwise_unit(run_root: str, plan_dict: dict, config: DedupConfig, bucket: int) -> dict[str, Any]:
+def _pairwise_unit(run_root: RunRoot | str, plan_dict: dict, config: DedupConfig, bucket: int) -> dict[str, Any]:
     import torch
 
     from winnow.stages.dedup import dedup_cluster
@@ -525,7 +525,7 @@ def pairwise_units(store: CommitStore) -> tuple[int | None, set[int]]:
 
 
 def run_pairwise(
-    run_root: str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, buckets: list[int] | None = None, *,
+    run_root: RunRoot | str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, buckets: list[int] | None = None, *,
     execution: Execution, log: Callable[[str], None] | None = None,
 ) -> UnitSummary:
     """Step 3 over ``buckets`` (all when None): one Ray task per bucket not yet committed, of the

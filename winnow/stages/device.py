@@ -1,8 +1,24 @@
-"""The one rule for turning a ``device`` knob into a torch device (embed, heads and dedup use it)."""
+"""The one rule for a ``device`` knob: the values it takes, and the torch device it becomes
+(embed, clip_score, heads and dedup use it)."""
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def device_problem(device: object) -> str | None:
+    """What is wrong with a ``device`` knob, in words; None when it is one of the values.
+
+    >>> device_problem("cuda:1") is None, device_problem("gpu")
+    (True, "device must be auto, cpu, cuda or cuda:N, got 'gpu'")
+    """
+    if _DEVICE.match(str(device)):  # str: a torch.device given as is
+        return None
+    return f"device must be auto, cpu, cuda or cuda:N, got {device!r}"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

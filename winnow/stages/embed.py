@@ -3,6 +3,12 @@
 Output per row group: record_id, key, an L2-normalised float16 embedding (null when the image
 could not be decoded) and the decode error. An undecodable image is data, never a failure.
 
+While the watermark filter is on (:mod:`winnow.stages.watermark`), the stage loads the LAION
+watermark detector too and adds ``watermark_score`` (P(watermark), float32, null where there is no
+embedding): both models get their input from the one decode of each image (the decoder's main
+pixels and its watermark view). While it is off, output and fingerprint are those of the stage
+without it.
+
 An exact duplicate (index ``exact_duplicate_of`` set: the same image bytes as an earlier record)
 is never read, decoded nor embedded: its row has a null embedding and a null error (its twin's
 embedding is the one that counts). :func:`winnow.data.reader.read_images` is the one place this
@@ -30,12 +36,22 @@ from winnow.stages.decode import (
     DEFAULT_MAX_PIXELS,
     BatchDecoder,
     DecodeBackend,
+    DecodedBatch,
     make_batch_decoder,
     normalize_batch,
     validate_decode_backend,
 )
 from winnow.stages.device import resolve_device
 from winnow.stages.models import LoadedModel, ModelSpec, load_image_model, validate_model_spec
+from winnow.stages.watermark import SCORE_COLUMN as WATERMARK_COLUMN
+from winnow.stages.watermark import (
+    WATERMARK_PREPROCESS,
+    load_watermark_model,
+    watermark_fingerprint,
+    watermark_probabilities,
+    watermark_settings,
+    watermark_weights_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +83,10 @@ class EmbedConfig:
     :param before_decode: the params of the before-decode filters that are on (sorted pairs,
         :func:`winnow.filters.before_decode_params`): the records they drop are never read nor
         decoded (null embedding, null error).
+    :param watermark: score each image with the LAION watermark detector too (the watermark
+        filter is on): a ``watermark_score`` column.
+    :param watermark_weights: the detector's local weights file; None: seeded random weights
+        (only with ``allow_random_weights``).
     """
 
     model: str = "ViT-L-14-quickgelu"
@@ -82,44 +102,50 @@ class EmbedConfig:
     compile: bool = False
     read_ahead: int = 4
     before_decode: tuple[tuple[str, Any], ...] = ()
+    watermark: bool = False
+    watermark_weights: str | None = None
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            problems.append(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        from winnow.checks import bool_problem, check, choice_problem, int_problem
+        from winnow.stages.device import device_problem
+
         try:
             validate_decode_backend(self.decode_backend)
+            backend_problem = None
         except ValueError as exc:
-            problems.append(str(exc))
-        if not _DEVICE.match(str(self.device)):
-            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            problems.append(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
-        if not isinstance(self.decode_threads, int) or self.decode_threads < 1:
-            problems.append(f"decode_threads must be a positive integer, got {self.decode_threads!r}")
-        if not isinstance(self.compile, bool):
-            problems.append(f"compile must be true or false, got {self.compile!r}")
-        if not isinstance(self.read_ahead, int) or self.read_ahead < 1:
-            problems.append(f"read_ahead must be a positive integer, got {self.read_ahead!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
+            backend_problem = str(exc)
+        check(
+            int_problem("batch_size", self.batch_size, low=1),
+            backend_problem,
+            device_problem(self.device),
+            choice_problem("precision", self.precision, PRECISIONS),
+            int_problem("max_pixels", self.max_pixels, low=1),
+            int_problem("decode_threads", self.decode_threads, low=1),
+            bool_problem("compile", self.compile),
+            int_problem("read_ahead", self.read_ahead, low=1),
+            bool_problem("watermark", self.watermark),
+        )
 
 
 def embed_config(run: Any, _name: str = "embed") -> EmbedConfig:
-    """The embed stage's config from a run's ``CurationConfig`` (the registry's ``config`` factory)."""
+    """The embed stage's config from a run's ``CurationConfig`` (the registry's ``config`` factory).
+    A :class:`~winnow.exceptions.ConfigError` naming ``watermark_weights`` when the watermark
+    filter is on without usable weights (:func:`~winnow.stages.watermark.watermark_settings`)."""
+    watermark, watermark_weights = watermark_settings(run)
     return EmbedConfig(model=run.model, pretrained=run.pretrained, model_dir=run.model_dir,
                        allow_random_weights=run.allow_random_weights, batch_size=run.batch_size,
                        decode_backend=run.decode_backend,
-                       before_decode=before_decode_params({p.name: getattr(run, p.name) for p in FILTER_PARAMS}))
+                       before_decode=before_decode_params({p.name: getattr(run, p.name) for p in FILTER_PARAMS}),
+                       watermark=watermark, watermark_weights=watermark_weights)
 
 
 class EmbedStage:
     """Decode + open_clip image embeddings, one row group at a time.
 
     The model name and weights are checked when the stage is made (cheap, no model built), so a
-    bad parameter fails before any worker starts; ``setup`` loads the model once per worker.
+    bad parameter fails before any worker starts; ``setup`` loads the model once per worker. With
+    ``watermark`` the watermark detector's weights are checked (and hashed) here too and the
+    detector is loaded by ``setup`` beside the CLIP model.
     """
 
     name: ClassVar[str] = "embed"
@@ -129,7 +155,13 @@ class EmbedStage:
         self.spec: ModelSpec = validate_model_spec(
             config.model, config.pretrained, config.model_dir, config.allow_random_weights
         )
+        #: the watermark detector's weights digest (None while the filter is off)
+        self.watermark_digest: str | None = (
+            watermark_weights_digest(config.watermark_weights, allow_random_weights=config.allow_random_weights)
+            if config.watermark else None
+        )
         self._loaded: LoadedModel | None = None
+        self._watermark: torch.nn.Module | None = None
         self._decoder: BatchDecoder | None = None
         self._device: torch.device | None = None
         self._compiled: Any = None
@@ -137,19 +169,26 @@ class EmbedStage:
 
     # Workers receive the stage pickled; models and DALI pipelines are rebuilt by setup().
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "spec": self.spec}
+        return {"config": self.config, "spec": self.spec, "watermark_digest": self.watermark_digest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._loaded, self._decoder, self._device = None, None, None
+        self._loaded, self._decoder, self._device, self._watermark = None, None, None, None
         self._compiled, self._pipeline = None, None
 
     @property
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
+    @property
+    def watermark_on(self) -> bool:
+        """Whether the stage scores images with the watermark detector too (the filter is on)."""
+        return self.config.watermark
+
     def output_schema(self) -> pa.Schema:
-        return embed_schema(self.embed_dim)
+        schema = embed_schema(self.embed_dim)
+        # Only while the filter is on: off, the files are those of a stage without it.
+        return schema.append(pa.field(WATERMARK_COLUMN, pa.float32())) if self.watermark_on else schema
 
     def fingerprint_config(self) -> dict[str, Any]:
         # Device, batch size, decode threads, compile and read-ahead do not change output
@@ -163,6 +202,8 @@ class EmbedStage:
             "max_pixels": self.config.max_pixels,
             # Only while a before-decode filter is on: which records are embedded at all.
             **({"before_decode": dict(self.config.before_decode)} if self.config.before_decode else {}),
+            # Only while the watermark filter is on: the detector that writes watermark_score.
+            **({"watermark": watermark_fingerprint(self.watermark_digest)} if self.watermark_digest else {}),
         }
 
     @property
@@ -206,6 +247,10 @@ class EmbedStage:
                 model_dir=cfg.model_dir,
                 allow_random_weights=cfg.allow_random_weights,
             )
+        if self.watermark_on:
+            self._watermark, _ = load_watermark_model(
+                cfg.watermark_weights, allow_random_weights=cfg.allow_random_weights, device=device
+            )
         self._decoder = make_batch_decoder(
             cfg.decode_backend,
             self._loaded.preprocess,
@@ -215,15 +260,18 @@ class EmbedStage:
             device_id=(device.index or 0) if device.type == "cuda" else None,
             # auto never decodes on a GPU the model is not on.
             allow_gpu_decode=device.type == "cuda",
+            # The watermark detector's input: a second view of each decoded image, not a second decode.
+            extra=(WATERMARK_PREPROCESS,) if self.watermark_on else (),
         )
         if cfg.compile:
             # One static shape (fixed_batches), so one graph; inference only.
             self._compiled = torch.compile(self._forward_eager, dynamic=False)
         logger.info(
-            "embed: %s (%s, %d-d) on %s, precision %s, decode %s, batch %d%s%s",
+            "embed: %s (%s, %d-d) on %s, precision %s, decode %s, batch %d%s%s%s",
             cfg.model, self._loaded.weights_digest, self._loaded.embed_dim, device,
             self._autocast_dtype() or torch.float32, self._decoder.backend, cfg.batch_size,
             " (fixed, last padded)" if self.fixed_batches else "", ", compiled" if cfg.compile else "",
+            f", watermark detector ({self.watermark_digest})" if self.watermark_on else "",
         )
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -251,6 +299,13 @@ class EmbedStage:
         the shape never changes.
         """
         self.setup()
+        n = int(pixels.shape[0])
+        fn = self._compiled if self._compiled is not None else self._forward_eager
+        return fn(self._model_batch(pixels, fixed))[:n]
+
+    def _model_batch(self, pixels: torch.Tensor, fixed: bool | None) -> torch.Tensor:
+        """``pixels`` on the model's device, padded to ``batch_size`` with ``fixed`` (default
+        :attr:`fixed_batches`)."""
         device = self.device
         if pixels.device != device:
             # Pinned memory lets the copy overlap the previous batch's compute.
@@ -263,8 +318,20 @@ class EmbedStage:
                 raise ValueError(f"a batch of {n} images exceeds batch_size {self.config.batch_size}")
             pad = pixels.new_zeros((self.config.batch_size - n, *pixels.shape[1:]))
             pixels = torch.cat([pixels, pad])
-        fn = self._compiled if self._compiled is not None else self._forward_eager
-        return fn(pixels)[:n]
+        return pixels
+
+    def watermark_scores(self, batch: DecodedBatch, *, fixed: bool | None = None) -> torch.Tensor | None:
+        """P(watermark) of a decoded batch's images, ``(len(batch.index),)`` float32 on the model's
+        device (no host sync), from the decoder's watermark view of the same decoded images; None
+        while the filter is off. Padded like :meth:`forward`; bf16 where the CLIP tower is."""
+        if not self.watermark_on:
+            return None
+        self.setup()
+        assert self._watermark is not None
+        (view,) = batch.views  # the one extra preprocessing setup() asked the decoder for
+        n = int(view.shape[0])
+        bf16 = self._autocast_dtype() is not None
+        return watermark_probabilities(self._watermark, self._model_batch(view, fixed), bf16=bf16)[:n]
 
     def _forward_eager(self, pixels: torch.Tensor) -> torch.Tensor:
         assert self._loaded is not None
@@ -280,11 +347,18 @@ class EmbedStage:
 
         ``errors[i]`` is ``"undecodable: <reason>"`` for an image that could not be decoded.
         """
+        embeddings, errors, _ = self.embed_and_score(images)
+        return embeddings, errors
+
+    def embed_and_score(self, images: list[bytes | None]) -> tuple[np.ndarray, list[str | None], np.ndarray | None]:
+        """:meth:`embed_images`, and P(watermark) per image (float32, NaN where not decoded) from
+        the same decode while the watermark filter is on (else None)."""
         self.setup()
         assert self._loaded is not None and self._decoder is not None
         out = np.full((len(images), self.embed_dim), np.nan, dtype=np.float16)
+        scores = np.full(len(images), np.nan, dtype=np.float32) if self.watermark_on else None
         errors: list[str | None] = [None] * len(images)
-        pending: list[tuple[list[int], torch.Tensor]] = []
+        pending: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []
         with torch.inference_mode():
             for start in range(0, len(images), self.config.batch_size):
                 chunk = images[start : start + self.config.batch_size]
@@ -295,22 +369,28 @@ class EmbedStage:
                 if not batch.index:
                     continue
                 # Kept on device until the end so the next batch decodes while this one computes.
-                pending.append(([start + i for i in batch.index], self.forward(batch.pixels)))
-        for rows, features in pending:
+                pending.append(([start + i for i in batch.index], self.forward(batch.pixels),
+                                self.watermark_scores(batch)))
+        for rows, features, watermark in pending:
             out[rows] = features.cpu().numpy()
-        return out, errors
+            if scores is not None and watermark is not None:
+                scores[rows] = watermark.cpu().numpy()
+        return out, errors, scores
 
     def build_table(
         self, record_ids: pa.Array, keys: pa.Array, embeddings: np.ndarray, errors: list[str | None],
-        rows: np.ndarray | None = None,
+        rows: np.ndarray | None = None, *, watermark: np.ndarray | None = None,
     ) -> pa.Table:
         """The stage's output table from embeddings (NaN rows where ``errors`` is set).
 
         With ``rows``, ``embeddings`` and ``errors`` are those of the records at these positions
         only (:func:`~winnow.data.reader.embedded_rows`); every other record (an exact duplicate) gets a null
-        embedding and a null error.
+        embedding and a null error. ``watermark``: P(watermark) of the same records as
+        ``embeddings``, while the filter is on (null where the embedding is null, or NaN).
         """
         null = np.array([e is not None for e in errors], dtype=bool)
+        if self.watermark_on and watermark is None:
+            watermark = np.full(len(errors), np.nan, dtype=np.float32)
         if rows is not None:
             full = np.zeros((len(record_ids), self.embed_dim), dtype=np.float16)
             full[rows] = embeddings
@@ -319,13 +399,19 @@ class EmbedStage:
                 full_errors[row] = err
             full_null = np.ones(len(record_ids), dtype=bool)
             full_null[rows] = null
+            if watermark is not None:
+                full_watermark = np.full(len(record_ids), np.nan, dtype=np.float32)
+                full_watermark[rows] = watermark
+                watermark = full_watermark
             embeddings, errors, null = full, full_errors, full_null
         values = pa.array(embeddings.reshape(-1), type=pa.float16())
         column = pa.FixedSizeListArray.from_arrays(values, self.embed_dim, mask=pa.array(null))
         assert column.type == embedding_type(self.embed_dim)
-        return pa.Table.from_arrays(
-            [record_ids, keys, column, pa.array(errors, type=pa.string())], schema=self.output_schema()
-        )
+        columns = [record_ids, keys, column, pa.array(errors, type=pa.string())]
+        if self.watermark_on:
+            scores = np.asarray(watermark, dtype=np.float32)
+            columns.append(pa.array(scores, type=pa.float32(), mask=null | np.isnan(scores)))
+        return pa.Table.from_arrays(columns, schema=self.output_schema())
 
     def row_group_pipeline(self) -> Any:
         """The fused, pipelined worker over many row groups (one per set-up stage)."""
@@ -341,12 +427,12 @@ class EmbedStage:
     ) -> pa.Table:
         """The stage's output table for these records (``images`` of the rows at ``rows`` only,
         when given: see :meth:`build_table`)."""
-        embeddings, errors = self.embed_images(images)
-        return self.build_table(record_ids, keys, embeddings, errors, rows)
+        embeddings, errors, watermark = self.embed_and_score(images)
+        return self.build_table(record_ids, keys, embeddings, errors, rows, watermark=watermark)
 
     def process(self, task: RowGroupTask) -> pa.Table:
         index = task.store().read_table("index", task.partition, task.row_group)
-        images, rows = read_images(index, self.config.before_decode)
+        images, rows = read_images(index, self.config.before_decode, storage=task.storage)
         table = self.embed_table(index.column("record_id").combine_chunks(), index.column("key").combine_chunks(),
                                  images, rows)
         undecodable = table.num_rows - table.column("error").null_count

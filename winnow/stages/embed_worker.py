@@ -18,6 +18,10 @@ file, and one that fails (a read, a decode or model error on its rows, its commi
 Exact duplicates (index ``exact_duplicate_of`` set) are not read, decoded nor embedded: the record
 stream holds the other rows only (:func:`winnow.data.reader.read_images`), and each row group's
 table gets a null embedding and a null error at a duplicate's row when it is committed.
+
+While the watermark filter is on, the model loop runs the watermark detector on each batch too,
+on the decoder's watermark view of the same decoded images (nothing is decoded twice); its
+scores travel with the embeddings (host buffers, scatter, commit).
 """
 
 from __future__ import annotations
@@ -85,6 +89,11 @@ class PipelineStats:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
 
 
+#: One slot of the host ring: embeddings (batch_size, D) float16 and, while the watermark filter
+#: is on, P(watermark) (batch_size,) float32.
+_HostBuffer = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
 @dataclass(eq=False)
 class _RowGroup:
     task: RowGroupTask
@@ -92,6 +101,7 @@ class _RowGroup:
     record_ids: pa.Array | None = None
     keys: pa.Array | None = None
     embeddings: np.ndarray | None = None  # of the embedded rows only
+    watermark: np.ndarray | None = None  # P(watermark) of the embedded rows (filter on only)
     errors: list[str | None] = field(default_factory=list)  # of the embedded rows only
     rows: np.ndarray | None = None  # positions of the embedded rows in the row group (None: all)
     failed: bool = False
@@ -107,7 +117,8 @@ class _Batch:
 class _Features:
     batch: _Batch
     host: torch.Tensor | np.ndarray | None  # (len(decoded.index), D) float16
-    buffer: torch.Tensor | None = None  # pinned buffer to hand back once read
+    scores: torch.Tensor | np.ndarray | None = None  # (len(decoded.index),) float32 P(watermark)
+    buffer: _HostBuffer | None = None  # pinned buffers to hand back once read
     ready: Any = None  # CUDA event after the device-to-host copy
     span: tuple[Any, Any] | None = None  # CUDA events around the model call
 
@@ -135,12 +146,17 @@ class FusedStage(Protocol):
     @property
     def decoder(self) -> BatchDecoder: ...
 
+    @property
+    def watermark_on(self) -> bool: ...
+
     def setup(self) -> None: ...
 
     def forward(self, pixels: torch.Tensor, *, fixed: bool | None = None) -> torch.Tensor: ...
 
+    def watermark_scores(self, batch: DecodedBatch, *, fixed: bool | None = None) -> torch.Tensor | None: ...
+
     def build_table(self, record_ids: pa.Array, keys: pa.Array, embeddings: np.ndarray, errors: list[str | None],
-                    rows: np.ndarray | None = None) -> pa.Table: ...
+                    rows: np.ndarray | None = None, *, watermark: np.ndarray | None = None) -> pa.Table: ...
 
 
 class EmbedPipeline:
@@ -166,12 +182,14 @@ class EmbedPipeline:
         self.stats = PipelineStats()
         # A ring of host buffers for fixed batches: pinned on CUDA so the device-to-host copy is
         # asynchronous; plain on CPU (the same hand-back logic, which the CPU tests exercise).
-        self._buffers: queue.Queue[torch.Tensor] | None = None
+        self._buffers: queue.Queue[_HostBuffer] | None = None
         if self.fixed_batches:
             self._buffers = queue.Queue()
+            pin = self.device.type == "cuda"
             for _ in range(HOST_BUFFERS):
-                self._buffers.put(torch.empty(
-                    (self.batch_size, stage.embed_dim), dtype=torch.float16, pin_memory=self.device.type == "cuda"
+                self._buffers.put((
+                    torch.empty((self.batch_size, stage.embed_dim), dtype=torch.float16, pin_memory=pin),
+                    torch.empty((self.batch_size,), dtype=torch.float32, pin_memory=pin) if stage.watermark_on else None,
                 ))
 
     # ---- public ---------------------------------------------------------------------------
@@ -263,7 +281,7 @@ class EmbedPipeline:
 
     def _read(self, task: RowGroupTask) -> tuple[pa.Table, list[bytes | None], np.ndarray | None]:
         index = task.store().read_table("index", task.partition, task.row_group)
-        return index, *read_images(index, self.stage.config.before_decode)
+        return index, *read_images(index, self.stage.config.before_decode, storage=task.storage)
 
     def _produce(self, tasks: list[RowGroupTask], out: queue.Queue, stop: threading.Event) -> None:
         """Decode thread: reads run ahead on a pool; records are cut into batches and decoded."""
@@ -319,6 +337,7 @@ class EmbedPipeline:
                         record_ids=index.column("record_id").combine_chunks(),
                         keys=index.column("key").combine_chunks(),
                         embeddings=np.full((n, self.stage.embed_dim), np.nan, dtype=np.float16),
+                        watermark=np.full(n, np.nan, dtype=np.float32) if self.stage.watermark_on else None,
                         errors=[None] * n,
                         rows=rows,
                     )
@@ -372,22 +391,28 @@ class EmbedPipeline:
         t0 = time.perf_counter()
         try:
             pixels = decoded.pixels
-            if pixels.is_cuda:
-                # Made on the decode thread's stream; tell the allocator this stream uses it too.
-                pixels.record_stream(torch.cuda.current_stream(pixels.device))
+            for t in (pixels, *decoded.views):
+                if t.is_cuda:
+                    # Made on the decode thread's stream; tell the allocator this stream uses it too.
+                    t.record_stream(torch.cuda.current_stream(t.device))
             span = None
             if self.device.type == "cuda":
                 span = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 span[0].record()
             with torch.inference_mode():
                 features = self.stage.forward(pixels, fixed=self.fixed_batches)
+                # The watermark detector on the same decoded images (None while its filter is off).
+                scores = self.stage.watermark_scores(decoded, fixed=self.fixed_batches)
             if self.fixed_batches:
                 self.stats.padded_slots += self.batch_size - n
             if self._buffers is None:
-                return [_Features(batch, features.numpy())]
+                return [_Features(batch, features.numpy(), None if scores is None else scores.numpy())]
             buffer = self._buffers.get()  # back-pressure: the writer hands buffers back
             try:
-                buffer[:n].copy_(features, non_blocking=True)
+                buffer[0][:n].copy_(features, non_blocking=True)
+                if scores is not None:
+                    assert buffer[1] is not None
+                    buffer[1][:n].copy_(scores, non_blocking=True)
             except BaseException:
                 self._buffers.put(buffer)
                 raise
@@ -396,7 +421,8 @@ class EmbedPipeline:
                 span[1].record()
                 ready = torch.cuda.Event()
                 ready.record()
-            return [_Features(batch, buffer[:n], buffer=buffer, ready=ready, span=span)]
+            host_scores = buffer[1][:n] if scores is not None and buffer[1] is not None else None
+            return [_Features(batch, buffer[0][:n], host_scores, buffer=buffer, ready=ready, span=span)]
         except Exception as exc:  # noqa: BLE001
             if len(batch.segments) == 1:
                 return [("fail", batch.segments[0][0], exc)]
@@ -438,6 +464,7 @@ class EmbedPipeline:
                 self.stats.model_gpu_seconds += start.elapsed_time(end) / 1000.0
             # Buffers go back below, once read: copy this batch's rows out first.
             host = item.host.numpy() if isinstance(item.host, torch.Tensor) else item.host
+            scores = item.scores.numpy() if isinstance(item.scores, torch.Tensor) else item.scores
             positions = np.asarray(decoded.index, dtype=np.int64)
             offset = 0
             for rg, first, count in item.batch.segments:
@@ -448,6 +475,8 @@ class EmbedPipeline:
                 if host is not None and len(positions):
                     mine = (positions >= offset) & (positions < offset + count)
                     rg.embeddings[positions[mine] - offset + first] = host[mine]
+                    if scores is not None and rg.watermark is not None:
+                        rg.watermark[positions[mine] - offset + first] = scores[mine]
                 offset += count
         finally:
             if item.buffer is not None:
@@ -459,7 +488,8 @@ class EmbedPipeline:
             return
         t0 = time.perf_counter()
         try:
-            table = self.stage.build_table(rg.record_ids, rg.keys, rg.embeddings, rg.errors, rg.rows)
+            table = self.stage.build_table(rg.record_ids, rg.keys, rg.embeddings, rg.errors, rg.rows,
+                                           watermark=rg.watermark)
             commit(rg.task, table)
         except Exception as exc:  # noqa: BLE001 - this row group fails, alone
             rg.failed = True
@@ -475,7 +505,7 @@ class EmbedPipeline:
             row_group=rg.task.row_group, records_in=rg.task.plan.row_group_size(rg.task.row_group), records_out=table.num_rows,
             seconds=time.perf_counter() - rg.t0,
         ))
-        rg.embeddings = None  # the table holds the data now
+        rg.embeddings = rg.watermark = None  # the table holds the data now
 
     def _failed(self, rg: _RowGroup, exc: BaseException) -> RowGroupResult:
         return RowGroupResult.from_error(self.stage.name, rg.task.row_group, rg.task.num_records, exc,
@@ -493,7 +523,8 @@ def _split(batch: _Batch) -> list[_Batch]:
         rows = torch.as_tensor(mine, device=decoded.pixels.device)
         parts.append(_Batch(
             [(rg, first, count)],
-            DecodedBatch(decoded.pixels[rows], [int(p) - offset for p in positions[mine]], decoded.errors[offset : offset + count]),
+            DecodedBatch(decoded.pixels[rows], [int(p) - offset for p in positions[mine]],
+                         decoded.errors[offset : offset + count], tuple(view[rows] for view in decoded.views)),
         ))
         offset += count
     return parts

@@ -19,9 +19,10 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from winnow.checks import check, int_problem
 from winnow.exceptions import ConfigError, HeadError
 from winnow.rowgroups.task import RowGroupTask
-from winnow.stages.device import resolve_device
+from winnow.stages.device import device_problem, resolve_device
 from winnow.stages.embedding_io import embedding_matrix
 
 log = logging.getLogger(__name__)
@@ -320,8 +321,8 @@ class HeadConfig:
     model: str = "the embedding model"
 
     def __post_init__(self) -> None:
-        if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:
-            raise HeadError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
+        # allow_random_weights is the run's flag, checked once by ``CurationConfig.validate``.
+        check(int_problem("embed_dim", self.embed_dim, low=1), device_problem(self.device))
 
     @classmethod
     def for_run(cls, run: Any) -> HeadConfig:

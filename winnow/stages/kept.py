@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from winnow.exceptions import StorageError
 from winnow.filters import AFTER_DECODE, BEFORE_DECODE, FILTERS, FilterSpec
@@ -75,17 +76,35 @@ def filter_columns() -> dict[str, list[str]]:
     return wanted
 
 
+def _read_present(store: CommitStore, stage: str, p: int, rg: int, columns: list[str]) -> pa.Table:
+    """``columns`` of a committed row group, those its file holds: a filter column may be absent
+    (embed writes ``watermark_score`` only while the watermark filter is on, and not in runs made
+    before it). One open of the file, as :meth:`CommitStore.read_table`."""
+    path = store.row_group_path(stage, p, rg)
+    try:
+        with store.fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            names = set(parquet.schema_arrow.names)
+            return parquet.read(columns=[c for c in dict.fromkeys(columns) if c in names])
+    except FileNotFoundError:
+        store.read_table(stage, p, rg, columns=[])  # raises the store's StorageError naming the stage
+        raise
+
+
 def read_filter_inputs(store: CommitStore, p: int, rg: int) -> FilterInputs:
     """One row group's filter inputs in record order: ``record_id``, ``exact_duplicate``,
     ``exact_duplicate_of``, ``decoded``, ``error`` (the decode error; None: decoded or never
     decoded) and every column a filter reads (floats with NaN for null; booleans for a
-    missing-value rule's column)."""
+    missing-value rule's column). A filter column its stage's file does not hold reads as NaN
+    (false for a missing-value rule's column)."""
     wanted = filter_columns()
     index_cols = [c for c in wanted.get("index", []) if c not in ("record_id", "exact_duplicate_of")]
     index = store.read_table("index", p, rg, columns=["record_id", "exact_duplicate_of", *index_cols])
     ids = index.column("record_id").to_numpy()
     twin = index.column("exact_duplicate_of")
-    error = _aligned(store.read_table("embed", p, rg, columns=["record_id", "error"]), ids, "embed", rg).column("error")
+    embed = _aligned(_read_present(store, "embed", p, rg, ["record_id", "error", *wanted.get("embed", [])]),
+                     ids, "embed", rg)
+    error = embed.column("error")
     exact = twin.is_valid().to_numpy(zero_copy_only=False)
     x: FilterInputs = {
         "record_id": ids,
@@ -96,14 +115,17 @@ def read_filter_inputs(store: CommitStore, p: int, rg: int) -> FilterInputs:
     }
     missing_columns = {spec.missing.column for spec in FILTERS if spec.missing is not None}
     for stage, columns in wanted.items():
-        table = index if stage == "index" else _aligned(
-            store.read_table(stage, p, rg, columns=["record_id", *columns]), ids, stage, rg)
+        if stage in ("index", "embed"):
+            table = index if stage == "index" else embed
+        else:
+            table = _aligned(_read_present(store, stage, p, rg, ["record_id", *columns]), ids, stage, rg)
         for name in columns:
-            column = table.column(name)
-            if name in missing_columns:
-                x[name] = np.asarray(column.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+            if name not in table.column_names:
+                x[name] = np.zeros(len(ids), bool) if name in missing_columns else np.full(len(ids), np.nan, np.float32)
+            elif name in missing_columns:
+                x[name] = np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
             else:
-                x[name] = as_scores(column)
+                x[name] = as_scores(table.column(name))
     return x
 
 

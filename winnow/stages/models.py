@@ -247,7 +247,8 @@ def _resolve_weights(
     known = open_clip.list_pretrained_tags_by_model(model_name)
     known_note = f" Tags open_clip knows for {model_name}: {', '.join(known)}." if known else ""
     raise ModelError(
-        f"no weights for model {model_name!r} tag {pretrained!r} in model directory {folder!r}. "
+        f"no weights for model {model_name!r} tag {pretrained!r} in model directory {folder!r} "
+        f"({'param model_dir' if model_dir else MODEL_DIR_ENV}). "
         f"Looked at: {', '.join(candidates)}. Put the checkpoint at {candidates[1]} (or any of "
         f"those names).{_tag_source_hint(tag_cfg)}{known_note}"
     )

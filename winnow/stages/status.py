@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from winnow.filters import COUNT_NAMES, FILTERS
-from winnow.rowgroups import CommitStore, RowGroupPlan
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.rowgroups.task import RowGroupTask
 from winnow.schemas import OUTCOMES, SKIPPED_OUTCOMES, STATUS, VALUE_FIELDS
 from winnow.stages.kept import row_group_filters
@@ -156,7 +156,7 @@ def _reason(outcome: str, i: int, x: dict[str, np.ndarray], thresholds: dict[str
     raise AssertionError(f"no filter explains outcome {outcome!r} of row {i}")
 
 
-def _skipped_tables(run_root: str) -> Iterator[pa.Table]:
+def _skipped_tables(run_root: RunRoot | str) -> Iterator[pa.Table]:
     """Rows for the members the index skipped, in the ``STATUS`` layout."""
     from winnow.data.index import read_skipped
 
@@ -168,7 +168,7 @@ def _skipped_tables(run_root: str) -> Iterator[pa.Table]:
         yield pa.table(cols).select(STATUS.names).cast(STATUS)
 
 
-def iter_status(run_root: str, plan: RowGroupPlan | None = None, *, skipped: bool = True) -> Iterator[pa.Table]:
+def iter_status(run_root: RunRoot | str, plan: RowGroupPlan | None = None, *, skipped: bool = True) -> Iterator[pa.Table]:
     """Every status row of a run: each committed row group's, then the index's skipped members."""
     store = CommitStore(run_root)
     if plan is None:
@@ -184,7 +184,7 @@ def iter_status(run_root: str, plan: RowGroupPlan | None = None, *, skipped: boo
         yield from _skipped_tables(run_root)
 
 
-def count_outcomes(run_root: str, plan: RowGroupPlan) -> dict[str, Any]:
+def count_outcomes(run_root: RunRoot | str, plan: RowGroupPlan) -> dict[str, Any]:
     """The run's counts from its committed status rows: ``records`` (every indexed record, exact
     duplicates included) is the sum of the outcome counts (:data:`COUNT_NAMES`); ``skipped``
     counts the members the index skipped by outcome; ``written`` the rows of the write stage's

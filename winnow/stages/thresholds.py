@@ -5,7 +5,9 @@ A filter keeps a record by its score against a threshold: ``aesthetic_score >= t
 gives (``aesthetic_threshold``...) or, with a keep fraction ``f`` (``aesthetic_keep_fraction``,
 ``clip_score_keep_fraction``; 0 < f <= 1), the score of the ``k = max(1, round(f * n))``-th best
 of the ``n`` records that have that score over the whole run: the (1 - f) quantile. Keeping every
-record scoring at least it keeps ``k`` records, plus the ties of the k-th.
+record scoring at least it keeps ``k`` records, plus the ties of the k-th. A filter that keeps low
+values (``<``, ``<=``: the watermark probability) keeps the ``k`` lowest instead: its threshold is
+the k-th smallest (for ``<``, the next float32 above it), so the ties of the k-th are kept too.
 
 The quantile is exact and its memory is bounded whatever the run's size: float32 scores map
 onto order-preserving 32-bit keys, a first pass over every row group's score column counts the
@@ -34,7 +36,7 @@ import pyarrow as pa
 from winnow.exceptions import ConfigError, StorageError
 from winnow.execution import Execution
 from winnow.filters import FILTERS, PARAMS, FilterSpec
-from winnow.rowgroups import CommitStore, RowGroupPlan, StageFingerprint
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot, StageFingerprint
 from winnow.rowgroups.store import read_json, write_json
 
 STAGE = "thresholds"
@@ -192,11 +194,26 @@ def filter_values(spec: FilterSpec, table: pa.Table) -> np.ndarray:
     return spec.values_of({name: as_scores(table.column(name)) for name in spec.column_names})
 
 
-def _score_chunks(store: CommitStore, plan: RowGroupPlan, spec: FilterSpec):
+def _score_chunks(store: CommitStore, plan: RowGroupPlan, spec: FilterSpec, *, negated: bool = False):
     for p in range(plan.num_partitions):
         for rg in plan.partition_row_groups(p):
             table = store.read_table(spec.stage, p, rg, columns=list(spec.column_names))
-            yield filter_values(spec, table).astype(np.float32)
+            values = filter_values(spec, table).astype(np.float32)
+            yield -values if negated else values  # negated: the k-th best is the k-th smallest
+
+
+def lowest_kept_threshold(spec: FilterSpec, kth_smallest: float) -> float:
+    """The threshold with which ``spec.passes`` keeps exactly the values at most the k-th smallest
+    (its ties included): the value itself for ``<=``; for ``<`` the next float32 above it (the
+    scores are float32 and compared in float32, so nothing lies between the two).
+
+    >>> t = lowest_kept_threshold(type("Spec", (), {"keep": "<"})(), 0.25)
+    >>> bool(np.float32(0.25) < t), bool(np.nextafter(np.float32(0.25), np.float32(1)) < t)
+    (True, False)
+    """
+    if spec.keep == "<=":
+        return kth_smallest
+    return float(np.nextafter(np.float32(kth_smallest), np.float32(np.inf)))
 
 
 def resolve(store: CommitStore, plan: RowGroupPlan, config: ThresholdsConfig) -> dict[str, Any]:
@@ -210,18 +227,21 @@ def resolve(store: CommitStore, plan: RowGroupPlan, config: ThresholdsConfig) ->
         if fraction is None:
             entry.update(threshold=entry["absolute"], source=spec.threshold.name)
         else:
-            chunks = functools.partial(_score_chunks, store, plan, spec)
+            low_kept = spec.keep != ">="  # "<" / "<=": the fraction keeps the lowest values
+            chunks = functools.partial(_score_chunks, store, plan, spec, negated=low_kept)
             high = _high_histogram(chunks)  # its sum counts the scores: two passes in all
             n = int(high.sum())
             k = keep_count(fraction, n)
             # No scored record at all: None, and nothing passes this filter.
             threshold = _select(chunks, high, k) if k else None
+            if threshold is not None and low_kept:
+                threshold = lowest_kept_threshold(spec, -threshold)
             entry.update(threshold=threshold, source=spec.fraction.name, scored=n, keep_count=k)
         out[spec.name] = entry
     return out
 
 
-def _thresholds_unit(run_root: str, plan_dict: dict, config: ThresholdsConfig, digest: str, _unit: int) -> dict[str, Any]:
+def _thresholds_unit(run_root: RunRoot | str, plan_dict: dict, config: ThresholdsConfig, digest: str, _unit: int) -> dict[str, Any]:
     store = CommitStore(run_root)
     plan = RowGroupPlan(**plan_dict)
     result = resolve(store, plan, config)
@@ -262,7 +282,7 @@ def load_thresholds(store: CommitStore) -> dict[str, Any]:
 
 
 def run_thresholds(
-    run_root: str, plan: RowGroupPlan, config: ThresholdsConfig, fingerprint: StageFingerprint, *,
+    run_root: RunRoot | str, plan: RowGroupPlan, config: ThresholdsConfig, fingerprint: StageFingerprint, *,
     execution: Execution, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Resolve and commit the run's thresholds in one unit (a Ray task: it reads every row

@@ -12,13 +12,17 @@ P(watermark), column 1 P(clear) (the published inference writes them as "P Water
 Weights come from local files only (``.safetensors``, or a ``.pt``/``.pth`` state dict read with
 ``weights_only=True``), such as the published ``watermark_model_v1.pt``. Seeded random weights are
 for tests and demos and are refused unless asked for. Nothing here imports Ray or Airflow.
+
+It is the compute of the ``watermark`` filter (:data:`FILTER`): while the filter is on, the embed
+stage loads the detector beside the CLIP tower and feeds it the same decoded images (the decoder's
+view under :data:`WATERMARK_PREPROCESS`), writing :data:`SCORE_COLUMN` into its row groups.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,9 +31,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from winnow.exceptions import HeadError
+from winnow.exceptions import ConfigError, HeadError
+from winnow.filters import BY_NAME
+from winnow.stages.decode import normalize_batch
 from winnow.stages.device import resolve_device
-from winnow.stages.models import file_sha256
+from winnow.stages.models import PreprocessConfig, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,58 @@ WEIGHTS_PARAM = "watermark_weights"
 
 # Images per forward pass in score_watermark unless the caller says otherwise.
 DEFAULT_BATCH_SIZE = 64
+
+#: The filter this module computes the value of (winnow.filters), and the column it reads.
+FILTER = BY_NAME["watermark"]
+SCORE_COLUMN = FILTER.column_names[0]
+
+#: The published transform as a decoder preprocessing: torchvision ``Resize((256, 256))`` on the
+#: PIL image (bilinear, antialiased, aspect ratio not kept, no crop), then ToTensor + Normalize.
+#: The embed stage's decoders give the detector this view of each decoded image.
+WATERMARK_PREPROCESS = PreprocessConfig(size=WATERMARK_INPUT_PX, mean=WATERMARK_MEAN, std=WATERMARK_STD,
+                                        interpolation="bilinear", resize_mode="squash")
+
+
+# ---- the filter in a run -----------------------------------------------------------------------
+
+
+_ON = " or ".join((f"{FILTER.threshold.name} > {FILTER.off:g}", *(f"{p.name} set" for p in FILTER.params[1:])))
+
+
+def watermark_on(values: Mapping[str, Any]) -> bool:
+    """Whether the watermark filter is on for these param values (threshold > 0 or a keep fraction)."""
+    return FILTER.enabled(values)
+
+
+def watermark_settings(run: Any) -> tuple[bool, str | None]:
+    """``(on, weights)`` of a run's ``CurationConfig``: whether the filter is on and, when it is,
+    its weights file (None: random weights, allowed). Checked as the heads' weights are, before the
+    model is resolved, each a :class:`ConfigError` naming the param: a ``watermark_weights`` that is
+    a URI or no file (on or off: a wrong path is a mistake either way), and, while the filter is
+    on, one unset without ``allow_random_weights``. While the filter is off a good file is not read
+    (nothing loads it, nothing fingerprints it)."""
+    weights = getattr(run, WEIGHTS_PARAM)
+    if weights is not None:
+        if "://" in weights:
+            raise ConfigError(f"{WEIGHTS_PARAM}: {weights!r} is a URI; weights are read from local files only and "
+                              "never downloaded: copy the file (e.g. watermark_model_v1.pt) to local disk")
+        if not os.path.isfile(weights):
+            raise ConfigError(f"{WEIGHTS_PARAM}: no such file {weights!r}")
+    if not watermark_on({p.name: getattr(run, p.name) for p in FILTER.params}):
+        return False, None
+    if weights is None and not run.allow_random_weights:
+        raise ConfigError(
+            f"{WEIGHTS_PARAM} is not set while the watermark filter is on ({_ON}): give the path of the LAION "
+            "watermark detector's weights file (watermark_model_v1.pt), or set allow_random_weights=true for a "
+            "test run (scores are then meaningless)")
+    return True, weights
+
+
+def watermark_fingerprint(weights_digest: str) -> dict[str, Any]:
+    """What of the detector changes its scores, for the embed stage's fingerprint (only while the
+    filter is on)."""
+    return {"model": f"laion-watermark-{WATERMARK_ARCH}", "weights_digest": weights_digest,
+            "preprocess": WATERMARK_PREPROCESS.to_dict()}
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -269,6 +327,21 @@ def watermark_pixels(images: Sequence[ImageLike], *, num_threads: int = 1) -> to
 
 
 # ---- scoring -----------------------------------------------------------------------------------
+
+
+def watermark_probabilities(model: nn.Module, pixels: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+    """P(watermark) of a decoder's view under :data:`WATERMARK_PREPROCESS`: ``(N, 256, 256, 3)``
+    uint8 on the model's device -> ``(N,)`` float32 there, without a host sync (the embed stage's
+    batches). The arithmetic of :func:`watermark_pixels` then :func:`score_watermark`."""
+    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (WATERMARK_INPUT_PX, WATERMARK_INPUT_PX, 3):
+        raise ValueError(f"pixels must be (N, {WATERMARK_INPUT_PX}, {WATERMARK_INPUT_PX}, 3) uint8, got "
+                         f"{tuple(pixels.shape)}")
+    x = normalize_batch(pixels, WATERMARK_PREPROCESS)
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    return torch.softmax(logits.float(), dim=1)[:, WATERMARK_COLUMN]
 
 
 def score_watermark(

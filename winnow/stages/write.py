@@ -145,9 +145,9 @@ class WriteStage:
             # Side files go first: the row group's .parquet (returned below) is the commit marker.
             write_gallery(store, task, joined, self.config)
         kept = joined.filter(pa.array(kept_mask))
-        images = read_members(kept, "image")
-        texts = read_members(kept, "txt")
-        jsons = read_members(kept, "json")
+        images = read_members(kept, "image", storage=task.storage)
+        texts = read_members(kept, "txt", storage=task.storage)
+        jsons = read_members(kept, "json", storage=task.storage)
 
         members: list[tuple[str, bytes]] = []
         used: set[str] = set()
@@ -197,7 +197,7 @@ def write_gallery(store: CommitStore, task: RowGroupTask, joined: pa.Table, conf
     kinds = joined.column("outcome").to_pylist()
     rows = sample_rows(kinds, ids, config.thumbnails_per_outcome)
     sample = joined.take(pa.array(rows, pa.int64()))
-    images = read_members(sample, "image") if rows else []
+    images = read_members(sample, "image", storage=task.storage) if rows else []
     twins = sorted({dup_of[r] for r in rows if kinds[r] == "duplicate" and dup_of[r] is not None})
     originals = _originals(store, task, twins)
     blob = io.BytesIO()
@@ -246,6 +246,6 @@ def _originals(store: CommitStore, task: RowGroupTask, record_ids: list[int]) ->
         mask = np.isin(index.column("record_id").to_numpy(), np.array(rids, dtype=np.int64))
         rows = index.filter(pa.array(mask))
         for rid, key, data in zip(rows.column("record_id").to_pylist(), rows.column("key").to_pylist(),
-                                  read_members(rows, "image")):
+                                  read_members(rows, "image", storage=task.storage)):
             out[int(rid)] = (data, key)
     return out
