@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DAG run {run_id}: {state}; {time.perf_counter() - t0:.1f} s")
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        keys = ("records", "exact_duplicates", "undecodable", "aesthetic_dropped", "nsfw_dropped", "no_caption",
-                "clip_score_dropped", "duplicates", "kept", "thresholds", "members_without_image", "row_groups",
+        from winnow.filters import COUNT_NAMES
+
+        # Every outcome's count (the filter list's), then the run's other numbers.
+        keys = ("records", *COUNT_NAMES.values(), "thresholds", "members_without_image", "row_groups",
                 "row_groups_computed", "row_groups_skipped")
         print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
         print(f"output:  {summary.get('write_dir')}")
