@@ -214,7 +214,7 @@ BUILTIN: tuple[FilterSpec, ...] = (
                     "Drop images whose longer side is more than this many times the shorter (from the image "
                     "header: never decoded); 0 = off. DataComp's basic filter uses 3."),
         reason="{width}x{height} px: aspect ratio {value:.3g} > {param} {threshold}",
-        label="aspect ratio (longer / shorter side)", outcome="image_size", count="image_size_dropped", off=0.0,
+        label="aspect ratio (longer / shorter side)", outcome="image_size", off=0.0,
         value=_aspect_ratio, before_decode=True, unknown_passes=True,
     ),
     # DataComp's basic filter keeps captions of more than 2 words. The words come from the
@@ -328,6 +328,7 @@ AFTER_DECODE = tuple(f for f in FILTERS if not f.before_decode)
 #: Every outcome of an indexed record, in the order they are decided (first match wins).
 OUTCOMES: tuple[str, ...] = _unique(iter(("exact_duplicate", *_filter_outcomes(BEFORE_DECODE), "undecodable",
                                          *_filter_outcomes(AFTER_DECODE), "duplicate", "kept")))
+
 
 def passes_before_decode(params: Mapping[str, Any], columns: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """Which records every before-decode filter that ``params`` turn on keeps (``columns``: the

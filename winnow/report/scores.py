@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from winnow.exceptions import WinnowError
 from winnow.filters import FILTERS, FilterSpec
 from winnow.report.gallery import enabled, filters, thresholds
 from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
-from winnow.stages.kept import filter_columns
-from winnow.stages.thresholds import as_scores, keep_count
+from winnow.stages.kept import filter_arrays, filter_columns, read_present
+from winnow.stages.thresholds import keep_count
 
 BINS = 50
 #: Most records the what-if cells are made of (an even sample of the records read beyond it).
@@ -47,12 +47,8 @@ def _read(store: CommitStore, stage: str, p: int, rg: int, columns: list[str]) -
     """Those of ``columns`` a committed row group holds (and record_id), in record order; None
     when it is not committed or unreadable."""
     try:
-        with store.fs.open_input_file(store.row_group_path(stage, p, rg)) as f:
-            pf = pq.ParquetFile(f)
-            names = set(pf.schema_arrow.names)
-            table = pf.read(columns=["record_id", *(c for c in columns if c in names and c != "record_id")])
-        return table.sort_by("record_id")
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return read_present(store, stage, p, rg, ["record_id", *columns]).sort_by("record_id")
+    except (FileNotFoundError, OSError, pa.ArrowInvalid, WinnowError):
         return None
 
 
@@ -62,30 +58,20 @@ def _row_group(store: CommitStore, p: int, rg: int, committed: Any) -> dict[str,
     readable or a stage holds other records than the index (computed from another index)."""
     wanted = filter_columns()
     index = _read(store, "index", p, rg, ["exact_duplicate_of", *wanted.get("index", [])])
-    embed = _read(store, "embed", p, rg, ["error"])
+    embed = _read(store, "embed", p, rg, ["error", *wanted.get("embed", [])])  # the caller saw it committed
     if index is None or embed is None:
         return None
     ids = index.column("record_id").to_numpy()
     n = len(ids)
-    tables = {"index": index}
+    tables: dict[str, pa.Table | None] = {"index": index, "embed": embed}
     for stage in wanted:
-        if stage != "index" and rg in committed(stage, p):
+        if stage not in tables and rg in committed(stage, p):
             tables[stage] = _read(store, stage, p, rg, wanted[stage])
     dedup = _read(store, "dedup", p, rg, ["duplicate"]) if rg in committed("dedup", p) else None
-    for t in (embed, dedup, *tables.values()):
+    for t in (dedup, *tables.values()):
         if t is not None and not np.array_equal(t.column("record_id").to_numpy(), ids):
             return None
-    missing_columns = {f.missing.column for f in FILTERS if f.missing is not None}
-    x: dict[str, Any] = {}
-    for stage, columns in wanted.items():
-        table = tables.get(stage)
-        for name in columns:
-            present = table is not None and name in table.column_names
-            if name in missing_columns:
-                x[name] = (np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), bool)
-                           if present else np.zeros(n, bool))
-            else:
-                x[name] = as_scores(table.column(name)) if present else np.full(n, np.nan, np.float32)
+    x: dict[str, Any] = filter_arrays(tables, n)
     exact = (index.column("exact_duplicate_of").is_valid().to_numpy(zero_copy_only=False)
              if "exact_duplicate_of" in index.column_names else np.zeros(n, bool))
     failed = embed.column("error").is_valid().to_numpy(zero_copy_only=False)

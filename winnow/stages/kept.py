@@ -15,6 +15,7 @@ else decides.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,7 @@ def filter_columns() -> dict[str, list[str]]:
     return wanted
 
 
-def _read_present(store: CommitStore, stage: str, p: int, rg: int, columns: list[str]) -> pa.Table:
+def read_present(store: CommitStore, stage: str, p: int, rg: int, columns: list[str]) -> pa.Table:
     """``columns`` of a committed row group, those its file holds: a filter column may be absent
     (embed writes ``watermark_score`` only while the watermark filter is on, and not in runs made
     before it). One open of the file, as :meth:`CommitStore.read_table`."""
@@ -91,6 +92,27 @@ def _read_present(store: CommitStore, stage: str, p: int, rg: int, columns: list
         raise
 
 
+#: The boolean columns of the filters' missing-value rules (``has_caption``...).
+MISSING_COLUMNS = frozenset(spec.missing.column for spec in FILTERS if spec.missing is not None)
+
+
+def filter_arrays(tables: Mapping[str, pa.Table | None], n: int) -> FilterInputs:
+    """Every column a filter reads (:func:`filter_columns`), from each stage's table in
+    ``tables`` (None or absent: that stage was not read): floats with NaN for null, booleans for a
+    missing-value rule's column; a column its table does not hold reads as NaN (false)."""
+    x: FilterInputs = {}
+    for stage, columns in filter_columns().items():
+        table = tables.get(stage)
+        for name in columns:
+            present = table is not None and name in table.column_names
+            if name in MISSING_COLUMNS:
+                x[name] = (np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), bool)
+                           if present else np.zeros(n, bool))
+            else:
+                x[name] = as_scores(table.column(name)) if present else np.full(n, np.nan, np.float32)
+    return x
+
+
 def read_filter_inputs(store: CommitStore, p: int, rg: int) -> FilterInputs:
     """One row group's filter inputs in record order: ``record_id``, ``exact_duplicate``,
     ``exact_duplicate_of``, ``decoded``, ``error`` (the decode error; None: decoded or never
@@ -102,31 +124,22 @@ def read_filter_inputs(store: CommitStore, p: int, rg: int) -> FilterInputs:
     index = store.read_table("index", p, rg, columns=["record_id", "exact_duplicate_of", *index_cols])
     ids = index.column("record_id").to_numpy()
     twin = index.column("exact_duplicate_of")
-    embed = _aligned(_read_present(store, "embed", p, rg, ["record_id", "error", *wanted.get("embed", [])]),
+    embed = _aligned(read_present(store, "embed", p, rg, ["record_id", "error", *wanted.get("embed", [])]),
                      ids, "embed", rg)
     error = embed.column("error")
     exact = twin.is_valid().to_numpy(zero_copy_only=False)
-    x: FilterInputs = {
+    tables: dict[str, pa.Table | None] = {"index": index, "embed": embed}
+    for stage, columns in wanted.items():
+        if stage not in tables:
+            tables[stage] = _aligned(read_present(store, stage, p, rg, ["record_id", *columns]), ids, stage, rg)
+    return {
         "record_id": ids,
         "exact_duplicate": exact,
         "exact_duplicate_of": twin.to_numpy(zero_copy_only=False),
         "decoded": error.is_null().to_numpy(zero_copy_only=False) & ~exact,
         "error": np.array(error.to_pylist(), dtype=object),
+        **filter_arrays(tables, len(ids)),
     }
-    missing_columns = {spec.missing.column for spec in FILTERS if spec.missing is not None}
-    for stage, columns in wanted.items():
-        if stage in ("index", "embed"):
-            table = index if stage == "index" else embed
-        else:
-            table = _aligned(_read_present(store, stage, p, rg, ["record_id", *columns]), ids, stage, rg)
-        for name in columns:
-            if name not in table.column_names:
-                x[name] = np.zeros(len(ids), bool) if name in missing_columns else np.full(len(ids), np.nan, np.float32)
-            elif name in missing_columns:
-                x[name] = np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-            else:
-                x[name] = as_scores(table.column(name))
-    return x
 
 
 def row_group_filters(store: CommitStore, p: int, rg: int) -> tuple[FilterInputs, np.ndarray]:
