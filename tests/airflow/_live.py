@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -97,6 +98,10 @@ class LiveAirflow:
         self.proc: subprocess.Popen | None = None
         self._token: str | None = None
         self.session = requests.Session()
+        #: Schedulers this instance started after standalone's own died (see ``_watch_scheduler``).
+        self.scheduler_restarts: list[subprocess.Popen] = []
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 240, *, ray_head: bool = True) -> None:
@@ -124,7 +129,53 @@ class LiveAirflow:
             if time.monotonic() > deadline:
                 raise LiveAirflowError(f"Airflow on {self.base} not healthy after {timeout:.0f} s\n{self.log_tail()}")
             time.sleep(1)
+        self._watchdog = threading.Thread(target=self._watch_scheduler, name="scheduler-watchdog", daemon=True)
+        self._watchdog.start()
         self._wait_for_dag(deadline)
+
+    def _scheduler_alive(self) -> bool:
+        """Standalone's own scheduler (a direct child running ``airflow scheduler``; its
+        LocalExecutor workers are forks with the same command line, so only the child counts),
+        or the last one the watchdog started."""
+        if self.scheduler_restarts:
+            return self.scheduler_restarts[-1].poll() is None
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return False
+        for child in children:
+            try:
+                cmd = child.cmdline()
+                if cmd[-1:] == ["scheduler"] and child.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                continue
+        return False
+
+    def _watch_scheduler(self) -> None:
+        """Restarts the scheduler when it dies, as a deployment's supervisor (systemd, Kubernetes)
+        does: ``airflow standalone`` starts each component once and never again. Airflow 3's
+        scheduler exits on some races of its own, e.g. a ``StaleDataError`` on ``dag_run`` while it
+        expands a mapped task of a run that ``backfill create`` is still writing (seen once in CI:
+        the backfill then waited an hour for a scheduler that was gone). Each restart is written
+        to the log and kept in ``scheduler_restarts``, so a test can say it happened."""
+        missing_since: float | None = None
+        while not self._stopping.wait(2.0):
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            if self._scheduler_alive():
+                missing_since = None
+                continue
+            missing_since = missing_since or time.monotonic()
+            if time.monotonic() - missing_since < 6 or self._stopping.is_set():
+                continue  # a moment between checks, or standalone shutting down
+            with open(self.log_path, "ab") as log:
+                log.write(f"watchdog   | the scheduler is gone; starting `airflow scheduler` again "
+                          f"(restart {len(self.scheduler_restarts) + 1})\n".encode())
+                self.scheduler_restarts.append(subprocess.Popen(
+                    [AIRFLOW_BIN, "scheduler"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(self.home)))
+            missing_since = None
 
     def _wait_for_dag(self, deadline: float) -> None:
         """The dag-processor must have parsed the DAG before it can be unpaused or run."""
@@ -141,6 +192,12 @@ class LiveAirflow:
     def stop(self) -> None:
         """Ends every process this instance started: its process group, then any straggler
         (a local Ray a SIGKILLed task left behind) found by the marker in its environment."""
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=10)
+        for proc in self.scheduler_restarts:
+            if proc.poll() is None:
+                proc.terminate()
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

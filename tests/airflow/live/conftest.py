@@ -65,7 +65,8 @@ def shared_airflow(tmp_path_factory):
                "startup_s": time.perf_counter() - t0}
     finally:
         af.stop()
-        print(f"\nshared live Airflow: {time.perf_counter() - t0:.0f} s in all")
+        print(f"\nshared live Airflow: {time.perf_counter() - t0:.0f} s in all; "
+              f"scheduler restarted {len(af.scheduler_restarts)} time(s) by the harness's watchdog")
         assert not af.marked_processes(), "processes started by the live fixture outlived it"
 
 

@@ -147,7 +147,8 @@ def backfill(live, sparse, cleared, tmp_path_factory):
     af.cli("backfill", "create", "--dag-id", "image_curation", "--from-date", BACKFILL_DATES[0],
            "--to-date", BACKFILL_DATES[-1], "--max-active-runs", str(len(BACKFILL_DATES)),
            "--dag-run-conf", json.dumps(conf))
-    deadline = time.monotonic() + 3 * RUN_TIMEOUT
+    # Below the test's 3600 s timeout, so a stuck backfill fails with the log tail, not a bare timeout.
+    deadline = time.monotonic() + 2 * RUN_TIMEOUT
     while True:
         runs = [r for r in af.dag_runs() if r["run_type"] == "backfill"]
         if len(runs) == len(BACKFILL_DATES) and all(r["state"] in ("success", "failed") for r in runs):
@@ -235,3 +236,29 @@ def test_backfill_reprocess_failed_leaves_completed_dates_alone(live, backfill):
     assert set(runs_after) == set(runs_before), out.stdout
     assert all(runs_after[k]["state"] == v["state"] for k, v in runs_before.items())
     assert {r: {s: stage_files(r, s) for s in ("embed", "nsfw", "write")} for r in roots} == before
+
+
+def test_a_scheduler_that_dies_is_started_again_by_the_harness(live):
+    """The harness's watchdog (``LiveAirflow._watch_scheduler``) stands in for a deployment's
+    supervisor: ``airflow standalone`` never restarts a component, and Airflow 3's scheduler
+    exits on some races of its own. SIGKILL the scheduler; a new one must report healthy."""
+    import psutil
+    import requests
+
+    af = live["af"]
+    (sched,) = [c for c in psutil.Process(af.proc.pid).children() if c.cmdline()[-1:] == ["scheduler"]] \
+        if not af.scheduler_restarts else [psutil.Process(af.scheduler_restarts[-1].pid)]
+    before = len(af.scheduler_restarts)
+    killed_at = time.time()
+    sched.kill()
+    deadline = time.monotonic() + 300
+    while True:
+        health = requests.get(f"{af.base}/api/v2/monitor/health", timeout=30).json()["scheduler"]
+        beat = health.get("latest_scheduler_heartbeat")
+        if len(af.scheduler_restarts) > before and health["status"] == "healthy" and beat \
+                and datetime.fromisoformat(beat.replace("Z", "+00:00")).timestamp() > killed_at:
+            break
+        if time.monotonic() > deadline:
+            raise LiveAirflowError(f"no healthy scheduler after the kill: {health}\n{af.log_tail()}")
+        time.sleep(2)
+    assert af.scheduler_restarts[-1].poll() is None
