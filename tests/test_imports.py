@@ -60,6 +60,7 @@ FLOORS: dict[str, int] = {
     # data and stages: the index, shard reads, sample data; every stage's compute.
     "winnow.data": 3,
     "winnow.stages": 3,
+    "winnow.corpus": 3,
     # pipeline: the run as engine calls.
     "winnow.pipeline": 4,
     # entry points: the Ray Job entry, the read side for people (report).

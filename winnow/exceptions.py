@@ -126,3 +126,13 @@ class ResourceRequestError(WinnowError, ValueError):
 # ---- the curation UI's read side ------------------------------------------------------------
 class GalleryError(WinnowError):
     """A gallery request names something that is not in the run (row group, offset, outcome)."""
+
+
+class CorpusError(WinnowError):
+    """The corpus (its head, a manifest file, a takedown list) or a run being published is not
+    what the operation needs; the message names the file or identifier and the fix."""
+
+
+class CorpusChanged(CorpusError):
+    """Publish refused: another run published to the corpus after this run's corpus check, so the
+    check is stale. Rerun the check, then publish."""

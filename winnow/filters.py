@@ -9,8 +9,8 @@ this list and the stage registry names a filter.
 
 >>> [f.name for f in BUILTIN]
 ['min_image_side', 'max_aspect_ratio', 'min_caption_words', 'aesthetic', 'nsfw', 'clip_score', 'watermark']
->>> OUTCOMES[:4], OUTCOMES[-2:]
-(('exact_duplicate', 'image_size', 'caption_length', 'undecodable'), ('duplicate', 'kept'))
+>>> OUTCOMES[:6], OUTCOMES[-2:]
+(('exact_duplicate', 'takedown', 'corpus_duplicate', 'image_size', 'caption_length', 'undecodable'), ('duplicate', 'kept'))
 >>> COUNT_NAMES["image_size"], COUNT_NAMES["no_caption"], COUNT_NAMES["kept"]
 ('image_size_dropped', 'no_caption', 'kept')
 """
@@ -326,8 +326,13 @@ BEFORE_DECODE = tuple(f for f in FILTERS if f.before_decode)
 AFTER_DECODE = tuple(f for f in FILTERS if not f.before_decode)
 
 #: Every outcome of an indexed record, in the order they are decided (first match wins).
-OUTCOMES: tuple[str, ...] = _unique(iter(("exact_duplicate", *_filter_outcomes(BEFORE_DECODE), "undecodable",
-                                         *_filter_outcomes(AFTER_DECODE), "duplicate", "kept")))
+#: ``takedown`` and ``corpus_duplicate`` happen only in a run with a corpus (``corpus_uri``): a
+#: record a takedown lists, or whose image bytes a corpus record has, is dropped before decode; a
+#: record that passes the filters but is within ``dedup_eps`` of a corpus record is a
+#: ``corpus_duplicate`` too (before in-run dedup).
+CORPUS_OUTCOMES: tuple[str, ...] = ("takedown", "corpus_duplicate")
+OUTCOMES: tuple[str, ...] = _unique(iter(("exact_duplicate", *CORPUS_OUTCOMES, *_filter_outcomes(BEFORE_DECODE),
+                                         "undecodable", *_filter_outcomes(AFTER_DECODE), "duplicate", "kept")))
 
 
 def passes_before_decode(params: Mapping[str, Any], columns: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -347,13 +352,23 @@ def before_decode_params(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ..
     return tuple(sorted((p.name, values[p.name]) for f in BEFORE_DECODE if f.enabled(values) for p in f.params))
 
 
-#: The run summary's name for the count of each outcome.
-COUNT_NAMES: dict[str, str] = {
+#: The run summary's name for the count of each outcome. A run without a corpus has no
+#: ``takedowns`` nor ``corpus_duplicates`` count (:data:`CORPUS_COUNT_NAMES`): its summary is
+#: what it was before corpora existed.
+ALL_COUNT_NAMES: dict[str, str] = {
     "exact_duplicate": "exact_duplicates", "undecodable": "undecodable", "duplicate": "duplicates", "kept": "kept",
+    "takedown": "takedowns", "corpus_duplicate": "corpus_duplicates",
     **{f.missing.outcome: f.missing.count for f in FILTERS if f.missing is not None},
     **{f.outcome: f.count for f in FILTERS},
 }
-COUNT_NAMES = {o: COUNT_NAMES[o] for o in OUTCOMES}
+ALL_COUNT_NAMES = {o: ALL_COUNT_NAMES[o] for o in OUTCOMES}
+CORPUS_COUNT_NAMES: dict[str, str] = {o: ALL_COUNT_NAMES[o] for o in CORPUS_OUTCOMES}
+COUNT_NAMES: dict[str, str] = {o: n for o, n in ALL_COUNT_NAMES.items() if o not in CORPUS_OUTCOMES}
+
+
+def count_names(corpus: bool) -> dict[str, str]:
+    """The outcome -> count name map of a run with (or without) a corpus."""
+    return ALL_COUNT_NAMES if corpus else COUNT_NAMES
 
 #: The columns the filters read, once each, in list order: status rows, the curated Parquet and
 #: the gallery carry them.
@@ -372,6 +387,8 @@ def outcome_labels() -> dict[str, str]:
     names both)."""
     labels: dict[str, list[str]] = {o: [] for o in OUTCOMES}
     labels["exact_duplicate"].append("exact duplicate (same image bytes)")
+    labels["takedown"].append("taken down (listed by a takedown)")
+    labels["corpus_duplicate"].append("already in the corpus (same bytes or near duplicate)")
     labels["undecodable"].append("undecodable")
     labels["duplicate"].append("near duplicate")
     labels["kept"].append("kept")
@@ -396,6 +413,7 @@ def describe() -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["AFTER_DECODE", "BEFORE_DECODE", "BUILTIN", "BY_NAME", "COUNT_NAMES", "ENTRY_POINT_GROUP", "FILTERS",
+__all__ = ["AFTER_DECODE", "ALL_COUNT_NAMES", "BEFORE_DECODE", "BUILTIN", "BY_NAME", "CORPUS_COUNT_NAMES",
+           "CORPUS_OUTCOMES", "COUNT_NAMES", "count_names", "ENTRY_POINT_GROUP", "FILTERS",
            "OUTCOMES", "PARAMS", "VALUE_COLUMNS", "FilterParam", "FilterSpec", "MissingRule", "before_decode_params",
            "describe", "outcome_labels", "passes_before_decode"]

@@ -35,6 +35,9 @@ SUMMARY_FILE = "_summary.json"
 #: Fields of :class:`CurationConfig` that are not run parameters (not in params, run conf,
 #: ``to_dict`` or fingerprints): where the run's storage is reached, which may hold secrets.
 NOT_PARAMS = frozenset({"storage"})
+#: The corpus's fields: in :meth:`CurationConfig.to_dict` only while ``corpus_uri`` is set, so a
+#: run without a corpus has the summary, fingerprints and Ray Job arguments it had before.
+CORPUS_FIELDS = ("corpus_uri", "url_field")
 
 
 def _with_filter_params(cls: type) -> type:
@@ -85,6 +88,12 @@ class CurationConfig:
     skip_bad_shards: bool = False
     decode_backend: DecodeBackend = "auto"
     batch_size: int = 64
+    #: The corpus this run adds to (:mod:`winnow.corpus`): local path, ``s3://`` or ``gs://``.
+    #: None: the run stands alone (no cross-run dedup, takedowns nor publish).
+    corpus_uri: str | None = None
+    #: The JSON sidecar field that holds a record's source URL (the corpus manifest's ``url``,
+    #: and what a takedown by URL matches).
+    url_field: str = "url"
     #: How the run's object store (its input and its run root) is reached: built once by the
     #: run's entry point (``run_all``: the AWS environment unless given; an operator's try: its
     #: ``storage_conn_id``; the Ray Job entry: its environment). Not a run parameter: never in
@@ -123,7 +132,7 @@ class CurationConfig:
         if unknown:
             raise ConfigError(_unknown_keys(unknown, known | set(also_accepted)))
         values = {k: v for k, v in params.items() if k in known}
-        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights", "watermark_weights",
+        for optional in ("model_dir", "aesthetic_weights", "nsfw_weights", "watermark_weights", "corpus_uri",
                          *(p.name for p in FILTER_PARAMS if p.nullable)):
             if values.get(optional) in ("", None):
                 values[optional] = None
@@ -135,7 +144,17 @@ class CurationConfig:
     def to_dict(self) -> dict[str, Any]:
         """The run parameters (what a Ray Job's arguments and the summary carry): every field
         but :attr:`storage`."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_PARAMS}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in NOT_PARAMS and (self.corpus_uri is not None or f.name not in CORPUS_FIELDS)}
+
+    @property
+    def corpus(self) -> Any:
+        """The run's :class:`winnow.corpus.Corpus` (reached with :attr:`storage`), or None."""
+        if self.corpus_uri is None:
+            return None
+        from winnow.corpus import open_corpus
+
+        return open_corpus(self.corpus_uri, self.storage)
 
     @cached_property
     def model_spec(self) -> ModelSpec:
@@ -165,6 +184,7 @@ class CurationConfig:
             problems.append(run_key_problem(self.run_key))
         # The run's own flags; every other knob is its stage config's (built below).
         problems += filter(None, (bool_problem(name, getattr(self, name)) for name in ("overwrite", "allow_random_weights")))
+        problems += _corpus_problems(self)
         model_error = ""
         try:
             _ = self.model_spec  # resolving it checks the model name and weights
@@ -190,6 +210,20 @@ class CurationConfig:
             problems.append(f"input_uri: {exc}")
         if problems:
             raise ConfigError("invalid curation parameters:\n  - " + "\n  - ".join(problems))
+
+
+def _corpus_problems(cfg: CurationConfig) -> list[str]:
+    if cfg.corpus_uri is None:
+        return []
+    problems = []
+    if not isinstance(cfg.corpus_uri, str) or not cfg.corpus_uri.strip():
+        problems.append(f"corpus_uri: must be a path or URI, got {cfg.corpus_uri!r}")
+    elif cfg.corpus_uri.rstrip("/") == cfg.run_root.rstrip("/") or cfg.corpus_uri.rstrip("/").startswith(cfg.run_root.rstrip("/") + "/"):
+        problems.append(f"corpus_uri: {cfg.corpus_uri!r} is inside the run root {cfg.run_root!r}; a corpus outlives runs: "
+                        "put it beside the runs (e.g. <output_root>/_corpus)")
+    if not isinstance(cfg.url_field, str) or not cfg.url_field.strip():
+        problems.append(f"url_field: must be a JSON field name, got {cfg.url_field!r}")
+    return problems
 
 
 def _unknown_keys(unknown: list[str], known: set[str]) -> str:
@@ -361,6 +395,73 @@ def run_global(cfg: CurationConfig, stage: str, *, execution: Execution, owner: 
     return compute(cfg.root, plan, cfg.stage_config(stage), fingerprint, log=log, execution=execution)
 
 
+def _corpus_step(cfg: CurationConfig, owner: str | None, stage_needed: str, what: str) -> tuple[Any, RowGroupPlan]:
+    _hold_lease(cfg, owner)
+    plan = load_plan(cfg)
+    store = CommitStore(cfg.root)
+    missing = [rg for p in range(plan.num_partitions) for rg in store.missing(stage_needed, plan, p, clean_temp=False)]
+    if missing:
+        raise WinnowError(f"{what} needs every row group of stage {stage_needed!r}; {len(missing)} are not committed "
+                          f"(first: {missing[:10]}). Run stage {stage_needed!r} for all partitions first.")
+    return cfg.corpus, plan
+
+
+def run_corpus_pre(cfg: CurationConfig, *, execution: Execution | None = None, owner: str | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """After the index, before embed: the records a takedown lists or whose bytes the corpus holds
+    (:func:`winnow.stages.corpus.run_pre`); never waits for an earlier date. A run without a
+    corpus: nothing (``{"corpus": None}``)."""
+    if cfg.corpus_uri is None:
+        return {"corpus": None}
+    from winnow.stages.corpus import run_pre
+
+    corpus, plan = _corpus_step(cfg, owner, "index", "the corpus pre-check")
+    return run_pre(cfg.root, plan, corpus, url_field=cfg.url_field, log=log or logger.info)
+
+
+def run_corpus_check(cfg: CurationConfig, *, execution: Execution | None = None, owner: str | None = None,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """After the run's dedup, before status: the records of the run already in the corpus (same
+    bytes, or within ``dedup_eps``) or listed by a takedown, against the corpus as it is now
+    (:func:`winnow.stages.corpus.run_check`). The caller runs it only once every earlier date
+    published (the DAG's ``corpus_check`` task waits for that). A run without a corpus: nothing."""
+    if cfg.corpus_uri is None:
+        return {"corpus": None}
+    from winnow.stages.corpus import run_check
+
+    corpus, plan = _corpus_step(cfg, owner, "dedup", "the corpus check")
+    return run_check(cfg.root, plan, corpus, eps=cfg.dedup_eps, url_field=cfg.url_field, log=log or logger.info)
+
+
+def embed_model_digest(cfg: CurationConfig) -> str:
+    """What makes two runs' embeddings comparable (model, weights, preprocessing, precision): a
+    corpus holds one kind only."""
+    import hashlib
+
+    fp = make_stage(cfg, "embed").fingerprint_config()
+    same = {k: fp[k] for k in ("model", "weights_digest", "embed_dim", "preprocess", "precision", "max_pixels") if k in fp}
+    return hashlib.sha256(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_publish(cfg: CurationConfig, *, logical_date: str | None = None, execution: Execution | None = None,
+                owner: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """After write: the run's kept records join the corpus in one atomic step
+    (:func:`winnow.corpus.publish`); a rerun of a published run publishes nothing. A run without
+    a corpus: nothing."""
+    if cfg.corpus_uri is None:
+        return {"corpus": None}
+    from winnow.corpus import publish
+    from winnow.stages.corpus import checked_generation
+    from winnow.stages.status import count_outcomes
+
+    corpus, plan = _corpus_step(cfg, owner, "write", "publishing to the corpus")
+    store = CommitStore(cfg.root)
+    counts = {k: v for k, v in count_outcomes(cfg.root, plan).items() if isinstance(v, int)}
+    return publish(corpus, cfg.root, run_key=cfg.run_key, logical_date=logical_date,
+                   checked_generation=checked_generation(store), embed_fingerprint=embed_model_digest(cfg),
+                   url_field=cfg.url_field, counts=counts, owner=owner, log=log or logger.info)
+
+
 def run_buckets(cfg: CurationConfig, stage: str, buckets: list[int] | None = None, *, execution: Execution,
                 owner: str | None = None, log: Callable[[str], None] | None = None) -> UnitSummary:
     """A bucket stage (dedup's ``pairwise``: its registry ``compute``) over ``buckets`` (all when
@@ -430,9 +531,15 @@ def run_all(
     compute: Compute | None = None,
     worker_cpus: float | None = None,
     worker_gpus: float | None = None,
+    logical_date: str | None = None,
 ) -> dict[str, Any]:
     """The whole curation without Airflow, in the DAG's order (the registry's phases; the
     stages of a partition phase run depth-first per partition).
+
+    With a corpus (``cfg.corpus_uri``) the corpus steps run where the DAG runs them: the
+    pre-check after the index, the check between dedup and status, publish last (``logical_date``
+    is what the corpus lists the run under). Runs of one corpus called one after another publish
+    in that order.
 
     Where it runs is one :class:`~winnow.execution.Execution`, built (and checked) here from
     ``backend``, ``ray_address``, ``compute``, ``worker_cpus`` and ``worker_gpus``. Model workers
@@ -467,6 +574,7 @@ def run_all(
                 result = run_global(cfg, specs[0].name, **step)
                 if specs[0].name == "index":
                     partitions = list(result["partitions"])
+                    run_corpus_pre(cfg, **step)
                 continue
             if scope == "bucket":
                 (spec,) = specs
@@ -474,17 +582,27 @@ def run_all(
                 if bs.failed:
                     raise BucketsFailedError(spec.name, bs.failed)
                 continue
-            failed: list[PartitionSummary] = []
-            for p in partitions:
-                for spec in specs:
-                    s = run_partition(cfg, spec.name, p, **step)
-                    summaries.append(s.to_dict())
-                    if not s.ok:
-                        failed.append(s)
-                        break  # the later stages of this partition read what failed
-            if failed:
-                raise RowGroupsFailedError(failed)
+            names = [s.name for s in specs]
+            # With a corpus, its check sits between dedup and status (it reads every partition's
+            # dedup flags): the phase runs in two halves around it.
+            cut = names.index("status") if cfg.corpus_uri is not None and "status" in names else None
+            halves = [specs] if cut is None else [specs[:cut], specs[cut:]]
+            for half_no, half in enumerate(halves):
+                if half_no == 1:
+                    run_corpus_check(cfg, **step)
+                failed: list[PartitionSummary] = []
+                for p in partitions:
+                    for spec in half:
+                        s = run_partition(cfg, spec.name, p, **step)
+                        summaries.append(s.to_dict())
+                        if not s.ok:
+                            failed.append(s)
+                            break  # the later stages of this partition read what failed
+                if failed:
+                    raise RowGroupsFailedError(failed)
         summary = run_report(cfg, summaries, owner=owner)
+        if cfg.corpus_uri is not None:
+            summary["corpus"] = run_publish(cfg, logical_date=logical_date, **step)
     finally:
         # A failed run_all leaves no lease behind: rerunning it resumes at once.
         lease.release(CommitStore(cfg.root), owner)

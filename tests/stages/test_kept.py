@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from winnow.filters import BEFORE_DECODE, COUNT_NAMES, FILTERS, OUTCOMES
+from winnow.filters import ALL_COUNT_NAMES, BEFORE_DECODE, CORPUS_OUTCOMES, COUNT_NAMES, FILTERS, OUTCOMES, count_names
 from winnow.stages.kept import filter_outcomes
 
 
@@ -30,10 +30,13 @@ def test_first_match_wins_in_the_declared_order():
 
 
 def test_outcomes_and_counts_derive_from_the_filter_list():
-    assert OUTCOMES[0] == "exact_duplicate" and OUTCOMES[-2:] == ("duplicate", "kept")
-    assert OUTCOMES.index("undecodable") == 1 + len({f.outcome for f in BEFORE_DECODE})
+    assert OUTCOMES[:3] == ("exact_duplicate", *CORPUS_OUTCOMES) and OUTCOMES[-2:] == ("duplicate", "kept")
+    assert OUTCOMES.index("undecodable") == 1 + len(CORPUS_OUTCOMES) + len({f.outcome for f in BEFORE_DECODE})
     for f in FILTERS:
         assert f.outcome in OUTCOMES and COUNT_NAMES[f.outcome] == f.count
         if f.missing is not None:
             assert OUTCOMES.index(f.missing.outcome) < OUTCOMES.index(f.outcome)
-    assert list(COUNT_NAMES) == list(OUTCOMES) and len(set(COUNT_NAMES.values())) == len(OUTCOMES)
+    # A run without a corpus counts every outcome but the corpus's; one with a corpus all of them.
+    assert list(COUNT_NAMES) == [o for o in OUTCOMES if o not in CORPUS_OUTCOMES]
+    assert list(ALL_COUNT_NAMES) == list(OUTCOMES) and len(set(ALL_COUNT_NAMES.values())) == len(OUTCOMES)
+    assert count_names(False) == COUNT_NAMES and count_names(True) == ALL_COUNT_NAMES

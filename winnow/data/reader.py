@@ -94,16 +94,20 @@ def read_members(
 
 
 
-def embedded_rows(index: pa.Table, before_decode: tuple[tuple[str, Any], ...] = ()) -> np.ndarray | None:
+def embedded_rows(index: pa.Table, before_decode: tuple[tuple[str, Any], ...] = (),
+                  skip: np.ndarray | None = None) -> np.ndarray | None:
     """Positions of the index rows to read, decode and embed: all but the exact duplicates
     (index ``exact_duplicate_of`` set) and the records a before-decode filter drops (its params
     in ``before_decode``, see :func:`winnow.filters.before_decode_params`: their values are index
-    columns). ``None`` when that is every row (the common case: no copy is made)."""
-    keep = None
+    columns) and the rows ``skip`` marks (a run with a corpus: the records its pre-check found
+    listed by a takedown or already in the corpus). ``None`` when that is every row (the common
+    case: no copy is made)."""
+    keep = None if skip is None or not skip.any() else ~skip
     if "exact_duplicate_of" in index.column_names:
         twins = index.column("exact_duplicate_of")
         if twins.null_count != len(twins):
-            keep = twins.is_null().to_numpy(zero_copy_only=False)
+            fresh = twins.is_null().to_numpy(zero_copy_only=False)
+            keep = fresh if keep is None else keep & fresh
     if before_decode:
         columns = {name: _as_float(index.column(name)) for name in index.column_names
                    if pa.types.is_integer(index.column(name).type) or pa.types.is_floating(index.column(name).type)}
@@ -118,11 +122,12 @@ def _as_float(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def read_images(index: pa.Table, before_decode: tuple[tuple[str, Any], ...] = (), *,
-                storage: StorageOptions | None = None) -> tuple[list[bytes | None], np.ndarray | None]:
+                storage: StorageOptions | None = None, skip: np.ndarray | None = None,
+                ) -> tuple[list[bytes | None], np.ndarray | None]:
     """The image bytes of the rows to embed (:func:`embedded_rows`) and their positions (None:
     all rows): the one place that decides an exact duplicate's bytes, or those of a record a
     before-decode filter drops, are not read. ``storage``: as for :func:`read_members`."""
-    rows = embedded_rows(index, before_decode)
+    rows = embedded_rows(index, before_decode, skip)
     chosen = index if rows is None else index.take(pa.array(rows, pa.int64()))
     return read_members(chosen, "image", storage=storage), rows
 

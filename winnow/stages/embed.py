@@ -87,6 +87,8 @@ class EmbedConfig:
         filter is on): a ``watermark_score`` column.
     :param watermark_weights: the detector's local weights file; None: seeded random weights
         (only with ``allow_random_weights``).
+    :param corpus: the run has a corpus: the records its pre-check marked (listed by a takedown,
+        or bytes the corpus already holds; :mod:`winnow.stages.corpus`) are not read nor decoded.
     """
 
     model: str = "ViT-L-14-quickgelu"
@@ -104,6 +106,7 @@ class EmbedConfig:
     before_decode: tuple[tuple[str, Any], ...] = ()
     watermark: bool = False
     watermark_weights: str | None = None
+    corpus: bool = False
 
     def __post_init__(self) -> None:
         from winnow.checks import bool_problem, check, choice_problem, int_problem
@@ -136,7 +139,8 @@ def embed_config(run: Any, _name: str = "embed") -> EmbedConfig:
                        allow_random_weights=run.allow_random_weights, batch_size=run.batch_size,
                        decode_backend=run.decode_backend,
                        before_decode=before_decode_params({p.name: getattr(run, p.name) for p in FILTER_PARAMS}),
-                       watermark=watermark, watermark_weights=watermark_weights)
+                       watermark=watermark, watermark_weights=watermark_weights,
+                       corpus=getattr(run, "corpus_uri", None) is not None)
 
 
 class EmbedStage:
@@ -200,6 +204,8 @@ class EmbedStage:
             "preprocess": self.spec.preprocess.to_dict(),
             "precision": AUTO_PRECISION if self.config.precision == "auto" else self.config.precision,
             "max_pixels": self.config.max_pixels,
+            # Only with a corpus: its pre-check's records are not embedded.
+            **({"corpus": True} if self.config.corpus else {}),
             # Only while a before-decode filter is on: which records are embedded at all.
             **({"before_decode": dict(self.config.before_decode)} if self.config.before_decode else {}),
             # Only while the watermark filter is on: the detector that writes watermark_score.
@@ -377,6 +383,15 @@ class EmbedStage:
                 scores[rows] = watermark.cpu().numpy()
         return out, errors, scores
 
+    def corpus_skip(self, store: Any, index: pa.Table) -> np.ndarray | None:
+        """Rows of ``index`` the run's corpus pre-check marked (None without a corpus)."""
+        if not self.config.corpus:
+            return None
+        from winnow.stages.corpus_matches import pre_outcomes
+
+        out = pre_outcomes(store, index.column("record_id").to_numpy())
+        return None if out is None else out != ""
+
     def build_table(
         self, record_ids: pa.Array, keys: pa.Array, embeddings: np.ndarray, errors: list[str | None],
         rows: np.ndarray | None = None, *, watermark: np.ndarray | None = None,
@@ -431,8 +446,10 @@ class EmbedStage:
         return self.build_table(record_ids, keys, embeddings, errors, rows, watermark=watermark)
 
     def process(self, task: RowGroupTask) -> pa.Table:
-        index = task.store().read_table("index", task.partition, task.row_group)
-        images, rows = read_images(index, self.config.before_decode, storage=task.storage)
+        store = task.store()
+        index = store.read_table("index", task.partition, task.row_group)
+        images, rows = read_images(index, self.config.before_decode, storage=task.storage,
+                                   skip=self.corpus_skip(store, index))
         table = self.embed_table(index.column("record_id").combine_chunks(), index.column("key").combine_chunks(),
                                  images, rows)
         undecodable = table.num_rows - table.column("error").null_count

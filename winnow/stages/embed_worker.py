@@ -280,8 +280,10 @@ class EmbedPipeline:
         writer.join(timeout=60)
 
     def _read(self, task: RowGroupTask) -> tuple[pa.Table, list[bytes | None], np.ndarray | None]:
-        index = task.store().read_table("index", task.partition, task.row_group)
-        return index, *read_images(index, self.stage.config.before_decode, storage=task.storage)
+        store = task.store()
+        index = store.read_table("index", task.partition, task.row_group)
+        return index, *read_images(index, self.stage.config.before_decode, storage=task.storage,
+                                   skip=self.stage.corpus_skip(store, index))
 
     def _produce(self, tasks: list[RowGroupTask], out: queue.Queue, stop: threading.Event) -> None:
         """Decode thread: reads run ahead on a pool; records are cut into batches and decoded."""

@@ -1,6 +1,8 @@
 """The one outcome rule: what happens to each indexed record, first match wins.
 
-``exact_duplicate`` (its image bytes equal an earlier record's: never decoded), then the filters
+``exact_duplicate`` (its image bytes equal an earlier record's: never decoded), in a run with a
+corpus ``takedown`` and ``corpus_duplicate`` as its pre-check found them (never decoded either:
+:mod:`winnow.stages.corpus`), then the filters
 decided from the index (:data:`winnow.filters.BEFORE_DECODE`: never decoded either),
 ``undecodable`` (the embed stage's error), then the other filters in their declared order (a
 filter with a missing-value rule drops records without a value first, e.g. ``no_caption``), then
@@ -23,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from winnow.exceptions import StorageError
-from winnow.filters import AFTER_DECODE, BEFORE_DECODE, FILTERS, FilterSpec
+from winnow.filters import AFTER_DECODE, BEFORE_DECODE, CORPUS_OUTCOMES, FILTERS, FilterSpec
 from winnow.rowgroups import CommitStore
 from winnow.stages.thresholds import as_scores, load_thresholds
 
@@ -49,6 +51,10 @@ def filter_outcomes(thresholds: dict[str, Any], x: FilterInputs) -> np.ndarray:
         mark(~spec.passes(spec.values_of(x), entry["threshold"]), spec.outcome)
 
     mark(x["exact_duplicate"], "exact_duplicate")
+    corpus = x.get("corpus_outcome")  # a run with a corpus: its pre-check's takedowns and known bytes
+    if corpus is not None:
+        for outcome in CORPUS_OUTCOMES:
+            mark(corpus == outcome, outcome)
     for spec in BEFORE_DECODE:
         apply(spec)
     mark(~x["decoded"], "undecodable")
@@ -128,6 +134,10 @@ def read_filter_inputs(store: CommitStore, p: int, rg: int) -> FilterInputs:
                      ids, "embed", rg)
     error = embed.column("error")
     exact = twin.is_valid().to_numpy(zero_copy_only=False)
+    from winnow.stages.corpus_matches import pre_outcomes
+
+    corpus = pre_outcomes(store, ids)
+    never_decoded = exact if corpus is None else exact | (corpus != "")
     tables: dict[str, pa.Table | None] = {"index": index, "embed": embed}
     for stage, columns in wanted.items():
         if stage not in tables:
@@ -136,8 +146,9 @@ def read_filter_inputs(store: CommitStore, p: int, rg: int) -> FilterInputs:
         "record_id": ids,
         "exact_duplicate": exact,
         "exact_duplicate_of": twin.to_numpy(zero_copy_only=False),
-        "decoded": error.is_null().to_numpy(zero_copy_only=False) & ~exact,
+        "decoded": error.is_null().to_numpy(zero_copy_only=False) & ~never_decoded,
         "error": np.array(error.to_pylist(), dtype=object),
+        **({} if corpus is None else {"corpus_outcome": corpus}),
         **filter_arrays(tables, len(ids)),
     }
 

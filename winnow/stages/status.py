@@ -17,10 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.filters import COUNT_NAMES, FILTERS
+from winnow.filters import CORPUS_OUTCOMES, COUNT_NAMES, FILTERS, count_names
 from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.rowgroups.task import RowGroupTask
 from winnow.schemas import OUTCOMES, SKIPPED_OUTCOMES, STATUS, VALUE_FIELDS
+from winnow.stages.corpus_matches import STATUS_FIELDS as CORPUS_FIELDS
+from winnow.stages.corpus_matches import has_corpus
+from winnow.stages.corpus_matches import matches as corpus_matches
+from winnow.stages.corpus_matches import reason as corpus_reason
 from winnow.stages.kept import row_group_filters
 from winnow.stages.thresholds import load_thresholds
 
@@ -30,12 +34,15 @@ STAGE = "status"
 @dataclass(frozen=True)
 class StatusConfig:
     """The status stage has no knob of its own: its outcome follows the thresholds step and
-    dedup, which its fingerprint chains to."""
+    dedup, which its fingerprint chains to, and, in a run with a corpus (``corpus``), the run's
+    corpus check."""
+
+    corpus: bool = False
 
 
-def status_config(_run: Any = None, _name: str = STAGE) -> StatusConfig:
+def status_config(run: Any = None, _name: str = STAGE) -> StatusConfig:
     """The registry's ``config`` factory: no knob of its own."""
-    return StatusConfig()
+    return StatusConfig(corpus=getattr(run, "corpus_uri", None) is not None)
 
 
 class StatusStage:
@@ -48,7 +55,7 @@ class StatusStage:
 
     def fingerprint_config(self) -> dict[str, Any]:
         # Everything it depends on comes through the upstream digests (thresholds, dedup...).
-        return {"layout": "v1"}
+        return {"layout": "v1", **({"corpus": True} if self.config.corpus else {})}
 
     def setup(self) -> None:
         pass
@@ -67,6 +74,16 @@ class StatusStage:
         near = dedup.column("duplicate").fill_null(False).to_numpy(zero_copy_only=False)
         near_of = dedup.column("duplicate_of").to_pylist()
         passed = outcome == ""
+        corpus_rows = _corpus_rows(store, x["record_id"])
+        if corpus_rows is not None:
+            for i, rid in enumerate(x["record_id"].tolist()):
+                row = corpus_rows.get(rid)
+                # Takedowns and known bytes beat everything but an in-run exact duplicate (the
+                # pre-check marked them already, unless a date published after it); a near
+                # duplicate of a corpus record beats the run's own dedup.
+                if row is not None and outcome[i] != "exact_duplicate" and (row["match"] != "near" or passed[i]):
+                    outcome[i] = row["outcome"]
+            passed = outcome == ""
         outcome[passed & near] = "duplicate"
         outcome[passed & ~near] = "kept"
         twins: list[int | None] = [None] * len(outcome)
@@ -78,7 +95,15 @@ class StatusStage:
                 twins[i] = near_of[i]
         twin_keys = _keys_of(store, task.plan, {t for t in twins if t is not None})
         thresholds = load_thresholds(store)
-        reasons = [_reason(o, i, x, thresholds, twins[i], twin_keys) for i, o in enumerate(outcome)]
+        reasons = [_reason(o, i, x, thresholds, twins[i], twin_keys) if o not in CORPUS_OUTCOMES
+                   else corpus_reason(corpus_rows[int(x["record_id"][i])]) for i, o in enumerate(outcome)]
+        twin_key_list = [twin_keys.get(t) if t is not None else None for t in twins]
+        extra: dict[str, pa.Array] = {}
+        if corpus_rows is not None:
+            of = [corpus_rows.get(int(r)) if o in CORPUS_OUTCOMES else None
+                  for r, o in zip(x["record_id"].tolist(), outcome.tolist())]
+            twin_key_list = [k if row is None else row["duplicate_of_key"] for k, row in zip(twin_key_list, of)]
+            extra = {name: pa.array([None if row is None else row[name] for row in of], t) for name, t in CORPUS_FIELDS}
 
         return pa.table(
             {
@@ -90,10 +115,28 @@ class StatusStage:
                 "reason": pa.array(reasons, pa.string()),
                 **{name: value_array(x[name], t) for name, t in VALUE_FIELDS},
                 "duplicate_of": pa.array(twins, pa.int64()),
-                "duplicate_of_key": pa.array([twin_keys.get(t) if t is not None else None for t in twins], pa.string()),
+                "duplicate_of_key": pa.array(twin_key_list, pa.string()),
+                **extra,
             },
-            schema=STATUS,
+            schema=status_schema(corpus_rows is not None),
         )
+
+
+def status_schema(corpus: bool) -> pa.Schema:
+    """The status rows' layout: :data:`winnow.schemas.STATUS`, and in a run with a corpus the
+    corpus record a ``corpus_duplicate`` names (``duplicate_of_run``, ``duplicate_of_uid``; its key
+    is ``duplicate_of_key``)."""
+    return pa.schema([*STATUS, *(pa.field(n, t) for n, t in CORPUS_FIELDS)]) if corpus else STATUS
+
+
+def _corpus_rows(store: CommitStore, record_ids: np.ndarray) -> dict[int, dict[str, Any]] | None:
+    """The run's corpus check rows of these records, by record id (None: a run without a corpus)."""
+    if not has_corpus(store):
+        return None
+    if not len(record_ids):
+        return {}
+    t = corpus_matches(store, "checked", int(record_ids.min()), int(record_ids.max()) + 1)
+    return {int(r["record_id"]): r for r in t.to_pylist()}
 
 
 def _keys_of(store: CommitStore, plan: RowGroupPlan, record_ids: set[int]) -> dict[int, str]:
@@ -156,16 +199,16 @@ def _reason(outcome: str, i: int, x: dict[str, np.ndarray], thresholds: dict[str
     raise AssertionError(f"no filter explains outcome {outcome!r} of row {i}")
 
 
-def _skipped_tables(run_root: RunRoot | str) -> Iterator[pa.Table]:
-    """Rows for the members the index skipped, in the ``STATUS`` layout."""
+def _skipped_tables(run_root: RunRoot | str, schema: pa.Schema = STATUS) -> Iterator[pa.Table]:
+    """Rows for the members the index skipped, in the status layout ``schema``."""
     from winnow.data.index import read_skipped
 
     for t in read_skipped(run_root):
         n = t.num_rows
-        nulls = {name: pa.nulls(n, STATUS.field(name).type) for name in STATUS.names}
+        nulls = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
         cols = {**nulls, **{name: t.column(name) for name in ("key", "shard", "outcome", "reason", "duplicate_of_key")
                             if name in t.column_names}}
-        yield pa.table(cols).select(STATUS.names).cast(STATUS)
+        yield pa.table(cols).select(schema.names).cast(schema)
 
 
 def iter_status(run_root: RunRoot | str, plan: RowGroupPlan | None = None, *, skipped: bool = True) -> Iterator[pa.Table]:
@@ -181,7 +224,7 @@ def iter_status(run_root: RunRoot | str, plan: RowGroupPlan | None = None, *, sk
             if rg in done:
                 yield store.read_table(STAGE, p, rg)
     if skipped:
-        yield from _skipped_tables(run_root)
+        yield from _skipped_tables(run_root, status_schema(has_corpus(store)))
 
 
 def count_outcomes(run_root: RunRoot | str, plan: RowGroupPlan) -> dict[str, Any]:
@@ -190,7 +233,8 @@ def count_outcomes(run_root: RunRoot | str, plan: RowGroupPlan) -> dict[str, Any
     counts the members the index skipped by outcome; ``written`` the rows of the write stage's
     Parquet files committed so far; ``thresholds`` the thresholds actually used."""
     store = CommitStore(run_root)
-    counts: dict[str, Any] = {"records": 0, **dict.fromkeys(COUNT_NAMES.values(), 0)}
+    names = count_names(has_corpus(store))
+    counts: dict[str, Any] = {"records": 0, **dict.fromkeys(names.values(), 0)}
     skipped = dict.fromkeys(SKIPPED_OUTCOMES, 0)
     missing = 0
     written = 0
@@ -204,7 +248,7 @@ def count_outcomes(run_root: RunRoot | str, plan: RowGroupPlan) -> dict[str, Any
             outcome = store.read_table(STAGE, p, rg, columns=["outcome"]).column("outcome")
             values, freq = np.unique(np.asarray(outcome.to_pylist(), dtype=object), return_counts=True)
             for v, c in zip(values.tolist(), freq.tolist()):
-                counts[COUNT_NAMES[v]] += int(c)
+                counts[names[v]] += int(c)
             counts["records"] += len(outcome)
             if rg in done_write:
                 with store.fs.open_input_file(store.row_group_path("write", p, rg)) as f:
@@ -220,8 +264,8 @@ def count_outcomes(run_root: RunRoot | str, plan: RowGroupPlan) -> dict[str, Any
         counts["thresholds"] = {name: e["threshold"] for name, e in load_thresholds(store).items()}
     except Exception:  # noqa: BLE001 - a run stopped before its thresholds has none to show
         counts["thresholds"] = None
-    assert sum(counts[n] for n in COUNT_NAMES.values()) == counts["records"]
+    assert sum(counts[n] for n in names.values()) == counts["records"]
     return counts
 
 
-__all__ = ["COUNT_NAMES", "OUTCOMES", "StatusConfig", "StatusStage", "count_outcomes", "iter_status"]
+__all__ = ["COUNT_NAMES", "OUTCOMES", "StatusConfig", "StatusStage", "count_outcomes", "iter_status", "status_schema"]
