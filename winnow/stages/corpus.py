@@ -142,7 +142,10 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
     rows.update(_listed_and_known(store, plan, corpus, url_field, root.storage, set(pre), head.generation))
     # Near duplicates among the records that pass the filters (and matched nothing above).
     centroids = corpus.centroids()
-    buckets = set(corpus.buckets()) if centroids is not None else set()
+    buckets = set(corpus.buckets())
+    # Records published before the corpus had centroids (their runs kept nothing to cluster)
+    # stay in bucket 0 of those generations: every candidate is compared with them as well.
+    early = head.centroids_generation - 1 if centroids is not None and head.centroids_generation else 0
     cand_ids: list[np.ndarray] = []
     cand_emb: list[np.ndarray] = []
     if buckets:
@@ -158,17 +161,21 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
                 col = emb.column("embedding").combine_chunks().take(pa.array(take, pa.int64()))
                 cand_ids.append(emb.column("record_id").to_numpy()[take])
                 cand_emb.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(take), -1).astype(np.float32))
-    compared = 0
+    compared = read = 0
     if cand_ids:
         ids = np.concatenate(cand_ids)
         emb = np.concatenate(cand_emb)
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        assigned = np.argmax(emb @ centroids.T, axis=1)
-        for b in sorted(buckets & set(assigned.tolist())):
-            mine = np.flatnonzero(assigned == b)
-            theirs = corpus.read_bucket(b, columns=["uid", "run_key", "key", "embedding"])
-            if not theirs.num_rows:
+        assigned = np.argmax(emb @ centroids.T, axis=1) if centroids is not None else np.zeros(len(ids), np.int64)
+        units = [(b, np.flatnonzero(assigned == b), None) for b in sorted(buckets & set(assigned.tolist()))]
+        if early:
+            units.insert(0, (0, np.arange(len(ids)), early))
+        best_of: dict[int, tuple[float, str, str, str]] = {}
+        for b, mine, as_of in units:  # one corpus bucket in memory at a time
+            theirs = corpus.read_bucket(b, columns=["uid", "run_key", "key", "embedding"], generation=as_of)
+            if not theirs.num_rows or not len(mine):
                 continue
+            read += 1
             col = theirs.column("embedding").combine_chunks()
             ref = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
             ref /= np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
@@ -177,14 +184,15 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
             best_sim = sims[np.arange(len(mine)), best]
             compared += len(mine) * len(ref)
             uids, runs, keys = (theirs.column(c).to_pylist() for c in ("uid", "run_key", "key"))
-            for i, j, s in zip(mine.tolist(), best.tolist(), best_sim.tolist()):
-                if s >= 1.0 - eps:
-                    rid = int(ids[i])
-                    rows[rid] = {"record_id": rid, "outcome": "corpus_duplicate", "match": "near",
-                                 "duplicate_of_run": runs[j], "duplicate_of_key": keys[j], "duplicate_of_uid": uids[j],
-                                 "similarity": float(s)}
+            for i, j, sim in zip(mine.tolist(), best.tolist(), best_sim.tolist()):
+                if sim >= 1.0 - eps and (i not in best_of or sim > best_of[i][0]):
+                    best_of[i] = (sim, runs[j], keys[j], uids[j])
+        for i, (sim, run_key, key, uid) in best_of.items():
+            rid = int(ids[i])
+            rows[rid] = {"record_id": rid, "outcome": "corpus_duplicate", "match": "near", "duplicate_of_run": run_key,
+                         "duplicate_of_key": key, "duplicate_of_uid": uid, "similarity": float(sim)}
     meta = _summary(rows, generation=head.generation, corpus_uri=corpus.root.uri, candidates=int(sum(map(len, cand_ids))),
-                    buckets_read=len(buckets & set(assigned.tolist())) if cand_ids else 0, pairs_compared=compared,
+                    buckets_read=read, pairs_compared=compared,
                     seconds=round(time.perf_counter() - t0, 3))
     _commit(store, CHECKED, CHECKED_DONE, rows, meta)
     log(f"corpus check against generation {head.generation}: {meta['takedowns']} taken down, {meta['corpus_exact']} "
