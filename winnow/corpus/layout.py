@@ -300,11 +300,13 @@ class Corpus:
         return self.head().run(run_key) is not None
 
     # ---- lookups --------------------------------------------------------------------------
-    def lookup_uids(self, uids: Sequence[str], *, generation: int | None = None) -> dict[str, tuple[str, str]]:
+    def lookup_uids(self, uids: Sequence[str], *, generation: int | None = None,
+                    after: int = 0) -> dict[str, tuple[str, str]]:
         """uid -> (run_key, key) of the corpus record with that uid, as of head generation
-        ``generation`` (default: the current head). Reads only the uid partitions the given uids
-        fall in, one at a time, only their uid/run_key/key columns (the earliest record wins
-        where a uid is there twice)."""
+        ``generation`` (default: the current head), among the files of generations > ``after``
+        (a caller that looked up to generation ``after`` already reads only what came since).
+        Reads only the uid partitions the given uids fall in, one at a time, only their
+        uid/run_key/key columns (the earliest record wins where a uid is there twice)."""
         if generation is None:
             generation = self.head().generation
         by_part: dict[int, set[str]] = {}
@@ -315,7 +317,9 @@ class Corpus:
         found: dict[str, tuple[str, str]] = {}
         for part in sorted(by_part):
             wanted = by_part[part]
-            for _g, path in self.generation_files(uid_dir(part), generation):
+            for g, path in self.generation_files(uid_dir(part), generation):
+                if g <= after:
+                    continue
                 t = self.read_parquet(path, ["uid", "run_key", "key"], filters=[("uid", "in", sorted(wanted))])
                 for uid, run_key, key in zip(*(t.column(c).to_pylist() for c in ("uid", "run_key", "key"))):
                     if uid in wanted and uid not in found:

@@ -60,9 +60,10 @@ def _urls(table: pa.Table, url_field: str, storage: Any) -> list[str | None]:
 
 
 def _listed_and_known(store: CommitStore, plan: RowGroupPlan, corpus: Any, url_field: str, storage: Any,
-                      skip: set[int], generation: int | None) -> dict[int, dict[str, Any]]:
-    """record_id -> match row for the records a takedown lists or whose uid the corpus holds
-    (in-run exact duplicates and ``skip`` left out). Run-proportional memory: the run's uids."""
+                      skip: set[int], generation: int | None, after: int = 0) -> dict[int, dict[str, Any]]:
+    """record_id -> match row for the records a takedown lists or whose uid the corpus holds in a
+    generation in ``(after, generation]`` (in-run exact duplicates and ``skip`` left out).
+    Run-proportional memory: the run's uids."""
     listed = corpus.takedown_identifiers()
     want_urls = bool(listed.get("url"))
     cols = ["record_id", "key", "uid", "exact_duplicate_of", "shard", "json_offset", "json_size"]
@@ -84,7 +85,7 @@ def _listed_and_known(store: CommitStore, plan: RowGroupPlan, corpus: Any, url_f
                              "identifier": f"{hit[0]}:{hit[1]}"}
             elif uid is not None:
                 uids.setdefault(uid, []).append(rid)
-    found = corpus.lookup_uids(list(uids), generation=generation) if uids else {}
+    found = corpus.lookup_uids(list(uids), generation=generation, after=after) if uids else {}
     for uid, (run_key, key) in found.items():
         for rid in uids[uid]:
             rows[rid] = {"record_id": rid, "outcome": "corpus_duplicate", "match": "bytes",
@@ -138,8 +139,13 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
     t0 = time.perf_counter()
     head = corpus.head()
     pre = {int(r["record_id"]): r for r in pq.read_table(store.fs.open_input_file(store.path(PRE))).to_pylist()}
+    pre_generation = int(read_json(store.fs, store.path(PRE_DONE))["generation"])
     rows = dict(pre)
-    rows.update(_listed_and_known(store, plan, corpus, url_field, root.storage, set(pre), head.generation))
+    # The uids the pre-check looked up are known up to its generation: only the runs published
+    # since (a parallel backfill's earlier dates) are read again; run one date after another,
+    # nothing is.
+    rows.update(_listed_and_known(store, plan, corpus, url_field, root.storage, set(pre), head.generation,
+                                  after=pre_generation))
     # Near duplicates among the records that pass the filters (and matched nothing above).
     centroids = corpus.centroids()
     buckets = set(corpus.buckets())
