@@ -166,13 +166,24 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
                 take = np.flatnonzero(np.isin(emb.column("record_id").to_numpy(), ids))
                 col = emb.column("embedding").combine_chunks().take(pa.array(take, pa.int64()))
                 cand_ids.append(emb.column("record_id").to_numpy()[take])
-                cand_emb.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(take), -1).astype(np.float32))
+                # float16 as committed: the run's candidates at 2 bytes a dimension; a bucket's
+                # slice becomes float32 only while it is compared.
+                cand_emb.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(take), -1))
     compared = read = 0
     if cand_ids:
         ids = np.concatenate(cand_ids)
         emb = np.concatenate(cand_emb)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        assigned = np.argmax(emb @ centroids.T, axis=1) if centroids is not None else np.zeros(len(ids), np.int64)
+        del cand_emb
+
+        def unit(rows: np.ndarray) -> np.ndarray:
+            v = emb[rows].astype(np.float32)
+            return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+        assigned = np.zeros(len(ids), np.int64)
+        if centroids is not None:
+            for start in range(0, len(ids), 65536):
+                chunk = np.arange(start, min(start + 65536, len(ids)))
+                assigned[chunk] = np.argmax(unit(chunk) @ centroids.T, axis=1)
         units = [(b, np.flatnonzero(assigned == b), None) for b in sorted(buckets & set(assigned.tolist()))]
         if early:
             units.insert(0, (0, np.arange(len(ids)), early))
@@ -185,7 +196,7 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
             col = theirs.column("embedding").combine_chunks()
             ref = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32)
             ref /= np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-            sims = emb[mine] @ ref.T
+            sims = unit(mine) @ ref.T
             best = np.argmax(sims, axis=1)  # the first (earliest published) of equals
             best_sim = sims[np.arange(len(mine)), best]
             compared += len(mine) * len(ref)
