@@ -3,8 +3,9 @@
 An ``external_views`` tab on every DAG run (and on mapped task instances) opens
 ``/winnow/ui/run?dag_id=..&run_id=..``: plain HTML + JS from ``winnow_static/`` under a strict
 Content-Security-Policy. Its data comes from ``/winnow/api/runs/{run_id}/...``, read from the
-run's storage by ``winnow.report``. The run root comes from the DAG run itself: the index task's
-XCom ``summary`` (``run_root``), else the run's conf. Every endpoint needs read access to the
+run's storage by ``winnow.report`` (for a run with a corpus, ``/corpus``: the corpus it builds).
+The run root comes from the DAG run itself: the index task's XCom ``summary`` (``run_root``),
+else the run's conf. Every endpoint needs read access to the
 image_curation DAG (401 without a session, 403 without access).
 """
 
@@ -209,10 +210,10 @@ def filter_list() -> dict[str, Any]:
     """The filters as declared (:func:`winnow.filters.describe`), every outcome with its words
     and summary count, in the order they are decided: the view builds its menus, histograms,
     sliders and summary rows from this and names no filter itself."""
-    from winnow.filters import COUNT_NAMES, describe, outcome_labels
+    from winnow.filters import ALL_COUNT_NAMES, describe, outcome_labels
 
     return {"filters": describe(),
-            "outcomes": [{"name": o, "label": label, "count": COUNT_NAMES[o]} for o, label in outcome_labels().items()]}
+            "outcomes": [{"name": o, "label": label, "count": ALL_COUNT_NAMES[o]} for o, label in outcome_labels().items()]}
 
 
 @app.get("/api/runs/{run_id}/progress", dependencies=[READ_ACCESS])
@@ -269,6 +270,25 @@ def thumbnail(run_id: str, row_group: int, offset: int, size: int) -> Response:
         raise HTTPException(status_code=404, detail=str(exc)) from exc
     # Committed files never change in place: the bytes at this address are stable.
     return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@app.get("/api/runs/{run_id}/corpus", dependencies=[READ_ACCESS])
+def corpus(run_id: str) -> dict[str, Any]:
+    """The corpus the run builds (:func:`winnow.report.corpus_view.corpus_view`): its published
+    runs in generation order (this run marked), its records and takedowns, and whether (and as
+    which generation) this run has published. 404 for a run without a corpus."""
+    from winnow.corpus import CorpusError
+    from winnow.report.corpus_view import run_corpus
+
+    run, root = _resolved(run_id)
+    try:
+        body = run_corpus(root, run["conf"])
+    except CorpusError as exc:
+        raise HTTPException(status_code=502, detail=f"the run's corpus cannot be read: {exc}") from exc
+    if body is None:
+        raise HTTPException(status_code=404, detail=f"run {run_id!r} has no corpus: neither its run root nor its conf "
+                                                     "names a corpus_uri (it curates its input on its own)")
+    return body
 
 
 _SCORES: dict[str, tuple[float, tuple, dict]] = {}

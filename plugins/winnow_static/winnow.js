@@ -1,4 +1,5 @@
-// winnow run view: row-group map, gallery and score histograms of one image_curation DAG run.
+// winnow run view: row-group map, gallery, score histograms (and, for a run with a corpus, the
+// corpus it builds) of one image_curation DAG run.
 // Plain JS, no dependencies; the page's CSP allows scripts from this origin only.
 "use strict";
 
@@ -15,7 +16,7 @@
 
   const state = { progress: null, etag: null, timer: null, finished: false, maps: {}, scores: null,
                   galleryNext: 0, galleryLoaded: false, scoresLoaded: false, firstPaint: null,
-                  filters: [], outcomes: [] };
+                  filters: [], outcomes: [], corpus: null, corpusChecked: 0 };
 
   function text(el, value) { el.textContent = value; return el; }
   function el(tag, cls, content) {
@@ -33,9 +34,10 @@
   }
   function showTab(name) {
     for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
-    for (const t of ["map", "gallery", "scores"]) $("tab-" + t).hidden = t !== name;
+    for (const t of ["map", "gallery", "scores", "corpus"]) $("tab-" + t).hidden = t !== name;
     if (name === "gallery" && !state.galleryLoaded) { state.galleryLoaded = true; loadGallery(true); }
     if (name === "scores" && !state.scoresLoaded) { state.scoresLoaded = true; loadScores(); }
+    if (name === "corpus") loadCorpus();
     if (name === "map") drawMap();
   }
 
@@ -72,6 +74,7 @@
     refillGallery(body);
     const runState = body.dag_run && body.dag_run.state;
     state.finished = runState === "success" || runState === "failed";
+    checkCorpus();
     if (!state.finished) schedule();
   }
   function schedule() {
@@ -303,10 +306,13 @@
     const outcome = $("outcome").value;
     if (reset) { $("gallery").replaceChildren(); state.galleryNext = 0; }
     if (state.galleryNext === null) return;
+    // A page that comes back after a newer load began (another outcome picked meanwhile) is dropped.
+    const load = state.galleryLoad = (state.galleryLoad || 0) + 1;
     const q = new URLSearchParams({ cursor: String(state.galleryNext), limit: "24" });
     if (outcome) q.set("outcome", outcome);
     const r = await fetch(api + "/gallery?" + q, { credentials: "same-origin" });
     const body = await r.json().catch(() => ({}));
+    if (load !== state.galleryLoad) return;
     if (!r.ok) { text($("gallery-count"), body.detail || ("HTTP " + r.status)); return; }
     for (const item of body.items) $("gallery").append(card(item));
     state.galleryNext = body.next;
@@ -321,8 +327,8 @@
     const write = (body.stages || []).find((s) => s.stage === "write");
     if (write && state.galleryWritten !== undefined && write.committed > state.galleryWritten) loadGallery(true);
   }
-  function thumb(rg, offset, size, alt) {
-    if (offset === null || offset === undefined) return el("div", "nothumb", "no thumbnail");
+  function thumb(rg, offset, size, alt, missing) {
+    if (offset === null || offset === undefined) return el("div", "nothumb", missing || "no thumbnail");
     const img = el("img");
     img.loading = "lazy"; img.alt = alt; img.src = thumbUrl(rg, offset, size);
     return img;
@@ -330,12 +336,24 @@
   function card(item) {
     const c = el("figure", "card " + item.outcome);
     const pics = el("div", "pics");
-    pics.append(thumb(item.row_group, item.thumb_offset, item.thumb_size, item.key));
-    // A near duplicate beside its kept twin (an exact duplicate's twin is the same image).
+    const takenDown = item.outcome === "takedown";
+    const inCorpus = item.outcome === "corpus_duplicate";
+    // A taken-down record's picture is never made: the card says so.
+    pics.append(thumb(item.row_group, item.thumb_offset, item.thumb_size, item.key, takenDown ? "taken down: not shown" : null));
+    // A near duplicate beside its kept twin (an exact duplicate's twin is the same image); a
+    // corpus duplicate beside the earlier corpus record's picture (none once that was taken down).
     if (item.outcome === "duplicate") pics.append(thumb(item.row_group, item.original_thumb_offset, item.original_thumb_size, "original " + (item.duplicate_of_key || "")));
+    if (inCorpus) pics.append(thumb(item.row_group, item.original_thumb_offset, item.original_thumb_size,
+      "corpus record " + (item.duplicate_of_key || ""), "earlier picture not available (taken down since?)"));
     c.append(pics);
     const cap = el("figcaption");
     cap.append(el("div", "key", item.key), el("div", "reason", item.reason));
+    if (inCorpus && (item.duplicate_of_run || item.duplicate_of_key)) {
+      cap.append(el("div", "twin", "earlier: run " + (item.duplicate_of_run || "?") + " · key " + (item.duplicate_of_key || "?")));
+    }
+    if (takenDown && item.takedown_reason) {
+      cap.append(el("div", "takedown-reason", "takedown: " + item.takedown_reason + (item.takedown_date ? " (" + item.takedown_date + ")" : "")));
+    }
     const scores = [];
     const seen = new Set();
     for (const f of state.filters) {
@@ -534,6 +552,66 @@
     // Left of the threshold at the top left, right of it at the top right: never overlapping.
     ctx.fillText("← " + leftLabel, pad, 12);
     ctx.fillText(rightLabel + " →", W - pad - ctx.measureText(rightLabel + " →").width, 12);
+  }
+
+  // ---- the corpus the run builds (a run with a corpus_uri only) -----------------------------
+  // The tab shows once the server says the run has a corpus; a running run that does not say so
+  // yet is asked again at most every 15 s (its corpus steps may not have run), a finished one once more.
+  async function checkCorpus() {
+    if (state.corpus) return;
+    const now = Date.now();
+    if (state.corpusChecked && (now - state.corpusChecked < 15000 && !state.finished || state.corpusFinal)) return;
+    state.corpusChecked = now;
+    if (state.finished) state.corpusFinal = true;
+    let r;
+    try { r = await fetch(api + "/corpus", { credentials: "same-origin", cache: "no-store" }); } catch (e) { return; }
+    if (!r.ok) return;
+    state.corpus = await r.json().catch(() => null);
+    if (state.corpus) document.querySelector("#tabs button[data-tab=corpus]").hidden = false;
+  }
+  async function loadCorpus() {
+    let body;
+    try {
+      const r = await fetch(api + "/corpus", { credentials: "same-origin", cache: "no-store" });
+      body = await r.json().catch(() => ({}));
+      if (!r.ok) { text($("corpus-totals"), body.detail || ("HTTP " + r.status)); return; }
+    } catch (e) { text($("corpus-totals"), "connection lost"); return; }
+    state.corpus = body;
+    renderCorpus(body);
+  }
+  function renderCorpus(c) {
+    const runs = c.runs || [], takedowns = c.takedowns || [];
+    text($("corpus-totals"), fmt(c.records) + " records in corpus " + c.corpus_uri + " (generation " + fmt(c.generation) + "): " +
+      fmt(c.published_records) + " published by " + fmt(runs.length) + (runs.length === 1 ? " run" : " runs") + ", " +
+      fmt(c.taken_down) + " taken down by " + fmt(takedowns.length) + (takedowns.length === 1 ? " takedown." : " takedowns."));
+    const me = c.this_run || {};
+    text($("corpus-this"), me.published
+      ? "This run (" + me.run_key + ") published as generation " + fmt(me.generation) + (me.logical_date ? ", logical date " + me.logical_date : "") + "."
+      : "This run (" + me.run_key + ") has not published to the corpus (yet): it publishes after its write stage, once every earlier date has published.");
+    const body = $("corpus-runs").tBodies[0];
+    body.replaceChildren();
+    for (const r of runs) {
+      const tr = el("tr", r.this ? "this" : "");
+      const n = r.counts || {};
+      tr.dataset.runKey = r.run_key;
+      tr.append(el("td", "num", fmt(r.generation)), el("td", "key", r.run_key + (r.this ? " (this run)" : "")),
+        el("td", "", r.logical_date || "–"), el("td", "num", fmt(n.records)), el("td", "num", fmt(n.kept)),
+        el("td", "num", fmt(r.records)), el("td", "num", fmt(n.corpus_duplicates)), el("td", "num", fmt(n.takedowns)),
+        el("td", "num", fmt(r.left_out)), el("td", "", r.published_at || "–"));
+      body.append(tr);
+    }
+    const tbody = $("corpus-takedowns").tBodies[0];
+    tbody.replaceChildren();
+    $("takedowns-none").hidden = takedowns.length > 0;
+    $("corpus-takedowns").hidden = takedowns.length === 0;
+    for (const t of takedowns) {
+      const tr = el("tr");
+      tr.append(el("td", "num", fmt(t.generation)), el("td", "", t.date || "–"), el("td", "", t.reason || ""),
+        el("td", "num", fmt(t.identifiers)), el("td", "num", fmt(t.removed)), el("td", "key", (t.run_keys || []).join(", ") || "–"),
+        el("td", "num", fmt(t.files_rewritten)), el("td", "key", t.id || ""));
+      tbody.append(tr);
+    }
+    document.body.dataset.corpusDrawn = "1";
   }
 
   // ---- the filters, as the engine declares them ----------------------------------------------

@@ -92,6 +92,40 @@ def built(airflow_db, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def corpus_dag_runs(airflow_db, tmp_path_factory):
+    """Three real runs that build one corpus, with a takedown between the second and the third,
+    and a run without a corpus (tests/report/test_corpus_view.py), with DAG runs whose conf names
+    only the output root and run key (the corpus is found from the run root); one more DAG run
+    whose conf names the corpus and a run key that has not run yet."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    from tests.report.test_corpus_view import build_corpus_runs
+
+    made = build_corpus_runs(tmp_path_factory.mktemp("plugin-corpus"))
+    out = str(made["out"])
+    runs = {"first": ("plugin-corpus-1", {"output_root": out, "run_key": "20250301"}),
+            "second": ("plugin-corpus-2", {"output_root": out, "run_key": "20250302"}),
+            "third": ("plugin-corpus-3", {"output_root": out, "run_key": "20250303"}),
+            "plain": ("plugin-corpus-plain", {"output_root": out, "run_key": "plain"}),
+            "waiting": ("plugin-corpus-waiting", {"output_root": out, "run_key": "20250304",
+                                                  "corpus_uri": str(made["corpus"])})}
+    when = datetime(2019, 8, 1, tzinfo=UTC)
+    with create_session() as session:
+        for i, (run_id, conf) in enumerate(runs.values()):
+            logical_date = when.replace(day=1 + i)
+            for old in session.query(DagRun).filter(DagRun.dag_id == "image_curation").filter(
+                    (DagRun.run_id == run_id) | (DagRun.logical_date == logical_date)):
+                session.delete(old)
+            session.flush()
+            session.add(DagRun(dag_id="image_curation", run_id=run_id, run_type="manual", conf=conf,
+                               state=DagRunState.RUNNING if run_id.endswith("waiting") else DagRunState.SUCCESS,
+                               logical_date=logical_date, run_after=when))
+    return {**made, "run_ids": {k: v[0] for k, v in runs.items()}}
+
+
+@pytest.fixture(scope="module")
 def http(airflow_db):
     """The plugin's app with the real auth manager, and tokens for an admin and a roleless user."""
     from airflow.api_fastapi.app import create_auth_manager
@@ -109,7 +143,7 @@ def http(airflow_db):
 def _paths(run_id: str) -> list[str]:
     return [f"/ui/run?dag_id=image_curation&run_id={run_id}", "/static/winnow.js", "/api/filters",
             f"/api/runs/{run_id}/progress", f"/api/runs/{run_id}/gallery", f"/api/runs/{run_id}/scores",
-            f"/api/runs/{run_id}/thumbs/0/0/100"]
+            f"/api/runs/{run_id}/thumbs/0/0/100", f"/api/runs/{run_id}/corpus"]
 
 
 def test_plugin_loads_and_declares_its_tabs(airflow_db):
@@ -123,9 +157,9 @@ def test_plugin_loads_and_declares_its_tabs(airflow_db):
     assert views["winnow-partition"]["destination"] == "task_instance" and "{MAP_INDEX}" in views["winnow-partition"]["href"]
 
 
-def test_every_endpoint_needs_a_session_and_read_access_to_the_dag(http, dag_runs):
+def test_every_endpoint_needs_a_session_and_read_access_to_the_dag(http, dag_runs, corpus_dag_runs):
     _, client, _, nobody = http
-    for path in _paths(dag_runs["ok"]):
+    for path in _paths(dag_runs["ok"]) + _paths(corpus_dag_runs["run_ids"]["second"]):
         assert client.get(path).status_code == 401, path
         r = client.get(path, headers=nobody)
         assert r.status_code == 403, (path, r.status_code, r.text)
@@ -318,7 +352,7 @@ def test_the_filter_list_comes_from_the_declarations_and_the_view_names_no_filte
     import re
     from pathlib import Path
 
-    from winnow.filters import COUNT_NAMES, FILTERS, OUTCOMES, PARAMS, describe
+    from winnow.filters import ALL_COUNT_NAMES, FILTERS, OUTCOMES, PARAMS, describe
 
     plugin, client, admin, _ = http
     r = client.get("/api/filters", headers=admin)
@@ -332,7 +366,7 @@ def test_the_filter_list_comes_from_the_declarations_and_the_view_names_no_filte
         assert [f["threshold_param"], f["fraction_param"]] == [p.name for p in spec.params] + [None] * (2 - len(spec.params))
     assert [p for f in body["filters"] for p in (f["threshold_param"], f["fraction_param"]) if p] == [p.name for p in PARAMS]
     assert [o["name"] for o in body["outcomes"]] == list(OUTCOMES)
-    assert all(o["count"] == COUNT_NAMES[o["name"]] and o["label"] for o in body["outcomes"])
+    assert all(o["count"] == ALL_COUNT_NAMES[o["name"]] and o["label"] for o in body["outcomes"])
     # The view builds its menus, histograms and sliders from that list: neither the page nor its
     # script writes a filter's word as a string, an option value or (the script) a property.
     static = Path(plugin.__file__).with_name("winnow_static")
@@ -378,3 +412,88 @@ def test_the_runs_storage_connection_is_looked_up_once_per_cache_period_not_per_
     poll()
     assert calls == ["winnow_cache_probe"] * 2
     plugin._RUN_STORAGE.clear()
+
+
+def test_the_corpus_view_lists_the_runs_the_totals_and_the_takedowns_of_a_runs_corpus(http, corpus_dag_runs):
+    _, client, admin, _ = http
+    ids, summaries = corpus_dag_runs["run_ids"], corpus_dag_runs["summaries"]
+    r = client.get(f"/api/runs/{ids['second']}/corpus", headers=admin)
+    assert r.status_code == 200, r.text
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    body = r.json()
+    assert body["corpus_uri"] == str(corpus_dag_runs["corpus"]) and body["generation"] == 4
+    assert [(x["run_key"], x["logical_date"], x["generation"], x["this"]) for x in body["runs"]] == \
+        [("20250301", "2025-03-01", 1, False), ("20250302", "2025-03-02", 2, True), ("20250303", "2025-03-03", 4, False)]
+    for x, s in zip(body["runs"], summaries.values()):
+        assert x["records"] == s["kept"] and x["published_at"]
+        assert {k: x["counts"][k] for k in ("records", "kept", "corpus_duplicates", "takedowns")} == \
+            {k: s[k] for k in ("records", "kept", "corpus_duplicates", "takedowns")}
+    added = sum(s["kept"] for s in summaries.values())
+    assert (body["published_records"], body["taken_down"], body["records"]) == (added, 2, added - 2)
+    (t,) = body["takedowns"]
+    assert (t["reason"], t["date"], t["identifiers"], t["removed"], t["run_keys"]) == \
+        ("opt-out request", "2025-03-02", 2, 2, ["20250301"])
+    assert body["this_run"] == {"run_key": "20250302", "published": True, "generation": 2, "logical_date": "2025-03-02"}
+    # A run that has not reached its corpus steps: the corpus its conf names, and not published.
+    waiting = client.get(f"/api/runs/{ids['waiting']}/corpus", headers=admin).json()
+    assert waiting["this_run"]["published"] is False and len(waiting["runs"]) == 3
+    assert not any(x["this"] for x in waiting["runs"])
+
+
+def test_a_run_without_a_corpus_has_no_corpus_view(http, corpus_dag_runs, dag_runs):
+    _, client, admin, _ = http
+    for run_id in (corpus_dag_runs["run_ids"]["plain"], dag_runs["ok"]):
+        r = client.get(f"/api/runs/{run_id}/corpus", headers=admin)
+        assert r.status_code == 404 and "has no corpus" in r.json()["detail"], (run_id, r.text)
+    assert client.get("/api/runs/no-such-run/corpus", headers=admin).status_code == 404
+    assert client.get(f"/api/runs/{dag_runs['noroot']}/corpus", headers=admin).status_code == 404
+
+
+def test_the_gallery_of_a_corpus_run_shows_each_corpus_duplicate_beside_the_earlier_records_picture(http, corpus_dag_runs):
+    import io
+
+    from PIL import Image
+
+    _, client, admin, _ = http
+    base = f"/api/runs/{corpus_dag_runs['run_ids']['second']}"
+    page = client.get(f"{base}/gallery?outcome=corpus_duplicate&limit=200", headers=admin)
+    assert page.status_code == 200, page.text
+    items = page.json()["items"]
+    copies = {c["key"]: c for c in corpus_dag_runs["data"]["dates"]["2025-03-02"]["copies"]}
+    assert items and all(i["outcome"] == "corpus_duplicate" for i in items)
+    shown = 0
+    for item in items:
+        copy = copies[item["key"]]
+        assert (item["duplicate_of_run"], item["duplicate_of_key"]) == ("20250301", copy["of_key"]), item
+        if item["original_thumb_offset"] is None:  # its original was taken down since
+            assert copy["key"] == corpus_dag_runs["gone_copy"]["key"]
+            continue
+        r = client.get(f"{base}/thumbs/{item['row_group']}/{item['original_thumb_offset']}/{item['original_thumb_size']}",
+                       headers=admin)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text
+        with Image.open(io.BytesIO(r.content)) as img:
+            img.load()
+            assert min(img.size) > 0
+        shown += 1
+    assert shown == len(items) - 1 >= 2
+    # The third run's taken-down copy: no picture, the takedown's reason.
+    third = f"/api/runs/{corpus_dag_runs['run_ids']['third']}"
+    (taken,) = client.get(f"{third}/gallery?outcome=takedown", headers=admin).json()["items"]
+    assert taken["thumb_offset"] is None and taken["takedown_reason"] == "opt-out request"
+    # A gallery without a corpus has the corpus fields, empty.
+    plain = f"/api/runs/{corpus_dag_runs['run_ids']['plain']}"
+    items = client.get(f"{plain}/gallery?limit=200", headers=admin).json()["items"]
+    assert items and all(i["duplicate_of_run"] is None and i["takedown_reason"] is None for i in items)
+
+
+def test_the_page_has_a_corpus_tab_that_the_script_shows_only_for_a_run_with_a_corpus(http, corpus_dag_runs):
+    import re
+    from pathlib import Path
+
+    plugin, client, admin, _ = http
+    html = client.get(f"/ui/run?dag_id=image_curation&run_id={corpus_dag_runs['run_ids']['second']}", headers=admin).text
+    # Hidden until the script has asked /corpus; its section is empty until then.
+    assert re.search(r'<button type="button" data-tab="corpus" hidden>Corpus</button>', html)
+    assert re.search(r'<section id="tab-corpus" hidden>', html)
+    js = (Path(plugin.__file__).with_name("winnow_static") / "winnow.js").read_text()
+    assert '"/corpus"' in js and "innerHTML" not in js and "insertAdjacentHTML" not in js

@@ -445,6 +445,9 @@ NAMED_GALLERY_ROWS = [
     {"record_id": 6, "key": "g", "outcome": "clip_score", "aesthetic_score": 6.0, "nsfw_score": 0.1, "clip_score": 0.11},
     {"record_id": 7, "key": "h", "outcome": "duplicate", "duplicate_of": 0, "duplicate_of_key": "a",
      "aesthetic_score": 6.0, "nsfw_score": 0.1, "clip_score": 0.3},
+    # A run with a corpus: dropped before decode (no scores), the corpus record named by its key.
+    {"record_id": 8, "key": "i", "outcome": "takedown"},
+    {"record_id": 9, "key": "j", "outcome": "corpus_duplicate", "duplicate_of_key": "k"},
 ]
 GALLERY_ROWS = gallery_rows(NAMED_GALLERY_ROWS)
 
@@ -490,6 +493,8 @@ def test_every_outcome_is_in_the_gallery_and_each_has_its_reason(tmp_path):
     assert by[(1, "no_caption")]["reason"] == BY_NAME["clip_score"].missing.reason
     assert by[(1, "clip_score")]["reason"] == f"{BY_NAME['clip_score'].label} 0.110: dropped at threshold 0.2"
     assert by[(1, "duplicate")]["reason"] == "near duplicate of a"
+    assert by[(1, "takedown")]["reason"] == "listed by a takedown; not decoded"
+    assert by[(1, "corpus_duplicate")]["reason"] == "already in the corpus: record k"
     for outcome in set(OUTCOMES) - named:  # the rows gallery_rows added: each a filter's, its value 1
         spec = next(f for f in FILTERS if outcome in (f.outcome, f.missing and f.missing.outcome))
         assert by[(1, outcome)]["reason"] == (

@@ -6,6 +6,12 @@ plus a bounded number of files read per call, so a page of a run with 10^5 row g
 the same as one of ten. Thumbnail bytes are read by offset from the committed ``rg<id>.thumbs``.
 Every page says how many row groups the write stage has committed: the gallery of a run whose
 write stage has not committed (all) yet says so, and fills as write commits.
+
+The gallery of a run with a corpus has the corpus columns too
+(:data:`winnow.stages.write.CORPUS_GALLERY_FIELDS`): a ``corpus_duplicate`` names the corpus
+record it duplicates (``duplicate_of_run``, ``duplicate_of_key``, ``duplicate_of_uid``) and its
+``original_thumb_*`` is that record's picture; a ``takedown`` has no thumbnail and the takedown's
+``takedown_reason`` and ``takedown_date``. Items of other runs have them as None.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from winnow.exceptions import GalleryError, WinnowError
 from winnow.filters import FILTERS, VALUE_COLUMNS
 from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.stages.thumbnails import GALLERY_SUFFIX, OUTCOMES, THUMBS_SUFFIX
+from winnow.stages.write import CORPUS_GALLERY_FIELDS
 
 #: Most gallery files one page request opens (a rare reason may need many pages).
 MAX_FILES_PER_PAGE = 64
@@ -77,6 +84,11 @@ def reason(row: dict[str, Any], limits: dict[str, float | None]) -> str:
         return f"same image bytes as {twin}; not decoded"
     if outcome == "duplicate":
         return f"near duplicate of {twin}"
+    if outcome == "corpus_duplicate":
+        run = row.get("duplicate_of_run")
+        return "already in the corpus" + (f": record {twin}" if twin else "") + (f" of run {run}" if run else "")
+    if outcome == "takedown":
+        return "listed by a takedown; not decoded"
     for spec in FILTERS:
         if spec.missing is not None and spec.missing.outcome == outcome:
             return spec.missing.reason
@@ -141,6 +153,8 @@ def gallery_page(run_root: RunRoot | str, plan: RowGroupPlan, *, outcome: str | 
                     if outcome is None or row["outcome"] == outcome:
                         row["row_group"] = rg
                         for name, _ in VALUE_COLUMNS:  # galleries written before a filter existed
+                            row.setdefault(name, None)
+                        for name, _ in CORPUS_GALLERY_FIELDS:  # a run without a corpus
                             row.setdefault(name, None)
                         row["reason"] = reason(row, limits)
                         items.append(row)

@@ -9,6 +9,11 @@ screenshot of each view is the README's: written to ``docs/img/`` (``$WINNOW_SCR
 them elsewhere) on every run, so the README shows today's UI; a failure's screenshot goes under
 ``$WINNOW_TEST_ARTIFACTS`` (default ``test-artifacts/``).
 A user without access to the DAG gets 403.
+
+The Corpus tab: three small runs that build one corpus (with a takedown between the second and
+the third) are made in this process (``tests/report/test_corpus_view.py``, seconds), and a DAG
+run of the live Airflow names the third one's run root; it is triggered while the DAG is paused,
+so none of its tasks runs (the view reads storage only), and deleted afterwards.
 """
 
 from __future__ import annotations
@@ -182,6 +187,80 @@ def test_login_open_the_run_tab_and_see_failed_row_groups_thumbnails_and_histogr
     frame = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "iframe[title=Curation]"), "the task tab")
     browser.switch_to.frame(frame)
     _wait(browser, lambda d: "p1: row groups" in d.find_element(By.ID, "title").text, "the partition title")
+    browser.switch_to.default_content()
+
+
+@pytest.fixture(scope="module")
+def corpus_run(live_run, tmp_path_factory):
+    from tests.airflow._live import DAG_ID
+    from tests.report.test_corpus_view import build_corpus_runs
+
+    made = build_corpus_runs(tmp_path_factory.mktemp("corpus-view"))
+    af = live_run["af"]
+    run_id = "corpus-view"
+    # Paused: the scheduler starts no queued run of the DAG, so this run only points at the run root.
+    af.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": True})
+    try:
+        af.trigger({"output_root": str(made["out"]), "run_key": "20250303"}, run_id=run_id)
+        yield {**made, "run_id": run_id}
+    finally:
+        af.api("DELETE", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", ok=(200, 204, 404))
+        af.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
+
+
+def test_the_corpus_tab_lists_the_corpus_runs_and_takedowns_and_the_gallery_its_duplicates(live_run, corpus_run, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    af = live_run["af"]
+    browser.get(f"{af.base}/dags/image_curation/runs/{quote(corpus_run['run_id'], safe='')}/plugin/winnow-run")
+    if browser.find_elements(By.NAME, "username"):  # signed out meanwhile: sign in again
+        browser.find_element(By.NAME, "username").send_keys("admin")
+        browser.find_element(By.NAME, "password").send_keys(_password(af, "admin"))
+        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    frame = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "iframe[title=Curation]"), "the Curation tab")
+    browser.switch_to.frame(frame)
+    tab = _wait(browser, lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[data-tab=corpus]") if b.is_displayed()],
+                "the Corpus tab to show")[0]
+    tab.click()
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-corpus-drawn") == "1",
+          "the corpus view")
+    rows = [[c.text for c in r.find_elements(By.TAG_NAME, "td")] for r in browser.find_elements(By.CSS_SELECTOR, "#corpus-runs tbody tr")]
+    assert [r[1].split()[0] for r in rows] == ["20250301", "20250302", "20250303"], rows
+    assert [r[0] for r in rows] == ["1", "2", "4"], rows
+    this = browser.find_elements(By.CSS_SELECTOR, "#corpus-runs tbody tr.this")
+    assert len(this) == 1 and this[0].get_attribute("data-run-key") == "20250303"
+    takedowns = [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+                 for r in browser.find_elements(By.CSS_SELECTOR, "#corpus-takedowns tbody tr")]
+    assert len(takedowns) == 1 and takedowns[0][2] == "opt-out request" and takedowns[0][5] == "20250301", takedowns
+    assert "published as generation 4" in browser.find_element(By.ID, "corpus-this").text
+    # The screenshot shows both tables: the runs' at the top of the frame, the takedowns' below.
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", browser.find_element(By.ID, "corpus-runs"))
+    browser.switch_to.default_content()
+    _shot(browser, "corpus-view.png")
+
+    browser.switch_to.frame(frame)
+    browser.find_element(By.CSS_SELECTOR, "button[data-tab=gallery]").click()
+    Select(browser.find_element(By.ID, "outcome")).select_by_value("corpus_duplicate")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery figure.card")
+          and all("corpus_duplicate" in c.get_attribute("class") for c in d.find_elements(By.CSS_SELECTOR, "#gallery figure.card")),
+          "the corpus duplicates")
+    _wait(browser, lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#gallery img')].every(i => i.complete)"), "their pictures to load")
+    pairs = browser.execute_script("return [...document.querySelectorAll('#gallery figure.card')].map("
+                                   "c => [...c.querySelectorAll('img')].map(i => i.naturalWidth))")
+    # Each beside the earlier corpus record's picture, named by its run and key.
+    assert pairs and all(len(p) == 2 and min(p) > 0 for p in pairs), pairs
+    earlier = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#gallery .twin")]
+    assert len(earlier) == len(pairs) and all(t.startswith("earlier: run 2025030") for t in earlier), earlier
+    browser.switch_to.default_content()
+    _shot(browser, "corpus-gallery.png")
+    browser.switch_to.frame(frame)
+    Select(browser.find_element(By.ID, "outcome")).select_by_value("takedown")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery figure.card.takedown"), "the taken-down record")
+    card = browser.find_element(By.CSS_SELECTOR, "#gallery figure.card.takedown")
+    assert not card.find_elements(By.TAG_NAME, "img") and "taken down" in card.text
+    assert "takedown: opt-out request" in card.find_element(By.CSS_SELECTOR, ".takedown-reason").text
     browser.switch_to.default_content()
 
 
