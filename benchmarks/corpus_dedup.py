@@ -5,9 +5,10 @@
 
 What runs. ``--runs`` synthetic run roots, one per logical date, each published to ONE corpus in
 date order, the way the DAG runs them: the real ``winnow.stages.corpus.run_pre`` (the pre-check:
-uid lookups), the real ``winnow.stages.corpus.run_check`` (exact again + near duplicates per
-corpus bucket), then the run's write stage holding what the check left, and the real
-``winnow.corpus.publish``. No model runs: a run root holds only what those three read, written
+uid lookups), the real ``winnow.stages.corpus.run_check`` (the ordered exact check, reading only
+what was published since the pre-check) and ``run_near`` (near duplicates per corpus bucket),
+then the run's write stage holding what the checks left, and the real ``winnow.corpus.publish``.
+No model runs: a run root holds only what those read, written
 by this script with the engine's own schemas and fingerprints: ``index`` (``winnow.schemas.INDEX``
 rows, every record a first occurrence), ``embed`` (``embed_schema(dim)``, synthetic L2-normalised
 float16 embeddings), the filter stages (``record_id`` only), ``thresholds`` (every filter off, so
@@ -415,7 +416,7 @@ def one_run(label: str, work: Path, corpus, raw_fs, corpus_root: str, meter: Met
     """One date: its run root, the pre-check, the check, its write stage, publish; measured."""
     from winnow.corpus import publish
     from winnow.rowgroups import CommitStore, RunRoot
-    from winnow.stages.corpus import checked_generation, run_check, run_pre
+    from winnow.stages.corpus import checked_generation, run_check, run_near, run_pre
 
     quiet = (lambda _m: None) if args.quiet else (lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     run_key = f"scheduled__{date}T00:00:00+00:00"
@@ -429,7 +430,8 @@ def one_run(label: str, work: Path, corpus, raw_fs, corpus_root: str, meter: Met
     steps = {}
     for name, call in (
         ("pre", lambda: run_pre(root, plan, corpus, url_field="url", log=quiet)),
-        ("check", lambda: run_check(root, plan, corpus, eps=args.eps, url_field="url", log=quiet)),
+        ("check", lambda: run_check(root, plan, corpus, url_field="url", log=quiet)),
+        ("near", lambda: run_near(root, plan, corpus, eps=args.eps, log=quiet)),
     ):
         mark = server.mark() if server else None
         t0 = time.perf_counter()
@@ -443,7 +445,8 @@ def one_run(label: str, work: Path, corpus, raw_fs, corpus_root: str, meter: Met
             steps[name]["requests"] = dict(server.counts(mark))
             steps[name]["request_total"] = sum(steps[name]["requests"].values())
     store = CommitStore(root)
-    matches = pq.read_table(store.path("corpus/checked.parquet"))
+    matches = pa.concat_tables([pq.read_table(store.path("corpus/checked.parquet")),
+                                pq.read_table(store.path("corpus/near.parquet"))])
     flagged = set(matches.column("record_id").to_pylist())
     match = collections.Counter(matches.column("match").to_pylist())
     kept = write_kept(run_root, plan, flagged, uids, keys, emb, caption, url, run_key)
@@ -470,7 +473,9 @@ def one_run(label: str, work: Path, corpus, raw_fs, corpus_root: str, meter: Met
         "corpus_records_before": sum(int(r["records"]) for r in head.runs), "corpus_bytes_before": sum(before.values()),
         "planted_exact": planted["exact"], "planted_near": planted["near"],
         "found_exact": match.get("bytes", 0), "found_near": match.get("near", 0), "published": pub.get("records", 0),
-        "pre": steps["pre"], "check": steps["check"],
+        # "check": the near-duplicate check (the bucket reads); "exact_check": the ordered exact
+        # check (uid files published since the pre-check: none when run one date after another).
+        "pre": steps["pre"], "exact_check": steps["check"], "check": steps["near"],
         "publish": {"seconds": round(pub_s, 4), "result": pub, "reads": pub_reads, "files_written": len(written),
                     "bytes_written": sum(written.values()), **({"written": sorted(written)} if args.smoke else {})},
         "corpus_records_after": records_after, "corpus_bytes_after": sum(after.values()),
@@ -606,18 +611,20 @@ def _mb(n: float) -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| run | corpus records (before) | corpus MB (before) | exact found / planted | near found / planted | "
-        "pre-check s | check s | publish s | pre-check read MB / requests | check read MB / requests | "
+        "pre-check s | exact check s | near check s | publish s | pre-check read MB / requests | "
+        "exact check read MB / requests | near check read MB / requests | "
         "buckets read | max unit in memory MB | publish files / MB written |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        pre, chk, pub = r["pre"], r["check"], r["publish"]
-        unit = max(chk["max_unit_nbytes"], pre["max_uid_partition_bytes"], chk["max_uid_partition_bytes"])
+        pre, ex, chk, pub = r["pre"], r["exact_check"], r["check"], r["publish"]
+        unit = max(chk["max_unit_nbytes"], pre["max_uid_partition_bytes"], ex["max_uid_partition_bytes"])
         lines.append(
             f"| {r['run']} | {r['corpus_records_before']:,} | {_mb(r['corpus_bytes_before'])} | "
             f"{r['found_exact']:,} / {r['planted_exact']:,} | {r['found_near']:,} / {r['planted_near']:,} | "
-            f"{pre['seconds']:.3f} | {chk['seconds']:.3f} | {pub['seconds']:.3f} | "
-            f"{_mb(pre['bytes'])} / {pre['request_total']:,} | {_mb(chk['bytes'])} / {chk['request_total']:,} | "
+            f"{pre['seconds']:.3f} | {ex['seconds']:.3f} | {chk['seconds']:.3f} | {pub['seconds']:.3f} | "
+            f"{_mb(pre['bytes'])} / {pre['request_total']:,} | {_mb(ex['bytes'])} / {ex['request_total']:,} | "
+            f"{_mb(chk['bytes'])} / {chk['request_total']:,} | "
             f"{len(chk['buckets_read'])} | {_mb(unit)} | {pub['files_written']} / {_mb(pub['bytes_written'])} |")
     return "\n".join(lines)
 
@@ -657,6 +664,10 @@ def sanity(rows: list[dict], corpus_files: dict[str, int]) -> None:
         total += r["published"]
         assert r["corpus_records_after"] == total
         assert not any(f.startswith("records/") for f in pre["files_read"]), "the pre-check read manifest records"
+        # Run one date after another, the ordered check has nothing published since the
+        # pre-check to read: no uid file, no manifest record.
+        ex = r["exact_check"]
+        assert not any(f.startswith(("uids/", "records/")) for f in ex["files_read"]), (r["run"], ex["files_read"])
         assert pre["uid_partitions_read"] <= UID_PARTITIONS
         if r["corpus_records_before"] == 0:
             assert pre["bytes_by_area"].get("uids", 0) == 0 and not chk["buckets_read"], r["run"]
@@ -777,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             corpus_files[label] = listing(raw_fs, corpus_root)
             if not probe:  # what later runs copy: this run's published records (a bounded sample)
-                checked = pq.read_table(str(work / "runs" / label / "corpus" / "checked.parquet"), columns=["record_id"])
+                checked = pa.concat_tables([pq.read_table(str(work / "runs" / label / "corpus" / f), columns=["record_id"])
+                                            for f in ("checked.parquet", "near.parquet")])
                 flagged = set(checked.column("record_id").to_pylist())
                 kept = np.asarray([j for j in range(n) if j not in flagged], np.int64)
                 cap = round(args.dup_fraction * args.records_per_run) + 100  # enough for the next run's copies

@@ -1,6 +1,8 @@
-"""The production curation DAG: index -> per-partition embed/aesthetic/nsfw/clip_score -> thresholds
--> dedup (centroids -> per-partition assign -> per-bucket pairwise -> per-partition flags) ->
-status -> write -> report.
+"""The production curation DAG: index -> corpus_pre -> per-partition embed/aesthetic/nsfw/clip_score
+-> corpus_check -> thresholds -> dedup (centroids -> per-partition assign -> per-bucket pairwise ->
+per-partition flags) -> corpus_near -> status -> write -> publish -> report. The four corpus tasks
+do nothing for a run without ``corpus_uri``; with one, ``corpus_check`` waits for the previous
+date to publish.
 
 Parses fast and touches neither storage nor Ray: the engine is imported inside the operators.
 """
@@ -17,6 +19,7 @@ from winnow.filters import PARAMS as FILTER_PARAMS
 from winnow.registry import run_phases
 from winnow.runkey import PATTERN as RUN_KEY_PATTERN
 from winnow_airflow.base import PARTITION_LABEL
+from winnow_airflow.corpus import CORPUS_OPERATORS, CORPUS_STEPS
 from winnow_airflow.links import DAG_ID
 from winnow_airflow.stages import BUCKET_LABEL, OPERATORS, ReportOperator
 
@@ -53,6 +56,8 @@ FILTER_ROWS
 | `skip_bad_shards` | index what can be read and record unreadable shards instead of failing |
 | `ray_conn_id` | Airflow connection of type `ray`; none by that id means an embedded local Ray |
 | `storage_conn_id` | Airflow connection of type `aws` for `s3://` input and output (login/password = key id/secret, extras `endpoint_url`, `region_name`); empty: the `AWS_*` environment variables |
+| `corpus_uri` | the corpus: the one curated dataset this DAG's runs build over time (local path, `s3://`, `gs://`); empty: the run stands alone (see Corpus) |
+| `url_field` | the `.json` sidecar field holding a record's source URL (the corpus manifest's `url`, what a takedown by URL matches) |
 
 The filter params (thresholds and keep fractions) come from the filter declarations
 (`winnow.filters.FILTERS`): a filter declared there is a param here.
@@ -78,6 +83,42 @@ failed row groups run again; the run then continues to dedup, write and report.
 
 Each date is its own run key (`YYYYMMDD`); runs that succeeded are left alone and failed ones
 resume from what storage holds.
+
+## Corpus
+With `corpus_uri` set, the runs of this DAG build one dataset: each run's kept records join the
+corpus, and a later run drops a record whose image bytes equal a corpus record's, or whose
+embedding is within `dedup_eps` of one, as outcome `corpus_duplicate` (its status row names the
+earlier run key, key and uid), and a record a takedown lists (see the `image_takedown` DAG) as
+`takedown`. Four tasks do it, and do nothing without a corpus: `corpus_pre` (after `index`:
+takedowns and byte-identical copies, never decoded), `corpus_check` (after the score stages,
+before `thresholds`: the same against the corpus once the previous date published; what it finds
+counts for nothing in the thresholds and the run's own dedup), `corpus_near` (after the run's own
+dedup: near duplicates of corpus records) and `publish` (after `write`: the run's kept records
+join the corpus in one atomic step; a rerun publishes nothing twice; an asset event on the corpus
+asset, through the alias `winnow_corpus`, carries the run key, generation and record count).
+
+Runs publish in logical-date order, so a backfill that runs dates side by side builds the corpus
+that running them one after another builds. Only `corpus_check` (and what follows it) waits: the
+index and the score stages (embed, aesthetic, nsfw, clip_score) of later dates run meanwhile. While a date waits, its
+`corpus_check` task is **deferred** (purple in the grid; it holds no worker slot) and its log says
+
+    waiting for run 20250301 (logical date 2025-03-01) to publish to corpus s3://bucket/corpus; this run's corpus check runs after it
+
+again at most once a minute, until the previous date (the previous DAG run by logical date, when
+its conf names the same corpus) has published. A previous date that failed before publishing
+keeps the next one waiting until it is cleared and publishes: clear its failed tasks (see A failed
+partition) and the waiting dates go on by themselves. A run without a logical date waits for
+nothing. A month's backfill, four dates at a time:
+
+    airflow backfill create --dag-id image_curation --from-date 2025-03-01 --to-date 2025-03-31 \\
+        --max-active-runs 4 --dag-run-conf '{"corpus_uri": "s3://bucket/corpus", "output_root": "s3://bucket/curated", "input_uri": "s3://bucket/shards/{{ ds }}/"}'
+
+(`{{ ds }}` in `input_uri` is rendered per run: each date reads its own shards.) Do not add
+`--run-backwards`: the latest dates would hold every active slot, each waiting for an earlier
+date that cannot start. The order is not
+`depends_on_past`: that would make every date of every run wait for the previous date's success,
+with or without a corpus. The previous run is Airflow's (the Task SDK's `get_previous_dagrun`),
+whether it has published is the corpus's (its head in storage).
 """
 
 
@@ -144,6 +185,13 @@ PARAMS = {
                          description="Airflow connection of type ray; if absent, an embedded local Ray is used."),
     "storage_conn_id": _nullable_string("Storage connection", "Airflow connection of type aws for s3:// input and "
                                         "output; empty: the AWS_* environment variables."),
+    "corpus_uri": Param("", type=["null", "string"], title="Corpus",
+                        description="The one dataset this DAG's runs build over time (local path, s3://, gs://): "
+                                    "kept records are published to it in date order, and later runs drop its "
+                                    "duplicates and its takedowns. Empty: the run stands alone."),
+    "url_field": Param("url", type="string", minLength=1, title="URL field",
+                       description="Field of the .json sidecar holding a record's source URL (kept in the corpus "
+                                   "manifest; what a takedown by URL matches)."),
 }
 
 DEFAULT_ARGS = {
@@ -183,7 +231,15 @@ with DAG(
     # The stage graph is the engine's registry; this wires its phases in order: a global stage
     # is one task, partition stages are mapped over the index task's partition list (in a
     # depth-first task group where the registry names one), bucket stages over their planner's
-    # bucket list.
+    # bucket list. The corpus tasks (winnow_airflow.corpus.CORPUS_STEPS) go right after the
+    # stage each follows.
+    corpus_after = {after: task_id for task_id, after in CORPUS_STEPS}
+
+    def corpus_step(spec) -> None:
+        if spec.name in corpus_after:
+            task_id = corpus_after.pop(spec.name)
+            steps.append(CORPUS_OPERATORS[task_id](task_id=task_id))
+
     steps = []
     tasks = {}
     for scope, specs in run_phases():
@@ -191,6 +247,7 @@ with DAG(
             (spec,) = specs
             tasks[spec.name] = OPERATORS[spec.name](task_id=spec.task_id)
             steps.append(tasks[spec.name])
+            corpus_step(spec)
         elif scope == "bucket":
             (spec,) = specs
             steps.append(
@@ -200,6 +257,7 @@ with DAG(
             )
         elif specs[0].group:
             steps.append(_partition_group(specs, tasks[specs[0].map_over].output))
+            corpus_step(specs[-1])  # after the whole group (every partition's last stage)
         else:
             for spec in specs:  # each its own mapped task, in order
                 outlets = [CURATED_IMAGES] if spec.name == "write" else []
@@ -208,5 +266,8 @@ with DAG(
                     .partial(task_id=spec.task_id, outlets=outlets, map_index_template=PARTITION_LABEL)
                     .expand(partition=tasks[spec.map_over].output)
                 )
+                corpus_step(spec)
+    if corpus_after:  # a corpus step after a stage this loop wires inside a group or bucket phase
+        raise AssertionError(f"corpus steps not placed (no single task to follow): {corpus_after}")
     steps.append(ReportOperator(task_id="report", outlets=[CURATION_SUMMARY]))
     chain(*steps)

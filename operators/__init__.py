@@ -21,7 +21,7 @@ def get_provider_info() -> dict[str, Any]:
             {"connection-type": "ray", "hook-class-name": "winnow_airflow.hooks.RayHook"},
         ],
         "operators": [
-            {"integration-name": "winnow", "python-modules": ["winnow_airflow.stages"]},
+            {"integration-name": "winnow", "python-modules": ["winnow_airflow.stages", "winnow_airflow.corpus"]},
         ],
         "hooks": [
             {"integration-name": "winnow", "python-modules": ["winnow_airflow.hooks"]},

@@ -186,3 +186,77 @@ def _write_checkpoint(uri: str, value: dict[str, Any], storage) -> None:
 
     fs, path = resolve_filesystem(uri, storage)
     write_atomic(fs, path, json.dumps(value).encode())
+
+
+class CorpusPublishedTrigger(BaseTrigger):
+    """Wait until run ``run_key`` has published to the corpus ``corpus_uri`` (the date-order gate of
+    the curation DAG's ``corpus_check``: see :class:`winnow_airflow.corpus.CorpusCheckOperator`).
+
+    Looks at the corpus head every ``poll_interval`` seconds, in a thread (a storage read), through
+    the run's storage settings, read inside the triggerer from ``storage_conn_id`` (never carried in
+    these kwargs). Writes ``waiting`` (what the task waits for) to the task log at most once every
+    ``log_every`` seconds. A storage error is logged and the next poll tries again: the previous
+    date may take hours, and an unreachable store is no reason to fail this one; a damaged corpus
+    head (``CorpusError``) ends the wait with an error event. No timeout of its own (the
+    operator's ``corpus_wait_timeout`` is the deferral's).
+
+    :param corpus_uri: the corpus (local path, ``s3://``, ``gs://``).
+    :param run_key: the run this date waits for.
+    :param waiting: the line the task log shows while it waits.
+    :param poll_interval: seconds between looks at the corpus head.
+    :param log_every: most seconds between two ``waiting`` lines.
+    :param storage_conn_id: the run's storage connection (``aws``), or None for the AWS_* environment.
+    """
+
+    def __init__(self, *, corpus_uri: str, run_key: str, waiting: str, poll_interval: float = 10.0,
+                 log_every: float = 60.0, storage_conn_id: str | None = None) -> None:
+        super().__init__()
+        self.corpus_uri = corpus_uri
+        self.run_key = run_key
+        self.waiting = waiting
+        self.poll_interval = float(poll_interval)
+        self.log_every = float(log_every)
+        self.storage_conn_id = storage_conn_id or None
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("winnow_airflow.triggers.CorpusPublishedTrigger", {
+            "corpus_uri": self.corpus_uri, "run_key": self.run_key, "waiting": self.waiting,
+            "poll_interval": self.poll_interval, "log_every": self.log_every,
+            "storage_conn_id": self.storage_conn_id,
+        })
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        import time
+
+        from winnow.corpus import CorpusError
+        from winnow.corpus import is_published as corpus_published
+        from winnow_airflow.storage import arun_storage
+
+        t0 = time.monotonic()
+        try:
+            storage = await arun_storage(self.storage_conn_id)
+        except Exception as exc:  # noqa: BLE001 - a missing connection: no poll can succeed
+            yield TriggerEvent({"status": "error", "corpus_uri": self.corpus_uri, "run_key": self.run_key,
+                                "message": str(exc)})
+            return
+        logged_at = t0  # the task logged the line as it deferred
+        while True:
+            try:
+                done = await asyncio.to_thread(corpus_published, self.corpus_uri, self.run_key, storage)
+            except CorpusError as exc:  # a damaged head: no later look changes it
+                yield TriggerEvent({"status": "error", "corpus_uri": self.corpus_uri, "run_key": self.run_key,
+                                    "message": f"{type(exc).__name__}: {exc}"})
+                return
+            except Exception as exc:  # noqa: BLE001 - storage unreachable for now: look again later
+                self.log.warning("could not read corpus %s (%s); looking again in %.0f s", self.corpus_uri,
+                                 exc or type(exc).__name__, self.poll_interval)
+                done = False
+            if done:
+                yield TriggerEvent({"status": "published", "corpus_uri": self.corpus_uri, "run_key": self.run_key,
+                                    "waited_s": round(time.monotonic() - t0, 1)})
+                return
+            now = time.monotonic()
+            if now - logged_at >= self.log_every:
+                self.log.info("%s", self.waiting)
+                logged_at = now
+            await asyncio.sleep(self.poll_interval)

@@ -142,16 +142,21 @@ def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | 
     return pipeline.run_global(cfg, args.stage, **common), {}
 
 
-def chained_stages(stage: str) -> list[str]:
+def chained_stages(stage: str, *, corpus: bool = False) -> list[str]:
     """The partition stages after ``stage`` in its phase of the run (``embed`` -> ``aesthetic``,
     ``nsfw``): a job runs them too, on the driver and cluster it already has, so their tasks find
-    their row groups committed and need no job of their own."""
+    their row groups committed and need no job of their own. With a corpus the chain stops before
+    ``status``: status reads the corpus near-duplicate check, which needs every partition's dedup
+    flags first (then status's own task submits a job, which chains write)."""
     from winnow.registry import run_phases
 
     for scope, specs in run_phases():
         names = [s.name for s in specs]
         if scope == "partition" and stage in names:
-            return names[names.index(stage) + 1:]
+            after = names[names.index(stage) + 1:]
+            if corpus and stage != "status" and "status" in after:
+                after = after[:after.index("status")]
+            return after
     return []
 
 
@@ -165,7 +170,7 @@ def _run_chain(args: argparse.Namespace, cfg: Any, common: dict[str, Any]) -> No
     from winnow.rowgroups.store import CommitStore, resolve_filesystem, write_json
 
     store = CommitStore(cfg.root)
-    for stage in chained_stages(args.stage):
+    for stage in chained_stages(args.stage, corpus=cfg.corpus_uri is not None):
         summary = pipeline.run_partition(cfg, stage, args.partition, **common)
         fingerprint = store.fingerprint_digest(stage)
         result = summary.to_dict(errors=True)

@@ -421,16 +421,32 @@ def run_corpus_pre(cfg: CurationConfig, *, execution: Execution | None = None, o
 
 def run_corpus_check(cfg: CurationConfig, *, execution: Execution | None = None, owner: str | None = None,
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """After the run's dedup, before status: the records of the run already in the corpus (same
-    bytes, or within ``dedup_eps``) or listed by a takedown, against the corpus as it is now
-    (:func:`winnow.stages.corpus.run_check`). The caller runs it only once every earlier date
-    published (the DAG's ``corpus_check`` task waits for that). A run without a corpus: nothing."""
+    """After the score stages, before thresholds: the records a takedown lists or whose bytes the
+    corpus holds, against the corpus as it is now (:func:`winnow.stages.corpus.run_check`); from
+    here on they count for nothing (thresholds, dedup), as if the pre-check had found them. The
+    caller runs it only once every earlier date published (the DAG's ``corpus_check`` task waits
+    for that), so dates run side by side build the corpus dates one after another build. A run
+    without a corpus: nothing."""
     if cfg.corpus_uri is None:
         return {"corpus": None}
     from winnow.stages.corpus import run_check
 
-    corpus, plan = _corpus_step(cfg, owner, "dedup", "the corpus check")
-    return run_check(cfg.root, plan, corpus, eps=cfg.dedup_eps, url_field=cfg.url_field, log=log or logger.info)
+    corpus, plan = _corpus_step(cfg, owner, "embed", "the corpus check")
+    return run_check(cfg.root, plan, corpus, url_field=cfg.url_field, log=log or logger.info)
+
+
+def run_corpus_near(cfg: CurationConfig, *, execution: Execution | None = None, owner: str | None = None,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """After the run's dedup, before status: the records that pass the filters and lie within
+    ``dedup_eps`` of a corpus record (:func:`winnow.stages.corpus.run_near`), one corpus bucket at
+    a time. Needs no wait of its own: the corpus is the one the check saw. A run without a
+    corpus: nothing."""
+    if cfg.corpus_uri is None:
+        return {"corpus": None}
+    from winnow.stages.corpus import run_near
+
+    corpus, plan = _corpus_step(cfg, owner, "dedup", "the corpus near-duplicate check")
+    return run_near(cfg.root, plan, corpus, eps=cfg.dedup_eps, log=log or logger.info)
 
 
 def embed_model_digest(cfg: CurationConfig) -> str:
@@ -537,7 +553,8 @@ def run_all(
     stages of a partition phase run depth-first per partition).
 
     With a corpus (``cfg.corpus_uri``) the corpus steps run where the DAG runs them: the
-    pre-check after the index, the check between dedup and status, publish last (``logical_date``
+    pre-check after the index, the check after the score stages (before thresholds), the
+    near-duplicate check between dedup and status, publish last (``logical_date``
     is what the corpus lists the run under). Runs of one corpus called one after another publish
     in that order.
 
@@ -571,6 +588,8 @@ def run_all(
     try:
         for scope, specs in run_phases():
             if scope == "global":
+                if specs[0].name == "thresholds":
+                    run_corpus_check(cfg, **step)  # the ordered check: before anything counts scores
                 result = run_global(cfg, specs[0].name, **step)
                 if specs[0].name == "index":
                     partitions = list(result["partitions"])
@@ -583,13 +602,13 @@ def run_all(
                     raise BucketsFailedError(spec.name, bs.failed)
                 continue
             names = [s.name for s in specs]
-            # With a corpus, its check sits between dedup and status (it reads every partition's
-            # dedup flags): the phase runs in two halves around it.
+            # With a corpus, its near-duplicate check sits between dedup and status (it reads
+            # every partition's dedup flags): the phase runs in two halves around it.
             cut = names.index("status") if cfg.corpus_uri is not None and "status" in names else None
             halves = [specs] if cut is None else [specs[:cut], specs[cut:]]
             for half_no, half in enumerate(halves):
                 if half_no == 1:
-                    run_corpus_check(cfg, **step)
+                    run_corpus_near(cfg, **step)
                 failed: list[PartitionSummary] = []
                 for p in partitions:
                     for spec in half:

@@ -39,7 +39,7 @@ def test_dag_file_parses_without_engine_imports():
     )
     assert proc.returncode == 0, proc.stderr
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert probe["tasks"] == 13
+    assert probe["tasks"] == 17  # 12 stages, report, and the 4 corpus steps
     # A guard against an accidental heavy import (torch alone takes seconds), not a benchmark:
     # loaded CI machines vary, so the bound is loose.
     assert probe["seconds"] < 5, probe
@@ -55,15 +55,24 @@ def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_r
     assert dag.catchup is False
     ids = {t.task_id for t in dag.tasks}
     assert ids == {"index", "partition.embed", "partition.aesthetic", "partition.nsfw", "partition.clip_score",
-                   "thresholds", "centroids", "assign", "pairwise", "dedup", "status", "write", "report"}
+                   "thresholds", "centroids", "assign", "pairwise", "dedup", "status", "write", "report",
+                   "corpus_pre", "corpus_check", "corpus_near", "publish"}
     up = {t.task_id: set(t.upstream_task_ids) for t in dag.tasks}
     assert up["index"] == set()
+    # The corpus steps (nothing without corpus_uri): the pre-check right after the index, the
+    # ordered check after every score and before the thresholds, the near-duplicate check after
+    # the run's own dedup, publish after write.
+    assert up["corpus_pre"] == {"index"}
+    assert "corpus_pre" in up["partition.embed"]
+    assert up["corpus_check"] == {"partition.clip_score"}
+    assert up["corpus_near"] == {"dedup"}
+    assert up["publish"] == {"write"}
     assert "index" in up["partition.embed"]
     assert "partition.embed" in up["partition.aesthetic"]
     assert "partition.aesthetic" in up["partition.nsfw"]
     assert "partition.nsfw" in up["partition.clip_score"]
     # The thresholds every filter uses come after every score of the run.
-    assert up["thresholds"] == {"partition.clip_score"}
+    assert up["thresholds"] == {"corpus_check"}
     # Dedup as steps: centroids (one task) -> assign (per partition) -> pairwise (per bucket,
     # mapped over the centroids task's bucket list) -> dedup flags (per partition) -> status
     # -> write.
@@ -71,9 +80,9 @@ def test_dag_shape_is_index_then_mapped_partition_group_then_dedup_steps_write_r
     assert up["assign"] == {"centroids", "index"}
     assert up["pairwise"] == {"assign", "centroids"}
     assert up["dedup"] == {"pairwise", "index"}
-    assert up["status"] == {"dedup", "index"}
+    assert up["status"] == {"corpus_near", "index"}
     assert up["write"] == {"status", "index"}
-    assert up["report"] == {"write"}
+    assert up["report"] == {"publish"}
     # The partition group is mapped over the index task's output (one instance per partition),
     # and so are assign, dedup and write; pairwise over the bucket list.
     group = dag.task_group_dict["partition"]
@@ -94,15 +103,20 @@ def test_dag_task_ids_and_order_are_the_registry_s(curation_dag):
     from winnow_airflow.stages import OPERATORS, ReportOperator
 
     dag = curation_dag
-    assert {t.task_id for t in dag.tasks} == {s.task_id for s in STAGES} | {"report"}
+    from winnow_airflow.corpus import CORPUS_STEPS
+
+    assert {t.task_id for t in dag.tasks} == {s.task_id for s in STAGES} | {"report"} | {t for t, _ in CORPUS_STEPS}
     for spec in STAGES:
         task = dag.get_task(spec.task_id)
         assert type(task).__name__ in (OPERATORS[spec.name].__name__, "MappedOperator")
         assert (spec.scope != "global") == (task.get_needs_expansion() or bool(spec.group))
     # Each phase's first task waits for the previous phase's last one.
     phases = [specs for _, specs in run_phases()]
+    corpus_after = {after: task_id for task_id, after in CORPUS_STEPS}
     for before, after in zip(phases, phases[1:]):
-        assert before[-1].task_id in dag.get_task(after[0].task_id).upstream_task_ids
+        # (or waits for the corpus step that follows that last one)
+        last = corpus_after.get(before[-1].name, before[-1].task_id)
+        assert last in dag.get_task(after[0].task_id).upstream_task_ids
     assert ReportOperator(task_id="r").partition_task_ids == [s.task_id for s in partition_stages()]
     for name, op in OPERATORS.items():
         if hasattr(op, "stage"):
@@ -146,7 +160,8 @@ def test_param_ranges_are_those_of_the_configs_that_own_them(curation_dag):
 def test_dag_declares_assets_retries_and_docs(curation_dag):
     dag = curation_dag
     outlets = {t.task_id: [a.name for a in t.outlets] for t in dag.tasks if t.outlets}
-    assert outlets == {"write": ["winnow_curated_images"], "report": ["winnow_curation_summary"]}
+    assert outlets == {"write": ["winnow_curated_images"], "report": ["winnow_curation_summary"],
+                       "publish": ["winnow_corpus"]}
     embed = dag.get_task("partition.embed")
     assert embed.retries == 2 and embed.retry_exponential_backoff > 0
     for word in ("backfill create", "--reprocess-behavior failed", "only-failed", "clearTaskInstances"):
@@ -163,7 +178,7 @@ def test_every_param_has_a_title_and_description(curation_dag):
                 "dedup_clusters",
                 "caption_field", "allow_random_weights", "overwrite", "skip_bad_shards", "ray_conn_id",
                 "decode_backend", "batch_size", "storage_conn_id", "dedup_sample_size", "dedup_buckets",
-                *(p.name for p in PARAMS)}
+                "corpus_uri", "url_field", *(p.name for p in PARAMS)}
     params = curation_dag.params
     assert set(params.keys()) == expected
     for name in expected:

@@ -158,6 +158,15 @@ def test_interleaved_dates_as_a_parallel_backfill_runs_them_give_the_same_corpus
     for d in DATES:
         a, b = summaries[d], sequential["summaries"][d]
         assert {k: a[k] for k in _count_keys()} == {k: b[k] for k in _count_keys()}, d
+    # What the run's own thresholds and dedup saw is the same too: the records the check found
+    # late count for nothing there (the same k-means centroids, the same outcome per record).
+    for d in DATES:
+        run_key = d.replace("-", "")
+        a = out / run_key / "centroids" / "centroids.parquet"
+        b = sequential["out"] / run_key / "centroids" / "centroids.parquet"
+        assert pq.read_table(a).equals(pq.read_table(b)), d
+        assert {k: r["outcome"] for k, r in _status(out / run_key).items()} == \
+            {k: r["outcome"] for k, r in _status(sequential["out"] / run_key).items()}, d
     # The byte copies of date 2 were embedded this time (the pre-check could not know them) and
     # still dropped as corpus duplicates of date 1 by the check.
     status = _status(out / DATES[1].replace("-", ""))
@@ -220,3 +229,14 @@ def test_a_run_without_a_corpus_has_no_corpus_counts_nor_columns(data, tmp_path_
     status = _status(out / "plain")
     assert any(status[c["key"]]["outcome"] == "kept" for c in data["dates"][DATES[1]]["copies"])
     assert json.loads((out / "plain" / "_summary.json").read_text())["records"] == summary["records"]
+
+
+def test_job_mode_chains_no_stage_past_the_corpus_near_check():
+    """A Ray Job of the dedup flags chains status and write for its partition, except with a
+    corpus: status reads the near-duplicate check, which needs every partition's dedup first."""
+    from winnow.job import chained_stages
+
+    assert chained_stages("dedup") == ["status", "write"]
+    assert chained_stages("dedup", corpus=True) == []
+    assert chained_stages("status", corpus=True) == ["write"]
+    assert chained_stages("embed", corpus=True) == chained_stages("embed") == ["aesthetic", "nsfw", "clip_score"]

@@ -381,6 +381,15 @@ def open_corpus(uri: str, storage: StorageOptions | None = None) -> Corpus:
     return Corpus(RunRoot(uri, storage if storage is not None else StorageOptions.from_env()))
 
 
+def is_published(corpus_uri: str, run_key: str, storage: StorageOptions | None = None) -> bool:
+    """Whether run ``run_key`` has published to the corpus at ``corpus_uri`` (its head in storage
+    says so); a corpus nothing has published to yet holds no run."""
+    try:
+        return bool(open_corpus(corpus_uri, storage).published(run_key))
+    except FileNotFoundError:
+        return False
+
+
 def iter_records(corpus_uri: str, *, storage: StorageOptions | None = None,
                  columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
     """The corpus as it stands, bucket by bucket (one bucket in memory): every record of every

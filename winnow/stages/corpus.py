@@ -1,24 +1,28 @@
-"""A run's two checks against its corpus (:mod:`winnow.corpus`), and what the other stages read
-of them.
+"""A run's three checks against its corpus (:mod:`winnow.corpus`).
 
 ``pre`` (after the index, before embed: it never waits) marks the records a takedown lists
 (by uid, key or source URL) and those whose image bytes a corpus record already has (same
 ``uid``), against the corpus as it stands: they are never read, decoded nor embedded. Committed
 as ``<run_root>/corpus/pre.parquet`` + ``corpus/_pre.json``.
 
-``check`` (after the run's own dedup, before ``status``: the one run step that must see every
-earlier date published) does the same again against the corpus as it is now (a date published
-while this run embedded), and finds the near duplicates: each record that passed the filters is
-compared with the corpus records of its corpus cluster bucket (the corpus's frozen centroids),
-one bucket in memory at a time; cosine >= 1 - ``dedup_eps`` makes it a ``corpus_duplicate`` of
-the most similar one. Committed as ``corpus/checked.parquet`` + ``corpus/_checked.json`` (with the
-corpus generation it saw, which publish checks). Both files hold matches only, sorted by
-``record_id`` (:data:`MATCHES`); both steps are written once and never recomputed (a rerun of a
-checked run reuses them).
+``check`` (after the score stages, before thresholds: the one run step that must see every
+earlier date published) does the same again against the corpus as it is now, reading only the
+uid files published since the pre-check. A record it finds late (a date published while this
+run embedded: a backfill running dates side by side) was embedded, but from here on counts for
+nothing: the thresholds' keep fractions, the run's own dedup and the outcome rule treat it as if
+the pre-check had found it, so the run's result is the one a run after that date gives.
+Committed as ``corpus/checked.parquet`` + ``corpus/_checked.json`` (with the corpus generation it
+saw, which publish checks).
 
-The outcome rule (:mod:`winnow.stages.kept`) reads ``pre``: those records are dropped right
-after ``exact_duplicate``. ``status`` reads ``checked`` for the final outcome and the corpus
-record each one names (``duplicate_of_run``, ``duplicate_of_key``, ``duplicate_of_uid``).
+``near`` (after the run's own dedup, before ``status``; no wait of its own) compares each record
+that passed the filters with the corpus records of its corpus cluster bucket (the corpus's
+frozen centroids), one bucket in memory at a time; cosine >= 1 - ``dedup_eps`` makes it a
+``corpus_duplicate`` of the most similar one. Committed as ``corpus/near.parquet`` +
+``corpus/_near.json``.
+
+All three files hold matches only, sorted by ``record_id`` (:data:`MATCHES`), and each step is
+written once and never recomputed (a rerun of a checked run reuses them). What embed, the
+outcome rule, thresholds and status read of them is :mod:`winnow.stages.corpus_matches`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import pyarrow.parquet as pq
 
 from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot
 from winnow.rowgroups.store import read_json, table_to_parquet_bytes, write_atomic, write_json
-from winnow.stages.corpus_matches import _HAS, CHECKED, CHECKED_DONE, MATCHES, PRE, PRE_DONE
+from winnow.stages.corpus_matches import _HAS, CHECKED, CHECKED_DONE, MATCHES, NEAR, NEAR_DONE, PRE, PRE_DONE
 
 
 def _index_rows(store: CommitStore, plan: RowGroupPlan, columns: list[str]) -> Any:
@@ -60,7 +64,7 @@ def _urls(table: pa.Table, url_field: str, storage: Any) -> list[str | None]:
 
 
 def _listed_and_known(store: CommitStore, plan: RowGroupPlan, corpus: Any, url_field: str, storage: Any,
-                      skip: set[int], generation: int | None, after: int = 0) -> dict[int, dict[str, Any]]:
+                      skip: set[int], generation: int | None, after: int = 0, step: str = "pre") -> dict[int, dict[str, Any]]:
     """record_id -> match row for the records a takedown lists or whose uid the corpus holds in a
     generation in ``(after, generation]`` (in-run exact duplicates and ``skip`` left out).
     Run-proportional memory: the run's uids."""
@@ -82,7 +86,7 @@ def _listed_and_known(store: CommitStore, plan: RowGroupPlan, corpus: Any, url_f
                    else ("url", url) if url is not None and url in listed["url"] else None)
             if hit is not None:
                 rows[rid] = {"record_id": rid, "outcome": "takedown", "match": "takedown",
-                             "identifier": f"{hit[0]}:{hit[1]}"}
+                             "identifier": f"{hit[0]}:{hit[1]}", "step": step}
             elif uid is not None:
                 uids.setdefault(uid, []).append(rid)
     found = corpus.lookup_uids(list(uids), generation=generation, after=after) if uids else {}
@@ -90,7 +94,7 @@ def _listed_and_known(store: CommitStore, plan: RowGroupPlan, corpus: Any, url_f
         for rid in uids[uid]:
             rows[rid] = {"record_id": rid, "outcome": "corpus_duplicate", "match": "bytes",
                          "duplicate_of_run": run_key, "duplicate_of_key": key, "duplicate_of_uid": uid,
-                         "similarity": 1.0}
+                         "similarity": 1.0, "step": step}
     return rows
 
 
@@ -127,11 +131,10 @@ def run_pre(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, url_field: str,
     return meta
 
 
-def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url_field: str,
+def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, url_field: str,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The ``check`` (see the module doc); a committed one is returned as it is."""
-    from winnow.stages.kept import row_group_filters
-
+    """The ordered ``check`` (see the module doc): takedowns and known bytes again, against the
+    corpus once every earlier date published; a committed one is returned as it is."""
     store = CommitStore(root)
     done = read_json(store.fs, store.path(CHECKED_DONE))
     if done is not None:
@@ -145,7 +148,30 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
     # since (a parallel backfill's earlier dates) are read again; run one date after another,
     # nothing is.
     rows.update(_listed_and_known(store, plan, corpus, url_field, root.storage, set(pre), head.generation,
-                                  after=pre_generation))
+                                  after=pre_generation, step="check"))
+    meta = _summary(rows, generation=head.generation, corpus_uri=corpus.root.uri, seconds=round(time.perf_counter() - t0, 3))
+    _commit(store, CHECKED, CHECKED_DONE, rows, meta)
+    log(f"corpus check against generation {head.generation}: {meta['takedowns']} listed by a takedown, "
+        f"{meta['corpus_exact']} same bytes as a corpus record ({meta['corpus_exact'] + meta['takedowns'] - len(pre)} "
+        "found since the pre-check: they were embedded, and count for nothing after this)")
+    return meta
+
+
+def run_near(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Near duplicates of corpus records among the records that pass the filters, after the
+    run's own dedup (see the module doc); a committed one is returned as it is. The corpus is the
+    one the ordered check saw: a later date publishes only after this run."""
+    from winnow.stages.kept import row_group_filters
+
+    store = CommitStore(root)
+    done = read_json(store.fs, store.path(NEAR_DONE))
+    if done is not None:
+        return {**done, "skipped": True}
+    t0 = time.perf_counter()
+    head = corpus.head()
+    rows: dict[int, dict[str, Any]] = {}
+
     # Near duplicates among the records that pass the filters (and matched nothing above).
     centroids = corpus.centroids()
     buckets = set(corpus.buckets())
@@ -159,7 +185,6 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
             for rg in plan.partition_row_groups(p):
                 x, out = row_group_filters(store, p, rg)
                 ids = x["record_id"][out == ""]
-                ids = ids[~np.isin(ids, np.fromiter(rows, np.int64, len(rows)))] if rows else ids
                 if not len(ids):
                     continue
                 emb = store.read_table("embed", p, rg, columns=["record_id", "embedding"])
@@ -207,13 +232,13 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, eps: float, url
         for i, (sim, run_key, key, uid) in best_of.items():
             rid = int(ids[i])
             rows[rid] = {"record_id": rid, "outcome": "corpus_duplicate", "match": "near", "duplicate_of_run": run_key,
-                         "duplicate_of_key": key, "duplicate_of_uid": uid, "similarity": float(sim)}
+                         "duplicate_of_key": key, "duplicate_of_uid": uid, "similarity": float(sim), "step": "near"}
     meta = _summary(rows, generation=head.generation, corpus_uri=corpus.root.uri, candidates=int(sum(map(len, cand_ids))),
                     buckets_read=read, pairs_compared=compared,
                     seconds=round(time.perf_counter() - t0, 3))
-    _commit(store, CHECKED, CHECKED_DONE, rows, meta)
-    log(f"corpus check against generation {head.generation}: {meta['takedowns']} taken down, {meta['corpus_exact']} "
-        f"same bytes as a corpus record, {meta['corpus_near']} near duplicates of one "
+    _commit(store, NEAR, NEAR_DONE, rows, meta)
+    log(f"corpus near-duplicate check against generation {head.generation}: {meta['corpus_near']} near duplicates "
+        "of a corpus record "
         f"({meta['candidates']} candidates, {meta['buckets_read']} corpus buckets read)")
     return meta
 

@@ -15,6 +15,10 @@ from winnow.rowgroups.store import read_json
 
 PRE, PRE_DONE = "corpus/pre.parquet", "corpus/_pre.json"
 CHECKED, CHECKED_DONE = "corpus/checked.parquet", "corpus/_checked.json"
+NEAR, NEAR_DONE = "corpus/near.parquet", "corpus/_near.json"
+_FILES = {"pre": (PRE, PRE_DONE), "checked": (CHECKED, CHECKED_DONE), "near": (NEAR, NEAR_DONE)}
+_STEPS = {"pre": "corpus pre-check (task 'corpus_pre')", "checked": "corpus check (task 'corpus_check')",
+          "near": "corpus near-duplicate check (task 'corpus_near')"}
 
 #: One row per matched record: ``match`` is ``takedown`` (``duplicate_of_*`` null; ``identifier``
 #: says what listed it), ``bytes`` (same uid as the corpus record) or ``near`` (``similarity``).
@@ -27,6 +31,7 @@ MATCHES = pa.schema([
     ("duplicate_of_key", pa.string()),
     ("duplicate_of_uid", pa.string()),
     ("similarity", pa.float32()),
+    ("step", pa.string()),  # the step that found it: "pre" (never decoded), "check" or "near"
 ])
 
 #: The status rows of a run with a corpus carry these besides :data:`winnow.schemas.STATUS`.
@@ -45,25 +50,39 @@ def has_corpus(store: CommitStore) -> bool:
 
 
 def matches(store: CommitStore, which: str, lo: int, hi: int) -> pa.Table:
-    """The match rows of ``which`` (``"pre"`` or ``"checked"``) for record ids in ``[lo, hi)``
-    (row-group statistics skip the rest of the file)."""
-    path = store.path(PRE if which == "pre" else CHECKED)
+    """The match rows of ``which`` (``"pre"``, ``"checked"`` or ``"near"``) for record ids in
+    ``[lo, hi)`` (row-group statistics skip the rest of the file)."""
+    path = store.path(_FILES[which][0])
     try:
         with store.fs.open_input_file(path) as f:
             table = pq.read_table(f, filters=[("record_id", ">=", lo), ("record_id", "<", hi)])
     except FileNotFoundError:
         from winnow.exceptions import StorageError
 
-        step = "corpus pre-check (task 'corpus_pre')" if which == "pre" else "corpus check (task 'corpus_check')"
-        raise StorageError(f"{path} is missing: the run has a corpus, so its {step} must run first") from None
+        raise StorageError(f"{path} is missing: the run has a corpus, so its {_STEPS[which]} must run first") from None
     return table.cast(MATCHES) if table.num_rows else MATCHES.empty_table()
 
 
-def pre_outcomes(store: CommitStore, record_ids: np.ndarray) -> np.ndarray | None:
-    """Each record's ``pre`` outcome (``""``: none), or None for a run without a corpus."""
+_CHECKED: set[str] = set()
+
+
+def checked(store: CommitStore) -> bool:
+    """Whether the run's corpus check is committed (cached once true: it is never undone)."""
+    path = store.path(CHECKED_DONE)
+    if path not in _CHECKED and read_json(store.fs, path) is not None:
+        _CHECKED.add(path)
+    return path in _CHECKED
+
+
+def pre_outcomes(store: CommitStore, record_ids: np.ndarray, *, which: str | None = None) -> np.ndarray | None:
+    """Each record's outcome from the corpus's takedowns and known bytes (``""``: none), or None
+    for a run without a corpus: the corpus check's once it is committed (every earlier date
+    published by then: what a run one date after another has from its pre-check), before that
+    the pre-check's. ``which``: that file only (embed skips what the pre-check found)."""
     if not has_corpus(store) or len(record_ids) == 0:
         return None
-    rows = matches(store, "pre", int(record_ids.min()), int(record_ids.max()) + 1)
+    which = which or ("checked" if checked(store) else "pre")
+    rows = matches(store, which, int(record_ids.min()), int(record_ids.max()) + 1)
     out = np.full(len(record_ids), "", dtype=object)
     if rows.num_rows:
         where = {int(r): i for i, r in enumerate(record_ids.tolist())}
@@ -75,10 +94,11 @@ def pre_outcomes(store: CommitStore, record_ids: np.ndarray) -> np.ndarray | Non
 
 def reason(row: dict[str, Any]) -> str:
     """A corpus match in words, for its status row."""
+    unread = "; not decoded" if row.get("step") == "pre" else ""
     if row["match"] == "takedown":
-        return f"listed by a takedown ({row['identifier']}); not decoded"
+        return f"listed by a takedown ({row['identifier']}){unread}"
     if row["match"] == "bytes":
         return (f"same image bytes as corpus record {row['duplicate_of_key']!r} of run {row['duplicate_of_run']!r}"
-                "; not decoded")
+                f"{unread}")
     return (f"near duplicate (cosine {row['similarity']:.6f}) of corpus record {row['duplicate_of_key']!r} "
             f"of run {row['duplicate_of_run']!r}")

@@ -389,7 +389,7 @@ class EmbedStage:
             return None
         from winnow.stages.corpus_matches import pre_outcomes
 
-        out = pre_outcomes(store, index.column("record_id").to_numpy())
+        out = pre_outcomes(store, index.column("record_id").to_numpy(), which="pre")
         return None if out is None else out != ""
 
     def build_table(

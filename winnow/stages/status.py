@@ -135,8 +135,10 @@ def _corpus_rows(store: CommitStore, record_ids: np.ndarray) -> dict[int, dict[s
         return None
     if not len(record_ids):
         return {}
-    t = corpus_matches(store, "checked", int(record_ids.min()), int(record_ids.max()) + 1)
-    return {int(r["record_id"]): r for r in t.to_pylist()}
+    lo, hi = int(record_ids.min()), int(record_ids.max()) + 1
+    rows = {int(r["record_id"]): r for r in corpus_matches(store, "checked", lo, hi).to_pylist()}
+    rows.update({int(r["record_id"]): r for r in corpus_matches(store, "near", lo, hi).to_pylist()})
+    return rows
 
 
 def _keys_of(store: CommitStore, plan: RowGroupPlan, record_ids: set[int]) -> dict[int, str]:

@@ -195,10 +195,20 @@ def filter_values(spec: FilterSpec, table: pa.Table) -> np.ndarray:
 
 
 def _score_chunks(store: CommitStore, plan: RowGroupPlan, spec: FilterSpec, *, negated: bool = False):
+    from winnow.stages.corpus_matches import has_corpus, pre_outcomes
+
+    # A run with a corpus: the records its corpus check dropped (listed by a takedown, or bytes the
+    # corpus holds) have no score, as they have none when the pre-check found them before embed,
+    # so a keep fraction is taken over the same records whichever step found them.
+    corpus = has_corpus(store) and spec.stage != "index"
     for p in range(plan.num_partitions):
         for rg in plan.partition_row_groups(p):
-            table = store.read_table(spec.stage, p, rg, columns=list(spec.column_names))
+            table = store.read_table(spec.stage, p, rg, columns=list(spec.column_names) + (["record_id"] if corpus else []))
             values = filter_values(spec, table).astype(np.float32)
+            if corpus:
+                marked = pre_outcomes(store, table.column("record_id").to_numpy())
+                if marked is not None:
+                    values[marked != ""] = np.nan
             yield -values if negated else values  # negated: the k-th best is the k-th smallest
 
 
