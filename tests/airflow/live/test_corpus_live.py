@@ -25,6 +25,7 @@ from tests._corpus_data import RUN_PARAMS, make_dates
 from tests._tiny import ONLY_DEDUP, TINY_MODEL, tiny_config
 from tests.airflow._live import DAG_ID, LiveAirflowError
 from tests.airflow.live.conftest import RUN_TIMEOUT
+from winnow.filters import VALUE_COLUMNS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -181,7 +182,16 @@ def test_backfill_builds_the_corpus_that_one_date_after_another_builds(backfill,
     assert live["runs"] == ref["runs"]
     assert live["generation"] == ref["generation"]
     assert len(live["records"]) == len(ref["records"]) > 0
-    assert live["records"] == ref["records"]
+    # The same records, in the same runs, with the same tar members, urls, captions and
+    # embeddings. Scores are compared to float32 rounding: the reference runs the heads in this
+    # process, the DAG on Ray workers with other torch thread counts, and a CPU GEMM's last bit
+    # depends on its blocking (observed: one aesthetic score 7.0918040 vs 7.0918045).
+    scores = {name for name, t in VALUE_COLUMNS if t.startswith("float")}
+    for a, b in zip(live["records"], ref["records"]):
+        assert {k: v for k, v in a.items() if k not in scores} == {k: v for k, v in b.items() if k not in scores}
+        for name in scores:
+            assert (a[name] is None) == (b[name] is None) and (a[name] is None or a[name] == pytest.approx(b[name], rel=1e-5)), \
+                (a["key"], name, a[name], b[name])
     assert sorted(live["tars"]) == sorted(ref["tars"]) and live["tars"] == ref["tars"]
     assert live["counts"] == ref["counts"]
     assert all(c["corpus_duplicates"] > 0 for k, c in live["counts"].items() if k != _key(DATES[0])), live["counts"]
