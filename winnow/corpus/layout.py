@@ -309,6 +309,8 @@ class Corpus:
         uid/run_key/key columns (the earliest record wins where a uid is there twice)."""
         if generation is None:
             generation = self.head().generation
+        if after >= generation:  # nothing published since: no listing, no read
+            return {}
         by_part: dict[int, set[str]] = {}
         for uid in uids:
             if not isinstance(uid, str) or not UID_RE.match(uid):
