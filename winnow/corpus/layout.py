@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from winnow.exceptions import CorpusError
 from winnow.rowgroups.fs import RunRoot, StorageOptions, display_uri, fs_error, is_local
-from winnow.rowgroups.store import TEMP_MARK, CommitStore, read_json
+from winnow.rowgroups.store import TEMP_MARK, CommitStore, list_folder, read_json
 from winnow.schemas import VALUE_FIELDS, embedding_type
 
 #: Version of the layout written in the head; a head of another format is refused.
@@ -248,15 +248,7 @@ class Corpus:
     def list_files(self, rel: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
         """The files under ``rel`` (one listing; none when the folder is missing), temp files
         of a crashed local writer left out."""
-        folder = self.path(rel)
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(folder, recursive=recursive, allow_not_found=True))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            if is_local(self.fs):
-                raise
-            raise fs_error(self.fs, folder, exc) from exc
+        infos = list_folder(self.fs, self.path(rel), recursive=recursive)
         return [i for i in infos if i.type == pafs.FileType.File and TEMP_MARK not in i.base_name]
 
     def generation_files(self, rel: str, generation: int) -> list[tuple[int, str]]:

@@ -28,7 +28,14 @@ import pyarrow.parquet as pq
 
 from winnow.exceptions import CorpusError
 from winnow.rowgroups.fs import RunRoot, display_uri, fs_error, is_local
-from winnow.rowgroups.store import TEMP_MARK, CommitStore, parse_row_group_name, table_to_parquet_bytes, write_atomic
+from winnow.rowgroups.store import (
+    TEMP_MARK,
+    CommitStore,
+    list_folder,
+    parse_row_group_name,
+    table_to_parquet_bytes,
+    write_atomic,
+)
 from winnow.stages.write import STAGE as WRITE_STAGE
 from winnow.stages.write import TAR_MTIME, _tar_bytes, member_key
 
@@ -50,15 +57,7 @@ def sibling(rel: str, suffix: str) -> str:
 
 def list_write_files(store: CommitStore) -> list[pafs.FileInfo]:
     """Every committed file of the write stage (one recursive listing), temp files left out."""
-    folder = store.stage_dir(WRITE_STAGE)
-    try:
-        infos = store.fs.get_file_info(pafs.FileSelector(folder, recursive=True, allow_not_found=True))
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        if is_local(store.fs):
-            raise
-        raise fs_error(store.fs, folder, exc) from exc
+    infos = list_folder(store.fs, store.stage_dir(WRITE_STAGE), recursive=True)
     return sorted((i for i in infos if i.type == pafs.FileType.File and TEMP_MARK not in i.base_name
                    and parse_row_group_name(i.base_name) is not None), key=lambda i: i.path)
 

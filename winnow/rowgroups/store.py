@@ -224,6 +224,19 @@ def stage_fingerprint(
     )
 
 
+def list_folder(fs: pafs.FileSystem, folder: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
+    """One listing of ``folder`` (on an object store: one LIST of its prefix, paged), none when it
+    is missing; an object-store failure is a :class:`StorageError` naming the setting to fix."""
+    try:
+        return fs.get_file_info(pafs.FileSelector(folder, recursive=recursive, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        if is_local(fs):
+            raise
+        raise fs_error(fs, folder, exc) from exc
+
+
 class CommitStore:
     """Row-group commits for one run root: a :class:`RunRoot` (its URI and the settings that
     reach its store, built once by the run's entry point), or a plain local path.
@@ -292,14 +305,7 @@ class CommitStore:
 
     def _list(self, folder: str) -> list[pafs.FileInfo]:
         """One listing of ``folder`` (on an object store: one LIST of its prefix)."""
-        try:
-            return self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            if is_local(self.fs):
-                raise
-            raise fs_error(self.fs, folder, exc) from exc
+        return list_folder(self.fs, folder)
 
     def completed(self, stage: str, partition: int, *, clean_temp: bool = False) -> set[int]:
         """Committed row-group ids of one partition. Lists only that partition's prefix.
