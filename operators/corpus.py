@@ -50,7 +50,17 @@ CORPUS_ALIAS = AssetAlias(name="winnow_corpus", group="winnow")
 
 #: Each corpus task of the curation DAG and the stage task it follows: the DAG file wires them
 #: from here (the order is the engine's: ``run_all`` calls them at the same places).
-CORPUS_STEPS: tuple[tuple[str, str], ...] = (("corpus_pre", "index"), ("corpus_check", "clip_score"),
+def _last_before(stage: str) -> str:
+    """The last stage of the phase before ``stage`` in the registry's run order (before
+    ``thresholds``: the last score stage of the partition group)."""
+    from winnow.registry import run_phases
+
+    phases = [specs for _, specs in run_phases()]
+    (i,) = [i for i, specs in enumerate(phases) if specs[0].name == stage]
+    return phases[i - 1][-1].name
+
+
+CORPUS_STEPS: tuple[tuple[str, str], ...] = (("corpus_pre", "index"), ("corpus_check", _last_before("thresholds")),
                                              ("corpus_near", "dedup"), ("publish", "write"))
 
 #: Seconds between two looks at the corpus head while a date waits for the previous one.

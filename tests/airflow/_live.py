@@ -195,9 +195,13 @@ class LiveAirflow:
         self._stopping.set()
         if self._watchdog is not None:
             self._watchdog.join(timeout=10)
-        for proc in self.scheduler_restarts:
-            if proc.poll() is None:
-                proc.terminate()
+        for proc in self.scheduler_restarts:  # each in a session of its own: its whole group
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
