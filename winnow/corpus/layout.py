@@ -299,6 +299,12 @@ class Corpus:
         (a caller that looked up to generation ``after`` already reads only what came since).
         Reads only the uid partitions the given uids fall in, one at a time, only their
         uid/run_key/key columns (the earliest record wins where a uid is there twice)."""
+        return self.uid_rows(uids, ("run_key", "key"), generation=generation, after=after)
+
+    def uid_rows(self, uids: Sequence[str], columns: Sequence[str], *, generation: int | None = None,
+                 after: int = 0) -> dict[str, tuple]:
+        """uid -> the values of ``columns`` (of the uid files: ``run_key``, ``key``, ``bucket``) of
+        the corpus record with that uid, as :meth:`lookup_uids` finds it."""
         if generation is None:
             generation = self.head().generation
         if after >= generation:  # nothing published since: no listing, no read
@@ -308,16 +314,16 @@ class Corpus:
             if not isinstance(uid, str) or not UID_RE.match(uid):
                 raise CorpusError(f"lookup_uids: {uid!r} is not a uid (32 lowercase hex digits)")
             by_part.setdefault(uid_partition(uid), set()).add(uid)
-        found: dict[str, tuple[str, str]] = {}
+        found: dict[str, tuple] = {}
         for part in sorted(by_part):
             wanted = by_part[part]
             for g, path in self.generation_files(uid_dir(part), generation):
                 if g <= after:
                     continue
-                t = self.read_parquet(path, ["uid", "run_key", "key"], filters=[("uid", "in", sorted(wanted))])
-                for uid, run_key, key in zip(*(t.column(c).to_pylist() for c in ("uid", "run_key", "key"))):
+                t = self.read_parquet(path, ["uid", *columns], filters=[("uid", "in", sorted(wanted))])
+                for uid, *values in zip(*(t.column(c).to_pylist() for c in ("uid", *columns))):
                     if uid in wanted and uid not in found:
-                        found[uid] = (run_key, key)
+                        found[uid] = tuple(values)
         return found
 
     def takedown_identifiers(self) -> dict[str, set[str]]:

@@ -141,7 +141,8 @@ def run_check(root: RunRoot, plan: RowGroupPlan, corpus: Any, *, url_field: str,
         return {**done, "skipped": True}
     t0 = time.perf_counter()
     head = corpus.head()
-    pre = {int(r["record_id"]): r for r in pq.read_table(store.fs.open_input_file(store.path(PRE))).to_pylist()}
+    with store.fs.open_input_file(store.path(PRE)) as f:
+        pre = {int(r["record_id"]): r for r in pq.read_table(f).to_pylist()}
     pre_generation = int(read_json(store.fs, store.path(PRE_DONE))["generation"])
     rows = dict(pre)
     # The uids the pre-check looked up are known up to its generation: only the runs published

@@ -328,22 +328,15 @@ def corpus_originals(corpus_uri: str, storage: Any, uids: list[str], *, read: se
     Parquet filter on ``uid``), and each tar that holds a record to read once, sequentially up
     to the last member wanted."""
     # The corpus's read side only (winnow.corpus itself imports this module).
-    from winnow.corpus.layout import bucket_dir, open_corpus, uid_dir, uid_partition
+    from winnow.corpus.layout import bucket_dir, open_corpus
     from winnow.rowgroups.fs import RunRoot
 
     read = set(uids) if read is None else read
     corpus = open_corpus(corpus_uri, storage)
     generation = corpus.head().generation
     buckets: dict[int, set[str]] = {}
-    by_part: dict[int, set[str]] = {}
-    for uid in uids:
-        by_part.setdefault(uid_partition(uid), set()).add(uid)
-    for part, want in sorted(by_part.items()):
-        for _g, path in corpus.generation_files(uid_dir(part), generation):
-            t = corpus.read_parquet(path, ["uid", "bucket"], filters=[("uid", "in", sorted(want))])
-            for uid, bucket in zip(t.column("uid").to_pylist(), t.column("bucket").to_pylist()):
-                if uid in want:
-                    buckets.setdefault(int(bucket), set()).add(uid)
+    for uid, (bucket,) in corpus.uid_rows(uids, ("bucket",), generation=generation).items():
+        buckets.setdefault(int(bucket), set()).add(uid)
     out: dict[str, bytes | None] = {}
     where: dict[tuple[str, str], dict[str, str]] = {}  # (run_root, tar) -> member -> uid
     for bucket, want in sorted(buckets.items()):
