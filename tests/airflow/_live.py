@@ -133,24 +133,31 @@ class LiveAirflow:
         self._watchdog.start()
         self._wait_for_dag(deadline)
 
-    def _scheduler_alive(self) -> bool:
-        """Standalone's own scheduler (a direct child running ``airflow scheduler``; its
-        LocalExecutor workers are forks with the same command line, so only the child counts),
-        or the last one the watchdog started."""
+    def scheduler_process(self) -> psutil.Process | None:
+        """The scheduler that runs now: standalone's own (a direct child running ``airflow
+        scheduler``; its LocalExecutor workers are forks with the same command line, so only the
+        child counts), or the last one the watchdog started. Exited children that standalone has
+        not reaped yet (zombies, whose command line cannot be read) are skipped."""
         if self.scheduler_restarts:
-            return self.scheduler_restarts[-1].poll() is None
+            last = self.scheduler_restarts[-1]
+            try:
+                return psutil.Process(last.pid) if last.poll() is None else None
+            except psutil.Error:
+                return None
         try:
             children = psutil.Process(self.proc.pid).children()
         except psutil.Error:
-            return False
+            return None
         for child in children:
             try:
-                cmd = child.cmdline()
-                if cmd[-1:] == ["scheduler"] and child.status() != psutil.STATUS_ZOMBIE:
-                    return True
+                if child.status() != psutil.STATUS_ZOMBIE and child.cmdline()[-1:] == ["scheduler"]:
+                    return child
             except psutil.Error:
                 continue
-        return False
+        return None
+
+    def _scheduler_alive(self) -> bool:
+        return self.scheduler_process() is not None
 
     def _watch_scheduler(self) -> None:
         """Restarts the scheduler when it dies, as a deployment's supervisor (systemd, Kubernetes)

@@ -242,12 +242,11 @@ def test_a_scheduler_that_dies_is_started_again_by_the_harness(live):
     """The harness's watchdog (``LiveAirflow._watch_scheduler``) stands in for a deployment's
     supervisor: ``airflow standalone`` never restarts a component, and Airflow 3's scheduler
     exits on some races of its own. SIGKILL the scheduler; a new one must report healthy."""
-    import psutil
     import requests
 
     af = live["af"]
-    (sched,) = [c for c in psutil.Process(af.proc.pid).children() if c.cmdline()[-1:] == ["scheduler"]] \
-        if not af.scheduler_restarts else [psutil.Process(af.scheduler_restarts[-1].pid)]
+    sched = af.scheduler_process()
+    assert sched is not None, f"no scheduler is running before the kill\n{af.log_tail()}"
     before = len(af.scheduler_restarts)
     killed_at = time.time()
     sched.kill()
