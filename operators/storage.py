@@ -181,6 +181,7 @@ def _mint(conn_id: str, options, extra: dict[str, Any], session_name: str) -> di
     if options.session_token and not extra.get("role_arn"):
         return {"AccessKeyId": options.access_key_id, "SecretAccessKey": options.secret_access_key,
                 "SessionToken": options.session_token, "Expiration": "as the connection's session token"}
+    import botocore.config
     import botocore.session
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -189,15 +190,21 @@ def _mint(conn_id: str, options, extra: dict[str, Any], session_name: str) -> di
         "sts", endpoint_url=extra.get("sts_endpoint_url") or options.endpoint_url,
         region_name=options.region or "us-east-1", aws_access_key_id=options.access_key_id,
         aws_secret_access_key=options.secret_access_key, aws_session_token=options.session_token,
+        config=botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"}),  # retry.call retries
     )
     # A session name Ray's dashboard may show; no secret, just which job it was minted for.
     name = "winnow-" + hashlib.sha256(session_name.encode()).hexdigest()[:24]
-    try:
+    from winnow.rowgroups import retry
+
+    def mint() -> dict[str, Any]:
         if extra.get("role_arn"):
-            answer = client.assume_role(RoleArn=str(extra["role_arn"]), RoleSessionName=name, DurationSeconds=duration)
-        else:
-            answer = client.get_session_token(DurationSeconds=duration)
-    except (BotoCoreError, ClientError) as exc:
+            return client.assume_role(RoleArn=str(extra["role_arn"]), RoleSessionName=name, DurationSeconds=duration)
+        return client.get_session_token(DurationSeconds=duration)
+
+    try:  # STS throttles and drops connections too: the same retries as every storage request
+        answer = retry.call(mint, what=f"minting credentials from connection {conn_id!r}",
+                            target=f"sts:{extra.get('sts_endpoint_url') or options.endpoint_url or 'aws'}")
+    except (BotoCoreError, ClientError, OSError) as exc:
         text = str(exc)
         for secret in options.secrets():
             text = text.replace(secret, "***")

@@ -37,6 +37,12 @@ class StorageError(WinnowError):
     """Reading or writing the run root failed (missing file, full disk, read-only)."""
 
 
+class StorageUnavailable(StorageError, OSError):
+    """An object-store call kept failing with transient errors (throttling, connections reset
+    or refused, 5xx) until its deadline: the message says how often the store throttled, and
+    what to do. An ``OSError`` too, so every place that explains a storage error explains it."""
+
+
 class StageConfigMismatch(WinnowError):
     """A stage folder holds output made with another configuration or plan."""
 

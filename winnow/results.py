@@ -65,6 +65,11 @@ class RowGroupResult:
     records_out: int = 0
     seconds: float = 0.0
     skipped: bool = False
+    #: Storage requests a worker process retried (and how many of them were throttled) while
+    #: it ran this row group's batch (see :mod:`winnow.rowgroups.retry`); 0 in the caller's
+    #: own process, whose requests its caller counts.
+    storage_retries: int = 0
+    storage_throttled: int = 0
 
     @property
     def ok(self) -> bool:
@@ -90,7 +95,9 @@ class RowGroupResult:
         """One row of that batch (Ray Data hands back numpy scalars) as a result."""
         return cls(row_group=int(row["row_group"]), error=str(row["error"] or ""),
                    records_in=int(row["records_in"]), records_out=int(row["records_out"]),
-                   seconds=float(row["seconds"]), skipped=bool(row["skipped"]))
+                   seconds=float(row["seconds"]), skipped=bool(row["skipped"]),
+                   storage_retries=int(row.get("storage_retries", 0)),
+                   storage_throttled=int(row.get("storage_throttled", 0)))
 
 
 @dataclass(kw_only=True)
@@ -107,6 +114,14 @@ class StageSummary:
     skipped: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: Storage requests retried / throttled by the processes that did this call's work.
+    storage_retries: int = 0
+    storage_throttled: int = 0
+
+    def add_storage(self, counts: Mapping[str, Any]) -> None:
+        """Count in storage retries (a result's, a worker's or a process's :func:`counts_since`)."""
+        self.storage_retries += int(counts.get("storage_retries", 0) or 0)
+        self.storage_throttled += int(counts.get("storage_throttled", 0) or 0)
 
     @property
     def ok(self) -> bool:
@@ -149,6 +164,7 @@ class PartitionSummary(StageSummary):
 
     def add(self, result: RowGroupResult) -> None:
         """Count one row group's result in."""
+        self.add_storage(asdict(result))
         if result.error:
             self.failed[result.row_group] = result.error
         elif result.skipped:

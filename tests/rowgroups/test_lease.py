@@ -63,3 +63,44 @@ def test_lease_of_a_live_single_process_run_is_respected(tmp_path):
     acquire(store, process_owner())  # this very process: alive
     with pytest.raises(RunLocked):
         acquire(store, "run-b")
+
+
+def test_this_processes_own_abandoned_lease_is_taken_over_at_once(tmp_path):
+    """A run_all of this process that ended without releasing (the store was down) left its
+    lease: this process's next run takes it over; a run of this process still holding it is
+    respected."""
+    from winnow.rowgroups import lease
+
+    store = CommitStore(str(tmp_path / "run"))
+    first = lease.process_owner()
+    acquire(store, first)
+    second = lease.process_owner()
+    with pytest.raises(RunLocked):
+        acquire(store, second)  # the first run still holds it
+    lease.forget(store, first)  # it ended, its release failed
+    acquire(store, second)
+    assert read_lease(store).owner == second
+
+
+def test_a_failed_renewal_with_time_left_is_logged_and_the_run_goes_on_by_injected_fault(tmp_path, monkeypatch, caplog):
+    """A store that cannot be reached for a renewal (injected: the renewal raises) does not stop
+    a run whose lease has time left; one whose lease runs out within the margin does stop."""
+    from winnow.exceptions import StorageError
+    from winnow.rowgroups import lease
+
+    store = CommitStore(str(tmp_path / "run"))
+    held = acquire(store, "dag/run-1")
+
+    def store_down(*args, **kwargs):  # the injected fault
+        raise StorageError("s3://b/run/_lease.json: cannot reach the object store (injected)")
+
+    monkeypatch.setattr(lease, "_acquire", store_down)
+    with caplog.at_level("WARNING", logger="winnow.rowgroups.lease"):
+        renewed = acquire(store, "dag/run-1")
+    assert renewed.expires_at == held.expires_at and "could not renew the run lease" in caplog.text
+    with pytest.raises(StorageError):
+        acquire(store, "dag/run-2")  # not held by this process: nothing to go on with
+    with lease._HELD_LOCK:
+        lease._HELD[(store.path(lease.LEASE_FILE), "dag/run-1")] = time.time() + 10
+    with pytest.raises(StorageError):
+        acquire(store, "dag/run-1")  # 10 s left: within the margin, the run stops

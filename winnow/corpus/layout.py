@@ -456,4 +456,4 @@ def corpus_lease(corpus: Corpus, owner: str, *, wait_s: float | None = None) -> 
     try:
         yield
     finally:
-        lease.release(corpus.store, owner)
+        lease.release_quietly(corpus.store, owner)

@@ -47,6 +47,17 @@ def _call(fn: Callable[[int], dict[str, Any]], unit: int) -> dict[str, Any]:
     return out
 
 
+def _remote_call(fn: Callable[[int], dict[str, Any]], unit: int) -> dict[str, Any]:
+    """:func:`_call` in a Ray worker: its result also carries the storage requests the worker
+    retried for the unit (the caller's own process counts its own)."""
+    from winnow.rowgroups import retry
+
+    before = retry.counts()
+    out = _call(fn, unit)
+    out.update(retry.counts_since(before))
+    return out
+
+
 def run_units(
     stage: str,
     fn: Callable[[int], dict[str, Any]],
@@ -87,6 +98,7 @@ def run_units(
     for r in results:
         summary.results.append(r)
         summary.worker_peak_rss_mb = max(summary.worker_peak_rss_mb, float(r.get("peak_rss_mb", 0.0)))
+        summary.add_storage(r)
         if r["error"]:
             summary.failed[int(r["unit"])] = r["error"]
         else:
@@ -107,7 +119,7 @@ def _ray_results(fn, todo: list[int], *, use_gpu: bool, num_cpus: float | None,
     request = unit_request(use_gpu=use_gpu, worker_cpus=num_cpus, worker_gpus=num_gpus, max_width=len(todo))
     if width is None:
         width = request.width
-    remote = ray.remote(_call).options(**request.ray_args(), max_retries=3)
+    remote = ray.remote(_remote_call).options(**request.ray_args(), max_retries=3)
     fn_ref = ray.put(fn)
     pending: list = []
     queue = list(todo)

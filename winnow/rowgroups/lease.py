@@ -13,7 +13,9 @@ writes falls back to read-then-write: two runs starting within the same second c
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,8 +28,19 @@ from winnow.rowgroups.fs import (
 )
 from winnow.rowgroups.store import CommitStore, is_local, read_json, write_json
 
+logger = logging.getLogger(__name__)
+
 LEASE_FILE = "_lease.json"
 DEFAULT_TTL_S = 30 * 60
+#: A renewal that fails (the store down or throttling past the storage deadline) is no reason to
+#: stop while the lease this process holds has at least this long left.
+RENEW_MARGIN_S = 60.0
+
+#: Leases this process holds now: (lease path, owner) -> expiry. A process owner of this
+#: process that is not here is a run of this process that ended without releasing its lease
+#: (the store was down): that lease is provably abandoned.
+_HELD: dict[tuple[str, str], float] = {}
+_HELD_LOCK = threading.Lock()
 
 
 #: Owners that are one process (``run_all`` without Airflow) start with this; their lease is
@@ -50,9 +63,16 @@ class Lease:
 
     @property
     def live(self) -> bool:
+        """Whether the holder may still be using the run root: the lease has not expired, and
+        its holder is not provably gone. A process owner on this host is gone when its process
+        no longer exists, or when it is this very process and no run of it holds that owner
+        any more (it ended while the store was down and could not release)."""
         if self.expires_at <= time.time():
             return False
         if self.owner.startswith(PROCESS_OWNER_PREFIX) and self.host == os.uname().nodename and self.pid:
+            if self.pid == os.getpid():
+                with _HELD_LOCK:
+                    return any(owner == self.owner for _, owner in _HELD)
             try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
@@ -78,7 +98,36 @@ def _lease_from(data: dict | None) -> Lease | None:
 
 
 def acquire(store: CommitStore, owner: str, *, ttl_s: float = DEFAULT_TTL_S) -> Lease:
-    """Take or renew the lease for ``owner``; raise :class:`RunLocked` if another owner holds it."""
+    """Take or renew the lease for ``owner``; raise :class:`RunLocked` if another owner holds it.
+
+    A renewal that fails on storage (after the storage layer's own retries) while this process
+    holds the lease with more than :data:`RENEW_MARGIN_S` left is logged, not raised: the run
+    goes on, and the next renewal tries again."""
+    key = (store.path(LEASE_FILE), owner)
+    try:
+        lease = _acquire(store, owner, ttl_s=ttl_s)
+    except (StorageError, OSError) as exc:
+        with _HELD_LOCK:
+            held = _HELD.get(key, 0.0)
+        left = held - time.time()
+        if left <= RENEW_MARGIN_S:
+            raise
+        logger.warning("could not renew the run lease %s (%s); it has %.0f s left, so the run goes on and "
+                       "renews it at its next step", display_uri(store.fs, key[0]), exc, left)
+        return Lease(owner=owner, expires_at=held, pid=os.getpid(), host=os.uname().nodename)
+    with _HELD_LOCK:
+        _HELD[key] = lease.expires_at
+    return lease
+
+
+def forget(store: CommitStore, owner: str) -> None:
+    """This process no longer holds ``owner``'s lease (released, or abandoned: a process
+    owner's abandoned lease is then taken over at once by this process's next run)."""
+    with _HELD_LOCK:
+        _HELD.pop((store.path(LEASE_FILE), owner), None)
+
+
+def _acquire(store: CommitStore, owner: str, *, ttl_s: float) -> Lease:
     path = store.path(LEASE_FILE)
     now = time.time()
     lease = Lease(owner=owner, expires_at=now + ttl_s, pid=os.getpid(), host=os.uname().nodename)
@@ -126,11 +175,12 @@ def _acquire_conditional(store: CommitStore, cond, owner: str, lease: Lease, pay
     path = store.path(LEASE_FILE)
     body = json.dumps(payload).encode()
     for _ in range(3):  # each lost race re-reads; a live other owner ends it at once
-        if cond.create(path, body):
-            return lease
+        # Read first: a task of a run renewing its own fresh lease makes this one request.
         got = cond.read(path)
         if got is None:
-            continue  # released between our create and our read
+            if cond.create(path, body):
+                return lease
+            continue  # created by another between our read and our create
         data, etag = got
         try:
             current = _lease_from(json.loads(data))
@@ -149,7 +199,25 @@ def _acquire_conditional(store: CommitStore, cond, owner: str, lease: Lease, pay
 
 
 def release(store: CommitStore, owner: str) -> None:
-    """Drop the lease if ``owner`` holds it (at the end of a successful run)."""
-    current = read_lease(store)
-    if current is not None and current.owner == owner:
-        delete_file(store.fs, store.path(LEASE_FILE))
+    """Drop the lease if ``owner`` holds it (at the end of a run). Storage errors are raised
+    after the storage layer's retries; this process forgets the lease either way."""
+    try:
+        current = read_lease(store)
+        if current is not None and current.owner == owner:
+            delete_file(store.fs, store.path(LEASE_FILE))
+    finally:
+        forget(store, owner)
+
+
+def release_quietly(store: CommitStore, owner: str) -> bool:
+    """:func:`release` for a run that is failing anyway: a store that does not answer within
+    the storage deadline is logged, not raised (the error the run stops with is the one that
+    matters). A process owner's lease left behind is taken over at once by the next run on
+    this host (:attr:`Lease.live`); True when released."""
+    try:
+        release(store, owner)
+        return True
+    except (StorageError, OSError) as exc:
+        logger.warning("could not release the run lease %s (%s); the next run on this host takes it over at once",
+                       display_uri(store.fs, store.path(LEASE_FILE)), exc)
+        return False
