@@ -45,6 +45,40 @@ class Request:
         return self.method
 
 
+def aws_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS environment pointing at ``endpoint`` with this module's keys."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def parse_request_line(line: str) -> Request | None:
+    """The request in one access-log line (``... "GET /bucket/key?q HTTP/1.1" 200 ...``), or None
+    for a line that is not one, or one of moto's own ``/moto-api`` calls."""
+    m = _LINE.search(line)
+    if m is None:
+        return None
+    method, target, status = m.group(1), m.group(2), int(m.group(3))
+    url = urlsplit(target)
+    if url.path.startswith("/moto-api"):
+        return None
+    bucket, _, key = url.path.lstrip("/").partition("/")
+    return Request(method, bucket, key, parse_qs(url.query, keep_blank_values=True), status)
+
+
+def read_log(log_path: str, since: int = 0) -> list[Request]:
+    """The requests logged in ``log_path`` after byte offset ``since`` (this server's log or a
+    :mod:`benchmarks._s3proxy` log: same line format)."""
+    with open(log_path, "rb") as f:
+        f.seek(since)
+        text = f.read().decode("utf-8", "replace")
+    return [r for r in map(parse_request_line, text.splitlines()) if r is not None]
+
+
 class S3Server:
     """``python -m moto.server`` on a free loopback port; ``stop()`` ends only that process."""
 
@@ -72,13 +106,7 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """The standard AWS environment pointing at this server."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_REGION": REGION,
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
+        return aws_env(self.endpoint)
 
     def create_bucket(self, name: str) -> None:
         import pyarrow.fs as pafs
@@ -102,27 +130,22 @@ class S3Server:
 
     def requests(self, since: int = 0) -> list[Request]:
         self._settle()
-        with open(self.log_path, "rb") as f:
-            f.seek(since)
-            text = f.read().decode("utf-8", "replace")
-        out = []
-        for m in _LINE.finditer(text):
-            method, target, status = m.group(1), m.group(2), int(m.group(3))
-            url = urlsplit(target)
-            if url.path.startswith("/moto-api"):
-                continue
-            bucket, _, key = url.path.lstrip("/").partition("/")
-            out.append(Request(method, bucket, key, parse_qs(url.query, keep_blank_values=True), status))
-        return out
+        return read_log(self.log_path, since)
 
     def counts(self, since: int = 0) -> collections.Counter:
         return collections.Counter(r.kind for r in self.requests(since))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
         self._log.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End a server started with ``start_new_session=True``: its whole process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -19,7 +19,7 @@ SMALL = dict(buffer_size=4, max_partitions=3, **TINY_MODEL, aesthetic_threshold=
 #: The write stage's folder (the last stage of the run).
 WRITE_STAGE = stage_order()[-1]
 #: What a summary says about where it ran or how long it took, not what it found.
-NOT_COUNTS = {"run_root", "write_dir", "config", "seconds", "row_groups_computed",
+NOT_COUNTS = {"run_root", "write_dir", "config", "seconds", "row_groups_computed", "storage_retries", "storage_throttled",
               "row_groups_skipped", "row_groups_by_stage"}
 
 

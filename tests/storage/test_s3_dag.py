@@ -1,7 +1,8 @@
-"""image_curation under ``dag.test()`` with shards and run root on a real S3 endpoint, reached
-only through an Airflow ``aws`` connection named by the ``storage_conn_id`` param (the AWS_*
-variables are unset): same counts and same output objects as the run on local disk, and the
-connection's secret in no XCom, summary, fingerprint or task log."""
+"""image_curation under ``dag.test()`` with shards and run root on a real S3 endpoint that
+throttles 10 % of requests (503 SlowDown) and resets 1 % of connections, reached only through an
+Airflow ``aws`` connection named by the ``storage_conn_id`` param (the AWS_* variables are unset):
+every task succeeds on its first try, with the same counts and the same output objects as the
+run on local disk, and the connection's secret in no XCom, summary, fingerprint or task log."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from unittest import mock
 import pyarrow.fs as pafs
 import pytest
 
+from benchmarks._s3proxy import ThrottlingProxy
 from benchmarks._s3server import ACCESS_KEY, SECRET_KEY
 from tests.airflow.conftest import airflow_db, curation_dag, dagbag, retries_set  # noqa: F401  (fixtures)
 from tests.storage._runs import (
@@ -38,9 +40,14 @@ CONN_ID = "winnow_s3"
 @pytest.fixture(scope="module")
 def runs(s3, curation_dag, local_run, tmp_path_factory, pytestconfig):  # noqa: F811
     upload_folder(local_run["shards"], f"{PREFIX}/shards")
+    # The store misbehaves as one at scale does: the run reaches the S3 server through a proxy
+    # that answers 10 % of requests 503 SlowDown and resets 1 % of connections (seeded).
+    folder = tmp_path_factory.mktemp("s3proxy")
+    proxy = ThrottlingProxy(s3.endpoint, str(folder / "proxy.log"), str(folder / "control.json"), seed=25)
+    proxy.set(throttle=0.10, reset=0.01)
 
     conn = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
-            "extra": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}
+            "extra": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
     conf = {"input_uri": f"{PREFIX}/shards/shard-{{000000..000001}}.tar", "output_root": f"{PREFIX}/out",
             "run_key": "dag", "storage_conn_id": CONN_ID, **SMALL}
     no_aws_env = {k: "" for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
@@ -49,10 +56,14 @@ def runs(s3, curation_dag, local_run, tmp_path_factory, pytestconfig):  # noqa: 
         _reset_storage()
         # dag.test prints the task logs: with pytest's capture off, fds 1 and 2 go to a file.
         capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled(), _output_to(str(log_path)), retries_set(curation_dag, 0):
-            dr = curation_dag.test(logical_date=RUN_DATE, run_conf=conf)
+        try:
+            with capture.global_and_fixture_disabled(), _output_to(str(log_path)), retries_set(curation_dag, 0):
+                dr = curation_dag.test(logical_date=RUN_DATE, run_conf=conf)
+        finally:
+            outcomes = proxy.outcomes()
+            proxy.stop()
     _reset_storage()
-    return {"dr": dr, "local": local_run["summary"], "local_root": local_run["run_root"],
+    return {"dr": dr, "local": local_run["summary"], "local_root": local_run["run_root"], "outcomes": outcomes,
             "s3_root": f"{PREFIX}/out/dag", "log": log_path.read_text(errors="replace")}
 
 
@@ -86,11 +97,15 @@ def _xcoms(dr) -> list:
         return [(r.task_id, r.map_index, r.key, XComModel.deserialize_value(r)) for r in rows]
 
 
-def test_the_run_on_s3_succeeds_with_the_local_counts(runs):
+def test_the_run_on_a_throttling_s3_succeeds_first_try_with_the_local_counts(runs):
+    """Every task's first try (retries are 0) succeeds although the store throttled and reset
+    connections; the summary counts the retried requests of the row-group work."""
+    assert runs["outcomes"]["throttle"] > 10 and runs["outcomes"]["reset"] >= 1, runs["outcomes"]
     assert runs["dr"].state == "success"
     report = next(v for t, _, k, v in _xcoms(runs["dr"]) if t == "report" and k == "return_value")
     assert report["records"] >= 24 and report["undecodable"] > 0
     assert counts_of(report) == counts_of(runs["local"])
+    assert report["storage_retries"] >= report["storage_throttled"] > 0, report
 
 
 def test_output_objects_equal_the_local_files(runs):
