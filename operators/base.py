@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
@@ -296,21 +296,28 @@ class RowGroupStageOperator(CurationOperator):
     def _partition_run(self, context: Context) -> PartitionRun:
         from winnow import pipeline
         from winnow.rowgroups import CommitStore
+        from winnow.rowgroups.store import stored_plan
 
         cfg = self.curation_config(context)
         partition = int(self.partition)
+        store = CommitStore(cfg.root)
         with engine_errors():
-            plan = pipeline.load_plan(cfg)
+            # The stage's _stage.json (one GET) has the plan and the digest; the index's file
+            # only where it predates the plan in it.
+            stored = store.read_fingerprint(self.stage)
+            plan = stored_plan(stored)
+            if plan is None or (plan.buffer_size, plan.max_partitions) != (cfg.buffer_size, cfg.max_partitions):
+                plan = pipeline.load_plan(cfg)
         if not 0 <= partition < plan.num_partitions:
             raise AirflowFailException(
                 f"partition {partition} is out of range: run {cfg.run_root} has "
                 f"{plan.num_partitions} partitions; map this task over the index task's output"
             )
         context["partition_label"] = plan.describe_partition(partition)  # map_index_template
-        store = CommitStore(cfg.root)
-        fingerprint = step_fingerprint(cfg, self.stage)
+        fingerprint = (stored or {}).get("digest", "unset")
         progress = PartitionProgress(context.get("task_state_store"), self.stage, fingerprint, self.log)
         return PartitionRun(cfg=cfg, plan=plan, partition=partition, store=store, fingerprint=fingerprint,
+                            stored=stored,
                             progress=progress, row_groups=len(plan.partition_row_groups(partition)),
                             try_number=getattr(context.get("ti"), "try_number", None),
                             label=context["partition_label"])
@@ -325,12 +332,15 @@ class RowGroupStageOperator(CurationOperator):
 
         target = self.job_target(context)
         run: PartitionRun = target.state
-        run.progress.reconcile(len(run.store.completed(self.stage, run.partition)), run.row_groups,
-                               try_number=run.try_number)
+        # The one listing of the partition this try makes (temp files of a crashed writer
+        # cleaned: no writer of this run is active yet); the run below starts from it.
+        done = run.store.completed(self.stage, run.partition, clean_temp=True)
+        run.progress.reconcile(len(done), run.row_groups, try_number=run.try_number)
 
         def in_process(**where: Any) -> dict[str, Any]:
             summary = pipeline.run_partition(run.cfg, self.stage, run.partition, owner=self.lease_owner(context),
-                                             log=self.log.info, **where)
+                                             log=self.log.info, store=run.store, stored=run.stored, done=done,
+                                             **where)
             return self.finish(context, run, summary)
 
         return self.run_step(context, target, in_process)
@@ -380,8 +390,12 @@ class RowGroupStageOperator(CurationOperator):
         """Record the outcome; return the summary's XCom, or raise
         :class:`~winnow_airflow.exceptions.RowGroupsFailedError` naming the failed row groups."""
         from winnow import exceptions as engine
+        from winnow.rowgroups import retry
 
-        committed = len(run.store.completed(self.stage, run.partition))
+        # Every row group of the partition is committed but the failed ones (the job path's
+        # summary took its failures from storage): no listing again.
+        committed = run.row_groups - len(summary.failed)
+        summary.add_storage(retry.counts_since(run.storage_before))
         run.progress.save(committed=committed, row_groups=run.row_groups, failed=summary.failed,
                           state="failed" if summary.failed else "done", try_number=run.try_number)
         result = summary.to_dict()
@@ -415,3 +429,13 @@ class PartitionRun:
     row_groups: int
     try_number: int | None
     label: str
+    #: The stage's ``_stage.json`` as this try read it (None: not recorded).
+    stored: Any = None
+    #: Storage requests this process had retried when the try began (its own are added at the end).
+    storage_before: dict = field(default_factory=lambda: _storage_counts())
+
+
+def _storage_counts() -> dict:
+    from winnow.rowgroups import retry
+
+    return retry.counts()

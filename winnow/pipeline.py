@@ -21,7 +21,7 @@ from winnow.filters import PARAMS as FILTER_PARAMS
 from winnow.ray.runner import run_stage_partition
 from winnow.registry import STAGES, partition_stages, run_phases, stage_spec
 from winnow.results import PartitionSummary, UnitSummary
-from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot, StageFingerprint, StorageOptions, lease
+from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot, StageFingerprint, StorageOptions, lease, retry
 from winnow.rowgroups.store import stage_fingerprint, write_json
 
 if TYPE_CHECKING:
@@ -249,18 +249,27 @@ def make_stage(cfg: CurationConfig, name: str) -> Stage:
     return spec.load_compute()(cfg.stage_config(name))
 
 
-def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan) -> dict[str, StageFingerprint]:
-    """Fingerprints of every stage after the index, each chained to the stages it reads: the
-    index's stored digest (``""`` before the index is recorded), then the digests of this
-    chain, so a changed stage changes every stage after it before anything is recorded."""
+def stage_fingerprints(cfg: CurationConfig, plan: RowGroupPlan, *, index_digest: str | None = None,
+                       until: str | None = None) -> dict[str, StageFingerprint]:
+    """Fingerprints of every stage after the index (up to ``until``), each chained to the
+    stages it reads: the index's digest (``index_digest``, else the stored one, ``""`` before
+    the index is recorded), then the digests of this chain, so a changed stage changes every
+    stage after it before anything is recorded. With ``index_digest`` nothing is read."""
     store = CommitStore(cfg.root)
-    digests = {"index": (store.read_fingerprint("index") or {}).get("digest", "")}
+    if index_digest is None:
+        index_digest = (store.read_fingerprint("index") or {}).get("digest", "")
+        chain_store: CommitStore | None = store
+    else:
+        chain_store = None
+    digests = {"index": index_digest}
     out: dict[str, StageFingerprint] = {}
     for spec in STAGES[1:]:
         owner = make_stage(cfg, spec.name) if spec.scope == "partition" else cfg.stage_config(spec.name)
-        f = stage_fingerprint(store, spec.name, owner, plan, digests=digests)
+        f = stage_fingerprint(chain_store, spec.name, owner, plan, digests=digests)
         digests[spec.name] = f.digest
         out[spec.name] = f
+        if spec.name == until:
+            break
     return out
 
 
@@ -289,7 +298,9 @@ def prepare_stages(cfg: CurationConfig, plan: RowGroupPlan, *, log: Callable[[st
 # both built once by its caller: run_all, an operator's try, the Ray Job entry.
 
 def _hold_lease(cfg: CurationConfig, owner: str | None) -> None:
-    """Take or renew the run root's lease (``owner`` = the DAG run id); None skips it."""
+    """Take or renew the run root's lease (``owner`` = the DAG run id); None skips it. A task of
+    a running run whose lease is fresh pays one GET; a renewal the store fails while the lease
+    has time left does not stop the run (:func:`lease.acquire`)."""
     if owner:
         lease.acquire(CommitStore(cfg.root), owner)
 
@@ -313,7 +324,7 @@ def run_index(cfg: CurationConfig, *, execution: Execution, owner: str | None = 
         # Failing fast (changed config, bad shard) must not lock the run root against the
         # corrected rerun, which comes under a new run id.
         if owner:
-            lease.release(CommitStore(cfg.root), owner)
+            lease.release_quietly(CommitStore(cfg.root), owner)
         raise
 
 
@@ -340,27 +351,48 @@ def _index_and_prepare(cfg: CurationConfig, log: Callable[[str], None], executio
 
 
 def load_plan(cfg: CurationConfig) -> RowGroupPlan:
+    """The run's plan, from the index's ``_index.json`` (one read; not the index's fingerprint)."""
     from winnow.data.index import load_index
 
-    return load_index(cfg.root).plan
+    return load_index(cfg.root, fingerprint=False).plan
 
 
 def run_partition(cfg: CurationConfig, stage: str, partition: int, *, execution: Execution,
-                  owner: str | None = None, log: Callable[[str], None] | None = None) -> PartitionSummary:
+                  owner: str | None = None, log: Callable[[str], None] | None = None,
+                  store: CommitStore | None = None, stored: Any = ..., done: set[int] | None = None,
+                  ) -> PartitionSummary:
     """Run one row-group stage over one partition; failures are in ``summary.failed``.
 
     A model stage runs as the execution's ``compute``, each model worker of its ``worker_cpus``
     CPUs and ``worker_gpus`` GPUs (None: the policy of :mod:`winnow.ray.resources`), never more
-    than one alive node holds."""
+    than one alive node holds.
+
+    What a caller (the partition operator) already read is not read again: ``store`` (its
+    :class:`CommitStore`), ``stored`` (the stage's ``_stage.json`` as it read it), ``done`` (the
+    row groups its listing found committed). A rerun's task then makes one GET of the lease
+    beside the caller's GET of ``_stage.json`` and its LIST of the partition."""
+    from winnow.rowgroups.store import stored_plan
+
     _hold_lease(cfg, owner)
-    plan = load_plan(cfg)
     stage_obj = make_stage(cfg, stage)
-    store = CommitStore(cfg.root)
+    store = store if store is not None else CommitStore(cfg.root)
     # Never overwrite here: prepare_stages did that once for the run. This only refuses a
     # partition task whose config differs from what the stage folder was made with.
-    store.ensure_stage(stage_fingerprints(cfg, plan)[stage], overwrite=False)
+    if stored is ...:
+        stored = store.read_fingerprint(stage)
+    plan = stored_plan(stored)
+    if plan is not None and (plan.buffer_size, plan.max_partitions) == (cfg.buffer_size, cfg.max_partitions):
+        # The stage's file has the plan and the index digest the chain starts from (written
+        # there by prepare_stages): the chain of this run's config is checked against it with
+        # no other read. Not the index's files: a changed index changes every stage's digest
+        # and prepare_stages, which the index task runs, re-records them all.
+        fingerprint = stage_fingerprints(cfg, plan, index_digest=stored["run"]["index"], until=stage)[stage]
+    else:  # a stage file from before its run block, or a config whose plan knobs changed
+        plan = load_plan(cfg)
+        fingerprint = stage_fingerprints(cfg, plan)[stage]
+    store.ensure_stage(fingerprint, overwrite=False, stored=stored)
     return run_stage_partition(stage_obj, run_root=cfg.root, plan=plan, partition=partition, execution=execution,
-                               uses_model=stage_spec(stage).uses_model, log=log)
+                               uses_model=stage_spec(stage).uses_model, log=log, store=store, done=done)
 
 
 def run_global(cfg: CurationConfig, stage: str, *, execution: Execution, owner: str | None = None,
@@ -493,28 +525,37 @@ def run_buckets(cfg: CurationConfig, stage: str, buckets: list[int] | None = Non
 
 
 def run_report(
-    cfg: CurationConfig, summaries: Iterable[Mapping[str, Any]] = (), *, owner: str | None = None
+    cfg: CurationConfig, summaries: Iterable[Mapping[str, Any]] = (), *, owner: str | None = None,
+    storage: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Count outcomes from storage, write ``<run_root>/_summary.json`` and return it.
 
     ``summaries`` are the partition summaries of this run (``PartitionSummary.to_dict()``);
-    they give how many row groups were computed versus skipped.
+    they give how many row groups were computed versus skipped, and the storage requests their
+    processes retried (``storage_retries``, ``storage_throttled``), to which ``storage`` (what
+    the caller's processes retried besides) and this call's own are added.
     """
     from winnow.data.index import load_index
     from winnow.stages.status import count_outcomes
 
+    before = retry.counts()
     index = load_index(cfg.root)
     plan = index.plan
     counts = count_outcomes(cfg.root, plan)
     computed = skipped = 0
     per_stage: dict[str, dict[str, int]] = {}
+    storage = {name: int(storage.get(name, 0)) for name in retry.COUNT_NAMES} if storage else dict.fromkeys(
+        retry.COUNT_NAMES, 0)
     for s in summaries:
+        for name in retry.COUNT_NAMES:
+            storage[name] += int(s.get(name, 0) or 0)
         computed += int(s.get("computed", 0))
         skipped += int(s.get("skipped", 0))
         st = per_stage.setdefault(s["stage"], {"computed": 0, "skipped": 0})
         st["computed"] += int(s.get("computed", 0))
         st["skipped"] += int(s.get("skipped", 0))
     store = CommitStore(cfg.root)
+    own = retry.counts_since(before)
     summary = {
         **counts,
         "members_without_image": index.counts.get("members_without_image", 0),
@@ -527,6 +568,7 @@ def run_report(
         "row_groups_computed": computed,
         "row_groups_skipped": skipped,
         "row_groups_by_stage": per_stage,
+        **{name: storage[name] + own[name] for name in retry.COUNT_NAMES},
         "run_root": cfg.run_root,
         "write_dir": store.stage_dir("write"),
         "config": cfg.to_dict(),
@@ -585,6 +627,8 @@ def run_all(
     step = {"execution": execution, "owner": owner, "log": log}
     partitions: list[int] = []
     summaries: list[dict[str, Any]] = []
+    storage_before = retry.counts()
+    workers = {name: 0 for name in retry.COUNT_NAMES}  # what bucket units' workers retried
     try:
         for scope, specs in run_phases():
             if scope == "global":
@@ -598,6 +642,7 @@ def run_all(
             if scope == "bucket":
                 (spec,) = specs
                 bs = run_buckets(cfg, spec.name, **step)
+                workers = {k: v + getattr(bs, k) for k, v in workers.items()}
                 if bs.failed:
                     raise BucketsFailedError(spec.name, bs.failed)
                 continue
@@ -619,12 +664,17 @@ def run_all(
                             break  # the later stages of this partition read what failed
                 if failed:
                     raise RowGroupsFailedError(failed)
-        summary = run_report(cfg, summaries, owner=owner)
+        mine = retry.counts_since(storage_before)
+        summary = run_report(cfg, summaries, owner=owner, storage={k: mine[k] + workers[k] for k in workers})
+        if summary["storage_retries"]:
+            log(f"storage: {summary['storage_retries']} requests retried, {summary['storage_throttled']} of them "
+                "throttled by the store")
         if cfg.corpus_uri is not None:
             summary["corpus"] = run_publish(cfg, logical_date=logical_date, **step)
     finally:
-        # A failed run_all leaves no lease behind: rerunning it resumes at once.
-        lease.release(CommitStore(cfg.root), owner)
+        # A failed run_all leaves no lease behind: rerunning it resumes at once (with the store
+        # down, the lease stays, and this host's next run takes it over: its holder is gone).
+        lease.release_quietly(CommitStore(cfg.root), owner)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log(f"curation done: {json.dumps({k: summary[k] for k in ('records', 'kept', 'duplicates')})} -> {summary['write_dir']}")
     return summary

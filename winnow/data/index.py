@@ -237,8 +237,9 @@ def _finish(
     )
 
 
-def load_index(run_root: RunRoot | str) -> IndexResult:
-    """The index a previous :func:`build_index` committed under ``run_root``."""
+def load_index(run_root: RunRoot | str, *, fingerprint: bool = True) -> IndexResult:
+    """The index a previous :func:`build_index` committed under ``run_root``; with
+    ``fingerprint=False`` without its stored fingerprint (one read less: what the plan needs)."""
     store = CommitStore(run_root)
     path = store.path(STAGE, INDEX_FILE)
     meta = read_json(store.fs, path)
@@ -253,7 +254,7 @@ def load_index(run_root: RunRoot | str) -> IndexResult:
         num_records=meta["num_records"],
         shards=list(meta["shards"]),
         counts=dict(meta["counts"]),
-        fingerprint=store.read_fingerprint(STAGE) or {},
+        fingerprint=(store.read_fingerprint(STAGE) or {}) if fingerprint else {},
     )
 
 

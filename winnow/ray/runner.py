@@ -122,7 +122,16 @@ class _RowGroupWorker:
         self.store.commit_table(self.stage.name, self.partition, task.row_group, table)
 
     def __call__(self, batch: dict) -> dict:
-        return RowGroupResult.to_columns(self.run_many([int(rg) for rg in batch["row_group"]]))
+        """A Ray worker's batch; the storage requests it retried ride on its first result."""
+        from dataclasses import replace
+
+        from winnow.rowgroups import retry
+
+        before = retry.counts()
+        results = list(self.run_many([int(rg) for rg in batch["row_group"]]))
+        if results:
+            results[0] = replace(results[0], **retry.counts_since(before))
+        return RowGroupResult.to_columns(results)
 
 
 def _set_up(stage: Stage, cache_key: str | None) -> Stage:
@@ -162,6 +171,8 @@ def run_stage_partition(
     execution: Execution,
     uses_model: bool = False,
     log: Callable[[str], None] | None = None,
+    store: CommitStore | None = None,
+    done: set[int] | None = None,
 ) -> PartitionSummary:
     """Run ``stage`` over the uncommitted row groups of ``partition`` of the run at ``run_root``
     (where it stores: the value travels to every worker) and return a summary.
@@ -171,13 +182,20 @@ def run_stage_partition(
     ``worker_gpus`` GPUs (None: the policy of :func:`~winnow.ray.resources.model_worker_request`:
     1 GPU + 1 CPU where there are GPUs, else a CPU share of the largest node), never more than one
     node holds. Row-group failures never raise: they are in ``summary.failed`` (the Airflow
-    operator turns them into a task failure after everything else committed).
+    operator turns them into a task failure after everything else committed). ``store``: the
+    caller's :class:`CommitStore` of ``run_root`` (what it already found out about the stage's
+    folder is not asked of the store again), else one made here. ``done``: the row groups the
+    caller found committed when its try began (its listing of the partition, with temp files
+    cleaned), so the partition is not listed again; None lists it here.
     """
     log = log or logger.info
     t0 = time.perf_counter()
-    store = CommitStore(run_root)
+    store = store if store is not None else CommitStore(run_root)
     row_groups = plan.partition_row_groups(partition)
-    todo = store.missing(stage.name, plan, partition)
+    if done is None:
+        todo = store.missing(stage.name, plan, partition)
+    else:  # the caller listed the partition when its try began (temp files cleaned then)
+        todo = [rg for rg in row_groups if rg not in done]
     summary = PartitionSummary(
         stage=stage.name, partition=partition, row_groups=len(row_groups), skipped=len(row_groups) - len(todo)
     )

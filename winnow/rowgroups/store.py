@@ -63,7 +63,7 @@ LEGACY_FOLDERS = {"write": "output"}
 
 __all__ = [
     "CommitStore", "RunRoot", "StageFingerprint", "StorageOptions", "is_local", "read_json", "resolve_filesystem",
-    "stage_fingerprint", "write_atomic", "write_json",
+    "stage_fingerprint", "stored_plan", "write_atomic", "write_json",
 ]
 
 
@@ -142,6 +142,11 @@ class StageFingerprint:
     upstream: dict[str, str] = field(default_factory=dict)
     num_records: int = 0
     buffer_size: int = 0
+    #: Written beside the fingerprint in ``_stage.json``, not part of it (nor of its digest): the
+    #: index digest the chain of upstream digests starts from and the plan's partition bound, so
+    #: that a partition task finds its plan and checks its chain from this one file
+    #: (:func:`stored_plan`; ``run_partition``). Empty for a fingerprint built without the chain.
+    run: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,7 +167,7 @@ class StageFingerprint:
         """(key, old value, new value) for every key that differs from a stored fingerprint."""
         before: dict[str, Any] = {}
         after: dict[str, Any] = {}
-        old = {k: v for k, v in old.items() if k != "digest"}
+        old = {k: v for k, v in old.items() if k not in ("digest", "run")}
         if LEGACY_FOLDERS.get(self.stage) == old.get("stage"):
             old["stage"] = self.stage  # the same stage, recorded under its earlier name
         _flatten("", old, before)
@@ -215,13 +220,35 @@ def stage_fingerprint(
             raise missing(f"stage {name!r} has no {where}: run it over the whole input before {stage}")
         chained[name] = stored["digest"]
     fingerprint_config = getattr(config, "fingerprint_config", None)
+    run: dict[str, Any] = {}
+    if known.get("index") and getattr(plan, "max_partitions", None) is not None:
+        run = {"index": known["index"], "max_partitions": plan.max_partitions}
     return StageFingerprint(
         stage=stage,
         config=fingerprint_config() if callable(fingerprint_config) else dict(config),
         upstream=chained,
         num_records=plan.num_records,
         buffer_size=plan.buffer_size,
+        run=run,
     )
+
+
+def stored_plan(stored: Mapping[str, Any] | None) -> Any:
+    """The plan a stage's stored ``_stage.json`` was recorded with (N and B of the fingerprint, the
+    partition bound of its ``run`` block), or None for a file without one (recorded before the
+    block existed, or by a fingerprint built without the chain): then the index's file has it.
+
+    >>> stored_plan({"num_records": 10, "buffer_size": 3, "run": {"index": "ab", "max_partitions": 2}})
+    RowGroupPlan(num_records=10, buffer_size=3, max_partitions=2)
+    >>> stored_plan({"num_records": 10, "buffer_size": 3}) is None
+    True
+    """
+    from winnow.rowgroups.plan import RowGroupPlan
+
+    run = (stored or {}).get("run") or {}
+    if not run.get("index") or run.get("max_partitions") is None:
+        return None
+    return RowGroupPlan(int(stored["num_records"]), int(stored["buffer_size"]), int(run["max_partitions"]))
 
 
 def list_folder(fs: pafs.FileSystem, folder: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -337,21 +364,31 @@ class CommitStore:
 
     # ---- stage fingerprints ------------------------------------------------------------
     def read_fingerprint(self, stage: str) -> dict[str, Any] | None:
+        if stage in LEGACY_FOLDERS and stage not in self._folders:
+            # The current folder's file, read first: when it is there the folder is the current
+            # one, and the two probes for an earlier folder (:meth:`_folder`) are not needed.
+            stored = read_json(self.fs, f"{self.root}/{stage}/{STAGE_FILE}")
+            if stored is not None:
+                self._folders[stage] = stage
+                return stored
         return read_json(self.fs, f"{self.stage_dir(stage)}/{STAGE_FILE}")
 
     def fingerprint_digest(self, stage: str) -> str:
         """The digest in the stage's ``_stage.json`` (the index task wrote it); ``"unset"`` before."""
         return (self.read_fingerprint(stage) or {}).get("digest", "unset")
 
-    def ensure_stage(self, fingerprint: StageFingerprint, *, overwrite: bool = False) -> str | None:
+    def ensure_stage(self, fingerprint: StageFingerprint, *, overwrite: bool = False,
+                     stored: Any = ...) -> str | None:
         """Check or record a stage's fingerprint before any of its row groups is computed.
 
         Returns the path the old stage folder was moved to when ``overwrite`` replaced it.
         Raises :class:`StageConfigMismatch` when the stored fingerprint differs and
-        ``overwrite`` is false; nothing is changed on disk then.
+        ``overwrite`` is false; nothing is changed on disk then. ``stored``: the stage's
+        ``_stage.json`` as the caller just read it (None: absent), so it is not read again.
         """
         stage = fingerprint.stage
-        stored = self.read_fingerprint(stage)
+        if stored is ...:
+            stored = self.read_fingerprint(stage)
         moved_to = None
         if stored is not None:
             changes = fingerprint.changes_from(stored)
@@ -369,6 +406,8 @@ class CommitStore:
             moved_to = self.move_aside(stage)
         payload = fingerprint.to_dict()
         payload["digest"] = fingerprint.digest
+        if fingerprint.run:
+            payload["run"] = dict(fingerprint.run)
         path = f"{self.stage_dir(stage)}/{STAGE_FILE}"
         # Create-if-absent (no rename on object stores): of two tasks racing to record the
         # stage, one writes it and the other checks against what the first wrote.

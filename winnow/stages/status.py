@@ -9,6 +9,7 @@ counts (:func:`count_outcomes`) and the write stage read this, so every number a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -105,7 +106,7 @@ class StatusStage:
             twin_key_list = [k if row is None else row["duplicate_of_key"] for k, row in zip(twin_key_list, of)]
             extra = {name: pa.array([None if row is None else row[name] for row in of], t) for name, t in CORPUS_FIELDS}
 
-        return pa.table(
+        table = pa.table(
             {
                 "record_id": index.column("record_id"),
                 "key": index.column("key"),
@@ -120,6 +121,33 @@ class StatusStage:
             },
             schema=status_schema(corpus_rows is not None),
         )
+        return with_outcome_counts(table)
+
+
+#: The Parquet key-value metadata of a status row group: ``{outcome: rows}`` as JSON, what
+#: :func:`count_outcomes` sums from the file's footer instead of reading its outcome column.
+OUTCOME_COUNTS_KEY = b"winnow.outcome_counts"
+
+
+def _outcome_counts(outcome: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    values, freq = np.unique(np.asarray(outcome.to_pylist(), dtype=object), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values.tolist(), freq.tolist())}
+
+
+def with_outcome_counts(table: pa.Table) -> pa.Table:
+    """``table`` (status rows) with its outcome counts in its schema's metadata (the file's footer)."""
+    counts = json.dumps(_outcome_counts(table.column("outcome")), sort_keys=True).encode()
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), OUTCOME_COUNTS_KEY: counts})
+
+
+def _row_group_counts(store: CommitStore, partition: int, row_group: int) -> dict[str, int]:
+    """``{outcome: rows}`` of one committed status row group: from its footer's metadata (one
+    footer read), or, for a file written before the metadata was, from its outcome column."""
+    with store.fs.open_input_file(store.row_group_path(STAGE, partition, row_group)) as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    if OUTCOME_COUNTS_KEY in meta:
+        return {str(k): int(v) for k, v in json.loads(meta[OUTCOME_COUNTS_KEY]).items()}
+    return _outcome_counts(store.read_table(STAGE, partition, row_group, columns=["outcome"]).column("outcome"))
 
 
 def status_schema(corpus: bool) -> pa.Schema:
@@ -247,12 +275,12 @@ def count_outcomes(run_root: RunRoot | str, plan: RowGroupPlan) -> dict[str, Any
             if rg not in done:
                 missing += 1
                 continue
-            outcome = store.read_table(STAGE, p, rg, columns=["outcome"]).column("outcome")
-            values, freq = np.unique(np.asarray(outcome.to_pylist(), dtype=object), return_counts=True)
-            for v, c in zip(values.tolist(), freq.tolist()):
-                counts[names[v]] += int(c)
-            counts["records"] += len(outcome)
+            rg_counts = _row_group_counts(store, p, rg)
+            for v, c in rg_counts.items():
+                counts[names[v]] += c
+            counts["records"] += sum(rg_counts.values())
             if rg in done_write:
+                # Its own footer, not the kept count: a takedown removes rows from it later.
                 with store.fs.open_input_file(store.row_group_path("write", p, rg)) as f:
                     written += pq.ParquetFile(f).metadata.num_rows
     for t in _skipped_tables(run_root):
@@ -270,4 +298,5 @@ def count_outcomes(run_root: RunRoot | str, plan: RowGroupPlan) -> dict[str, Any
     return counts
 
 
-__all__ = ["COUNT_NAMES", "OUTCOMES", "StatusConfig", "StatusStage", "count_outcomes", "iter_status", "status_schema"]
+__all__ = ["COUNT_NAMES", "OUTCOMES", "StatusConfig", "StatusStage", "count_outcomes", "iter_status", "status_schema",
+           "with_outcome_counts"]
