@@ -25,6 +25,7 @@ from winnow.stages.dedup import DedupConfig, dedup_clusters, nearest_centroid
 from winnow.stages.dedup_steps import (
     AssignStage,
     DedupFlagsStage,
+    assign_schema,
     ensure_step,
     load_centroids,
     read_bucket,
@@ -307,3 +308,95 @@ def test_centroids_sample_is_bounded_and_deterministic(base_run, tmp_path):
     assert _centroids(_copy(base_run, tmp_path, "c"), small)["sample"] == 100
     with pq.ParquetFile(os.path.join(a, "centroids", "centroids.parquet")) as f:
         assert f.metadata.num_rows == 6
+
+
+def test_assign_markers_locate_each_batch_and_pairwise_reads_no_footer(base_run, tmp_path, monkeypatch):
+    """Each assign marker says where its buckets' record batches lie (offset, length of the IPC
+    message): decoded alone, each is the batch the footer would give. Pairwise then reads the
+    batches from the per-bucket manifest, never an IPC footer, and flags what the footer path
+    flags; the gather leaves one object per row group that dedup reads."""
+    run_root = _copy(base_run, tmp_path)
+    _centroids(run_root, CONFIG)
+    store = CommitStore(run_root)
+    ensure_step(store, PLAN, CONFIG, "assign")
+    from winnow.ray.runner import run_stage_partition
+
+    for p in range(PLAN.num_partitions):
+        assert run_stage_partition(AssignStage(CONFIG), run_root=run_root, plan=PLAN, partition=p, execution=LOCAL).ok
+    c, _ = load_centroids(store)
+    for rg in range(PLAN.num_row_groups):
+        marker = store.read_table("assign", PLAN.partition_of(rg), rg)
+        data = open(store.row_group_path("assign", PLAN.partition_of(rg), rg, ".arrow"), "rb").read()
+        reader = pa.ipc.open_file(pa.py_buffer(data))
+        for i, (offset, length) in enumerate(zip(marker.column("offset").to_pylist(), marker.column("length").to_pylist())):
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data[offset:offset + length])),
+                                             assign_schema(c.shape[1]))
+            assert batch.equals(reader.get_batch(i))
+    by_footers = {b: read_bucket(store, PLAN, b) for b in range(CONFIG.buckets)}  # no manifest yet: footers
+
+    def no_footers(*_a, **_k):
+        raise AssertionError("pairwise read an IPC file footer")
+
+    monkeypatch.setattr(pa.ipc, "open_file", no_footers)
+    summary = run_pairwise(run_root, PLAN, CONFIG, execution=LOCAL)
+    assert summary.computed == CONFIG.buckets and not summary.failed
+    for b, rows in by_footers.items():
+        assert read_bucket(store, PLAN, b).equals(rows)
+    manifests = sorted(os.listdir(os.path.join(run_root, "assign", "_batches")))
+    assert manifests == ["_claim.json", "_done.json", *(f"b{b:05d}.parquet" for b in range(CONFIG.buckets))]
+    gathered = {os.path.relpath(os.path.join(d, f), os.path.join(run_root, "pairwise", "gathered"))
+                for d, _, fs in os.walk(os.path.join(run_root, "pairwise", "gathered")) for f in fs if f.startswith("rg")}
+    assert gathered == {f"p{PLAN.partition_of(rg):05d}/rg{rg:09d}.parquet" for rg in range(PLAN.num_row_groups)}
+    assert not [f for f in os.listdir(os.path.join(run_root, "pairwise")) if f.startswith("p0")]  # no P x B files
+    _run_steps(run_root)  # the flags step (everything else committed)
+    assert _flags(run_root) == _reference_on_committed_centroids(run_root)
+
+
+def _to_old_layout(run_root: str) -> None:
+    """Rewrite a run root as the layout before batch offsets and the gather wrote it: assign
+    markers without offsets, no manifest; pairwise per (partition, bucket) files with summary-only
+    bucket markers, nothing gathered; no dedup row group committed."""
+    store = CommitStore(run_root)
+    for rg in range(PLAN.num_row_groups):
+        marker = store.read_table("assign", PLAN.partition_of(rg), rg)
+        store.commit_table("assign", PLAN.partition_of(rg), rg, marker.select(["bucket", "rows"]))
+    shutil.rmtree(os.path.join(run_root, "assign", "_batches"), ignore_errors=True)
+    for b in range(CONFIG.buckets):
+        path = os.path.join(run_root, "pairwise", f"b{b:05d}.parquet")
+        table = pq.read_table(path)
+        if "record_id" not in table.column_names:
+            continue  # that layout already
+        ids = table.column("record_id").to_numpy()
+        for p in range(PLAN.num_partitions):
+            lo, hi = PLAN.partition_record_range(p)
+            a, z = np.searchsorted(ids, [lo, hi])
+            os.makedirs(os.path.join(run_root, "pairwise", f"p{p:05d}"), exist_ok=True)
+            pq.write_table(table.slice(a, z - a).replace_schema_metadata(None),
+                           os.path.join(run_root, "pairwise", f"p{p:05d}", f"b{b:05d}.parquet"))
+        pq.write_table(pa.table({"info": [json.dumps({"bucket": b})]}), path)
+    shutil.rmtree(os.path.join(run_root, "pairwise", "gathered"), ignore_errors=True)
+    for p in range(PLAN.num_partitions):
+        shutil.rmtree(os.path.join(run_root, "dedup", f"p{p:05d}"))
+
+
+def test_a_run_root_of_the_older_layout_is_still_read(base_run, tmp_path):
+    """Older runs (markers without offsets, pairwise cut per partition and bucket) resume as
+    they are: dedup gathers their per-partition files, and a pairwise step still to run reads
+    batches through the footers (the manifest marks them so): same flags."""
+    run_root = _copy(base_run, tmp_path)
+    _run_steps(run_root)
+    want = _flags(run_root)
+    _to_old_layout(run_root)
+    _run_steps(run_root)  # pairwise: all committed (old layout); dedup gathers the old files
+    assert _flags(run_root) == want
+    assert sorted(os.listdir(os.path.join(run_root, "pairwise", "gathered")))[:2] == ["_claim.json", "_done.json"]
+
+    _to_old_layout(run_root)
+    for b in (1, 3):  # two buckets still to compute, from markers without offsets
+        os.unlink(os.path.join(run_root, "pairwise", f"b{b:05d}.parquet"))
+    summary = run_pairwise(run_root, PLAN, CONFIG, execution=LOCAL)
+    assert (summary.computed, summary.skipped) == (2, 3)
+    entries = pq.read_table(os.path.join(run_root, "assign", "_batches", "b00001.parquet"))
+    assert entries.num_rows and set(entries.column("offset").to_pylist()) == {-1}
+    _run_steps(run_root)
+    assert _flags(run_root) == want

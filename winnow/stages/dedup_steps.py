@@ -11,16 +11,27 @@ Airflow task least of all) ever holds more than one row group's or one bucket's 
    bucket map: clusters go to buckets largest first onto the lightest bucket (by sample size).
 2. ``assign`` (row-group stage, mapped per partition): each candidate's cluster and cosine
    distance to its centroid; per row group an Arrow IPC file ``rg*.arrow`` with one record batch
-   per non-empty bucket (rows sorted by bucket, cluster, record_id; the file footer locates each
-   batch, so a reader fetches one bucket's rows and nothing else), and the ``rg*.parquet``
-   marker holding rows per bucket.
-3. ``pairwise`` (mapped over buckets, one Ray task each): the bucket's rows from every row group,
-   then :func:`winnow.stages.dedup.dedup_cluster` per cluster (members in record-id order, the
-   stored float32 centroid): the exact rule and arithmetic of the in-process reference. Writes
-   ``pairwise/p<partition>/b<bucket>.parquet`` (record_id, duplicate_of of that partition's
-   record range), then commits the bucket with its marker ``pairwise/b<bucket>.parquet``.
-4. ``dedup`` (row-group stage): a row group's ``DEDUP`` table, from its partition's file of
-   every bucket filtered to its record range: no global join, no other partition's bytes.
+   per non-empty bucket (rows sorted by bucket, cluster, record_id), and the ``rg*.parquet``
+   marker holding, per bucket, its rows and the byte ``offset`` and ``length`` of its batch's
+   IPC message in the ``.arrow`` file.
+3. ``pairwise`` (mapped over buckets, one Ray task each). First, once per run, the batch
+   manifest: one worker task reads the G assign markers and writes ``assign/_batches/b*.parquet``
+   (per bucket: row group, offset, length of each batch it has), so a bucket learns where its rows
+   are with one GET instead of G footers. Then per bucket: one ranged read of exactly each of its
+   batches (decoded with the known schema, no footer), and
+   :func:`winnow.stages.dedup.dedup_cluster` per cluster (members in record-id order, the stored
+   float32 centroid): the exact rule and arithmetic of the in-process reference. Commits
+   ``pairwise/b<bucket>.parquet`` (record_id, duplicate_of, one Parquet row group per partition).
+   When every bucket is committed, once per run, the gather: ``pairwise/gathered/p*/rg*.parquet``,
+   each row group's duplicates from every bucket.
+4. ``dedup`` (row-group stage): a row group's ``DEDUP`` table from its gathered object: one read,
+   whatever the number of buckets; no global join, no other row group's bytes.
+
+The manifest and the gather are each built by one claimant (``_claim.json``, create if absent);
+concurrent callers (Airflow's mapped pairwise tasks, dedup row-group tasks) wait for its
+``_done.json``, and a dead claimant's claim is taken over. Older run roots (markers without
+offsets, pairwise cut per partition and bucket) are still read: their batches through the
+footers, their per-partition files by the gather.
 
 Fingerprints: ``centroids`` holds n_clusters, seed, max_iter, sample_size and buckets;
 ``pairwise`` holds eps. A changed eps therefore reuses centroids and assignment.
@@ -32,8 +43,12 @@ import functools
 import heapq
 import json
 import math
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,7 +63,8 @@ from winnow.execution import Execution
 from winnow.faults import FaultSpec
 from winnow.results import UnitSummary
 from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot, StageFingerprint
-from winnow.rowgroups.store import stage_fingerprint, table_to_parquet_bytes, write_atomic
+from winnow.rowgroups.fs import create_if_absent, read_range, read_small
+from winnow.rowgroups.store import read_json, stage_fingerprint, table_to_parquet_bytes, write_atomic, write_json
 from winnow.rowgroups.task import RowGroupTask
 from winnow.schemas import DEDUP
 from winnow.stages.dedup import DedupConfig, DedupResult, auto_clusters, dedup_table
@@ -64,6 +80,24 @@ SAMPLE_OVERREAD = 4
 TARGET_BUCKET_RECORDS = 1 << 16
 _META = b"winnow.centroids"
 _BUCKETS_META = b"winnow.buckets"
+_PAIRWISE_META = b"winnow.pairwise"
+_PARTITIONS_META = b"winnow.partitions"
+#: ``assign/_batches/``: per bucket, where its record batch lies in each row group's ``.arrow``.
+MANIFEST_DIR = "_batches"
+MANIFEST_COLUMNS = ("row_group", "partition", "batch", "bucket", "offset", "length", "rows")
+#: ``pairwise/gathered/p*/rg*.parquet``: every bucket's duplicates, cut per row group.
+GATHER_DIR = "gathered"
+#: Duplicates the gather holds at once (16 B each: 256 MiB); more are gathered in chunks of partitions.
+GATHER_ROWS = 1 << 24
+#: Bucket files the gather keeps in memory between its footer pass and its reads (small ones only).
+GATHER_KEEP_BYTES = 256 << 20
+DONE_FILE = "_done.json"
+CLAIM_FILE = "_claim.json"
+#: A claim to build a run-wide side file older than this is taken over (its builder is gone).
+CLAIM_STALE_S = 900.0
+CLAIM_POLL_MAX_S = 10.0
+#: Concurrent small reads and writes of one task (object stores answer them in parallel).
+IO_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -353,6 +387,64 @@ def _unit_cpus(execution: Execution) -> float:
     return 1.0 if on_gpu else largest_node_cpus(None, nodes)
 
 
+# ---- once-per-run side files: one builder, the others wait -------------------------------
+
+def _claim_stale(claim: dict[str, Any] | None) -> bool:
+    """A claim nobody is working on: none, older than :data:`CLAIM_STALE_S`, or made by a
+    process of this host that no longer exists."""
+    if not claim:
+        return True
+    if time.time() - float(claim.get("time", 0)) > CLAIM_STALE_S:
+        return True
+    if claim.get("host") == socket.gethostname():
+        try:
+            os.kill(int(claim.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def _once(store: CommitStore, folder: str, build: Callable[[], dict[str, Any]],
+          valid: Callable[[dict[str, Any]], bool], *, wait: bool) -> bool:
+    """Build a run-wide side file set under ``folder`` once: a no-op when ``folder/_done.json``
+    holds a ``valid`` record (one GET). Else one caller claims ``_claim.json`` (create if absent)
+    and builds; the others wait for its ``_done.json`` (``wait``) or return at once. A claim
+    whose builder died (:func:`_claim_stale`) is taken over. ``build`` writes whole objects and
+    is deterministic, so two builders racing past a stale claim write the same bytes. True when
+    this call built."""
+    done_path, claim_path = f"{folder}/{DONE_FILE}", f"{folder}/{CLAIM_FILE}"
+    pause = 0.5
+    while True:
+        done = read_json(store.fs, done_path)
+        if done is not None and valid(done):
+            return False
+        claim = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        if done is not None or create_if_absent(store.fs, claim_path, json.dumps(claim).encode()):
+            break
+        if _claim_stale(read_json(store.fs, claim_path)):
+            write_json(store.fs, claim_path, claim)
+            break
+        if not wait:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, CLAIM_POLL_MAX_S)
+    write_json(store.fs, done_path, build())
+    return True
+
+
+def _read_parquet(fs: pafs.FileSystem, path: str) -> pa.Table | None:
+    """A small Parquet object whole (one GET on S3), or None when it does not exist."""
+    data = read_small(fs, path)
+    return None if data is None else pq.read_table(pa.BufferReader(data))
+
+
+def _write_all(store: CommitStore, files: list[tuple[str, bytes]]) -> None:
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        list(pool.map(lambda item: write_atomic(store.fs, *item), files))
+
+
 # ---- step 2: assign -----------------------------------------------------------------------
 
 class _DedupRowGroupStage:
@@ -373,9 +465,17 @@ class _DedupRowGroupStage:
         pass
 
 
+def assign_schema(dim: int) -> pa.Schema:
+    """The rows of an assign ``.arrow`` file: what a batch read by its offset is decoded with."""
+    return pa.schema([("record_id", pa.int64()), ("cluster", pa.int32()), ("distance", pa.float32()),
+                      ("embedding", pa.list_(pa.float16(), dim))])
+
+
 class AssignStage(_DedupRowGroupStage):
     """Row group -> its candidates' clusters, written bucket by bucket (``rg*.arrow``); the
-    returned marker table holds the rows per bucket."""
+    returned marker table holds, per bucket, its rows and where its record batch lies in the
+    ``.arrow`` file (``offset``, ``length``: the whole IPC message), so pairwise reads it with
+    one ranged read and never the file's footer."""
 
     name: ClassVar[str] = "assign"
 
@@ -405,21 +505,141 @@ class AssignStage(_DedupRowGroupStage):
             "cluster": pa.array(cluster[order], pa.int32()),
             "distance": pa.array((1.0 - sim[order]).astype(np.float32)),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xs.reshape(-1), pa.float16()), dim),
-        })
+        }, schema=assign_schema(dim))
         bs = bucket[order]
         present, starts, counts = np.unique(bs, return_index=True, return_counts=True)
         schema = table.schema.with_metadata({_BUCKETS_META: json.dumps(present.tolist())})
         sink = pa.BufferOutputStream()
+        offsets, lengths = [], []
         with pa.ipc.new_file(sink, schema) as writer:
             for start, count in zip(starts.tolist(), counts.tolist()):
-                writer.write_batch(table.slice(start, count).combine_chunks().to_batches()[0])
-        store.commit_bytes(self.name, task.partition, task.row_group, sink.getvalue().to_pybytes(), suffix=".arrow")
-        return pa.table({"bucket": pa.array(present, pa.int32()), "rows": pa.array(counts, pa.int64())})
+                batch = table.slice(start, count).combine_chunks().to_batches()[0]
+                writer.write_batch(batch)
+                # The file writer frames a batch as one encapsulated IPC message of exactly this
+                # size, ending where the stream now is (checked below: contiguous, each opening
+                # with the continuation marker).
+                size = pa.ipc.get_record_batch_size(batch)
+                offsets.append(sink.tell() - size)
+                lengths.append(size)
+        data = sink.getvalue().to_pybytes()
+        for i, at in enumerate(offsets):
+            if data[at:at + 4] != b"\xff\xff\xff\xff" or (i and offsets[i - 1] + lengths[i - 1] != at):
+                raise DedupError(f"assign row group {task.row_group}: batch {i} is not where the IPC writer "
+                                 "was expected to put it (pyarrow's file layout changed?)")
+        store.commit_bytes(self.name, task.partition, task.row_group, data, suffix=".arrow")
+        return pa.table({"bucket": pa.array(present, pa.int32()), "rows": pa.array(counts, pa.int64()),
+                         "offset": pa.array(offsets, pa.int64()), "length": pa.array(lengths, pa.int64())})
 
 
-def read_bucket(store: CommitStore, plan: RowGroupPlan, bucket: int) -> pa.Table:
-    """One bucket's assigned rows from every row group: one record batch per file, read by
-    its footer offset (the other buckets' bytes are never fetched)."""
+# ---- the batch manifest: where each bucket's rows lie, gathered once ---------------------
+
+def _manifest_dir(store: CommitStore) -> str:
+    """Under the assign stage's folder: it describes assign's files, so it goes (moved aside)
+    with them when assign is recomputed, and survives a changed eps."""
+    return f"{store.stage_dir('assign')}/{MANIFEST_DIR}"
+
+
+def _manifest_path(store: CommitStore, bucket: int) -> str:
+    return f"{_manifest_dir(store)}/b{bucket:05d}.parquet"
+
+
+def _manifest_unit(run_root: RunRoot | str, plan_dict: dict, buckets: int, _unit: int) -> dict[str, Any]:
+    """Read the G assign markers once (not once per bucket) and write, per bucket, its entries:
+    (row_group, partition, batch, offset, length, rows), one per row group holding rows of the
+    bucket. ``offset`` -1: a marker of an older run without offsets (that batch is read through
+    its file footer, by index)."""
+    store = CommitStore(run_root)
+    plan = RowGroupPlan(**plan_dict)
+
+    def entries(rg: int) -> dict[str, np.ndarray]:
+        p = plan.partition_of(rg)
+        t = store.read_table("assign", p, rg)
+        n = t.num_rows
+        has = "offset" in t.column_names
+        return {"row_group": np.full(n, rg, np.int32), "partition": np.full(n, p, np.int32),
+                "batch": np.arange(n, dtype=np.int32), "bucket": t.column("bucket").to_numpy().astype(np.int32),
+                "offset": t.column("offset").to_numpy() if has else np.full(n, -1, np.int64),
+                "length": t.column("length").to_numpy() if has else np.zeros(n, np.int64),
+                "rows": t.column("rows").to_numpy().astype(np.int64)}
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        parts = list(pool.map(entries, range(plan.num_row_groups)))
+    cols = {k: np.concatenate([p[k] for p in parts]) if parts else np.empty(0, np.int64) for k in MANIFEST_COLUMNS}
+    order = np.lexsort((cols["row_group"], cols["bucket"]))
+    cols = {k: v[order] for k, v in cols.items()}
+    cuts = np.searchsorted(cols["bucket"], np.arange(buckets + 1))
+    files = []
+    for b in range(buckets):
+        part = pa.table({k: cols[k][cuts[b]:cuts[b + 1]] for k in MANIFEST_COLUMNS if k != "bucket"})
+        files.append((_manifest_path(store, b), table_to_parquet_bytes(part)))
+    _write_all(store, files)
+    return {"row_groups": plan.num_row_groups, "entries": int(len(order))}
+
+
+def ensure_batch_manifest(store: CommitStore, plan: RowGroupPlan, buckets: int, *, execution: Execution,
+                          log: Callable[[str], None] | None = None) -> None:
+    """Make sure ``assign/_batches/`` holds every bucket's entries (:func:`_manifest_unit`, in a
+    worker task: at 10^9 records the G x ~B entries are ~10^7 rows, more than an Airflow task
+    process should hold). Once per run: afterwards one GET (``_done.json``) per call, and that
+    record also stands for "assign is complete" (it was built after checking), so a mapped
+    pairwise task does not list assign's P partitions again."""
+    from winnow.ray.units import run_units
+
+    say = log or (lambda _m: None)
+    digest = store.fingerprint_digest("assign")
+
+    def valid(done: dict[str, Any]) -> bool:
+        return (done.get("assign"), done.get("buckets"), done.get("row_groups")) == (digest, buckets, plan.num_row_groups)
+
+    def build() -> dict[str, Any]:
+        _require_complete(store, plan, "assign", "pairwise")
+        fn = functools.partial(_manifest_unit, store.run_root, plan.to_dict(), buckets)
+        summary = run_units("pairwise.manifest", fn, [0], execution=execution, log=say)
+        if summary.failed:
+            raise DedupError(f"pairwise: gathering assign's batch offsets failed: {summary.failed[0]}")
+        return {"assign": digest, "buckets": buckets, "row_groups": plan.num_row_groups,
+                "entries": summary.results[0].get("entries")}
+
+    _once(store, _manifest_dir(store), build, valid, wait=True)
+
+
+def _read_entries(store: CommitStore, plan: RowGroupPlan, bucket: int) -> pa.Table | None:
+    """The bucket's manifest entries (one GET), or None where there is none (then: footers).
+    Each bucket's file is whole on its own (written after assign was checked complete), so it
+    is read without its ``_done.json``."""
+    return _read_parquet(store.fs, _manifest_path(store, bucket))
+
+
+def read_bucket(store: CommitStore, plan: RowGroupPlan, bucket: int, entries: pa.Table | None = None, *,
+                dim: int | None = None) -> pa.Table:
+    """One bucket's assigned rows from every row group. With the manifest's ``entries`` (read
+    here when not given): per row group holding rows of the bucket, one ranged read of exactly
+    its record batch's IPC message, decoded with the known schema: no file footer is read.
+    Without a manifest (or for entries of an old run without offsets): the batch through the
+    file's footer, as before."""
+    if entries is None:
+        entries = _read_entries(store, plan, bucket)
+    if entries is None:
+        return _read_bucket_by_footers(store, plan, bucket)
+    schema = assign_schema(dim or load_centroids(store)[0].shape[1])
+    rows = entries.to_pydict()
+
+    def batch(i: int) -> pa.RecordBatch:
+        rg, p = rows["row_group"][i], rows["partition"][i]
+        path = store.row_group_path("assign", p, rg, ".arrow")
+        if rows["offset"][i] < 0:
+            with store.fs.open_input_file(path) as f:
+                old = pa.ipc.open_file(f).get_batch(rows["batch"][i])
+            return pa.RecordBatch.from_arrays(old.columns, schema=schema)
+        data = read_range(store.fs, path, rows["offset"][i], rows["length"][i])
+        return pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), schema)
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        parts = list(pool.map(batch, range(entries.num_rows)))
+    return pa.Table.from_batches(parts, schema=schema)
+
+
+def _read_bucket_by_footers(store: CommitStore, plan: RowGroupPlan, bucket: int) -> pa.Table:
     parts = []
     for rg in range(plan.num_row_groups):
         path = store.row_group_path("assign", plan.partition_of(rg), rg, ".arrow")
@@ -439,13 +659,16 @@ def read_bucket(store: CommitStore, plan: RowGroupPlan, bucket: int) -> pa.Table
 # ---- step 3: pairwise ---------------------------------------------------------------------
 
 def _pairwise_path(store: CommitStore, bucket: int) -> str:
-    """The bucket's commit marker (its summary); written after its per-partition files."""
+    """The bucket's output and commit marker: its duplicates (record_id, duplicate_of) sorted by
+    record id, one Parquet row group per partition with rows (``winnow.partitions``: [partition,
+    rows] of each, in order), its summary in ``winnow.pairwise``. One object per bucket, never
+    one per (partition, bucket): what dedup needs comes through the gather."""
     return store.path("pairwise", f"b{bucket:05d}.parquet")
 
 
 def _pairwise_part_path(store: CommitStore, partition: int, bucket: int) -> str:
-    """A bucket's duplicates inside one partition's record range: what that partition's
-    dedup row groups read (one small file per bucket), never the whole bucket's output."""
+    """Older runs' layout: a bucket's duplicates inside one partition's record range (with a
+    marker ``b<bucket>.parquet`` holding only the summary). Read by the gather, never written."""
     return store.path("pairwise", f"p{partition:05d}", f"b{bucket:05d}.parquet")
 
 
@@ -458,7 +681,7 @@ def _pairwise_unit(run_root: RunRoot | str, plan_dict: dict, config: DedupConfig
     store = CommitStore(run_root)
     plan = RowGroupPlan(**plan_dict)
     c, _meta = load_centroids(store)
-    rows = read_bucket(store, plan, bucket)
+    rows = read_bucket(store, plan, bucket, dim=c.shape[1])
     device = resolve_device(config.device)
     parts = []
     if rows.num_rows:
@@ -483,19 +706,21 @@ def _pairwise_unit(run_root: RunRoot | str, plan_dict: dict, config: DedupConfig
                       "duplicate_of": pa.array(found.duplicate_of[order], pa.int64())})
     info = {"bucket": bucket, "members": members_n, "clusters": found.clusters,
             "duplicates": int(len(found.record_id)), "largest_block": found.largest_block}
-    table = table.replace_schema_metadata({b"winnow.pairwise": json.dumps(info)})
     faults = FaultSpec.from_env()
     if faults is not None:
         faults.fire("pairwise", bucket)
-    # Split by partition record range; every partition gets a file (maybe empty), so a missing
-    # file is an error, never "no duplicates".
+    # One object per bucket, cut into Parquet row groups by partition record range, so the
+    # gather reads a range of partitions from it without the rest.
     ids = table.column("record_id").to_numpy()
     bounds = [plan.partition_record_range(p)[0] for p in range(plan.num_partitions)] + [plan.num_records]
     cuts = np.searchsorted(ids, bounds)
-    for p in range(plan.num_partitions):
-        part = table.slice(int(cuts[p]), int(cuts[p + 1] - cuts[p]))
-        write_atomic(store.fs, _pairwise_part_path(store, p, bucket), table_to_parquet_bytes(part))
-    write_atomic(store.fs, _pairwise_path(store, bucket), table_to_parquet_bytes(pa.table({"info": [json.dumps(info)]})))
+    present = [[p, int(cuts[p + 1] - cuts[p])] for p in range(plan.num_partitions) if cuts[p + 1] > cuts[p]]
+    table = table.replace_schema_metadata({_PAIRWISE_META: json.dumps(info), _PARTITIONS_META: json.dumps(present)})
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+        for p, n in present:
+            writer.write_table(table.slice(int(cuts[p]), n), row_group_size=max(n, 1))
+    write_atomic(store.fs, _pairwise_path(store, bucket), sink.getvalue().to_pybytes())
     return info
 
 
@@ -524,13 +749,28 @@ def pairwise_units(store: CommitStore) -> tuple[int | None, set[int]]:
     return total, {b for b in done if b < total}
 
 
+def _centroids_meta(store: CommitStore) -> dict[str, Any]:
+    """The committed centroids' metadata (bucket count, bucket map) from the file's footer: a
+    driver that needs only the bucket count never reads the k x d centroids."""
+    digest = (store.read_fingerprint("centroids") or {}).get("digest", "")
+    meta = centroids_committed(store, digest) if digest else None
+    if meta is None:
+        raise DedupError(f"{store.path('centroids', CENTROIDS_FILE)} is missing or was made for another "
+                         "configuration: run the centroids step (task 'centroids') first")
+    return meta
+
+
 def run_pairwise(
     run_root: RunRoot | str, plan: RowGroupPlan, config: DedupConfig | DedupStepConfig, buckets: list[int] | None = None, *,
     execution: Execution, log: Callable[[str], None] | None = None,
 ) -> UnitSummary:
     """Step 3 over ``buckets`` (all when None): one Ray task per bucket not yet committed, of the
     execution's ``worker_cpus`` CPUs (default 1) and ``worker_gpus`` GPUs (default 1 where a node
-    has GPUs). Returns the :class:`~winnow.results.UnitSummary` (failures in ``failed``)."""
+    has GPUs). Returns the :class:`~winnow.results.UnitSummary` (failures in ``failed``).
+
+    Before the buckets: the batch manifest (:func:`ensure_batch_manifest`, once per run). After
+    them, when every bucket of the run is committed: the gather (:func:`ensure_gathered`, once
+    per run), so that the dedup step reads one object per row group."""
     from winnow.ray.units import run_units
 
     say = log or (lambda _m: None)
@@ -538,43 +778,187 @@ def run_pairwise(
         config = config.dedup
     store = CommitStore(run_root)
     ensure_step(store, plan, config, "pairwise")
-    _require_complete(store, plan, "assign", "pairwise")
-    _c, meta = load_centroids(store)
-    nb = meta["buckets"]
+    nb = int(_centroids_meta(store)["buckets"])
     wanted = list(range(nb)) if buckets is None else [int(b) for b in buckets]
     bad = [b for b in wanted if not 0 <= b < nb]
     if bad:
         raise DedupError(f"buckets {bad} are out of range: this run has {nb} buckets (0..{nb - 1})")
     done = committed_buckets(store)
     todo = [b for b in wanted if b not in done]
+    if todo:
+        ensure_batch_manifest(store, plan, nb, execution=execution, log=say)
     fn = functools.partial(_pairwise_unit, run_root, plan.to_dict(), config)
     summary = run_units("pairwise", fn, todo, skipped=len(wanted) - len(todo), execution=execution, use_gpu=True,
                         num_cpus=execution.worker_cpus, num_gpus=execution.worker_gpus, log=say)
+    if not summary.failed:
+        now = done | set(todo)
+        if not set(range(nb)) <= now and todo:  # another task's buckets may have landed meanwhile
+            now = committed_buckets(store)
+        if set(range(nb)) <= now:
+            ensure_gathered(store, plan, nb, execution=execution, log=say, wait=False)
     return summary
+
+
+# ---- the gather: the duplicates of each row group in one object --------------------------
+
+_EMPTY_DUPLICATES = pa.table({"record_id": pa.array([], pa.int64()), "duplicate_of": pa.array([], pa.int64())})
+
+
+def _duplicates(t: pa.Table) -> pa.Table:
+    return pa.table({"record_id": t.column("record_id").cast(pa.int64()),
+                     "duplicate_of": t.column("duplicate_of").cast(pa.int64())})
+
+def _gathered_dir(store: CommitStore) -> str:
+    """Under pairwise's folder: made from its output, so moved aside with it (a changed eps)."""
+    return store.path("pairwise", GATHER_DIR)
+
+
+def _gathered_path(store: CommitStore, partition: int, row_group: int) -> str:
+    return f"{_gathered_dir(store)}/p{partition:05d}/rg{row_group:09d}.parquet"
+
+
+def _gather_unit(run_root: RunRoot | str, plan_dict: dict, buckets: int, _unit: int) -> dict[str, Any]:
+    """Every bucket's duplicates, cut per row group: ``pairwise/gathered/p*/rg*.parquet``
+    (record_id, duplicate_of of the row group's record range, sorted; written for every row
+    group, empty or not, so a missing one means "not gathered", never "no duplicates").
+
+    Why: the dedup step is a row-group stage, and the duplicates of a row group lie in every
+    bucket. Read from the bucket files, that is G x B small reads (10^7 at 10^9 records, and
+    a partition's row groups would each re-read the same files); gathered here, it is one
+    GET per row group. The gather itself reads each bucket's footer once and then, for chunks
+    of partitions holding at most :data:`GATHER_ROWS` duplicates, the Parquet row groups of
+    those partitions from each bucket: O(B x chunks) reads, bounded memory."""
+    store = CommitStore(run_root)
+    plan = RowGroupPlan(**plan_dict)
+
+    kept, lock = [0], threading.Lock()
+
+    def footer(b: int) -> tuple[pq.FileMetaData, list[list[int]] | None, bytes | None]:
+        path = _pairwise_path(store, b)
+        try:
+            with store.fs.open_input_file(path) as f:
+                md = pq.read_metadata(f)
+                # A small bucket file is kept whole (winnow's object-store reader fetched it
+                # whole already), so the chunk pass reads it again only past the budget.
+                size = f.size()
+                with lock:
+                    keep = size <= GATHER_KEEP_BYTES // 64 and kept[0] + size <= GATHER_KEEP_BYTES
+                    kept[0] += size if keep else 0
+                data = f.read_at(size, 0) if keep else None
+        except FileNotFoundError:
+            raise DedupError(f"{path} is missing: run the pairwise step for bucket {b} first") from None
+        kv = md.metadata or {}
+        return md, json.loads(kv[_PARTITIONS_META]) if _PARTITIONS_META in kv else None, data
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        footers = list(pool.map(footer, range(buckets)))
+    rows = np.zeros(plan.num_partitions, np.int64)
+    for _md, present, _data in footers:
+        for p, n in present or []:
+            rows[p] += n
+    chunks, start, acc = [], 0, 0
+    for p in range(plan.num_partitions):
+        if acc and acc + rows[p] > GATHER_ROWS:
+            chunks.append((start, p))
+            start, acc = p, 0
+        acc += int(rows[p])
+    chunks.append((start, plan.num_partitions))
+
+    def bucket_rows(b: int, p_lo: int, p_hi: int) -> pa.Table:
+        md, present, data = footers[b]
+        lo, hi = plan.partition_record_range(p_lo)[0], plan.partition_record_range(p_hi - 1)[1]
+        if present is None:  # an older run's bucket: its per-partition files
+            parts = []
+            for p in range(p_lo, p_hi):
+                t = _read_parquet(store.fs, _pairwise_part_path(store, p, b))
+                if t is None:
+                    raise DedupError(f"{_pairwise_part_path(store, p, b)} is missing: rerun the pairwise step "
+                                     "with overwrite=true")
+                parts.append(t.select(["record_id", "duplicate_of"]))
+            return pa.concat_tables(parts)
+        # The file's row ranges of the wanted partitions, then the Parquet row groups over them.
+        first = sum(n for p, n in present if p < p_lo)
+        last = first + sum(n for p, n in present if p_lo <= p < p_hi)
+        groups, at = [], 0
+        for i in range(md.num_row_groups):
+            n = md.row_group(i).num_rows
+            if at < last and at + n > first:
+                groups.append(i)
+            at += n
+        if not groups:
+            return _EMPTY_DUPLICATES
+        with (pa.BufferReader(data) if data is not None else store.fs.open_input_file(_pairwise_path(store, b))) as f:
+            t = pq.ParquetFile(f, metadata=md).read_row_groups(groups, columns=["record_id", "duplicate_of"])
+        ids = t.column("record_id").to_numpy()
+        a, z = np.searchsorted(ids, [lo, hi])
+        return t.slice(int(a), int(z - a))
+
+    written = 0
+    for p_lo, p_hi in chunks:
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            parts = list(pool.map(bucket_rows, range(buckets), [p_lo] * buckets, [p_hi] * buckets))
+        found = pa.concat_tables([_EMPTY_DUPLICATES, *(_duplicates(t) for t in parts)]).sort_by("record_id")
+        ids = found.column("record_id").to_numpy()
+        files = []
+        for p in range(p_lo, p_hi):
+            for rg in plan.partition_row_groups(p):
+                lo, hi = plan.row_group_range(rg)
+                a, z = np.searchsorted(ids, [lo, hi])
+                files.append((_gathered_path(store, p, rg), table_to_parquet_bytes(found.slice(int(a), int(z - a)))))
+        _write_all(store, files)
+        written += len(found)
+    return {"duplicates": written, "chunks": len(chunks)}
+
+
+def ensure_gathered(store: CommitStore, plan: RowGroupPlan, buckets: int, *, execution: Execution | None,
+                    log: Callable[[str], None] | None = None, wait: bool = True) -> None:
+    """Make sure ``pairwise/gathered/`` holds every row group's duplicates (once per run; one
+    GET after). ``execution`` None: build in this process (a dedup row-group task that found
+    the gather missing, e.g. after the pairwise task that would have made it died)."""
+    from winnow.ray.units import run_units
+
+    say = log or (lambda _m: None)
+
+    def valid(done: dict[str, Any]) -> bool:
+        return (done.get("buckets"), done.get("row_groups")) == (buckets, plan.num_row_groups)
+
+    def build() -> dict[str, Any]:
+        missing = sorted(set(range(buckets)) - committed_buckets(store))
+        if missing:
+            raise DedupError(f"dedup needs every pairwise bucket; {len(missing)} are not committed "
+                             f"(first: {missing[:10]}). Run the pairwise step for them first.")
+        fn = functools.partial(_gather_unit, store.run_root, plan.to_dict(), buckets)
+        if execution is None:
+            out = fn(0)
+        else:
+            summary = run_units("pairwise.gather", fn, [0], execution=execution, log=say)
+            if summary.failed:
+                raise DedupError(f"pairwise: gathering the duplicates per row group failed: {summary.failed[0]}")
+            out = summary.results[0]
+        say(f"pairwise: gathered {out.get('duplicates')} duplicates into {plan.num_row_groups} row groups")
+        return {"buckets": buckets, "row_groups": plan.num_row_groups, "duplicates": out.get("duplicates")}
+
+    _once(store, _gathered_dir(store), build, valid, wait=wait)
 
 
 # ---- step 4: dedup flags per row group ----------------------------------------------------
 
 class DedupFlagsStage(_DedupRowGroupStage):
-    """Row group -> its ``DEDUP`` table, from the pairwise files filtered to its record range."""
+    """Row group -> its ``DEDUP`` table, from its gathered duplicates: one object (one GET on
+    S3), whatever the number of buckets."""
 
     name: ClassVar[str] = "dedup"
 
     def process(self, task: RowGroupTask) -> pa.Table:
         store = task.store()
-        _c, meta = load_centroids(store)
-        lo, hi = task.record_range
         ids = store.read_table("embed", task.partition, task.row_group, columns=["record_id"]).column("record_id").to_numpy()
-        parts = []
-        for b in range(meta["buckets"]):
-            path = _pairwise_part_path(store, task.partition, b)
-            try:
-                with store.fs.open_input_file(path) as f:
-                    parts.append(pq.read_table(f, filters=[("record_id", ">=", lo), ("record_id", "<", hi)]))
-            except FileNotFoundError:
-                raise DedupError(f"{path} is missing: run the pairwise step for bucket {b} first") from None
-        found = pa.concat_tables(parts) if parts else pa.table({"record_id": pa.array([], pa.int64()),
-                                                                "duplicate_of": pa.array([], pa.int64())})
+        path = _gathered_path(store, task.partition, task.row_group)
+        found = _read_parquet(store.fs, path)
+        if found is None:
+            ensure_gathered(store, task.plan, int(_centroids_meta(store)["buckets"]), execution=None)
+            found = _read_parquet(store.fs, path)
+            if found is None:
+                raise DedupError(f"{path} is missing after the gather: rerun the pairwise step")
         result = DedupResult(found.column("record_id").to_numpy().astype(np.int64),
                              found.column("duplicate_of").to_numpy().astype(np.int64))
         table = dedup_table(ids.astype(np.int64), result)
