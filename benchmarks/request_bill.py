@@ -163,11 +163,11 @@ def rerun_bill(*, g: int, p: int, s: int) -> dict[str, dict[str, int]]:
     derives each term). Exact on this code: every term is a listing or a small file per stage,
     partition, row group or shard; the shard terms were measured with one scan group (S <= 64)."""
     bill = {
-        "index": {"LIST": p + 4, "HEAD": 3 * s, "GET": 4 * s + 17, "PUT": 1},
+        "index": {"LIST": p + 4, "GET": 3 * s + 17, "PUT": 1},
         "thresholds": {"LIST": 3 * p, "GET": 5},
-        "centroids": {"LIST": 5 * p, "HEAD": 1, "GET": 5},
-        "pairwise": {"LIST": p + 1, "GET": 6},
-        "report": {"LIST": 2 * p + 5, "HEAD": 2 * g + s + 4, "GET": 2 * g + 2 * s + 6, "PUT": 1, "DELETE": 1},
+        "centroids": {"LIST": 5 * p, "GET": 5},
+        "pairwise": {"LIST": 1, "GET": 8},
+        "report": {"LIST": 2 * p + 5, "HEAD": 4, "GET": 2 * g + s + 6, "PUT": 1, "DELETE": 1},
         "run_all": {"GET": 1},
     }
     for step in PARTITION_STEPS:  # per task: the lease and the stage's _stage.json, its listing

@@ -14,13 +14,13 @@ from winnow.rowgroups import retry
 
 TRANSIENT = [
     ("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.", "throttled"),
-    ("AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body.", "transient"),
+    ("AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body.", "throttled"),
     ("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream (eof: 0, bad: 1)",
      "transient"),
-    ("AWS Error SERVICE_UNAVAILABLE during GetObject operation: Service Unavailable", "transient"),
+    ("AWS Error SERVICE_UNAVAILABLE during GetObject operation: Service Unavailable", "throttled"),
     ("An error occurred (SlowDown) when calling the GetObject operation: Please reduce your request rate.",
      "throttled"),
-    ("An error occurred (503) when calling the HeadObject operation: Service Unavailable", "transient"),
+    ("An error occurred (503) when calling the HeadObject operation: Service Unavailable", "throttled"),
     ("An error occurred (TooManyRequests) when calling the PutObject operation: slow", "throttled"),
     ("An error occurred (InternalError) when calling the PutObject operation: We encountered an internal error",
      "transient"),

@@ -53,12 +53,15 @@ _THROTTLE_MARKS = (
     "SlowDown", "SLOW_DOWN", "Please reduce your request rate", "TooManyRequests", "TOO_MANY_REQUESTS",
     "RequestLimitExceeded", "REQUEST_LIMIT_EXCEEDED", "Throttl", "THROTTL", "HTTP status 429", "(429)",
     "status code: 429", "rateLimitExceeded",
+    # S3 answers 503 for "reduce your request rate" with or without the SlowDown code (a HEAD's
+    # answer has no body to say which): every 503 counts as throttling.
+    "HTTP status 503", "(503)", "status code: 503", "SERVICE_UNAVAILABLE", "ServiceUnavailable",
 )
 _TRANSIENT_MARKS = (
-    "Failed to flush response stream", "SERVICE_UNAVAILABLE", "ServiceUnavailable", "InternalError",
-    "HTTP status 500", "HTTP status 502", "HTTP status 503", "HTTP status 504",
-    "(500)", "(502)", "(503)", "(504)", "status code: 500", "status code: 502", "status code: 503",
-    "status code: 504", "RequestTimeout", "REQUEST_TIMEOUT", "NETWORK_CONNECTION", "curlCode",
+    "Failed to flush response stream", "InternalError",
+    "HTTP status 500", "HTTP status 502", "HTTP status 504",
+    "(500)", "(502)", "(504)", "status code: 500", "status code: 502", "status code: 504",
+    "RequestTimeout", "REQUEST_TIMEOUT", "NETWORK_CONNECTION", "curlCode",
     "Connection reset", "connection reset", "Connection refused", "connection refused",
     "Couldn't connect", "Could not connect", "Connection was closed", "Connection aborted",
     "Broken pipe", "timed out", "Timeout was reached", "Recv failure", "Send failure",
