@@ -636,8 +636,10 @@ class RetryingHandler(pafs.FileSystemHandler):
     def uri(self, path: str) -> str:
         return display_uri(self.inner, path)
 
-    def call(self, what: str, path: str, fn):
-        return retry.call(fn, what=f"{what} {self.uri(path)}", target=self.target(path))
+    def call(self, what: str, path: str, fn, **options):
+        """``fn()`` through :func:`retry.call`, named and paced by ``path`` (``options``: its
+        ``on_retry`` and ``also``)."""
+        return retry.call(fn, what=f"{what} {self.uri(path)}", target=self.target(path), **options)
 
     def get_type_name(self) -> str:
         return f"retrying-{self.inner.type_name}"
@@ -676,10 +678,7 @@ class RetryingHandler(pafs.FileSystemHandler):
                 if not tried:
                     raise  # (after a lost answer, "not there" is what the lost try did)
 
-        self.call_noting("DELETE", path, once, tried)
-
-    def call_noting(self, what: str, path: str, fn, tried: list) -> None:
-        retry.call(fn, what=f"{what} {self.uri(path)}", target=self.target(path), on_retry=tried.append)
+        self.call("DELETE", path, once, on_retry=tried.append)
 
     def move(self, src, dest):
         self.call("MOVE", src, lambda: self.inner.move(src, dest))
@@ -834,8 +833,7 @@ class _BufferedPut(_PythonFileProtocol):
             with self.handler.inner.open_output_stream(self.path, metadata=self.metadata) as out:
                 out.write(body)
 
-        retry.call(put, what=f"PUT {self.handler.uri(self.path)}", target=self.handler.target(self.path),
-                   also=_upload_session_lost)
+        self.handler.call("PUT", self.path, put, also=_upload_session_lost)
 
 
 def _upload_session_lost(exc: BaseException) -> str | None:
