@@ -30,6 +30,9 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "winnow-tiny-vit"
 #: Environment variable naming the model directory when no ``model_dir`` is given.
 MODEL_DIR_ENV = "WINNOW_MODEL_DIR"
+#: What ``python -m winnow.models fetch`` writes in a model directory: each file it fetched, its
+#: source, revision and sha256 (``winnow.models``).
+MODELS_LOCK = "winnow-models.lock.json"
 #: Weight file extensions, in lookup order.
 WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".bin", ".pth")
 #: File names open_clip / the HF hub use inside a per-tag folder, in lookup order.
@@ -529,3 +532,26 @@ def load_text_model(
         weights_digest=spec.weights_digest(),
         spec=spec,
     )
+
+
+def locked_weights(model_dir: str | None) -> dict[str, str]:
+    """The heads' weights files a fetched model directory holds, by the run param that names
+    each (``aesthetic_weights``, ``nsfw_weights``, ``watermark_weights``), from its lock; empty
+    without a lock (a model directory filled by hand)."""
+    import json
+
+    if not model_dir:
+        return {}
+    path = os.path.join(os.path.expanduser(model_dir), MODELS_LOCK)
+    try:
+        with open(path) as f:
+            files = json.load(f).get("files") or {}
+    except (OSError, ValueError):
+        return {}
+    params = {"aesthetic": "aesthetic_weights", "nsfw": "nsfw_weights", "watermark": "watermark_weights"}
+    out = {}
+    for rel, entry in sorted(files.items()):
+        param = params.get(str((entry or {}).get("name", "")))
+        if param:
+            out[param] = os.path.join(os.path.expanduser(model_dir), rel)
+    return out
