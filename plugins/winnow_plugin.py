@@ -3,7 +3,8 @@
 An ``external_views`` tab on every DAG run (and on mapped task instances) opens
 ``/winnow/ui/run?dag_id=..&run_id=..``: plain HTML + JS from ``winnow_static/`` under a strict
 Content-Security-Policy. Its data comes from ``/winnow/api/runs/{run_id}/...``, read from the
-run's storage by ``winnow.report`` (for a run with a corpus, ``/corpus``: the corpus it builds).
+run's storage by ``winnow.report`` (for a run with a corpus, ``/corpus``: the corpus it builds;
+``/card``: the run's dataset card).
 The run root comes from the DAG run itself: the index task's XCom ``summary`` (``run_root``),
 else the run's conf. Every endpoint needs read access to the
 image_curation DAG (401 without a session, 403 without access).
@@ -288,6 +289,26 @@ def corpus(run_id: str) -> dict[str, Any]:
     if body is None:
         raise HTTPException(status_code=404, detail=f"run {run_id!r} has no corpus: neither its run root nor its conf "
                                                      "names a corpus_uri (it curates its input on its own)")
+    return body
+
+
+@app.get("/api/runs/{run_id}/card", dependencies=[READ_ACCESS])
+def dataset_card(run_id: str) -> dict[str, Any]:
+    """The run's dataset card (:func:`winnow.card.read_card`): ``{"card": card.json,
+    "markdown": CARD.md, "stored"}``, as the report step wrote them beside ``_summary.json`` (for a
+    run reported before cards existed: built now from its storage, nothing written). 404 until the
+    run's report has run."""
+    from winnow.card import read_card
+    from winnow.exceptions import WinnowError
+
+    _, root = _resolved(run_id)
+    try:
+        body = read_card(root)
+    except WinnowError as exc:
+        raise HTTPException(status_code=502, detail=f"the run's card cannot be built: {exc}") from exc
+    if body is None:
+        raise HTTPException(status_code=404, detail=f"run {run_id!r} has no card yet: its report task writes it "
+                                                     "(card.json, CARD.md) once the run's stages are done")
     return body
 
 

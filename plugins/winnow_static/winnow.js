@@ -34,10 +34,11 @@
   }
   function showTab(name) {
     for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
-    for (const t of ["map", "gallery", "scores", "corpus"]) $("tab-" + t).hidden = t !== name;
+    for (const t of ["map", "gallery", "scores", "corpus", "card"]) $("tab-" + t).hidden = t !== name;
     if (name === "gallery" && !state.galleryLoaded) { state.galleryLoaded = true; loadGallery(true); }
     if (name === "scores" && !state.scoresLoaded) { state.scoresLoaded = true; loadScores(); }
     if (name === "corpus") loadCorpus();
+    if (name === "card") loadCard();
     if (name === "map") drawMap();
   }
 
@@ -612,6 +613,104 @@
       tbody.append(tr);
     }
     document.body.dataset.corpusDrawn = "1";
+  }
+
+  // ---- the run's dataset card (card.json + CARD.md, written by the report task) ------------------
+  // Built from the card's own data: the filters, outcomes and EU AI Act fields are the card's lists.
+  async function loadCard() {
+    let body;
+    try {
+      const r = await fetch(api + "/card", { credentials: "same-origin", cache: "no-store" });
+      body = await r.json().catch(() => ({}));
+      if (!r.ok) { text($("card-head"), body.detail || ("HTTP " + r.status)); return; }
+    } catch (e) { text($("card-head"), "connection lost"); return; }
+    renderCard(body.card || {}, body.markdown || "");
+  }
+  function show(v) {
+    if (v === null || v === undefined || v === "") return "–";
+    if (typeof v === "boolean") return v ? "yes" : "no";
+    if (Array.isArray(v)) return v.map(show).join(", ");
+    if (typeof v === "object") return Object.entries(v).map(([k, x]) => k + ": " + show(x)).join("; ");
+    return String(v);
+  }
+  function cardTable(title, header, rows) {
+    const box = $("card-sections");
+    box.append(el("h2", "", title));
+    const table = el("table", "dcard");
+    if (header) {
+      const tr = el("tr");
+      for (const h of header) tr.append(el("th", "", h));
+      const thead = el("thead");
+      thead.append(tr);
+      table.append(thead);
+    }
+    const tbody = el("tbody");
+    for (const row of rows) {
+      const tr = el("tr");
+      row.forEach((cell, i) => tr.append(el(i === 0 && !header ? "th" : "td", typeof cell === "number" ? "num" : "", show(cell))));
+      tbody.append(tr);
+    }
+    table.append(tbody);
+    box.append(table);
+  }
+  function chosenText(f) {
+    if (!f.recorded) return "not recorded by this run";
+    if (!f.enabled) return "off (" + f.param + " = " + show(f.absolute) + ")";
+    if (f.chosen_by === "keep_fraction") {
+      return "chosen by keep_fraction: " + f.param + " = " + f.keep_fraction + " -> computed" +
+        (f.scored !== undefined && f.scored !== null ? ", keeps " + f.keep_count + " of " + f.scored + " scored" : "");
+    }
+    return "fixed threshold (" + f.param + ")";
+  }
+  function renderCard(c, markdown) {
+    const run = c.run || {}, src = c.sources || {}, models = c.models || {}, pre = c.preprocessing || {};
+    const winnow = run.winnow || {};
+    text($("card-head"), "Dataset card of run " + run.run_key + " (winnow " + show(winnow.version) + "), logical date " +
+      show(run.logical_date) + ": built from the run's storage by its report task.");
+    const warn = $("card-warning");
+    warn.hidden = !models.random_weights;
+    text(warn, models.random_weights ? "Random model weights (allow_random_weights): the scores and the filters' decisions mean nothing." : "");
+    $("card-sections").replaceChildren();
+    cardTable("Sources", null, [["input", src.input_uri], ["shards", src.shards],
+      ["bytes", src.bytes !== null && src.bytes !== undefined ? src.bytes : src.bytes_note],
+      ["listing digest", src.listing_digest], ["records indexed", src.records],
+      ["members without image", src.members_without_image], ["bad shards", src.bad_shards]]);
+    const emb = models.embedding || {};
+    cardTable("Models and weights", ["stage", "model", "weights digest", "weights file"],
+      [["embedding model", emb.model + " (pretrained " + show(emb.pretrained) + ", width " + show(emb.embed_dim) + ")", emb.weights_digest, emb.model_dir]]
+        .concat((models.weights || []).map((w) => [w.stage === w.name ? w.stage : w.stage + " (" + w.name + ")", w.model || w.name, w.weights_digest, w.weights_file])));
+    const image = pre.image || {};
+    cardTable("Preprocessing", null, [["resize / crop", image.resize], ["size", image.size], ["interpolation", image.interpolation],
+      ["mean / std", show(image.mean) + " / " + show(image.std)], ["precision", pre.precision], ["max pixels", pre.max_pixels],
+      ["decoder", pre.decoder], ["filters applied before decode", pre.skipped_before_decode || "none"]]);
+    cardTable("Filters", ["filter", "value", "keep", "threshold", "chosen", "dropped"], (c.filters || []).map((f) =>
+      [f.name, f.label, f.keep, f.enabled ? f.threshold : "–", chosenText(f), f.enabled ? show(f.dropped) + " (" + f.count + ")" : "–"]));
+    const d = c.dedup || {}, conf = d.configured || {}, used = d.used || {};
+    cardTable("Dedup", null, [["method", d.method], ["eps", conf.dedup_eps],
+      ["clusters", show(conf.dedup_clusters) + " configured (0 = automatic), " + show(used.k) + " used"],
+      ["pairwise buckets", show(conf.dedup_buckets) + " configured, " + show(used.buckets) + " used"],
+      ["near duplicates dropped", d.duplicates], ["exact duplicates dropped", d.exact_duplicates]]);
+    const counts = c.counts || {};
+    cardTable("Counts (" + show(counts.records) + " records)", ["outcome", "count", "records"],
+      (counts.outcomes || []).map((o) => [o.outcome, o.count, o.records]).concat([["written", "written", counts.written]]));
+    const td = c.takedowns || {};
+    cardTable("Takedowns", ["generation", "date", "reason", "identifiers", "removed", "in force at the run's check"],
+      td.applied ? (td.takedowns || []).map((t) => [t.generation, t.date, t.reason, t.identifiers, t.removed, t.in_force_at_check])
+        : [["–", "–", td.note, "–", "–", "–"]]);
+    if (td.applied) $("card-sections").append(el("p", "muted", show(td.records_dropped) + " records of this run dropped as listed by a takedown."));
+    if (c.corpus && !c.corpus.error) {
+      const cp = c.corpus;
+      cardTable("Corpus " + cp.corpus_uri + " (generation " + show(cp.generation) + ", " + show(cp.records) + " records)",
+        ["generation", "run key", "logical date", "records added", "published at"],
+        (cp.runs || []).map((r) => [r.generation, r.run_key + (r.run_key === run.run_key ? " (this run)" : ""), r.logical_date, r.records, r.published_at]));
+    }
+    const eu = c.eu_ai_act || {};
+    cardTable("EU AI Act: public summary of training content", ["section", "field", "value", "source"],
+      (eu.fields || []).map((f) => [f.section, f.field, f.value !== null && f.value !== undefined ? f.value : f.status, f.source]));
+    $("card-sections").append(el("p", "muted", show(eu.template) + ". " + show(eu.note)));
+    text($("card-md"), markdown);
+    $("card-md-wrap").hidden = !markdown;
+    document.body.dataset.cardDrawn = "1";
   }
 
   // ---- the filters, as the engine declares them ----------------------------------------------

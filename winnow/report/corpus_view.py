@@ -12,44 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# The run's corpus and the counts the view lists are the card's too (the card is written by the
+# report step, a floor below this one).
+from winnow.card import RUN_COUNTS, run_corpus_uri  # noqa: F401  (the view's names for them)
 from winnow.rowgroups import RunRoot
 from winnow.runkey import run_key_of
-
-#: The counts of a published run the view lists (the run's summary counts, as the corpus head
-#: recorded them at publish).
-RUN_COUNTS = ("records", "kept", "corpus_duplicates", "takedowns", "exact_duplicates", "duplicates", "written")
-
-
-def _text(value: Any) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def run_corpus_uri(run_root: RunRoot, conf: Mapping[str, Any] | None = None) -> str | None:
-    """The corpus the run at ``run_root`` builds, None for a run without one.
-
-    The run root's own record first (what the run really used): its corpus pre-check's
-    ``corpus/_pre.json`` (written before anything is decoded), else the ``config`` of its
-    ``_summary.json``; else the DAG run's ``conf`` (``corpus_uri``; blank or absent: none)."""
-    from winnow.pipeline import SUMMARY_FILE
-    from winnow.rowgroups.store import CommitStore, read_json
-    from winnow.stages.corpus_matches import PRE_DONE
-
-    store = CommitStore(run_root)
-
-    def record(rel: str) -> Any:
-        try:
-            return read_json(store.fs, store.path(rel))
-        except ValueError:  # damaged: as if the run had not written it
-            return None
-
-    pre = record(PRE_DONE)
-    if isinstance(pre, dict) and _text(pre.get("corpus_uri")):
-        return _text(pre["corpus_uri"])
-    summary = record(SUMMARY_FILE)
-    config = summary.get("config") if isinstance(summary, dict) else None
-    if isinstance(config, dict) and "corpus_uri" in config:
-        return _text(config["corpus_uri"])
-    return _text((conf or {}).get("corpus_uri"))
 
 
 def _int(value: Any) -> int:

@@ -35,6 +35,8 @@ from winnow.rowgroups.fs import (
 )
 
 STAGE_FILE = "_stage.json"
+#: The run's summary, written by the report step (``winnow.pipeline.run_report``).
+SUMMARY_FILE = "_summary.json"
 TEMP_MARK = ".tmp-"
 _ROW_GROUP_FILE = re.compile(r"^rg(\d{9})(\..+)$")
 _PARTITION_FOLDER = re.compile(r"^p(\d{5})$")
