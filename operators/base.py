@@ -269,6 +269,44 @@ class CurationOperator(BaseOperator):
             hook.stop_job(submission_id)
             self.log.info("asked Ray to stop job %s (cancel_on_kill)", submission_id)
 
+    # ---- OpenLineage (winnow_airflow.lineage; the provider is the optional extra) ---------------
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """What this task read and wrote, and the run's model, weights, thresholds and counts, as
+        the OpenLineage provider's ``OperatorLineage`` (:mod:`winnow_airflow.lineage`); None
+        without the provider, or when it cannot be built (the task's outcome never depends on it)."""
+        return self.openlineage(task_instance)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """The same datasets and facets for a failed try (what it committed stays in the run
+        root); the provider adds the error."""
+        return self.openlineage(task_instance)
+
+    def openlineage_step(self) -> str:
+        """The step this task runs, by the name the run root and the lineage give it: its stage,
+        its corpus step, or ``report``."""
+        step = getattr(self, "stage", None) or getattr(self, "step", None)
+        if step:
+            return step
+        if any(cls.__name__ == "ReportOperator" for cls in type(self).__mro__):
+            return "report"
+        raise ValueError(f"{type(self).__name__} runs no stage winnow's lineage knows")
+
+    def openlineage(self, task_instance: Any) -> Any:
+        """The ``OperatorLineage`` of this try, from the run's config as ``execute`` built it (the
+        try's template context, the storage settings this try looked up): None without the
+        provider or on any error (logged)."""
+        from winnow_airflow import lineage
+
+        if not lineage.provider_available():
+            return None
+        try:
+            step = self.openlineage_step()
+            cfg = self.curation_config(task_instance.get_template_context())
+            return lineage.operator_lineage(step, cfg)
+        except Exception as exc:  # lineage must never fail a task
+            self.log.warning("OpenLineage: no lineage for %s: %s: %s", self.task_id, type(exc).__name__, exc)
+            return None
+
 
 class RowGroupStageOperator(CurationOperator):
     """Runs one stage over the row groups of one partition; committed row groups are skipped.
