@@ -61,11 +61,13 @@ FLOORS: dict[str, int] = {
     "winnow.data": 3,
     "winnow.stages": 3,
     "winnow.corpus": 3,
-    # pipeline: the run as engine calls.
+    # pipeline: the run as engine calls, and the dataset card its report step writes.
     "winnow.pipeline": 4,
-    # entry points: the Ray Job entry, the read side for people (report).
+    "winnow.card": 4,
+    # entry points: the Ray Job entry, the read side for people (report), the weights fetch.
     "winnow.job": 5,
     "winnow.report": 5,
+    "winnow.models": 5,
     # the Airflow side.
     "winnow_airflow": 6,
 }

@@ -22,7 +22,7 @@ from winnow.ray.runner import run_stage_partition
 from winnow.registry import STAGES, partition_stages, run_phases, stage_spec
 from winnow.results import PartitionSummary, UnitSummary
 from winnow.rowgroups import CommitStore, RowGroupPlan, RunRoot, StageFingerprint, StorageOptions, lease, retry
-from winnow.rowgroups.store import stage_fingerprint, write_json
+from winnow.rowgroups.store import SUMMARY_FILE, stage_fingerprint, write_json
 
 if TYPE_CHECKING:
     from winnow.rowgroups.task import Stage
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "_summary.json"
 #: Fields of :class:`CurationConfig` that are not run parameters (not in params, run conf,
 #: ``to_dict`` or fingerprints): where the run's storage is reached, which may hold secrets.
 NOT_PARAMS = frozenset({"storage"})
@@ -139,6 +138,15 @@ class CurationConfig:
         missing = [k for k in ("input_uri", "output_root", "run_key") if not values.get(k)]
         if missing:
             raise ConfigError(f"missing required parameter(s): {', '.join(missing)}")
+        # A model directory filled by `python -m winnow.models fetch` names the heads' weights in
+        # its lock: `model_dir` alone is then enough (a weights param given wins). The watermark
+        # detector only where its filter is on (it costs a model in the embed stage).
+        from winnow.stages.models import locked_weights
+
+        watermark_on = bool(values.get("watermark_threshold")) or values.get("watermark_keep_fraction") is not None
+        for param, path in locked_weights(values.get("model_dir")).items():
+            if values.get(param) is None and (param != "watermark_weights" or watermark_on):
+                values[param] = path
         return cls(**values, storage=storage)
 
     def to_dict(self) -> dict[str, Any]:
@@ -574,6 +582,9 @@ def run_report(
         "config": cfg.to_dict(),
     }
     write_json(store.fs, store.path(SUMMARY_FILE), summary)
+    from winnow.card import write_card
+
+    write_card(cfg.root)  # card.json + CARD.md beside the summary, built from what the run root stores
     if owner:
         lease.release(store, owner)  # the run is complete: the run root is free again
     return summary
@@ -671,6 +682,9 @@ def run_all(
                 "throttled by the store")
         if cfg.corpus_uri is not None:
             summary["corpus"] = run_publish(cfg, logical_date=logical_date, **step)
+            from winnow.card import write_card
+
+            write_card(cfg.root)  # again, now that the corpus lists the run (the DAG publishes first)
     finally:
         # A failed run_all leaves no lease behind: rerunning it resumes at once (with the store
         # down, the lease stays, and this host's next run takes it over: its holder is gone).
