@@ -179,9 +179,9 @@ def weights_digests(fingerprints: Mapping[str, Mapping[str, Any] | None]) -> dic
     """Every ``weights_digest`` the stage fingerprints record, by stage (a model nested in a
     stage's config, such as embed's watermark detector, as ``<stage>.<key>``).
 
-    >>> weights_digests({"embed": {"config": {"weights_digest": "sha256:a", "watermark": {"weights_digest": "b"}}},
-    ...                  "nsfw": {"config": {"weights_digest": "random-seed1"}}, "aesthetic": None})
-    {'embed': 'sha256:a', 'embed.watermark': 'b', 'nsfw': 'random-seed1'}
+    >>> weights_digests({"embed": {"config": {"weights_digest": "sha256:a", "detector": {"weights_digest": "b"}}},
+    ...                  "head": {"config": {"weights_digest": "random-seed1"}}, "dedup": None})
+    {'embed': 'sha256:a', 'embed.detector': 'b', 'head': 'random-seed1'}
     """
     out: dict[str, str] = {}
 

@@ -19,6 +19,7 @@ OTHER_1024 = {
     "winnow/stages/heads.py": ("nn.Linear", "rows x 1024 floats"),  # the LAION aesthetic MLP's layer width
     "winnow/ray/units.py": ("ru_maxrss",),  # KiB to MiB
     "plugins/winnow_plugin.py": ("GZipMiddleware",),  # bytes
+    "winnow/models/download.py": ("unit_divisor",),  # the progress bar's KiB
 }
 
 

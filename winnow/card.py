@@ -102,7 +102,9 @@ def _models(fps: Mapping[str, dict[str, Any]], run_config: Mapping[str, Any]) ->
     stages' fingerprints record."""
     embed = (fps.get("embed") or {}).get("config", {})
     weights = [w for stage, fp in fps.items() for w in _weights(fp.get("config", {}), stage, run_config)]
-    text = (fps.get("clip_score") or {}).get("config", {})
+    # the text tower's tokenizer: recorded by the stage that scores captions against images
+    text = next((fp.get("config", {}) for fp in fps.values()
+                 if isinstance(fp.get("config"), Mapping) and "tokenizer" in fp["config"]), {})
     return {
         "embedding": {
             "model": embed.get("model", run_config.get("model")),
@@ -130,7 +132,8 @@ def _resize_words(pre: Mapping[str, Any]) -> str | None:
 def _preprocessing(fps: Mapping[str, dict[str, Any]], run_config: Mapping[str, Any]) -> dict[str, Any]:
     embed = (fps.get("embed") or {}).get("config", {})
     pre = dict(embed.get("preprocess") or {})
-    watermark = embed.get("watermark") if isinstance(embed.get("watermark"), Mapping) else None
+    # a second image model embed runs on the same decoded images (the watermark detector)
+    watermark = next((v for v in embed.values() if isinstance(v, Mapping) and "weights_digest" in v), None)
     return {
         "image": {**pre, "resize": _resize_words(pre)} if pre else None,
         "precision": embed.get("precision"),

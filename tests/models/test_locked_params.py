@@ -13,8 +13,10 @@ BASE = {"input_uri": "in", "output_root": "out", "run_key": "r"}
 
 
 def _lock(folder) -> None:
-    files = {"aesthetic/a.pth": {"name": "aesthetic"}, "nsfw/n.safetensors": {"name": "nsfw"},
-             "watermark/w.pt": {"name": "watermark"}, "ViT/openai/open_clip_model.safetensors": {"name": "clip"}}
+    files = {"aesthetic/a.pth": {"name": "aesthetic", "param": "aesthetic_weights"},
+             "nsfw/n.safetensors": {"name": "nsfw", "param": "nsfw_weights"},
+             "watermark/w.pt": {"name": "watermark", "param": "watermark_weights"},
+             "ViT/openai/open_clip_model.safetensors": {"name": "clip", "param": "model_dir"}}
     (folder / MODELS_LOCK).write_text(json.dumps({"format": "winnow-models-lock/1", "files": files}))
 
 

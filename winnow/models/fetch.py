@@ -71,6 +71,8 @@ class LockEntry:
     digest_note: str = ""
     converted_from: dict[str, Any] | None = None
     fetched_at: str = ""
+    #: the run param that takes this file (``model_dir`` for the open_clip checkpoint)
+    param: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -89,7 +91,8 @@ class LockEntry:
     def from_dict(cls, path: str, values: Mapping[str, Any]) -> LockEntry:
         fields = {k: values.get(k) for k in ("name", "source", "revision", "sha256", "size", "digest")}
         return cls(path=path, **fields, digest_note=str(values.get("digest_note", "")),  # type: ignore[arg-type]
-                   converted_from=values.get("converted_from"), fetched_at=str(values.get("fetched_at", "")))
+                   converted_from=values.get("converted_from"), fetched_at=str(values.get("fetched_at", "")),
+                   param=str(values.get("param", "")))
 
     def problem(self, model_dir: Path) -> str | None:
         """Why the file on disk is not this entry's, or None when it is (size, then sha256)."""
@@ -320,7 +323,7 @@ def _fetch_one(root: Path, source: Source, lock: Lock, progress: bool, retries: 
         method = PINNED if source.sha256 else GIT_BLOB
         note = source.sha256_note if source.sha256 else f"file already there, checked against git blob {source.git_blob}"
         return LockEntry(source.name, source.path, source.url, source.revision, digest, target.stat().st_size,
-                         method, note, fetched_at=_now())
+                         method, note, fetched_at=_now(), param=source.param)
     if target.exists():
         log.warning("%s: replacing %s, which does not match its expected digest", source.name, target)
     if source.convert == KERAS_NSFW:
@@ -340,7 +343,7 @@ def _fetch_one(root: Path, source: Source, lock: Lock, progress: bool, retries: 
             "under converted_from",
             converted_from={"source": source.url, "revision": _revision(source, got), "sha256": got.sha256,
                             "size": got.size, "digest": method, "digest_note": note},
-            fetched_at=_now(),
+            fetched_at=_now(), param=source.param,
         )
     try:
         got = _download(source, target, _expected(source, locked), progress, retries)
@@ -359,7 +362,7 @@ def _fetch_one(root: Path, source: Source, lock: Lock, progress: bool, retries: 
                             f"{hub} (the hub's LFS sha256), got {got.sha256}")
     method, note = _digest_of(source, got, locked if _expected(source, locked) else None)
     return LockEntry(source.name, source.path, source.url, _revision(source, got), got.sha256, got.size, method,
-                     note, fetched_at=_now())
+                     note, fetched_at=_now(), param=source.param)
 
 
 def fetch(

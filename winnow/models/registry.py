@@ -12,7 +12,8 @@ and what its content is checked against on the first fetch:
   gets the hub's own LFS sha256 from its response headers and is checked against that).
 
 Tests and mirrors replace entries with ``sources=`` (or a JSON file named by
-``WINNOW_MODELS_SOURCES``): ``{"aesthetic": {"url": "http://127.0.0.1:8000/a.pth"}, ...}``. An
+``WINNOW_MODELS_SOURCES``), keyed by entry name (:data:`NAMES`):
+``{"<name>": {"url": "http://127.0.0.1:8000/a.pth"}, ...}``. An
 entry given there replaces the built-in one: fields it leaves out are unknown (no digest), except
 where the file lands (``path``) and whether it is converted.
 """
@@ -85,10 +86,15 @@ _AESTHETIC_COMMIT = "61f2f07a2b16be5ffb40a10ba5adae4a74c9d0d9"
 _NSFW_COMMIT = "3f36aba0d6727c3f6b0ea1a78bc51f157a24f295"
 _WATERMARK_COMMIT = "418a46bc592f2551631c807706bbc605312125d4"
 
+def _head(param: str, **kw) -> Source:
+    """A score head's (or the watermark detector's) source, named after the filter whose
+    ``<filter>_weights`` param takes it."""
+    return Source(name=param.removesuffix("_weights"), param=param, **kw)
+
+
 #: The heads and the watermark detector (the open_clip checkpoint is looked up per model and tag).
-SOURCES: dict[str, Source] = {
-    "aesthetic": Source(
-        name="aesthetic",
+SOURCES: dict[str, Source] = {s.name: s for s in (
+    _head(
         url="https://raw.githubusercontent.com/christophschuhmann/improved-aesthetic-predictor/"
         f"{_AESTHETIC_COMMIT}/sac%2Blogos%2Bava1-l14-linearMSE.pth",
         path="aesthetic/sac+logos+ava1-l14-linearMSE.pth",
@@ -100,8 +106,7 @@ SOURCES: dict[str, Source] = {
         param="aesthetic_weights",
         description="LAION improved aesthetic predictor, MLP over ViT-L/14 embeddings",
     ),
-    "nsfw": Source(
-        name="nsfw",
+    _head(
         url=f"https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/{_NSFW_COMMIT}/"
         "clip_autokeras_binary_nsfw.zip",
         path="nsfw/clip_autokeras_binary_nsfw-vit-l-14.safetensors",
@@ -114,8 +119,7 @@ SOURCES: dict[str, Source] = {
         param="nsfw_weights",
         description="LAION CLIP-based NSFW detector (ViT-L/14, autokeras), converted to safetensors",
     ),
-    "watermark": Source(
-        name="watermark",
+    _head(
         url=f"https://raw.githubusercontent.com/LAION-AI/LAION-5B-WatermarkDetection/{_WATERMARK_COMMIT}/"
         "models/watermark_model_v1.pt",
         path="watermark/watermark_model_v1.pt",
@@ -124,7 +128,7 @@ SOURCES: dict[str, Source] = {
         param="watermark_weights",
         description="LAION-5B watermark detector (timm efficientnet_b3 + MLP classifier)",
     ),
-}
+)}
 #: Every entry name, in fetch order.
 NAMES = ("clip", *SOURCES)
 

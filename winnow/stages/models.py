@@ -548,10 +548,9 @@ def locked_weights(model_dir: str | None) -> dict[str, str]:
             files = json.load(f).get("files") or {}
     except (OSError, ValueError):
         return {}
-    params = {"aesthetic": "aesthetic_weights", "nsfw": "nsfw_weights", "watermark": "watermark_weights"}
     out = {}
     for rel, entry in sorted(files.items()):
-        param = params.get(str((entry or {}).get("name", "")))
-        if param:
+        param = str((entry or {}).get("param") or "")
+        if param.endswith("_weights"):
             out[param] = os.path.join(os.path.expanduser(model_dir), rel)
     return out
