@@ -424,6 +424,7 @@ class TakedownOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         import winnow.corpus
+        from winnow.card import write_corpus_card
         from winnow_airflow.storage import run_storage
 
         corpus_uri, list_uri, reason = (self._arg(context, n) for n in ("corpus_uri", "list_uri", "reason"))
@@ -439,7 +440,10 @@ class TakedownOperator(BaseOperator):
             summary = winnow.corpus.takedown(corpus_uri, list_uri, reason=reason, storage=storage,
                                              owner=f"{context['dag'].dag_id}/{context['run_id']}", date=date,
                                              log=self.log.info)
+            # Also when nothing was left to do: a try that committed and died before its card.
+            write_corpus_card(corpus_uri, storage)
         self.log.info("takedown summary: %s", summary)
+        self._summary = summary  # for the lineage of this try
         # Also when nothing was left to do (``takedown``: None, ``removed``: 0): a retry after a
         # try that committed and died before it succeeded still says the corpus changed.
         extra = {"takedown": summary.get("takedown"), "removed": removed_count(summary)}
@@ -447,6 +451,32 @@ class TakedownOperator(BaseOperator):
             if isinstance(outlet, AssetAlias):
                 context["outlet_events"][outlet].add(corpus_asset(corpus_uri), extra=extra)
         return summary
+
+
+    # ---- OpenLineage (winnow_airflow.lineage) ----------------------------------------------------
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Inputs the list and the corpus, output the corpus, and a ``winnowTakedown`` run facet
+        (:func:`winnow_airflow.lineage.takedown_lineage`); None without the provider or on any error."""
+        return self._openlineage(task_instance)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """The same datasets for a failed try (a rerun finishes what it left); the provider adds the error."""
+        return self._openlineage(task_instance)
+
+    def _openlineage(self, task_instance: Any) -> Any:
+        from winnow_airflow import lineage
+
+        if not lineage.provider_available():
+            return None
+        try:
+            context = task_instance.get_template_context()
+            corpus_uri, list_uri, reason = (self._arg(context, n) for n in ("corpus_uri", "list_uri", "reason"))
+            if not (corpus_uri and list_uri):
+                return None
+            return lineage.takedown_lineage(corpus_uri, list_uri, reason or "", getattr(self, "_summary", None))
+        except Exception as exc:  # lineage must never fail a task
+            self.log.warning("OpenLineage: no lineage for %s: %s: %s", self.task_id, type(exc).__name__, exc)
+            return None
 
 
 def removed_count(summary: Mapping[str, Any]) -> int:

@@ -38,7 +38,10 @@ stage reads the folders of its ``upstream`` stages and writes its own folder, so
 - the corpus steps, with ``corpus_uri`` set: ``corpus_pre``, ``corpus_check`` and
   ``corpus_near`` read the corpus and write ``<run_root>/corpus``; ``publish`` reads
   ``<run_root>/write`` and writes the corpus. Without a corpus they did nothing: no datasets,
-  no facet.
+  no facet;
+- ``takedown`` (the ``image_takedown`` DAG, :func:`takedown_lineage`): inputs the list and the
+  corpus, output the corpus, with a ``winnowTakedown`` run facet (reason, the takedown's id in
+  the corpus, how many records it removed).
 
 **Run facet** ``winnow`` (:func:`run_facet`) on every event: the step, run key and run root,
 winnow's version, the embedding model (``model``, ``pretrained``), the weights digest of each
@@ -69,6 +72,8 @@ log = logging.getLogger(__name__)
 
 #: The run facet's key in an event's ``run.facets``.
 FACET_KEY = "winnow"
+#: The takedown task's run facet's key.
+TAKEDOWN_FACET_KEY = "winnowTakedown"
 
 #: URI schemes that name the same store as OpenLineage's (``gcs://`` is ``gs://``).
 _SCHEMES = {"gcs": "gs", "s3a": "s3", "s3n": "s3"}
@@ -348,3 +353,39 @@ def operator_lineage(step: str, cfg: CurationConfig, *, read_storage: bool = Tru
     return OperatorLineage(inputs=_datasets(inputs, "input", input_stats),
                            outputs=_datasets(outputs, "output", output_stats),
                            run_facets={FACET_KEY: facet_class()(**facts)})
+
+
+@functools.cache
+def takedown_facet_class() -> type:
+    """The ``winnowTakedown`` run facet's class, built on first use like :func:`facet_class`."""
+    import attr
+    from openlineage.client.facet_v2 import RunFacet
+
+    @attr.define
+    class WinnowTakedownFacet(RunFacet):
+        """What a takedown task applied: the reason, its id in the corpus, the records removed."""
+
+        reason: str
+        version: str
+        takedown: Any = None
+        removed: int | None = None
+
+    return WinnowTakedownFacet
+
+
+def takedown_lineage(corpus_uri: str, list_uri: str, reason: str, summary: Mapping[str, Any] | None) -> Any:
+    """The provider's ``OperatorLineage`` of one takedown: inputs the list and the corpus, output
+    the corpus; ``summary`` is :func:`winnow.corpus.takedown`'s (None for a try that ended before
+    it: the datasets alone)."""
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
+    from winnow import __version__
+
+    removed = summary.get("removed") if summary else None
+    if isinstance(removed, (list, tuple)):
+        removed = len(removed)
+    facet = takedown_facet_class()(reason=reason, version=__version__,
+                                   takedown=(summary or {}).get("takedown"),
+                                   removed=removed if isinstance(removed, int) else None)
+    return OperatorLineage(inputs=_datasets([list_uri, corpus_uri], "input"), outputs=_datasets([corpus_uri], "output"),
+                           run_facets={TAKEDOWN_FACET_KEY: facet})

@@ -18,7 +18,8 @@ where its value came from, and the rest marked as the dataset owner's to fill) a
 (the files read, and each stage's fingerprint digest).
 
 A corpus has a card of its own (:func:`write_corpus_card`: ``<corpus>/card.json`` and ``CARD.md``:
-its runs, totals and takedowns, from its head alone).
+its runs, totals and takedowns, from its head alone), rewritten by every publish
+(:func:`winnow.pipeline.run_publish`) and every takedown (the ``takedown`` DAG's task).
 """
 
 from __future__ import annotations
@@ -298,12 +299,18 @@ def _corpus_parts(store: CommitStore, root: RunRoot, run_key: str, summary: Mapp
     return corpus, takedowns
 
 
-def build_corpus_card(corpus_uri: str, storage: Any = None) -> dict[str, Any]:
-    """The card of the corpus at ``corpus_uri``, from its head alone: its runs in generation order
-    (with their counts), its totals and its takedowns."""
+def _open_corpus(corpus: Any, storage: Any = None) -> Any:
+    """A :class:`winnow.corpus.Corpus` as given, or the one at a URI."""
     from winnow.corpus import open_corpus
 
-    corpus = open_corpus(corpus_uri, storage)
+    return open_corpus(corpus, storage) if isinstance(corpus, str) else corpus
+
+
+def build_corpus_card(corpus: Any, storage: Any = None) -> dict[str, Any]:
+    """The card of a corpus (a :class:`winnow.corpus.Corpus`, or its URI reached with
+    ``storage``), from its head alone: its runs in generation order (with their counts), its
+    totals and its takedowns."""
+    corpus = _open_corpus(corpus, storage)
     head = corpus.head()
 
     def gen(x: Mapping[str, Any]) -> int:
@@ -629,15 +636,23 @@ def write_card(root: RunRoot | str) -> dict[str, Any]:
     return card
 
 
-def write_corpus_card(corpus_uri: str, storage: Any = None) -> dict[str, Any]:
-    """Write ``<corpus>/card.json`` and ``CARD.md`` from the corpus head. Call it where the head
-    cannot change meanwhile (under the corpus lease: after a publish or a takedown commits)."""
-    from winnow.corpus import open_corpus
+#: Rebuilds of the corpus card when the head moved on while it was written.
+CORPUS_CARD_TRIES = 5
 
-    card = build_corpus_card(corpus_uri, storage)
-    corpus = open_corpus(corpus_uri, storage)
-    write_json(corpus.fs, corpus.path(CARD_FILE), card)
-    write_atomic(corpus.fs, corpus.path(CARD_MD), corpus_card_markdown(card).encode("utf-8"))
+
+def write_corpus_card(corpus: Any, storage: Any = None) -> dict[str, Any]:
+    """Write ``<corpus>/card.json`` and ``CARD.md`` from the corpus head (a
+    :class:`winnow.corpus.Corpus`, or its URI reached with ``storage``); returns the card. The
+    publish and takedown steps call it once their commit is in. Two writers after two commits
+    may finish in either order, so each reads the head again after writing and rebuilds while
+    it moved on: the card left in storage is the newest head's."""
+    corpus = _open_corpus(corpus, storage)
+    for _ in range(CORPUS_CARD_TRIES):
+        card = build_corpus_card(corpus)
+        write_json(corpus.fs, corpus.path(CARD_FILE), card)
+        write_atomic(corpus.fs, corpus.path(CARD_MD), corpus_card_markdown(card).encode("utf-8"))
+        if corpus.head().generation == card["generation"]:
+            break
     return card
 
 

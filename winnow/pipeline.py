@@ -506,6 +506,7 @@ def run_publish(cfg: CurationConfig, *, logical_date: str | None = None, executi
     a corpus: nothing."""
     if cfg.corpus_uri is None:
         return {"corpus": None}
+    from winnow.card import write_corpus_card
     from winnow.corpus import publish
     from winnow.stages.corpus import checked_generation
     from winnow.stages.status import count_outcomes
@@ -513,9 +514,12 @@ def run_publish(cfg: CurationConfig, *, logical_date: str | None = None, executi
     corpus, plan = _corpus_step(cfg, owner, "write", "publishing to the corpus")
     store = CommitStore(cfg.root)
     counts = {k: v for k, v in count_outcomes(cfg.root, plan).items() if isinstance(v, int)}
-    return publish(corpus, cfg.root, run_key=cfg.run_key, logical_date=logical_date,
-                   checked_generation=checked_generation(store), embed_fingerprint=embed_model_digest(cfg),
-                   url_field=cfg.url_field, counts=counts, owner=owner, log=log or logger.info)
+    summary = publish(corpus, cfg.root, run_key=cfg.run_key, logical_date=logical_date,
+                      checked_generation=checked_generation(store), embed_fingerprint=embed_model_digest(cfg),
+                      url_field=cfg.url_field, counts=counts, owner=owner, log=log or logger.info)
+    # Also on a rerun that published nothing: a try that committed and died before its card.
+    write_corpus_card(corpus)
+    return summary
 
 
 def run_buckets(cfg: CurationConfig, stage: str, buckets: list[int] | None = None, *, execution: Execution,

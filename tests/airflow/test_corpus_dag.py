@@ -136,6 +136,10 @@ def test_three_dates_succeed_and_the_corpus_lists_them_in_date_order(corpus_runs
         assert (published["generation"], published["records"]) == (run["generation"], run["records"]), (date, run)
         summary = json.loads(Path(corpus_runs["run_roots"][date], "_summary.json").read_text())
         assert published["records"] == summary["kept"], date
+    # The publish steps wrote the corpus's card: all three runs, from the head.
+    card = json.loads(Path(corpus_runs["corpus_uri"], "card.json").read_text())
+    assert [r["run_key"] for r in card["runs"]] == [_key(d) for d in DATES]
+    assert card["generation"] == head.generation
 
 
 def test_copies_of_earlier_kept_images_are_corpus_duplicates_naming_the_original(corpus_runs):
@@ -297,6 +301,10 @@ def test_takedown_dag_removes_a_listed_record_from_the_corpus(corpus_runs, dagba
     assert summary["removed"] == 1 and summary["keys"] == [victim] and summary["run_keys"] == [_key(date)]
     event = _corpus_events(corpus_runs["corpus_uri"])[-1]
     assert event == {"takedown": summary["takedown"], "removed": 1}, event
+    # The takedown task rewrote the corpus card: the takedown and its reason are on it.
+    card = json.loads(Path(corpus_runs["corpus_uri"], "card.json").read_text())
+    assert [(t["reason"], t["removed"]) for t in card["takedowns"]][-1:] == [("test opt-out", 1)], card["takedowns"]
+    assert "test opt-out" in Path(corpus_runs["corpus_uri"], "CARD.md").read_text()
     # Idempotent: the same list again removes nothing more.
     dr2 = takedown_dag.test(logical_date=datetime(2025, 6, 2, tzinfo=UTC), run_conf=conf)
     assert dr2.state == "success" and keys() == after

@@ -159,11 +159,11 @@ _NO_PROVIDER = ("airflow.providers.openlineage", "airflow.providers.openlineage.
 
 
 def _operators():
-    from winnow_airflow.corpus import PublishOperator
+    from winnow_airflow.corpus import PublishOperator, TakedownOperator
     from winnow_airflow.stages import IndexOperator, ReportOperator, WriteOperator
 
     return [IndexOperator(task_id="index"), WriteOperator(task_id="write", partition=0),
-            ReportOperator(task_id="report"), PublishOperator(task_id="publish")]
+            ReportOperator(task_id="report"), PublishOperator(task_id="publish"), TakedownOperator(task_id="takedown")]
 
 
 class _NoContext:
@@ -216,3 +216,21 @@ def test_object_store_names_follow_the_openlineage_spec():
     inputs, outputs = task_datasets("report", cfg)
     assert [dataset_name(u) for u in inputs] == [("s3://in", "shards/2025-06-01")]
     assert [dataset_name(u) for u in outputs] == [("gs://out", "curated/r/write"), ("gs://out", "curated/r/status")]
+
+
+def test_the_takedown_task_reads_the_list_and_the_corpus_and_writes_the_corpus(tmp_path):
+    """The takedown operator's lineage after its try (the summary its execute kept), and for a try
+    that failed before the takedown ran (the datasets alone)."""
+    from winnow_airflow.corpus import TakedownOperator
+
+    params = {"corpus_uri": "s3://bucket/corpus/", "list_uri": f"{tmp_path}/optout.txt", "reason": "opt-out"}
+    ti = SimpleNamespace(get_template_context=lambda: {"params": params})
+    op = TakedownOperator(task_id="takedown")
+    failed = op.get_openlineage_facets_on_failure(ti)
+    assert [(d.namespace, d.name) for d in failed.inputs] == [("file", f"{tmp_path}/optout.txt"), ("s3://bucket", "corpus")]
+    assert [(d.namespace, d.name) for d in failed.outputs] == [("s3://bucket", "corpus")]
+    facet = failed.run_facets["winnowTakedown"]
+    assert (facet.reason, facet.takedown, facet.removed) == ("opt-out", None, None)
+    op._summary = {"takedown": 3, "removed": [{"key": "a"}, {"key": "b"}]}
+    done = op.get_openlineage_facets_on_complete(ti).run_facets["winnowTakedown"]
+    assert (done.reason, done.takedown, done.removed) == ("opt-out", 3, 2)
