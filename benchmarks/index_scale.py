@@ -33,9 +33,9 @@ from pathlib import Path
 from _common import add_smoke, apply_smoke, describe, machine
 
 
-def write_shards(folder: Path, shards: int, per_shard: int) -> None:
+def write_shards(folder: Path, shards: int, per_shard: int, image_bytes: int = 100) -> None:
     stamp = folder / "_bench_params.json"
-    params = {"shards": shards, "per_shard": per_shard}
+    params = {"shards": shards, "per_shard": per_shard, "image_bytes": image_bytes}
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         return
     shutil.rmtree(folder, ignore_errors=True)
@@ -43,7 +43,9 @@ def write_shards(folder: Path, shards: int, per_shard: int) -> None:
     for s in range(shards):
         with tarfile.open(folder / f"shard-{s:06d}.tar", "w") as tar:
             for r in range(per_shard):
-                for ext, data in (("jpg", b"\xff\xd8" + bytes(100)), ("txt", b"caption")):
+                # distinct bytes per image (the index hashes them: no image is another's exact duplicate)
+                image = b"\xff\xd8" + (s * per_shard + r).to_bytes(8, "little") + bytes(max(0, image_bytes - 10))
+                for ext, data in (("jpg", image), ("txt", b"caption")):
                     info = tarfile.TarInfo(f"{s:06d}{r:04d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -72,6 +74,8 @@ def main() -> int:
     ap.add_argument("--per-shard", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--buffer-size", type=int, default=4096)
+    ap.add_argument("--image-bytes", type=int, default=100,
+                    help="bytes of each image member (the index reads and hashes them; sample images are ~60,000)")
     ap.add_argument("--work", default="/tmp/winnow-bench/index_scale")
     ap.add_argument("--backends", default="serial,ray",
                     help="comma list of: serial (the tests' serial reference), ray, local (build_index's backends; "
@@ -81,7 +85,7 @@ def main() -> int:
                     help="read the shards from, and write the run roots to, a local S3 endpoint (moto, as the tests use)")
     add_smoke(ap)
     args = ap.parse_args()
-    apply_smoke(args, shards=3, per_shard=4, runs=1, buffer_size=4, work=None, backends="serial,local")
+    apply_smoke(args, shards=3, per_shard=4, runs=1, buffer_size=4, work=None, backends="serial,local", image_bytes=100)
 
     from benchmarks._reference.index import build_index_serial  # the repo root is on sys.path (_common)
     from winnow.data.index import IndexConfig, build_index
@@ -91,7 +95,7 @@ def main() -> int:
 
     work = Path(args.work)
     shards = work / "input"
-    write_shards(shards, args.shards, args.per_shard)
+    write_shards(shards, args.shards, args.per_shard, args.image_bytes)
     print(describe(machine()), flush=True)
     import ray
 

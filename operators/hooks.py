@@ -80,6 +80,7 @@ class RayHook(BaseHook):
         super().__init__(**kwargs)
         self.ray_conn_id = ray_conn_id or self.default_conn_name
         self._resolved: RayConnection | None = None
+        self._embedded = False  # the connection was looked up and is not there
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -105,12 +106,17 @@ class RayHook(BaseHook):
         if self._resolved is not None:
             return self._resolved
         if conn is None:
+            if self._embedded:
+                return None
             try:
                 conn = self.get_connection(self.ray_conn_id)
             except AirflowNotFoundException:
                 self.log.info("no connection %r: using an embedded local Ray", self.ray_conn_id)
+                # Asked once per hook (a try's): each lookup is a request to the API server.
+                self._embedded = True
                 return None
         self._resolved = _parse(self.ray_conn_id, conn)
+        self._embedded = False
         return self._resolved
 
     async def aresolve(self) -> RayConnection:

@@ -236,3 +236,58 @@ def test_text_tower_loads_from_a_weights_file(tmp_path):
     tokens = text.tokenize(["a green line"])
     with torch.inference_mode():
         assert torch.allclose(text.model.encode_text(tokens), reference.encode_text(tokens), rtol=1e-5, atol=1e-5)
+
+
+# ---- checking a model without importing open_clip ------------------------------------------------
+
+_NO_OPEN_CLIP = r"""
+import json, sys
+from winnow.stages.models import TINY_MODEL, tokenizer_spec, validate_model_spec
+spec = validate_model_spec(TINY_MODEL, "random:3", allow_random_weights=True)
+out = {"spec": [spec.model_name, spec.embed_dim, spec.preprocess.to_dict()], "tokenizer": tokenizer_spec(TINY_MODEL).to_dict(),
+       "open_clip_loaded": "open_clip" in sys.modules}
+if len(sys.argv) > 1:
+    spec = validate_model_spec("ViT-B-32", sys.argv[1])
+    out["file"] = [spec.model_name, spec.embed_dim, spec.preprocess.to_dict()]
+    out["open_clip_loaded"] = "open_clip" in sys.modules
+print(json.dumps(out, default=list))
+"""
+
+
+def test_a_model_is_checked_without_importing_open_clip_and_as_open_clip_would(tmp_path):
+    """The driver, every Airflow task and every resume check the model first: open_clip's import
+    (seconds: torchvision, torch._dynamo) is left to the workers that build the model. What the
+    check gives without it equals what it gives with open_clip loaded."""
+    import json
+    import subprocess
+    import sys
+
+    import open_clip
+
+    from winnow.stages.models import TINY_MODEL, tokenizer_spec, validate_model_spec
+
+    weights = tmp_path / "b32.safetensors"
+    weights.write_bytes(b"not read by the check")
+    proc = subprocess.run([sys.executable, "-c", _NO_OPEN_CLIP, str(weights)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fresh["open_clip_loaded"] is False
+    assert "open_clip" in sys.modules  # this process: the check goes through open_clip itself
+    spec = validate_model_spec(TINY_MODEL, "random:3", allow_random_weights=True)
+    loaded = json.loads(json.dumps({"spec": [spec.model_name, spec.embed_dim, spec.preprocess.to_dict()],
+                                    "tokenizer": tokenizer_spec(TINY_MODEL).to_dict()}, default=list))
+    assert (fresh["spec"], fresh["tokenizer"]) == (loaded["spec"], loaded["tokenizer"])
+    b32 = validate_model_spec("ViT-B-32", str(weights))
+    assert fresh["file"] == json.loads(json.dumps([b32.model_name, b32.embed_dim, b32.preprocess.to_dict()], default=list))
+    assert b32.embed_dim == open_clip.get_model_config("ViT-B-32")["embed_dim"]
+
+
+def test_the_defaults_the_check_reads_without_open_clip_are_open_clips():
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, default_bpe
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    from winnow.stages.models import OPEN_CLIP_BPE_FILE, OPEN_CLIP_CONTEXT_LENGTH, OPEN_CLIP_PREPROCESS_DEFAULTS
+
+    assert merge_preprocess_dict(PreprocessCfg(), {}) == OPEN_CLIP_PREPROCESS_DEFAULTS
+    assert (DEFAULT_CONTEXT_LENGTH, os.path.basename(default_bpe())) == (OPEN_CLIP_CONTEXT_LENGTH, OPEN_CLIP_BPE_FILE)

@@ -166,7 +166,51 @@ def file_sha256(path: str) -> str:
     return digest
 
 
+#: What ``merge_preprocess_dict(PreprocessCfg(), {})`` gives (open_clip's eval defaults: OpenAI's
+#: mean and std), for a check that runs before open_clip is imported; a test holds it equal.
+OPEN_CLIP_PREPROCESS_DEFAULTS: dict[str, Any] = {
+    "size": 224, "mode": "RGB", "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711), "interpolation": "bicubic", "resize_mode": "shortest",
+    "fill_color": 0,
+}
+
+
+def _open_clip_loaded() -> bool:
+    import sys
+
+    return "open_clip" in sys.modules
+
+
+def _model_config_file(model_name: str) -> dict[str, Any] | None:
+    """A plain model name's config read from the JSON files open_clip would register (winnow's
+    shipped configs, then open_clip's own ``model_configs``), without importing open_clip: its
+    import (torchvision, torch._dynamo) costs seconds, and a run's driver, every Airflow task and
+    every resume check the model before anything else. None: not a plain name or no file (the
+    caller asks open_clip, which also knows configs registered at run time)."""
+    import importlib.util
+    import json
+
+    if not re.fullmatch(r"[\w.+-]+", model_name):
+        return None
+    folders = [MODEL_CONFIG_DIR]
+    spec = importlib.util.find_spec("open_clip")  # finds the package without running it
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(loc) / "model_configs" for loc in spec.submodule_search_locations]
+    for folder in folders:
+        path = folder / f"{model_name}.json"
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            if all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                return cfg
+    return None
+
+
 def _model_config(model_name: str) -> dict[str, Any]:
+    if not _open_clip_loaded():
+        cfg = _model_config_file(model_name)
+        if cfg is not None:
+            return cfg
     import open_clip
 
     register_model_configs()
@@ -212,8 +256,6 @@ def _resolve_weights(
     model_name: str, model_cfg: dict[str, Any], pretrained: str, model_dir: str | None
 ) -> tuple[str, dict[str, Any]]:
     """(weights file, open_clip pretrained cfg of the tag or {}) for a path or a tag."""
-    from open_clip.pretrained import get_pretrained_cfg
-
     if _looks_like_path(pretrained):
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
@@ -223,6 +265,7 @@ def _resolve_weights(
                 f"tag such as 'openai' together with a model directory ({MODEL_DIR_ENV})."
             )
         return path, {}
+    from open_clip.pretrained import get_pretrained_cfg
 
     tag_cfg = get_pretrained_cfg(model_name, pretrained)
     # open_clip only warns on this mismatch; the embeddings would be silently wrong, so refuse.
@@ -268,11 +311,14 @@ def validate_model_spec(
     >>> validate_model_spec("winnow-tiny-vit", "random", allow_random_weights=True).embed_dim
     768
     """
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
     cfg = _model_config(model_name)
     embed_dim = int(cfg["embed_dim"])
-    preprocess = merge_preprocess_dict(PreprocessCfg(), {})
+    if _open_clip_loaded():
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+        preprocess = merge_preprocess_dict(PreprocessCfg(), {})
+    else:
+        preprocess = dict(OPEN_CLIP_PREPROCESS_DEFAULTS)
     preprocess["size"] = cfg["vision_cfg"].get("image_size", preprocess["size"])
 
     random_match = _RANDOM.match(pretrained or "")
@@ -292,7 +338,10 @@ def validate_model_spec(
             "tag such as 'openai' found in the model directory."
         )
     weights_path, tag_cfg = _resolve_weights(model_name, cfg, pretrained, model_dir)
-    preprocess = merge_preprocess_dict(preprocess, tag_cfg)
+    if tag_cfg:
+        from open_clip.transform import merge_preprocess_dict
+
+        preprocess = merge_preprocess_dict(preprocess, tag_cfg)
     return ModelSpec(model_name, pretrained, weights_path, None, embed_dim, PreprocessConfig.from_open_clip(preprocess))
 
 
@@ -385,6 +434,28 @@ class TokenizerSpec:
         }
 
 
+#: open_clip's ``tokenizer.DEFAULT_CONTEXT_LENGTH`` and the BPE vocabulary file its
+#: ``default_bpe()`` names, inside the package; a test holds them equal.
+OPEN_CLIP_CONTEXT_LENGTH = 77
+OPEN_CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bpe_defaults() -> tuple[int, str]:
+    """(default context length, BPE vocabulary path) of open_clip's tokenizer, without importing
+    open_clip where it is not loaded yet (see :func:`_model_config_file`)."""
+    import importlib.util
+
+    if not _open_clip_loaded():
+        spec = importlib.util.find_spec("open_clip")
+        for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+            path = os.path.join(os.path.abspath(loc), OPEN_CLIP_BPE_FILE)
+            if os.path.isfile(path):
+                return OPEN_CLIP_CONTEXT_LENGTH, path
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, default_bpe
+
+    return DEFAULT_CONTEXT_LENGTH, default_bpe()
+
+
 def tokenizer_spec(model_name: str) -> TokenizerSpec:
     """The tokenizer a model's text tower takes, from its open_clip config.
 
@@ -393,8 +464,6 @@ def tokenizer_spec(model_name: str) -> TokenizerSpec:
     tokenizer has ids: such ids would index past the embedding table, and clamping them would
     give silently wrong text embeddings.
     """
-    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, default_bpe
-
     cfg = _model_config(model_name)
     text_cfg = dict(cfg.get("text_cfg") or {})
     hf_name = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")
@@ -415,10 +484,11 @@ def tokenizer_spec(model_name: str) -> TokenizerSpec:
             f"open_clip's BPE tokenizer emits ids up to {needed - 1}: captions cannot be encoded "
             f"with it. Use a config with text_cfg.vocab_size >= {needed}."
         )
+    context_length, vocab = _bpe_defaults()
     return TokenizerSpec(
         kind=SIMPLE_TOKENIZER,
-        context_length=int(text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)),
-        vocab_digest=file_sha256(default_bpe()),
+        context_length=int(text_cfg.get("context_length", context_length)),
+        vocab_digest=file_sha256(vocab),
         kwargs=kwargs,
     )
 
