@@ -399,8 +399,9 @@ def run_partition(cfg: CurationConfig, stage: str, partition: int, *, execution:
         plan = load_plan(cfg)
         fingerprint = stage_fingerprints(cfg, plan)[stage]
     store.ensure_stage(fingerprint, overwrite=False, stored=stored)
+    spec = stage_spec(stage)
     return run_stage_partition(stage_obj, run_root=cfg.root, plan=plan, partition=partition, execution=execution,
-                               uses_model=stage_spec(stage).uses_model, log=log, store=store, done=done)
+                               uses_model=spec.uses_model, light=spec.light, log=log, store=store, done=done)
 
 
 def run_global(cfg: CurationConfig, stage: str, *, execution: Execution, owner: str | None = None,

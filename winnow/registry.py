@@ -58,6 +58,10 @@ class StageSpec:
     :param config: ``module:function`` that builds the stage's config (which checks its knobs and
         gives ``fingerprint_config()``) from the run's ``CurationConfig``: ``fn(run_config, name)``.
         ``CurationConfig.stage_config`` calls it; nothing else knows which knob goes where.
+    :param light: a partition stage whose work per record is small (no image decode, no large
+        model: a score head's MLP over embeddings, the dedup flags, the status rows, the write of
+        kept records): a partition with few records to compute runs in the calling process, where a
+        Ray Data execution would cost more than the work (:data:`winnow.ray.runner.IN_DRIVER_MAX_RECORDS`).
     """
 
     name: str
@@ -69,6 +73,7 @@ class StageSpec:
     map_over: str | None = None
     units: str | None = None
     config: str = ""
+    light: bool = False
 
     def __post_init__(self) -> None:
         if self.scope == "partition" and self.map_over is None:
@@ -114,9 +119,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("embed", "winnow.stages.embed:EmbedStage", ("index",), "partition", True, PARTITION_GROUP,
               config="winnow.stages.embed:embed_config"),
     StageSpec("aesthetic", "winnow.stages.aesthetic:AestheticStage", ("embed",), "partition", True, PARTITION_GROUP,
-              config="winnow.stages.aesthetic:aesthetic_config"),
+              config="winnow.stages.aesthetic:aesthetic_config", light=True),
     StageSpec("nsfw", "winnow.stages.nsfw:NsfwStage", ("embed",), "partition", True, PARTITION_GROUP,
-              config="winnow.stages.nsfw:nsfw_config"),
+              config="winnow.stages.nsfw:nsfw_config", light=True),
     StageSpec("clip_score", "winnow.stages.clip_score:ClipScoreStage", ("index", "embed"), "partition", True,
               PARTITION_GROUP, config="winnow.stages.clip_score:clip_score_config"),
     # The thresholds actually used (absolute, or the quantile a keep fraction picks over the
@@ -133,14 +138,14 @@ STAGES: tuple[StageSpec, ...] = (
               map_over="centroids", units="winnow.stages.dedup_steps:pairwise_units",
               config="winnow.stages.dedup_steps:step_config"),
     StageSpec("dedup", "winnow.stages.dedup_steps:DedupFlagsStage", ("embed", "pairwise"), "partition",
-              config="winnow.stages.dedup_steps:step_config"),
+              config="winnow.stages.dedup_steps:step_config", light=True),
     # One row per input record with its outcome and scores: what write, the counts and the
     # report read (the outcome rule is applied here only).
     StageSpec("status", "winnow.stages.status:StatusStage",
               ("index", "embed", *FILTER_STAGES, "thresholds", "dedup"), "partition",
-              config="winnow.stages.status:status_config"),
+              config="winnow.stages.status:status_config", light=True),
     StageSpec("write", "winnow.stages.write:WriteStage", ("index", "embed", "status"), "partition",
-              config="winnow.stages.write:write_config"),
+              config="winnow.stages.write:write_config", light=True),
 )
 
 _BY_NAME = {s.name: s for s in STAGES}

@@ -182,3 +182,52 @@ def test_task_process_killed_mid_partition_resumes_with_only_the_rest(tmp_path):
     plan = RowGroupPlan(50, 10, max_partitions=1)
     again = run_stage_partition(RecordRangeStage(), run_root=str(root), plan=plan, partition=0, execution=LOCAL)
     assert (again.computed, again.skipped) == (3, 2)
+
+
+class CpuModelStage(ModelRangeStage):
+    """A light model stage: ``on_cpu`` gives the copy the driver runs (its pid column says where)."""
+
+    name = "cpu_ranges"
+    device = "auto"
+
+    def on_cpu(self):
+        copy = CpuModelStage()
+        copy.device = "cpu"
+        return copy
+
+    def process(self, task):
+        table = super().process(task)
+        return table.append_column("device", pa.array([self.device] * table.num_rows))
+
+
+@pytest.mark.parametrize("stage_cls, uses_model", [(RecordRangeStage, False), (CpuModelStage, True)])
+def test_a_light_stages_small_partition_runs_in_this_process_and_a_large_one_on_ray(
+        tmp_path, ray_local, monkeypatch, stage_cls, uses_model):
+    """Within the bound (WINNOW_IN_DRIVER_MAX_RECORDS) every row group is computed by this
+    process, a model stage on the CPU; past it, by Ray workers; a stage not marked light never
+    runs here."""
+    from winnow.ray.runner import IN_DRIVER_ENV, in_driver
+
+    plan = RowGroupPlan(100, 10, max_partitions=2)  # 50 records a partition
+
+    def where(root, partition: int, *, light: bool) -> tuple[set[int], set[str]]:
+        stage = stage_cls()
+        summary = run_stage_partition(stage, run_root=str(root), plan=plan, partition=partition,
+                                      uses_model=uses_model, light=light, execution=Execution())
+        assert summary.ok and summary.computed == 5, summary
+        store = CommitStore(str(root))
+        tables = [store.read_table(stage.name, partition, rg) for rg in plan.partition_row_groups(partition)]
+        devices = {d for t in tables for d in t.column("device").to_pylist()} if uses_model else set()
+        return {p for t in tables for p in t.column("pid").to_pylist()}, devices
+
+    monkeypatch.setenv(IN_DRIVER_ENV, "50")
+    pids, devices = where(tmp_path / "a", 0, light=True)
+    assert pids == {os.getpid()} and devices <= {"cpu"}
+    pids, devices = where(tmp_path / "a", 1, light=False)  # within the bound, but not light
+    assert os.getpid() not in pids and devices <= {"auto"}
+    monkeypatch.setenv(IN_DRIVER_ENV, "49")
+    pids, devices = where(tmp_path / "b", 0, light=True)
+    assert os.getpid() not in pids and devices <= {"auto"}
+    assert in_driver(Execution(), 49, light=True) and not in_driver(LOCAL, 10, light=True)
+    monkeypatch.setenv(IN_DRIVER_ENV, "0")
+    assert not in_driver(Execution(), 1, light=True)

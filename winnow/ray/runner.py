@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import time
 from collections import OrderedDict
@@ -47,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 #: Set-up stages a worker process keeps (embed model + two heads fit; bounded for memory).
 STAGE_CACHE_SIZE = 4
+#: Records to compute up to which a light stage's partition runs in the calling process
+#: (:func:`in_driver`); BENCHMARKS.md section 15 has the measurement behind it.
+IN_DRIVER_MAX_RECORDS = 4000
+IN_DRIVER_ENV = "WINNOW_IN_DRIVER_MAX_RECORDS"
 _STAGE_CACHE: OrderedDict[str, Stage] = OrderedDict()
 
 
@@ -162,6 +167,16 @@ def stage_cache_key(stage: Stage) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def in_driver(execution: Execution, records: int, *, light: bool) -> bool:
+    """Whether a partition's ``records`` to compute of a ``light`` stage (the registry's flag)
+    run in this process rather than in a Ray Data execution: at most
+    :data:`IN_DRIVER_MAX_RECORDS` (``WINNOW_IN_DRIVER_MAX_RECORDS``; 0 turns it off)."""
+    if not light or execution.backend == "local":
+        return False
+    limit = os.environ.get(IN_DRIVER_ENV, "").strip()
+    return records <= (int(limit) if limit else IN_DRIVER_MAX_RECORDS)
+
+
 def run_stage_partition(
     stage: Stage,
     *,
@@ -170,6 +185,7 @@ def run_stage_partition(
     partition: int,
     execution: Execution,
     uses_model: bool = False,
+    light: bool = False,
     log: Callable[[str], None] | None = None,
     store: CommitStore | None = None,
     done: set[int] | None = None,
@@ -186,7 +202,9 @@ def run_stage_partition(
     caller's :class:`CommitStore` of ``run_root`` (what it already found out about the stage's
     folder is not asked of the store again), else one made here. ``done``: the row groups the
     caller found committed when its try began (its listing of the partition, with temp files
-    cleaned), so the partition is not listed again; None lists it here.
+    cleaned), so the partition is not listed again; None lists it here. ``light`` (the
+    registry's flag): few records to compute (:func:`in_driver`) run in this process, a model
+    stage's head on the CPU there.
     """
     log = log or logger.info
     t0 = time.perf_counter()
@@ -205,10 +223,16 @@ def run_stage_partition(
         return summary
     driver = Driver(stage.name, f"{stage.name} partition {partition}", "row groups", total=len(row_groups),
                     skipped=summary.skipped, log=log, rate=True)
-    args = (stage, store.run_root, plan.to_dict(), partition, driver.faults)
+    if in_driver(execution, sum(plan.row_group_size(rg) for rg in todo), light=light):
+        # A Ray Data execution costs ~0.2-0.6 s before its first row group: more than this work.
+        here = stage.on_cpu() if uses_model and hasattr(stage, "on_cpu") else stage
+        execution = Execution(backend="local")
+        args = (here, store.run_root, plan.to_dict(), partition, driver.faults)
+    else:
+        args = (stage, store.run_root, plan.to_dict(), partition, driver.faults)
     results = dispatch(
         execution, todo,
-        local=lambda: _RowGroupWorker(*args, stage_cache_key(stage)).run_many(todo),
+        local=lambda: _RowGroupWorker(*args, stage_cache_key(args[0])).run_many(todo),
         remote=lambda: _ray_results(stage, args, todo, execution, uses_model, log=log),
     )
     for result in results:

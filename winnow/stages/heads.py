@@ -373,6 +373,13 @@ class HeadStage:
         c = self.config
         return {"weights_digest": weights_digest(c.head, c.weights, allow_random_weights=c.allow_random_weights)}
 
+    def on_cpu(self) -> HeadStage:
+        """This stage with its head on the CPU (a partition the runner computes in the calling
+        process: no GPU context there); same weights, same fingerprint."""
+        from dataclasses import replace
+
+        return type(self)(replace(self.config, device="cpu"))
+
     def setup(self) -> None:
         c = self.config
         self._module, _ = load_head(
