@@ -297,15 +297,11 @@ class CurationOperator(BaseOperator):
         provider or on any error (logged)."""
         from winnow_airflow import lineage
 
-        if not lineage.provider_available():
-            return None
-        try:
+        def build() -> Any:
             step = self.openlineage_step()
-            cfg = self.curation_config(task_instance.get_template_context())
-            return lineage.operator_lineage(step, cfg)
-        except Exception as exc:  # lineage must never fail a task
-            self.log.warning("OpenLineage: no lineage for %s: %s: %s", self.task_id, type(exc).__name__, exc)
-            return None
+            return lineage.operator_lineage(step, self.curation_config(task_instance.get_template_context()))
+
+        return lineage.guarded(build, self.task_id, self.log)
 
 
 class RowGroupStageOperator(CurationOperator):

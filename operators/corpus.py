@@ -452,7 +452,6 @@ class TakedownOperator(BaseOperator):
                 context["outlet_events"][outlet].add(corpus_asset(corpus_uri), extra=extra)
         return summary
 
-
     # ---- OpenLineage (winnow_airflow.lineage) ----------------------------------------------------
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """Inputs the list and the corpus, output the corpus, and a ``winnowTakedown`` run facet
@@ -466,17 +465,16 @@ class TakedownOperator(BaseOperator):
     def _openlineage(self, task_instance: Any) -> Any:
         from winnow_airflow import lineage
 
-        if not lineage.provider_available():
-            return None
-        try:
+        def build() -> Any:
             context = task_instance.get_template_context()
             corpus_uri, list_uri, reason = (self._arg(context, n) for n in ("corpus_uri", "list_uri", "reason"))
             if not (corpus_uri and list_uri):
                 return None
-            return lineage.takedown_lineage(corpus_uri, list_uri, reason or "", getattr(self, "_summary", None))
-        except Exception as exc:  # lineage must never fail a task
-            self.log.warning("OpenLineage: no lineage for %s: %s: %s", self.task_id, type(exc).__name__, exc)
-            return None
+            summary = getattr(self, "_summary", None)  # this try's, once its takedown ran
+            return lineage.takedown_lineage(corpus_uri, list_uri, reason or "", takedown=(summary or {}).get("takedown"),
+                                            removed=removed_count(summary) if summary else None)
+
+        return lineage.guarded(build, self.task_id, self.log)
 
 
 def removed_count(summary: Mapping[str, Any]) -> int:

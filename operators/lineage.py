@@ -61,7 +61,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -188,20 +188,10 @@ def weights_digests(fingerprints: Mapping[str, Mapping[str, Any] | None]) -> dic
     ...                  "head": {"config": {"weights_digest": "random-seed1"}}, "dedup": None})
     {'embed': 'sha256:a', 'embed.detector': 'b', 'head': 'random-seed1'}
     """
-    out: dict[str, str] = {}
+    from winnow.card import recorded_weights
 
-    def walk(prefix: str, config: Any) -> None:
-        if not isinstance(config, Mapping):
-            return
-        for key, value in config.items():
-            if key == "weights_digest" and isinstance(value, str):
-                out[prefix] = value
-            elif isinstance(value, Mapping):
-                walk(f"{prefix}.{key}", value)
-
-    for stage, stored in fingerprints.items():
-        walk(stage, (stored or {}).get("config"))
-    return out
+    return {".".join((stage, *keys)): node["weights_digest"] for stage, keys, node in recorded_weights(fingerprints)
+            if isinstance(node["weights_digest"], str)}
 
 
 def _model_stages() -> tuple[str, ...]:
@@ -373,19 +363,27 @@ def takedown_facet_class() -> type:
     return WinnowTakedownFacet
 
 
-def takedown_lineage(corpus_uri: str, list_uri: str, reason: str, summary: Mapping[str, Any] | None) -> Any:
+def takedown_lineage(corpus_uri: str, list_uri: str, reason: str, *, takedown: Any = None,
+                     removed: int | None = None) -> Any:
     """The provider's ``OperatorLineage`` of one takedown: inputs the list and the corpus, output
-    the corpus; ``summary`` is :func:`winnow.corpus.takedown`'s (None for a try that ended before
-    it: the datasets alone)."""
+    the corpus; ``takedown`` (its id in the corpus) and ``removed`` (records) as the takedown's
+    summary says them (None for a try that ended before it: the datasets alone)."""
     from airflow.providers.openlineage.extractors import OperatorLineage
 
     from winnow import __version__
 
-    removed = summary.get("removed") if summary else None
-    if isinstance(removed, (list, tuple)):
-        removed = len(removed)
-    facet = takedown_facet_class()(reason=reason, version=__version__,
-                                   takedown=(summary or {}).get("takedown"),
-                                   removed=removed if isinstance(removed, int) else None)
+    facet = takedown_facet_class()(reason=reason, version=__version__, takedown=takedown, removed=removed)
     return OperatorLineage(inputs=_datasets([list_uri, corpus_uri], "input"), outputs=_datasets([corpus_uri], "output"),
                            run_facets={TAKEDOWN_FACET_KEY: facet})
+
+
+def guarded(build: Callable[[], Any], task_id: str, logger: Any) -> Any:
+    """An operator's ``OperatorLineage`` from ``build()``: None without the provider, and None
+    (logged on ``logger``) on any error: lineage never fails a task."""
+    if not provider_available():
+        return None
+    try:
+        return build()
+    except Exception as exc:  # lineage must never fail a task
+        logger.warning("OpenLineage: no lineage for %s: %s: %s", task_id, type(exc).__name__, exc)
+        return None

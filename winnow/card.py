@@ -25,7 +25,7 @@ its runs, totals and takedowns, from its head alone), rewritten by every publish
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from winnow.rowgroups import CommitStore, RunRoot
@@ -76,25 +76,42 @@ def _fingerprints(store: CommitStore) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _weights(config: Mapping[str, Any], stage: str, run_config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The weights a stage's fingerprint config names: its own ``weights_digest`` and any nested
-    model's (the embed stage's watermark detector), each with the run param that named its file."""
-    found = []
+def recorded_weights(fingerprints: Mapping[str, Mapping[str, Any] | None]) -> Iterator[tuple[str, tuple[str, ...], Mapping[str, Any]]]:
+    """``(stage, keys, node)`` of every model whose ``weights_digest`` the stages' stored
+    fingerprints record: the stage's own (``keys`` empty) and each model nested in its config
+    (``keys``: the path to it: embed's watermark detector is under its filter's name).
 
-    def visit(cfg: Mapping[str, Any], name: str) -> None:
-        if "weights_digest" in cfg:
-            param = f"{name}_weights" if f"{name}_weights" in run_config else None
-            digest = cfg["weights_digest"]
-            found.append({
-                "stage": stage, "name": name, "model": cfg.get("model"), "weights_digest": digest,
-                "random": isinstance(digest, str) and digest.startswith("random"),
-                "weights_param": param, "weights_file": run_config.get(param) if param else None,
-            })
-        for key, value in cfg.items():
+    >>> [(s, k, n["weights_digest"]) for s, k, n in recorded_weights(
+    ...     {"embed": {"config": {"weights_digest": "a", "detector": {"weights_digest": "b"}}}, "dedup": None})]
+    [('embed', (), 'a'), ('embed', ('detector',), 'b')]
+    """
+    def visit(node: Mapping[str, Any], keys: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Mapping[str, Any]]]:
+        if "weights_digest" in node:
+            yield keys, node
+        for key, value in node.items():
             if isinstance(value, Mapping) and key != "preprocess":
-                visit(value, key)
+                yield from visit(value, (*keys, key))
 
-    visit(config, stage)
+    for stage, fp in fingerprints.items():
+        config = (fp or {}).get("config")
+        if isinstance(config, Mapping):
+            for keys, node in visit(config, ()):
+                yield stage, keys, node
+
+
+def _weights(fps: Mapping[str, dict[str, Any]], run_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The weights the stages' fingerprints name (:func:`recorded_weights`), each with the run
+    param that named its file."""
+    found = []
+    for stage, keys, cfg in recorded_weights(fps):
+        name = keys[-1] if keys else stage
+        param = f"{name}_weights" if f"{name}_weights" in run_config else None
+        digest = cfg["weights_digest"]
+        found.append({
+            "stage": stage, "name": name, "model": cfg.get("model"), "weights_digest": digest,
+            "random": isinstance(digest, str) and digest.startswith("random"),
+            "weights_param": param, "weights_file": run_config.get(param) if param else None,
+        })
     return found
 
 
@@ -102,7 +119,7 @@ def _models(fps: Mapping[str, dict[str, Any]], run_config: Mapping[str, Any]) ->
     """The embedding model (name, pretrained tag, weights digest) and every weights digest the
     stages' fingerprints record."""
     embed = (fps.get("embed") or {}).get("config", {})
-    weights = [w for stage, fp in fps.items() for w in _weights(fp.get("config", {}), stage, run_config)]
+    weights = _weights(fps, run_config)
     # the text tower's tokenizer: recorded by the stage that scores captions against images
     text = next((fp.get("config", {}) for fp in fps.values()
                  if isinstance(fp.get("config"), Mapping) and "tokenizer" in fp["config"]), {})
@@ -675,7 +692,7 @@ def read_card(root: RunRoot) -> dict[str, Any] | None:
 
 
 __all__ = ["CARD_FILE", "CARD_FORMAT", "CARD_MD", "build_card", "build_corpus_card", "card_markdown",
-           "corpus_card_markdown", "read_card", "write_card", "write_corpus_card"]
+           "corpus_card_markdown", "read_card", "recorded_weights", "write_card", "write_corpus_card"]
 
 
 #: The counts of a published run the view lists (the run's summary counts, as the corpus head

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from winnow.exceptions import ModelError
+from winnow.stages.models import sha256_hex as sha256_file  # sha256 hex of a file (no cache)
 
 __all__ = ["Downloaded", "download", "git_blob_sha1", "sha256_file"]
 
@@ -27,13 +28,6 @@ _TIMEOUT_S = 60.0
 _HUB_HEADERS = ("x-repo-commit", "x-linked-etag", "x-linked-size")
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 hex of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_blob_sha1(path: str | Path) -> str:

@@ -75,6 +75,11 @@ class LockEntry:
     param: str = ""
 
     @property
+    def origin(self) -> str:
+        """The URL the file came from (a converted file's: its download's)."""
+        return (self.converted_from or {}).get("source", self.source)
+
+    @property
     def fingerprint(self) -> str:
         """What a stage fingerprint records for this file (``weights_digest``)."""
         return f"sha256:{self.sha256}"
@@ -153,19 +158,12 @@ class Lock:
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the services that read the models volume
         os.replace(tmp, self.path)
 
-    def by_name(self, name: str) -> list[LockEntry]:
-        return [e for e in self.entries.values() if e.name == name]
-
     def params(self) -> dict[str, str]:
-        """The run params these files fill: ``model_dir`` and the heads' weights paths."""
-        from winnow.models.registry import SOURCES
+        """The run params these files fill: ``model_dir`` and the heads' weights paths, as a run
+        reads them from the written lock (:func:`winnow.stages.models.locked_weights`)."""
+        from winnow.stages.models import locked_weights
 
-        out = {"model_dir": str(self.model_dir)}
-        for name, source in SOURCES.items():
-            entries = self.by_name(name)
-            if entries and source.param:
-                out[source.param] = str(self.model_dir / entries[-1].path)
-        return out
+        return {"model_dir": str(self.model_dir), **locked_weights(str(self.model_dir))}
 
 
 def model_dir_or_env(model_dir: str | Path | None) -> Path:
@@ -270,10 +268,8 @@ def _existing_ok(root: Path, source: Source, locked: LockEntry | None) -> bool:
     target = root / source.path
     if not target.is_file():
         return False
-    if locked is not None:
-        same_source = (locked.converted_from or {}).get("source", locked.source) == source.url
-        if same_source and locked.problem(root) is None:
-            return True
+    if locked is not None and locked.origin == source.url and locked.problem(root) is None:
+        return True
     if source.convert:
         return False
     if source.sha256:
@@ -316,7 +312,7 @@ def _fetch_one(root: Path, source: Source, lock: Lock, progress: bool, retries: 
     locked = lock.entries.get(source.path)
     target = root / source.path
     if _existing_ok(root, source, locked):
-        if locked is not None and (locked.converted_from or {}).get("source", locked.source) == source.url:
+        if locked is not None and locked.origin == source.url:
             log.info("%s: %s is there and matches the lock", source.name, source.path)
             return locked
         digest = sha256_file(target)

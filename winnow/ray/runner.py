@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from winnow.execution import Execution
+from winnow.execution import LOCAL, Execution
 from winnow.faults import FaultSpec
 from winnow.ray.chassis import Driver, dispatch, set_up_worker
 from winnow.results import PartitionSummary, RowGroupResult
@@ -225,14 +225,12 @@ def run_stage_partition(
                     skipped=summary.skipped, log=log, rate=True)
     if in_driver(execution, sum(plan.row_group_size(rg) for rg in todo), light=light):
         # A Ray Data execution costs ~0.2-0.6 s before its first row group: more than this work.
-        here = stage.on_cpu() if uses_model and hasattr(stage, "on_cpu") else stage
-        execution = Execution(backend="local")
-        args = (here, store.run_root, plan.to_dict(), partition, driver.faults)
-    else:
-        args = (stage, store.run_root, plan.to_dict(), partition, driver.faults)
+        stage = stage.on_cpu() if uses_model and hasattr(stage, "on_cpu") else stage
+        execution = LOCAL
+    args = (stage, store.run_root, plan.to_dict(), partition, driver.faults)
     results = dispatch(
         execution, todo,
-        local=lambda: _RowGroupWorker(*args, stage_cache_key(args[0])).run_many(todo),
+        local=lambda: _RowGroupWorker(*args, stage_cache_key(stage)).run_many(todo),
         remote=lambda: _ray_results(stage, args, todo, execution, uses_model, log=log),
     )
     for result in results:

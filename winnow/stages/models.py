@@ -148,6 +148,15 @@ _digest_cache: dict[tuple[str, int, int], str] = {}
 _digest_lock = threading.Lock()
 
 
+def sha256_hex(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in 4 MiB blocks (no cache: :func:`file_sha256` caches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_sha256(path: str) -> str:
     """sha256 hex of a file; cached per (path, size, mtime) so a model is hashed once per process."""
     st = os.stat(path)
@@ -156,11 +165,7 @@ def file_sha256(path: str) -> str:
         cached = _digest_cache.get(key)
     if cached is not None:
         return cached
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = f"sha256:{h.hexdigest()}"
+    digest = f"sha256:{sha256_hex(path)}"
     with _digest_lock:
         _digest_cache[key] = digest
     return digest
@@ -181,22 +186,25 @@ def _open_clip_loaded() -> bool:
     return "open_clip" in sys.modules
 
 
+def _open_clip_dirs() -> list[Path]:
+    """The open_clip package's folders, found without running the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    return [Path(loc).absolute() for loc in (spec.submodule_search_locations or [])] if spec is not None else []
+
+
 def _model_config_file(model_name: str) -> dict[str, Any] | None:
     """A plain model name's config read from the JSON files open_clip would register (winnow's
     shipped configs, then open_clip's own ``model_configs``), without importing open_clip: its
     import (torchvision, torch._dynamo) costs seconds, and a run's driver, every Airflow task and
     every resume check the model before anything else. None: not a plain name or no file (the
     caller asks open_clip, which also knows configs registered at run time)."""
-    import importlib.util
     import json
 
     if not re.fullmatch(r"[\w.+-]+", model_name):
         return None
-    folders = [MODEL_CONFIG_DIR]
-    spec = importlib.util.find_spec("open_clip")  # finds the package without running it
-    if spec is not None and spec.submodule_search_locations:
-        folders += [Path(loc) / "model_configs" for loc in spec.submodule_search_locations]
-    for folder in folders:
+    for folder in (MODEL_CONFIG_DIR, *(d / "model_configs" for d in _open_clip_dirs())):
         path = folder / f"{model_name}.json"
         if path.is_file():
             with open(path, encoding="utf-8") as f:
@@ -443,14 +451,10 @@ OPEN_CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 def _bpe_defaults() -> tuple[int, str]:
     """(default context length, BPE vocabulary path) of open_clip's tokenizer, without importing
     open_clip where it is not loaded yet (see :func:`_model_config_file`)."""
-    import importlib.util
-
     if not _open_clip_loaded():
-        spec = importlib.util.find_spec("open_clip")
-        for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-            path = os.path.join(os.path.abspath(loc), OPEN_CLIP_BPE_FILE)
-            if os.path.isfile(path):
-                return OPEN_CLIP_CONTEXT_LENGTH, path
+        for folder in _open_clip_dirs():
+            if (folder / OPEN_CLIP_BPE_FILE).is_file():
+                return OPEN_CLIP_CONTEXT_LENGTH, str(folder / OPEN_CLIP_BPE_FILE)
     from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, default_bpe
 
     return DEFAULT_CONTEXT_LENGTH, default_bpe()
