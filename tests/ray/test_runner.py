@@ -231,3 +231,27 @@ def test_a_light_stages_small_partition_runs_in_this_process_and_a_large_one_on_
     assert in_driver(Execution(), 49, light=True) and not in_driver(LOCAL, 10, light=True)
     monkeypatch.setenv(IN_DRIVER_ENV, "0")
     assert not in_driver(Execution(), 1, light=True)
+
+
+def test_on_a_ray_of_two_cpus_a_light_stage_runs_in_this_process_at_any_size(ray_local, monkeypatch):
+    """Past the records bound, the Ray's CPUs decide: on two or fewer its workers only share this
+    process's CPUs; the bound set in the environment decides alone."""
+    import ray
+
+    from winnow.exceptions import ConfigError
+    from winnow.ray.runner import IN_DRIVER_ENV, IN_DRIVER_MAX_RECORDS, _ray_cpus, in_driver
+
+    monkeypatch.delenv(IN_DRIVER_ENV, raising=False)
+    assert in_driver(Execution(), IN_DRIVER_MAX_RECORDS, light=True, cluster_cpus=64)
+    assert not in_driver(Execution(), IN_DRIVER_MAX_RECORDS + 1, light=True, cluster_cpus=3)
+    assert in_driver(Execution(), 10**7, light=True, cluster_cpus=2)
+    assert not in_driver(Execution(), 10**7, light=False, cluster_cpus=1)
+    assert not in_driver(LOCAL, 10, light=True, cluster_cpus=1)
+    # The attached Ray's CPUs, every node's.
+    assert _ray_cpus(Execution(ray_address="auto")) == ray.cluster_resources()["CPU"]
+    monkeypatch.setenv(IN_DRIVER_ENV, "100")
+    assert in_driver(Execution(), 100, light=True, cluster_cpus=64)
+    assert not in_driver(Execution(), 101, light=True, cluster_cpus=1)
+    monkeypatch.setenv(IN_DRIVER_ENV, "4k")
+    with pytest.raises(ConfigError, match="WINNOW_IN_DRIVER_MAX_RECORDS='4k' is not a whole number"):
+        in_driver(Execution(), 1, light=True)

@@ -52,6 +52,11 @@ STAGE_CACHE_SIZE = 4
 #: (:func:`in_driver`); BENCHMARKS.md section 15 has the measurement behind it.
 IN_DRIVER_MAX_RECORDS = 4000
 IN_DRIVER_ENV = "WINNOW_IN_DRIVER_MAX_RECORDS"
+#: A Ray of at most this many CPUs (all nodes together) runs a light stage's partition of any
+#: size in the calling process: its workers share those CPUs with this process, so a Ray Data
+#: execution only adds its per-row-group cost (measured on 2 CPUs to 8,000 records: BENCHMARKS.md
+#: section 15). Not when ``WINNOW_IN_DRIVER_MAX_RECORDS`` is set: then that bound alone decides.
+IN_DRIVER_ANY_SIZE_CPUS = 2
 _STAGE_CACHE: OrderedDict[str, Stage] = OrderedDict()
 
 
@@ -167,14 +172,43 @@ def stage_cache_key(stage: Stage) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def in_driver(execution: Execution, records: int, *, light: bool) -> bool:
+def in_driver(execution: Execution, records: int, *, light: bool, cluster_cpus: float | None = None) -> bool:
     """Whether a partition's ``records`` to compute of a ``light`` stage (the registry's flag)
     run in this process rather than in a Ray Data execution: at most
-    :data:`IN_DRIVER_MAX_RECORDS` (``WINNOW_IN_DRIVER_MAX_RECORDS``; 0 turns it off)."""
+    :data:`IN_DRIVER_MAX_RECORDS`, or any number on a Ray of at most
+    :data:`IN_DRIVER_ANY_SIZE_CPUS` CPUs (``cluster_cpus``; None: the Ray this process is attached
+    to, else the embedded one it would start). ``WINNOW_IN_DRIVER_MAX_RECORDS`` replaces both
+    with its bound (0 turns it off)."""
     if not light or execution.backend == "local":
         return False
     limit = os.environ.get(IN_DRIVER_ENV, "").strip()
-    return records <= (int(limit) if limit else IN_DRIVER_MAX_RECORDS)
+    if limit:
+        try:
+            bound = int(limit)
+        except ValueError:
+            from winnow.exceptions import ConfigError
+
+            raise ConfigError(f"{IN_DRIVER_ENV}={limit!r} is not a whole number of records (0 turns "
+                              "in-process light stages off)") from None
+        return records <= bound
+    if records <= IN_DRIVER_MAX_RECORDS:
+        return True
+    cpus = cluster_cpus if cluster_cpus is not None else _ray_cpus(execution)
+    return cpus is not None and cpus <= IN_DRIVER_ANY_SIZE_CPUS
+
+
+def _ray_cpus(execution: Execution) -> float | None:
+    """CPUs of the Ray this process is attached to (every alive node), or of the embedded one a
+    run without an address starts (this machine's); None: not attached to a cluster yet."""
+    import ray
+
+    if ray.is_initialized():
+        from winnow.ray.resources import alive_nodes
+
+        return sum(node.cpus for node in alive_nodes())
+    if execution.ray_address is None:
+        return float(os.cpu_count() or 1)
+    return None
 
 
 def run_stage_partition(
