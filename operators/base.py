@@ -223,7 +223,8 @@ class CurationOperator(BaseOperator):
         hook = self.ray_hook(context)
         if hook.mode == "job":
             return RayJobRunner(self, hook).run(context, target)
-        RayJobLink.persist(context, "")  # no Ray Job in this mode: the link is empty, not missing
+        # No Ray Job in this mode: nothing to push; the task runner's finalize pushes the link's
+        # value (empty: no job) for every try, as it does for every extra link.
         with engine_errors():
             return in_process(execution=self.execution(context))
 

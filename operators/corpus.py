@@ -34,7 +34,6 @@ from airflow.sdk import Asset, AssetAlias, BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from winnow_airflow.base import CurationOperator, engine_errors
-from winnow_airflow.ray_links import RayJobLink
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -239,8 +238,7 @@ class CorpusStepOperator(CurationOperator):
         """This process, without Ray, in every mode (see the module docstring)."""
         from winnow.execution import Execution
 
-        RayJobLink.persist(context, "")  # no Ray Job for this step: the link is empty, not missing
-        return Execution(backend="local")
+        return Execution(backend="local")  # no Ray Job: the link stays empty
 
     def run_engine(self, context: Context, cfg: CurationConfig, *, execution: Execution) -> dict[str, Any]:
         raise NotImplementedError

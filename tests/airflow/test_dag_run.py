@@ -96,7 +96,10 @@ def faulted_run(run_env):
         dr = run_env["dag"].test(logical_date=FAULT_RUN_DATE, run_conf=run_env["conf"])
     seconds = time.perf_counter() - t0
     return {"dr": dr, "states": _states(dr), "seconds": seconds,
-            "embed0": _xcom(dr, "partition.embed", 0), "index": _xcom(dr, "index", key="summary")}
+            "embed0": _xcom(dr, "partition.embed", 0), "index": _xcom(dr, "index", key="summary"),
+            # No Ray Job in driver mode: the task runner pushes the link's empty value, failed or not.
+            "links": {(t, p): _xcom(dr, t, p, key="_link_RayJobLink")
+                      for t, p in (("index", -1), ("partition.embed", 0), ("partition.embed", 1))}}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,7 @@ def test_sparse_failure_fails_only_the_affected_partitions(faulted_run):
         assert states[(task_id, 1)][0] == "success", task_id
     assert states[("partition.aesthetic", 0)][0] == "upstream_failed"
     assert states[("dedup", -1)][0] == "upstream_failed"
+    assert set(faulted_run["links"].values()) == {""}, faulted_run["links"]
     # The failed task still committed its other row group and said which one failed.
     embed0 = faulted_run["embed0"]
     assert embed0["failed"] == [1] and embed0["computed"] == 1
