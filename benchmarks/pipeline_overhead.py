@@ -11,6 +11,9 @@ decode+embed (an actor with ``EmbedStage.embed_images``) -> both heads -> materi
 same ``find_duplicates`` -> write one tar per block plus Parquet. Each run is a fresh process
 with a fresh run root, run in the order a, b, a, b, ...; a/b is the ratio of medians.
 Both sides pay their own Ray start and model load; Python imports are outside the timing.
+``--floor`` adds (c): the same DAG run with every task's ``execute`` replaced by a stub that
+returns at once (the index its partition list, the centroids one bucket): what Airflow alone
+costs for this DAG's shape and params under ``dag.test``, with no engine at all.
 ``--ray-address`` (token in ``$WINNOW_BENCH_RAY_TOKEN``) attaches both to a running head instead
 (the test suite's smoke run, on its shared head): then no Ray start is timed.
 """
@@ -130,6 +133,27 @@ def child_dag(params: dict) -> dict:
         "kept": summary["kept"],
         "counts": {k: summary[k] for k in ("records", "undecodable", "aesthetic_dropped", "nsfw_dropped", "duplicates", "kept")},
     }
+
+
+def child_floor(params: dict) -> dict:
+    """(c) The DAG's shape with no engine: every operator's ``execute`` returns at once."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from winnow_airflow.corpus import CORPUS_OPERATORS
+    from winnow_airflow.stages import OPERATORS, ReportOperator
+
+    partitions = list(range(params["max_partitions"]))
+    stubs = {"index": lambda self, context: partitions, "centroids": lambda self, context: [0]}
+    for name, op in {**OPERATORS, **CORPUS_OPERATORS, "report": ReportOperator}.items():
+        op.execute = stubs.get(name, lambda self, context: {})
+    bag = DagBag(dag_folder=str(REPO / "dags" / "image_curation.py"))
+    dag = bag.get_dag("image_curation")
+    with Timer() as total:
+        dr = dag.test(run_conf=params)
+    state = str(getattr(dr, "state", ""))
+    if not state.endswith("success"):
+        raise RuntimeError(f"DAG run (stubs) ended {state!r}")
+    return {"variant": "floor", "seconds": total.seconds, "tasks": _task_durations(dr), "kept": None}
 
 
 def _preimport() -> None:
@@ -345,18 +369,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/winnow-bench")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--child", choices=("dag", "ray"), help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true",
+                    help="also time (c): the same DAG with every task a stub (Airflow's own cost for its shape)")
+    ap.add_argument("--child", choices=("dag", "ray", "floor"), help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     add_ray_head(ap)
     add_smoke(ap)
     args = ap.parse_args(argv)
-    apply_smoke(args, images=16, shards=2, buffer_size=8, max_partitions=1, batch_size=8, runs=1, workdir=None)
+    apply_smoke(args, images=16, shards=2, buffer_size=8, max_partitions=1, batch_size=8, runs=1, workdir=None,
+                floor=True)
     if args.ray_address and not os.environ.get(RAY_TOKEN_ENV):
         ap.error(f"--ray-address needs ${RAY_TOKEN_ENV}")
 
     if args.child:
         params = json.loads(args.params)
-        result = child_dag(params) if args.child == "dag" else child_ray(params)
+        result = {"dag": child_dag, "ray": child_ray, "floor": child_floor}[args.child](params)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.runs < 3 and not args.smoke:
@@ -375,12 +402,13 @@ def main(argv: list[str] | None = None) -> int:
 
     runs_root = work / "overhead-runs"
     shutil.rmtree(runs_root, ignore_errors=True)
-    results: dict[str, list[dict]] = {"dag": [], "ray": []}
+    variants = ("dag", "ray", "floor") if args.floor else ("dag", "ray")
+    results: dict[str, list[dict]] = {v: [] for v in variants}
     for i in range(args.runs):
-        for variant in ("dag", "ray"):  # interleaved: a, b, a, b, ...
+        for variant in variants:  # interleaved: a, b, (c,) a, b, ...
             params = curation_params(args, input_dir, str(runs_root), f"{variant}{i}")
             r = run_json_child([__file__, "--child", variant, "--params", json.dumps(params)],
-                               env={**(env if variant == "dag" else {"RAY_USAGE_STATS_ENABLED": "0"}),
+                               env={**(env if variant != "ray" else {"RAY_USAGE_STATS_ENABLED": "0"}),
                                     **attach_env(variant, args.ray_address)})
             print(f"run {i} {variant}: {r['seconds']:.1f} s, kept {r['kept']}", flush=True)
             results[variant].append(r)
@@ -389,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = median([r["seconds"] for r in results["dag"]])
     b = median([r["seconds"] for r in results["ray"]])
-    kept = {v: sorted({r["kept"] for r in rs}) for v, rs in results.items()}
+    kept = {v: sorted({r["kept"] for r in rs}) for v, rs in results.items() if v != "floor"}
     report = {
         "machine_start": start_machine,
         "machine_end": end_machine,
@@ -404,12 +432,19 @@ def main(argv: list[str] | None = None) -> int:
         "dag_breakdown_last": {k: results["dag"][-1][k] for k in ("engine_seconds", "tasks", "counts")},
         "ray_phases_last": results["ray"][-1]["phases"],
     }
+    if args.floor:
+        c = median([r["seconds"] for r in results["floor"]])
+        report.update({"floor_seconds": [round(r["seconds"], 2) for r in results["floor"]],
+                       "median_floor": round(c, 2), "floor_tasks": results["floor"][-1]["tasks"]})
     print(json.dumps(report, indent=2))
     print(f"\nmachine at start: {describe(start_machine)}")
     print("| images | row groups x partitions | (a) DAG s (median) | (b) Ray Data script s (median) | a/b | kept a / b |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.images} | {args.buffer_size} x {args.max_partitions} | {a:.1f} | {b:.1f} | {a / b:.2f} "
           f"| {kept['dag']} / {kept['ray']} |")
+    if args.floor:
+        print(f"(c) the same DAG with every task a stub: {c:.1f} s (median), "
+              f"{results['floor'][-1]['tasks'].get('count')} task instances")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
