@@ -94,7 +94,7 @@ class CurationOperator(BaseOperator):
         default: winnow's policy (see the README's cluster section). Never more than one node has.
     :param worker_gpus: GPUs of one model worker (over the connection's extra ``worker_gpus``);
         default 1 where the cluster has GPUs.
-    :param poll_interval: job mode: seconds between job status polls (default: the
+    :param poll_interval: job mode: most seconds between job status polls (default: the
         connection's extra ``poll_interval``, else 5).
     :param job_timeout: job mode: seconds the task may wait for its job before it fails (the
         job keeps running; a retry reattaches). ``None`` (default): no limit.

@@ -64,7 +64,7 @@ class RayHook(BaseHook):
     sent as ``Authorization: Bearer`` to the Jobs API, and given to Ray as ``RAY_AUTH_TOKEN`` in
     driver mode. Extra ``runtime_env`` (a Ray runtime env dict: ``working_dir``, ``py_modules``,
     ``pip``, ``image_uri``, ``env_vars``) is given to every job; extra ``entrypoint_python``
-    names the cluster's Python (default ``python``); extra ``poll_interval`` is the seconds
+    names the cluster's Python (default ``python``); extra ``poll_interval`` is the most seconds
     between job status polls (default 5). Extras ``worker_cpus`` and ``worker_gpus`` size one
     model worker (default: winnow's policy, never more than the largest node has).
 

@@ -21,6 +21,12 @@ from winnow_airflow.hooks import ENDED_STATES, HTTP_TIMEOUT_S, RayHook
 LOG_PREFIX = "[ray job] "
 #: Seconds to the next status poll once the job's log shows its last line.
 FINISHING_POLL_S = 0.5
+#: A young job is looked at sooner than ``poll_interval``: the first look this many seconds after
+#: the trigger's first, each later wait :data:`POLL_GROWTH` times the previous, up to
+#: ``poll_interval``. A job of seconds (a small partition) is seen ending within about half its
+#: age instead of up to a whole interval late; a long job costs ~6 more looks in all.
+FIRST_POLL_S = 0.5
+POLL_GROWTH = 1.5
 #: Most seconds between tries while the Jobs API is unreachable (the cluster restarting).
 MAX_BACKOFF_S = 60.0
 
@@ -36,7 +42,8 @@ class RayJobTrigger(BaseTrigger):
 
     :param conn_id: the ``ray`` connection (job mode); its password is the cluster's token.
     :param submission_id: the job's submission id.
-    :param poll_interval: seconds between status polls.
+    :param poll_interval: most seconds between status polls (the first few come sooner:
+        :data:`FIRST_POLL_S`, growing by :data:`POLL_GROWTH`).
     :param log_offset: job log lines already in this task try's log.
     :param checkpoint_uri: where the shown-lines count is kept (``None``: not kept).
     :param cancel_on_kill: stop the job when a person marks or clears the deferred task.
@@ -83,7 +90,8 @@ class RayJobTrigger(BaseTrigger):
                 self.log.warning("log checkpoints off: %s", exc)
                 self.checkpoint_uri = None
         shown = await self._resume_offset()
-        delay = self.poll_interval
+        delay = self.poll_interval  # the backoff while the Jobs API is unreachable
+        wait = min(FIRST_POLL_S, self.poll_interval)  # between looks at a job that runs
         async with self._session() as session:
             while True:
                 try:
@@ -113,7 +121,8 @@ class RayJobTrigger(BaseTrigger):
                     return
                 # The job printed its last line (summary or error): it ends within moments, so
                 # the next look comes soon instead of a whole poll interval later.
-                await asyncio.sleep(min(self.poll_interval, FINISHING_POLL_S) if _finishing(logs) else self.poll_interval)
+                await asyncio.sleep(min(wait, FINISHING_POLL_S) if _finishing(logs) else wait)
+                wait = min(wait * POLL_GROWTH, self.poll_interval)
 
     def _event(self, status: str, shown: int, message: str) -> TriggerEvent:
         return TriggerEvent({"status": status, "submission_id": self.submission_id,

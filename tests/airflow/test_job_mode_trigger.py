@@ -58,3 +58,39 @@ def test_the_stored_trigger_carries_only_plain_values_and_no_token(tmp_path):
                            "cancel_on_kill", "storage_conn_id"}
     assert all(isinstance(v, (str, int, float, bool, type(None))) for v in kwargs.values())
     assert RayJobTrigger(**kwargs).serialize() == (path, kwargs)
+
+
+def test_a_young_job_is_polled_sooner_then_every_poll_interval_fake_jobs_api_and_clock(monkeypatch):
+    """The waits between looks at a running job grow from FIRST_POLL_S by POLL_GROWTH up to
+    poll_interval; once the log shows the job's last line the next look comes within
+    FINISHING_POLL_S. The Jobs API and the sleeps are fakes (the trigger's own calls are real)."""
+    from winnow.job import SUMMARY_MARKER
+    from winnow_airflow import triggers
+    from winnow_airflow.hooks import RayHook
+
+    polls = {"n": 0}
+    statuses = ["PENDING"] + ["RUNNING"] * 8 + ["SUCCEEDED"]
+
+    async def fake_get_job(self, session, submission_id):
+        polls["n"] += 1
+        return {"status": statuses[polls["n"] - 1], "message": ""}
+
+    async def fake_logs(self, session, submission_id):
+        return f"line\n{SUMMARY_MARKER}{{}}\n" if polls["n"] >= 9 else "line\n"
+
+    slept: list[float] = []
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(RayHook, "aget_job", fake_get_job)
+    monkeypatch.setattr(RayHook, "aget_job_logs", fake_logs)
+    monkeypatch.setattr(triggers.asyncio, "sleep", fake_sleep)
+
+    async def events():
+        return [e async for e in RayJobTrigger(conn_id="ray_x", submission_id="winnow-abc-g0", poll_interval=5).run()]
+
+    (event,) = asyncio.run(events())
+    assert event.payload["status"] == "SUCCEEDED" and polls["n"] == len(statuses)
+    assert slept == [0.5, 0.75, 1.125, 1.6875, 2.53125, 3.796875, 5.0, 5.0, 0.5], slept
+    assert triggers.FIRST_POLL_S == 0.5 and triggers.POLL_GROWTH == 1.5  # as the README says
