@@ -36,6 +36,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", help="write the raw figures here")
+    ap.add_argument("--one-job-max-records", type=int, default=None,
+                    help="the job connection's extra one_job_max_records (0: a Ray Job per step; default: "
+                         "winnow's, under which this run of 12 records runs in one job)")
     from benchmarks._common import (
         RAY_TOKEN_ENV,
         add_ray_head,
@@ -94,7 +97,8 @@ def main() -> int:
     load = os.getloadavg()
     try:
         dag = DagBag(dag_folder=str(REPO / "dags")).dags["image_curation"]
-        env = {"AIRFLOW_CONN_RAY_JOBB": job_conn(started["url"], started["token"]),
+        knobs = {} if args.one_job_max_records is None else {"one_job_max_records": args.one_job_max_records}
+        env = {"AIRFLOW_CONN_RAY_JOBB": job_conn(started["url"], started["token"], **knobs),
                "AIRFLOW_CONN_RAY_DRIVERB": driver_conn(started["address"], started["token"])}
         day = datetime(2025, 5, 1, tzinfo=UTC)
         with mock.patch.dict(os.environ, env), contextlib.ExitStack() as patches:

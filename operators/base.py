@@ -238,7 +238,10 @@ class CurationOperator(BaseOperator):
 
     def job_shortcut(self, context: Context, target: JobTarget, status: str | None, submission_id: str | None) -> Any:
         """Job mode, before submitting: the result when no job is needed (this step's job already
-        SUCCEEDED: its summary in storage is the result), else None."""
+        SUCCEEDED: its summary in storage is the result; or, with no job of its own yet, the run's
+        one job ran this step: :func:`winnow.job.run_rest`), else None."""
+        if status is None:
+            return self.chained_result(context, target)
         if status != "SUCCEEDED":
             return None
         from winnow.job import read_summary
@@ -248,6 +251,20 @@ class CurationOperator(BaseOperator):
         return self.job_result(context, target, status,
                                read_summary(target.summary_uri(submission_id), target.cfg.storage),
                                f"Ray job {submission_id} ended SUCCEEDED")
+
+    def chained_result(self, context: Context, target: JobTarget) -> Any:
+        """The result of this step as another step's Ray Job ran it (a small run's index job runs
+        every later step: :func:`winnow.job.run_rest`), or None where no such job left a summary
+        without failures under this step's fingerprint."""
+        from winnow.job import chained_summary_uri, read_summary
+
+        summary = read_summary(chained_summary_uri(target.cfg.run_root, target.stage, target.partition,
+                                                   target.fingerprint, bucket=target.bucket), target.cfg.storage)
+        if summary is None or summary.get("failed") or summary.get("failed_count"):
+            return None
+        self.log.info("%s (%s) ran in the run's Ray job (the index's job runs a small run whole): no Ray job "
+                      "needed", target.stage, target.label)
+        return self.step_result(context, {k: v for k, v in summary.items() if k != "errors"})
 
     def job_result(self, context: Context, target: JobTarget, status: str, summary: dict[str, Any] | None,
                    reason: str) -> Any:

@@ -44,6 +44,8 @@ class RayConnection:
     #: CPUs / GPUs of one model worker on this cluster (``None``: winnow's policy).
     worker_cpus: float | None = None
     worker_gpus: float | None = None
+    #: Job mode: a run of at most this many records runs in one Ray Job (0: a job per step).
+    one_job_max_records: int = 0
 
 
 class RayHook(BaseHook):
@@ -66,7 +68,9 @@ class RayHook(BaseHook):
     ``pip``, ``image_uri``, ``env_vars``) is given to every job; extra ``entrypoint_python``
     names the cluster's Python (default ``python``); extra ``poll_interval`` is the most seconds
     between job status polls (default 5). Extras ``worker_cpus`` and ``worker_gpus`` size one
-    model worker (default: winnow's policy, never more than the largest node has).
+    model worker (default: winnow's policy, never more than the largest node has). Extra
+    ``one_job_max_records`` (default 4,000; 0: never): a run of at most that many records and no
+    corpus runs in one Ray Job, the index's, whose later tasks complete from what it left.
 
     :param ray_conn_id: the Airflow connection id; ``ray_default`` unless given.
     """
@@ -293,7 +297,8 @@ def _parse(conn_id: str, conn: Any) -> RayConnection:
         return RayConnection(conn_id=conn_id, mode=mode, dashboard_url=where.rstrip("/"), token=token,
                              runtime_env=runtime_env,
                              entrypoint_python=str(extra.get("entrypoint_python") or "python"),
-                             poll_interval=float(extra.get("poll_interval") or 5.0), **knobs)
+                             poll_interval=float(extra.get("poll_interval") or 5.0),
+                             one_job_max_records=_records(conn_id, extra, "one_job_max_records"), **knobs)
     if not where:
         raise ValueError(
             f"connection {conn_id!r} has neither a host nor an extra 'address'; set the Ray head's "
@@ -310,6 +315,19 @@ def _parse(conn_id: str, conn: Any) -> RayConnection:
         raise ValueError(f"connection {conn_id!r}: driver mode wants a GCS address host:port or 'auto', got a URL")
     address = where if where == "auto" or ":" in where else f"{where}:{conn.port or DEFAULT_GCS_PORT}"
     return RayConnection(conn_id=conn_id, mode=mode, address=address, token=token, runtime_env=runtime_env, **knobs)
+
+
+def _records(conn_id: str, extra: dict[str, Any], name: str) -> int:
+    """A whole number of records >= 0 from the extras; absent: winnow's default."""
+    from winnow.job import ONE_JOB_MAX_RECORDS
+
+    value = extra.get(name)
+    if value is None or value == "":
+        return ONE_JOB_MAX_RECORDS
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ValueError(f"connection {conn_id!r}: extra {name}={value!r} must be a whole number of records "
+                         "(0: every step its own Ray job)")
+    return int(value)
 
 
 def _positive(conn_id: str, extra: dict[str, Any], name: str) -> float | None:

@@ -170,7 +170,8 @@ class RayJobRunner:
         command = entrypoint(stage=target.stage, partition=target.partition, bucket=target.bucket,
                              config=target.cfg.to_dict(), execution=self.op.execution(context),
                              summary=target.summary_uri(submission_id), owner=self.op.lease_owner(context),
-                             python=resolved.entrypoint_python, chain=target.partition is not None)
+                             python=resolved.entrypoint_python, chain=target.partition is not None,
+                             one_job_max_records=resolved.one_job_max_records if target.stage == "index" else None)
         # Saved before submitting: a try that dies right after the submit still finds its job.
         self._record(context, target, base, generation)
         self.op._submitted = (self.hook, submission_id)

@@ -40,6 +40,11 @@ ERROR_MARKER = "WINNOW_JOB_ERROR "
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_UNITS_FAILED = 0, 1, 2, 3
 #: Under the run root, beside (not inside) the stage folders the plan and progress list.
 JOBS_DIR = "_jobs"
+#: A run of at most this many records (and no corpus) runs in one Ray Job: the index's job goes
+#: on through every later step (:func:`run_rest`) and the later tasks complete from what it left.
+#: Each Ray Job costs ~3 s of start (BENCHMARKS.md section 15b); a small run's steps take less.
+#: The ``ray`` connection's extra ``one_job_max_records`` overrides it (0: every step its own job).
+ONE_JOB_MAX_RECORDS = 4000
 
 
 def unit_name(partition: int | None = None, bucket: int | None = None) -> str:
@@ -71,7 +76,7 @@ def job_execution(*, worker_cpus: float | None = None, worker_gpus: float | None
 
 def entrypoint(*, stage: str, config: dict[str, Any], execution: Execution, summary: str, owner: str | None,
                partition: int | None = None, bucket: int | None = None, python: str = "python",
-               chain: bool = False) -> str:
+               chain: bool = False, one_job_max_records: int | None = None) -> str:
     """The job's shell command (no secret: storage settings travel in the runtime env)."""
     cmd = f"{python} -m winnow.job --stage {stage}"
     if partition is not None:
@@ -80,6 +85,8 @@ def entrypoint(*, stage: str, config: dict[str, Any], execution: Execution, summ
         cmd += f" --bucket {int(bucket)}"
     if chain:
         cmd += " --chain"
+    if one_job_max_records:
+        cmd += f" --one-job-max-records {int(one_job_max_records)}"
     cmd += f" --config {encode_config(config)} --execution {encode_config(execution.to_dict())} --summary {summary}"
     if owner:
         cmd += f" --owner {base64.urlsafe_b64encode(owner.encode()).decode()}"
@@ -139,7 +146,85 @@ def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | 
         result.update({k: v for k, v in next(iter(summary.results), {}).items()
                        if isinstance(v, (int, float, str, bool, type(None)))})
         return result, dict(summary.failed)
-    return pipeline.run_global(cfg, args.stage, **common), {}
+    result = pipeline.run_global(cfg, args.stage, **common)
+    if args.stage == "index" and args.one_job_max_records:
+        if cfg.corpus_uri is not None:
+            _log("the run has a corpus: each later step runs as its own Ray job (the corpus steps run between them)")
+        elif result["num_records"] > args.one_job_max_records:
+            _log(f"{result['num_records']} records, more than {args.one_job_max_records}: each later step runs as "
+                 "its own Ray job")
+        else:
+            run_rest(cfg, result["partitions"], common)
+    return result, {}
+
+
+def _bucket_result(summary: Any) -> dict[str, Any]:
+    """A bucket step's summary for one bucket, as its task reads it."""
+    result = summary.to_dict()
+    result.update({k: v for k, v in next(iter(summary.results), {}).items()
+                   if isinstance(v, (int, float, str, bool, type(None)))})
+    return result
+
+
+def run_rest(cfg: Any, partitions: list[int], common: dict[str, Any]) -> bool:
+    """Every step after the index, in the DAG's order (``winnow.registry.run_phases``), in this
+    job: what a small run's index job does so that its later tasks need no job of their own.
+
+    Each step commits as always, and each unit's summary is left where its task reads it
+    (:func:`chained_summary_uri`). A phase with a failed unit stops it there (a partition's later
+    stages are skipped, the other partitions go on to the end of the phase): those tasks, and the
+    ones after them, submit their own jobs, which compute only what is missing (their retries as
+    always). True: every step ran.
+    """
+    from winnow import pipeline
+    from winnow.registry import run_phases
+
+    buckets: list[int] = []
+    for scope, specs in run_phases():
+        if scope == "global":
+            name = specs[0].name
+            if name == "index":
+                continue
+            result = pipeline.run_global(cfg, name, **common)
+            _leave(cfg, name, result)
+            if name == "centroids":
+                buckets = list(range(int(result["buckets"])))
+            continue
+        failed = False
+        if scope == "bucket":
+            (spec,) = specs
+            for bucket in buckets:
+                summary = pipeline.run_buckets(cfg, spec.name, [bucket], **common)
+                _leave(cfg, spec.name, {**_bucket_result(summary), "errors": _errors(summary.failed)}, bucket=bucket)
+                failed = failed or bool(summary.failed)
+        else:
+            for partition in partitions:
+                for spec in specs:
+                    summary = pipeline.run_partition(cfg, spec.name, partition, **common)
+                    _leave(cfg, spec.name, summary.to_dict(errors=True), partition=partition)
+                    if summary.failed:
+                        failed = True
+                        break  # this partition's later stages read what failed
+        if failed:
+            _log(f"{specs[0].name}: some units failed; this step's tasks and the later ones run their own Ray jobs")
+            return False
+    _log("every step of the run ran in this job: the later tasks complete from its summaries")
+    return True
+
+
+def _errors(failed: dict[int, str]) -> dict[str, str]:
+    return {str(u): msg[:MAX_ERROR_CHARS] for u, msg in sorted(failed.items())}
+
+
+def _leave(cfg: Any, stage: str, result: dict[str, Any], *, partition: int | None = None,
+           bucket: int | None = None) -> None:
+    """Leave one unit's summary where its task looks (:func:`chained_summary_uri`)."""
+    from winnow.rowgroups.store import CommitStore, resolve_filesystem, write_json
+
+    fingerprint = CommitStore(cfg.root).fingerprint_digest(stage)
+    uri = chained_summary_uri(cfg.run_root, stage, partition, fingerprint, bucket=bucket)
+    fs, path = resolve_filesystem(uri, cfg.storage)
+    write_json(fs, path, result)
 
 
 def chained_stages(stage: str, *, corpus: bool = False) -> list[str]:
@@ -160,9 +245,11 @@ def chained_stages(stage: str, *, corpus: bool = False) -> list[str]:
     return []
 
 
-def chained_summary_uri(run_root: str, stage: str, partition: int, fingerprint: str) -> str:
-    """Where a chained stage's partition summary is left (its task reports it)."""
-    return summary_uri(run_root, stage, unit_name(partition), f"chained-{fingerprint[:16]}")
+def chained_summary_uri(run_root: str, stage: str, partition: int | None, fingerprint: str, *,
+                        bucket: int | None = None) -> str:
+    """Where the summary of a step that another step's job ran is left (its task reports it): a
+    partition's (``--chain``), or any unit's of a run that ran in one job (:func:`run_rest`)."""
+    return summary_uri(run_root, stage, unit_name(partition, bucket), f"chained-{fingerprint[:16]}")
 
 
 def _run_chain(args: argparse.Namespace, cfg: Any, common: dict[str, Any]) -> None:
@@ -193,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--owner", help="the run root's lease owner, base64")
     ap.add_argument("--chain", action="store_true",
                     help="also run the partition stages after --stage in its phase (see chained_stages)")
+    ap.add_argument("--one-job-max-records", type=int, default=0,
+                    help="index only: a run of at most this many records (and no corpus) runs every later "
+                         "step in this job too (see run_rest); 0: never")
     args = ap.parse_args(argv)
 
     from winnow import pipeline

@@ -70,6 +70,23 @@ def test_job_mode_resolves_the_dashboard_url(airflow_db, monkeypatch, host, port
         hook.get_address()
 
 
+@pytest.mark.parametrize("extra, expected", [({}, 4000), ({"one_job_max_records": 0}, 0),
+                                             ({"one_job_max_records": "250"}, 250), ({"one_job_max_records": ""}, 4000)])
+def test_job_mode_runs_a_small_run_in_one_job_up_to_the_extras_record_bound(airflow_db, monkeypatch, extra, expected):
+    from winnow.job import ONE_JOB_MAX_RECORDS
+
+    _conn_env(monkeypatch, "ray_t6", host="http://ray-head:8265", extra={"mode": "job", **extra})
+    assert RayHook("ray_t6").resolve().one_job_max_records == expected
+    assert ONE_JOB_MAX_RECORDS == 4000  # as the hook's docstring and the README say
+
+
+@pytest.mark.parametrize("bad", [-1, "many", 2.5, True])
+def test_a_bad_one_job_bound_is_an_error_naming_the_connection(airflow_db, monkeypatch, bad):
+    _conn_env(monkeypatch, "ray_t7", host="http://ray-head:8265", extra={"mode": "job", "one_job_max_records": bad})
+    with pytest.raises(ValueError, match=r"connection 'ray_t7': extra one_job_max_records=.* whole number of records"):
+        RayHook("ray_t7").resolve()
+
+
 def test_the_password_field_is_the_ray_auth_token_in_the_connection_form():
     behaviour = RayHook.get_ui_field_behaviour()
     assert "password" not in behaviour["hidden_fields"]

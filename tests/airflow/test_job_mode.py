@@ -71,40 +71,75 @@ def test_job_mode_run_gives_the_same_output_and_counts_as_driver_mode(runs):
     print(f"\njob mode run {runs['job_s']:.0f} s, driver mode run {runs['driver_s']:.0f} s")
 
 
-def test_every_step_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_jobs):
-    """The global steps (index, centroids, each pairwise bucket) and the first partition stage of
-    each phase: one job per task instance, no resubmission. The later stages of a phase (aesthetic,
-    nsfw and clip_score after embed, status and write after dedup) ran in that job and their tasks
-    submitted none."""
-    from winnow.job import chained_stages
+def test_a_small_run_ran_as_one_ray_job_carrying_its_airflow_identity(runs, ray_jobs):
+    """19 records (at most the connection's ``one_job_max_records``, 4,000 by default): the index's
+    job ran every step; every other task instance completed from what it left (its partition,
+    threshold, centroid and bucket summaries), with no job of its own and an empty job link.
+    A job per step (``one_job_max_records`` 0) runs in the S3 job-mode and live job-mode modules."""
     from winnow.registry import STAGES
-
-    chained = {c for spec in STAGES for c in chained_stages(spec.name)}
-    assert chained == {"aesthetic", "nsfw", "clip_score", "status", "write"}
-    stage_of = {spec.task_id: spec.name for spec in STAGES}
-    jobs = [j for j in runs["jobs"] if j["metadata"].get("airflow_run_id") == runs["job"].run_id]
-    by_task = {(j["metadata"]["airflow_task_id"], j["metadata"]["airflow_map_index"]): j for j in jobs}
     from winnow_airflow.corpus import CORPUS_STEPS
 
-    # The corpus steps (nothing without a corpus) and the report run in the task process.
+    jobs = [j for j in runs["jobs"] if j["metadata"].get("airflow_run_id") == runs["job"].run_id]
+    assert [(j["metadata"]["airflow_task_id"], j["metadata"]["airflow_map_index"]) for j in jobs] == [("index", "-1")]
+    (job,) = jobs
+    assert job["status"] == "SUCCEEDED" and job["metadata"]["airflow_dag_id"] == "image_curation"
+    assert job["submission_id"].endswith("-g0") and "--one-job-max-records 4000" in job["entrypoint"]
+    assert _xcom(runs["job"], "index", key="_link_RayJobLink") == f"{ray_jobs['url']}/#/jobs/{job['submission_id']}"
+    stage_of = {spec.task_id: spec.name for spec in STAGES}
     tis = [ti for ti in runs["job"].get_task_instances()
-           if ti.task_id != "report" and ti.task_id not in {t for t, _ in CORPUS_STEPS}]
-    assert sorted(by_task) == sorted((ti.task_id, str(ti.map_index)) for ti in tis if stage_of[ti.task_id] not in chained)
-    assert {j["metadata"]["winnow_stage"] for j in jobs} == {s.name for s in STAGES} - chained
-    assert len(jobs) == len(by_task)  # one job per task instance, no resubmission
-    for (task_id, map_index), job in by_task.items():
-        assert job["status"] == "SUCCEEDED"
-        assert job["metadata"]["airflow_dag_id"] == "image_curation"
-        assert job["submission_id"].endswith("-g0")
-        link = _xcom(runs["job"], task_id, int(map_index), key="_link_RayJobLink")
-        assert link == f"{ray_jobs['url']}/#/jobs/{job['submission_id']}"
+           if ti.task_id not in {"report", "index"} and ti.task_id not in {t for t, _ in CORPUS_STEPS}]
+    assert {stage_of[ti.task_id] for ti in tis} == {s.name for s in STAGES} - {"index"}
     for ti in tis:
+        assert _xcom(runs["job"], ti.task_id, ti.map_index, key="_link_RayJobLink") == "", ti.task_id
         if stage_of[ti.task_id] in {s.name for s in STAGES if s.scope == "partition"}:
             summary = _xcom(runs["job"], ti.task_id, ti.map_index)
             expected = len(runs["plan"].partition_row_groups(ti.map_index))
             assert summary["computed"] == summary["row_groups"] == expected and summary["failed"] == [], ti.task_id
-    # the partition list, from the index job's summary
+    # the global steps' results, as driver mode returns them
+    for task_id in ("index", "centroids", "thresholds"):
+        assert _xcom(runs["job"], task_id) == _xcom(runs["driver"], task_id), task_id
     assert _xcom(runs["job"], "index") == list(range(runs["plan"].num_partitions))
+
+
+def test_a_failure_inside_the_runs_one_job_leaves_that_step_and_the_later_ones_to_their_own_jobs(
+        runs, ray_jobs, curation_dag, tmp_path):
+    """nsfw row group 1 (partition 0) fails once inside the index's job: the job stops after the
+    score phase (partition 1 done whole, partition 0 up to nsfw), the nsfw task of partition 0
+    submits its own job for that row group (chaining clip_score), and every later step runs as its
+    own job; the output equals driver mode's. The fault reaches the jobs through the connection's
+    runtime env (test-only, ``WINNOW_TEST_FAULTS``)."""
+    import json
+
+    from benchmarks._common import jobs_of
+    from tests.airflow.conftest import retries_set
+    from winnow.job import chained_summary_uri
+    from winnow.rowgroups import CommitStore
+
+    fault = json.dumps({"stage": "nsfw", "row_groups": [1], "once_dir": str(tmp_path / "once")})
+    conn = job_conn(ray_jobs["url"], ray_jobs["token"], poll_interval=1,
+                    runtime_env={"env_vars": {"WINNOW_TEST_FAULTS": fault}})
+    conf = {**runs["conf"], "output_root": str(tmp_path / "out")}
+    with mock.patch.dict(os.environ, {"AIRFLOW_CONN_RAY_FALLBACK": conn}), retries_set(curation_dag, 0):
+        dr = curation_dag.test(logical_date=datetime(2025, 8, 13, tzinfo=UTC),
+                               run_conf={**conf, "run_key": "fallback", "ray_conn_id": "ray_fallback"})
+    assert dr.state == "success"
+    root = str(tmp_path / "out" / "fallback")
+    got, driver = output(root), output(runs["run_roots"]["driver"])
+    assert got["keys"] == driver["keys"] and got["tars"] == driver["tars"] and got["counts"] == driver["counts"]
+    jobs = [j for j in jobs_of(ray_jobs["url"], ray_jobs["token"]) if j["metadata"].get("airflow_run_id") == dr.run_id]
+    by_task = {(j["metadata"]["airflow_task_id"], int(j["metadata"]["airflow_map_index"])) for j in jobs}
+    assert ("index", -1) in by_task and ("partition.nsfw", 0) in by_task and ("thresholds", -1) in by_task
+    assert not by_task & {("partition.embed", 0), ("partition.embed", 1), ("partition.aesthetic", 0),
+                          ("partition.nsfw", 1), ("partition.clip_score", 0), ("partition.clip_score", 1)}
+    store = CommitStore(root)
+    left = {(stage, p) for stage in ("embed", "aesthetic", "nsfw", "clip_score") for p in (0, 1)
+            if os.path.exists(chained_summary_uri(root, stage, p, store.fingerprint_digest(stage)))}
+    # the index's job left partition 0's embed and aesthetic (nsfw failed there) and all of partition 1
+    assert {("embed", 0), ("aesthetic", 0), ("nsfw", 0), ("embed", 1), ("aesthetic", 1), ("nsfw", 1),
+            ("clip_score", 1)} <= left
+    assert not os.path.exists(chained_summary_uri(root, "thresholds", None, store.fingerprint_digest("thresholds")))
+    nsfw0 = _xcom(dr, "partition.nsfw", 0)
+    assert nsfw0["computed"] == 1 and nsfw0["failed"] == [], nsfw0
 
 
 def test_an_emptied_state_store_still_finds_the_newest_job_by_probing(ray_jobs):

@@ -58,5 +58,7 @@ def test_multinode_job_mode_dag_output_equals_the_single_node_run(runs):
     _same_as_reference(runs, "job")
     jobs = [j for j in runs["jobs"] if j["metadata"].get("airflow_run_id") == runs["job"].run_id]
     assert jobs and all(j["status"] == "SUCCEEDED" for j in jobs)
-    assert {"index", "centroids", "pairwise", "embed"} <= {j["metadata"]["winnow_stage"] for j in jobs}
+    # 19 records: the run is one Ray Job, the index's (a job per step on this cluster:
+    # test_job_mode.py's failure fallback)
+    assert [j["metadata"]["winnow_stage"] for j in jobs] == ["index"]
     print(f"\nmulti-node job mode DAG run: {runs['job_s']:.0f} s ({len(jobs)} Ray jobs)")

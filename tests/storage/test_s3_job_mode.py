@@ -66,7 +66,8 @@ def runs(s3, head, curation_dag, local_run, tmp_path_factory, pytestconfig):  # 
     cluster_conn = {**conn, "extra": {**conn["extra"], "cluster_credentials": "cluster"}}
     env = {f"AIRFLOW_CONN_{CONN_ID.upper()}": json.dumps(conn),
            "AIRFLOW_CONN_WINNOW_S3_CLUSTER_ID": json.dumps(cluster_conn),
-           "AIRFLOW_CONN_RAY_S3JOBS": job_conn(head["url"], head["token"], poll_interval=1)}
+           "AIRFLOW_CONN_RAY_S3JOBS": job_conn(head["url"], head["token"], poll_interval=1,
+                                               one_job_max_records=0)}  # a job per step, each checked below
     conf = {"input_uri": f"{PREFIX}/shards/shard-{{000000..000001}}.tar", "output_root": f"{PREFIX}/out",
             "run_key": "jobs", "storage_conn_id": CONN_ID, "ray_conn_id": "ray_s3jobs", **ONE_PARTITION}
     logs = tmp_path_factory.mktemp("s3joblog")

@@ -69,7 +69,8 @@ def live(shared_airflow, tmp_path_factory):
         # The Airflow processes hold another Ray token (RAY_AUTH_TOKEN, for the driver-mode head):
         # job mode must send the connection's password, not fall back on the environment.
         assert af.env["RAY_AUTH_TOKEN"] != ray_jobs["token"]
-        conn = json.loads(job_conn(ray_jobs["url"], ray_jobs["token"], poll_interval=1))
+        # A job per step (not the index's one job of a small run): the faults below hit embed's own job.
+        conn = json.loads(job_conn(ray_jobs["url"], ray_jobs["token"], poll_interval=1, one_job_max_records=0))
         af.api("POST", "/api/v2/connections", json={
             "connection_id": JOB_CONN, "conn_type": conn["conn_type"], "host": conn["host"],
             "password": conn["password"], "extra": json.dumps(conn["extra"])})
