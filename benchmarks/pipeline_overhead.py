@@ -83,8 +83,6 @@ def attach_env(variant: str, address: str | None) -> dict[str, str]:
 
 def child_dag(params: dict) -> dict:
     """Runs in a fresh process whose environment already points at the migrated AIRFLOW_HOME."""
-    from airflow.dag_processing.dagbag import DagBag
-
     _preimport()
     from winnow import pipeline
     from winnow.ray import cluster
@@ -114,20 +112,12 @@ def child_dag(params: dict) -> dict:
         setattr(pipeline, name, timed(name, getattr(pipeline, name)))
     cluster.connect = timed("ray_connect", cluster.connect)  # Ray start, inside the first task that needs Ray
 
-    bag = DagBag(dag_folder=str(REPO / "dags" / "image_curation.py"))
-    if bag.import_errors:
-        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-    dag = bag.get_dag("image_curation")
-    with Timer() as total:
-        dr = dag.test(run_conf=params)
-    state = str(getattr(dr, "state", ""))
-    if not state.endswith("success"):
-        raise RuntimeError(f"DAG run ended {state!r}")
+    dr, seconds = _timed_dag_test(params)
     summary = json.loads((Path(params["output_root"]) / params["run_key"] / "_summary.json").read_text())
     tasks = _task_durations(dr)
     return {
         "variant": "dag",
-        "seconds": total.seconds,
+        "seconds": seconds,
         "engine_seconds": engine,
         "tasks": tasks,
         "kept": summary["kept"],
@@ -137,8 +127,6 @@ def child_dag(params: dict) -> dict:
 
 def child_floor(params: dict) -> dict:
     """(c) The DAG's shape with no engine: every operator's ``execute`` returns at once."""
-    from airflow.dag_processing.dagbag import DagBag
-
     from winnow_airflow.corpus import CORPUS_OPERATORS
     from winnow_airflow.stages import OPERATORS, ReportOperator
 
@@ -146,14 +134,25 @@ def child_floor(params: dict) -> dict:
     stubs = {"index": lambda self, context: partitions, "centroids": lambda self, context: [0]}
     for name, op in {**OPERATORS, **CORPUS_OPERATORS, "report": ReportOperator}.items():
         op.execute = stubs.get(name, lambda self, context: {})
+    dr, seconds = _timed_dag_test(params)
+    return {"variant": "floor", "seconds": seconds, "tasks": _task_durations(dr), "kept": None}
+
+
+def _timed_dag_test(params: dict):
+    """The image_curation DAG's ``dag.test`` with ``params`` as its conf: (the run, seconds); a run
+    that did not succeed is an error."""
+    from airflow.dag_processing.dagbag import DagBag
+
     bag = DagBag(dag_folder=str(REPO / "dags" / "image_curation.py"))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
     dag = bag.get_dag("image_curation")
     with Timer() as total:
         dr = dag.test(run_conf=params)
     state = str(getattr(dr, "state", ""))
     if not state.endswith("success"):
-        raise RuntimeError(f"DAG run (stubs) ended {state!r}")
-    return {"variant": "floor", "seconds": total.seconds, "tasks": _task_durations(dr), "kept": None}
+        raise RuntimeError(f"DAG run ended {state!r}")
+    return dr, total.seconds
 
 
 def _preimport() -> None:
