@@ -154,7 +154,11 @@ def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | 
             _log(f"{result['num_records']} records, more than {args.one_job_max_records}: each later step runs as "
                  "its own Ray job")
         else:
-            run_rest(cfg, result["partitions"], common)
+            try:
+                run_rest(cfg, result["partitions"], common)
+            except Exception as exc:  # noqa: BLE001 - a later step's error is its own task's, not the index's
+                _log(f"the run's later steps stopped at {type(exc).__name__}: {' '.join(str(exc).split())[:500]}; "
+                     "each of them runs as its own Ray job, where its task shows that error")
     return result, {}
 
 
