@@ -157,8 +157,9 @@ def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | 
             try:
                 run_rest(cfg, result["partitions"], common)
             except Exception as exc:  # noqa: BLE001 - a later step's error is its own task's, not the index's
-                _log(f"the run's later steps stopped at {type(exc).__name__}: {' '.join(str(exc).split())[:500]}; "
-                     "each of them runs as its own Ray job, where its task shows that error")
+                error = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_ERROR_CHARS]
+                _log(f"the run's later steps stopped at {error}; each of them runs as its own Ray job, where its "
+                     "task shows that error")
     return result, {}
 
 
