@@ -4,7 +4,9 @@ What a job-mode Airflow task submits: ``python -m winnow.job --stage embed --par
 --config <base64 JSON> --execution <base64 JSON> --summary <uri>`` for a partition stage,
 ``--stage index`` or ``--stage centroids`` for a global step, ``--stage pairwise --bucket 2`` for
 one bucket (``--chain``: a partition job also runs the partition stages after its own in the
-run's phase, e.g. embed's job runs aesthetic and nsfw too, see :func:`chained_stages`). It runs
+run's phase, e.g. embed's job runs aesthetic and nsfw too, see :func:`chained_stages`;
+``--one-job-max-records N`` on the index: a run of at most N records and no corpus runs every later
+step in the index's job too, see :func:`run_rest`). It runs
 where ``--execution`` says (the task's :class:`~winnow.execution.Execution`, see
 :func:`job_execution`), skips committed work as every run does, writes its summary as JSON to
 storage and prints it as its last line (``WINNOW_JOB_SUMMARY {...}``). A step that fails prints
