@@ -33,7 +33,7 @@ from winnow.execution import Execution
 
 if TYPE_CHECKING:
     from winnow.rowgroups.fs import StorageOptions
-from winnow.results import MAX_ERROR_CHARS
+from winnow.results import MAX_ERROR_CHARS, error_text
 
 SUMMARY_MARKER = "WINNOW_JOB_SUMMARY "
 #: Epoch seconds of the job's milestones (driver start, Ray attached, done), for the overhead benchmark.
@@ -144,10 +144,7 @@ def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | 
         if args.bucket is None:
             raise ConfigError(f"stage {args.stage!r} runs per bucket: give --bucket")
         summary = pipeline.run_buckets(cfg, args.stage, [args.bucket], **common)
-        result = summary.to_dict()
-        result.update({k: v for k, v in next(iter(summary.results), {}).items()
-                       if isinstance(v, (int, float, str, bool, type(None)))})
-        return result, dict(summary.failed)
+        return _bucket_result(summary), dict(summary.failed)
     result = pipeline.run_global(cfg, args.stage, **common)
     if args.stage == "index" and args.one_job_max_records:
         if cfg.corpus_uri is not None:
@@ -159,15 +156,15 @@ def _run(args: argparse.Namespace, cfg: Any, execution: Execution, owner: str | 
             try:
                 run_rest(cfg, result["partitions"], common)
             except Exception as exc:  # noqa: BLE001 - a later step's error is its own task's, not the index's
-                error = " ".join(f"{type(exc).__name__}: {exc}".split())[:MAX_ERROR_CHARS]
-                _log(f"the run's later steps stopped at {error}; each of them runs as its own Ray job, where its "
-                     "task shows that error")
+                _log(f"the run's later steps stopped at {' '.join(error_text(exc).split())}; each of them runs as its "
+                     "own Ray job, where its task shows that error")
     return result, {}
 
 
-def _bucket_result(summary: Any) -> dict[str, Any]:
-    """A bucket step's summary for one bucket, as its task reads it."""
-    result = summary.to_dict()
+def _bucket_result(summary: Any, *, errors: bool = False) -> dict[str, Any]:
+    """A bucket step's summary for one bucket, as its task reads it (``errors``: with every failed
+    unit's error, :meth:`~winnow.results.StageSummary.to_dict`)."""
+    result = summary.to_dict(errors=errors)
     result.update({k: v for k, v in next(iter(summary.results), {}).items()
                    if isinstance(v, (int, float, str, bool, type(None)))})
     return result
@@ -185,7 +182,9 @@ def run_rest(cfg: Any, partitions: list[int], common: dict[str, Any]) -> bool:
     """
     from winnow import pipeline
     from winnow.registry import run_phases
+    from winnow.rowgroups.store import CommitStore
 
+    store = CommitStore(cfg.root)
     buckets: list[int] = []
     for scope, specs in run_phases():
         if scope == "global":
@@ -193,7 +192,7 @@ def run_rest(cfg: Any, partitions: list[int], common: dict[str, Any]) -> bool:
             if name == "index":
                 continue
             result = pipeline.run_global(cfg, name, **common)
-            _leave(cfg, name, result)
+            _leave(cfg, store, name, result)
             if name == "centroids":
                 buckets = list(range(int(result["buckets"])))
             continue
@@ -202,13 +201,13 @@ def run_rest(cfg: Any, partitions: list[int], common: dict[str, Any]) -> bool:
             (spec,) = specs
             for bucket in buckets:
                 summary = pipeline.run_buckets(cfg, spec.name, [bucket], **common)
-                _leave(cfg, spec.name, {**_bucket_result(summary), "errors": _errors(summary.failed)}, bucket=bucket)
+                _leave(cfg, store, spec.name, _bucket_result(summary, errors=True), bucket=bucket)
                 failed = failed or bool(summary.failed)
         else:
             for partition in partitions:
                 for spec in specs:
                     summary = pipeline.run_partition(cfg, spec.name, partition, **common)
-                    _leave(cfg, spec.name, summary.to_dict(errors=True), partition=partition)
+                    _leave(cfg, store, spec.name, summary.to_dict(errors=True), partition=partition)
                     if summary.failed:
                         failed = True
                         break  # this partition's later stages read what failed
@@ -219,17 +218,13 @@ def run_rest(cfg: Any, partitions: list[int], common: dict[str, Any]) -> bool:
     return True
 
 
-def _errors(failed: dict[int, str]) -> dict[str, str]:
-    return {str(u): msg[:MAX_ERROR_CHARS] for u, msg in sorted(failed.items())}
-
-
-def _leave(cfg: Any, stage: str, result: dict[str, Any], *, partition: int | None = None,
+def _leave(cfg: Any, store: Any, stage: str, result: dict[str, Any], *, partition: int | None = None,
            bucket: int | None = None) -> None:
-    """Leave one unit's summary where its task looks (:func:`chained_summary_uri`)."""
-    from winnow.rowgroups.store import CommitStore, resolve_filesystem, write_json
+    """Leave one unit's summary where its task looks (:func:`chained_summary_uri`, under the
+    stage's fingerprint as ``store``, the run root's :class:`~winnow.rowgroups.CommitStore`, reads it)."""
+    from winnow.rowgroups.store import resolve_filesystem, write_json
 
-    fingerprint = CommitStore(cfg.root).fingerprint_digest(stage)
-    uri = chained_summary_uri(cfg.run_root, stage, partition, fingerprint, bucket=bucket)
+    uri = chained_summary_uri(cfg.run_root, stage, partition, store.fingerprint_digest(stage), bucket=bucket)
     fs, path = resolve_filesystem(uri, cfg.storage)
     write_json(fs, path, result)
 
@@ -261,15 +256,12 @@ def chained_summary_uri(run_root: str, stage: str, partition: int | None, finger
 
 def _run_chain(args: argparse.Namespace, cfg: Any, common: dict[str, Any]) -> None:
     from winnow import pipeline
-    from winnow.rowgroups.store import CommitStore, resolve_filesystem, write_json
+    from winnow.rowgroups.store import CommitStore
 
     store = CommitStore(cfg.root)
     for stage in chained_stages(args.stage, corpus=cfg.corpus_uri is not None):
         summary = pipeline.run_partition(cfg, stage, args.partition, **common)
-        fingerprint = store.fingerprint_digest(stage)
-        result = summary.to_dict(errors=True)
-        fs, path = resolve_filesystem(chained_summary_uri(cfg.run_root, stage, args.partition, fingerprint), cfg.storage)
-        write_json(fs, path, result)
+        _leave(cfg, store, stage, summary.to_dict(errors=True), partition=args.partition)
         if summary.failed:
             _log(f"{stage} partition {args.partition}: {len(summary.failed)} row groups failed; its task retries them")
             return  # the later stages read what failed: their own tasks run them

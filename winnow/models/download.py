@@ -28,8 +28,6 @@ _TIMEOUT_S = 60.0
 _HUB_HEADERS = ("x-repo-commit", "x-linked-etag", "x-linked-size")
 
 
-
-
 def git_blob_sha1(path: str | Path) -> str:
     """The git blob id of a file's content (SHA-1 of ``blob <size>\\0`` + the bytes): what a
     repository tree records for it."""
